@@ -1,0 +1,1 @@
+//! The `android.system.checkpoint` stable AIDL interface, compiled for rsbinder.

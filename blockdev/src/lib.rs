@@ -1,0 +1,1 @@
+//! The OS boundary of checkpointd: the one crate with `unsafe` and ioctls.

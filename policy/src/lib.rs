@@ -1,0 +1,2 @@
+//! checkpointd's state store, boot-attempt policy and boot control.
+#![forbid(unsafe_code)]

@@ -1,0 +1,1 @@
+//! The virtual device: a Debian kernel under QEMU (TCG) driven by virtme-ng.
