@@ -1,6 +1,12 @@
 //! The dm-bow ("backup on write") log: on-disk format, engine model and restore.
 //!
 //! This crate is pure: no ioctls, no `unsafe`, and no file-system access beyond the
-//! [`device::BlockDevice`] trait. See `../shared/reference/dm-bow-format.md` (the kernel side)
-//! and `vold-checkpoint.md` §5 (the restore side).
+//! [`device::BlockDevice`] trait (whose file-backed implementation uses positioned reads and
+//! writes through `std`). See `dm-bow-format.md` (the kernel side) and `vold-checkpoint.md` §5
+//! (the restore side) in the project's shared reference.
 #![forbid(unsafe_code)]
+
+pub mod crc;
+pub mod device;
+pub mod format;
+pub mod units;
