@@ -15,12 +15,18 @@ parcelable HistoryEvent {
     /** Wall-clock time, milliseconds since the Unix epoch. */
     long timestampMs;
     HistoryEventKind kind = HistoryEventKind.OTHER;
-    /** The slot suffix current when the event happened (empty if unknown). */
-    @utf8InCpp String slotSuffix;
+    /** The retry argument of the request; -2 = not recorded with this event. */
+    int requestedRetry = -2;
     /** Boot attempts left after the event; -1 = unlimited or not applicable. */
-    int attemptsLeft;
-    /** Backup space the event consumed in bytes; -1 = unknown. */
-    long backupBytes;
-    /** Free-form detail (abort reason, restore summary, ...). */
-    @utf8InCpp String detail;
+    long attemptsLeft = -1;
+    /** The boot slot current at the event; -1 = unknown. */
+    int slot = -1;
+    /** The device concerned (restores); empty if none. */
+    @utf8InCpp String device;
+    /** Short machine-readable outcome (e.g. "restored", "rolled-forward"); empty if none. */
+    @utf8InCpp String outcome;
+    /** Free-form detail (abort reason, error message); empty if none. */
+    @utf8InCpp String message;
+    /** Backup space the checkpoint had consumed in bytes; -1 = unknown. */
+    long backupBytes = -1;
 }

@@ -36,8 +36,12 @@ interface ICheckpoint {
     const int EINVAL = 22;
     /** No space left for the backup. */
     const int ENOSPC = 28;
+    /** The state store speaks a newer schema than this daemon (downgrade). */
+    const int EPROTO = 71;
     /** Checkpoints are not supported by the configured backends. */
     const int ENOTSUP = 95;
+    /** The state store or the boot-control record is corrupt. */
+    const int EUCLEAN = 117;
 
     /**
      * Requests a checkpoint for the next boot with a budget of retry + 1 boot attempts;

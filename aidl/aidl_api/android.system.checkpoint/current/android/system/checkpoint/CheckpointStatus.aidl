@@ -4,17 +4,20 @@
 // This file is an API dump of android.system.checkpoint (see aidl/tests/api_freeze.rs).
 package android.system.checkpoint;
 import android.system.checkpoint.CheckpointState;
-import android.system.checkpoint.RestoreOutcome;
+import android.system.checkpoint.HistoryEvent;
 @VintfStability
 parcelable CheckpointStatus {
     CheckpointState state = CheckpointState.NONE;
-    int attemptsUsed;
-    int attemptsLeft;
+    boolean isCheckpointing;
+    boolean needsRollback;
     int budget;
+    int attemptsUsed;
+    int attemptsLeft = -1;
     @utf8InCpp String slotSuffix;
+    @utf8InCpp String currentSlotSuffix;
     @utf8InCpp String[] backends;
     @utf8InCpp String[] devices;
-    long backupBytesUsed;
-    long backupBytesFree;
-    @nullable RestoreOutcome lastRestore;
+    long backupBytesUsed = -1;
+    long backupBytesFree = -1;
+    @nullable HistoryEvent lastRestore;
 }

@@ -9,8 +9,11 @@ parcelable HistoryEvent {
     long id;
     long timestampMs;
     HistoryEventKind kind = HistoryEventKind.OTHER;
-    @utf8InCpp String slotSuffix;
-    int attemptsLeft;
-    long backupBytes;
-    @utf8InCpp String detail;
+    int requestedRetry = -2;
+    long attemptsLeft = -1;
+    int slot = -1;
+    @utf8InCpp String device;
+    @utf8InCpp String outcome;
+    @utf8InCpp String message;
+    long backupBytes = -1;
 }

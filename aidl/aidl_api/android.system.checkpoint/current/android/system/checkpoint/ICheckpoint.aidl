@@ -15,7 +15,9 @@ interface ICheckpoint {
     const int EBUSY = 16;
     const int EINVAL = 22;
     const int ENOSPC = 28;
+    const int EPROTO = 71;
     const int ENOTSUP = 95;
+    const int EUCLEAN = 117;
     void startCheckpoint(int retry);
     boolean needsCheckpoint();
     boolean needsRollback();
