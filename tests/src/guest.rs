@@ -1,0 +1,101 @@
+//! Helpers for code running inside the virtual device (guest entries of VM tests).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::status;
+use crate::Failed;
+
+/// Whether this process runs inside the virtual device under the harness.
+pub fn in_guest() -> bool {
+    std::env::var_os("TESTBENCH_GUEST").is_some()
+}
+
+/// The writable folder shared with the host (also the guest program's working dir).
+///
+/// # Panics
+/// Outside the virtual device.
+pub fn shared_dir() -> PathBuf {
+    PathBuf::from(
+        std::env::var_os("TESTBENCH_SHARED")
+            .expect("guest::shared_dir() called outside the virtual device"),
+    )
+}
+
+/// The block device of the `i`-th disk attached with `Vm::disk` (e.g. `/dev/vdb`), found by the
+/// serial number the harness gave it. Waits up to 10 s for it to appear.
+///
+/// # Panics
+/// When no such disk shows up.
+pub fn disk(i: usize) -> PathBuf {
+    let serial = format!("{}{i}", status::DISK_SERIAL_PREFIX);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(dev) = find_disk_by_serial(&serial) {
+            return dev;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "guest::disk({i}): no block device with serial {serial} (was it attached with .disk()?)"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn find_disk_by_serial(serial: &str) -> Option<PathBuf> {
+    for entry in fs::read_dir("/sys/block").ok()?.flatten() {
+        let got = fs::read_to_string(entry.path().join("serial")).unwrap_or_default();
+        if got.trim() == serial {
+            let dev = PathBuf::from("/dev").join(entry.file_name());
+            if dev.exists() {
+                return Some(dev);
+            }
+        }
+    }
+    None
+}
+
+/// Runs `sh -c <cmd>`; returns its stdout, or an error with its status, stdout and stderr.
+pub fn sh(cmd: &str) -> Result<String, Failed> {
+    let out = Command::new("/bin/sh")
+        .args(["-c", cmd])
+        .output()
+        .map_err(|e| format!("running `{cmd}`: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() {
+        return Ok(stdout);
+    }
+    Err(format!(
+        "`{cmd}` failed ({})\n--- stdout ---\n{stdout}--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    )
+    .into())
+}
+
+/// Cuts the power: resets the machine at once, without syncing anything.
+///
+/// The host sees [`status::GuestExit::PowerCut`]. Data not yet written to an attached disk
+/// (page cache, unflushed writes) is lost, as on a real power loss; a later boot with the same
+/// disk images sees what was durable.
+pub fn power_cut() -> ! {
+    // Tell the host this reset is intended. The marker lives on the 9p shared folder; fsyncing
+    // that one file does not flush any block device.
+    if let Some(dir) = std::env::var_os("TESTBENCH_SHARED") {
+        let marker = PathBuf::from(dir).join(status::TB_DIR).join(status::POWER_CUT);
+        if let Ok(f) = File::create(marker) {
+            let _ = f.sync_all();
+        }
+    }
+    let _ = fs::write("/proc/sys/kernel/sysrq", "1");
+    if let Ok(mut trigger) = OpenOptions::new().write(true).open("/proc/sysrq-trigger") {
+        let _ = trigger.write_all(b"b");
+    }
+    // The reset is immediate; if it did not happen, the host's timeout reports it.
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}

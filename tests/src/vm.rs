@@ -1,0 +1,570 @@
+//! Booting the virtual device and running one program in it.
+
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+
+use crate::paths::{self, Bench, NotInstalled};
+pub use crate::status::GuestExit;
+use crate::status::{self, Anomaly, Evidence, ScriptSpec};
+
+/// Default guest memory.
+pub const DEFAULT_MEMORY_MIB: u32 = 1024;
+/// Default guest CPU count.
+pub const DEFAULT_CPUS: u32 = 2;
+/// Default time a run may take, boot included, before QEMU is killed.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Lines of console shown in errors.
+const CONSOLE_TAIL_LINES: usize = 40;
+
+/// One boot of the virtual device, configured builder-style, then [`Vm::run`] or [`Vm::run_self`].
+#[derive(Debug, Clone)]
+pub struct Vm {
+    name: String,
+    memory_mib: u32,
+    cpus: u32,
+    timeout: Duration,
+    modules: Vec<String>,
+    disks: Vec<PathBuf>,
+    env: Vec<(String, String)>,
+    stream: bool,
+}
+
+/// The result of one boot.
+#[derive(Debug, Clone)]
+pub struct GuestRun {
+    /// The scenario name given to [`Vm::new`].
+    pub name: String,
+    /// How the run ended.
+    pub exit: GuestExit,
+    /// The program's stdout and stderr (empty if it never ran or its output was lost).
+    pub output: String,
+    /// The console log of the VM (kernel messages and vng's own output).
+    pub console: PathBuf,
+    /// The writable folder shared with the guest ([`crate::guest::shared_dir`] inside).
+    pub shared_dir: PathBuf,
+    /// Wall time of the whole boot.
+    pub duration: Duration,
+}
+
+/// Why a run could not be carried out, or did not end as expected.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The kernel or virtme-ng is missing.
+    #[error(transparent)]
+    NotInstalled(#[from] NotInstalled),
+    /// The scenario's configuration is unusable.
+    #[error("VM `{name}`: {message}")]
+    Config {
+        /// Scenario name.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A host-side file or process operation failed.
+    #[error("VM `{name}`: {what}: {source}")]
+    Io {
+        /// Scenario name.
+        name: String,
+        /// What was being done.
+        what: String,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// A module failed to load in the guest; the program did not run.
+    #[error("VM `{name}`: {message} (console log: {})", console.display())]
+    ModuleLoad {
+        /// Scenario name.
+        name: String,
+        /// The modprobe line and its output.
+        message: String,
+        /// Console log path.
+        console: PathBuf,
+    },
+    /// The guest left evidence that makes no sense (rebooted, garbled status).
+    #[error("VM `{name}`: {message} (console log: {})", console.display())]
+    Anomaly {
+        /// Scenario name.
+        name: String,
+        /// What was found.
+        message: String,
+        /// Console log path.
+        console: PathBuf,
+    },
+    /// The run ended differently from what the test expected.
+    #[error(
+        "VM `{name}`: expected {expected}, got {exit:?}\n--- guest program output ---\n{output}\
+         --- last lines of the console log {} ---\n{console_tail}",
+        console.display()
+    )]
+    Unexpected {
+        /// Scenario name.
+        name: String,
+        /// What the test expected.
+        expected: &'static str,
+        /// What happened.
+        exit: GuestExit,
+        /// The program's output.
+        output: String,
+        /// Console log path.
+        console: PathBuf,
+        /// The end of the console log.
+        console_tail: String,
+    },
+}
+
+impl Vm {
+    /// A VM for the scenario `name` (used for the results dir `target/testbench/<name>-<n>/`).
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            memory_mib: DEFAULT_MEMORY_MIB,
+            cpus: DEFAULT_CPUS,
+            timeout: DEFAULT_TIMEOUT,
+            modules: Vec::new(),
+            disks: Vec::new(),
+            env: Vec::new(),
+            stream: false,
+        }
+    }
+
+    /// Guest memory in MiB (default 1024).
+    pub fn memory_mib(mut self, mib: u32) -> Self {
+        self.memory_mib = mib;
+        self
+    }
+
+    /// Guest CPUs (default 2).
+    pub fn cpus(mut self, cpus: u32) -> Self {
+        self.cpus = cpus;
+        self
+    }
+
+    /// Time the whole run may take, boot included (default 300 s). QEMU is killed after it.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// modprobe command lines run before the program, in order, e.g. `"loop"`,
+    /// `"binder_linux devices=binder,hwbinder"`. A failure ends the run with
+    /// [`VmError::ModuleLoad`].
+    pub fn modules(mut self, lines: &[&str]) -> Self {
+        self.modules.extend(lines.iter().map(|s| (*s).to_owned()));
+        self
+    }
+
+    /// Attaches a raw image file as a virtio-blk disk. The guest finds the i-th attached disk with
+    /// [`crate::guest::disk`]. Writes reach the file; a later boot with the same file sees them.
+    pub fn disk(mut self, image: impl AsRef<Path>) -> Self {
+        self.disks.push(image.as_ref().to_path_buf());
+        self
+    }
+
+    /// Sets an environment variable for the guest program.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Copies the program's output to this process's stdout while it runs (for `cargo xtask vm`).
+    pub fn stream_output(mut self, stream: bool) -> Self {
+        self.stream = stream;
+        self
+    }
+
+    /// Runs the current executable as `<exe> --guest <entry> [args]` in the guest
+    /// (see [`crate::main`]).
+    pub fn run_self(&self, entry: &str, args: &[&str]) -> Result<GuestRun, VmError> {
+        let exe =
+            std::env::current_exe().map_err(|source| self.io("finding current_exe", source))?;
+        let mut all = vec!["--guest", entry];
+        all.extend_from_slice(args);
+        self.run(&exe, &all)
+    }
+
+    /// Runs `sh -c <command>` in the guest.
+    pub fn run_shell(&self, command: &str) -> Result<GuestRun, VmError> {
+        self.run(Path::new("/bin/sh"), &["-c", command])
+    }
+
+    /// Boots the VM and runs `program` (any host path: the host's root is visible read-only) with
+    /// `args` as root in the guest.
+    pub fn run(&self, program: &Path, args: &[&str]) -> Result<GuestRun, VmError> {
+        let bench = Bench::locate()?;
+        self.check_config()?;
+        let program = fs::canonicalize(program)
+            .map_err(|e| self.io(format!("finding program {}", program.display()), e))?;
+        let disks = self.disks()?;
+        let results = self.create_results_dir()?;
+        let shared = results.join("shared");
+        let tb = shared.join(status::TB_DIR);
+        fs::create_dir_all(&tb).map_err(|e| self.io(format!("creating {}", tb.display()), e))?;
+        for p in std::iter::once(&shared).chain(&disks) {
+            self.check_vng_safe(p)?;
+        }
+
+        let mut modules = Vec::new();
+        if !disks.is_empty() {
+            modules.push("virtio_blk".to_owned());
+        }
+        modules.extend(self.modules.iter().cloned());
+        let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+        let script = status::guest_script(&ScriptSpec {
+            shared: &shared,
+            modules: &modules,
+            env: &self.env,
+            program: &program,
+            args: &args,
+        });
+        let script_path = tb.join(status::SCRIPT);
+        fs::write(&script_path, script)
+            .and_then(|()| fs::set_permissions(&script_path, fs::Permissions::from_mode(0o755)))
+            .map_err(|e| self.io("writing the guest script", e))?;
+
+        let console = results.join("console.log");
+        let mut cmd = self.vng_command(&bench, &shared, &disks, &script_path);
+        let log = File::create(&console).map_err(|e| self.io("creating console.log", e))?;
+        let log2 = log.try_clone().map_err(|e| self.io("opening console.log", e))?;
+        cmd.stdin(Stdio::null()).stdout(log).stderr(log2).process_group(0);
+
+        let start = Instant::now();
+        let child = cmd.spawn().map_err(|e| self.io("starting vng", e))?;
+        let timed_out = self.wait(child, start, &tb.join(status::OUTPUT))?;
+        let duration = start.elapsed();
+
+        let read = |name: &str| fs::read_to_string(tb.join(name)).ok();
+        let console_text = fs::read(&console).map(|b| String::from_utf8_lossy(&b).into_owned());
+        let evidence = Evidence {
+            status: read(status::STATUS),
+            setup_error: read(status::SETUP_ERROR),
+            starts: read(status::STARTED).map_or(0, |s| s.lines().count()),
+            power_cut_marker: tb.join(status::POWER_CUT).exists(),
+            console_reset: console_text
+                .as_deref()
+                .is_ok_and(|c| c.contains(status::SYSRQ_RESET_LINE)),
+            timed_out,
+        };
+        let output = fs::read(tb.join(status::OUTPUT))
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        let exit = status::classify(&evidence).map_err(|a| match a {
+            Anomaly::Setup(message) => {
+                VmError::ModuleLoad { name: self.name.clone(), message, console: console.clone() }
+            }
+            Anomaly::Rebooted(n) => VmError::Anomaly {
+                name: self.name.clone(),
+                message: format!("the guest started the command {n} times (QEMU rebooted it)"),
+                console: console.clone(),
+            },
+            Anomaly::BadStatus(s) => VmError::Anomaly {
+                name: self.name.clone(),
+                message: format!("unreadable status file {s:?}"),
+                console: console.clone(),
+            },
+        })?;
+        Ok(GuestRun {
+            name: self.name.clone(),
+            exit,
+            output,
+            console,
+            shared_dir: shared,
+            duration,
+        })
+    }
+
+    fn vng_command(
+        &self,
+        bench: &Bench,
+        shared: &Path,
+        disks: &[PathBuf],
+        script: &Path,
+    ) -> Command {
+        let mut cmd = Command::new(bench.venv_bin.join("vng"));
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut dirs = vec![bench.venv_bin.clone()];
+        dirs.extend(std::env::split_paths(&path));
+        cmd.env("PATH", std::env::join_paths(dirs).unwrap_or(path));
+        cmd.arg("--run")
+            .arg(&bench.kernel_image)
+            .args(["--disable-kvm", "--force-9p", "--verbose"])
+            .arg(format!("--memory={}M", self.memory_mib))
+            .arg(format!("--cpus={}", self.cpus))
+            .arg(format!("--rwdir={}", shared.display()))
+            .arg(format!("--cwd={}", shared.display()));
+        // vng joins its arguments into one shell command line; paths were checked to be safe.
+        let mut qemu = Vec::new();
+        for (i, disk) in disks.iter().enumerate() {
+            qemu.push(format!("-drive file={},if=none,id=tbd{i},format=raw", disk.display()));
+            qemu.push(format!(
+                "-device virtio-blk-pci,drive=tbd{i},serial={}{i}",
+                status::DISK_SERIAL_PREFIX
+            ));
+        }
+        cmd.arg("--exec").arg(script);
+        if !qemu.is_empty() {
+            // Must come last: vng's --qemu-opts takes the rest of its line.
+            cmd.arg(format!("--qemu-opts={}", qemu.join(" ")));
+        }
+        cmd
+    }
+
+    /// Waits for vng to exit, killing its process group at the timeout. Returns whether it timed out.
+    fn wait(&self, mut child: Child, start: Instant, output: &Path) -> Result<bool, VmError> {
+        let done = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            if self.stream {
+                scope.spawn(|| stream_file(output, &done));
+            }
+            let result = loop {
+                match child.try_wait() {
+                    Ok(Some(_)) => break Ok(false),
+                    Ok(None) if start.elapsed() >= self.timeout => {
+                        kill_group(&child);
+                        let _ = child.wait();
+                        break Ok(true);
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(100)),
+                    Err(e) => {
+                        kill_group(&child);
+                        let _ = child.wait();
+                        break Err(self.io("waiting for vng", e));
+                    }
+                }
+            };
+            done.store(true, Ordering::Release);
+            result
+        })
+    }
+
+    fn check_config(&self) -> Result<(), VmError> {
+        if let Some((k, _)) = self.env.iter().find(|(k, _)| !status::valid_env_key(k)) {
+            return Err(self.config(format!("invalid environment variable name {k:?}")));
+        }
+        if self.memory_mib < 128 || self.cpus == 0 {
+            return Err(self.config("needs at least 128 MiB and one CPU".to_owned()));
+        }
+        Ok(())
+    }
+
+    fn disks(&self) -> Result<Vec<PathBuf>, VmError> {
+        self.disks
+            .iter()
+            .map(|d| {
+                let abs = fs::canonicalize(d)
+                    .map_err(|e| self.io(format!("disk image {}", d.display()), e))?;
+                if abs.is_file() {
+                    Ok(abs)
+                } else {
+                    Err(self.config(format!("disk image {} is not a regular file", d.display())))
+                }
+            })
+            .collect()
+    }
+
+    /// vng passes paths through a shell and QEMU splits options on commas: allow plain paths only.
+    fn check_vng_safe(&self, path: &Path) -> Result<(), VmError> {
+        let s = path.to_string_lossy();
+        let ok = s.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+@".contains(c));
+        if ok {
+            Ok(())
+        } else {
+            Err(self.config(format!(
+                "path {s:?} has characters vng/QEMU would misread (use [A-Za-z0-9/._-+@])"
+            )))
+        }
+    }
+
+    fn create_results_dir(&self) -> Result<PathBuf, VmError> {
+        let name = sanitize(&self.name);
+        let base = paths::target_dir().join("testbench");
+        fs::create_dir_all(&base)
+            .map_err(|e| self.io(format!("creating {}", base.display()), e))?;
+        remove_stale_results(&base, &name);
+        for n in 1u32.. {
+            let dir = base.join(format!("{name}-{n}"));
+            match fs::create_dir(&dir) {
+                Ok(()) => return Ok(dir),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(self.io(format!("creating {}", dir.display()), e)),
+            }
+        }
+        Err(self.config("no free results dir".to_owned()))
+    }
+
+    fn io(&self, what: impl Into<String>, source: io::Error) -> VmError {
+        VmError::Io { name: self.name.clone(), what: what.into(), source }
+    }
+
+    fn config(&self, message: String) -> VmError {
+        VmError::Config { name: self.name.clone(), message }
+    }
+}
+
+impl GuestRun {
+    /// Ok if the program exited with status 0; otherwise an error with its output and the end
+    /// of the console log.
+    pub fn expect_success(&self) -> Result<&Self, VmError> {
+        self.expect(GuestExit::Exited(0), "exit status 0")
+    }
+
+    /// Ok if the guest ended by a power cut.
+    pub fn expect_power_cut(&self) -> Result<&Self, VmError> {
+        self.expect(GuestExit::PowerCut, "a power cut")
+    }
+
+    fn expect(&self, want: GuestExit, expected: &'static str) -> Result<&Self, VmError> {
+        if self.exit == want {
+            return Ok(self);
+        }
+        Err(VmError::Unexpected {
+            name: self.name.clone(),
+            expected,
+            exit: self.exit,
+            output: self.output.clone(),
+            console: self.console.clone(),
+            console_tail: self.console_tail(CONSOLE_TAIL_LINES),
+        })
+    }
+
+    /// The last `lines` lines of the console log.
+    pub fn console_tail(&self, lines: usize) -> String {
+        let text = fs::read(&self.console)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_else(|e| format!("(cannot read {}: {e})\n", self.console.display()));
+        tail(&text, lines)
+    }
+}
+
+/// The last `lines` lines of `text`, each ending in a newline.
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    let from = all.len().saturating_sub(lines);
+    all[from..].iter().map(|l| format!("{l}\n")).collect()
+}
+
+/// Scenario names become folder names.
+fn sanitize(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' })
+        .collect();
+    if s.is_empty() {
+        "vm".to_owned()
+    } else {
+        s
+    }
+}
+
+/// The first boot of `name` in this process removes `<name>-<n>` dirs left by earlier runs, so
+/// the target dir holds the latest run of each scenario (failed or not).
+fn remove_stale_results(base: &Path, name: &str) {
+    static CLEANED: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+    let mut guard = CLEANED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !guard.get_or_insert_with(HashSet::new).insert(name.to_owned()) {
+        return;
+    }
+    let Ok(entries) = fs::read_dir(base) else { return };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(rest) = file_name.to_str().and_then(|f| f.strip_prefix(name)) else { continue };
+        let is_run = rest
+            .strip_prefix('-')
+            .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()));
+        if is_run {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+fn kill_group(child: &Child) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        // The child leads its own process group (process_group(0)): this reaches QEMU too.
+        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}
+
+/// Copies what is appended to `path` to stdout until `done`, then copies the rest.
+fn stream_file(path: &Path, done: &AtomicBool) {
+    let mut pos = 0u64;
+    let mut out = io::stdout();
+    loop {
+        let finished = done.load(Ordering::Acquire);
+        if let Ok(mut f) = File::open(path) {
+            let mut buf = Vec::new();
+            if f.seek(SeekFrom::Start(pos)).is_ok() && f.read_to_end(&mut buf).is_ok() {
+                pos += u64::try_from(buf.len()).unwrap_or(0);
+                let _ = out.write_all(&buf);
+                let _ = out.flush();
+            }
+        }
+        if finished {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_keeps_the_last_lines() {
+        assert_eq!(tail("a\nb\nc\n", 2), "b\nc\n");
+        assert_eq!(tail("a", 5), "a\n");
+        assert_eq!(tail("", 5), "");
+    }
+
+    #[test]
+    fn names_become_folder_names() {
+        assert_eq!(sanitize("power cut/1"), "power_cut_1");
+        assert_eq!(sanitize(""), "vm");
+    }
+
+    #[test]
+    fn stale_results_of_the_same_name_only_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        for d in ["abc-1", "abc-22", "abc-x", "abcd-1", "other-1"] {
+            fs::create_dir(dir.path().join(d)).unwrap();
+        }
+        remove_stale_results(dir.path(), "abc");
+        let mut left: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["abc-x", "abcd-1", "other-1"]);
+    }
+
+    #[test]
+    fn unexpected_exit_reports_output_and_console_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let console = dir.path().join("console.log");
+        fs::write(&console, "boot\nKernel panic\n").unwrap();
+        let run = GuestRun {
+            name: "x".into(),
+            exit: GuestExit::Exited(1),
+            output: "assertion failed\n".into(),
+            console: console.clone(),
+            shared_dir: dir.path().into(),
+            duration: Duration::ZERO,
+        };
+        let err = run.expect_success().unwrap_err().to_string();
+        assert!(err.contains("assertion failed"), "{err}");
+        assert!(err.contains("Kernel panic"), "{err}");
+        assert!(err.contains(&console.display().to_string()), "{err}");
+        assert!(run.expect_power_cut().is_err());
+    }
+}
