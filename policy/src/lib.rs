@@ -1,2 +1,29 @@
 //! checkpointd's state store, boot-attempt policy and boot control.
+//!
+//! Pure of binder, tokio and OS-specific code so the policy is testable alone. The semantics
+//! are vold's (see `docs/state-machine.md`), with vold's known bugs fixed on purpose.
 #![forbid(unsafe_code)]
+
+mod backend;
+mod bootctl;
+mod checkpointer;
+mod error;
+mod store;
+
+#[cfg(test)]
+mod tests;
+
+pub use backend::{Backend, BackendError, BackendKind, BackendState, BackendStatus};
+pub use bootctl::{
+    BootControl, BootControlError, BootRecord, FileBootControl, NoBootControl, SlotRecord,
+    MAX_PRIORITY, MAX_SLOTS, MAX_TRIES,
+};
+pub use checkpointer::{
+    AbortOutcome, BackendInfo, Budget, Checkpointer, CommitOutcome, LowSpace, MarkOutcome,
+    PolicyEvent, PolicyOptions, RestoreOutcome, RestoreRecord, RollbackAction, StartOutcome, State,
+    Status,
+};
+pub use error::{errno, ErrorKind, PolicyError};
+pub use store::{
+    HistoryEvent, HistoryKind, Store, StoreError, HISTORY_LIMIT, MIGRATIONS, SCHEMA_VERSION,
+};
