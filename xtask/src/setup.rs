@@ -1,0 +1,288 @@
+//! `cargo xtask setup`: Debian packages, the kernel, virtme-ng and tools, into the cache folder.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, ensure as check, Context, Result};
+use testbench::paths::cache_dir;
+
+/// Debian packages the bench and the tests use.
+pub const APT_PACKAGES: &[&str] = &[
+    "qemu-system-x86", // the virtual device (TCG)
+    "busybox-static",  // virtme-ng builds its initramfs with busybox
+    "kmod",            // depmod for the unpacked kernel, modprobe in the guest
+    "dmsetup",         // device-mapper CLI used by tests and the demo
+    "util-linux",      // blkdiscard, fallocate, ...
+    "mount",           // losetup
+    "e2fsprogs",       // mkfs.ext4
+    "f2fs-tools",      // mkfs.f2fs
+    "fio",             // benchmarks
+    "python3-venv",    // the virtme-ng virtualenv
+    "g++",             // cargo-fuzz builds libFuzzer
+];
+/// virtme-ng version installed into the venv (the one checked on these machines).
+pub const VIRTME_NG: &str = "virtme-ng==1.42";
+/// Tools installed with `cargo install --locked --root <cache>/tools`: (binary, crate spec).
+pub const TOOLS: &[(&str, &str)] =
+    &[("rsb_hub", "rsbinder-tools@0.12.0"), ("cargo-fuzz", "cargo-fuzz@0.13.2")];
+/// The meta package whose dependency names the kernel to unpack.
+const KERNEL_META: &str = "linux-image-amd64";
+
+/// What is missing.
+#[derive(Debug, Default)]
+pub struct Missing {
+    pub packages: Vec<&'static str>,
+    pub venv: bool,
+    pub kernel: bool,
+    pub tools: Vec<(&'static str, &'static str)>,
+}
+
+impl Missing {
+    pub fn nothing(&self) -> bool {
+        self.packages.is_empty() && !self.venv && !self.kernel && self.tools.is_empty()
+    }
+}
+
+/// Checks what is missing, without changing anything.
+pub fn missing() -> Result<Missing> {
+    let cache = cache_dir();
+    let installed = installed_packages(APT_PACKAGES)?;
+    Ok(Missing {
+        packages: APT_PACKAGES
+            .iter()
+            .copied()
+            .filter(|p| !installed.iter().any(|i| i == p))
+            .collect(),
+        venv: !cache.join("venv/bin/vng").is_file(),
+        kernel: kernel_missing(&cache),
+        tools: TOOLS
+            .iter()
+            .copied()
+            .filter(|(bin, _)| !cache.join("tools/bin").join(bin).is_file())
+            .collect(),
+    })
+}
+
+fn kernel_missing(cache: &Path) -> bool {
+    let Ok(version) = fs::read_to_string(cache.join("kernel/VERSION")) else { return true };
+    let version = version.trim();
+    let root = cache.join("kernel").join(version);
+    !(root.join(format!("boot/vmlinuz-{version}")).is_file()
+        && root.join(format!("lib/modules/{version}/modules.dep")).is_file())
+}
+
+/// Runs setup when something is missing.
+pub fn ensure() -> Result<()> {
+    if missing()?.nothing() {
+        return Ok(());
+    }
+    println!("setup: something is missing, running `cargo xtask setup` first");
+    run().map(|_| ())
+}
+
+/// Installs what is missing. Returns whether anything was done.
+pub fn run() -> Result<bool> {
+    let cache = cache_dir();
+    let todo = missing()?;
+    if todo.nothing() {
+        println!("setup: everything is in place in {}; nothing to do", cache.display());
+        return Ok(false);
+    }
+    fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
+    let mut apt_updated = false;
+    if !todo.packages.is_empty() {
+        println!("setup: installing Debian packages: {}", todo.packages.join(" "));
+        apt(&["update"])?;
+        apt_updated = true;
+        let mut args = vec!["install", "-y"];
+        args.extend(&todo.packages);
+        apt(&args)?;
+    }
+    if todo.venv {
+        install_venv(&cache)?;
+    }
+    if todo.kernel {
+        install_kernel(&cache, apt_updated)?;
+    }
+    for (bin, spec) in &todo.tools {
+        println!("setup: installing {bin} ({spec}) into {}", cache.join("tools").display());
+        let root = cache.join("tools");
+        run_cmd(
+            Command::new(crate::cargo())
+                .args(["install", "--locked", "--root"])
+                .arg(&root)
+                .arg(spec),
+        )?;
+    }
+    check!(missing()?.nothing(), "setup finished but something is still missing");
+    println!("setup: done ({})", cache.display());
+    Ok(true)
+}
+
+fn install_venv(cache: &Path) -> Result<()> {
+    let venv = cache.join("venv");
+    println!("setup: creating the virtme-ng virtualenv at {}", venv.display());
+    run_cmd(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    run_cmd(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "--disable-pip-version-check",
+        "--quiet",
+        VIRTME_NG,
+    ]))
+}
+
+fn install_kernel(cache: &Path, apt_updated: bool) -> Result<()> {
+    let package = match kernel_package() {
+        Ok(p) => p,
+        Err(e) if !apt_updated => {
+            println!("setup: {e:#}; refreshing the package lists");
+            apt(&["update"])?;
+            kernel_package()?
+        }
+        Err(e) => return Err(e),
+    };
+    let version = package.strip_prefix("linux-image-").unwrap_or(&package).to_owned();
+    println!("setup: installing kernel {version} (package {package}) into the cache");
+    let debs = cache.join("debs");
+    fs::create_dir_all(&debs)?;
+    run_cmd(Command::new("apt-get").args(["download", &package]).current_dir(&debs))?;
+    let prefix = format!("{package}_");
+    let deb = fs::read_dir(&debs)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with(&prefix) && Path::new(n).extension().is_some_and(|e| e == "deb")
+            })
+        })
+        .with_context(|| format!("apt-get download left no {prefix}*.deb in {}", debs.display()))?;
+    let kernels = cache.join("kernel");
+    let partial = kernels.join(format!("{version}.partial"));
+    let dest = kernels.join(&version);
+    for d in [&partial, &dest] {
+        if d.exists() {
+            fs::remove_dir_all(d).with_context(|| format!("removing {}", d.display()))?;
+        }
+    }
+    fs::create_dir_all(&partial)?;
+    run_cmd(Command::new("dpkg").arg("-x").arg(&deb).arg(&partial))?;
+    fs::rename(&partial, &dest)?;
+    run_cmd(Command::new(sbin("depmod")).arg("-b").arg(&dest).arg(&version))?;
+    let tmp = kernels.join("VERSION.tmp");
+    fs::write(&tmp, format!("{version}\n"))?;
+    fs::rename(&tmp, kernels.join("VERSION"))?;
+    fs::remove_file(&deb)?;
+    println!("setup: kernel {version} unpacked in {}", dest.display());
+    Ok(())
+}
+
+/// The kernel package that `linux-image-amd64` depends on today.
+fn kernel_package() -> Result<String> {
+    let out = Command::new("apt-cache")
+        .args(["depends", KERNEL_META])
+        .output()
+        .context("running apt-cache")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    parse_kernel_depends(&text)
+        .with_context(|| format!("apt-cache depends {KERNEL_META} names no kernel package"))
+}
+
+/// Finds `Depends: linux-image-<version>` in `apt-cache depends` output.
+pub fn parse_kernel_depends(text: &str) -> Option<String> {
+    text.lines().find_map(|l| {
+        let dep = l.trim().strip_prefix("Depends: ")?.trim();
+        let version = dep.strip_prefix("linux-image-")?;
+        let plain = !version.is_empty()
+            && version
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '+');
+        plain.then(|| dep.to_owned())
+    })
+}
+
+/// Which of `packages` dpkg reports as installed.
+fn installed_packages(packages: &[&str]) -> Result<Vec<String>> {
+    let out = Command::new("dpkg-query")
+        .arg("-W")
+        .arg("-f=${Package} ${Status}\n")
+        .args(packages)
+        .output()
+        .context("running dpkg-query (is this a Debian system?)")?;
+    Ok(parse_dpkg_status(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Names of installed packages from `dpkg-query -W -f='${Package} ${Status}\n'` output.
+pub fn parse_dpkg_status(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.strip_suffix(" install ok installed"))
+        .map(|p| p.trim().to_owned())
+        .collect()
+}
+
+fn apt(args: &[&str]) -> Result<()> {
+    let mut cmd = if is_root() {
+        Command::new("apt-get")
+    } else {
+        let mut c = Command::new("sudo");
+        c.arg("apt-get");
+        c
+    };
+    cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+    run_cmd(&mut cmd)
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// `name` from /usr/sbin or /sbin when they are not on PATH (non-root shells).
+fn sbin(name: &str) -> PathBuf {
+    ["/usr/sbin", "/sbin"]
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// Prints and runs a command; fails on a non-zero exit.
+pub fn run_cmd(cmd: &mut Command) -> Result<()> {
+    println!("+ {}", show(cmd));
+    let status = cmd.status().with_context(|| format!("starting {}", show(cmd)))?;
+    if !status.success() {
+        bail!("`{}` failed ({status})", show(cmd));
+    }
+    Ok(())
+}
+
+pub fn show(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_package_comes_from_the_meta_package_dependency() {
+        let text = "linux-image-amd64\n  Depends: linux-image-6.1.0-56-amd64\n";
+        assert_eq!(parse_kernel_depends(text).as_deref(), Some("linux-image-6.1.0-56-amd64"));
+        let virtual_only = "linux-image-amd64\n  Depends: <linux-image-6.1.0-9-amd64-unsigned>\n";
+        assert_eq!(parse_kernel_depends(virtual_only), None);
+        assert_eq!(parse_kernel_depends(""), None);
+    }
+
+    #[test]
+    fn dpkg_status_lists_only_installed_packages() {
+        let text =
+            "fio install ok installed\nkmod deinstall ok config-files\ng++ install ok installed\n";
+        assert_eq!(parse_dpkg_status(text), ["fio", "g++"]);
+    }
+}

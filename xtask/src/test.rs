@@ -1,0 +1,181 @@
+//! `cargo xtask test`: every check and test, with a summary.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+
+use crate::summary::{self, Tally, TestLine};
+use crate::{cargo, setup};
+
+/// Seconds each fuzz target runs in the smoke run.
+const FUZZ_SECONDS: u32 = 15;
+
+#[derive(Debug)]
+struct Phase {
+    name: String,
+    ok: bool,
+    seconds: f64,
+}
+
+#[derive(Debug, Default)]
+struct Report {
+    phases: Vec<Phase>,
+    tests: Tally,
+    /// Checks that are not libtest tests (fmt, clippy, build, fuzz targets), counted one each.
+    checks: Tally,
+    skipped: Vec<(String, Option<String>)>,
+    failed: Vec<String>,
+}
+
+impl Report {
+    /// Runs `f` as a phase, prints and records its wall time.
+    fn phase(&mut self, name: &str, f: impl FnOnce(&mut Self) -> Result<bool>) {
+        println!("\n=== xtask test: {name} ===");
+        let start = Instant::now();
+        let ok = f(self).unwrap_or_else(|e| {
+            eprintln!("xtask test: {name}: {e:#}");
+            false
+        });
+        let seconds = start.elapsed().as_secs_f64();
+        println!("=== {name}: {} in {seconds:.1} s ===", if ok { "ok" } else { "FAILED" });
+        self.phases.push(Phase { name: name.to_owned(), ok, seconds });
+    }
+
+    /// A phase that is one check (counted as one passed or failed item).
+    fn check(&mut self, name: &str, f: impl FnOnce() -> Result<bool>) {
+        self.phase(name, |r| {
+            let ok = f()?;
+            if ok {
+                r.checks.passed += 1;
+            } else {
+                r.checks.failed += 1;
+                r.failed.push(format!("[{name}]"));
+            }
+            Ok(ok)
+        });
+    }
+}
+
+pub fn run(fuzz: bool) -> Result<ExitCode> {
+    let root = testbench::paths::workspace_root();
+    let mut r = Report::default();
+    r.check("setup", || setup::ensure().map(|()| true));
+    r.check("fmt", || status(cargo_cmd(&root, &["fmt", "--all", "--", "--check"])));
+    r.check("clippy", || {
+        status(cargo_cmd(
+            &root,
+            &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"],
+        ))
+    });
+    r.check("build", || status(cargo_cmd(&root, &["build", "--workspace", "--bins"])));
+    r.phase("cargo test", |r| {
+        let mut cmd = cargo_cmd(&root, &["test", "--workspace", "--no-fail-fast"]);
+        cmd.env(testbench::VM_ENV, "1");
+        run_tests(r, cmd)
+    });
+    if fuzz {
+        fuzz_smoke(&mut r, &root)?;
+    }
+
+    println!("\n=== summary ===");
+    for p in &r.phases {
+        println!("  {:<24} {:>8.1} s  {}", p.name, p.seconds, if p.ok { "ok" } else { "FAILED" });
+    }
+    if !r.skipped.is_empty() {
+        println!("skipped:");
+        for (name, reason) in &r.skipped {
+            println!("  {name}: {}", reason.as_deref().unwrap_or("(no reason given)"));
+        }
+    }
+    if !r.failed.is_empty() {
+        println!("failed:");
+        for name in &r.failed {
+            println!("  {name}");
+        }
+    }
+    let passed = r.tests.passed + r.checks.passed;
+    let failed = r.tests.failed + r.checks.failed;
+    println!("{}", summary::summary_line(passed, failed, r.tests.ignored));
+    Ok(if failed == 0 && r.phases.iter().all(|p| p.ok) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Runs `cargo test`, echoing its stdout and reading its results.
+fn run_tests(r: &mut Report, mut cmd: Command) -> Result<bool> {
+    println!("+ {}", setup::show(&cmd));
+    let mut child = cmd.stdout(Stdio::piped()).spawn().context("starting cargo test")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut tally = Tally::default();
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(t) = summary::parse_result_line(&line) {
+            tally.add(t);
+        }
+        match summary::parse_test_line(&line) {
+            Some(TestLine::Ignored { name, reason }) => r.skipped.push((name, reason)),
+            Some(TestLine::Failed { name }) => r.failed.push(name),
+            None => {}
+        }
+    }
+    let ok = child.wait()?.success();
+    r.tests.add(tally);
+    if !ok && tally.failed == 0 {
+        // A crate did not compile, or a test binary crashed without a result line.
+        r.tests.failed += 1;
+        r.failed.push("[cargo test: exited with an error outside any test (see above)]".into());
+    }
+    Ok(ok)
+}
+
+/// `cargo fuzz run <target> -- -max_total_time=15` for each fuzz target, from `fuzz/`.
+fn fuzz_smoke(r: &mut Report, root: &Path) -> Result<()> {
+    let dir = root.join("fuzz");
+    let targets_dir = dir.join("fuzz_targets");
+    if !targets_dir.is_dir() {
+        println!("\nxtask test: no fuzz/fuzz_targets: no fuzz smoke runs");
+        return Ok(());
+    }
+    let mut targets: Vec<String> = std::fs::read_dir(&targets_dir)?
+        .flatten()
+        .filter_map(|e| {
+            let p = e.path();
+            (p.extension()? == "rs").then(|| p.file_stem()?.to_str().map(str::to_owned))?
+        })
+        .collect();
+    targets.sort();
+    let tools_bin = testbench::paths::cache_dir().join("tools/bin");
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs = vec![tools_bin];
+    dirs.extend(std::env::split_paths(&path));
+    let path = std::env::join_paths(dirs)?;
+    for target in targets {
+        r.check(&format!("fuzz {target} ({FUZZ_SECONDS} s)"), || {
+            let mut cmd = Command::new(cargo());
+            cmd.args(["fuzz", "run", &target, "--", &format!("-max_total_time={FUZZ_SECONDS}")])
+                .current_dir(&dir)
+                .env("PATH", &path)
+                // cargo-fuzz passes -Z flags (sanitizers); this lets the stable toolchain take them.
+                .env("RUSTC_BOOTSTRAP", "1");
+            status(cmd)
+        });
+    }
+    Ok(())
+}
+
+fn cargo_cmd(root: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(cargo());
+    cmd.args(args).current_dir(root);
+    cmd
+}
+
+fn status(mut cmd: Command) -> Result<bool> {
+    println!("+ {}", setup::show(&cmd));
+    Ok(cmd.status().with_context(|| format!("starting {}", setup::show(&cmd)))?.success())
+}
