@@ -1,0 +1,431 @@
+//! The ICheckpoint implementation: one object served on every transport.
+//!
+//! Each AIDL method is thin: check the caller, call the snake_case method of [`Daemon`], map
+//! the error with [`crate::error::into_binder_status`]. No logic lives in the trait impl.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use checkpoint_aidl::android::system::checkpoint::{
+    CheckpointStatus::CheckpointStatus, HistoryEvent::HistoryEvent as AidlHistoryEvent,
+    HistoryEventKind::HistoryEventKind, ICheckpoint::ICheckpoint,
+    ICheckpointListener::ICheckpointListener,
+};
+use policy::{AbortOutcome, Checkpointer, CommitOutcome, HistoryEvent, HistoryKind, MarkOutcome};
+use rsbinder::{BinderResult, Strong};
+
+use crate::config::{AccessConfig, DeviceConfig};
+use crate::error::{into_binder_status, ServiceError};
+use crate::listeners::{aidl_state, Listeners};
+use crate::reboot::Rebooter;
+use crate::restore;
+
+/// What a method needs from its caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Reads state: any UID in `access.query_uids` (everyone if unset).
+    Query,
+    /// Changes state (including the needsCheckpoint latch): `access.change_uids`.
+    Change,
+}
+
+/// The UID of the caller of the current transaction: the kernel binder sender's effective UID,
+/// or the peer credentials (SO_PEERCRED) of an RPC Unix socket. `None` when the transport
+/// carries no UID or no transaction is in flight (fail closed).
+pub fn caller_uid() -> Option<u32> {
+    match rsbinder::calling_caller()? {
+        rsbinder::Caller::Kernel { uid, .. } => Some(uid),
+        rsbinder::Caller::Rpc(peer) => peer.uid(),
+        _ => None,
+    }
+}
+
+/// The daemon's state shared by all transports and tasks.
+#[derive(Debug)]
+pub struct Daemon {
+    checkpointer: Arc<Checkpointer>,
+    access: AccessConfig,
+    devices: Vec<DeviceConfig>,
+    listeners: Arc<Listeners>,
+    rebooter: Rebooter,
+    /// Serializes restores (vold holds its VolumeManager lock for the whole restore).
+    restore_lock: Mutex<()>,
+}
+
+/// vold's `checkArgumentPath` (VoldNativeService.cpp), with its messages.
+pub fn check_argument_path(path: &str) -> Result<(), ServiceError> {
+    if path.is_empty() {
+        return Err(ServiceError::InvalidPath("Missing path".to_owned()));
+    }
+    if !path.starts_with('/') {
+        return Err(ServiceError::InvalidPath(format!("Path {path} is relative")));
+    }
+    if path.contains("/../") || path.ends_with("/..") {
+        return Err(ServiceError::InvalidPath(format!("Path {path} is shady")));
+    }
+    if path.contains(['\0', '\n']) {
+        return Err(ServiceError::InvalidPath(format!("Path {path} is malformed")));
+    }
+    Ok(())
+}
+
+fn to_i32(value: u32) -> i32 {
+    i32::try_from(value).unwrap_or(i32::MAX)
+}
+
+fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn aidl_kind(kind: HistoryKind) -> HistoryEventKind {
+    match kind {
+        HistoryKind::Start => HistoryEventKind::CHECKPOINT_STARTED,
+        HistoryKind::BootAttempt => HistoryEventKind::BOOT_ATTEMPT,
+        HistoryKind::Commit => HistoryEventKind::COMMITTED,
+        HistoryKind::CommitFailed => HistoryEventKind::COMMIT_FAILED,
+        HistoryKind::Abort => HistoryEventKind::ABORTED,
+        HistoryKind::Restore => HistoryEventKind::RESTORED,
+        HistoryKind::RollbackAcknowledged => HistoryEventKind::ROLLBACK_ACKNOWLEDGED,
+        HistoryKind::RollbackSlotSwitch => HistoryEventKind::ROLLBACK_SLOT_SWITCH,
+        HistoryKind::Recovery => HistoryEventKind::RECOVERY,
+    }
+}
+
+/// The AIDL form of a history entry.
+pub fn aidl_history_event(event: &HistoryEvent) -> AidlHistoryEvent {
+    AidlHistoryEvent {
+        id: event.id,
+        timestampMs: event.at_ms,
+        kind: aidl_kind(event.kind),
+        requestedRetry: event.requested_retry.unwrap_or(-2),
+        attemptsLeft: event.budget_left.unwrap_or(-1),
+        slot: event.slot.map_or(-1, to_i32),
+        device: event.device.clone().unwrap_or_default(),
+        outcome: event.outcome.clone().unwrap_or_default(),
+        message: event.message.clone().unwrap_or_default(),
+        backupBytes: event.backup_used_bytes.map_or(-1, to_i64),
+    }
+}
+
+impl Daemon {
+    /// The daemon state around `checkpointer`.
+    pub fn new(
+        checkpointer: Arc<Checkpointer>,
+        access: AccessConfig,
+        devices: Vec<DeviceConfig>,
+        listeners: Arc<Listeners>,
+        rebooter: Rebooter,
+    ) -> Self {
+        Daemon { checkpointer, access, devices, listeners, rebooter, restore_lock: Mutex::new(()) }
+    }
+
+    /// The policy.
+    pub fn checkpointer(&self) -> &Arc<Checkpointer> {
+        &self.checkpointer
+    }
+
+    /// The registered listeners.
+    pub fn listeners(&self) -> Arc<Listeners> {
+        Arc::clone(&self.listeners)
+    }
+
+    /// Whether `uid` may make a call needing `access`.
+    pub fn is_allowed(&self, uid: u32, access: Access) -> bool {
+        match access {
+            Access::Change => self.access.change_uids.contains(&uid),
+            Access::Query => {
+                self.access.change_uids.contains(&uid)
+                    || self.access.query_uids.as_ref().is_none_or(|uids| uids.contains(&uid))
+            }
+        }
+    }
+
+    /// Checks the current caller.
+    pub fn check_caller(&self, access: Access, method: &'static str) -> Result<(), ServiceError> {
+        match caller_uid() {
+            Some(uid) if self.is_allowed(uid, access) => Ok(()),
+            uid => Err(ServiceError::PermissionDenied { uid: uid.unwrap_or(u32::MAX), method }),
+        }
+    }
+
+    fn reboot(&self, reason: &str) {
+        if let Err(e) = self.rebooter.reboot(reason) {
+            log::error!("reboot (reason `{reason}`) failed: {e}");
+        }
+    }
+
+    /// startCheckpoint.
+    pub fn start_checkpoint(&self, retry: i32) -> Result<(), ServiceError> {
+        let outcome = self.checkpointer.start_checkpoint(retry)?;
+        log::info!("checkpoint requested (retry {retry}): {outcome:?}");
+        Ok(())
+    }
+
+    /// needsCheckpoint.
+    pub fn needs_checkpoint(&self) -> Result<bool, ServiceError> {
+        Ok(self.checkpointer.needs_checkpoint()?)
+    }
+
+    /// needsRollback.
+    pub fn needs_rollback(&self) -> Result<bool, ServiceError> {
+        Ok(self.checkpointer.needs_rollback()?)
+    }
+
+    /// isCheckpointing.
+    pub fn is_checkpointing(&self) -> bool {
+        self.checkpointer.is_checkpointing()
+    }
+
+    /// commitChanges.
+    pub fn commit_changes(&self) -> Result<(), ServiceError> {
+        match self.checkpointer.commit_changes()? {
+            CommitOutcome::Committed { committed, skipped } => {
+                log::info!("checkpoint committed (backends {committed:?}, skipped {skipped:?})");
+            }
+            CommitOutcome::DontCommit => log::warn!("commit skipped: policy.dont_commit is set"),
+            other => log::debug!("commitChanges: {other:?}"),
+        }
+        Ok(())
+    }
+
+    /// abortChanges: the reboot happens through the configured action.
+    pub fn abort_changes(&self, reason: &str, retry: bool) -> Result<(), ServiceError> {
+        match self.checkpointer.abort_changes(reason, retry)? {
+            AbortOutcome::Reboot { reason } => {
+                log::info!("checkpoint aborted (retry {retry}); rebooting with reason `{reason}`");
+                self.reboot(&reason);
+            }
+            AbortOutcome::NotCheckpointing => {
+                log::info!("abortChanges: this boot is not checkpointing; nothing to do");
+            }
+        }
+        Ok(())
+    }
+
+    /// prepareCheckpoint.
+    pub fn prepare_checkpoint(&self) -> Result<(), ServiceError> {
+        Ok(self.checkpointer.prepare_checkpoint()?)
+    }
+
+    /// restoreCheckpoint / restoreCheckpointPart (`count` 0 = no limit).
+    pub fn restore_checkpoint(&self, device: &str, count: i32) -> Result<(), ServiceError> {
+        check_argument_path(device)?;
+        let limit = u64::try_from(count).map_err(|_| {
+            ServiceError::InvalidArgument(format!("Restore count must not be negative ({count})"))
+        })?;
+        let _serialized = self.restore_lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let listeners = Arc::clone(&self.listeners);
+        let progress = move |done: u64, total: u64| {
+            let (done, total) = (to_i64(done), to_i64(total));
+            listeners.notify("onRestoreProgress", |l| l.onRestoreProgress(done, total));
+        };
+        let (record, result) = restore::restore_device(device, limit, &progress);
+        if let Err(e) = self.checkpointer.record_restore(device, record) {
+            log::error!("cannot record the restore of {device} in the history: {e}");
+        }
+        result
+    }
+
+    /// markBootAttempt.
+    pub fn mark_boot_attempt(&self) -> Result<(), ServiceError> {
+        match self.checkpointer.mark_boot_attempt()? {
+            MarkOutcome::RollbackSlotSwitched { from, to } => {
+                log::warn!("boot budget spent: switched from slot {from} to slot {to}; rebooting");
+                self.reboot("checkpoint,rollback");
+            }
+            MarkOutcome::BudgetSpent => log::warn!("boot budget spent: rollback needed"),
+            other => log::info!("boot attempt counted: {other:?}"),
+        }
+        Ok(())
+    }
+
+    /// resetCheckpoint.
+    pub fn reset_checkpoint(&self) {
+        self.checkpointer.reset_checkpoint();
+    }
+
+    /// getStatus.
+    pub fn status(&self) -> Result<CheckpointStatus, ServiceError> {
+        let status = self.checkpointer.status()?;
+        let budget = match status.requested_retry {
+            Some(-1) => -1,
+            Some(retry) => retry.saturating_add(1),
+            None => 0,
+        };
+        let mut devices: Vec<String> =
+            self.devices.iter().map(|d| d.device.display().to_string()).collect();
+        for backend in &status.backends {
+            if let Some(backend_status) = &backend.status {
+                for device in &backend_status.devices {
+                    if !devices.contains(device) {
+                        devices.push(device.clone());
+                    }
+                }
+            }
+        }
+        Ok(CheckpointStatus {
+            state: aidl_state(status.state),
+            isCheckpointing: status.is_checkpointing,
+            needsRollback: status.needs_rollback,
+            budget,
+            attemptsUsed: to_i32(status.attempts_used),
+            attemptsLeft: status.attempts_left.map_or(-1, to_i32),
+            slotSuffix: status.requesting_suffix.unwrap_or_default(),
+            currentSlotSuffix: status.current_suffix.unwrap_or_default(),
+            backends: status.backends.iter().map(|b| b.name.clone()).collect(),
+            devices,
+            backupBytesUsed: status.backup_used_bytes.map_or(-1, to_i64),
+            backupBytesFree: status.backup_free_bytes.map_or(-1, to_i64),
+            lastRestore: status.last_restore.as_ref().map(aidl_history_event),
+        })
+    }
+
+    /// registerListener.
+    pub fn register_listener(&self, listener: Strong<dyn ICheckpointListener>) {
+        self.listeners.add(listener);
+    }
+
+    /// getHistory (`limit` <= 0: everything).
+    pub fn history(&self, limit: i32) -> Result<Vec<AidlHistoryEvent>, ServiceError> {
+        let limit = usize::try_from(limit).ok().filter(|l| *l > 0).unwrap_or(usize::MAX);
+        Ok(self.checkpointer.history(limit)?.iter().map(aidl_history_event).collect())
+    }
+}
+
+/// The object served on kernel binder and on the RPC socket.
+#[derive(Debug, Clone)]
+pub struct CheckpointService {
+    daemon: Arc<Daemon>,
+}
+
+impl CheckpointService {
+    /// A service object over `daemon`.
+    pub fn new(daemon: Arc<Daemon>) -> Self {
+        CheckpointService { daemon }
+    }
+
+    /// The binder to publish.
+    pub fn into_binder(self) -> Strong<dyn ICheckpoint> {
+        checkpoint_aidl::android::system::checkpoint::ICheckpoint::BnCheckpoint::new_binder(self)
+    }
+
+    fn call<T>(
+        &self,
+        access: Access,
+        method: &'static str,
+        inner: impl FnOnce(&Daemon) -> Result<T, ServiceError>,
+    ) -> BinderResult<T> {
+        self.daemon
+            .check_caller(access, method)
+            .and_then(|()| inner(&self.daemon))
+            .map_err(|e| into_binder_status(method, e))
+    }
+}
+
+impl rsbinder::Interface for CheckpointService {}
+
+#[allow(non_snake_case, reason = "method names are the AIDL's")]
+impl ICheckpoint for CheckpointService {
+    fn startCheckpoint(&self, retry: i32) -> BinderResult<()> {
+        self.call(Access::Change, "startCheckpoint", |d| d.start_checkpoint(retry))
+    }
+
+    fn needsCheckpoint(&self) -> BinderResult<bool> {
+        self.call(Access::Change, "needsCheckpoint", Daemon::needs_checkpoint)
+    }
+
+    fn needsRollback(&self) -> BinderResult<bool> {
+        self.call(Access::Query, "needsRollback", Daemon::needs_rollback)
+    }
+
+    fn isCheckpointing(&self) -> BinderResult<bool> {
+        self.call(Access::Query, "isCheckpointing", |d| Ok(d.is_checkpointing()))
+    }
+
+    fn commitChanges(&self) -> BinderResult<()> {
+        self.call(Access::Change, "commitChanges", Daemon::commit_changes)
+    }
+
+    fn abortChanges(&self, reason: &str, retry: bool) -> BinderResult<()> {
+        self.call(Access::Change, "abortChanges", |d| d.abort_changes(reason, retry))
+    }
+
+    fn prepareCheckpoint(&self) -> BinderResult<()> {
+        self.call(Access::Change, "prepareCheckpoint", Daemon::prepare_checkpoint)
+    }
+
+    fn restoreCheckpoint(&self, device: &str) -> BinderResult<()> {
+        self.call(Access::Change, "restoreCheckpoint", |d| d.restore_checkpoint(device, 0))
+    }
+
+    fn restoreCheckpointPart(&self, device: &str, count: i32) -> BinderResult<()> {
+        self.call(Access::Change, "restoreCheckpointPart", |d| d.restore_checkpoint(device, count))
+    }
+
+    fn markBootAttempt(&self) -> BinderResult<()> {
+        self.call(Access::Change, "markBootAttempt", Daemon::mark_boot_attempt)
+    }
+
+    fn supportsCheckpoint(&self) -> BinderResult<bool> {
+        self.call(Access::Query, "supportsCheckpoint", |d| Ok(d.checkpointer.supports_checkpoint()))
+    }
+
+    fn supportsBlockCheckpoint(&self) -> BinderResult<bool> {
+        self.call(Access::Query, "supportsBlockCheckpoint", |d| {
+            Ok(d.checkpointer.supports_block_checkpoint())
+        })
+    }
+
+    fn supportsFileCheckpoint(&self) -> BinderResult<bool> {
+        self.call(Access::Query, "supportsFileCheckpoint", |d| {
+            Ok(d.checkpointer.supports_file_checkpoint())
+        })
+    }
+
+    fn resetCheckpoint(&self) -> BinderResult<()> {
+        self.call(Access::Change, "resetCheckpoint", |d| {
+            d.reset_checkpoint();
+            Ok(())
+        })
+    }
+
+    fn getStatus(&self) -> BinderResult<CheckpointStatus> {
+        self.call(Access::Query, "getStatus", Daemon::status)
+    }
+
+    fn registerListener(&self, listener: &Strong<dyn ICheckpointListener>) -> BinderResult<()> {
+        self.call(Access::Query, "registerListener", |d| {
+            d.register_listener(listener.clone());
+            Ok(())
+        })
+    }
+
+    fn getHistory(&self, limit: i32) -> BinderResult<Vec<AidlHistoryEvent>> {
+        self.call(Access::Query, "getHistory", |d| d.history(limit))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restore_paths_are_checked_as_vold_does() {
+        assert!(check_argument_path("/dev/block/by-name/userdata").is_ok());
+        for (path, message) in [
+            ("", "Missing path".to_owned()),
+            ("dev/vdb", "Path dev/vdb is relative".to_owned()),
+            ("/dev/../etc/passwd", "Path /dev/../etc/passwd is shady".to_owned()),
+            ("/dev/block/..", "Path /dev/block/.. is shady".to_owned()),
+            ("/dev/vdb\n", "Path /dev/vdb\n is malformed".to_owned()),
+            ("/dev/v\0db", "Path /dev/v\0db is malformed".to_owned()),
+        ] {
+            match check_argument_path(path) {
+                Err(ServiceError::InvalidPath(m)) => assert_eq!(m, message),
+                other => panic!("{path:?}: {other:?}"),
+            }
+        }
+        // Names that merely contain dots are fine.
+        assert!(check_argument_path("/dev/..hidden/x").is_ok());
+        assert!(check_argument_path("/dev/x..").is_ok());
+    }
+}
