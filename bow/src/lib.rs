@@ -6,7 +6,9 @@
 //! (the restore side) in the project's shared reference.
 #![forbid(unsafe_code)]
 
+pub mod crashdev;
 pub mod crc;
 pub mod device;
 pub mod format;
+pub mod model;
 pub mod units;
