@@ -36,11 +36,17 @@ pub struct Missing {
     pub venv: bool,
     pub kernel: bool,
     pub tools: Vec<(&'static str, &'static str)>,
+    /// rustup components (`rustfmt`, `clippy`) whose cargo subcommand does not run.
+    pub components: Vec<&'static str>,
 }
 
 impl Missing {
     pub fn nothing(&self) -> bool {
-        self.packages.is_empty() && !self.venv && !self.kernel && self.tools.is_empty()
+        self.packages.is_empty()
+            && !self.venv
+            && !self.kernel
+            && self.tools.is_empty()
+            && self.components.is_empty()
     }
 }
 
@@ -60,6 +66,16 @@ pub fn missing() -> Result<Missing> {
             .iter()
             .copied()
             .filter(|(bin, _)| !cache.join("tools/bin").join(bin).is_file())
+            .collect(),
+        components: [("rustfmt", "fmt"), ("clippy", "clippy")]
+            .into_iter()
+            .filter(|(_, sub)| {
+                !Command::new(crate::cargo())
+                    .args([sub, "--version"])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            })
+            .map(|(component, _)| component)
             .collect(),
     })
 }
@@ -104,6 +120,10 @@ pub fn run() -> Result<bool> {
     }
     if todo.kernel {
         install_kernel(&cache, apt_updated)?;
+    }
+    if !todo.components.is_empty() {
+        println!("setup: adding rustup components: {}", todo.components.join(" "));
+        run_cmd(Command::new("rustup").args(["component", "add"]).args(&todo.components))?;
     }
     for (bin, spec) in &todo.tools {
         println!("setup: installing {bin} ({spec}) into {}", cache.join("tools").display());
