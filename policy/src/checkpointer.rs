@@ -604,7 +604,9 @@ impl Checkpointer {
         let mut inner = self.lock();
         if !self.is_checkpointing() {
             let spent = inner.store.current().is_some_and(|row| row.budget_left == Some(0));
-            if !spent {
+            // Acknowledge only a boot that took its checkpoint decision (the latch) and has no
+            // armed backend (an armed backend means a checkpointed boot whose daemon restarted).
+            if !spent || !inner.latch_called || self.any_backend_armed() {
                 return Ok(CommitOutcome::NotCheckpointing);
             }
             let row = inner.store.current().cloned();
@@ -665,6 +667,16 @@ impl Checkpointer {
         self.emit(&mut inner, PolicyEvent::CheckpointingComplete);
         self.emit_state(&mut inner);
         Ok(CommitOutcome::Committed { committed, skipped })
+    }
+
+    fn any_backend_armed(&self) -> bool {
+        self.backends.iter().any(|b| {
+            let armed = b.status().is_ok_and(|s| s.state == BackendState::Armed);
+            if armed {
+                warn!("backend {} is armed although this boot is not checkpointing", b.name());
+            }
+            armed
+        })
     }
 
     fn commit_steps(

@@ -253,7 +253,7 @@ impl Model {
 
     fn commit(&mut self) -> Result<CommitOutcome, i32> {
         if !self.checkpointing {
-            if matches!(&self.row, Some(r) if r.budget == MBudget::Spent) {
+            if self.latch && matches!(&self.row, Some(r) if r.budget == MBudget::Spent) {
                 self.row = None;
                 self.rollback_seen = true;
                 return Ok(CommitOutcome::RollbackAcknowledged);

@@ -468,6 +468,7 @@ fn rollback_state_is_cleared_after_the_rollback_boot_completes() {
     let cp = rig.boot();
     assert_eq!(cp.status().unwrap().state, State::RollbackPending);
     assert!(cp.needs_rollback().unwrap());
+    assert!(!cp.needs_checkpoint().unwrap());
     assert_eq!(cp.commit_changes().unwrap(), CommitOutcome::RollbackAcknowledged);
     assert!(cp.needs_rollback().unwrap());
     assert_eq!(cp.commit_changes().unwrap(), CommitOutcome::NotCheckpointing);
@@ -716,4 +717,34 @@ fn a_store_that_cannot_be_created_is_an_io_error() {
     assert_eq!(err.kind(), ErrorKind::Io);
     assert_eq!(err.errno(), 20, "ENOTDIR from the OS");
     assert!(err.to_string().contains("not-a-dir"), "{err}");
+}
+
+#[test]
+fn rollback_is_not_acknowledged_before_the_checkpoint_decision() {
+    let rig = Rig::new(BackendKind::Block);
+    rig.boot().start_checkpoint(0).unwrap();
+    let cp = rig.boot();
+    assert!(cp.needs_checkpoint().unwrap());
+    cp.prepare_checkpoint().unwrap();
+    assert_eq!(cp.mark_boot_attempt().unwrap(), MarkOutcome::BudgetSpent);
+    drop(cp);
+    // The daemon restarts within this checkpointed boot: its backend is still armed.
+    let cp = rig.open();
+    assert_eq!(cp.commit_changes().unwrap(), CommitOutcome::NotCheckpointing, "latch unset");
+    assert!(!cp.needs_checkpoint().unwrap());
+    assert_eq!(cp.commit_changes().unwrap(), CommitOutcome::NotCheckpointing, "bow armed");
+    assert!(cp.needs_rollback().unwrap());
+    drop(cp);
+    // The real rollback boot acknowledges it.
+    let cp = rig.boot();
+    assert!(!cp.needs_checkpoint().unwrap());
+    assert_eq!(cp.commit_changes().unwrap(), CommitOutcome::RollbackAcknowledged);
+}
+
+#[test]
+fn checkpointer_is_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    fn assert_send<T: Send>() {}
+    assert_send_sync::<Checkpointer>();
+    assert_send::<Store>(); // moved into the Checkpointer, which owns it behind its mutex
 }
