@@ -219,5 +219,13 @@ fn host_timeout() -> Result<(), Failed> {
     if run.duration > Duration::from_secs(30) {
         return Err(format!("the timeout took {:?} to act", run.duration).into());
     }
+    // Neither vng nor QEMU may survive: their command lines name the run's shared folder.
+    let needle = run.shared_dir.to_string_lossy().into_owned();
+    for entry in fs::read_dir("/proc")?.flatten() {
+        let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&needle) {
+            return Err(format!("process {:?} outlived the timeout", entry.file_name()).into());
+        }
+    }
     Ok(())
 }
