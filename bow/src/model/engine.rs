@@ -552,8 +552,11 @@ impl<D: BlockDevice> BowModel<D> {
         // Types first, then set_type on the backup, as the kernel does (both must be final
         // before either merges).
         self.ranges.sub_trims(plen * SECTOR_SIZE);
-        if self.ranges.kind(backup) == RangeType::Trimmed {
-            self.ranges.list_del(backup);
+        match self.ranges.kind(backup) {
+            RangeType::Trimmed => self.ranges.list_del(backup),
+            // A fresh node carved from inside the free range: its bytes were counted as
+            // unsubtracted by the split and are subtracted now.
+            _ => self.ranges.settle_unsubtracted(plen * SECTOR_SIZE),
         }
         let backup_kind = if original == RangeType::Sector0Current {
             RangeType::Sector0Current

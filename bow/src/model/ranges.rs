@@ -110,6 +110,7 @@ pub struct RangeMap {
     trims_total: u64,
     len: u64,
     missing_prev: u64,
+    unsubtracted: u64,
 }
 
 impl RangeMap {
@@ -125,6 +126,7 @@ impl RangeMap {
             trims_total: 0,
             len: len_sectors,
             missing_prev: 0,
+            unsubtracted: 0,
         };
         let top = map.alloc(len_sectors, RangeType::Top);
         map.index.insert(len_sectors, top);
@@ -158,6 +160,18 @@ impl RangeMap {
     /// `prev` (only a discard or write of block 0 in TRIM state after block 0 was discarded).
     pub fn missing_prev_hits(&self) -> u64 {
         self.missing_prev
+    }
+
+    /// Bytes that left TRIMMED ranges without being subtracted from `trims_total`: pieces carved
+    /// out of a TRIMMED range as fresh (INVALID) nodes and not used as backup chunks (those are
+    /// subtracted explicitly). The kernel's counter is exactly
+    /// `trimmed_bytes() + unsubtracted_bytes()` (dm-bow-format.md §2.2).
+    pub fn unsubtracted_bytes(&self) -> u64 {
+        self.unsubtracted
+    }
+
+    pub(crate) fn settle_unsubtracted(&mut self, bytes: u64) {
+        self.unsubtracted = self.unsubtracted.wrapping_sub(bytes);
     }
 
     /// Every range in order, without TOP.
@@ -392,6 +406,9 @@ impl RangeMap {
             return Some((id, top - start));
         }
         // New zeroed node becomes the piece; the original becomes the trailing part.
+        if self.kind(id) == RangeType::Trimmed {
+            self.unsubtracted = self.unsubtracted.wrapping_add(len * SECTOR_SIZE);
+        }
         let piece = self.alloc(start, RangeType::Invalid);
         self.move_node(id, end);
         self.index.insert(start, piece);
