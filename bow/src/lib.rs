@@ -11,4 +11,5 @@ pub mod crc;
 pub mod device;
 pub mod format;
 pub mod model;
+pub mod restore;
 pub mod units;

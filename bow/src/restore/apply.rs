@@ -1,0 +1,97 @@
+//! Applying a hazard-free plan: sorted, coalesced copies with several I/Os in flight, a flush,
+//! then block 0 and a flush.
+//!
+//! Why the order of the copies does not matter and a crash is harmless (see plan.rs and
+//! docs/restore.md): no copy reads a block any copy writes, and the log in block 0 is rewritten
+//! only after every other copy is durable. Until then a new run sees the same log and the same
+//! sources and makes the same copies again; afterwards there is no log and nothing to do.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Mutex};
+
+use super::plan::{BlockCopy, RestorePlan};
+use super::{Phase, Progress, RestoreError, RestoreOptions};
+use crate::device::{BlockDevice, DeviceError};
+
+/// Applies `plan`; returns the blocks written (block 0 included).
+pub(super) fn apply(
+    dev: &impl BlockDevice,
+    plan: &RestorePlan,
+    opts: &RestoreOptions,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<u64, RestoreError> {
+    let bs = u64::from(plan.block_size);
+    let max_blocks = (u64::try_from(opts.max_io_bytes).unwrap_or(u64::MAX) / bs).max(1);
+    let jobs = split(&plan.copies, max_blocks);
+    let total = plan.blocks();
+    let workers = opts.queue_depth.clamp(1, 64).min(jobs.len().max(1));
+
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let first_error: Mutex<Option<DeviceError>> = Mutex::new(None);
+    let (tx, rx) = mpsc::channel::<u64>();
+    let mut done = 0;
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            let tx = tx.clone();
+            let (next, failed, first_error, jobs) = (&next, &failed, &first_error, &jobs);
+            scope.spawn(move || {
+                let mut buf = Vec::new();
+                while !failed.load(Ordering::Relaxed) {
+                    let Some(job) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) else { break };
+                    match copy(dev, job, bs, &mut buf) {
+                        Ok(()) => {
+                            let _ = tx.send(job.blocks);
+                        }
+                        Err(e) => {
+                            failed.store(true, Ordering::Relaxed);
+                            let mut slot = first_error.lock().unwrap_or_else(|e| e.into_inner());
+                            slot.get_or_insert(e);
+                        }
+                    }
+                }
+            });
+        }
+        drop(tx);
+        for blocks in rx {
+            done += blocks;
+            progress(Progress { phase: Phase::Apply, done, total });
+        }
+    });
+    if let Some(e) = first_error.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        return Err(e.into());
+    }
+    // Every copy durable before the log disappears.
+    dev.flush()?;
+    let mut block0 = vec![0u8; usize::try_from(bs).unwrap_or(usize::MAX)];
+    dev.read_at(&mut block0, plan.block0_source * bs)?;
+    dev.write_at(&block0, 0)?;
+    dev.flush()?;
+    progress(Progress { phase: Phase::Apply, done: total, total });
+    Ok(total)
+}
+
+/// Splits extents into I/Os of at most `max_blocks` blocks, keeping target order.
+fn split(copies: &[BlockCopy], max_blocks: u64) -> Vec<BlockCopy> {
+    let mut out = Vec::with_capacity(copies.len());
+    for c in copies {
+        let mut at = 0;
+        while at < c.blocks {
+            let n = (c.blocks - at).min(max_blocks);
+            out.push(BlockCopy { target: c.target + at, source: c.source + at, blocks: n });
+            at += n;
+        }
+    }
+    out
+}
+
+fn copy(
+    dev: &impl BlockDevice,
+    job: &BlockCopy,
+    bs: u64,
+    buf: &mut Vec<u8>,
+) -> Result<(), DeviceError> {
+    buf.resize(usize::try_from(job.blocks * bs).unwrap_or(usize::MAX), 0);
+    dev.read_at(buf, job.source * bs)?;
+    dev.write_at(buf, job.target * bs)
+}

@@ -1,0 +1,702 @@
+//! Restore tests: the worked example, produced logs with rollovers and relocations, equality
+//! with vold's replay, crash-and-rerun at every write, limits, policies, dry runs, hostile logs.
+#![allow(clippy::cast_possible_truncation)] // Small test sizes and indices.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use super::fuzzing::{self, NoWriteDevice};
+use super::synth::{LogWriter, SynthError};
+use super::*;
+use crate::crc::bow_crc;
+use crate::device::{BlockDevice, DeviceError, MemDevice};
+use crate::format::{LogEntry, LogHeader, LogSector, MAGIC_WOB};
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next().to_le_bytes()[3]).collect()
+    }
+}
+
+fn quiet() -> impl FnMut(Progress) {
+    |_| {}
+}
+
+fn opts() -> RestoreOptions {
+    RestoreOptions { queue_depth: 4, max_io_bytes: 8192, ..RestoreOptions::default() }
+}
+
+fn run(dev: &impl BlockDevice, o: &RestoreOptions) -> RestoreOutcome {
+    restore(dev, o, &mut quiet()).expect("restore").outcome
+}
+
+/// A device checkpointed by the log producer.
+struct Scenario {
+    bs: usize,
+    original: Vec<u8>,
+    checkpointed: Vec<u8>,
+    free_at_start: HashSet<u64>,
+}
+
+impl Scenario {
+    fn new(seed: u64, bs: BlockSize, blocks: u64, writes: usize) -> Scenario {
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let b = bs.as_usize();
+        let original = rng.bytes(b * blocks as usize);
+        let dev = MemDevice::from_bytes(original.clone());
+        let mut free: Vec<u64> = (1..blocks).filter(|_| rng.below(100) < 55).collect();
+        // Mostly ascending with some shuffled stretches, like a trimmed list in use.
+        for i in 0..free.len() / 4 {
+            let j = rng.below(free.len() as u64) as usize;
+            free.swap(i * 4, j);
+        }
+        let free_at_start: HashSet<u64> = free.iter().copied().collect();
+        let mut w = LogWriter::start(&dev, bs, &free).expect("start");
+        for _ in 0..writes {
+            let (start, n) = match rng.below(10) {
+                0 | 1 => (0, 1),
+                2 | 3 => (w.sector0_block(), 1),
+                4 => (free[rng.below(free.len() as u64) as usize], 1),
+                5 | 6 => {
+                    let n = rng.below(6) + 1;
+                    (rng.below(blocks - n), n)
+                }
+                _ => (rng.below(blocks), 1),
+            };
+            let data = rng.bytes(b * n as usize);
+            match w.write(start, &data) {
+                Ok(()) => {}
+                Err(SynthError::NoSpace) => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        Scenario { bs: b, original, checkpointed: dev.snapshot(), free_at_start }
+    }
+
+    fn blocks(&self) -> u64 {
+        (self.original.len() / self.bs) as u64
+    }
+
+    /// Every block in use at checkpoint start holds its original bytes.
+    fn assert_restored(&self, got: &[u8], what: &str) {
+        for blk in 0..self.blocks() {
+            if self.free_at_start.contains(&blk) {
+                continue;
+            }
+            let r = blk as usize * self.bs..(blk as usize + 1) * self.bs;
+            assert!(got[r.clone()] == self.original[r], "{what}: block {blk} not restored");
+        }
+    }
+}
+
+/// vold's algorithm on a copy: validation pass, then its replay.
+fn vold_result(image: &[u8]) -> Vec<u8> {
+    let dev = MemDevice::from_bytes(image.to_vec());
+    validate(&dev).expect("vold validation");
+    vold::replay(&dev, None, 0, &mut quiet()).expect("vold replay");
+    dev.snapshot()
+}
+
+/// A device that stops accepting writes after a budget (a crash) and can then produce the
+/// image a power cut would leave: everything flushed, plus any subset of the later writes.
+struct CrashDev {
+    cur: MemDevice,
+    durable: Mutex<Vec<u8>>,
+    pending: Mutex<Vec<(u64, Vec<u8>)>>,
+    budget: AtomicU64,
+}
+
+impl CrashDev {
+    fn new(image: &[u8], budget: u64) -> CrashDev {
+        CrashDev {
+            cur: MemDevice::from_bytes(image.to_vec()),
+            durable: Mutex::new(image.to_vec()),
+            pending: Mutex::new(Vec::new()),
+            budget: AtomicU64::new(budget),
+        }
+    }
+    fn crashed(&self) -> bool {
+        self.budget.load(Ordering::SeqCst) == 0
+    }
+    /// The durable image plus the unflushed writes `keep` selects, in issue order.
+    fn crash_image(&self, keep: &mut dyn FnMut() -> bool) -> Vec<u8> {
+        let mut img = self.durable.lock().unwrap().clone();
+        for (off, data) in self.pending.lock().unwrap().iter() {
+            if keep() {
+                img[*off as usize..*off as usize + data.len()].copy_from_slice(data);
+            }
+        }
+        img
+    }
+}
+
+impl BlockDevice for CrashDev {
+    fn size(&self) -> u64 {
+        self.cur.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DeviceError> {
+        self.cur.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
+        let ok = self.budget.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| b.checked_sub(1));
+        if ok.is_err() {
+            return Err(DeviceError::Injected("crash"));
+        }
+        let mut pending = self.pending.lock().unwrap();
+        self.cur.write_at(buf, offset)?;
+        pending.push((offset, buf.to_vec()));
+        Ok(())
+    }
+    fn flush(&self) -> Result<(), DeviceError> {
+        if self.crashed() {
+            return Err(DeviceError::Injected("crash"));
+        }
+        let mut pending = self.pending.lock().unwrap();
+        *self.durable.lock().unwrap() = self.cur.snapshot();
+        pending.clear();
+        Ok(())
+    }
+}
+
+/// Counts writes.
+struct Counting(MemDevice, AtomicU64);
+
+impl BlockDevice for Counting {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DeviceError> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        self.0.write_at(buf, offset)
+    }
+    fn flush(&self) -> Result<(), DeviceError> {
+        self.0.flush()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The worked example (dm-bow-format.md §9).
+
+fn worked_example() -> MemDevice {
+    let bs = 4096;
+    let mut img = vec![0u8; 256 * bs];
+    for blk in 0..256 {
+        img[blk * bs..(blk + 1) * bs].fill(blk as u8);
+    }
+    img[..bs].fill(0xAA);
+    img[3 * bs..4 * bs].fill(0x33);
+    // Checkpoint: block 10 = live block 0, 11 = original block 0, 12 = original block 3.
+    img[10 * bs..11 * bs].fill(0xAA);
+    img[11 * bs..12 * bs].fill(0xAA);
+    img[12 * bs..13 * bs].fill(0x33);
+    img[3 * bs..4 * bs].fill(0xEE);
+    img[50 * bs..51 * bs].fill(0xEE);
+    let log = LogSector {
+        header: LogHeader { count: 2, ..LogHeader::new(BlockSize::B4096, 0, Sectors(80)) },
+        entries: vec![
+            LogEntry { source: Sectors(0), dest: Sectors(88), size: 4096, checksum: 0x92A0_B82D },
+            LogEntry { source: Sectors(24), dest: Sectors(96), size: 4096, checksum: 0x8CCE_4E66 },
+        ],
+    };
+    img[..bs].copy_from_slice(&log.encode());
+    MemDevice::from_bytes(img)
+}
+
+#[test]
+fn worked_example_is_restored() {
+    let dev = worked_example();
+    let before = dev.snapshot();
+    let log = validate(&dev).unwrap();
+    assert_eq!(log.entries, 2);
+    assert_eq!(log.plan.copies, vec![BlockCopy { target: 3, source: 12, blocks: 1 }]);
+    assert_eq!(log.plan.block0_source, 11);
+    assert_eq!(log.plan.mode, ApplyMode::Plan);
+    let out = run(&dev, &opts());
+    assert!(
+        matches!(out, RestoreOutcome::Restored { entries: 2, blocks_written: 2, .. }),
+        "{out:?}"
+    );
+    let after = dev.snapshot();
+    let bs = 4096;
+    assert!(after[..bs].iter().all(|&b| b == 0xAA), "block 0 original");
+    assert!(after[3 * bs..4 * bs].iter().all(|&b| b == 0x33), "block 3 original");
+    assert!(after[50 * bs..51 * bs].iter().all(|&b| b == 0xEE), "block 50 keeps new data");
+    // Nothing else changed.
+    for blk in (1..256).filter(|&b| b != 3) {
+        assert_eq!(after[blk * bs..(blk + 1) * bs], before[blk * bs..(blk + 1) * bs], "{blk}");
+    }
+    assert_eq!(vold_result(&before), after, "same bytes as vold");
+    assert!(matches!(run(&dev, &opts()), RestoreOutcome::NoLog));
+}
+
+#[test]
+fn worked_example_corrupt_backup_rolls_forward_or_is_refused() {
+    let dev = worked_example();
+    dev.write_at(&[0x34], 12 * 4096 + 7).unwrap();
+    let before = dev.snapshot();
+    let refuse = RestoreOptions { policy: CorruptLogPolicy::Refuse, ..opts() };
+    let out = run(&dev, &refuse);
+    assert!(
+        matches!(out, RestoreOutcome::Refused { reason: CorruptLog::Checksum { index: 1, .. } }),
+        "{out:?}"
+    );
+    assert_eq!(dev.snapshot(), before, "refuse writes nothing");
+    let out = run(&dev, &opts());
+    assert!(matches!(out, RestoreOutcome::RolledForward { sector0: Sectors(80), .. }), "{out:?}");
+    let after = dev.snapshot();
+    assert!(after[..4096].iter().all(|&b| b == 0xAA), "live block 0 back in block 0");
+    assert_eq!(after[4096..], before[4096..], "roll-forward keeps all new data");
+    assert!(matches!(run(&dev, &opts()), RestoreOutcome::NoLog));
+}
+
+#[test]
+fn dry_run_writes_nothing_and_returns_the_plan() {
+    let dev = NoWriteDevice(worked_example());
+    let out = run(&dev, &RestoreOptions { dry_run: true, ..opts() });
+    let RestoreOutcome::DryRun { action: PlannedAction::Restore(plan) } = out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(plan.blocks(), 2);
+    assert!(plan.render().contains("blocks 3..4 <- physical 12..13"));
+}
+
+#[test]
+fn no_magic_is_no_log() {
+    let dev = NoWriteDevice(MemDevice::new(8192));
+    assert!(matches!(run(&dev, &opts()), RestoreOutcome::NoLog));
+    assert_eq!(validate(&dev).unwrap_err().kind(), ErrorKind::NoLog);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Produced logs: rollovers, relocated backups, relocated SECTOR0_CURRENT.
+
+fn scenarios() -> Vec<Scenario> {
+    let mut v = Vec::new();
+    for seed in 1..=6 {
+        v.push(Scenario::new(seed, BlockSize::B512, 160, 90));
+    }
+    v.push(Scenario::new(7, BlockSize::new(1024).unwrap(), 300, 250));
+    v.push(Scenario::new(8, BlockSize::B4096, 500, 400));
+    v
+}
+
+#[test]
+fn produced_logs_restore_like_vold() {
+    let mut sequences = Vec::new();
+    for (i, s) in scenarios().iter().enumerate() {
+        let dev = MemDevice::from_bytes(s.checkpointed.clone());
+        let log = validate(&dev).unwrap();
+        sequences.push(log.header.sequence);
+        assert_eq!(log.plan.mode, ApplyMode::Plan, "kernel-shaped logs have no hazards");
+        let out = run(&dev, &opts());
+        assert!(matches!(out, RestoreOutcome::Restored { mode: ApplyMode::Plan, .. }), "{out:?}");
+        let got = dev.snapshot();
+        s.assert_restored(&got, &format!("scenario {i}"));
+        assert!(got == vold_result(&s.checkpointed), "scenario {i}: differs from vold's bytes");
+    }
+    assert!(sequences.iter().any(|&q| q >= 2), "some logs roll over: {sequences:?}");
+}
+
+#[test]
+fn relocated_sector0_current_has_checksum_zero_and_restores() {
+    let bs = BlockSize::B512;
+    let dev = MemDevice::from_bytes((0..64 * 512usize).map(|i| (i / 512) as u8).collect());
+    let original = dev.snapshot();
+    let mut w = LogWriter::start(&dev, bs, &(20..40).collect::<Vec<_>>()).unwrap();
+    w.write(0, &[1; 512]).unwrap();
+    let old = w.sector0_block();
+    w.write(old, &[2; 512]).unwrap(); // the file system reuses the block: relocation
+    assert_ne!(w.sector0_block(), old);
+    w.write(0, &[3; 512]).unwrap();
+    w.write(5, &[4; 512]).unwrap();
+    let log = validate(&dev).unwrap();
+    let entries = &log.sectors[0].entries;
+    let reloc = entries.iter().find(|e| e.source.0 == old).unwrap();
+    assert_eq!(reloc.checksum, 0);
+    run(&dev, &opts());
+    let got = dev.snapshot();
+    assert_eq!(got[..512], original[..512]);
+    assert_eq!(got[5 * 512..6 * 512], original[5 * 512..6 * 512]);
+}
+
+#[test]
+fn roll_forward_uses_the_relocated_sector0() {
+    // The newest entry relocates SECTOR0_CURRENT; the on-disk header still names the old block
+    // (dm-bow-format.md §10 item 2). Roll-forward must take the live block 0 from the new one.
+    let bs = BlockSize::B512;
+    let dev = MemDevice::from_bytes(vec![0x5A; 64 * 512]);
+    let mut w = LogWriter::start(&dev, bs, &(20..40).collect::<Vec<_>>()).unwrap();
+    w.write(0, &[7; 512]).unwrap();
+    let old = w.sector0_block();
+    w.write(old, &[9; 512]).unwrap();
+    let new = w.sector0_block();
+    let header = validate(&dev).unwrap().header;
+    assert_eq!(header.sector0, Sectors(old), "header is stale, like the kernel's");
+    // Corrupt the backup of block 0 so validation fails.
+    let block0_backup = 21;
+    dev.write_at(&[0xFF; 8], block0_backup * 512).unwrap();
+    let out = run(&dev, &opts());
+    assert!(
+        matches!(out, RestoreOutcome::RolledForward { sector0, .. } if sector0 == Sectors(new))
+    );
+    assert_eq!(dev.snapshot()[..512], [7; 512]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Crash safety.
+
+/// Crash after `n` writes for every `n`, with every unflushed write kept, none kept, and a
+/// random subset kept; then run `finish` on the crash image. The result must equal `want`.
+fn crash_everywhere(
+    image: &[u8],
+    want: &[u8],
+    modes: u32,
+    first: &dyn Fn(&CrashDev),
+    finish: &dyn Fn(&MemDevice),
+    what: &str,
+) -> usize {
+    let counting = Counting(MemDevice::from_bytes(image.to_vec()), AtomicU64::new(0));
+    first(&CrashDev::new(image, u64::MAX));
+    let _ = restore(&counting, &opts(), &mut quiet());
+    let mut rng = Rng(0xC0FFEE);
+    let mut states = 0;
+    let total = counting.1.load(Ordering::SeqCst).max(64) + 8;
+    for n in 0..=total {
+        let dev = CrashDev::new(image, n);
+        first(&dev);
+        for mode in 0..modes {
+            let img = dev.crash_image(&mut || match mode {
+                0 => true,
+                1 => false,
+                _ => rng.below(2) == 0,
+            });
+            let again = MemDevice::from_bytes(img);
+            finish(&again);
+            assert!(again.snapshot() == want, "{what}: crash after {n} writes, mode {mode}");
+            states += 1;
+        }
+    }
+    states
+}
+
+#[test]
+fn crash_anywhere_in_restore_then_rerun_gives_the_same_bytes() {
+    let mut states = 0;
+    // The 4 KiB scenario is left to `produced_logs_restore_like_vold` to keep this test quick.
+    for (i, s) in scenarios().iter().enumerate().take(7) {
+        let reference = MemDevice::from_bytes(s.checkpointed.clone());
+        run(&reference, &opts());
+        let want = reference.snapshot();
+        for qd in [1, 4] {
+            let o = RestoreOptions { queue_depth: qd, ..opts() };
+            states += crash_everywhere(
+                &s.checkpointed,
+                &want,
+                3,
+                &|d| {
+                    let _ = restore(d, &o, &mut quiet());
+                },
+                &|d| {
+                    run(d, &opts());
+                },
+                &format!("scenario {i} qd {qd}, rerun ours"),
+            );
+        }
+        // vold, run after our interrupted restore, finishes it correctly too.
+        states += crash_everywhere(
+            &s.checkpointed,
+            &want,
+            3,
+            &|d| {
+                let _ = restore(d, &opts(), &mut quiet());
+            },
+            &|d| {
+                if validate(d).is_ok() {
+                    vold::replay(d, None, 0, &mut quiet()).unwrap();
+                }
+            },
+            &format!("scenario {i}, rerun vold"),
+        );
+    }
+    println!("restore crash states tested: {states}");
+    assert!(states > 1000);
+}
+
+#[test]
+fn vold_interrupted_anywhere_then_we_finish() {
+    // vold's own replay crashing at every write (WOB saves, log sectors brought back with the
+    // WOB magic, truncated counts): our restore resumes and gives vold's final bytes.
+    let mut states = 0;
+    let saw_wob = std::cell::Cell::new(false);
+    for (i, s) in scenarios().iter().enumerate().take(4) {
+        let want = vold_result(&s.checkpointed);
+        // Real vold flushes only after entry 0, so only in-order crash states (every unflushed
+        // write kept, or none) are recoverable from its interruptions; see vold.rs.
+        states += crash_everywhere(
+            &s.checkpointed,
+            &want,
+            2,
+            &|d| {
+                let _ = vold::replay_with(d, None, 0, vold::Protocol::Vold, &mut quiet());
+            },
+            &|d| {
+                let mut head = [0u8; 4];
+                d.read_at(&mut head, 0).unwrap();
+                if head == MAGIC_WOB.to_le_bytes() {
+                    saw_wob.set(true);
+                }
+                let out = run(d, &opts());
+                assert!(
+                    matches!(out, RestoreOutcome::Restored { .. } | RestoreOutcome::NoLog),
+                    "{out:?}"
+                );
+            },
+            &format!("scenario {i}"),
+        );
+    }
+    println!("vold-interrupted states tested: {states}");
+    assert!(saw_wob.get(), "some crash states were WOB logs");
+}
+
+#[test]
+fn limit_then_full_restore() {
+    for (i, s) in scenarios().iter().enumerate().take(4) {
+        let want = vold_result(&s.checkpointed);
+        let total = validate(&MemDevice::from_bytes(s.checkpointed.clone())).unwrap().entries;
+        let mut saw_wob = false;
+        for limit in 1..=total + 1 {
+            let dev = MemDevice::from_bytes(s.checkpointed.clone());
+            let out = run(&dev, &RestoreOptions { limit: Some(limit), ..opts() });
+            match out {
+                RestoreOutcome::LimitReached { entries_applied, entries_remaining } => {
+                    assert_eq!(entries_applied, limit);
+                    assert_eq!(entries_applied + entries_remaining, total);
+                    let mut head = [0u8; 4];
+                    dev.read_at(&mut head, 0).unwrap();
+                    saw_wob |= head == MAGIC_WOB.to_le_bytes();
+                    let out = run(&dev, &opts());
+                    assert!(matches!(out, RestoreOutcome::Restored { .. }), "{out:?}");
+                }
+                RestoreOutcome::Restored { .. } => assert!(limit >= total),
+                other => panic!("{other:?}"),
+            }
+            assert!(dev.snapshot() == want, "scenario {i} limit {limit}");
+        }
+        assert!(saw_wob, "scenario {i}: some partial restore left a WOB log");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hand-made and hostile logs.
+
+/// Writes a single-sector log with 512-byte blocks into block 0 of `img`, with checksums
+/// computed the way validation reads the copies (through the relocation map, newest first).
+fn hand_log(img: &mut [u8], entries: &[(u64, u64, u32)], sector0: u64) {
+    let bs = 512;
+    let mut map = super::relocation::RelocationMap::new();
+    let mut crcs = vec![0; entries.len()];
+    for (i, &(src, dst, blocks)) in entries.iter().enumerate().rev() {
+        let mut data = Vec::new();
+        for run in map.runs(dst, u64::from(blocks)) {
+            data.extend_from_slice(
+                &img[run.phys as usize * bs..(run.phys + run.len) as usize * bs],
+            );
+        }
+        crcs[i] = bow_crc(src as u32, &data);
+        map.relocate(src, dst, u64::from(blocks));
+    }
+    let sector = LogSector {
+        header: LogHeader::new(BlockSize::B512, 0, Sectors(sector0)),
+        entries: entries
+            .iter()
+            .zip(crcs)
+            .map(|(&(src, dst, blocks), checksum)| LogEntry {
+                source: Sectors(src),
+                dest: Sectors(dst),
+                size: blocks * 512,
+                checksum,
+            })
+            .collect(),
+    };
+    img[..bs].copy_from_slice(&sector.encode());
+}
+
+#[test]
+fn hazardous_hand_log_uses_vold_replay_and_survives_crashes() {
+    // Entry 1 saved block 5 in block 6; entry 2 then saved block 7 in block 5, which the kernel
+    // never does (block 5 was no longer free). vold's order: 7 <- 5, then 5 <- 6. The plan
+    // would read block 5 and also write it: a hazard, so the vold protocol is used.
+    let mut img: Vec<u8> = (0..32 * 512usize).map(|i| (i / 512) as u8).collect();
+    img[10 * 512..11 * 512].fill(0xAA);
+    hand_log(&mut img, &[(0, 10, 1), (5, 6, 1), (7, 5, 1)], 11);
+    let dev = MemDevice::from_bytes(img.clone());
+    let log = validate(&dev).unwrap();
+    assert_eq!(log.plan.mode, ApplyMode::VoldReplay);
+    assert!(log.plan.hazard_blocks > 0);
+    let want = vold_result(&img);
+    assert_eq!(want[7 * 512..8 * 512], [5; 512]);
+    assert_eq!(want[5 * 512..6 * 512], [6; 512]);
+    let out = run(&dev, &opts());
+    assert!(matches!(out, RestoreOutcome::Restored { mode: ApplyMode::VoldReplay, .. }));
+    assert_eq!(dev.snapshot(), want);
+    crash_everywhere(
+        &img,
+        &want,
+        3,
+        &|d| {
+            let _ = restore(d, &opts(), &mut quiet());
+        },
+        &|d| {
+            run(d, &opts());
+        },
+        "swap",
+    );
+}
+
+#[test]
+fn multi_sector_hand_chain_with_relocated_log_backup() {
+    // Sequence 0 saved at block 20; that block is then relocated to 21 by an entry of
+    // sequence 1 (the file system reused it), so reading sequence 0 needs the map.
+    let mut img: Vec<u8> = (0..64 * 512usize).map(|i| (i / 512) as u8).collect();
+    img[10 * 512..11 * 512].copy_from_slice(&[0u8; 512].map(|_| 0xAB));
+    img[12 * 512..13 * 512].fill(3); // backup of block 3
+                                     // Sequence 0 was saved at block 20, then the file system reused 20: moved to 21.
+    hand_log(&mut img, &[(0, 10, 1), (3, 12, 1)], 30);
+    let saved: Vec<u8> = img[..512].to_vec();
+    img[21 * 512..22 * 512].copy_from_slice(&saved);
+    img[20 * 512..21 * 512].fill(0xEE);
+    img[3 * 512..4 * 512].fill(0xEE);
+    img[0..512].fill(0);
+    let seq1 = LogSector {
+        header: LogHeader::new(BlockSize::B512, 1, Sectors(30)),
+        entries: vec![
+            LogEntry { source: Sectors(0), dest: Sectors(20), size: 512, checksum: 0 },
+            LogEntry {
+                source: Sectors(20),
+                dest: Sectors(21),
+                size: 512,
+                checksum: bow_crc(20, &saved),
+            },
+        ],
+    };
+    img[..512].copy_from_slice(&seq1.encode());
+    let dev = MemDevice::from_bytes(img.clone());
+    let log = validate(&dev).unwrap();
+    assert_eq!(log.sectors.len(), 2);
+    run(&dev, &opts());
+    let got = dev.snapshot();
+    assert_eq!(got[..512], [0xAB; 512]);
+    assert_eq!(got[3 * 512..4 * 512], [3; 512]);
+    assert_eq!(got, vold_result(&img));
+}
+
+#[test]
+fn hostile_headers_are_rejected_without_writes() {
+    let base = worked_example().snapshot();
+    let with = |f: &dyn Fn(&mut Vec<u8>)| {
+        let mut img = base.clone();
+        f(&mut img);
+        let dev = NoWriteDevice(MemDevice::from_bytes(img));
+        match validate(&dev) {
+            Err(RestoreError::Corrupt(c)) => c,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(
+        with(&|b| b[16..20].copy_from_slice(&(1u32 << 31).to_le_bytes())),
+        CorruptLog::SequenceTooLarge(1 << 31)
+    );
+    assert!(matches!(
+        with(&|b| b[16..20].copy_from_slice(&1000u32.to_le_bytes())),
+        CorruptLog::ChainTooLong { .. }
+    ));
+    // The head claims sequence 1; its entry 0 names block 11, which holds no log sector.
+    assert!(matches!(
+        with(&|b| b[16..20].copy_from_slice(&1u32.to_le_bytes())),
+        CorruptLog::Format { sequence: 0, .. }
+    ));
+    assert_eq!(
+        with(&|b| b[8..12].copy_from_slice(&(1u32 << 30).to_le_bytes())),
+        CorruptLog::BlockSize(1 << 30)
+    );
+    // Entry 1's backup beyond the device.
+    assert!(matches!(
+        with(&|b| b[0x3C..0x44].copy_from_slice(&(1u64 << 40).to_le_bytes())),
+        CorruptLog::OutOfDevice { index: 1, .. }
+    ));
+    // Entry 1 of 2^20 blocks: more than the device.
+    assert!(matches!(
+        with(&|b| b[0x44..0x48].copy_from_slice(&(255u32 * 4096).to_le_bytes())),
+        CorruptLog::OutOfDevice { .. } | CorruptLog::TooManyBlocks { .. }
+    ));
+    // Entry 0 not saving block 0.
+    assert!(matches!(with(&|b| b[0x1C] = 8), CorruptLog::ChainEntry { .. }));
+}
+
+#[test]
+fn malformed_logs_never_write() {
+    // Mutations of real logs and random bytes through the fuzz body.
+    let mut rng = Rng(42);
+    let mut images = vec![worked_example().snapshot()[..64 * 4096].to_vec()];
+    for s in scenarios().into_iter().take(3) {
+        images.push(s.checkpointed);
+    }
+    let mut runs = 0;
+    for img in &images {
+        for _ in 0..300 {
+            let mut m = img.clone();
+            for _ in 0..=rng.below(4) {
+                let at = if rng.below(2) == 0 { rng.below(96) } else { rng.below(m.len() as u64) };
+                m[at as usize] = rng.next() as u8;
+            }
+            fuzzing::validate_log(&m);
+            fuzzing::parse_log_sector(&m[..512]);
+            fuzzing::parse_log_sector(&m[..4096]);
+            runs += 1;
+        }
+    }
+    for len in [0usize, 28, 600, 4096, 9000] {
+        for _ in 0..50 {
+            let mut m = rng.bytes(len);
+            if len >= 4 {
+                m[..4].copy_from_slice(b"BOW\0");
+            }
+            fuzzing::validate_log(&m);
+            fuzzing::parse_log_sector(&m);
+        }
+    }
+    assert!(runs >= 1000);
+}
+
+#[test]
+fn progress_reports_blocks_done_of_total() {
+    let dev = MemDevice::from_bytes(Scenario::new(3, BlockSize::B512, 160, 90).checkpointed);
+    let mut last = None;
+    let mut validate_steps = 0;
+    restore(&dev, &opts(), &mut |p| match p.phase {
+        Phase::Validate => validate_steps += 1,
+        Phase::Apply => {
+            assert!(p.done <= p.total);
+            last = Some(p);
+        }
+    })
+    .unwrap();
+    let last = last.unwrap();
+    assert_eq!(last.done, last.total);
+    assert!(validate_steps >= 1);
+}
