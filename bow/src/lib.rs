@@ -9,6 +9,7 @@
 pub mod crashdev;
 pub mod crc;
 pub mod device;
+pub mod dryrun;
 pub mod format;
 pub mod model;
 pub mod restore;

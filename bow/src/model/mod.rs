@@ -12,7 +12,7 @@ pub mod ranges;
 
 pub use engine::{
     BlkStatus, BowModel, BowState, DiscardAction, EngineError, EngineErrorKind, KernelWarning,
-    ModelConfig, Piece, PieceAction, Progress, ReadAction, StateChange, WriteAction,
+    LoggedEntry, ModelConfig, Piece, PieceAction, Progress, ReadAction, StateChange, WriteAction,
 };
 pub use io::{BufioModel, DataMode, IoStats, SizeOnlyDevice};
 pub use ranges::{Range, RangeMap, RangeType};
