@@ -1,5 +1,448 @@
-//! checkpointctl: vdc-compatible checkpoint commands and offline dm-bow log tools.
-fn main() {
-    eprintln!("checkpointctl: not built yet (see the open issues)");
-    std::process::exit(1);
+//! checkpointctl: vdc-compatible checkpoint commands, status, history and events of checkpointd.
+//!
+//! `checkpointctl checkpoint <method> [args]` has the grammar and exit codes of
+//! `vdc checkpoint` (see `vdc.rs`); the other commands are checkpointctl's own.
+
+mod vdc;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use checkpoint_aidl::android::system::checkpoint::{
+    CheckpointState::CheckpointState,
+    CheckpointStatus::CheckpointStatus,
+    HistoryEvent::HistoryEvent,
+    HistoryEventKind::HistoryEventKind,
+    ICheckpoint::ICheckpoint,
+    ICheckpointListener::{BnCheckpointListener, ICheckpointListener},
+};
+use clap::{Parser, Subcommand};
+use rsbinder::{Client, Endpoint, Strong};
+
+/// Talk to checkpointd: vdc-compatible checkpoint commands, status, history and events.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    /// Reach checkpointd over binder RPC on this Unix socket instead of kernel binder.
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    /// Seconds to wait for the service to appear on kernel binder (vdc waits 50).
+    #[arg(long, global = true, default_value_t = 50)]
+    timeout: u64,
+    /// Ignored (vdc compatibility).
+    #[arg(long, hide = true)]
+    wait: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// vdc-compatible: `checkpoint <method> [args]`; booleans are the exit status (1/0).
+    #[command(disable_help_flag = true)]
+    Checkpoint {
+        /// The method and its arguments, exactly as for `vdc checkpoint`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<String>,
+    },
+    /// Show the checkpoint state.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the checkpoint history, newest first.
+    History {
+        /// At most this many entries (0 = all).
+        #[arg(long, default_value_t = 20)]
+        limit: i32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print listener events until interrupted.
+    Watch {
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+}
+
+/// Why the service could not be reached.
+#[derive(Debug)]
+enum ConnectError {
+    /// No service under that name.
+    NotFound(String),
+    /// The transport failed.
+    Transport(String),
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::NotFound(m) | ConnectError::Transport(m) => f.write_str(m),
+        }
+    }
+}
+
+/// A connection; the client keeps an RPC session (and its callback threads) alive.
+struct Connection {
+    service: Strong<dyn ICheckpoint>,
+    client: Option<Client>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        if let Some(session) = self.client.as_ref().and_then(Client::session) {
+            session.close_session();
+        }
+    }
+}
+
+fn connect(
+    socket: Option<&Path>,
+    timeout: Duration,
+    callbacks: bool,
+) -> Result<Connection, ConnectError> {
+    let name = checkpoint_aidl::SERVICE_NAME;
+    match socket {
+        Some(path) => {
+            let client = Client::open_with(Endpoint::unix(path), |options, _| {
+                if callbacks {
+                    options.incoming_connections = Some(1);
+                }
+            })
+            .map_err(|e| {
+                ConnectError::Transport(format!(
+                    "cannot connect to checkpointd on socket {}: {e:?}",
+                    path.display()
+                ))
+            })?;
+            let service = client
+                .try_get::<dyn ICheckpoint>(name)
+                .map_err(|e| ConnectError::Transport(format!("lookup of {name} failed: {e:?}")))?
+                .ok_or_else(|| {
+                    ConnectError::NotFound(format!("{} does not serve {name}", path.display()))
+                })?;
+            Ok(Connection { service, client: Some(client) })
+        }
+        None => {
+            rsbinder::ProcessState::init_default().map_err(|e| {
+                ConnectError::Transport(format!("cannot open the binder driver: {e}"))
+            })?;
+            if callbacks {
+                rsbinder::ProcessState::start_thread_pool();
+            }
+            let deadline = Instant::now() + timeout;
+            loop {
+                match rsbinder::hub::try_get_interface::<dyn ICheckpoint>(name) {
+                    Ok(Some(service)) => return Ok(Connection { service, client: None }),
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Ok(None) => {
+                        return Err(ConnectError::NotFound(format!(
+                            "service {name} not found after {} s (is checkpointd running?)",
+                            timeout.as_secs()
+                        )))
+                    }
+                    Err(e) => {
+                        return Err(ConnectError::Transport(format!(
+                            "service manager lookup of {name} failed: {e:?}"
+                        )))
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn state_name(state: CheckpointState) -> String {
+    match state {
+        CheckpointState::NONE => "none".to_owned(),
+        CheckpointState::PENDING => "pending".to_owned(),
+        CheckpointState::CHECKPOINTING => "checkpointing".to_owned(),
+        CheckpointState::ROLLBACK_NEEDED => "rollback-needed".to_owned(),
+        other => format!("unknown({})", other.0),
+    }
+}
+
+fn kind_name(kind: HistoryEventKind) -> String {
+    match kind {
+        HistoryEventKind::CHECKPOINT_STARTED => "start".to_owned(),
+        HistoryEventKind::BOOT_ATTEMPT => "boot-attempt".to_owned(),
+        HistoryEventKind::COMMITTED => "commit".to_owned(),
+        HistoryEventKind::COMMIT_FAILED => "commit-failed".to_owned(),
+        HistoryEventKind::ABORTED => "abort".to_owned(),
+        HistoryEventKind::RESTORED => "restore".to_owned(),
+        HistoryEventKind::ROLLBACK_ACKNOWLEDGED => "rollback-acknowledged".to_owned(),
+        HistoryEventKind::ROLLBACK_SLOT_SWITCH => "rollback-slot-switch".to_owned(),
+        HistoryEventKind::RECOVERY => "recovery".to_owned(),
+        other => format!("other({})", other.0),
+    }
+}
+
+/// `YYYY-MM-DD HH:MM:SS UTC` from milliseconds since the epoch (civil-from-days).
+fn format_time(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn bytes(value: i64) -> String {
+    if value < 0 {
+        "unknown".to_owned()
+    } else {
+        format!("{value} bytes")
+    }
+}
+
+fn event_json(e: &HistoryEvent) -> serde_json::Value {
+    serde_json::json!({
+        "id": e.id,
+        "timestamp_ms": e.timestampMs,
+        "kind": kind_name(e.kind),
+        "requested_retry": (e.requestedRetry != -2).then_some(e.requestedRetry),
+        "attempts_left": (e.attemptsLeft >= 0).then_some(e.attemptsLeft),
+        "slot": (e.slot >= 0).then_some(e.slot),
+        "device": (!e.device.is_empty()).then_some(&e.device),
+        "outcome": (!e.outcome.is_empty()).then_some(&e.outcome),
+        "message": (!e.message.is_empty()).then_some(&e.message),
+        "backup_bytes": (e.backupBytes >= 0).then_some(e.backupBytes),
+    })
+}
+
+fn event_line(e: &HistoryEvent) -> String {
+    let mut line =
+        format!("#{:<4} {}  {:<22}", e.id, format_time(e.timestampMs), kind_name(e.kind));
+    if e.requestedRetry != -2 {
+        line.push_str(&format!(" retry={}", e.requestedRetry));
+    }
+    if e.attemptsLeft >= 0 {
+        line.push_str(&format!(" left={}", e.attemptsLeft));
+    }
+    if e.slot >= 0 {
+        line.push_str(&format!(" slot={}", e.slot));
+    }
+    for (key, value) in [("device", &e.device), ("outcome", &e.outcome), ("message", &e.message)] {
+        if !value.is_empty() {
+            line.push_str(&format!(" {key}={value:?}"));
+        }
+    }
+    if e.backupBytes >= 0 {
+        line.push_str(&format!(" backup={}", e.backupBytes));
+    }
+    line
+}
+
+fn status_json(s: &CheckpointStatus) -> serde_json::Value {
+    serde_json::json!({
+        "state": state_name(s.state),
+        "is_checkpointing": s.isCheckpointing,
+        "needs_rollback": s.needsRollback,
+        "budget": s.budget,
+        "attempts_used": s.attemptsUsed,
+        "attempts_left": (s.attemptsLeft >= 0).then_some(s.attemptsLeft),
+        "slot_suffix": s.slotSuffix,
+        "current_slot_suffix": s.currentSlotSuffix,
+        "backends": s.backends,
+        "devices": s.devices,
+        "backup_bytes_used": (s.backupBytesUsed >= 0).then_some(s.backupBytesUsed),
+        "backup_bytes_free": (s.backupBytesFree >= 0).then_some(s.backupBytesFree),
+        "last_restore": s.lastRestore.as_ref().map(event_json),
+    })
+}
+
+fn print_status(s: &CheckpointStatus) {
+    let budget = match s.budget {
+        -1 => "unlimited while the requesting slot stays active".to_owned(),
+        0 => "no checkpoint requested".to_owned(),
+        n => format!("{n} boot attempts"),
+    };
+    let left = if s.attemptsLeft < 0 { "-".to_owned() } else { s.attemptsLeft.to_string() };
+    let none = |s: &str| if s.is_empty() { "-".to_owned() } else { s.to_owned() };
+    println!("state:            {}", state_name(s.state));
+    println!("checkpointing:    {}", if s.isCheckpointing { "yes" } else { "no" });
+    println!("needs rollback:   {}", if s.needsRollback { "yes" } else { "no" });
+    println!("budget:           {budget}");
+    println!("attempts:         {} used, {left} left", s.attemptsUsed);
+    println!("requesting slot:  {}", none(&s.slotSuffix));
+    println!("current slot:     {}", none(&s.currentSlotSuffix));
+    let backends = if s.backends.is_empty() {
+        "none (checkpoints not supported)".to_owned()
+    } else {
+        s.backends.join(", ")
+    };
+    println!("backends:         {backends}");
+    println!("devices:          {}", none(&s.devices.join(", ")));
+    println!("backup used:      {}", bytes(s.backupBytesUsed));
+    println!("backup free:      {}", bytes(s.backupBytesFree));
+    match &s.lastRestore {
+        Some(e) => println!("last restore:     {}", event_line(e)),
+        None => println!("last restore:     -"),
+    }
+}
+
+/// Listener events, as lines, to the main thread.
+struct Watcher {
+    lines: mpsc::Sender<String>,
+}
+
+impl rsbinder::Interface for Watcher {}
+
+#[allow(non_snake_case, reason = "method names are the AIDL's")]
+impl ICheckpointListener for Watcher {
+    fn onStateChanged(&self, state: CheckpointState) -> rsbinder::BinderResult<()> {
+        // A closed channel only means the watcher is exiting.
+        let _ = self.lines.send(format!("state {}", state_name(state)));
+        Ok(())
+    }
+
+    fn onRestoreProgress(&self, done: i64, total: i64) -> rsbinder::BinderResult<()> {
+        let _ = self.lines.send(format!("restore-progress {done}/{total}"));
+        Ok(())
+    }
+
+    fn onLowSpace(&self, free_bytes: i64) -> rsbinder::BinderResult<()> {
+        let _ = self.lines.send(format!("low-space {free_bytes}"));
+        Ok(())
+    }
+}
+
+/// Exit status for checkpointctl's own commands when the call fails.
+const EXIT_FAILED: u8 = 1;
+
+fn binder_failure(what: &str, status: &rsbinder::Status) -> String {
+    format!("{what} failed: {status}")
+}
+
+fn run_checkpoint(cli: &Cli, args: &[String]) -> u8 {
+    let command = match vdc::parse(args) {
+        Ok(command) => command,
+        Err(e) => {
+            eprintln!("checkpointctl: {}", e.message());
+            return e.exit_code();
+        }
+    };
+    let connection = match connect(cli.socket.as_deref(), Duration::from_secs(cli.timeout), false) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("checkpointctl: {e}");
+            return vdc::EXIT_EINVAL;
+        }
+    };
+    match vdc::call(&*connection.service, &command) {
+        Ok(answer) => answer.exit_code(),
+        Err(status) => {
+            eprintln!("Command: checkpoint {} Failed: {status}", args.join(" "));
+            vdc::EXIT_ENOTTY
+        }
+    }
+}
+
+fn run_own(cli: &Cli) -> Result<(), String> {
+    let timeout = Duration::from_secs(cli.timeout);
+    let watching = matches!(cli.command, Command::Watch { .. });
+    let connection =
+        connect(cli.socket.as_deref(), timeout, watching).map_err(|e| e.to_string())?;
+    let service = &connection.service;
+    match &cli.command {
+        Command::Status { json } => {
+            let status = service.getStatus().map_err(|e| binder_failure("getStatus", &e))?;
+            if *json {
+                println!("{}", status_json(&status));
+            } else {
+                print_status(&status);
+            }
+        }
+        Command::History { limit, json } => {
+            let events =
+                service.getHistory(*limit).map_err(|e| binder_failure("getHistory", &e))?;
+            if *json {
+                let all: Vec<_> = events.iter().map(event_json).collect();
+                println!("{}", serde_json::Value::Array(all));
+            } else if events.is_empty() {
+                println!("no history");
+            } else {
+                for event in &events {
+                    println!("{}", event_line(event));
+                }
+            }
+        }
+        Command::Watch { count } => {
+            let (tx, rx) = mpsc::channel();
+            let listener = BnCheckpointListener::new_binder(Watcher { lines: tx });
+            service
+                .registerListener(&listener)
+                .map_err(|e| binder_failure("registerListener", &e))?;
+            eprintln!("watching checkpointd events (Ctrl-C to stop)");
+            let mut seen = 0u64;
+            while count.is_none_or(|c| seen < c) {
+                let line = rx.recv().map_err(|_| "the listener stopped".to_owned())?;
+                println!("{line}");
+                seen += 1;
+            }
+        }
+        Command::Checkpoint { .. } => unreachable!("handled by run_checkpoint"),
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Checkpoint { args } = &cli.command {
+        return ExitCode::from(run_checkpoint(&cli, args));
+    }
+    match run_own(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("checkpointctl: {message}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_is_formatted_in_utc() {
+        assert_eq!(format_time(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(format_time(951_782_400_000), "2000-02-29 00:00:00 UTC");
+        assert_eq!(format_time(1_798_502_400_123), "2026-12-29 00:00:00 UTC");
+    }
+
+    #[test]
+    fn cli_definition_is_valid() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn checkpoint_takes_raw_arguments() {
+        let cli =
+            Cli::try_parse_from(["checkpointctl", "checkpoint", "--wait", "startCheckpoint", "-1"])
+                .expect("parses");
+        match cli.command {
+            Command::Checkpoint { args } => assert_eq!(args, ["--wait", "startCheckpoint", "-1"]),
+            other => panic!("{other:?}"),
+        }
+    }
 }

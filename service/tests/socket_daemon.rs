@@ -1,0 +1,456 @@
+//! checkpointd as a process, driven over its binder RPC Unix socket by checkpointctl (exit
+//! codes!) and by a Rust client. No kernel binder needed: these run on any Linux host.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use checkpoint_aidl::android::system::checkpoint::ICheckpoint as codes;
+use checkpoint_aidl::android::system::checkpoint::{
+    CheckpointState::CheckpointState, HistoryEventKind::HistoryEventKind, ICheckpoint::ICheckpoint,
+};
+use rsbinder::{ExceptionCode, Strong};
+
+const DAEMON: &str = env!("CARGO_BIN_EXE_checkpointd");
+
+/// checkpointctl from the same target directory, built once if it is not there.
+fn checkpointctl() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let path = Path::new(DAEMON).with_file_name("checkpointctl");
+        if !path.exists() {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+            let status = Command::new(cargo)
+                .args(["build", "-p", "checkpointctl"])
+                .status()
+                .expect("run cargo build -p checkpointctl");
+            assert!(status.success(), "cargo build -p checkpointctl failed");
+        }
+        assert!(path.exists(), "{} missing after the build", path.display());
+        path
+    })
+}
+
+/// A temp folder with a config, the metadata dir and the socket.
+struct Setup {
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    /// `extra` is appended to a config that serves only the socket.
+    fn new(extra: &str) -> Setup {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let setup = Setup { dir };
+        let config = format!(
+            "metadata_dir = \"{}\"\nhealth_check_interval_secs = 0\n{extra}\n\
+             [binder]\nenabled = false\n[socket]\npath = \"{}\"\n",
+            setup.metadata().display(),
+            setup.socket().display()
+        );
+        std::fs::write(setup.config(), config).expect("write config");
+        setup
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("checkpointd.toml")
+    }
+
+    fn metadata(&self) -> PathBuf {
+        self.dir.path().join("metadata")
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("checkpointd.sock")
+    }
+
+    /// Starts the daemon (one "boot") and waits until the socket answers.
+    fn boot(&self) -> Daemon {
+        let _ = std::fs::remove_file(self.socket());
+        let child = Command::new(DAEMON)
+            .arg("--config")
+            .arg(self.config())
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn checkpointd");
+        let mut daemon = Daemon { child: Some(child) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if self.socket().exists() && self.client().is_ok() {
+                return daemon;
+            }
+            if let Some(status) = daemon.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                let out = daemon.child.take().expect("child").wait_with_output().expect("output");
+                panic!(
+                    "checkpointd exited with {status}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            assert!(Instant::now() < deadline, "checkpointd did not open its socket in 20 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs the daemon expecting it to refuse to start; returns its stderr.
+    fn start_fails(&self) -> String {
+        let out = Command::new(DAEMON)
+            .arg("--config")
+            .arg(self.config())
+            .output()
+            .expect("run checkpointd");
+        assert_eq!(out.status.code(), Some(1), "checkpointd should refuse to start");
+        assert!(!self.socket().exists(), "no socket may be created");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(checkpointctl())
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .output()
+            .expect("run checkpointctl")
+    }
+
+    /// `checkpointctl checkpoint <args>`: (exit code, stderr).
+    fn vdc(&self, args: &[&str]) -> (i32, String) {
+        let mut all = vec!["checkpoint"];
+        all.extend_from_slice(args);
+        let out = self.ctl(&all);
+        (out.status.code().expect("exit code"), String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    fn status_json(&self) -> serde_json::Value {
+        let out = self.ctl(&["status", "--json"]);
+        assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    fn client(&self) -> Result<Strong<dyn ICheckpoint>, rsbinder::StatusCode> {
+        let uri =
+            rsbinder::Endpoint::unix(self.socket()).with_service(checkpoint_aidl::SERVICE_NAME);
+        rsbinder::connect::<dyn ICheckpoint>(uri)
+    }
+}
+
+struct Daemon {
+    child: Option<Child>,
+}
+
+impl Daemon {
+    /// SIGTERM, then wait: the clean shutdown of one "boot".
+    fn stop(mut self) {
+        self.terminate();
+    }
+
+    fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().expect("wait").is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("checkpointd did not stop on SIGTERM");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+const TEST_BACKEND: &str = "[[backend]]\ntype = \"test-null\"\n";
+
+#[test]
+fn without_backend_it_answers_like_vold_without_checkpoint_support() {
+    let setup = Setup::new("");
+    let daemon = setup.boot();
+    assert_eq!(setup.vdc(&["supportsCheckpoint"]).0, 0);
+    assert_eq!(setup.vdc(&["supportsBlockCheckpoint"]).0, 0);
+    assert_eq!(setup.vdc(&["supportsFileCheckpoint"]).0, 0);
+    let (code, err) = setup.vdc(&["startCheckpoint", "2"]);
+    assert_eq!(code, 25, "{err}");
+    assert!(err.contains("Checkpoints not supported"), "{err}");
+    assert_eq!(setup.vdc(&["needsCheckpoint"]).0, 0);
+    assert_eq!(setup.vdc(&["needsRollback"]).0, 0);
+    assert_eq!(setup.vdc(&["markBootAttempt"]).0, 0);
+    assert_eq!(setup.vdc(&["commitChanges"]).0, 0);
+    assert_eq!(setup.vdc(&["prepareCheckpoint"]).0, 0);
+    assert_eq!(setup.vdc(&["resetCheckpoint"]).0, 0);
+
+    // The Rust client sees the documented code.
+    let service = setup.client().expect("client");
+    let err = service.startCheckpoint(2).unwrap_err();
+    assert_eq!(err.exception_code(), ExceptionCode::ServiceSpecific);
+    assert_eq!(err.service_specific_error(), codes::ENOTSUP);
+    let status = service.getStatus().expect("status");
+    assert_eq!(status.state, CheckpointState::NONE);
+    assert!(status.backends.is_empty());
+    daemon.stop();
+}
+
+#[test]
+fn three_boot_attempts_then_rollback_across_daemon_restarts() {
+    let setup = Setup::new(TEST_BACKEND);
+    let daemon = setup.boot();
+    assert_eq!(setup.vdc(&["supportsCheckpoint"]).0, 1);
+    assert_eq!(setup.vdc(&["supportsBlockCheckpoint"]).0, 1);
+    assert_eq!(setup.vdc(&["startCheckpoint", "2"]), (0, String::new()));
+    let status = setup.status_json();
+    assert_eq!(status["state"], "pending");
+    assert_eq!(status["budget"], 3);
+    daemon.stop();
+
+    // Each restart of the daemon is a boot: mark the attempt, ask whether to checkpoint.
+    for boot in 1..=3 {
+        let daemon = setup.boot();
+        assert_eq!(setup.vdc(&["needsRollback"]).0, 0, "boot {boot}: no rollback yet");
+        assert_eq!(setup.vdc(&["markBootAttempt"]).0, 0, "boot {boot}");
+        let (needs, _) = setup.vdc(&["needsCheckpoint"]);
+        let status = setup.status_json();
+        if boot < 3 {
+            assert_eq!(needs, 1, "boot {boot} runs under the checkpoint");
+            assert_eq!(status["attempts_left"], 3 - boot, "boot {boot}: {status}");
+        } else {
+            // The third attempt spends the budget: this boot must roll back.
+            assert_eq!(setup.vdc(&["needsRollback"]).0, 1, "boot {boot}: {status}");
+        }
+        daemon.stop();
+    }
+
+    let daemon = setup.boot();
+    assert_eq!(setup.vdc(&["needsRollback"]).0, 1, "still rolling back after the budget");
+    let status = setup.status_json();
+    assert_eq!(status["state"], "rollback-needed", "{status}");
+    assert_eq!(status["needs_rollback"], true);
+
+    // History over the Rust client: the start and three boot attempts, newest first.
+    let service = setup.client().expect("client");
+    let history = service.getHistory(0).expect("history");
+    let boots = history.iter().filter(|e| e.kind == HistoryEventKind::BOOT_ATTEMPT).count();
+    assert_eq!(boots, 3, "{history:?}");
+    assert_eq!(history.last().map(|e| e.kind), Some(HistoryEventKind::CHECKPOINT_STARTED));
+    let out = setup.ctl(&["history"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("boot-attempt"));
+    daemon.stop();
+}
+
+#[test]
+fn commit_ends_the_checkpoint() {
+    let setup = Setup::new(TEST_BACKEND);
+    let daemon = setup.boot();
+    assert_eq!(setup.vdc(&["startCheckpoint", "1"]).0, 0);
+    daemon.stop();
+    let daemon = setup.boot();
+    assert_eq!(setup.vdc(&["markBootAttempt"]).0, 0);
+    assert_eq!(setup.vdc(&["needsCheckpoint"]).0, 1);
+    assert_eq!(setup.vdc(&["prepareCheckpoint"]).0, 0);
+    assert_eq!(setup.status_json()["state"], "checkpointing");
+    assert_eq!(setup.vdc(&["commitChanges"]).0, 0);
+    // The latch answers false after a commit; nothing is pending any more.
+    assert_eq!(setup.vdc(&["needsCheckpoint"]).0, 0);
+    assert_eq!(setup.status_json()["state"], "none");
+    daemon.stop();
+    let daemon = setup.boot();
+    assert_eq!(setup.vdc(&["needsCheckpoint"]).0, 0);
+    assert_eq!(setup.vdc(&["needsRollback"]).0, 0);
+    daemon.stop();
+}
+
+#[test]
+fn abort_runs_the_reboot_command_with_the_message() {
+    let setup = Setup::new("");
+    let marker = setup.dir.path().join("rebooted");
+    let config = format!(
+        "[reboot]\naction = \"command\"\ncommand = [\"/bin/sh\", \"-c\", \
+         \"echo {{reason}} > {}\"]\n",
+        marker.display()
+    );
+    let setup = Setup { dir: setup.dir };
+    let base = std::fs::read_to_string(setup.config()).expect("config");
+    std::fs::write(setup.config(), format!("{base}{TEST_BACKEND}{config}")).expect("config");
+
+    let daemon = setup.boot();
+    assert_eq!(setup.vdc(&["startCheckpoint", "2"]).0, 0);
+    daemon.stop();
+    let daemon = setup.boot();
+    assert_eq!(setup.vdc(&["markBootAttempt"]).0, 0);
+    // Message first, retry second (vdc's argument bug fixed).
+    assert_eq!(setup.vdc(&["abortChanges", "abort-staged-install", "0"]).0, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !marker.exists() {
+        assert!(Instant::now() < deadline, "the reboot command did not run");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let written = std::fs::read_to_string(&marker).expect("marker");
+    assert_eq!(written.trim(), "abort-staged-install");
+    // Without retry the budget is spent: the next boot rolls back.
+    assert_eq!(setup.vdc(&["needsRollback"]).0, 1);
+    daemon.stop();
+}
+
+#[test]
+fn bad_input_is_refused_with_clear_errors_and_no_state_change() {
+    let setup = Setup::new(TEST_BACKEND);
+    let daemon = setup.boot();
+    let before = setup.status_json();
+
+    let (code, err) = setup.vdc(&["startCheckpoint", "-2"]);
+    assert_eq!(code, 25, "{err}");
+    assert!(err.contains("Retry count must be more than -1"), "{err}");
+
+    for (path, message) in [
+        ("dev/vdb", "is relative"),
+        ("/dev/../etc/passwd", "is shady"),
+        ("/dev/block/..", "is shady"),
+        ("", "Missing path"),
+    ] {
+        let (code, err) = setup.vdc(&["restoreCheckpoint", path]);
+        assert_eq!(code, 25, "{path}: {err}");
+        assert!(err.contains(message), "{path}: {err}");
+    }
+    let service = setup.client().expect("client");
+    let err = service.restoreCheckpoint("/dev/x\n").unwrap_err();
+    assert_eq!(err.exception_code(), ExceptionCode::IllegalArgument);
+    assert_eq!(err.message(), Some("Path /dev/x\n is malformed"));
+    let err = service.restoreCheckpointPart("/dev/x", -1).unwrap_err();
+    assert_eq!(err.service_specific_error(), codes::EINVAL);
+
+    // Unknown and ill-sized commands, bad integers: vdc's exit codes, nothing sent.
+    for args in
+        [&["isCheckpointing"][..], &["frobnicate"], &["startCheckpoint"], &["startCheckpoint", "x"]]
+    {
+        let (code, _) = setup.vdc(args);
+        assert_eq!(code, 22, "{args:?}");
+    }
+    let (code, err) = setup.vdc(&["frobnicate"]);
+    assert_eq!(code, 22);
+    assert!(err.contains("Raw commands are no longer supported"), "{err}");
+    assert_eq!(setup.vdc(&[]).0, 5);
+
+    let after = setup.status_json();
+    assert_eq!(before, after, "bad input changed the state");
+    let history = service.getHistory(0).expect("history");
+    assert!(history.iter().all(|e| e.kind != HistoryEventKind::CHECKPOINT_STARTED), "{history:?}");
+    daemon.stop();
+}
+
+#[test]
+fn callers_outside_the_allowed_uids_may_query_but_not_change_state() {
+    // Root itself excluded from the change list: the check is on the peer credentials.
+    let setup = Setup::new(&format!("{TEST_BACKEND}[access]\nchange_uids = [1000]\n"));
+    let daemon = setup.boot();
+    assert_eq!(setup.vdc(&["supportsCheckpoint"]).0, 1, "queries are allowed");
+    assert_eq!(setup.vdc(&["needsRollback"]).0, 0);
+    let (code, err) = setup.vdc(&["startCheckpoint", "2"]);
+    assert_eq!(code, 25);
+    assert!(err.contains("is not allowed to call startCheckpoint"), "{err}");
+    let service = setup.client().expect("client");
+    let err = service.markBootAttempt().unwrap_err();
+    assert_eq!(err.exception_code(), ExceptionCode::Security);
+    assert_eq!(setup.status_json()["state"], "none");
+    daemon.stop();
+}
+
+#[test]
+fn an_unprivileged_uid_is_refused_state_changes() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test switches the client to another UID and needs root"
+    );
+    let setup = Setup::new(TEST_BACKEND);
+    // Let the other UID reach the socket inside the temp dir.
+    std::fs::set_permissions(setup.dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    let daemon = setup.boot();
+    let as_nobody = |args: &[&str]| {
+        let out = Command::new(checkpointctl())
+            .arg("--socket")
+            .arg(setup.socket())
+            .args(args)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .expect("run checkpointctl as nobody");
+        (out.status.code().expect("code"), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    assert_eq!(as_nobody(&["checkpoint", "supportsCheckpoint"]).0, 1);
+    assert_eq!(as_nobody(&["checkpoint", "needsRollback"]).0, 0);
+    assert_eq!(as_nobody(&["status"]).0, 0);
+    for method in [
+        &["startCheckpoint", "2"][..],
+        &["markBootAttempt"],
+        &["commitChanges"],
+        &["needsCheckpoint"],
+    ] {
+        let mut args = vec!["checkpoint"];
+        args.extend_from_slice(method);
+        let (code, err) = as_nobody(&args);
+        assert_eq!(code, 25, "{method:?}: {err}");
+        assert!(err.contains("UID 65534 is not allowed"), "{method:?}: {err}");
+    }
+    assert_eq!(setup.status_json()["state"], "none");
+    // Root (allowed by default) still can.
+    assert_eq!(setup.vdc(&["startCheckpoint", "2"]).0, 0);
+    daemon.stop();
+}
+
+#[test]
+fn garbage_config_is_refused_naming_the_key() {
+    let setup = Setup::new("");
+    std::fs::write(setup.config(), "metadata_dir = \"/tmp/x\"\n[policy]\ndefault_rety = 3\n")
+        .expect("config");
+    let err = setup.start_fails();
+    assert!(err.contains("default_rety"), "{err}");
+    std::fs::write(setup.config(), "[policy]\ndefault_retry = -7\n[binder]\nenabled = false\n")
+        .expect("config");
+    let err = setup.start_fails();
+    assert!(err.contains("`policy.default_retry`"), "{err}");
+    std::fs::write(setup.config(), "this is not toml").expect("config");
+    let err = setup.start_fails();
+    assert!(err.contains("invalid config file"), "{err}");
+}
+
+#[test]
+fn corrupt_store_is_refused_and_left_untouched() {
+    let setup = Setup::new(TEST_BACKEND);
+    std::fs::create_dir_all(setup.metadata()).expect("mkdir");
+    let db = setup.metadata().join(policy::Store::FILE_NAME);
+    let garbage =
+        b"this is not an SQLite database, it is garbage left by a broken write".repeat(100);
+    std::fs::write(&db, &garbage).expect("write garbage");
+    let err = setup.start_fails();
+    assert!(err.contains("corrupt"), "{err}");
+    assert!(err.contains(&db.display().to_string()), "{err}");
+    assert_eq!(std::fs::read(&db).expect("db"), garbage, "the store was modified");
+}
+
+#[test]
+fn store_from_a_future_schema_is_refused() {
+    let setup = Setup::new(TEST_BACKEND);
+    // A first run creates a valid store; then a "newer checkpointd" bumps its schema.
+    setup.boot().stop();
+    let db = setup.metadata().join(policy::Store::FILE_NAME);
+    {
+        let conn = rusqlite::Connection::open(&db).expect("open store");
+        conn.pragma_update(None, "user_version", policy::SCHEMA_VERSION + 1).expect("bump");
+    }
+    let err = setup.start_fails();
+    assert!(err.contains("newer than"), "{err}");
+    assert!(err.contains(&format!("schema version {}", policy::SCHEMA_VERSION + 1)), "{err}");
+}
