@@ -11,6 +11,7 @@ pub mod crc;
 pub mod device;
 pub mod dryrun;
 pub mod format;
+pub mod inspect;
 pub mod model;
 pub mod restore;
 pub mod units;

@@ -30,6 +30,7 @@ use crate::device::{BlockDevice, DeviceError};
 use crate::format::{FormatError, LogHeader, LogSector, Magic};
 use crate::units::{BlockSize, Sectors};
 
+pub(crate) use plan::build as build_plan;
 pub use plan::{ApplyMode, BlockCopy, RestorePlan};
 pub use validate::{validate, walk, CrcStatus, Walk, WalkedSector};
 

@@ -86,7 +86,7 @@ impl RestorePlan {
 }
 
 /// Builds the plan from a completed walk.
-pub(super) fn build(walk: &Walk) -> RestorePlan {
+pub(crate) fn build(walk: &Walk) -> RestorePlan {
     let mut copies = Vec::new();
     let mut block0_source = 0;
     for run in walk.map.moved_runs() {
