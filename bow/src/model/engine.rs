@@ -284,7 +284,20 @@ pub struct BowModel<D: BlockDevice> {
     warnings: Vec<KernelWarning>,
 }
 
-type PieceResult = Result<Piece, (BlkStatus, &'static str)>;
+/// Why an internal step failed: a status the kernel completes the bio with, or the device.
+#[derive(Debug)]
+enum Fail {
+    Status(BlkStatus, &'static str),
+    Device(DeviceError),
+}
+
+impl From<DeviceError> for Fail {
+    fn from(e: DeviceError) -> Fail {
+        Fail::Device(e)
+    }
+}
+
+type PieceResult = Result<Piece, Fail>;
 
 impl<D: BlockDevice> BowModel<D> {
     /// The constructor: a target covering the whole device (its size rounded down to whole
@@ -483,7 +496,8 @@ impl<D: BlockDevice> BowModel<D> {
                     cur += piece.sectors;
                     pieces.push(piece);
                 }
-                Err((status, reason)) => {
+                Err(Fail::Device(e)) => return Err(EngineError::Device(e)),
+                Err(Fail::Status(status, reason)) => {
                     return Err(EngineError::Bio {
                         sector: cur,
                         status,
@@ -502,8 +516,10 @@ impl<D: BlockDevice> BowModel<D> {
                 Ok(Piece { sector: cur, sectors: clip, action: PieceAction::AlreadyChanged })
             }
             RangeType::Trimmed => {
-                let (piece, len) =
-                    self.ranges.split(id, cur, clip).ok_or((BlkStatus::IoError, "split"))?;
+                let (piece, len) = self
+                    .ranges
+                    .split(id, cur, clip)
+                    .ok_or(Fail::Status(BlkStatus::IoError, "split"))?;
                 self.set_type(piece, RangeType::Changed);
                 Ok(Piece { sector: cur, sectors: len, action: PieceAction::FreeClaimed })
             }
@@ -513,7 +529,7 @@ impl<D: BlockDevice> BowModel<D> {
             RangeType::Sector0Current => self.prepare_unchanged_range(id, cur, clip, false),
             kind @ (RangeType::Sector0 | RangeType::Top | RangeType::Invalid) => {
                 self.warnings.push(KernelWarning::WriteToIllegalRange { sector: cur, kind });
-                Err((BlkStatus::IoError, "write to a SECTOR0, TOP or INVALID range"))
+                Err(Fail::Status(BlkStatus::IoError, "write to a SECTOR0, TOP or INVALID range"))
             }
         }
     }
@@ -527,25 +543,28 @@ impl<D: BlockDevice> BowModel<D> {
         record_checksum: bool,
     ) -> PieceResult {
         let was = self.ranges.kind(br);
-        let free =
-            self.ranges.free_head().ok_or((BlkStatus::NoSpace, "no free space to back up to"))?;
+        let free = self
+            .ranges
+            .free_head()
+            .ok_or(Fail::Status(BlkStatus::NoSpace, "no free space to back up to"))?;
         let free_start = self.ranges.sector(free);
         let want = self.ranges.size(free).min(clip);
-        let (backup, blen) =
-            self.ranges.split(free, free_start, want).ok_or((BlkStatus::IoError, "split"))?;
-        let (br, plen) = self.ranges.split(br, cur, blen).ok_or((BlkStatus::IoError, "split"))?;
+        let (backup, blen) = self
+            .ranges
+            .split(free, free_start, want)
+            .ok_or(Fail::Status(BlkStatus::IoError, "split"))?;
+        let (br, plen) =
+            self.ranges.split(br, cur, blen).ok_or(Fail::Status(BlkStatus::IoError, "split"))?;
         if plen != blen {
-            return Err((BlkStatus::IoError, "backup and source sizes differ"));
+            return Err(Fail::Status(BlkStatus::IoError, "backup and source sizes differ"));
         }
         let src = self.ranges.sector(br);
         let dst = self.ranges.sector(backup);
         let blocks = plen / self.bss;
         let seed = record_checksum.then_some(src / self.bss);
-        let checksum = self
-            .io
-            .copy_blocks(src / self.bss, dst / self.bss, blocks, seed)
-            .map_err(|_| (BlkStatus::IoError, "copy failed"))?;
-        let size = u32::try_from(plen * SECTOR_SIZE).map_err(|_| (BlkStatus::IoError, "size"))?;
+        let checksum = self.io.copy_blocks(src / self.bss, dst / self.bss, blocks, seed)?;
+        let size = u32::try_from(plen * SECTOR_SIZE)
+            .map_err(|_| Fail::Status(BlkStatus::IoError, "piece larger than a bio"))?;
         // The kernel reads the type after the split: a piece carved from inside a range is a
         // fresh INVALID node, so on a log failure the piece is left INVALID (reproduced).
         let original = self.ranges.kind(br);
@@ -591,7 +610,7 @@ impl<D: BlockDevice> BowModel<D> {
     // ---- the log ----
 
     /// `add_log_entry`; returns whether a rollover happened first.
-    fn add_log_entry(&mut self, entry: LogEntry) -> Result<bool, (BlkStatus, &'static str)> {
+    fn add_log_entry(&mut self, entry: LogEntry) -> Result<bool, Fail> {
         let needed = usize::from(HEADER_SIZE_V1_0) + ENTRY_SIZE * (self.header.count as usize + 1);
         let mut rolled = false;
         if needed > self.bs.as_usize() {
@@ -602,33 +621,34 @@ impl<D: BlockDevice> BowModel<D> {
         Ok(rolled)
     }
 
-    fn append_entry(&mut self, entry: LogEntry) -> Result<(), (BlkStatus, &'static str)> {
+    fn append_entry(&mut self, entry: LogEntry) -> Result<(), Fail> {
         let index = self.header.count;
         write_entry(&mut self.log, HEADER_SIZE_V1_0, index, &entry);
         self.header.count += 1;
         self.header.encode_into(&mut self.log);
         self.history.push(LoggedEntry { sequence: self.header.sequence, index, entry });
-        self.io.write_log(&self.log).map_err(|_| (BlkStatus::IoError, "log write failed"))
+        Ok(self.io.write_log(&self.log)?)
     }
 
     /// `backup_log_sector`: save block 0 in a free block, start the next log sector with it.
-    fn backup_log_sector(&mut self) -> Result<(), (BlkStatus, &'static str)> {
-        let first = self.ranges.first().ok_or((BlkStatus::IoError, "no ranges"))?;
+    fn backup_log_sector(&mut self) -> Result<(), Fail> {
+        let first = self.ranges.first().ok_or(Fail::Status(BlkStatus::IoError, "no ranges"))?;
         if self.ranges.kind(first) != RangeType::Sector0 || self.ranges.size(first) != self.bss {
-            return Err((BlkStatus::IoError, "first range is not a one-block SECTOR0"));
+            return Err(Fail::Status(BlkStatus::IoError, "first range is not a one-block SECTOR0"));
         }
-        let free =
-            self.ranges.free_head().ok_or((BlkStatus::NoSpace, "no free block for the log"))?;
+        let free = self
+            .ranges
+            .free_head()
+            .ok_or(Fail::Status(BlkStatus::NoSpace, "no free block for the log"))?;
         let start = self.ranges.sector(free);
-        let (l, len) =
-            self.ranges.split(free, start, self.bss).ok_or((BlkStatus::IoError, "split"))?;
+        let (l, len) = self
+            .ranges
+            .split(free, start, self.bss)
+            .ok_or(Fail::Status(BlkStatus::IoError, "split"))?;
         if len != self.bss {
-            return Err((BlkStatus::IoError, "free range smaller than a block"));
+            return Err(Fail::Status(BlkStatus::IoError, "free range smaller than a block"));
         }
-        let checksum = self
-            .io
-            .copy_blocks(0, start / self.bss, 1, Some(0))
-            .map_err(|_| (BlkStatus::IoError, "copy failed"))?;
+        let checksum = self.io.copy_blocks(0, start / self.bss, 1, Some(0))?;
         self.header.count = 0;
         self.header.sequence = self.header.sequence.wrapping_add(1);
         self.append_entry(LogEntry {
@@ -642,33 +662,30 @@ impl<D: BlockDevice> BowModel<D> {
     }
 
     /// `prepare_log` (K66: SECTOR0_CURRENT through `set_type`).
-    fn prepare_log(&mut self) -> Result<StateChange, (BlkStatus, &'static str)> {
-        let first = self.ranges.first().ok_or((BlkStatus::IoError, "no ranges"))?;
+    fn prepare_log(&mut self) -> Result<StateChange, Fail> {
+        let first = self.ranges.first().ok_or(Fail::Status(BlkStatus::IoError, "no ranges"))?;
         if self.ranges.kind(first) != RangeType::Unchanged {
-            return Err((BlkStatus::IoError, "first range is not UNCHANGED"));
+            return Err(Fail::Status(BlkStatus::IoError, "first range is not UNCHANGED"));
         }
         if self.ranges.size(first) < self.bss {
-            return Err((BlkStatus::IoError, "first range smaller than a block"));
+            return Err(Fail::Status(BlkStatus::IoError, "first range smaller than a block"));
         }
-        let (first, _) =
-            self.ranges.split(first, 0, self.bss).ok_or((BlkStatus::IoError, "split"))?;
+        let (first, _) = self
+            .ranges
+            .split(first, 0, self.bss)
+            .ok_or(Fail::Status(BlkStatus::IoError, "split"))?;
         self.ranges.set_kind_raw(first, RangeType::Sector0);
         if self.ranges.size(first) != self.bss {
-            return Err((BlkStatus::IoError, "SECTOR0 is not one block"));
+            return Err(Fail::Status(BlkStatus::IoError, "SECTOR0 is not one block"));
         }
         let sector0 = self.carve_free_block()?;
-        self.io
-            .copy_blocks(0, sector0 / self.bss, 1, None)
-            .map_err(|_| (BlkStatus::IoError, "copy"))?;
+        self.io.copy_blocks(0, sector0 / self.bss, 1, None)?;
         self.header.sector0 = Sectors(sector0);
         if let Some(id) = self.ranges.find(sector0) {
             self.set_type(id, RangeType::Sector0Current);
         }
         let backup = self.carve_free_block()?;
-        let checksum = self
-            .io
-            .copy_blocks(0, backup / self.bss, 1, Some(0))
-            .map_err(|_| (BlkStatus::IoError, "copy"))?;
+        let checksum = self.io.copy_blocks(0, backup / self.bss, 1, Some(0))?;
         self.header = LogHeader::new(self.bs, 0, Sectors(sector0));
         self.append_entry(LogEntry {
             source: Sectors(0),
@@ -683,26 +700,33 @@ impl<D: BlockDevice> BowModel<D> {
     }
 
     /// Carves one block from the start of the head free range; returns its sector.
-    fn carve_free_block(&mut self) -> Result<u64, (BlkStatus, &'static str)> {
-        let free = self.ranges.free_head().ok_or((BlkStatus::NoSpace, "no free block"))?;
+    fn carve_free_block(&mut self) -> Result<u64, Fail> {
+        let free =
+            self.ranges.free_head().ok_or(Fail::Status(BlkStatus::NoSpace, "no free block"))?;
         let start = self.ranges.sector(free);
-        let (id, _) =
-            self.ranges.split(free, start, self.bss).ok_or((BlkStatus::IoError, "split"))?;
+        let (id, _) = self
+            .ranges
+            .split(free, start, self.bss)
+            .ok_or(Fail::Status(BlkStatus::IoError, "split"))?;
         Ok(self.ranges.sector(id))
     }
 
     /// The commit copy: SECTOR0_CURRENT (the whole range holding `sector0`) onto block 0.
-    fn commit(&mut self) -> Result<StateChange, (BlkStatus, &'static str)> {
-        let cur = self.ranges.find(self.header.sector0.0).ok_or((BlkStatus::IoError, "sector0"))?;
-        let first = self.ranges.first().ok_or((BlkStatus::IoError, "no ranges"))?;
+    fn commit(&mut self) -> Result<StateChange, Fail> {
+        let cur = self
+            .ranges
+            .find(self.header.sector0.0)
+            .ok_or(Fail::Status(BlkStatus::IoError, "sector0"))?;
+        let first = self.ranges.first().ok_or(Fail::Status(BlkStatus::IoError, "no ranges"))?;
         let size = self.ranges.size(cur);
         if size != self.ranges.size(first) {
-            return Err((BlkStatus::IoError, "SECTOR0_CURRENT and SECTOR0 sizes differ"));
+            return Err(Fail::Status(
+                BlkStatus::IoError,
+                "SECTOR0_CURRENT and SECTOR0 sizes differ",
+            ));
         }
         let from = self.ranges.sector(cur);
-        self.io
-            .copy_blocks(from / self.bss, 0, size / self.bss, None)
-            .map_err(|_| (BlkStatus::IoError, "copy"))?;
+        self.io.copy_blocks(from / self.bss, 0, size / self.bss, None)?;
         Ok(StateChange::Committed { from: Sectors(from) })
     }
 
@@ -789,14 +813,19 @@ impl<D: BlockDevice> BowEngine for BowModel<D> {
         let done = match to {
             BowState::Checkpoint => self.prepare_log(),
             BowState::Committed => self.commit(),
-            BowState::Trim => Err((BlkStatus::IoError, "unreachable: TRIM is never next")),
+            BowState::Trim => {
+                Err(Fail::Status(BlkStatus::IoError, "unreachable: TRIM is never next"))
+            }
         };
         match done {
             Ok(change) => {
                 self.state = to;
                 Ok(change)
             }
-            Err((status, reason)) => Err(EngineError::StateChangeFailed { to, status, reason }),
+            Err(Fail::Status(status, reason)) => {
+                Err(EngineError::StateChangeFailed { to, status, reason })
+            }
+            Err(Fail::Device(e)) => Err(EngineError::Device(e)),
         }
     }
 
@@ -875,5 +904,78 @@ impl<D: BlockDevice> BowEngine for BowModel<D> {
     fn flush(&mut self) -> Result<(), EngineError> {
         self.io.flush()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::MemDevice;
+    use crate::model::SizeOnlyDevice;
+
+    fn model(blocks: usize) -> BowModel<MemDevice> {
+        BowModel::new(MemDevice::new(blocks * 4096), ModelConfig::new(BlockSize::B4096))
+    }
+
+    #[test]
+    fn only_the_next_state_is_accepted() {
+        let mut m = model(16);
+        m.discard(Sectors(64), 8 * 4096).unwrap();
+        for to in [BowState::Trim, BowState::Committed] {
+            let e = m.set_state(to).unwrap_err();
+            assert!(matches!(e, EngineError::InvalidStateChange { from: BowState::Trim, .. }));
+            assert_eq!(e.kind(), EngineErrorKind::Invalid);
+        }
+        m.set_state(BowState::Checkpoint).unwrap();
+        for to in [BowState::Trim, BowState::Checkpoint] {
+            assert!(matches!(m.set_state(to), Err(EngineError::InvalidStateChange { .. })));
+        }
+        m.set_state(BowState::Committed).unwrap();
+        for to in [BowState::Trim, BowState::Checkpoint, BowState::Committed] {
+            assert!(matches!(m.set_state(to), Err(EngineError::InvalidStateChange { .. })));
+        }
+        assert_eq!(m.state(), BowState::Committed);
+        assert_eq!(BowState::from_value(3), None);
+    }
+
+    #[test]
+    fn misaligned_and_out_of_range_io_is_rejected() {
+        let mut m = model(4);
+        assert!(matches!(m.write(Sectors(1), &[0; 4096]), Err(EngineError::Misaligned { .. })));
+        assert!(matches!(m.write(Sectors(0), &[0; 512]), Err(EngineError::Misaligned { .. })));
+        assert!(matches!(m.write(Sectors(32), &[0; 4096]), Err(EngineError::OutOfRange { .. })));
+        assert!(matches!(m.discard(Sectors(24), 8192), Err(EngineError::OutOfRange { .. })));
+        let mut buf = [0u8; 4096];
+        assert!(matches!(
+            m.read(Sectors(u64::MAX - 7), &mut buf),
+            Err(EngineError::OutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn committed_passes_through_and_discards_need_device_support() {
+        let cfg = ModelConfig { forward_trims: false, ..ModelConfig::new(BlockSize::B4096) };
+        let mut m = BowModel::new(MemDevice::new(16 * 4096), cfg);
+        m.discard(Sectors(64), 8 * 4096).unwrap();
+        m.set_state(BowState::Checkpoint).unwrap();
+        let e = m.discard(Sectors(0), 4096).unwrap_err();
+        assert_eq!(e.kind(), EngineErrorKind::NotSupported);
+        // A longer discard in CHECKPOINT is forwarded regardless (the worker submits it).
+        assert!(matches!(m.discard(Sectors(8), 4096), Ok(DiscardAction::Forwarded { .. })));
+        m.set_state(BowState::Committed).unwrap();
+        assert_eq!(m.write(Sectors(8), &[3; 4096]).unwrap(), WriteAction::PassedThrough);
+        assert_eq!(m.discard(Sectors(8), 4096).unwrap_err().kind(), EngineErrorKind::NotSupported);
+        let mut buf = [0u8; 4096];
+        assert_eq!(m.read(Sectors(0), &mut buf).unwrap(), ReadAction::Direct);
+    }
+
+    #[test]
+    fn device_errors_are_reported_as_such() {
+        let mut m =
+            BowModel::new(SizeOnlyDevice::new(16 * 4096), ModelConfig::new(BlockSize::B4096));
+        m.discard(Sectors(64), 8 * 4096).unwrap();
+        assert!(matches!(m.set_state(BowState::Checkpoint), Err(EngineError::Device(_))));
+        assert_eq!(m.state(), BowState::Trim);
+        assert!(matches!(m.write_extent(Sectors(8), 4096), Err(EngineError::WrongDataMode(_))));
     }
 }
