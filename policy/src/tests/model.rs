@@ -15,8 +15,8 @@ use proptest::prelude::*;
 use super::fakes::{temp_dir, FakeBackend, FakeControl};
 use crate::{
     AbortOutcome, BackendKind, BackendState, BootControl, BootControlError, Budget, Checkpointer,
-    CommitOutcome, FileBootControl, MarkOutcome, NoBootControl, PolicyOptions, RollbackAction,
-    StartOutcome, State, Store,
+    CommitOutcome, FileBootControl, MarkOutcome, NoBootControl, PolicyOptions, RestoreOutcome,
+    RestoreRecord, RollbackAction, StartOutcome, State, Store,
 };
 
 const SUFFIXES: [&str; 2] = ["_a", "_b"];
@@ -130,7 +130,8 @@ struct Model {
     checkpointing: bool,
     rollback_seen: bool,
     prepared: bool,
-    // Backend environment.
+    // Backend environment: armed survives a daemon restart within the boot.
+    backend_armed: bool,
     fail_prepare: bool,
     fail_commit: bool,
     backend_commits: u32,
@@ -148,17 +149,24 @@ impl Model {
             checkpointing: false,
             rollback_seen: false,
             prepared: false,
+            backend_armed: false,
             fail_prepare: false,
             fail_commit: false,
             backend_commits: 0,
         }
     }
 
-    fn boot(&mut self) {
+    /// A new daemon process within the same boot.
+    fn restart(&mut self) {
         self.latch = false;
         self.checkpointing = false;
         self.rollback_seen = false;
         self.prepared = false;
+    }
+
+    fn boot(&mut self) {
+        self.restart();
+        self.backend_armed = false;
         if self.cfg.bootctl {
             self.env.power_on();
         }
@@ -248,12 +256,14 @@ impl Model {
         if self.checkpointing && self.cfg.backend.is_some() && !self.prepared && !self.fail_prepare
         {
             self.prepared = true;
+            self.backend_armed = true;
         }
     }
 
     fn commit(&mut self) -> Result<CommitOutcome, i32> {
         if !self.checkpointing {
-            if self.latch && matches!(&self.row, Some(r) if r.budget == MBudget::Spent) {
+            let spent = matches!(&self.row, Some(r) if r.budget == MBudget::Spent);
+            if spent && self.latch && !self.backend_armed {
                 self.row = None;
                 self.rollback_seen = true;
                 return Ok(CommitOutcome::RollbackAcknowledged);
@@ -270,12 +280,15 @@ impl Model {
         let mut committed = Vec::new();
         let mut skipped = Vec::new();
         match self.cfg.backend {
-            Some(BackendKind::Block) if !self.prepared => skipped.push(BACKEND.to_string()),
+            Some(BackendKind::Block) if !self.prepared && !self.backend_armed => {
+                skipped.push(BACKEND.to_string())
+            }
             Some(_) => {
                 if self.fail_commit {
                     return Err(22);
                 }
                 self.backend_commits += 1;
+                self.backend_armed = false;
                 committed.push(BACKEND.to_string());
             }
             None => {}
@@ -368,6 +381,11 @@ impl World {
             }
         }
         *self.control.state.lock().unwrap() = BackendState::Idle;
+        self.open();
+    }
+
+    fn open(&mut self) {
+        let path = bootctl_path(self.dir.path());
         let boot: Box<dyn BootControl> = if self.cfg.bootctl {
             Box::new(FileBootControl::open(&path).unwrap())
         } else {
@@ -388,6 +406,12 @@ impl World {
         };
         let store = Store::open(&self.dir.path().join("state")).unwrap();
         self.cp = Some(Checkpointer::new(store, boot, backends, options).unwrap());
+    }
+
+    /// The daemon restarts within the boot: same slot, the backend keeps its state.
+    fn restart(&mut self) {
+        self.cp = None;
+        self.open();
     }
 
     /// A power cut: the files as they are on disk right now (without the clean close, which
@@ -448,6 +472,9 @@ enum Op {
     Status,
     Reboot,
     PowerCut,
+    /// The daemon process restarts within the same boot.
+    DaemonRestart,
+    RecordRestore,
     /// update_engine installed the other slot and made it active.
     SwitchToOtherSlot,
     FailPrepare(bool),
@@ -468,6 +495,8 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         2 => Just(Op::Status),
         4 => Just(Op::Reboot),
         2 => Just(Op::PowerCut),
+        1 => Just(Op::DaemonRestart),
+        1 => Just(Op::RecordRestore),
         1 => Just(Op::SwitchToOtherSlot),
         1 => any::<bool>().prop_map(Op::FailPrepare),
         1 => any::<bool>().prop_map(Op::FailCommit),
@@ -565,6 +594,18 @@ fn step(model: &mut Model, world: &mut World, op: &Op) -> Result<(), TestCaseErr
             model.boot();
             world.power_cut();
         }
+        Op::DaemonRestart => {
+            model.restart();
+            world.restart();
+        }
+        Op::RecordRestore => {
+            let record =
+                RestoreRecord { outcome: RestoreOutcome::Restored { entries: 3 }, duration_ms: 1 };
+            world.cp().record_restore("/dev/block/test", record).unwrap();
+            prop_assert_eq!(world.cp().write_transactions(), writes_before + 1);
+            let last = world.cp().status().unwrap().last_restore.unwrap();
+            prop_assert_eq!(last.outcome.as_deref(), Some("restored"));
+        }
         Op::SwitchToOtherSlot => {
             if model.cfg.bootctl {
                 let other = 1 - model.env.current;
@@ -594,7 +635,8 @@ fn step(model: &mut Model, world: &mut World, op: &Op) -> Result<(), TestCaseErr
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: 200,
+        // PROPTEST_CASES=n runs a deeper search.
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(200),
         max_shrink_iters: 2000,
         failure_persistence: None,
         ..ProptestConfig::default()
