@@ -350,10 +350,16 @@ const FSMAP_BATCH: usize = 512;
 /// kernel's continuation protocol: after each batch the last record is copied into the low key
 /// (`fmh_keys[0]`) and the call repeated, until a record has `FMR_OF_LAST` or none come back.
 pub fn getfsmap(fs: impl AsFd) -> Result<Vec<FsmapRecord>, FsError> {
+    getfsmap_batched(fs, FSMAP_BATCH)
+}
+
+/// [`getfsmap`] asking for at most `batch` (≥ 1) records per call.
+pub fn getfsmap_batched(fs: impl AsFd, batch: usize) -> Result<Vec<FsmapRecord>, FsError> {
+    let batch = batch.clamp(1, 1 << 16);
     let head = size_of::<FsmapHead>();
     let rec = size_of::<Fsmap>();
     let keys = offset_of!(FsmapHead, fmh_keys);
-    let mut words = vec![0u64; (head + FSMAP_BATCH * rec) / 8];
+    let mut words = vec![0u64; (head + batch * rec) / 8];
     // High key: all ones (everything).
     let hi = keys + rec;
     put32(&mut words, hi + offset_of!(Fsmap, fmr_device), u32::MAX);
@@ -365,7 +371,7 @@ pub fn getfsmap(fs: impl AsFd) -> Result<Vec<FsmapRecord>, FsError> {
     ] {
         put64(&mut words, hi + f, u64::MAX);
     }
-    let count = u32::try_from(FSMAP_BATCH).unwrap_or(u32::MAX);
+    let count = u32::try_from(batch).unwrap_or(u32::MAX);
     let mut out = Vec::new();
     loop {
         put32(&mut words, offset_of!(FsmapHead, fmh_count), count);
@@ -376,7 +382,7 @@ pub fn getfsmap(fs: impl AsFd) -> Result<Vec<FsmapRecord>, FsError> {
         unsafe { getfsmap_ioctl(fs.as_fd().as_raw_fd(), ptr) }.map_err(os("FS_IOC_GETFSMAP"))?;
         let n = usize::try_from(get32(&words, offset_of!(FsmapHead, fmh_entries)))
             .unwrap_or(usize::MAX);
-        if n > FSMAP_BATCH {
+        if n > batch {
             return Err(FsError::BadReply { op: "FS_IOC_GETFSMAP", what: "too many records" });
         }
         if n == 0 {
