@@ -20,6 +20,11 @@ use bow::model::{BowEngine, BowModel, BowState, BufioModel, EngineError, ModelCo
 use bow::restore::{restore, RestoreOptions, RestoreOutcome};
 use bow::units::{BlockSize, Sectors};
 
+/// Prefixes and all-but-one states per epoch, at most: larger than any epoch of these small
+/// workloads (or of their restores), so every prefix — a crash right after each write — is
+/// tried.
+const PREFIXES: usize = 256;
+
 /// One workload's run: the recorded device and what must come back.
 struct Run {
     dev: CrashDevice,
@@ -166,7 +171,8 @@ fn exercise(run: &Run, seed: u64, counts: &mut Counts, restore_crash_every: usiz
             return;
         }
         counts.epochs += 1;
-        for keep in epoch.standard_states(5, 4, seed) {
+        assert!(epoch.pending().len() <= PREFIXES, "epoch too long for every prefix");
+        for keep in epoch.standard_states(PREFIXES, 4, seed) {
             let what = format!("seed {seed} epoch {} keep {keep:?}", epoch.index);
             let crashed = epoch.image(&keep);
             // The oracle: the naive reference restore agrees.
@@ -186,7 +192,8 @@ fn exercise(run: &Run, seed: u64, counts: &mut Counts, restore_crash_every: usiz
             restore(&rdev, &serial, &mut |_| {}).unwrap_or_else(|e| panic!("{what}: {e}"));
             check_restored(run, &rdev.current(), &format!("{what} (recorded restore)"));
             rdev.for_each_epoch(|re| {
-                for rkeep in re.standard_states(4, 2, seed ^ 0xA5A5) {
+                assert!(re.pending().len() <= PREFIXES, "restore epoch too long for every prefix");
+                for rkeep in re.standard_states(PREFIXES, 2, seed ^ 0xA5A5) {
                     let rwhat = format!("{what}, restore epoch {} keep {rkeep:?}", re.index);
                     let again = restore_mem(re.image(&rkeep), &opts, &rwhat);
                     check_restored(run, &again, &rwhat);
