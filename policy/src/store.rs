@@ -658,26 +658,31 @@ impl Store {
 
     /// Up to `limit` history events, newest first.
     pub fn history(&self, limit: usize) -> Result<Vec<HistoryEvent>, StoreError> {
-        self.query_history("", limit)
+        self.query_history(None, limit)
     }
 
     /// The newest event of `kind`.
     pub fn last_event(&self, kind: HistoryKind) -> Result<Option<HistoryEvent>, StoreError> {
-        let filter = format!("WHERE event = '{}'", kind.as_str());
-        Ok(self.query_history(&filter, 1)?.into_iter().next())
+        Ok(self.query_history(Some(kind), 1)?.into_iter().next())
     }
 
-    fn query_history(&self, filter: &str, limit: usize) -> Result<Vec<HistoryEvent>, StoreError> {
+    fn query_history(
+        &self,
+        kind: Option<HistoryKind>,
+        limit: usize,
+    ) -> Result<Vec<HistoryEvent>, StoreError> {
+        const SELECT: &str = "SELECT id, at_ms, event, requested_retry, budget_left, slot, \
+                              device, outcome, message, backup_used_bytes FROM history";
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let sql = format!(
-            "SELECT id, at_ms, event, requested_retry, budget_left, slot, device, outcome,
-                    message, backup_used_bytes
-             FROM history {filter} ORDER BY id DESC LIMIT ?1"
-        );
+        let sql = match kind {
+            // Served by the index history_event.
+            Some(_) => format!("{SELECT} WHERE event = ?2 ORDER BY id DESC LIMIT ?1"),
+            None => format!("{SELECT} WHERE ?2 IS NULL ORDER BY id DESC LIMIT ?1"),
+        };
         let mut stmt =
-            self.conn.prepare(&sql).map_err(|e| sql_err(&self.path, "read history", e))?;
+            self.conn.prepare_cached(&sql).map_err(|e| sql_err(&self.path, "read history", e))?;
         let rows = stmt
-            .query_map([limit], |r| {
+            .query_map(params![limit, kind.map(HistoryKind::as_str)], |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
                     r.get::<_, i64>(1)?,
