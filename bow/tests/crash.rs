@@ -5,7 +5,7 @@
 //! writes: none, all, prefixes, all-but-one, random) are restored with `bow::restore`; every
 //! block in use at checkpoint start must come back bit for bit. A sample of those restores is
 //! itself recorded and crashed at every flush epoch (with subsets of its unflushed writes), then
-//! restored again: same result. The naive reference restore of `common` cross-checks the first
+//! restored again: same result, byte for byte with the uninterrupted restore. The naive reference restore of `common` cross-checks the first
 //! restore. Counts are printed and must reach a floor, so the test cannot silently test nothing.
 
 // Test devices are a few hundred KiB: index casts cannot truncate.
@@ -161,6 +161,10 @@ struct Counts {
     restore_crash_states: usize,
 }
 
+fn first_diff(a: &[u8], b: &[u8], bs: usize) -> Option<usize> {
+    a.chunks(bs).zip(b.chunks(bs)).position(|(x, y)| x != y)
+}
+
 fn exercise(run: &Run, seed: u64, counts: &mut Counts, restore_crash_every: usize) {
     let opts = RestoreOptions::default();
     let serial = RestoreOptions { queue_depth: 1, ..RestoreOptions::default() };
@@ -190,13 +194,19 @@ fn exercise(run: &Run, seed: u64, counts: &mut Counts, restore_crash_every: usiz
             }
             let rdev = CrashDevice::new(crashed, run.bs);
             restore(&rdev, &serial, &mut |_| {}).unwrap_or_else(|e| panic!("{what}: {e}"));
-            check_restored(run, &rdev.current(), &format!("{what} (recorded restore)"));
+            let uninterrupted = rdev.current();
+            check_restored(run, &uninterrupted, &format!("{what} (recorded restore)"));
             rdev.for_each_epoch(|re| {
                 assert!(re.pending().len() <= PREFIXES, "restore epoch too long for every prefix");
                 for rkeep in re.standard_states(PREFIXES, 2, seed ^ 0xA5A5) {
                     let rwhat = format!("{what}, restore epoch {} keep {rkeep:?}", re.index);
                     let again = restore_mem(re.image(&rkeep), &opts, &rwhat);
                     check_restored(run, &again, &rwhat);
+                    // Same result: the very bytes of the uninterrupted restore, free blocks
+                    // included.
+                    if let Some(b) = first_diff(&again, &uninterrupted, run.bs) {
+                        panic!("{rwhat}: block {b} differs from the uninterrupted restore");
+                    }
                     counts.restore_crash_states += 1;
                 }
             });
