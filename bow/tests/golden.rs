@@ -595,3 +595,29 @@ fn discards_in_trim_state_match_bowtest_discard_visible() {
     assert_eq!(m.free_bytes(), 3 * 512);
     assert!(status(&m).starts_with("Unchanged: 0\nFree: 4\nUnchanged: 5\nFree: 12\n"));
 }
+
+/// The model is generic over the device: the §9 workload on an image file leaves the same bytes
+/// as on a device in memory.
+#[test]
+fn same_bytes_on_an_image_file() {
+    use bow::device::{FileDevice, MemDevice};
+    fn run<D: BlockDevice>(dev: D) -> BowModel<D> {
+        let mut m = BowModel::new(dev, ModelConfig::new(BlockSize::B4096));
+        m.discard(Sectors(80), 368_640).unwrap();
+        m.set_state(BowState::Checkpoint).unwrap();
+        m.write(Sectors(24), &[0x5C; KIB4]).unwrap();
+        m.write(Sectors(400), &[0x50; KIB4]).unwrap();
+        m.write(Sectors(96), &[0x12; KIB4]).unwrap();
+        m.flush().unwrap();
+        m
+    }
+    let mut img = image(256, KIB4);
+    img[..KIB4].fill(0xAA);
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &img).unwrap();
+    let on_file = run(FileDevice::open(file.path()).unwrap());
+    let in_mem = run(MemDevice::from_bytes(img));
+    assert_eq!(on_file.table_status(), in_mem.table_status());
+    drop(on_file);
+    assert_eq!(std::fs::read(file.path()).unwrap(), in_mem.device().snapshot());
+}
