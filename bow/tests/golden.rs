@@ -621,3 +621,28 @@ fn same_bytes_on_an_image_file() {
     drop(on_file);
     assert_eq!(std::fs::read(file.path()).unwrap(), in_mem.device().snapshot());
 }
+
+/// The rollover boundary for 4 KiB blocks (§4.3: 169 entries per log sector).
+///
+/// Derivation: 28 + 24·169 = 4084 ≤ 4096 < 28 + 24·170, so sequence 0 holds entry 0 (block 0)
+/// and 168 backups; the 169th backup rolls over: sequence 1 = {saved sequence 0, that backup}.
+/// Blocks 1..=169 are used, blocks 170.. free; each single-block write is its own bio and so
+/// its own entry, although neighbouring backups merge into one BACKUP range.
+#[test]
+fn block_size_4096_rolls_over_after_169_entries() {
+    let blocks = 600usize;
+    let mut m = model(image(blocks, KIB4), BlockSize::B4096);
+    m.discard(Sectors(170 * 8), (blocks as u64 - 170) * 4096).unwrap();
+    m.set_state(BowState::Checkpoint).unwrap();
+    for k in 1..=168u64 {
+        m.write(Sectors(k * 8), &[1; KIB4]).unwrap();
+    }
+    let log = entries_on_disk(m.device(), KIB4);
+    assert_eq!((log.header.sequence, log.header.count), (0, 169));
+    m.write(Sectors(169 * 8), &[1; KIB4]).unwrap();
+    let log = entries_on_disk(m.device(), KIB4);
+    assert_eq!((log.header.sequence, log.header.count), (1, 2));
+    assert_eq!(log.entries[0].source, Sectors(0));
+    assert_eq!(log.entries[1].source, Sectors(169 * 8));
+    assert_eq!(m.log_sectors(), 2);
+}
