@@ -66,6 +66,9 @@ pub enum LogError {
     /// Replay was asked to stop at a mark that is not in the log.
     #[error("mark {0:?} not found")]
     MarkNotFound(String),
+    /// Replay was asked to stop at an entry past the end of the log.
+    #[error("entry {0} not in the log")]
+    EntryNotFound(u64),
 }
 
 impl LogError {
@@ -73,7 +76,7 @@ impl LogError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Self::Io(e) => ErrorKind::from_io(e),
-            Self::MarkNotFound(_) => ErrorKind::NotFound,
+            Self::MarkNotFound(_) | Self::EntryNotFound(_) => ErrorKind::NotFound,
             _ => ErrorKind::Corrupt,
         }
     }
@@ -130,6 +133,8 @@ impl LogEntry {
 #[derive(Debug)]
 pub struct LogReader<R> {
     inner: R,
+    /// Length of the log (device or file), bounding every entry.
+    len: u64,
     sup: LogSuper,
     next_offset: u64,
     next_index: u64,
@@ -161,7 +166,8 @@ impl<R: Read + Seek> LogReader<R> {
             return Err(LogError::BadSectorSize(sector_size));
         }
         let sup = LogSuper { nr_entries, sector_size };
-        Ok(Self { inner, sup, next_offset: sector_size.into(), next_index: 0 })
+        let len = inner.seek(SeekFrom::End(0))?;
+        Ok(Self { inner, len, sup, next_offset: sector_size.into(), next_index: 0 })
     }
 
     /// The super block.
@@ -200,7 +206,11 @@ impl<R: Read + Seek> LogReader<R> {
         } else {
             nr_sectors.checked_mul(s).ok_or(bad("length overflows"))?
         };
-        self.next_offset = data_offset.checked_add(data_bytes).ok_or(bad("length overflows"))?;
+        let end = data_offset.checked_add(data_bytes).ok_or(bad("length overflows"))?;
+        if end > self.len {
+            return Err(bad("extends beyond the end of the log"));
+        }
+        self.next_offset = end;
         self.next_index += 1;
         Ok(Some(LogEntry { index, sector, nr_sectors, flags: fl, data_len, mark, data_offset }))
     }
@@ -279,13 +289,24 @@ pub struct ReplayStats {
     pub entries: u64,
 }
 
-/// Replays the log onto `dev` from the start up to and including the mark `until` (or the
-/// whole log). Writes are written at `sector * sector_size`; discards are written as zeros
-/// (what a discard on a zeroing device leaves). The caller flushes `dev`.
+/// Where [`replay`] stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayUntil<'a> {
+    /// Apply the whole log.
+    End,
+    /// Stop after the mark with this label (an error if there is none).
+    Mark(&'a str),
+    /// Stop after the entry with this index (e.g. each flush point in turn).
+    Entry(u64),
+}
+
+/// Replays the log onto `dev` from the start up to `until` (inclusive). Writes are written at
+/// `sector * sector_size`; discards are written as zeros (what a discard on a zeroing device
+/// leaves). The caller flushes `dev`.
 pub fn replay<R: Read + Seek, W: Write + Seek>(
     log: &mut LogReader<R>,
     dev: &mut W,
-    until: Option<&str>,
+    until: ReplayUntil<'_>,
 ) -> Result<ReplayStats, LogError> {
     let s = u64::from(log.super_block().sector_size);
     let mut stats = ReplayStats::default();
@@ -311,15 +332,19 @@ pub fn replay<R: Read + Seek, W: Write + Seek>(
             }
             stats.applied += 1;
         }
-        if let (Some(want), Some(m)) = (until, &e.mark) {
-            if m == want {
-                return Ok(stats);
-            }
+        let stop = match until {
+            ReplayUntil::End => false,
+            ReplayUntil::Mark(want) => e.mark.as_deref() == Some(want),
+            ReplayUntil::Entry(i) => e.index == i,
+        };
+        if stop {
+            return Ok(stats);
         }
     }
     match until {
-        Some(m) => Err(LogError::MarkNotFound(m.to_owned())),
-        None => Ok(stats),
+        ReplayUntil::End => Ok(stats),
+        ReplayUntil::Mark(m) => Err(LogError::MarkNotFound(m.to_owned())),
+        ReplayUntil::Entry(i) => Err(LogError::EntryNotFound(i)),
     }
 }
 
@@ -409,7 +434,7 @@ pub(crate) mod tests {
     fn replay_stops_at_the_mark() {
         let mut r = LogReader::new(Cursor::new(sample())).unwrap();
         let mut dev = Cursor::new(vec![0x11u8; 16 * 512]);
-        let st = replay(&mut r, &mut dev, Some("one")).unwrap();
+        let st = replay(&mut r, &mut dev, ReplayUntil::Mark("one")).unwrap();
         assert_eq!(st, ReplayStats { applied: 2, entries: 4 });
         let d = dev.into_inner();
         assert_eq!(&d[8 * 512..10 * 512], &[0xaa; 1024][..]);
@@ -418,15 +443,38 @@ pub(crate) mod tests {
 
         let mut r = LogReader::new(Cursor::new(sample())).unwrap();
         let mut dev = Cursor::new(vec![0x11u8; 16 * 512]);
-        replay(&mut r, &mut dev, None).unwrap();
+        replay(&mut r, &mut dev, ReplayUntil::End).unwrap();
         let d = dev.into_inner();
         assert_eq!(&d[8 * 512..9 * 512], &[0; 512][..], "discarded");
         assert_eq!(&d[3 * 512..4 * 512], &[0xcc; 512][..]);
 
         let mut r = LogReader::new(Cursor::new(sample())).unwrap();
         let mut dev = Cursor::new(vec![0u8; 16 * 512]);
-        let e = replay(&mut r, &mut dev, Some("nope")).unwrap_err();
+        let e = replay(&mut r, &mut dev, ReplayUntil::Mark("nope")).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::NotFound);
+
+        // Stop at the flush (entry 2): both writes before it applied, nothing after.
+        let mut r = LogReader::new(Cursor::new(sample())).unwrap();
+        let mut dev = Cursor::new(vec![0u8; 16 * 512]);
+        let st = replay(&mut r, &mut dev, ReplayUntil::Entry(2)).unwrap();
+        assert_eq!(st, ReplayStats { applied: 2, entries: 3 });
+        let mut r = LogReader::new(Cursor::new(sample())).unwrap();
+        assert!(replay(&mut r, &mut dev, ReplayUntil::Entry(99)).is_err());
+    }
+
+    proptest::proptest! {
+        /// Any bytes after a valid super block: entries or an error, never a panic.
+        #[test]
+        fn reader_never_panics(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096), n in 0u64..64) {
+            let mut b = TestLogWriter::new(512).finish();
+            b[16..24].copy_from_slice(&n.to_le_bytes());
+            b.extend_from_slice(&body);
+            if let Ok(mut r) = LogReader::new(Cursor::new(b)) {
+                while let Ok(Some(e)) = r.next_entry() {
+                    let _ = r.read_data(&e);
+                }
+            }
+        }
     }
 
     #[test]

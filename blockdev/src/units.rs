@@ -268,3 +268,19 @@ mod tests {
         assert_eq!(Bytes::new(4097).to_sectors_floor(), Sectors::new(8));
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn kernel_encoding_round_trips(major in 0u64..4096, minor in 0u64..(1 << 20)) {
+            let d = DevId::new(major, minor).unwrap();
+            prop_assert!(d.to_kernel() <= u64::from(u32::MAX));
+            prop_assert_eq!(DevId::from_kernel(d.to_kernel()).unwrap(), d);
+            prop_assert_eq!(d.to_string().parse::<DevId>().unwrap(), d);
+        }
+    }
+}

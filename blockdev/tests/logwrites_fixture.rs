@@ -4,7 +4,7 @@
 
 use std::io::Cursor;
 
-use blockdev::logwrites::{self, flags, LogReader, LogSuper};
+use blockdev::logwrites::{self, flags, LogReader, LogSuper, ReplayUntil};
 
 const SAMPLE: &[u8] = include_bytes!("fixtures/logwrites-raw.bin");
 
@@ -40,7 +40,7 @@ fn captured_log_decodes_to_the_workload() {
 fn captured_log_replays_up_to_a_mark() {
     let mut r = LogReader::new(Cursor::new(SAMPLE)).unwrap();
     let mut dev = Cursor::new(vec![0u8; 1 << 20]);
-    let st = logwrites::replay(&mut r, &mut dev, Some("raw-1")).unwrap();
+    let st = logwrites::replay(&mut r, &mut dev, ReplayUntil::Mark("raw-1")).unwrap();
     assert_eq!((st.applied, st.entries), (4, 6));
     let d = dev.into_inner();
     assert_eq!(&d[3 * 65536..3 * 65536 + 4096], &pattern(3)[..]);

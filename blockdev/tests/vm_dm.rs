@@ -15,7 +15,7 @@ use blockdev::dm::target::{
 use blockdev::dm::{
     DevRef, DeviceMapper, DmError, DmName, ListedUuid, Table, TableSlot, Target, TargetLine,
 };
-use blockdev::logwrites::{self, LogReader};
+use blockdev::logwrites::{self, LogReader, ReplayUntil};
 use blockdev::loopdev::LoopOptions;
 use blockdev::names::{self, object_name, Role};
 use blockdev::{blk, DevId, ErrorKind, Sectors};
@@ -226,6 +226,9 @@ fn guest_dm_basics(_: &[String]) -> Result<(), Failed> {
     // ---- flakey: drop_writes, error_writes ----
     flakey(&dm, raw, lo.path())?;
 
+    // ---- snapshot statuses the kernel prints when the COW store fills ----
+    snapshot_full(&dm)?;
+
     // ---- remove ----
     dm.remove_device(&on.name)?;
     ensure(!node.exists(), "node removed")?;
@@ -303,6 +306,66 @@ fn flakey(dm: &DeviceMapper, raw: DevId, raw_path: &Path) -> Result<(), Failed> 
     ensure(read_direct(raw_path, 8 * MIB + 4096, 4096)? == b, "up: writes reach the device")?;
     dm.remove_device(&on.name)?;
     println!("flakey ok");
+    Ok(())
+}
+
+/// A transient snapshot whose store overflows through origin writes is "Invalid"; a `PO`
+/// snapshot overflowed by writes to itself is "Overflow".
+fn snapshot_full(dm: &DeviceMapper) -> Result<(), Failed> {
+    use blockdev::dm::target::{Persistence, SnapshotOriginParams, SnapshotParams, SnapshotStatus};
+    let (_o, origin_lo) = loop_file("full-origin.img", 8 * MIB, &LoopOptions::default())?;
+    let (_c, cow_lo) = loop_file("full-cow.img", 256 * 1024, &LoopOptions::default())?;
+    let size = Sectors::new(8 * MIB / 512);
+    let snap = object_name(Role::Snapshot, "full")?;
+    let origin = object_name(Role::Origin, "full")?;
+    let params = |persistence| SnapshotParams {
+        origin: origin_lo.dev(),
+        cow: cow_lo.dev(),
+        persistence,
+        chunk: Sectors::new(8),
+        features: vec![],
+    };
+    let status = |name: &DmName| -> Result<String, Failed> {
+        Ok(dm.status(DevRef::Name(name), TableSlot::Active)?[0].text.clone())
+    };
+
+    dm.create_device(
+        &snap.name,
+        Some(&snap.uuid),
+        &Table::single(size, Target::Snapshot(params(Persistence::Transient)))?,
+    )?;
+    let origin_table = Table::single(
+        size,
+        Target::SnapshotOrigin(SnapshotOriginParams { origin: origin_lo.dev() }),
+    )?;
+    dm.create_device(&origin.name, Some(&origin.uuid), &origin_table)?;
+    println!("transient snapshot status: {:?}", status(&snap.name)?);
+    write_direct(&dm.node_path(&origin.name), 0, &pattern(0x31, 1 << 20))?;
+    let text = status(&snap.name)?;
+    println!("transient snapshot status after 1 MiB through the origin: {text:?}");
+    ensure(text.parse::<SnapshotStatus>()? == SnapshotStatus::Invalid, "Invalid")?;
+    dm.remove_device(&origin.name)?;
+    dm.remove_device(&snap.name)?;
+
+    write_direct(cow_lo.path(), 0, &[0u8; 4096])?;
+    dm.create_device(
+        &snap.name,
+        Some(&snap.uuid),
+        &Table::single(size, Target::Snapshot(params(Persistence::PersistentOverflow)))?,
+    )?;
+    let t = dm.table(DevRef::Name(&snap.name), TableSlot::Active)?;
+    println!("PO snapshot table line: {:?}", t[0].text);
+    ensure(
+        t[0].text.parse::<SnapshotParams>()?.persistence == Persistence::PersistentOverflow,
+        "PO",
+    )?;
+    let res = common::try_write_direct(&dm.node_path(&snap.name), 0, &pattern(0x32, 1 << 20));
+    let text = status(&snap.name)?;
+    println!("PO snapshot after 1 MiB written to it: {res:?}, status {text:?}");
+    ensure(text.parse::<SnapshotStatus>()? == SnapshotStatus::Overflow, "Overflow")?;
+    dm.remove_device(&snap.name)?;
+    origin_lo.detach()?;
+    cow_lo.detach()?;
     Ok(())
 }
 
@@ -436,7 +499,7 @@ fn guest_log_writes(_: &[String]) -> Result<(), Failed> {
         .open(replay_path)?;
     replay_img.set_len(64 * MIB)?;
     let mut reader = open_log(log.path())?;
-    let stats = logwrites::replay(&mut reader, &mut replay_img, Some("fs-synced"))?;
+    let stats = logwrites::replay(&mut reader, &mut replay_img, ReplayUntil::Mark("fs-synced"))?;
     replay_img.sync_all()?;
     println!("replayed {stats:?}");
     guest::sh("mount -o loop /dev/shm/lw-replay.img /dev/shm/lw-mnt")?;
@@ -447,7 +510,7 @@ fn guest_log_writes(_: &[String]) -> Result<(), Failed> {
     ensure(!later, "a file written after the mark is not in the replay")?;
     // Replay everything: the filesystem is clean.
     let mut reader = open_log(log.path())?;
-    logwrites::replay(&mut reader, &mut replay_img, None)?;
+    logwrites::replay(&mut reader, &mut replay_img, ReplayUntil::End)?;
     replay_img.sync_all()?;
     guest::sh("e2fsck -fn /dev/shm/lw-replay.img")?;
     data.detach()?;

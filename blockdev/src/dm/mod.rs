@@ -785,7 +785,7 @@ impl DeviceMapper {
 
     /// Creates device `name` with `table`, makes it live, and makes its named node.
     ///
-    /// Create, load, resume: if the load or the resume fails the half-made device is removed
+    /// Create, load, resume, node: if any later step fails the half-made device is removed
     /// again before the error is returned, so a refused table leaves nothing behind.
     pub fn create_device(
         &self,
@@ -804,7 +804,12 @@ impl DeviceMapper {
                 return Err(e);
             }
         };
-        self.make_node(name, info.dev)?;
+        if let Err(e) = self.make_node(name, info.dev) {
+            if let Err(undo) = self.remove(name.into()) {
+                log::warn!("removing dm device {name} without a node failed: {undo}");
+            }
+            return Err(e);
+        }
         Ok(info)
     }
 

@@ -703,8 +703,56 @@ mod tests {
         s.parse().unwrap()
     }
 
-    // Strings below are what the Debian 6.1 kernel printed in the VM (see tests/vm_dm.rs, which
-    // checks these shapes against the live kernel again).
+    // Kernel strings: captured from Debian's 6.1 kernel in the virtual device (tests/vm_dm.rs
+    // and tests/vm_snapshot.rs print them and parse them live again).
+    const LINEAR_TABLE: &str = "7:0 0";
+    const SNAPSHOT_TABLE: &str = "7:0 254:1 P 8";
+    const SNAPSHOT_PO_TABLE: &str = "7:1 7:2 PO 8";
+    const SNAPSHOT_START: &str = "24/32768 16";
+    const SNAPSHOT_USED: &str = "20688/32768 96";
+    const SNAPSHOT_EMPTY_TRANSIENT: &str = "0/512 0";
+    const FLAKEY_DROP: &str = "7:0 16384 0 3600 1 drop_writes ";
+    const FLAKEY_ERROR: &str = "7:0 16384 0 3600 1 error_writes ";
+    const FLAKEY_PLAIN: &str = "7:0 16384 3600 0 0 ";
+    const LOG_WRITES_STATUS: &str = "10 58";
+
+    #[test]
+    fn captured_kernel_strings_parse() {
+        assert_eq!(
+            LINEAR_TABLE.parse::<LinearParams>().unwrap().to_string(),
+            LINEAR_TABLE,
+            "linear prints back identically"
+        );
+        let snap: SnapshotParams = SNAPSHOT_TABLE.parse().unwrap();
+        assert_eq!(snap.to_string(), SNAPSHOT_TABLE);
+        let po: SnapshotParams = SNAPSHOT_PO_TABLE.parse().unwrap();
+        assert_eq!(po.persistence, Persistence::PersistentOverflow);
+        assert_eq!(po.to_string(), SNAPSHOT_PO_TABLE);
+        let used: SnapshotStatus = SNAPSHOT_USED.parse().unwrap();
+        assert_eq!(
+            used,
+            SnapshotStatus::Active {
+                allocated: Sectors::new(20688),
+                total: Sectors::new(32768),
+                metadata: Sectors::new(96)
+            }
+        );
+        assert!(!SNAPSHOT_START.parse::<SnapshotStatus>().unwrap().merge_complete());
+        assert!(SNAPSHOT_EMPTY_TRANSIENT.parse::<SnapshotStatus>().unwrap().merge_complete());
+        let drop: FlakeyParams = FLAKEY_DROP.parse().unwrap();
+        assert_eq!(drop.features, vec![FlakeyFeature::DropWrites]);
+        assert_eq!(
+            (drop.offset, drop.up_interval, drop.down_interval),
+            (Sectors::new(16384), 0, 3600)
+        );
+        let err: FlakeyParams = FLAKEY_ERROR.parse().unwrap();
+        assert_eq!(err.features, vec![FlakeyFeature::ErrorWrites]);
+        let plain: FlakeyParams = FLAKEY_PLAIN.parse().unwrap();
+        assert!(plain.features.is_empty());
+        assert_eq!(plain.to_string(), "7:0 16384 3600 0");
+        let lw: LogWritesStatus = LOG_WRITES_STATUS.parse().unwrap();
+        assert_eq!((lw.logged_entries, lw.last_log_sector), (10, Sectors::new(58)));
+    }
 
     #[test]
     fn linear_round_trip() {
@@ -816,5 +864,83 @@ mod tests {
         );
         let again: Table = t.to_string().parse().unwrap();
         assert_eq!(again, t);
+    }
+}
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn dev() -> impl Strategy<Value = DevId> {
+        (0u64..4096, 0u64..(1 << 20)).prop_map(|(a, b)| DevId::new(a, b).unwrap())
+    }
+
+    fn target() -> impl Strategy<Value = Target> {
+        prop_oneof![
+            (dev(), any::<u32>()).prop_map(|(d, o)| Target::Linear(LinearParams {
+                device: d,
+                offset: Sectors::new(o.into())
+            })),
+            dev().prop_map(|d| Target::SnapshotOrigin(SnapshotOriginParams { origin: d })),
+            (dev(), dev(), 0..3u8, 0..8u32).prop_map(|(o, c, p, k)| {
+                let persistence = [
+                    Persistence::Persistent,
+                    Persistence::PersistentOverflow,
+                    Persistence::Transient,
+                ][usize::from(p)];
+                Target::Snapshot(SnapshotParams {
+                    origin: o,
+                    cow: c,
+                    persistence,
+                    chunk: Sectors::new(8 << k),
+                    features: vec![],
+                })
+            }),
+            (dev(), proptest::option::of(9u32..13)).prop_map(|(d, b)| Target::Bow(BowParams {
+                device: d,
+                block_size: b.map(|s| 1 << s)
+            })),
+            (dev(), dev())
+                .prop_map(|(d, l)| Target::LogWrites(LogWritesParams { device: d, log_device: l })),
+            (dev(), any::<u32>(), 0..100u32, 0..100u32, 0..3u8).prop_map(|(d, o, u, w, f)| {
+                let features = match f {
+                    0 => vec![],
+                    1 => vec![FlakeyFeature::DropWrites],
+                    _ => vec![FlakeyFeature::ErrorWrites],
+                };
+                Target::Flakey(FlakeyParams {
+                    device: d,
+                    offset: Sectors::new(o.into()),
+                    up_interval: u,
+                    down_interval: w + 1,
+                    features,
+                })
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn tables_print_and_parse_back(targets in proptest::collection::vec((1u64..1 << 30, target()), 1..6)) {
+            let mut start = 0u64;
+            let mut lines = Vec::new();
+            for (len, t) in targets {
+                lines.push(TargetLine::new(Sectors::new(start), Sectors::new(len), t));
+                start += len;
+            }
+            let table = Table::new(lines).unwrap();
+            let again: Table = table.to_string().parse().unwrap();
+            prop_assert_eq!(again, table);
+        }
+
+        #[test]
+        fn status_parsers_never_panic(s in "\\PC*") {
+            let _ = s.parse::<SnapshotStatus>();
+            let _ = s.parse::<LogWritesStatus>();
+            let _ = s.parse::<FlakeyParams>();
+            let _ = s.parse::<SnapshotParams>();
+            let _ = s.parse::<TargetLine>();
+        }
     }
 }
