@@ -6,13 +6,13 @@
 //! module reproduces the node-level behaviour, not just the set of ranges, because which node
 //! survives a split decides the order of the trimmed list and so where every later backup lands:
 //!
-//! * [`RangeMap::split`] is `split_range`: a leading part becomes a new node copied from the
+//! * `RangeMap::split` is `split_range`: a leading part becomes a new node copied from the
 //!   original (pushed on the list head if TRIMMED); a trailing part keeps the original node (and
 //!   its list position) while a new, INVALID, unlisted node becomes the carved piece.
-//! * [`RangeMap::set_type`] is `set_type`: leaving TRIMMED subtracts the node's size from
+//! * `RangeMap::set_type` is `set_type`: leaving TRIMMED subtracts the node's size from
 //!   `trims_total` and unlinks it, entering TRIMMED adds and pushes it on the head; then it merges
 //!   with the next node and with the previous node if they have the same type.
-//! * [`RangeMap::set_kind_raw`] is the kernel's direct `br->type = ...` assignments, which neither
+//! * `RangeMap::set_kind_raw` is the kernel's direct `br->type = ...` assignments, which neither
 //!   merge nor touch the list or the counter.
 //!
 //! Nodes live in a slab and the trimmed list is an intrusive doubly linked list over it, so every
