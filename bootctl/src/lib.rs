@@ -1,0 +1,1 @@
+//! A client of Android's boot control HAL (`android.hardware.boot.IBootControl`).
