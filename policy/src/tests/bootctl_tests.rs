@@ -167,3 +167,83 @@ fn no_boot_control_is_absent_everywhere() {
     assert!(matches!(bc.set_active_boot_slot(0), Err(BootControlError::NotPresent)));
     assert_eq!(BootControlError::NotPresent.kind(), ErrorKind::BootControl);
 }
+
+mod properties {
+    use std::path::Path;
+
+    use proptest::prelude::*;
+
+    use crate::{BootRecord, SlotRecord};
+
+    fn record() -> impl Strategy<Value = BootRecord> {
+        prop::collection::vec((0u8..=15, 0u8..=7, any::<bool>()), 1..6).prop_flat_map(|slots| {
+            let n = u32::try_from(slots.len()).unwrap();
+            (0..n).prop_map(move |current| BootRecord {
+                current,
+                slots: (b'a'..)
+                    .zip(&slots)
+                    .map(|(letter, &(priority, tries_left, successful))| SlotRecord {
+                        suffix: format!("_{}", char::from(letter)),
+                        priority,
+                        tries_left,
+                        successful,
+                    })
+                    .collect(),
+            })
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn valid_records_round_trip(r in record()) {
+            prop_assert_eq!(BootRecord::parse(&r.to_text(), Path::new("x")).unwrap(), r);
+        }
+
+        /// Outside bytes: any text either is refused or parses to a record that serializes
+        /// and parses back to itself (no panics, no lossy acceptance).
+        #[test]
+        fn arbitrary_text_is_refused_or_canonical(text in "(?s).{0,300}") {
+            if let Ok(r) = BootRecord::parse(&text, Path::new("x")) {
+                prop_assert_eq!(BootRecord::parse(&r.to_text(), Path::new("x")).unwrap(), r);
+            }
+        }
+
+        /// Single-byte corruptions of a valid record never panic and never yield a record
+        /// that fails to round-trip.
+        #[test]
+        fn corrupted_records_are_refused_or_canonical(
+            r in record(),
+            at in any::<prop::sample::Index>(),
+            byte in any::<u8>(),
+        ) {
+            let mut bytes = r.to_text().into_bytes();
+            let i = at.index(bytes.len());
+            bytes[i] = byte;
+            let text = String::from_utf8_lossy(&bytes);
+            if let Ok(parsed) = BootRecord::parse(&text, Path::new("x")) {
+                prop_assert_eq!(BootRecord::parse(&parsed.to_text(), Path::new("x")).unwrap(), parsed);
+            }
+        }
+
+        /// The bootloader step only ever boots a bootable slot and never adds tries.
+        #[test]
+        fn select_for_boot_picks_a_bootable_slot(mut r in record()) {
+            let before = r.clone();
+            match r.select_for_boot() {
+                Some(s) => {
+                    let i = usize::try_from(s).unwrap();
+                    prop_assert!(before.slots[i].is_bootable());
+                    prop_assert!(before.slots.iter().all(|o| !o.is_bootable()
+                        || o.priority <= before.slots[i].priority));
+                    prop_assert_eq!(r.current, s);
+                    let spent = u8::from(!before.slots[i].successful);
+                    prop_assert_eq!(r.slots[i].tries_left, before.slots[i].tries_left - spent);
+                }
+                None => {
+                    prop_assert!(before.slots.iter().all(|s| !s.is_bootable()));
+                    prop_assert_eq!(r, before);
+                }
+            }
+        }
+    }
+}
