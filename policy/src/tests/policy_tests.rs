@@ -748,3 +748,26 @@ fn checkpointer_is_send_and_sync() {
     assert_send_sync::<Checkpointer>();
     assert_send::<Store>(); // moved into the Checkpointer, which owns it behind its mutex
 }
+
+#[test]
+fn concurrent_commits_commit_once() {
+    // b/138952436: two concurrent commits made the second bow-state write fail.
+    let rig = Rig::new(BackendKind::Block);
+    rig.boot().start_checkpoint(1).unwrap();
+    let cp = Arc::new(rig.boot());
+    assert!(cp.needs_checkpoint().unwrap());
+    cp.prepare_checkpoint().unwrap();
+    let outcomes: Vec<CommitOutcome> = (0..8)
+        .map(|_| {
+            let cp = Arc::clone(&cp);
+            std::thread::spawn(move || cp.commit_changes().unwrap())
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect();
+    let committed = outcomes.iter().filter(|o| matches!(o, CommitOutcome::Committed { .. }));
+    assert_eq!(committed.count(), 1, "{outcomes:?}");
+    assert_eq!(outcomes.iter().filter(|o| **o == CommitOutcome::NotCheckpointing).count(), 7);
+    assert_eq!(rig.control.commits(), 1);
+}
