@@ -19,7 +19,7 @@ use checkpoint_aidl::android::system::checkpoint::{
     ICheckpointListener::{BnCheckpointListener, ICheckpointListener},
 };
 use clap::{Parser, Subcommand};
-use rsbinder::{Client, Endpoint, Strong};
+use rsbinder::{Client, Strong};
 
 /// Talk to checkpointd: vdc-compatible checkpoint commands, status, history and events.
 #[derive(Debug, Parser)]
@@ -109,7 +109,7 @@ fn connect(
     let name = checkpoint_aidl::SERVICE_NAME;
     match socket {
         Some(path) => {
-            let client = Client::open_with(Endpoint::unix(path), |options, _| {
+            let client = Client::open_with(checkpoint_aidl::socket_uri(path), |options, _| {
                 if callbacks {
                     options.incoming_connections = Some(1);
                 }

@@ -74,7 +74,7 @@ pub fn serve_socket(
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(|e| error(format!("cannot create folder: {e}")))?;
     }
-    let guard = rsbinder::serve(Endpoint::unix(path))
+    let guard = rsbinder::serve(checkpoint_aidl::socket_uri(path))
         .and_then(|server| server.add(checkpoint_aidl::SERVICE_NAME, binder))
         .map_err(|e| error(format!("{e:?}")))?
         .spawn()
@@ -93,7 +93,7 @@ pub fn serve_socket(
 /// The client side: the URI of the service on kernel binder or on a socket.
 pub fn service_uri(socket: Option<&Path>) -> Uri {
     match socket {
-        Some(path) => Endpoint::unix(path).with_service(checkpoint_aidl::SERVICE_NAME),
+        Some(path) => checkpoint_aidl::socket_uri(path).with_service(checkpoint_aidl::SERVICE_NAME),
         None => Endpoint::kernel().with_service(checkpoint_aidl::SERVICE_NAME),
     }
 }

@@ -62,6 +62,14 @@ impl Setup {
         self.dir.path().join("metadata")
     }
 
+    fn log(&self) -> PathBuf {
+        self.dir.path().join("checkpointd.log")
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(self.log()).unwrap_or_default()
+    }
+
     fn socket(&self) -> PathBuf {
         self.dir.path().join("checkpointd.sock")
     }
@@ -69,27 +77,37 @@ impl Setup {
     /// Starts the daemon (one "boot") and waits until the socket answers.
     fn boot(&self) -> Daemon {
         let _ = std::fs::remove_file(self.socket());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log())
+            .expect("daemon log file");
         let child = Command::new(DAEMON)
             .arg("--config")
             .arg(self.config())
             .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
+            .stderr(Stdio::from(log))
             .spawn()
             .expect("spawn checkpointd");
         let mut daemon = Daemon { child: Some(child) };
         let deadline = Instant::now() + Duration::from_secs(20);
+        let mut last = None;
         loop {
-            if self.socket().exists() && self.client().is_ok() {
-                return daemon;
+            if self.socket().exists() {
+                match self.client() {
+                    Ok(_) => return daemon,
+                    Err(e) => last = Some(e),
+                }
             }
             if let Some(status) = daemon.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                let out = daemon.child.take().expect("child").wait_with_output().expect("output");
-                panic!(
-                    "checkpointd exited with {status}: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                daemon.child = None;
+                panic!("checkpointd exited with {status}: {}", self.log_text());
             }
-            assert!(Instant::now() < deadline, "checkpointd did not open its socket in 20 s");
+            assert!(
+                Instant::now() < deadline,
+                "checkpointd did not answer on its socket in 20 s (last error: {last:?}); log:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -130,9 +148,8 @@ impl Setup {
     }
 
     fn client(&self) -> Result<Strong<dyn ICheckpoint>, rsbinder::StatusCode> {
-        let uri =
-            rsbinder::Endpoint::unix(self.socket()).with_service(checkpoint_aidl::SERVICE_NAME);
-        rsbinder::connect::<dyn ICheckpoint>(uri)
+        let uri = checkpoint_aidl::socket_uri(&self.socket());
+        rsbinder::connect::<dyn ICheckpoint>(uri.with_service(checkpoint_aidl::SERVICE_NAME))
     }
 }
 
@@ -453,4 +470,53 @@ fn store_from_a_future_schema_is_refused() {
     let err = setup.start_fails();
     assert!(err.contains("newer than"), "{err}");
     assert!(err.contains(&format!("schema version {}", policy::SCHEMA_VERSION + 1)), "{err}");
+}
+
+/// Listener events as strings.
+struct Events(std::sync::Mutex<std::sync::mpsc::Sender<String>>);
+
+impl rsbinder::Interface for Events {}
+
+#[allow(non_snake_case, reason = "AIDL names")]
+impl checkpoint_aidl::android::system::checkpoint::ICheckpointListener::ICheckpointListener
+    for Events
+{
+    fn onStateChanged(&self, state: CheckpointState) -> rsbinder::BinderResult<()> {
+        let _ = self.0.lock().expect("lock").send(format!("state {}", state.0));
+        Ok(())
+    }
+    fn onRestoreProgress(&self, done: i64, total: i64) -> rsbinder::BinderResult<()> {
+        let _ = self.0.lock().expect("lock").send(format!("progress {done}/{total}"));
+        Ok(())
+    }
+    fn onLowSpace(&self, free: i64) -> rsbinder::BinderResult<()> {
+        let _ = self.0.lock().expect("lock").send(format!("low-space {free}"));
+        Ok(())
+    }
+}
+
+#[test]
+fn listeners_hear_state_changes_over_the_socket() {
+    use checkpoint_aidl::android::system::checkpoint::ICheckpointListener::BnCheckpointListener;
+    let setup = Setup::new(TEST_BACKEND);
+    let daemon = setup.boot();
+    let client =
+        rsbinder::Client::open_with(checkpoint_aidl::socket_uri(&setup.socket()), |o, _| {
+            o.incoming_connections = Some(1);
+        })
+        .expect("client with a callback connection");
+    let service: Strong<dyn ICheckpoint> = client
+        .try_get(checkpoint_aidl::SERVICE_NAME)
+        .expect("lookup")
+        .expect("the service is registered");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let listener = BnCheckpointListener::new_binder(Events(std::sync::Mutex::new(tx)));
+    service.registerListener(&listener).expect("register");
+    service.startCheckpoint(2).expect("start");
+    let event = rx.recv_timeout(Duration::from_secs(10)).expect("an event within 10 s");
+    assert_eq!(event, format!("state {}", CheckpointState::PENDING.0));
+    if let Some(session) = client.session() {
+        session.close_session();
+    }
+    daemon.stop();
 }
