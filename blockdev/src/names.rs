@@ -142,7 +142,7 @@ fn removal_order(devices: &[(DevId, Vec<DevId>)]) -> Vec<usize> {
 }
 
 /// Removes every device-mapper device whose uuid starts with [`UUID_PREFIX`] (and its named
-/// node), top of each stack first. Devices still in use (e.g. a mounted filesystem) fail with
+/// node), top of each stack first, after resuming any that a crash left suspended. Devices still in use (e.g. a mounted filesystem) fail with
 /// `EBUSY` and are reported, not forced.
 pub fn cleanup_stale(dm: &DeviceMapper) -> Result<CleanupReport, DmError> {
     let ours: Vec<ListedDevice> = dm
@@ -154,6 +154,17 @@ pub fn cleanup_stale(dm: &DeviceMapper) -> Result<CleanupReport, DmError> {
     for d in &ours {
         let deps = dm.deps(DevRef::Dev(d.dev), TableSlot::Active).unwrap_or_default();
         graph.push((d.dev, deps));
+    }
+    // A crash during a table swap can leave a device suspended. Removing a device flushes its
+    // I/O, which would wait forever on a suspended device below it: resume ours first.
+    for d in &ours {
+        if let Ok(info) = dm.info(DevRef::Dev(d.dev)) {
+            if info.suspended && info.active_table {
+                if let Err(e) = dm.resume(DevRef::Dev(d.dev)) {
+                    log::warn!("resuming stale dm device {}: {e}", d.name);
+                }
+            }
+        }
     }
     let mut report = CleanupReport::default();
     for i in removal_order(&graph) {

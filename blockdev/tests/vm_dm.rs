@@ -103,6 +103,8 @@ fn guest_dm_basics(_: &[String]) -> Result<(), Failed> {
         "write through dm-linear reaches the loop device",
     )?;
 
+    expect_kind(dm.create(&on.name, None), ErrorKind::Exists)?;
+
     // ---- table and status queries, active and inactive ----
     let t = dm.table(DevRef::Name(&on.name), TableSlot::Active)?;
     println!("linear table line: {:?}", t[0].text);
@@ -249,6 +251,8 @@ fn guest_dm_basics(_: &[String]) -> Result<(), Failed> {
         &Table::new(vec![linear(0, 2048, low.dev, 0)])?,
     )?;
     dm.create_device(&foreign, None, &Table::new(vec![linear(0, 2048, raw, 4096)])?)?;
+    // As after a crash in the middle of a table swap: the lower device is suspended.
+    dm.suspend(DevRef::Name(&lower.name), Default::default())?;
     let report = names::cleanup_stale(&dm)?;
     println!("cleanup_stale removed {:?}", report.removed);
     ensure(report.failed.is_empty(), format!("{:?}", report.failed))?;

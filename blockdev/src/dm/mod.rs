@@ -196,6 +196,8 @@ impl DmError {
             Self::OpenControl { source, .. } | Self::Node { source, .. } => {
                 ErrorKind::from_io(source)
             }
+            // dm_hash_insert answers a duplicate name or uuid with EBUSY.
+            Self::Kernel { op: DmOp::Create, errno: Errno::EBUSY, .. } => ErrorKind::Exists,
             Self::Kernel { errno, .. } => ErrorKind::from_errno(*errno),
             Self::TargetUnavailable { .. } => ErrorKind::Unsupported,
             Self::BadReply { .. } => ErrorKind::Corrupt,
@@ -590,7 +592,8 @@ impl DeviceMapper {
         }
     }
 
-    /// `DM_DEV_REMOVE`, retried on `EBUSY`.
+    /// `DM_DEV_REMOVE`, retried on `EBUSY` (so a device that really is in use reports `EBUSY`
+    /// after about a second).
     ///
     /// Race: the last opener of a dm device may still be releasing it when we ask (an unmounted
     /// filesystem's final block-device put, a `blkid`/udev probe started by the change event,
@@ -669,8 +672,12 @@ impl DeviceMapper {
                 b.set_flags(flags);
                 Ok(())
             })?;
+        let present = match slot {
+            TableSlot::Active => abi::DM_ACTIVE_PRESENT_FLAG,
+            TableSlot::Inactive => abi::DM_INACTIVE_PRESENT_FLAG,
+        };
         let start = buf.data_start();
-        if buf.data_size() <= start {
+        if buf.flags() & present == 0 || buf.data_size() <= start {
             return Ok(Vec::new()); // no table in that slot
         }
         let bad = |what| DmError::BadReply { op, what };
