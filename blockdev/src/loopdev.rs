@@ -138,7 +138,7 @@ impl LoopDevice {
     ///
     /// Race: between `LOOP_CTL_GET_FREE` and `LOOP_CONFIGURE` another process may bind the
     /// same free loop device; `LOOP_CONFIGURE` then fails with `EBUSY`. We ask for a new free
-    /// number and retry, at most [`ATTACH_ATTEMPTS`] times.
+    /// number and retry, at most 10 times.
     pub fn attach(backing: &File, opts: &LoopOptions) -> Result<Self, LoopError> {
         if let Some(bs) = opts.block_size {
             if !(512..=4096).contains(&bs) || !bs.is_power_of_two() {

@@ -103,6 +103,19 @@ impl Bytes {
     }
 }
 
+/// The pure `bow` crate counts sectors with its own newtype (same unit, 512 bytes).
+impl From<bow::units::Sectors> for Sectors {
+    fn from(s: bow::units::Sectors) -> Self {
+        Self(s.0)
+    }
+}
+
+impl From<Sectors> for bow::units::Sectors {
+    fn from(s: Sectors) -> Self {
+        bow::units::Sectors(s.0)
+    }
+}
+
 impl fmt::Display for Sectors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0)
@@ -257,6 +270,14 @@ mod tests {
         assert_eq!(d.to_string(), "254:17");
         assert!("254".parse::<DevId>().is_err());
         assert!("a:b".parse::<DevId>().is_err());
+    }
+
+    #[test]
+    fn bow_sectors_convert_both_ways() {
+        let b = bow::units::Sectors(42);
+        let ours: Sectors = b.into();
+        assert_eq!(ours, Sectors::new(42));
+        assert_eq!(bow::units::Sectors::from(ours), b);
     }
 
     #[test]

@@ -598,7 +598,7 @@ impl DeviceMapper {
     /// Race: the last opener of a dm device may still be releasing it when we ask (an unmounted
     /// filesystem's final block-device put, a `blkid`/udev probe started by the change event,
     /// another process closing its descriptor), so the kernel briefly reports `EBUSY` for a
-    /// device nobody uses any more. We retry a bounded number of times ([`REMOVE_ATTEMPTS`]
+    /// device nobody uses any more. We retry a bounded number of times (20
     /// × 50 ms) and then report the `EBUSY`.
     pub fn remove(&self, dev: DevRef<'_>) -> Result<(), DmError> {
         let label = dev.to_string();
