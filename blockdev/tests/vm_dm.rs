@@ -225,6 +225,30 @@ fn guest_dm_basics(_: &[String]) -> Result<(), Failed> {
     )?;
     ensure(!dm.node_path(&bad.name).exists(), "a refused table left a node behind")?;
 
+    // ---- replies larger than the first 16 KiB buffer (DM_BUFFER_FULL_FLAG, then regrow): 600
+    // specs of 40 + 16 bytes; 120 name records of 8 + 4 + 128 (aligned) + 8 bytes ----
+    let many = object_name(Role::Test, "many")?;
+    let lines: Vec<TargetLine> = (0..600u64).map(|i| linear(i * 8, 8, raw, i * 8)).collect();
+    dm.create_device(&many.name, Some(&many.uuid), &Table::new(lines)?)?;
+    let t = dm.table(DevRef::Name(&many.name), TableSlot::Active)?;
+    ensure(t.len() == 600, format!("{} of 600 targets read back", t.len()))?;
+    ensure(t[599].start == Sectors::new(4792) && t[599].text == format!("{raw} 4792"), "last")?;
+    ensure(dm.status(DevRef::Name(&many.name), TableSlot::Active)?.len() == 600, "status")?;
+    let long: Vec<DmName> = (0..120)
+        .map(|i| DmName::new(format!("cpd-grow-{i:03}-{}", "x".repeat(110))))
+        .collect::<Result<_, _>>()?;
+    for n in &long {
+        dm.create(n, None)?;
+    }
+    let listed = dm.list_devices()?;
+    ensure(long.iter().all(|n| listed.iter().any(|d| d.name == n.as_str())), "all listed")?;
+    ensure(listed.iter().any(|d| d.uuid == ListedUuid::None), "no-uuid devices say so")?;
+    println!("{} devices listed, {} targets in one table", listed.len(), t.len());
+    for n in &long {
+        dm.remove(DevRef::Name(n))?;
+    }
+    dm.remove_device(&many.name)?;
+
     // ---- flakey: drop_writes, error_writes ----
     flakey(&dm, raw, lo.path())?;
 
