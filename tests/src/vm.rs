@@ -298,7 +298,7 @@ impl Vm {
         cmd.env("PATH", std::env::join_paths(dirs).unwrap_or(path));
         cmd.arg("--run")
             .arg(&bench.kernel_image)
-            .args(["--disable-kvm", "--force-9p", "--verbose"])
+            .args(["--disable-kvm", "--force-9p", "--verbose", "--user=root"])
             .arg(format!("--memory={}M", self.memory_mib))
             .arg(format!("--cpus={}", self.cpus))
             .arg(format!("--rwdir={}", shared.display()))

@@ -127,7 +127,8 @@ fn vm(
     })
 }
 
-fn bench(name: &str, args: &[String]) -> Result<ExitCode> {
+/// `cargo metadata --no-deps` of the workspace.
+fn metadata() -> Result<serde_json::Value> {
     let out = Command::new(cargo())
         .args(["metadata", "--format-version", "1", "--no-deps"])
         .current_dir(testbench::paths::workspace_root())
@@ -136,7 +137,22 @@ fn bench(name: &str, args: &[String]) -> Result<ExitCode> {
     if !out.status.success() {
         bail!("cargo metadata failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let meta: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// Names of the workspace's packages.
+pub fn workspace_packages() -> Result<Vec<String>> {
+    let meta = metadata()?;
+    Ok(meta["packages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["name"].as_str().map(str::to_owned))
+        .collect())
+}
+
+fn bench(name: &str, args: &[String]) -> Result<ExitCode> {
+    let meta = metadata()?;
     let pkg = find_bench_package(&meta, name)?;
     setup::ensure()?;
     println!("xtask bench: cargo bench -p {pkg} --bench {name} (TESTBENCH_VM=1)");

@@ -74,7 +74,24 @@ pub fn run(fuzz: bool) -> Result<ExitCode> {
     r.phase("cargo test", |r| {
         let mut cmd = cargo_cmd(&root, &["test", "--workspace", "--no-fail-fast"]);
         cmd.env(testbench::VM_ENV, "1");
-        run_tests(r, cmd)
+        let run = run_tests(cmd)?;
+        if run.ok || run.tally != Tally::default() {
+            let ok = run.ok;
+            r.record(run, "cargo test");
+            return Ok(ok);
+        }
+        // Nothing ran: something does not compile. Test each package on its own so one broken
+        // crate does not hide the results of the others.
+        println!("\nxtask test: the workspace does not build as a whole; testing each package");
+        let mut all_ok = true;
+        for pkg in crate::workspace_packages()? {
+            let mut cmd = cargo_cmd(&root, &["test", "-p", &pkg, "--no-fail-fast"]);
+            cmd.env(testbench::VM_ENV, "1");
+            let run = run_tests(cmd)?;
+            all_ok &= run.ok;
+            r.record(run, &format!("cargo test -p {pkg}"));
+        }
+        Ok(all_ok)
     });
     if fuzz {
         fuzz_smoke(&mut r, &root)?;
@@ -106,32 +123,48 @@ pub fn run(fuzz: bool) -> Result<ExitCode> {
     })
 }
 
+/// What one `cargo test` run reported.
+#[derive(Debug, Default)]
+struct TestRun {
+    ok: bool,
+    tally: Tally,
+    skipped: Vec<(String, Option<String>)>,
+    failed: Vec<String>,
+}
+
+impl Report {
+    fn record(&mut self, run: TestRun, what: &str) {
+        self.tests.add(run.tally);
+        self.skipped.extend(run.skipped);
+        self.failed.extend(run.failed);
+        if !run.ok && run.tally.failed == 0 {
+            // A crate did not compile, or a test binary crashed without a result line.
+            self.tests.failed += 1;
+            self.failed.push(format!("[{what}: exited with an error outside any test, see above]"));
+        }
+    }
+}
+
 /// Runs `cargo test`, echoing its stdout and reading its results.
-fn run_tests(r: &mut Report, mut cmd: Command) -> Result<bool> {
+fn run_tests(mut cmd: Command) -> Result<TestRun> {
     println!("+ {}", setup::show(&cmd));
     let mut child = cmd.stdout(Stdio::piped()).spawn().context("starting cargo test")?;
     let stdout = child.stdout.take().context("no stdout")?;
-    let mut tally = Tally::default();
+    let mut run = TestRun::default();
     for line in BufReader::new(stdout).lines() {
         let line = line?;
         println!("{line}");
         if let Some(t) = summary::parse_result_line(&line) {
-            tally.add(t);
+            run.tally.add(t);
         }
         match summary::parse_test_line(&line) {
-            Some(TestLine::Ignored { name, reason }) => r.skipped.push((name, reason)),
-            Some(TestLine::Failed { name }) => r.failed.push(name),
+            Some(TestLine::Ignored { name, reason }) => run.skipped.push((name, reason)),
+            Some(TestLine::Failed { name }) => run.failed.push(name),
             None => {}
         }
     }
-    let ok = child.wait()?.success();
-    r.tests.add(tally);
-    if !ok && tally.failed == 0 {
-        // A crate did not compile, or a test binary crashed without a result line.
-        r.tests.failed += 1;
-        r.failed.push("[cargo test: exited with an error outside any test (see above)]".into());
-    }
-    Ok(ok)
+    run.ok = child.wait()?.success();
+    Ok(run)
 }
 
 /// `cargo fuzz run <target> -- -max_total_time=15` for each fuzz target, from `fuzz/`.
