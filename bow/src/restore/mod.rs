@@ -77,7 +77,7 @@ impl Default for RestoreOptions {
 /// Which step a [`Progress`] report is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum Phase {
-    /// Counting log sectors walked, out of `sequence + 1`.
+    /// Counting blocks of saved copies checked, out of all copies with a checksum.
     Validate,
     /// Counting blocks written, out of the plan's blocks (or log entries, in vold replay).
     Apply,
@@ -273,7 +273,7 @@ pub fn restore(
         return Ok(RestoreReport { header: None, outcome: RestoreOutcome::NoLog });
     };
     let report = |outcome| Ok(RestoreReport { header: Some(header), outcome });
-    let log = match validate::validate_with_progress(dev, progress) {
+    let log = match validate::validate_with_progress(dev, opts.queue_depth, progress) {
         Ok(log) => log,
         Err(RestoreError::Corrupt(reason)) => {
             let resumed = header.magic == Magic::Wob;

@@ -1,8 +1,16 @@
 //! Walking and validating the chain of log sectors (vold-checkpoint.md §5.4, first pass).
 //!
 //! From the header's sequence down to 0: read "sector 0" through the relocation map, parse it
-//! with every field check, then take its entries newest to oldest, read each saved copy through
-//! the map, check its CRC (0 = unchecked) and record the relocation. Nothing is written.
+//! with every field check, then take its entries newest to oldest, note which physical blocks
+//! hold each saved copy at that point, and record the relocation. Then check every CRC
+//! (0 = unchecked) from those blocks. Nothing is written.
+//!
+//! Which blocks a copy is read from depends only on the entries, never on the data, so the
+//! CRC checks need not be interleaved with the walk as in vold: they are done afterwards, in
+//! batches whose physical ranges are sorted, coalesced and read with several I/Os in flight
+//! (vold reads each copy on its own, newest first, i.e. backwards through the backups). The
+//! verdict is the same; when a log has several problems the one reported is the first in
+//! vold's order among checksum mismatches, else the structural one.
 //!
 //! Bounds for hostile logs: a log sector holds at most 169 entries (4 KiB blocks); the chain
 //! needs one block per sector, so `sequence + 1` may not exceed the device's blocks; every
@@ -12,6 +20,8 @@
 //! number of entries.
 
 use super::plan;
+use std::sync::Mutex;
+
 use super::relocation::{RelocationMap, Run};
 use super::{CorruptLog, Phase, Progress, RestoreError, ValidatedLog};
 use crate::crc::{seed_for, BowCrc};
@@ -19,8 +29,13 @@ use crate::device::BlockDevice;
 use crate::format::{LogHeader, LogSector, Magic};
 use crate::units::BlockSize;
 
-/// Largest read while checking a CRC.
+/// Largest single read while checking CRCs.
 const READ_CHUNK: u64 = 1 << 20;
+/// Data read per batch of CRC checks (an entry larger than this is checked on its own,
+/// streamed).
+const BATCH_BYTES: u64 = 32 << 20;
+/// Reads in flight while checking CRCs, unless the caller says otherwise.
+const DEFAULT_QUEUE_DEPTH: usize = 8;
 
 /// The checksum verdict of one entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -62,14 +77,15 @@ pub struct Walk {
 
 /// Validates the log on `dev` (see the module documentation). Writes nothing.
 pub fn validate(dev: &impl BlockDevice) -> Result<ValidatedLog, RestoreError> {
-    validate_with_progress(dev, &mut |_| {})
+    validate_with_progress(dev, DEFAULT_QUEUE_DEPTH, &mut |_| {})
 }
 
 pub(super) fn validate_with_progress(
     dev: &impl BlockDevice,
+    queue_depth: usize,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<ValidatedLog, RestoreError> {
-    let walk = walk(dev, false, progress)?;
+    let walk = walk_with(dev, false, queue_depth, progress)?;
     if let Some(error) = walk.error {
         return Err(error.into());
     }
@@ -86,10 +102,20 @@ pub(super) fn validate_with_progress(
 
 /// Walks the chain. `Err(NoLog)` without a magic; device errors are returned as errors (never
 /// treated as corruption); problems of the log end up in [`Walk::error`]. With `keep_going`
-/// a checksum mismatch is recorded and the walk continues (for inspection).
+/// every checksum is checked even after a mismatch (for inspection); without it the checks
+/// stop at the first mismatch.
 pub fn walk(
     dev: &impl BlockDevice,
     keep_going: bool,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Walk, RestoreError> {
+    walk_with(dev, keep_going, DEFAULT_QUEUE_DEPTH, progress)
+}
+
+fn walk_with(
+    dev: &impl BlockDevice,
+    keep_going: bool,
+    queue_depth: usize,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Walk, RestoreError> {
     let Some(header) = super::read_header(dev)? else {
@@ -106,25 +132,35 @@ pub fn walk(
         map: RelocationMap::new(),
         reads: Vec::new(),
     };
-    if let Err(e) = walk_chain(dev, &mut w, keep_going, progress) {
-        match e {
-            RestoreError::Corrupt(c) => {
-                // Keep the first problem (a checksum mismatch seen with `keep_going`).
-                if w.error.is_none() {
-                    w.error = Some(c);
-                }
-            }
-            other => return Err(other),
-        }
-    }
+    let mut pending = Vec::new();
+    let structural = match walk_chain(dev, &mut w, &mut pending) {
+        Ok(()) => None,
+        Err(RestoreError::Corrupt(c)) => Some(c),
+        Err(other) => return Err(other),
+    };
+    let mismatch = check_crcs(dev, &mut w, &pending, keep_going, queue_depth, progress)?;
+    w.error = mismatch.or(structural);
     Ok(w)
 }
 
+/// A CRC to check: entry `index` of walked sector `sector`, over physical `runs`.
+#[derive(Debug)]
+struct PendingCrc {
+    sector: usize,
+    index: usize,
+    sequence: u32,
+    seed: u32,
+    expected: u32,
+    runs: Vec<Run>,
+    blocks: u64,
+}
+
+/// The structural walk: log sectors through the map, field checks, bounds, relocations; the
+/// CRCs to check are collected in `pending` in vold's order.
 fn walk_chain(
     dev: &impl BlockDevice,
     w: &mut Walk,
-    keep_going: bool,
-    progress: &mut dyn FnMut(Progress),
+    pending: &mut Vec<PendingCrc>,
 ) -> Result<(), RestoreError> {
     let header = w.header;
     let bs = w.block_size;
@@ -137,10 +173,9 @@ fn walk_chain(
         return Err(CorruptLog::ChainTooLong { sequence: header.sequence, blocks }.into());
     }
     let resumed = header.magic == Magic::Wob;
-    let total_sectors = u64::from(header.sequence) + 1;
     let mut saved_blocks: u64 = 0;
     let mut buf = vec![0u8; bs.as_usize()];
-    for (done, sequence) in (0..=header.sequence).rev().enumerate() {
+    for sequence in (0..=header.sequence).rev() {
         let at = w.map.resolve(0);
         if at >= blocks {
             return Err(CorruptLog::OutOfDevice { sequence, index: 0, blocks }.into());
@@ -174,6 +209,7 @@ fn walk_chain(
         }
         let count = sector.entries.len();
         let entries = sector.entries.clone();
+        let sector_index = w.sectors.len();
         w.sectors.push(WalkedSector { block: at, sector, crc: vec![None; count] });
         for (index, e) in entries.iter().enumerate().rev() {
             let index32 = u32::try_from(index).unwrap_or(u32::MAX);
@@ -190,42 +226,29 @@ fn walk_chain(
             if saved_blocks > blocks {
                 return Err(CorruptLog::TooManyBlocks { blocks }.into());
             }
-            let status = if e.checksum == 0 {
-                CrcStatus::Unchecked
+            if e.checksum == 0 {
+                if let Some(slot) = w.sectors[sector_index].crc.get_mut(index) {
+                    *slot = Some(CrcStatus::Unchecked);
+                }
             } else {
-                let computed = crc_through_map(dev, &w.map, &mut w.reads, bs, source, dest, n)?;
-                if computed == e.checksum {
-                    CrcStatus::Ok
-                } else {
-                    CrcStatus::Mismatch { computed }
-                }
-            };
-            if let Some(slot) = w.sectors.last_mut().and_then(|s| s.crc.get_mut(index)) {
-                *slot = Some(status);
-            }
-            if let CrcStatus::Mismatch { computed } = status {
-                let error = CorruptLog::Checksum {
+                let runs = w.map.runs(dest, n);
+                w.reads.extend_from_slice(&runs);
+                pending.push(PendingCrc {
+                    sector: sector_index,
+                    index,
                     sequence,
-                    index: index32,
+                    seed: seed_for(source),
                     expected: e.checksum,
-                    computed,
-                };
-                if !keep_going {
-                    return Err(error.into());
-                }
-                w.error.get_or_insert(error);
+                    runs,
+                    blocks: n,
+                });
             }
             w.map.relocate(source, dest, n);
         }
-        progress(Progress {
-            phase: Phase::Validate,
-            done: u64::try_from(done).unwrap_or(u64::MAX) + 1,
-            total: total_sectors,
-        });
     }
     // After sequence 0 block 0 must come from somewhere else, or the restore would leave the
     // log in place and run again at every boot.
-    if w.error.is_none() && w.map.resolve(0) == 0 {
+    if w.map.resolve(0) == 0 {
         let first = w.sectors.last().map(|s| s.sector.entries[0]);
         return Err(CorruptLog::ChainEntry {
             sequence: 0,
@@ -237,29 +260,157 @@ fn walk_chain(
     Ok(())
 }
 
-/// The kernel's CRC of virtual blocks `[dest, dest + n)` as they read through `map`, seeded
-/// with the source block.
-fn crc_through_map(
+/// Checks the collected CRCs in batches; records each status in the walk and returns the
+/// first mismatch in vold's order.
+fn check_crcs(
     dev: &impl BlockDevice,
-    map: &RelocationMap,
-    reads: &mut Vec<Run>,
-    bs: BlockSize,
-    source: u64,
-    dest: u64,
-    n: u64,
-) -> Result<u32, RestoreError> {
-    let bs_bytes = u64::from(bs.bytes());
-    let mut crc = BowCrc::new(seed_for(source));
-    let chunk_blocks = (READ_CHUNK / bs_bytes).max(1);
+    w: &mut Walk,
+    pending: &[PendingCrc],
+    keep_going: bool,
+    queue_depth: usize,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Option<CorruptLog>, RestoreError> {
+    let bs = u64::from(w.block_size.bytes());
+    let total: u64 = pending.iter().map(|p| p.blocks).sum();
+    let mut done = 0;
+    let mut first = None;
+    let mut at = 0;
+    while at < pending.len() {
+        // A batch: entries in order up to BATCH_BYTES of data (at least one entry).
+        let mut end = at + 1;
+        let mut bytes = pending[at].blocks * bs;
+        while end < pending.len() && bytes + pending[end].blocks * bs <= BATCH_BYTES {
+            bytes += pending[end].blocks * bs;
+            end += 1;
+        }
+        let batch = &pending[at..end];
+        let computed: Vec<u32> = if bytes > BATCH_BYTES {
+            batch.iter().map(|p| streamed_crc(dev, p, bs)).collect::<Result<_, _>>()?
+        } else {
+            let data = read_batch(dev, batch, bs, queue_depth)?;
+            batch.iter().map(|p| data.crc(p, bs)).collect()
+        };
+        for (p, &crc) in batch.iter().zip(&computed) {
+            let status = if crc == p.expected {
+                CrcStatus::Ok
+            } else {
+                CrcStatus::Mismatch { computed: crc }
+            };
+            if let Some(slot) = w.sectors.get_mut(p.sector).and_then(|s| s.crc.get_mut(p.index)) {
+                *slot = Some(status);
+            }
+            if first.is_none() && crc != p.expected {
+                first = Some(CorruptLog::Checksum {
+                    sequence: p.sequence,
+                    index: u32::try_from(p.index).unwrap_or(u32::MAX),
+                    expected: p.expected,
+                    computed: crc,
+                });
+            }
+        }
+        done += batch.iter().map(|p| p.blocks).sum::<u64>();
+        progress(Progress { phase: Phase::Validate, done, total });
+        if first.is_some() && !keep_going {
+            break;
+        }
+        at = end;
+    }
+    Ok(first)
+}
+
+/// The physical data of one batch: merged, sorted ranges and one buffer holding them.
+struct BatchData {
+    /// (first block, blocks, offset in `buf`), sorted by first block, disjoint.
+    ranges: Vec<(u64, u64, usize)>,
+    buf: Vec<u8>,
+}
+
+impl BatchData {
+    fn crc(&self, p: &PendingCrc, bs: u64) -> u32 {
+        let mut crc = BowCrc::new(p.seed);
+        for run in &p.runs {
+            let i = self.ranges.partition_point(|r| r.0 <= run.phys) - 1;
+            let (start, _, offset) = self.ranges[i];
+            let from = offset + usize::try_from((run.phys - start) * bs).unwrap_or(usize::MAX);
+            let len = usize::try_from(run.len * bs).unwrap_or(usize::MAX);
+            crc.update(&self.buf[from..from + len]);
+        }
+        crc.finish()
+    }
+}
+
+/// Reads the union of a batch's runs: sorted, coalesced, split into reads of at most
+/// READ_CHUNK, `queue_depth` of them in flight.
+fn read_batch(
+    dev: &impl BlockDevice,
+    batch: &[PendingCrc],
+    bs: u64,
+    queue_depth: usize,
+) -> Result<BatchData, RestoreError> {
+    let mut runs: Vec<(u64, u64)> =
+        batch.iter().flat_map(|p| p.runs.iter().map(|r| (r.phys, r.phys + r.len))).collect();
+    runs.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (s, e) in runs {
+        match merged.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => merged.push((s, e)),
+        }
+    }
+    let mut ranges = Vec::with_capacity(merged.len());
+    let mut offset = 0usize;
+    for &(s, e) in &merged {
+        ranges.push((s, e - s, offset));
+        offset += usize::try_from((e - s) * bs).unwrap_or(usize::MAX);
+    }
+    let mut buf = vec![0u8; offset];
+    // Split the buffer into (device offset, slice) reads.
+    let chunk = usize::try_from(READ_CHUNK.max(bs)).unwrap_or(usize::MAX);
+    let mut jobs: Vec<(u64, &mut [u8])> = Vec::new();
+    let mut rest: &mut [u8] = &mut buf;
+    for &(s, len, _) in &ranges {
+        let bytes = usize::try_from(len * bs).unwrap_or(usize::MAX);
+        let (mine, tail) = rest.split_at_mut(bytes);
+        rest = tail;
+        let mut pos = s * bs;
+        for piece in mine.chunks_mut(chunk) {
+            let n = piece.len() as u64;
+            jobs.push((pos, piece));
+            pos += n;
+        }
+    }
+    let workers = queue_depth.clamp(1, 64).min(jobs.len().max(1));
+    let queue = Mutex::new(jobs.into_iter());
+    let error: Mutex<Option<crate::device::DeviceError>> = Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| loop {
+                let job = queue.lock().unwrap_or_else(|e| e.into_inner()).next();
+                let Some((pos, piece)) = job else { break };
+                if let Err(e) = dev.read_at(piece, pos) {
+                    error.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
+                    break;
+                }
+            });
+        }
+    });
+    if let Some(e) = error.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        return Err(e.into());
+    }
+    Ok(BatchData { ranges, buf })
+}
+
+/// The CRC of one large entry, read run by run in chunks.
+fn streamed_crc(dev: &impl BlockDevice, p: &PendingCrc, bs: u64) -> Result<u32, RestoreError> {
+    let mut crc = BowCrc::new(p.seed);
+    let chunk_blocks = (READ_CHUNK / bs).max(1);
     let mut buf = Vec::new();
-    for run in map.runs(dest, n) {
-        reads.push(run);
+    for run in &p.runs {
         let mut done = 0;
         while done < run.len {
             let take = (run.len - done).min(chunk_blocks);
-            let len = usize::try_from(take * bs_bytes).unwrap_or(usize::MAX);
-            buf.resize(len, 0);
-            dev.read_at(&mut buf, (run.phys + done) * bs_bytes)?;
+            buf.resize(usize::try_from(take * bs).unwrap_or(usize::MAX), 0);
+            dev.read_at(&mut buf, (run.phys + done) * bs)?;
             crc.update(&buf);
             done += take;
         }

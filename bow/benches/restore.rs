@@ -1,0 +1,328 @@
+//! Restore benchmark (not a timed test): `cargo bench -p bow --bench restore`.
+//!
+//! On an image file (on the disk of the cargo target directory), a checkpoint is produced by
+//! the engine model (`bow::model`, the kernel's algorithm): discard the top 40 % of the device,
+//! enter CHECKPOINT, then overwrite N MiB of used blocks — scattered 4 KiB blocks, or runs of
+//! 256 KiB ("coalesced"). Then, interleaved in one process, each round times:
+//! * **ours**: `bow::restore::restore` (validation + plan + parallel apply + flushes);
+//! * **vold**: `bow::restore::vold_baseline`, vold's algorithm (validation pass, then the
+//!   entry-by-entry replay newest first, buffered pread/pwrite, a flush after every entry 0
+//!   and around every WOB progress save, vold-checkpoint.md §5.4);
+//! * **raw**: bytes written to the same blocks with the same I/O pattern as our apply (sorted
+//!   extents, same I/O size, same number of threads) and the same two flushes — no reads, no
+//!   log: the device's write limit for this block set;
+//! * **copy**: the plan's copies done naively (read each saved copy, write it in place, same
+//!   pattern and threads, same flushes) with no validation: the least any restore must do,
+//!   since it has to read the saved copies.
+//! All three use the same buffered file descriptor flags (`O_RDWR`, page cache) and
+//! `fdatasync` for flushes, so the device sees the writes at the flush points; before every run
+//! the touched blocks are reset to the checkpointed bytes, flushed, and the page cache is
+//! dropped (`/proc/sys/vm/drop_caches`, when writable), so every run starts cold. Results of
+//! ours and vold are checked against the original data.
+//!
+//! Environment: `BOW_BENCH_IMAGE_MIB` (default 512), `BOW_BENCH_RESTORE_MIB` (default 64),
+//! `BOW_BENCH_ROUNDS` (default 3), `BOW_BENCH_DIR` (default: the target's tmp dir).
+
+#![allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)] // Benchmark arithmetic.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bow::device::{BlockDevice, FileDevice, MemDevice};
+use bow::model::{BowEngine, BowModel, BowState, ModelConfig};
+use bow::restore::{self, Phase, RestoreOptions, RestoreOutcome, RestorePlan};
+use bow::units::{BlockSize, Sectors};
+
+const BS: u64 = 4096;
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// A checkpointed image, the original contents, and what restoring touches.
+struct Case {
+    name: &'static str,
+    checkpointed: Vec<u8>,
+    original: Vec<u8>,
+    /// Blocks any method writes: every entry's source range and block 0.
+    touched: Vec<(u64, u64)>,
+    /// Blocks in use at checkpoint start that the checkpoint overwrote (checked after a run).
+    overwritten: Vec<u64>,
+    plan: RestorePlan,
+    entries: u64,
+    sequence: u32,
+}
+
+fn build(name: &'static str, image_blocks: u64, restore_blocks: u64, run: u64) -> Case {
+    let mut rng = Rng(0x5EED_0000 + run);
+    let mut original = vec![0u8; (image_blocks * BS) as usize];
+    for (i, chunk) in original.chunks_mut(8).enumerate() {
+        chunk.copy_from_slice(&(i as u64 ^ 0xA5A5_5A5A_0F0F_F0F0).to_le_bytes());
+    }
+    let used = image_blocks * 6 / 10;
+    let mut m =
+        BowModel::new(MemDevice::from_bytes(original.clone()), ModelConfig::new(BlockSize::B4096));
+    m.discard(Sectors(used * 8), (image_blocks - used) * BS).expect("discard");
+    m.set_state(BowState::Checkpoint).expect("checkpoint");
+    // Distinct runs of `run` blocks in the used area (block 0 excluded).
+    let mut starts = BTreeSet::new();
+    let slots = (used - 1) / run;
+    while (starts.len() as u64) * run < restore_blocks {
+        starts.insert(1 + (rng.next() % slots) * run);
+    }
+    let mut order: Vec<u64> = starts.into_iter().collect();
+    for i in (1..order.len()).rev() {
+        order.swap(i, (rng.next() % (i as u64 + 1)) as usize);
+    }
+    let data = vec![0xE7u8; (run * BS) as usize];
+    let mut overwritten = Vec::new();
+    for s in order {
+        m.write(Sectors(s * 8), &data).expect("write");
+        overwritten.extend(s..s + run);
+    }
+    let dev = m.into_device();
+    let log = restore::validate(&dev).expect("the model's log validates");
+    let mut touched: Vec<(u64, u64)> = vec![(0, 1)];
+    for sector in &log.sectors {
+        for e in &sector.entries {
+            let s = e.source.0 / 8;
+            touched.push((s, s + u64::from(e.size) / BS));
+        }
+    }
+    touched.sort_unstable();
+    Case {
+        name,
+        checkpointed: dev.snapshot(),
+        original,
+        touched,
+        overwritten,
+        entries: log.entries,
+        sequence: log.header.sequence,
+        plan: log.plan,
+    }
+}
+
+/// Puts the checkpointed bytes back on every touched block, flushes, drops the page cache.
+fn reset(path: &Path, case: &Case) -> bool {
+    let dev = FileDevice::open(path).expect("open");
+    for &(s, e) in &case.touched {
+        let r = (s * BS) as usize..(e * BS) as usize;
+        dev.write_at(&case.checkpointed[r], s * BS).expect("reset write");
+    }
+    dev.flush().expect("reset flush");
+    drop(dev);
+    std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
+}
+
+fn check(path: &Path, case: &Case, who: &str) {
+    let dev = FileDevice::open_read_only(path).expect("open");
+    let mut buf = vec![0u8; BS as usize];
+    for &b in case.overwritten.iter().chain(std::iter::once(&0)) {
+        dev.read_at(&mut buf, b * BS).expect("read");
+        let want = &case.original[(b * BS) as usize..((b + 1) * BS) as usize];
+        assert!(buf == want, "{who}: block {b} not restored");
+    }
+}
+
+/// Our restore; returns the total time and the time until the apply started (validation).
+fn ours(path: &Path, qd: usize) -> (Duration, Duration) {
+    let t = Instant::now();
+    let dev = FileDevice::open(path).expect("open");
+    let opts = RestoreOptions { queue_depth: qd, ..RestoreOptions::default() };
+    let mut validated = None;
+    let report = restore::restore(&dev, &opts, &mut |p| {
+        if p.phase == Phase::Apply && validated.is_none() {
+            validated = Some(t.elapsed());
+        }
+    })
+    .expect("restore");
+    assert!(matches!(report.outcome, RestoreOutcome::Restored { .. }), "{:?}", report.outcome);
+    let total = t.elapsed();
+    (total, validated.unwrap_or(total))
+}
+
+fn vold(path: &Path) -> Duration {
+    let t = Instant::now();
+    let dev = FileDevice::open(path).expect("open");
+    restore::vold_baseline(&dev).expect("vold");
+    t.elapsed()
+}
+
+/// The same final bytes, same extents, same I/O size and threads as our apply; one flush.
+fn raw(path: &Path, case: &Case, qd: usize) -> Duration {
+    let max_blocks = (RestoreOptions::default().max_io_bytes as u64 / BS).max(1);
+    let mut jobs: Vec<(u64, u64)> = Vec::new();
+    for c in &case.plan.copies {
+        let mut at = 0;
+        while at < c.blocks {
+            let n = (c.blocks - at).min(max_blocks);
+            jobs.push((c.target + at, n));
+            at += n;
+        }
+    }
+    let final_bytes = &case.original;
+    let t = Instant::now();
+    let dev = FileDevice::open(path).expect("open");
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..qd {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(&(b, n)) = jobs.get(i) else { break };
+                let r = (b * BS) as usize..((b + n) * BS) as usize;
+                dev.write_at(&final_bytes[r], b * BS).expect("raw write");
+            });
+        }
+    });
+    dev.flush().expect("flush");
+    dev.write_at(&final_bytes[..BS as usize], 0).expect("raw block 0");
+    dev.flush().expect("flush");
+    t.elapsed()
+}
+
+/// A plain copy of the plan's extents (read the saved copy, write it in place), same pattern
+/// and threads, then the two flushes: what any restore must at least do, with no validation.
+fn raw_copy(path: &Path, case: &Case, qd: usize) -> Duration {
+    let max_blocks = (RestoreOptions::default().max_io_bytes as u64 / BS).max(1);
+    let mut jobs: Vec<(u64, u64, u64)> = Vec::new();
+    for c in &case.plan.copies {
+        let mut at = 0;
+        while at < c.blocks {
+            let n = (c.blocks - at).min(max_blocks);
+            jobs.push((c.target + at, c.source + at, n));
+            at += n;
+        }
+    }
+    let t = Instant::now();
+    let dev = FileDevice::open(path).expect("open");
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..qd {
+            s.spawn(|| {
+                let mut buf = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(&(to, from, n)) = jobs.get(i) else { break };
+                    buf.resize((n * BS) as usize, 0);
+                    dev.read_at(&mut buf, from * BS).expect("copy read");
+                    dev.write_at(&buf, to * BS).expect("copy write");
+                }
+            });
+        }
+    });
+    dev.flush().expect("flush");
+    let mut block0 = vec![0u8; BS as usize];
+    dev.read_at(&mut block0, case.plan.block0_source * BS).expect("read block 0");
+    dev.write_at(&block0, 0).expect("write block 0");
+    dev.flush().expect("flush");
+    t.elapsed()
+}
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn mib_s(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / (1 << 20) as f64 / d.as_secs_f64()
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` runs this too: keep that quick.
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let image_mib = env_u64("BOW_BENCH_IMAGE_MIB", if quick { 16 } else { 512 });
+    let restore_mib = env_u64("BOW_BENCH_RESTORE_MIB", if quick { 2 } else { 64 });
+    let rounds = env_u64("BOW_BENCH_ROUNDS", if quick { 1 } else { 3 }).max(1);
+    let qd = RestoreOptions::default().queue_depth;
+    let dir = std::env::var_os("BOW_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")));
+    std::fs::create_dir_all(&dir).expect("bench dir");
+    let image_blocks = image_mib * 256;
+    let restore_blocks = restore_mib * 256;
+    println!(
+        "restore benchmark: image {image_mib} MiB, {restore_mib} MiB restored per case, \
+         {rounds} rounds, queue depth {qd}, buffered I/O + fdatasync for all methods, dir {}",
+        dir.display()
+    );
+    let cases = [
+        build("scattered 4 KiB", image_blocks, restore_blocks, 1),
+        build("coalesced 256 KiB runs", image_blocks, restore_blocks, 64),
+    ];
+    let mut dropped_all = true;
+    for case in &cases {
+        let path =
+            dir.join(format!("bow-bench-{}.img", case.name.split(' ').next().unwrap_or("x")));
+        std::fs::write(&path, &case.checkpointed).expect("write image");
+        let bytes = case.plan.blocks() * BS;
+        println!(
+            "\n{}: {} log entries in {} log sectors, plan {} blocks in {} extents ({:.1} MiB)",
+            case.name,
+            case.entries,
+            case.sequence + 1,
+            case.plan.blocks(),
+            case.plan.copies.len() + 1,
+            bytes as f64 / (1 << 20) as f64
+        );
+        let (mut t_ours, mut t_vold, mut t_raw) = (Vec::new(), Vec::new(), Vec::new());
+        let mut t_copy = Vec::new();
+        let mut t_validate = Vec::new();
+        for round in 0..rounds {
+            // Rotate the order each round so no method always runs first.
+            for k in 0..4 {
+                dropped_all &= reset(&path, case);
+                match (k + round) % 4 {
+                    0 => {
+                        let (total, validate) = ours(&path, qd);
+                        t_ours.push(total);
+                        t_validate.push(validate);
+                        check(&path, case, "ours");
+                    }
+                    1 => {
+                        t_vold.push(vold(&path));
+                        check(&path, case, "vold");
+                    }
+                    2 => t_raw.push(raw(&path, case, qd)),
+                    _ => {
+                        t_copy.push(raw_copy(&path, case, qd));
+                        check(&path, case, "raw copy");
+                    }
+                }
+            }
+        }
+        let (o, v, r) = (median(&mut t_ours), median(&mut t_vold), median(&mut t_raw));
+        let c = median(&mut t_copy);
+        let val = median(&mut t_validate);
+        println!(
+            "  ours  {:>8.1} ms  {:>8.1} MiB/s  (validation {:.1} ms)",
+            o.as_secs_f64() * 1e3,
+            mib_s(bytes, o),
+            val.as_secs_f64() * 1e3
+        );
+        println!("  vold  {:>8.1} ms  {:>8.1} MiB/s", v.as_secs_f64() * 1e3, mib_s(bytes, v));
+        println!("  raw   {:>8.1} ms  {:>8.1} MiB/s", r.as_secs_f64() * 1e3, mib_s(bytes, r));
+        println!("  copy  {:>8.1} ms  {:>8.1} MiB/s", c.as_secs_f64() * 1e3, mib_s(bytes, c));
+        println!(
+            "  ours/raw = {:.2} (target >= 0.8)   ours/vold = {:.2}x (target >= 3x)   \
+             ours/copy = {:.2}",
+            r.as_secs_f64() / o.as_secs_f64(),
+            v.as_secs_f64() / o.as_secs_f64(),
+            c.as_secs_f64() / o.as_secs_f64()
+        );
+        let _ = std::fs::remove_file(&path);
+    }
+    if !dropped_all {
+        println!("\nnote: /proc/sys/vm/drop_caches was not writable: runs were not all cold");
+    }
+}
