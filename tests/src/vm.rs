@@ -447,6 +447,16 @@ impl GuestRun {
     }
 }
 
+/// A sparse raw image of `bytes` bytes under `<target>/testbench/scratch/`, for [`Vm::disk`];
+/// deleted when the returned path is dropped.
+pub fn scratch_image(bytes: u64) -> io::Result<tempfile::TempPath> {
+    let dir = paths::target_dir().join("testbench").join("scratch");
+    fs::create_dir_all(&dir)?;
+    let file = tempfile::Builder::new().prefix("disk").suffix(".img").tempfile_in(&dir)?;
+    file.as_file().set_len(bytes)?;
+    Ok(file.into_temp_path())
+}
+
 /// The last `lines` lines of `text`, each ending in a newline.
 pub fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();

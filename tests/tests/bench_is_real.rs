@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use testbench::vm::{GuestExit, Vm, VmError};
-use testbench::{guest, paths, vm_trial, Failed};
+use testbench::{guest, vm_trial, Failed};
 
 const MODULES: &[&str] = &["loop", "dm-mod", "binder_linux devices=binder,hwbinder"];
 /// Offset of the synced block A and the unsynced block B on the power-cut disk.
@@ -110,12 +110,7 @@ fn linear_over_loop() -> Result<(), Failed> {
 // ---- power cut ----
 
 fn host_power_cut() -> Result<(), Failed> {
-    let dir = tempfile::Builder::new()
-        .prefix("powercut")
-        .tempdir_in(scratch_dir()?)
-        .map_err(|e| format!("creating a scratch dir: {e}"))?;
-    let image = dir.path().join("disk.img");
-    File::create(&image)?.set_len(8 << 20)?;
+    let image = testbench::vm::scratch_image(8 << 20)?;
 
     let vm = Vm::new("power_cut").disk(&image).timeout(Duration::from_secs(240));
     let run = vm.run_self("write_then_cut", &[])?;
@@ -146,12 +141,6 @@ fn host_power_cut() -> Result<(), Failed> {
     let run = vm.run_self("check_after_cut", &[])?;
     run.expect_success()?;
     Ok(())
-}
-
-fn scratch_dir() -> Result<std::path::PathBuf, Failed> {
-    let dir = paths::target_dir().join("testbench").join("scratch");
-    fs::create_dir_all(&dir)?;
-    Ok(dir)
 }
 
 fn guest_write_then_cut(_: &[String]) -> Result<(), Failed> {
