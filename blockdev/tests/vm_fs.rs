@@ -89,7 +89,10 @@ fn loop_options() -> Result<(), Failed> {
     let backing = format!("/sys/block/loop{n}/loop/backing_file");
     ensure(Path::new(&backing).exists(), "bound")?;
     drop(auto); // last close: the kernel detaches
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while Path::new(&backing).exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     ensure(!Path::new(&backing).exists(), "autoclear detached on last close")?;
     println!("loop options ok");
     Ok(())
