@@ -20,7 +20,8 @@ use testbench::vm::Vm;
 use testbench::{guest, vm_trial, Failed};
 
 const MODULES: &[&str] = &["binder_linux devices=binder,hwbinder"];
-const MOUNT: &str = "/mnt/checkpoint-meta";
+/// Where the metadata disk is mounted in the guest (the host root, / and /mnt, is read-only).
+const MOUNT: &str = "/dev/shm/checkpoint-meta";
 /// Budget of the power-cut scenario: many attempts, so the burst never spends it.
 const BURST_RETRY: i32 = 100_000;
 
@@ -225,7 +226,8 @@ fn start_stack(config: &str) -> Result<Stack, Failed> {
     stack.daemon = Some(daemon);
     let (code, err) = ctl(&["--timeout", "30", "checkpoint", "supportsCheckpoint"])?;
     if code != 0 && code != 1 {
-        let log = fs::read_to_string(guest::shared_dir().join("checkpointd.log")).unwrap_or_default();
+        let log =
+            fs::read_to_string(guest::shared_dir().join("checkpointd.log")).unwrap_or_default();
         return Err(format!("checkpointd not reachable (exit {code}: {err}):\n{log}").into());
     }
     Ok(stack)
