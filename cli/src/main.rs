@@ -3,6 +3,7 @@
 //! `checkpointctl checkpoint <method> [args]` has the grammar and exit codes of
 //! `vdc checkpoint` (see `vdc.rs`); the other commands are checkpointctl's own.
 
+mod log;
 mod vdc;
 
 use std::path::{Path, PathBuf};
@@ -67,6 +68,11 @@ enum Command {
         /// Stop after this many events.
         #[arg(long)]
         count: Option<u64>,
+    },
+    /// Offline dm-bow log tools (no daemon needed).
+    Log {
+        #[command(subcommand)]
+        cmd: log::LogCommand,
     },
 }
 
@@ -399,15 +405,19 @@ fn run_own(cli: &Cli) -> Result<(), String> {
                 seen += 1;
             }
         }
-        Command::Checkpoint { .. } => unreachable!("handled by run_checkpoint"),
+        Command::Checkpoint { .. } | Command::Log { .. } => {
+            unreachable!("handled in main")
+        }
     }
     Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::Checkpoint { args } = &cli.command {
-        return ExitCode::from(run_checkpoint(&cli, args));
+    match &cli.command {
+        Command::Checkpoint { args } => return ExitCode::from(run_checkpoint(&cli, args)),
+        Command::Log { cmd } => return log::run(cmd.clone()),
+        _ => {}
     }
     match run_own(&cli) {
         Ok(()) => ExitCode::SUCCESS,
