@@ -3,8 +3,8 @@
 //! [`BootControl`] mirrors the parts of `android.hardware.boot.IBootControl` vold uses. Two
 //! implementations live here: [`NoBootControl`] (a device without a boot HAL: vold's behaviour
 //! when the HAL is absent) and [`FileBootControl`], a documented bootloader-style record file
-//! for Linux and the virtual device. The Android AIDL client lives in the daemon (it needs
-//! binder).
+//! for Linux and the virtual device. The Android AIDL client lives in crate `bootctl-hal` (it
+//! needs binder) and reports its failures as [`BootControlError::Hal`].
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -61,6 +61,10 @@ pub enum BootControlError {
         /// The file.
         path: PathBuf,
     },
+    /// The boot control HAL (a binder service) failed: a transport error or an error the HAL
+    /// returned. The source is the HAL client's own typed error (crate `bootctl-hal`).
+    #[error("boot control HAL: {0}")]
+    Hal(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl BootControlError {
@@ -69,7 +73,8 @@ impl BootControlError {
         match self {
             BootControlError::NotPresent
             | BootControlError::NoBootableSlot { .. }
-            | BootControlError::AlreadyExists { .. } => ErrorKind::BootControl,
+            | BootControlError::AlreadyExists { .. }
+            | BootControlError::Hal(_) => ErrorKind::BootControl,
             BootControlError::InvalidSlot { .. } => ErrorKind::InvalidArgument,
             BootControlError::Io { .. } => ErrorKind::Io,
             BootControlError::Corrupt { .. } => ErrorKind::Corrupt,

@@ -1,0 +1,268 @@
+//! The client: [`BootHal`] (every `IBootControl` method, typed) and [`HalBootControl`] (the
+//! [`policy::BootControl`] the checkpoint policy uses). All rsbinder bootstrap code of the client
+//! is in [`BootHal::connect`] and [`BootHal::connect_uri`].
+
+use std::fmt;
+use std::path::Path;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use policy::{BootControl, BootControlError};
+use rsbinder::entry::{Client, Uri};
+use rsbinder::{BinderResult, StatusCode, Strong};
+
+use crate::aidl::android::hardware::boot::IBootControl::{IBootControl, INVALID_SLOT};
+use crate::aidl::android::hardware::boot::MergeStatus::MergeStatus;
+use crate::error::HalError;
+
+/// First pause between service-manager lookups while waiting for the HAL; doubled up to
+/// [`MAX_POLL`].
+const FIRST_POLL: Duration = Duration::from_millis(10);
+/// Longest pause between lookups.
+const MAX_POLL: Duration = Duration::from_millis(250);
+
+/// A connected boot control HAL: the AIDL methods with typed errors and `u32` slots.
+pub struct BootHal {
+    hal: Strong<dyn IBootControl>,
+    /// Where it came from (instance name or URI), for messages.
+    origin: String,
+}
+
+impl fmt::Debug for BootHal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BootHal").field("origin", &self.origin).finish_non_exhaustive()
+    }
+}
+
+impl BootHal {
+    /// Looks `instance` up with the service manager on kernel binder, waiting up to `timeout`
+    /// for it to be registered (vold waits without bound; a daemon should not). Starts the
+    /// binder thread pool if this process has not yet.
+    ///
+    /// Unlike vold's client this does not ask the service manager whether the instance is
+    /// declared in a VINTF manifest first: `rsb_hub` on Linux has no manifest, so the bounded
+    /// wait is the only test of presence.
+    pub fn connect(instance: &str, timeout: Duration) -> Result<BootHal, HalError> {
+        let sm_error =
+            |status: StatusCode| HalError::ServiceManager { instance: instance.to_owned(), status };
+        let client = Client::open(Uri::kernel()).map_err(sm_error)?;
+        let start = Instant::now();
+        let mut pause = FIRST_POLL;
+        loop {
+            match client.try_get::<dyn IBootControl>(instance) {
+                Ok(Some(hal)) => return Ok(BootHal::from_binder(hal, instance)),
+                Ok(None) => {}
+                Err(StatusCode::BadType) => {
+                    return Err(HalError::WrongInterface { instance: instance.to_owned() })
+                }
+                Err(status) => return Err(sm_error(status)),
+            }
+            let waited = start.elapsed();
+            let Some(left) = timeout.checked_sub(waited).filter(|left| !left.is_zero()) else {
+                return Err(HalError::NotRegistered { instance: instance.to_owned(), waited });
+            };
+            thread::sleep(pause.min(left));
+            pause = (pause * 2).min(MAX_POLL);
+        }
+    }
+
+    /// Connects through any rsbinder endpoint: `uri` names the endpoint and, optionally, the
+    /// service (default [`crate::INSTANCE`]). Kernel endpoints wait as [`BootHal::connect`];
+    /// RPC endpoints (`unix://...`) do one lookup, with `timeout` bounding every connection
+    /// step and every later reply.
+    pub fn connect_uri(uri: &Uri, timeout: Duration) -> Result<BootHal, HalError> {
+        let instance = uri.service().unwrap_or(crate::INSTANCE).to_owned();
+        if uri.endpoint().is_kernel() {
+            return BootHal::connect(&instance, timeout);
+        }
+        let endpoint = Uri::new(uri.endpoint().clone()).with_wire(uri.wire());
+        let client = Client::open_with(endpoint, |options, _| options.timeout = Some(timeout))
+            .map_err(|status| HalError::ServiceManager { instance: instance.clone(), status })?;
+        match client.get::<dyn IBootControl>(&instance) {
+            Ok(hal) => Ok(BootHal::from_binder(hal, &format!("{uri}"))),
+            Err(StatusCode::NameNotFound) => {
+                Err(HalError::NotRegistered { instance, waited: Duration::ZERO })
+            }
+            Err(StatusCode::BadType) => Err(HalError::WrongInterface { instance }),
+            Err(status) => Err(HalError::ServiceManager { instance, status }),
+        }
+    }
+
+    /// Connects to a fake (or a bridge) served on the Unix socket `path` with
+    /// [`crate::socket_uri`]'s wire profile.
+    pub fn connect_socket(path: &Path, timeout: Duration) -> Result<BootHal, HalError> {
+        BootHal::connect_uri(&crate::socket_uri(path), timeout)
+    }
+
+    /// Wraps a binder obtained elsewhere. `origin` names it in messages.
+    pub fn from_binder(hal: Strong<dyn IBootControl>, origin: &str) -> BootHal {
+        BootHal { hal, origin: origin.to_owned() }
+    }
+
+    /// The proxy (or local object).
+    pub fn binder(&self) -> &Strong<dyn IBootControl> {
+        &self.hal
+    }
+
+    /// Where the HAL was found (instance name or URI).
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// `getNumberSlots`.
+    pub fn number_slots(&self) -> Result<u32, HalError> {
+        unsigned("getNumberSlots", self.hal.getNumberSlots())
+    }
+
+    /// `getCurrentSlot`.
+    pub fn current_slot(&self) -> Result<u32, HalError> {
+        unsigned("getCurrentSlot", self.hal.getCurrentSlot())
+    }
+
+    /// `getActiveBootSlot`.
+    pub fn active_boot_slot(&self) -> Result<u32, HalError> {
+        unsigned("getActiveBootSlot", self.hal.getActiveBootSlot())
+    }
+
+    /// `getSuffix`.
+    pub fn suffix(&self, slot: u32) -> Result<String, HalError> {
+        checked("getSuffix", self.hal.getSuffix(aidl_slot(slot)?))
+    }
+
+    /// `isSlotBootable`.
+    pub fn slot_bootable(&self, slot: u32) -> Result<bool, HalError> {
+        checked("isSlotBootable", self.hal.isSlotBootable(aidl_slot(slot)?))
+    }
+
+    /// `isSlotMarkedSuccessful`.
+    pub fn slot_marked_successful(&self, slot: u32) -> Result<bool, HalError> {
+        checked("isSlotMarkedSuccessful", self.hal.isSlotMarkedSuccessful(aidl_slot(slot)?))
+    }
+
+    /// `markBootSuccessful` (the current slot).
+    pub fn mark_successful(&self) -> Result<(), HalError> {
+        checked("markBootSuccessful", self.hal.markBootSuccessful())
+    }
+
+    /// `setActiveBootSlot`.
+    pub fn set_active(&self, slot: u32) -> Result<(), HalError> {
+        checked("setActiveBootSlot", self.hal.setActiveBootSlot(aidl_slot(slot)?))
+    }
+
+    /// `setSlotAsUnbootable`.
+    pub fn set_unbootable(&self, slot: u32) -> Result<(), HalError> {
+        checked("setSlotAsUnbootable", self.hal.setSlotAsUnbootable(aidl_slot(slot)?))
+    }
+
+    /// `getSnapshotMergeStatus`.
+    pub fn snapshot_merge_status(&self) -> Result<MergeStatus, HalError> {
+        checked("getSnapshotMergeStatus", self.hal.getSnapshotMergeStatus())
+    }
+
+    /// `setSnapshotMergeStatus`.
+    pub fn set_snapshot_merge_status(&self, status: MergeStatus) -> Result<(), HalError> {
+        checked("setSnapshotMergeStatus", self.hal.setSnapshotMergeStatus(status))
+    }
+
+    /// The stable-AIDL version the HAL implements (`getInterfaceVersion`).
+    pub fn interface_version(&self) -> Result<i32, HalError> {
+        checked("getInterfaceVersion", self.hal.getInterfaceVersion())
+    }
+
+    /// The stable-AIDL hash of the HAL's interface (`getInterfaceHash`).
+    pub fn interface_hash(&self) -> Result<String, HalError> {
+        checked("getInterfaceHash", self.hal.getInterfaceHash())
+    }
+}
+
+fn aidl_slot(slot: u32) -> Result<i32, HalError> {
+    i32::try_from(slot).map_err(|_| HalError::SlotOutOfRange { slot })
+}
+
+fn checked<T>(method: &'static str, result: BinderResult<T>) -> Result<T, HalError> {
+    result.map_err(|status| HalError::from_status(method, &status))
+}
+
+fn unsigned(method: &'static str, result: BinderResult<i32>) -> Result<u32, HalError> {
+    let value = checked(method, result)?;
+    u32::try_from(value).map_err(|_| HalError::BadReply { method, value })
+}
+
+/// [`policy::BootControl`] over the boot control HAL.
+///
+/// Errors are [`BootControlError::Hal`] with a [`HalError`] inside, except slot numbers the HAL
+/// rejects as `INVALID_SLOT` (or that AIDL cannot carry), which become
+/// [`BootControlError::InvalidSlot`]. vold's rule that an `isSlotMarkedSuccessful` error means
+/// "successful" is the policy's to apply: this returns the error.
+#[derive(Debug)]
+pub struct HalBootControl {
+    hal: BootHal,
+}
+
+impl HalBootControl {
+    /// How long [`HalBootControl::connect`] waits for the HAL to register when the caller has
+    /// no better figure.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// The default instance ([`crate::INSTANCE`]) on kernel binder, waiting up to `timeout`.
+    pub fn connect(timeout: Duration) -> Result<HalBootControl, HalError> {
+        BootHal::connect(crate::INSTANCE, timeout).map(HalBootControl::new)
+    }
+
+    /// Any endpoint (see [`BootHal::connect_uri`]).
+    pub fn connect_uri(uri: &Uri, timeout: Duration) -> Result<HalBootControl, HalError> {
+        BootHal::connect_uri(uri, timeout).map(HalBootControl::new)
+    }
+
+    /// Over a HAL already connected.
+    pub fn new(hal: BootHal) -> HalBootControl {
+        HalBootControl { hal }
+    }
+
+    /// Over a binder obtained elsewhere (a test's local fake, a proxy from another lookup).
+    pub fn from_binder(hal: Strong<dyn IBootControl>, origin: &str) -> HalBootControl {
+        HalBootControl::new(BootHal::from_binder(hal, origin))
+    }
+
+    /// The typed HAL, for the methods the policy does not use.
+    pub fn hal(&self) -> &BootHal {
+        &self.hal
+    }
+
+    /// Turns a slot-taking call's error into the policy's: `INVALID_SLOT` becomes
+    /// [`BootControlError::InvalidSlot`] (with the count, if the HAL answers it).
+    fn slot_error(&self, slot: u32, error: HalError) -> BootControlError {
+        let invalid = matches!(error, HalError::SlotOutOfRange { .. })
+            || error.service_specific_code() == Some(INVALID_SLOT);
+        match (invalid, self.hal.number_slots()) {
+            (true, Ok(count)) => BootControlError::InvalidSlot { slot, count },
+            _ => error.into(),
+        }
+    }
+}
+
+impl BootControl for HalBootControl {
+    fn slot_count(&self) -> Result<u32, BootControlError> {
+        Ok(self.hal.number_slots()?)
+    }
+
+    fn current_slot(&self) -> Result<u32, BootControlError> {
+        Ok(self.hal.current_slot()?)
+    }
+
+    fn slot_suffix(&self, slot: u32) -> Result<String, BootControlError> {
+        self.hal.suffix(slot).map_err(|e| self.slot_error(slot, e))
+    }
+
+    fn is_slot_marked_successful(&self, slot: u32) -> Result<bool, BootControlError> {
+        self.hal.slot_marked_successful(slot).map_err(|e| self.slot_error(slot, e))
+    }
+
+    fn mark_boot_successful(&self) -> Result<(), BootControlError> {
+        Ok(self.hal.mark_successful()?)
+    }
+
+    fn set_active_boot_slot(&self, slot: u32) -> Result<(), BootControlError> {
+        self.hal.set_active(slot).map_err(|e| self.slot_error(slot, e))
+    }
+}
