@@ -86,8 +86,7 @@ impl RelocationMap {
         let slice = self.runs(dest, n);
         // Pin what follows the range to its current resolution before erasing inside it.
         let after = self.resolve(end);
-        let inside: Vec<u64> = self.keys.range(source..end).map(|(&k, _)| k).collect();
-        for k in inside {
+        while let Some((&k, _)) = self.keys.range(source..end).next() {
             self.keys.remove(&k);
         }
         for run in slice {

@@ -20,7 +20,8 @@
 //! number of entries.
 
 use super::plan;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Mutex};
 
 use super::relocation::{RelocationMap, Run};
 use super::{CorruptLog, Phase, Progress, RestoreError, ValidatedLog};
@@ -31,8 +32,8 @@ use crate::units::BlockSize;
 
 /// Largest single read while checking CRCs.
 const READ_CHUNK: u64 = 1 << 20;
-/// Data read per batch of CRC checks (an entry larger than this is checked on its own,
-/// streamed).
+/// Data read per batch of CRC checks (a batch is sent once it holds at least this much; a
+/// batch of one entry larger than this is streamed instead of read whole).
 const BATCH_BYTES: u64 = 32 << 20;
 /// Reads in flight while checking CRCs, unless the caller says otherwise.
 const DEFAULT_QUEUE_DEPTH: usize = 8;
@@ -132,15 +133,136 @@ fn walk_with(
         map: RelocationMap::new(),
         reads: Vec::new(),
     };
-    let mut pending = Vec::new();
-    let structural = match walk_chain(dev, &mut w, &mut pending) {
+    // The structural walk runs here while a second thread reads the saved copies of the
+    // entries already walked and checks their CRCs, batch by batch.
+    let bs = u64::from(block_size.bytes());
+    let stop = AtomicBool::new(false);
+    let (batch_tx, batch_rx) = mpsc::channel::<Vec<PendingCrc>>();
+    let (result_tx, result_rx) = mpsc::channel::<Result<Vec<Checked>, RestoreError>>();
+    let structural = std::thread::scope(|scope| {
+        let stop = &stop;
+        scope.spawn(move || {
+            for batch in batch_rx {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let checked = check_batch(dev, batch, bs, queue_depth);
+                let failed = match &checked {
+                    Ok(c) => c.iter().any(|c| c.computed != c.expected),
+                    Err(_) => true,
+                };
+                if failed && !keep_going {
+                    stop.store(true, Ordering::Relaxed);
+                }
+                if result_tx.send(checked).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0;
+        let mut total = 0;
+        let mut sink = |p: PendingCrc| {
+            // A batch never exceeds BATCH_BYTES unless it is one larger entry.
+            if !batch.is_empty() && batch_bytes + p.blocks * bs > BATCH_BYTES {
+                let _ = batch_tx.send(std::mem::take(&mut batch));
+                batch_bytes = 0;
+            }
+            total += p.blocks;
+            batch_bytes += p.blocks * bs;
+            batch.push(p);
+        };
+        let structural = walk_chain(dev, &mut w, &mut sink);
+        if !batch.is_empty() {
+            let _ = batch_tx.send(batch);
+        }
+        drop(batch_tx);
+        let mut done = 0;
+        let mut mismatch = None;
+        let mut io_error = None;
+        for checked in result_rx {
+            match checked {
+                Ok(checked) => {
+                    for c in checked {
+                        done += c.blocks;
+                        let status = if c.computed == c.expected {
+                            CrcStatus::Ok
+                        } else {
+                            CrcStatus::Mismatch { computed: c.computed }
+                        };
+                        if let Some(slot) =
+                            w.sectors.get_mut(c.sector).and_then(|s| s.crc.get_mut(c.index))
+                        {
+                            *slot = Some(status);
+                        }
+                        if mismatch.is_none() && c.computed != c.expected {
+                            mismatch = Some(CorruptLog::Checksum {
+                                sequence: c.sequence,
+                                index: u32::try_from(c.index).unwrap_or(u32::MAX),
+                                expected: c.expected,
+                                computed: c.computed,
+                            });
+                        }
+                    }
+                    progress(Progress { phase: Phase::Validate, done, total });
+                }
+                Err(e) => {
+                    io_error.get_or_insert(e);
+                }
+            }
+        }
+        (structural, mismatch, io_error)
+    });
+    let (structural, mismatch, io_error) = structural;
+    if let Some(e) = io_error {
+        return Err(e);
+    }
+    let structural = match structural {
         Ok(()) => None,
         Err(RestoreError::Corrupt(c)) => Some(c),
         Err(other) => return Err(other),
     };
-    let mismatch = check_crcs(dev, &mut w, &pending, keep_going, queue_depth, progress)?;
     w.error = mismatch.or(structural);
     Ok(w)
+}
+
+/// One checked CRC.
+#[derive(Debug)]
+struct Checked {
+    sector: usize,
+    index: usize,
+    sequence: u32,
+    expected: u32,
+    computed: u32,
+    blocks: u64,
+}
+
+fn check_batch(
+    dev: &impl BlockDevice,
+    batch: Vec<PendingCrc>,
+    bs: u64,
+    queue_depth: usize,
+) -> Result<Vec<Checked>, RestoreError> {
+    let bytes: u64 = batch.iter().map(|p| p.blocks * bs).sum();
+    let computed: Vec<u32> = if bytes > BATCH_BYTES {
+        // Only a single entry larger than a batch gets here: stream it.
+        batch.iter().map(|p| streamed_crc(dev, p, bs)).collect::<Result<_, _>>()?
+    } else {
+        let data = read_batch(dev, &batch, bs, queue_depth)?;
+        batch.iter().map(|p| data.crc(p, bs)).collect()
+    };
+    Ok(batch
+        .into_iter()
+        .zip(computed)
+        .map(|(p, computed)| Checked {
+            sector: p.sector,
+            index: p.index,
+            sequence: p.sequence,
+            expected: p.expected,
+            computed,
+            blocks: p.blocks,
+        })
+        .collect())
 }
 
 /// A CRC to check: entry `index` of walked sector `sector`, over physical `runs`.
@@ -160,7 +282,7 @@ struct PendingCrc {
 fn walk_chain(
     dev: &impl BlockDevice,
     w: &mut Walk,
-    pending: &mut Vec<PendingCrc>,
+    pending: &mut dyn FnMut(PendingCrc),
 ) -> Result<(), RestoreError> {
     let header = w.header;
     let bs = w.block_size;
@@ -175,12 +297,22 @@ fn walk_chain(
     let resumed = header.magic == Magic::Wob;
     let mut saved_blocks: u64 = 0;
     let mut buf = vec![0u8; bs.as_usize()];
+    let mut window_buf = Vec::new();
+    let window = u64::from(bs.max_entries());
     for sequence in (0..=header.sequence).rev() {
         let at = w.map.resolve(0);
         if at >= blocks {
             return Err(CorruptLog::OutOfDevice { sequence, index: 0, blocks }.into());
         }
-        dev.read_at(&mut buf, at * bs_bytes)?;
+        // An older log sector sits where the kernel saved it at rollover, right after the
+        // saved copies of its own entries (all carved in order from the free list): read those
+        // blocks in the same I/O, so the CRC checks of this sector's entries find them cached
+        // instead of waiting for more reads after this one (the walk is a chain of dependent
+        // reads). Only the last block is used here.
+        let ahead = if sequence == header.sequence { 0 } else { at.min(window) };
+        window_buf.resize(usize::try_from((ahead + 1) * bs_bytes).unwrap_or(usize::MAX), 0);
+        dev.read_at(&mut window_buf, (at - ahead) * bs_bytes)?;
+        buf.copy_from_slice(&window_buf[window_buf.len() - bs.as_usize()..]);
         w.reads.push(Run { virt: 0, phys: at, len: 1 });
         let sector =
             LogSector::parse(&buf).map_err(|error| CorruptLog::Format { sequence, error })?;
@@ -233,7 +365,7 @@ fn walk_chain(
             } else {
                 let runs = w.map.runs(dest, n);
                 w.reads.extend_from_slice(&runs);
-                pending.push(PendingCrc {
+                pending(PendingCrc {
                     sector: sector_index,
                     index,
                     sequence,
@@ -258,64 +390,6 @@ fn walk_chain(
         .into());
     }
     Ok(())
-}
-
-/// Checks the collected CRCs in batches; records each status in the walk and returns the
-/// first mismatch in vold's order.
-fn check_crcs(
-    dev: &impl BlockDevice,
-    w: &mut Walk,
-    pending: &[PendingCrc],
-    keep_going: bool,
-    queue_depth: usize,
-    progress: &mut dyn FnMut(Progress),
-) -> Result<Option<CorruptLog>, RestoreError> {
-    let bs = u64::from(w.block_size.bytes());
-    let total: u64 = pending.iter().map(|p| p.blocks).sum();
-    let mut done = 0;
-    let mut first = None;
-    let mut at = 0;
-    while at < pending.len() {
-        // A batch: entries in order up to BATCH_BYTES of data (at least one entry).
-        let mut end = at + 1;
-        let mut bytes = pending[at].blocks * bs;
-        while end < pending.len() && bytes + pending[end].blocks * bs <= BATCH_BYTES {
-            bytes += pending[end].blocks * bs;
-            end += 1;
-        }
-        let batch = &pending[at..end];
-        let computed: Vec<u32> = if bytes > BATCH_BYTES {
-            batch.iter().map(|p| streamed_crc(dev, p, bs)).collect::<Result<_, _>>()?
-        } else {
-            let data = read_batch(dev, batch, bs, queue_depth)?;
-            batch.iter().map(|p| data.crc(p, bs)).collect()
-        };
-        for (p, &crc) in batch.iter().zip(&computed) {
-            let status = if crc == p.expected {
-                CrcStatus::Ok
-            } else {
-                CrcStatus::Mismatch { computed: crc }
-            };
-            if let Some(slot) = w.sectors.get_mut(p.sector).and_then(|s| s.crc.get_mut(p.index)) {
-                *slot = Some(status);
-            }
-            if first.is_none() && crc != p.expected {
-                first = Some(CorruptLog::Checksum {
-                    sequence: p.sequence,
-                    index: u32::try_from(p.index).unwrap_or(u32::MAX),
-                    expected: p.expected,
-                    computed: crc,
-                });
-            }
-        }
-        done += batch.iter().map(|p| p.blocks).sum::<u64>();
-        progress(Progress { phase: Phase::Validate, done, total });
-        if first.is_some() && !keep_going {
-            break;
-        }
-        at = end;
-    }
-    Ok(first)
 }
 
 /// The physical data of one batch: merged, sorted ranges and one buffer holding them.
