@@ -14,7 +14,8 @@
 //! * **copy**: the plan's copies done naively (read each saved copy, write it in place, same
 //!   pattern and threads, same flushes) with no validation: the least any restore must do,
 //!   since it has to read the saved copies.
-//! All three use the same buffered file descriptor flags (`O_RDWR`, page cache) and
+//!
+//! All methods use the same buffered file descriptor flags (`O_RDWR`, page cache) and
 //! `fdatasync` for flushes, so the device sees the writes at the flush points; before every run
 //! the touched blocks are reset to the checkpointed bytes, flushed, and the page cache is
 //! dropped (`/proc/sys/vm/drop_caches`, when writable), so every run starts cold. Results of
