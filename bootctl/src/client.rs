@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -194,9 +195,16 @@ fn unsigned(method: &'static str, result: BinderResult<i32>) -> Result<u32, HalE
 /// rejects as `INVALID_SLOT` (or that AIDL cannot carry), which become
 /// [`BootControlError::InvalidSlot`]. vold's rule that an `isSlotMarkedSuccessful` error means
 /// "successful" is the policy's to apply: this returns the error.
+///
+/// A HAL found by [`HalBootControl::connect`] or [`HalBootControl::connect_uri`] is looked up
+/// again when a call finds it dead (`DeadObject`: the HAL process restarted), and the call is
+/// retried once on the new one, as vold's client reconnects on binder death. Every call the
+/// policy makes is idempotent, so the retry is safe.
 #[derive(Debug)]
 pub struct HalBootControl {
-    hal: BootHal,
+    hal: Mutex<Arc<BootHal>>,
+    /// Where to look the HAL up again; `None` for a binder handed in.
+    reconnect: Option<(Uri, Duration)>,
 }
 
 impl HalBootControl {
@@ -204,65 +212,102 @@ impl HalBootControl {
     /// no better figure.
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
-    /// The default instance ([`crate::INSTANCE`]) on kernel binder, waiting up to `timeout`.
+    /// The default instance ([`crate::INSTANCE`]) on kernel binder, waiting up to `timeout` (also
+    /// for a reconnect).
     pub fn connect(timeout: Duration) -> Result<HalBootControl, HalError> {
-        BootHal::connect(crate::INSTANCE, timeout).map(HalBootControl::new)
+        HalBootControl::connect_uri(&Uri::kernel().with_service(crate::INSTANCE), timeout)
     }
 
-    /// Any endpoint (see [`BootHal::connect_uri`]).
+    /// Any endpoint (see [`BootHal::connect_uri`]), waiting up to `timeout` (also for a
+    /// reconnect).
     pub fn connect_uri(uri: &Uri, timeout: Duration) -> Result<HalBootControl, HalError> {
-        BootHal::connect_uri(uri, timeout).map(HalBootControl::new)
+        let hal = BootHal::connect_uri(uri, timeout)?;
+        log::info!("boot control HAL: using {}", hal.origin());
+        Ok(HalBootControl {
+            hal: Mutex::new(Arc::new(hal)),
+            reconnect: Some((uri.clone(), timeout)),
+        })
     }
 
-    /// Over a HAL already connected.
+    /// Over a HAL already connected (no reconnect).
     pub fn new(hal: BootHal) -> HalBootControl {
-        HalBootControl { hal }
+        HalBootControl { hal: Mutex::new(Arc::new(hal)), reconnect: None }
     }
 
-    /// Over a binder obtained elsewhere (a test's local fake, a proxy from another lookup).
+    /// Over a binder obtained elsewhere (a test's local fake, a proxy from another lookup); no
+    /// reconnect.
     pub fn from_binder(hal: Strong<dyn IBootControl>, origin: &str) -> HalBootControl {
         HalBootControl::new(BootHal::from_binder(hal, origin))
     }
 
-    /// The typed HAL, for the methods the policy does not use.
-    pub fn hal(&self) -> &BootHal {
-        &self.hal
+    /// The typed HAL in use, for the methods the policy does not use.
+    pub fn hal(&self) -> Arc<BootHal> {
+        Arc::clone(&self.hal.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
     }
 
-    /// Turns a slot-taking call's error into the policy's: `INVALID_SLOT` becomes
-    /// [`BootControlError::InvalidSlot`] (with the count, if the HAL answers it).
-    fn slot_error(&self, slot: u32, error: HalError) -> BootControlError {
+    /// Runs `call` on the HAL; if the HAL is dead and can be looked up again, once more on the
+    /// new one.
+    fn with_hal<T>(&self, call: impl Fn(&BootHal) -> Result<T, HalError>) -> Result<T, HalError> {
+        let hal = self.hal();
+        let error = match call(&hal) {
+            Err(error @ HalError::Transport { status: StatusCode::DeadObject, .. }) => error,
+            other => return other,
+        };
+        let Some((uri, timeout)) = &self.reconnect else { return Err(error) };
+        log::warn!("boot control HAL {} died ({error}); looking it up again", hal.origin());
+        let fresh = match BootHal::connect_uri(uri, *timeout) {
+            Ok(fresh) => Arc::new(fresh),
+            Err(lookup) => {
+                log::error!("boot control HAL: lookup after its death failed: {lookup}");
+                return Err(error);
+            }
+        };
+        *self.hal.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::clone(&fresh);
+        call(&fresh)
+    }
+
+    /// A slot-taking call: `INVALID_SLOT` becomes [`BootControlError::InvalidSlot`] (with the
+    /// count, if the HAL answers it).
+    fn slot_call<T>(
+        &self,
+        slot: u32,
+        call: impl Fn(&BootHal) -> Result<T, HalError>,
+    ) -> Result<T, BootControlError> {
+        let error = match self.with_hal(call) {
+            Ok(value) => return Ok(value),
+            Err(error) => error,
+        };
         let invalid = matches!(error, HalError::SlotOutOfRange { .. })
             || error.service_specific_code() == Some(INVALID_SLOT);
-        match (invalid, self.hal.number_slots()) {
-            (true, Ok(count)) => BootControlError::InvalidSlot { slot, count },
-            _ => error.into(),
+        match (invalid, self.with_hal(BootHal::number_slots)) {
+            (true, Ok(count)) => Err(BootControlError::InvalidSlot { slot, count }),
+            _ => Err(error.into()),
         }
     }
 }
 
 impl BootControl for HalBootControl {
     fn slot_count(&self) -> Result<u32, BootControlError> {
-        Ok(self.hal.number_slots()?)
+        Ok(self.with_hal(BootHal::number_slots)?)
     }
 
     fn current_slot(&self) -> Result<u32, BootControlError> {
-        Ok(self.hal.current_slot()?)
+        Ok(self.with_hal(BootHal::current_slot)?)
     }
 
     fn slot_suffix(&self, slot: u32) -> Result<String, BootControlError> {
-        self.hal.suffix(slot).map_err(|e| self.slot_error(slot, e))
+        self.slot_call(slot, |hal| hal.suffix(slot))
     }
 
     fn is_slot_marked_successful(&self, slot: u32) -> Result<bool, BootControlError> {
-        self.hal.slot_marked_successful(slot).map_err(|e| self.slot_error(slot, e))
+        self.slot_call(slot, |hal| hal.slot_marked_successful(slot))
     }
 
     fn mark_boot_successful(&self) -> Result<(), BootControlError> {
-        Ok(self.hal.mark_successful()?)
+        Ok(self.with_hal(BootHal::mark_successful)?)
     }
 
     fn set_active_boot_slot(&self, slot: u32) -> Result<(), BootControlError> {
-        self.hal.set_active(slot).map_err(|e| self.slot_error(slot, e))
+        self.slot_call(slot, |hal| hal.set_active(slot))
     }
 }

@@ -206,6 +206,34 @@ fn a_vanished_hal_is_a_transport_error() {
     assert!(!hal_error(&error).is_hal_answer());
 }
 
+#[test]
+fn a_hal_that_comes_back_is_looked_up_again() {
+    let mut rig = rig(FakeState::after_update(2, 1));
+    let uri = bootctl_hal::socket_uri(&rig.socket);
+    let client = HalBootControl::connect_uri(&uri, TIMEOUT).unwrap();
+    assert!(!client.is_slot_marked_successful(1).unwrap());
+
+    // The HAL process "restarts": the old session dies, a new server takes the same socket.
+    drop(rig.server.take());
+    std::fs::remove_file(&rig.socket).ok();
+    rig.server = Some(rig.fake.serve_socket(&rig.socket).expect("serve again"));
+    client.mark_boot_successful().expect("the call is retried on the new HAL");
+    assert!(rig.fake.state().slots[1].successful);
+    assert!(client.is_slot_marked_successful(1).unwrap());
+
+    // Gone for good: the lookup fails and the call reports the death it saw.
+    drop(rig.server.take());
+    std::fs::remove_file(&rig.socket).ok();
+    let error = client.current_slot().unwrap_err();
+    assert!(
+        matches!(
+            hal_error(&error),
+            HalError::Transport { status: rsbinder::StatusCode::DeadObject, .. }
+        ),
+        "{error:?}"
+    );
+}
+
 /// The policy on top of the HAL client: vold's implicit A/B checkpoint while the slot is not
 /// successful, commit marks it, and the HAL-error rules.
 fn checkpointer(client: HalBootControl, dir: &std::path::Path) -> Checkpointer {

@@ -112,15 +112,7 @@ fn guest_kernel_binder(_: &[String]) -> Result<(), Failed> {
     }
 
     let ready = guest::shared_dir().join("fake_hal.ready");
-    children.0.push(
-        Command::new(std::env::current_exe()?)
-            .args(["--guest", "fake_hal"])
-            .arg(&ready)
-            .stdin(Stdio::null())
-            .stdout(log_file("fake_hal.log")?)
-            .stderr(log_file("fake_hal.log")?)
-            .spawn()?,
-    );
+    children.0.push(spawn_fake(&ready)?);
 
     // The client waits for the registration itself (the fake may not be up yet).
     let start = Instant::now();
@@ -201,10 +193,11 @@ fn guest_kernel_binder(_: &[String]) -> Result<(), Failed> {
     println!("faults typed: {error}");
 
     // A HAL that dies: the next call is a transport error, not a HAL answer.
+    let no_reconnect = HalBootControl::new(BootHal::connect(INSTANCE, CONNECT_TIMEOUT)?);
     let fake = children.0.last_mut().expect("the fake process");
     fake.kill()?;
     fake.wait()?;
-    match boot.current_slot() {
+    match no_reconnect.current_slot() {
         Err(error) => {
             let hal = hal_error(&error)?;
             check(matches!(hal, HalError::Transport { .. }), "a dead HAL is a transport error")?;
@@ -212,7 +205,30 @@ fn guest_kernel_binder(_: &[String]) -> Result<(), Failed> {
         }
         Ok(slot) => return Err(format!("a dead HAL answered slot {slot}").into()),
     }
+
+    // The HAL restarts: a client from `connect` looks it up again and retries the call.
+    let ready = guest::shared_dir().join("fake_hal.ready.2");
+    children.0.push(spawn_fake(&ready)?);
+    let deadline = Instant::now() + CONNECT_TIMEOUT;
+    while !ready.exists() {
+        check(Instant::now() < deadline, "the restarted fake never got ready")?;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    check(!boot.is_slot_marked_successful(1)?, "the new HAL process has fresh state")?;
+    check(boot.hal().binder().as_binder().is_remote(), "still a remote proxy")?;
+    println!("reconnected after HAL restart");
     Ok(())
+}
+
+/// Starts this binary's `fake_hal` entry as a process of its own.
+fn spawn_fake(ready: &Path) -> Result<Child, Failed> {
+    Ok(Command::new(std::env::current_exe()?)
+        .args(["--guest", "fake_hal"])
+        .arg(ready)
+        .stdin(Stdio::null())
+        .stdout(log_file("fake_hal.log")?)
+        .stderr(log_file("fake_hal.log")?)
+        .spawn()?)
 }
 
 /// The fake HAL process: the default instance (first boot of updated slot _b) and a faulty one;
