@@ -214,7 +214,16 @@ impl Daemon {
         })?;
         let _serialized = self.restore_lock.lock().unwrap_or_else(PoisonError::into_inner);
         let listeners = Arc::clone(&self.listeners);
+        // At most one report per 100 ms (and always the last), so a long restore does not
+        // flood the listeners with oneway calls.
+        let last_report = Mutex::new(None::<std::time::Instant>);
         let progress = move |done: u64, total: u64| {
+            let mut last = last_report.lock().unwrap_or_else(PoisonError::into_inner);
+            let due = last.is_none_or(|t| t.elapsed() >= std::time::Duration::from_millis(100));
+            if done < total && !due {
+                return;
+            }
+            *last = Some(std::time::Instant::now());
             let (done, total) = (to_i64(done), to_i64(total));
             listeners.notify("onRestoreProgress", |l| l.onRestoreProgress(done, total));
         };

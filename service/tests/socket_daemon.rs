@@ -520,3 +520,64 @@ fn listeners_hear_state_changes_over_the_socket() {
     }
     daemon.stop();
 }
+
+/// Blocks 0..USED of the test image hold data; the rest was free at checkpoint start (dm-bow
+/// keeps its backups there, so after a restore only the used blocks must be bit-exact).
+const USED_BYTES: usize = 128 * 4096;
+
+/// An image file with a real dm-bow log (bow's log writer). Returns the original contents.
+fn image_with_log(path: &Path) -> Vec<u8> {
+    use bow::device::{BlockDevice, FileDevice};
+    const BS: usize = 4096;
+    let original: Vec<u8> =
+        (0..256 * BS).map(|i| u8::try_from((i / BS * 7 + i % 251) % 256).unwrap_or(0)).collect();
+    std::fs::write(path, &original).expect("write image");
+    let dev = FileDevice::open(path).expect("open image");
+    let bs = bow::units::BlockSize::new(4096).expect("block size");
+    let free: Vec<u64> = (128..256).collect();
+    let mut log = bow::restore::synth::LogWriter::start(&dev, bs, &free).expect("start log");
+    log.write(0, &[0xee; BS]).expect("write block 0");
+    log.write(3, &[0x33; 2 * BS]).expect("write blocks 3-4");
+    log.write(10, &[0x10; BS]).expect("write block 10");
+    dev.flush().expect("flush");
+    assert_ne!(std::fs::read(path).expect("image"), original, "the writes changed the image");
+    original
+}
+
+#[test]
+fn restore_checkpoint_restores_an_image_and_records_it() {
+    let setup = Setup::new(TEST_BACKEND);
+    let image = setup.dir.path().join("userdata.img");
+    let original = image_with_log(&image);
+    let daemon = setup.boot();
+    let image_arg = image.to_str().expect("utf-8 path");
+
+    // A partial restore stops at its limit with vold's EAGAIN, and can be resumed.
+    let service = setup.client().expect("client");
+    let err = service.restoreCheckpointPart(image_arg, 1).unwrap_err();
+    assert_eq!(err.service_specific_error(), codes::EAGAIN, "{err}");
+    assert_eq!(err.message(), Some("Hit the test limit"));
+
+    assert_eq!(setup.vdc(&["restoreCheckpoint", image_arg]), (0, String::new()));
+    let restored = std::fs::read(&image).expect("image");
+    let first_difference = (0..USED_BYTES).find(|&i| restored[i] != original[i]);
+    assert_eq!(first_difference, None, "the used blocks are not restored bit-exact");
+
+    // Nothing left to restore: vold's "No magic".
+    let (code, err) = setup.vdc(&["restoreCheckpoint", image_arg]);
+    assert_eq!(code, 25);
+    assert!(err.contains("No magic"), "{err}");
+
+    let status = setup.status_json();
+    assert_eq!(status["last_restore"]["kind"], "restore", "{status}");
+    assert_eq!(status["last_restore"]["device"], image_arg, "{status}");
+    let history = service.getHistory(0).expect("history");
+    let outcomes: Vec<&str> = history
+        .iter()
+        .filter(|e| e.kind == HistoryEventKind::RESTORED)
+        .map(|e| e.outcome.as_str())
+        .collect();
+    assert_eq!(outcomes.len(), 3, "{history:?}");
+    assert!(outcomes.contains(&"restored"), "{outcomes:?}");
+    daemon.stop();
+}
