@@ -745,3 +745,45 @@ fn progress_reports_blocks_done_of_total() {
     assert_eq!(last.done, last.total);
     assert!(validate_steps >= 1);
 }
+
+mod fuzz_bodies {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn seed_images() -> &'static [Vec<u8>] {
+        static IMAGES: std::sync::OnceLock<Vec<Vec<u8>>> = std::sync::OnceLock::new();
+        IMAGES.get_or_init(|| {
+            vec![
+                worked_example().snapshot()[..16 * 4096].to_vec(),
+                Scenario::new(11, BlockSize::B512, 128, 60).checkpointed,
+                Scenario::model(12, BlockSize::B512, 128, 60).checkpointed,
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+        /// The fuzz targets' bodies on arbitrary bytes (libFuzzer runs them in fuzz/).
+        #[test]
+        fn fuzz_bodies_on_arbitrary_bytes(data in proptest::collection::vec(any::<u8>(), 0..9000)) {
+            fuzzing::parse_log_sector(&data);
+            fuzzing::validate_log(&data);
+        }
+
+        /// The fuzz bodies on real logs with a few bytes changed (mostly in the log sector).
+        #[test]
+        fn fuzz_bodies_on_mutated_logs(
+            which in 0usize..3,
+            edits in proptest::collection::vec((any::<bool>(), any::<u32>(), any::<u8>()), 1..6),
+        ) {
+            let mut img = seed_images()[which].clone();
+            for (in_log, at, byte) in edits {
+                let len = if in_log { 128 } else { img.len() };
+                img[at as usize % len] = byte;
+            }
+            fuzzing::validate_log(&img);
+            fuzzing::parse_log_sector(&img[..512]);
+        }
+    }
+}
