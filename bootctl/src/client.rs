@@ -36,17 +36,26 @@ impl fmt::Debug for BootHal {
 }
 
 impl BootHal {
-    /// Looks `instance` up with the service manager on kernel binder, waiting up to `timeout`
-    /// for it to be registered (vold waits without bound; a daemon should not). Starts the
-    /// binder thread pool if this process has not yet.
+    /// Looks `instance` up with the service manager on kernel binder (the default driver, or
+    /// the one this process already uses), waiting up to `timeout` for it to be registered
+    /// (vold waits without bound; a daemon should not). Starts the binder thread pool if this
+    /// process has not yet.
     ///
     /// Unlike vold's client this does not ask the service manager whether the instance is
     /// declared in a VINTF manifest first: `rsb_hub` on Linux has no manifest, so the bounded
     /// wait is the only test of presence.
     pub fn connect(instance: &str, timeout: Duration) -> Result<BootHal, HalError> {
+        BootHal::connect_kernel(Uri::kernel(), instance, timeout)
+    }
+
+    fn connect_kernel(
+        endpoint: Uri,
+        instance: &str,
+        timeout: Duration,
+    ) -> Result<BootHal, HalError> {
         let sm_error =
             |status: StatusCode| HalError::ServiceManager { instance: instance.to_owned(), status };
-        let client = Client::open(Uri::kernel()).map_err(sm_error)?;
+        let client = Client::open(endpoint).map_err(sm_error)?;
         let start = Instant::now();
         let mut pause = FIRST_POLL;
         loop {
@@ -68,15 +77,17 @@ impl BootHal {
     }
 
     /// Connects through any rsbinder endpoint: `uri` names the endpoint and, optionally, the
-    /// service (default [`crate::INSTANCE`]). Kernel endpoints wait as [`BootHal::connect`];
+    /// service (default [`crate::INSTANCE`]); e.g. `binder://android.hardware.boot.IBootControl/default`
+    /// or `unix:///run/bootctl.sock#android.hardware.boot.IBootControl/default` (see
+    /// `rsbinder::Uri`). Kernel endpoints wait as [`BootHal::connect`] (with the URI's driver);
     /// RPC endpoints (`unix://...`) do one lookup, with `timeout` bounding every connection
     /// step and every later reply.
     pub fn connect_uri(uri: &Uri, timeout: Duration) -> Result<BootHal, HalError> {
         let instance = uri.service().unwrap_or(crate::INSTANCE).to_owned();
-        if uri.endpoint().is_kernel() {
-            return BootHal::connect(&instance, timeout);
-        }
         let endpoint = Uri::new(uri.endpoint().clone()).with_wire(uri.wire());
+        if uri.endpoint().is_kernel() {
+            return BootHal::connect_kernel(endpoint, &instance, timeout);
+        }
         let client = Client::open_with(endpoint, |options, _| options.timeout = Some(timeout))
             .map_err(|status| HalError::ServiceManager { instance: instance.clone(), status })?;
         match client.get::<dyn IBootControl>(&instance) {

@@ -131,3 +131,43 @@ impl From<HalError> for policy::BootControlError {
         policy::BootControlError::Hal(Box::new(error))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_are_classified() {
+        let status =
+            Status::new_service_specific_error(INVALID_SLOT, Some("Invalid slot 9".into()));
+        let error = HalError::from_status("getSuffix", &status);
+        assert_eq!(error.service_specific_code(), Some(INVALID_SLOT));
+        assert!(error.is_hal_answer());
+        assert_eq!(error.to_string(), "getSuffix failed: INVALID_SLOT (-1): Invalid slot 9");
+
+        let error =
+            HalError::from_status("markBootSuccessful", &Status::from(StatusCode::DeadObject));
+        assert!(matches!(error, HalError::Transport { status: StatusCode::DeadObject, .. }));
+        assert!(!error.is_hal_answer());
+
+        let status = Status::from(ExceptionCode::UnsupportedOperation);
+        let error = HalError::from_status("getSnapshotMergeStatus", &status);
+        assert!(matches!(
+            error,
+            HalError::Exception { exception: ExceptionCode::UnsupportedOperation, .. }
+        ));
+        let vendor = Status::new_service_specific_error(42, None);
+        assert!(HalError::from_status("x", &vendor).to_string().contains("vendor code (42)"));
+    }
+
+    #[test]
+    fn maps_into_the_policy_error_as_boot_control_kind() {
+        let error: policy::BootControlError =
+            HalError::BadReply { method: "getCurrentSlot", value: -3 }.into();
+        assert_eq!(error.kind(), policy::ErrorKind::BootControl);
+        assert_eq!(
+            error.to_string(),
+            "boot control HAL: getCurrentSlot returned -3, which is not a valid answer"
+        );
+    }
+}

@@ -358,3 +358,66 @@ impl IBootControl for FakeBootControl {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_state_names_slots_and_starts_at_rest() {
+        let state = FakeState::new(3, 1);
+        let suffixes: Vec<&str> = state.slots.iter().map(|s| s.suffix.as_str()).collect();
+        assert_eq!(suffixes, ["_a", "_b", "_c"]);
+        assert!(state.slots.iter().all(|s| s.bootable && s.successful));
+        assert_eq!((state.current, state.active), (1, 1));
+        assert_eq!(state.merge_status, MergeStatus::NONE);
+        let updated = FakeState::after_update(2, 1);
+        assert!(updated.slots[0].successful && !updated.slots[1].successful);
+    }
+
+    #[test]
+    fn local_calls_follow_the_boot_record_semantics() {
+        let fake = FakeBootControl::new(FakeState::after_update(2, 1));
+        assert!(!fake.isSlotMarkedSuccessful(1).unwrap());
+        fake.markBootSuccessful().unwrap();
+        assert!(fake.isSlotMarkedSuccessful(1).unwrap());
+        fake.setActiveBootSlot(0).unwrap();
+        assert_eq!(fake.getActiveBootSlot().unwrap(), 0);
+        assert_eq!(fake.getCurrentSlot().unwrap(), 1, "switching slots needs a reboot");
+        assert!(!fake.isSlotMarkedSuccessful(0).unwrap());
+        fake.setSlotAsUnbootable(1).unwrap();
+        assert!(!fake.isSlotBootable(1).unwrap());
+        for slot in [-1, 2, i32::MAX] {
+            let status = fake.getSuffix(slot).unwrap_err();
+            assert_eq!(status.service_specific_error(), INVALID_SLOT);
+        }
+    }
+
+    #[test]
+    fn faults_fail_only_their_method_until_cleared() {
+        let fake = FakeBootControl::new(FakeState::after_update(2, 1));
+        fake.inject(Method::MarkBootSuccessful, Fault::COMMAND_FAILED);
+        fake.inject(Method::GetCurrentSlot, Fault::Exception(ExceptionCode::IllegalState));
+        let status = fake.markBootSuccessful().unwrap_err();
+        assert_eq!(status.service_specific_error(), COMMAND_FAILED);
+        assert!(!fake.state().slots[1].successful);
+        let status = fake.getCurrentSlot().unwrap_err();
+        assert_eq!(status.exception_code(), ExceptionCode::IllegalState);
+        assert_eq!(fake.getNumberSlots().unwrap(), 2);
+        fake.clear_fault(Method::MarkBootSuccessful);
+        fake.markBootSuccessful().unwrap();
+        assert!(fake.getCurrentSlot().is_err());
+        fake.clear_faults();
+        assert_eq!(fake.getCurrentSlot().unwrap(), 1);
+        assert_eq!(fake.calls().len(), 6);
+        assert_eq!(fake.calls()[0], Method::MarkBootSuccessful);
+    }
+
+    #[test]
+    fn method_names_round_trip() {
+        for method in Method::ALL {
+            assert_eq!(Method::from_aidl_name(method.aidl_name()), Some(method));
+        }
+        assert_eq!(Method::from_aidl_name("reboot"), None);
+    }
+}

@@ -194,6 +194,20 @@ fn a_missing_instance_or_socket_is_reported() {
 }
 
 #[test]
+fn uri_strings_name_the_hal_for_a_config_file() {
+    let rig = rig(FakeState::new(2, 1));
+    let text = format!("unix://{}?profile=android13plus#{INSTANCE}", rig.socket.display());
+    let uri: rsbinder::Uri = text.parse().expect("a unix URI string");
+    assert_eq!(uri, bootctl_hal::socket_uri(&rig.socket).with_service(INSTANCE));
+    let client = HalBootControl::connect_uri(&uri, TIMEOUT).unwrap();
+    assert_eq!(client.current_slot().unwrap(), 1);
+
+    let kernel: rsbinder::Uri = format!("binder://{INSTANCE}").parse().expect("a binder URI");
+    assert!(kernel.endpoint().is_kernel());
+    assert_eq!(kernel.service(), Some(INSTANCE));
+}
+
+#[test]
 fn a_vanished_hal_is_a_transport_error() {
     let mut rig = rig(FakeState::new(2, 0));
     assert_eq!(rig.client.current_slot().unwrap(), 0);
@@ -280,4 +294,73 @@ fn policy_treats_an_is_successful_error_as_successful_and_fails_commit_on_a_mark
     }
     assert!(!fake.state().slots[1].successful);
     drop(server);
+}
+
+/// The wire, independent of the generated code: the transaction codes are AOSP's (the order of
+/// the frozen V1 dump, from `FIRST_CALL_TRANSACTION` = 1; the meta methods at the top of the
+/// user range), each carrying the arguments and result the AIDL declares.
+#[test]
+fn transaction_codes_and_parcels_match_the_frozen_v1_interface() {
+    let mut state = FakeState::new(3, 2);
+    state.active = 1;
+    state.slots[0].bootable = false;
+    state.merge_status = MergeStatus::CANCELLED;
+    let rig = rig(state);
+    // A hand-written stub, as rsbinder documents for RPC: build_request writes the interface
+    // token, transact sends the raw code.
+    let binder =
+        rsbinder::connect_binder(bootctl_hal::socket_uri(&rig.socket).with_service(INSTANCE))
+            .expect("the raw binder");
+    let remote =
+        (*binder).as_any().downcast_ref::<rsbinder::rpc::RpcProxy>().expect("an RPC proxy");
+    let call = |code: u32, arg: Option<i32>| -> rsbinder::Parcel {
+        let mut data = remote.build_request("android.hardware.boot.IBootControl").expect("request");
+        if let Some(arg) = arg {
+            data.write(&arg).expect("argument");
+        }
+        let mut reply = remote
+            .transact(code, &data, 0)
+            .expect("transaction")
+            .expect("a two-way call has a reply");
+        let status: rsbinder::Status = reply.read().expect("status");
+        assert!(status.is_ok(), "code {code}: {status}");
+        reply
+    };
+    let int = |code, arg| call(code, arg).read::<i32>().expect("int result");
+    let boolean = |code, arg| call(code, arg).read::<bool>().expect("boolean result");
+
+    assert_eq!(int(1, None), 1, "1 = getActiveBootSlot");
+    assert_eq!(int(2, None), 2, "2 = getCurrentSlot");
+    assert_eq!(int(3, None), 3, "3 = getNumberSlots");
+    assert_eq!(int(4, None), 4, "4 = getSnapshotMergeStatus (CANCELLED = 4)");
+    assert_eq!(call(5, Some(2)).read::<String>().unwrap(), "_c", "5 = getSuffix");
+    assert!(!boolean(6, Some(0)), "6 = isSlotBootable");
+    assert!(boolean(7, Some(1)), "7 = isSlotMarkedSuccessful");
+    call(9, Some(0)); // 9 = setActiveBootSlot
+    assert_eq!(rig.fake.state().active, 0);
+    assert!(!boolean(7, Some(0)));
+    call(8, None); // 8 = markBootSuccessful (current slot 2)
+    call(10, Some(2)); // 10 = setSlotAsUnbootable
+    assert!(!rig.fake.state().slots[2].bootable);
+    call(11, Some(3)); // 11 = setSnapshotMergeStatus(MERGING)
+    assert_eq!(rig.fake.state().merge_status, MergeStatus::MERGING);
+    assert_eq!(int(16_777_215, None), 1, "getInterfaceVersion");
+    assert_eq!(call(16_777_214, None).read::<String>().unwrap(), HASH, "getInterfaceHash");
+    assert_eq!(
+        rig.fake.calls(),
+        [
+            Method::GetActiveBootSlot,
+            Method::GetCurrentSlot,
+            Method::GetNumberSlots,
+            Method::GetSnapshotMergeStatus,
+            Method::GetSuffix,
+            Method::IsSlotBootable,
+            Method::IsSlotMarkedSuccessful,
+            Method::SetActiveBootSlot,
+            Method::IsSlotMarkedSuccessful,
+            Method::MarkBootSuccessful,
+            Method::SetSlotAsUnbootable,
+            Method::SetSnapshotMergeStatus,
+        ]
+    );
 }
