@@ -287,6 +287,50 @@ impl FakeBootControl {
     }
 }
 
+/// Why [`serve_kernel_until_killed`] stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Registering an instance with the service manager failed.
+    #[error("cannot register {instance} on kernel binder: {status:?}")]
+    Register {
+        /// The instance.
+        instance: String,
+        /// rsbinder's status.
+        status: StatusCode,
+    },
+    /// The ready file could not be written.
+    #[error("cannot write the ready file {path}: {source}")]
+    Ready {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Registers each `(instance, fake)` on kernel binder, writes `ready` once all are registered,
+/// and serves until the process is killed: the body of a VM guest entry that runs the fake HAL
+/// in a process of its own (start the service manager first).
+pub fn serve_kernel_until_killed(
+    services: &[(&str, &FakeBootControl)],
+    ready: &Path,
+) -> Result<std::convert::Infallible, ServeError> {
+    let mut guards = Vec::new();
+    for (instance, fake) in services {
+        let guard = fake
+            .serve_kernel(instance)
+            .map_err(|status| ServeError::Register { instance: (*instance).to_owned(), status })?;
+        guards.push(guard);
+    }
+    std::fs::write(ready, b"ready\n")
+        .map_err(|source| ServeError::Ready { path: ready.to_owned(), source })?;
+    log::info!("fake boot control HAL serving {} instance(s)", services.len());
+    loop {
+        std::thread::park();
+    }
+}
+
 fn slot_number(index: usize) -> i32 {
     i32::try_from(index).expect("at most 26 slots")
 }

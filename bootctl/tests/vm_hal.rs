@@ -239,11 +239,9 @@ fn guest_fake_hal(args: &[String]) -> Result<(), Failed> {
     let faulty = FakeBootControl::new(FakeState::after_update(2, 1));
     faulty.inject(Method::IsSlotMarkedSuccessful, Fault::COMMAND_FAILED);
     faulty.inject(Method::MarkBootSuccessful, Fault::COMMAND_FAILED);
-    let _healthy =
-        healthy.serve_kernel(INSTANCE).map_err(|e| format!("serve {INSTANCE}: {e:?}"))?;
-    let _faulty = faulty.serve_kernel(FAULTY).map_err(|e| format!("serve {FAULTY}: {e:?}"))?;
-    fs::write(&ready, b"ready")?;
-    loop {
-        std::thread::park();
-    }
+    bootctl_hal::fake::serve_kernel_until_killed(
+        &[(INSTANCE, &healthy), (FAULTY, &faulty)],
+        &ready,
+    )?;
+    Ok(())
 }
