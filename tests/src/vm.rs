@@ -172,7 +172,9 @@ impl Vm {
         self
     }
 
-    /// Sets an environment variable for the guest program.
+    /// Sets an environment variable for the guest program. The guest does not inherit the
+    /// host's environment; the harness passes on only `CHECKPOINTD_CACHE` (always),
+    /// `RUST_BACKTRACE` and `RUST_LOG` (when set).
     pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.env.push((key.into(), value.into()));
         self
@@ -221,10 +223,20 @@ impl Vm {
         }
         modules.extend(self.modules.iter().cloned());
         let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+        // The guest does not inherit the host's environment: pass on what the harness and
+        // Rust need, then the scenario's own variables (which win).
+        let mut env =
+            vec![(paths::CACHE_ENV.to_owned(), paths::cache_dir().to_string_lossy().into_owned())];
+        for key in ["RUST_BACKTRACE", "RUST_LOG"] {
+            if let Ok(value) = std::env::var(key) {
+                env.push((key.to_owned(), value));
+            }
+        }
+        env.extend(self.env.iter().cloned());
         let script = status::guest_script(&ScriptSpec {
             shared: &shared,
             modules: &modules,
-            env: &self.env,
+            env: &env,
             program: &program,
             args: &args,
         });

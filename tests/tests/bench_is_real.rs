@@ -175,12 +175,13 @@ fn guest_check_after_cut(_: &[String]) -> Result<(), Failed> {
 fn host_harness() -> Result<(), Failed> {
     let run = Vm::new("exit_status").env("TB_WORD", "it's here").run_shell(
         "echo \"out $TB_WORD\"; echo err >&2; test -w \"$TESTBENCH_SHARED\" && test \"$PWD\" = \
-         \"$TESTBENCH_SHARED\" && echo cwd-ok; exit 7",
+         \"$TESTBENCH_SHARED\" && echo cwd-ok; echo \"cache=$CHECKPOINTD_CACHE.\"; exit 7",
     )?;
     if run.exit != GuestExit::Exited(7) {
         return Err(format!("expected exit status 7, got {:?}", run.exit).into());
     }
-    for want in ["out it's here", "err", "cwd-ok"] {
+    let cache = format!("cache={}.", testbench::paths::cache_dir().display());
+    for want in ["out it's here", "err", "cwd-ok", &cache] {
         if !run.output.contains(want) {
             return Err(format!("output lacks {want:?}: {:?}", run.output).into());
         }

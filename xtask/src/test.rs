@@ -99,7 +99,7 @@ pub fn run(fuzz: bool) -> Result<ExitCode> {
 
     println!("\n=== summary ===");
     for p in &r.phases {
-        println!("  {:<24} {:>8.1} s  {}", p.name, p.seconds, if p.ok { "ok" } else { "FAILED" });
+        println!("  {:<30} {:>8.1} s  {}", p.name, p.seconds, if p.ok { "ok" } else { "FAILED" });
     }
     if !r.skipped.is_empty() {
         println!("skipped:");
