@@ -142,11 +142,13 @@ fn walk_with(
     let structural = std::thread::scope(|scope| {
         let stop = &stop;
         scope.spawn(move || {
+            // One buffer for all batches: no fresh pages to fault in for every batch.
+            let mut buf = Vec::new();
             for batch in batch_rx {
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
-                let checked = check_batch(dev, batch, bs, queue_depth);
+                let checked = check_batch(dev, batch, bs, queue_depth, &mut buf);
                 let failed = match &checked {
                     Ok(c) => c.iter().any(|c| c.computed != c.expected),
                     Err(_) => true,
@@ -242,14 +244,17 @@ fn check_batch(
     batch: Vec<PendingCrc>,
     bs: u64,
     queue_depth: usize,
+    buf: &mut Vec<u8>,
 ) -> Result<Vec<Checked>, RestoreError> {
     let bytes: u64 = batch.iter().map(|p| p.blocks * bs).sum();
     let computed: Vec<u32> = if bytes > BATCH_BYTES {
         // Only a single entry larger than a batch gets here: stream it.
         batch.iter().map(|p| streamed_crc(dev, p, bs)).collect::<Result<_, _>>()?
     } else {
-        let data = read_batch(dev, &batch, bs, queue_depth)?;
-        batch.iter().map(|p| data.crc(p, bs)).collect()
+        let data = read_batch(dev, &batch, bs, queue_depth, std::mem::take(buf))?;
+        let crcs = batch.iter().map(|p| data.crc(p, bs)).collect();
+        *buf = data.buf;
+        crcs
     };
     Ok(batch
         .into_iter()
@@ -420,6 +425,7 @@ fn read_batch(
     batch: &[PendingCrc],
     bs: u64,
     queue_depth: usize,
+    mut buf: Vec<u8>,
 ) -> Result<BatchData, RestoreError> {
     let mut runs: Vec<(u64, u64)> =
         batch.iter().flat_map(|p| p.runs.iter().map(|r| (r.phys, r.phys + r.len))).collect();
@@ -437,7 +443,8 @@ fn read_batch(
         ranges.push((s, e - s, offset));
         offset += usize::try_from((e - s) * bs).unwrap_or(usize::MAX);
     }
-    let mut buf = vec![0u8; offset];
+    buf.clear();
+    buf.resize(offset, 0);
     // Split the buffer into (device offset, slice) reads.
     let chunk = usize::try_from(READ_CHUNK.max(bs)).unwrap_or(usize::MAX);
     let mut jobs: Vec<(u64, &mut [u8])> = Vec::new();
