@@ -32,9 +32,10 @@ use crate::units::BlockSize;
 
 /// Largest single read while checking CRCs.
 const READ_CHUNK: u64 = 1 << 20;
-/// Data read per batch of CRC checks (a batch is sent once it holds at least this much; a
-/// batch of one entry larger than this is streamed instead of read whole).
-const BATCH_BYTES: u64 = 32 << 20;
+/// Data read per batch of CRC checks (a batch is sent before it would exceed this; a batch
+/// of one larger entry is streamed instead of read whole). Small enough that the checks
+/// follow the walk closely, large enough for long sorted reads.
+const BATCH_BYTES: u64 = 4 << 20;
 /// Reads in flight while checking CRCs, unless the caller says otherwise.
 const DEFAULT_QUEUE_DEPTH: usize = 8;
 
@@ -302,22 +303,12 @@ fn walk_chain(
     let resumed = header.magic == Magic::Wob;
     let mut saved_blocks: u64 = 0;
     let mut buf = vec![0u8; bs.as_usize()];
-    let mut window_buf = Vec::new();
-    let window = u64::from(bs.max_entries());
     for sequence in (0..=header.sequence).rev() {
         let at = w.map.resolve(0);
         if at >= blocks {
             return Err(CorruptLog::OutOfDevice { sequence, index: 0, blocks }.into());
         }
-        // An older log sector sits where the kernel saved it at rollover, right after the
-        // saved copies of its own entries (all carved in order from the free list): read those
-        // blocks in the same I/O, so the CRC checks of this sector's entries find them cached
-        // instead of waiting for more reads after this one (the walk is a chain of dependent
-        // reads). Only the last block is used here.
-        let ahead = if sequence == header.sequence { 0 } else { at.min(window) };
-        window_buf.resize(usize::try_from((ahead + 1) * bs_bytes).unwrap_or(usize::MAX), 0);
-        dev.read_at(&mut window_buf, (at - ahead) * bs_bytes)?;
-        buf.copy_from_slice(&window_buf[window_buf.len() - bs.as_usize()..]);
+        dev.read_at(&mut buf, at * bs_bytes)?;
         w.reads.push(Run { virt: 0, phys: at, len: 1 });
         let sector =
             LogSector::parse(&buf).map_err(|error| CorruptLog::Format { sequence, error })?;
