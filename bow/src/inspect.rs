@@ -216,7 +216,13 @@ impl LogReport {
                 let _ = writeln!(
                     out,
                     "  [{:>3}] {:>12} <- {:>12} {:>8} bytes  crc {:#010x} {:<12} {:?}",
-                    e.index, e.source, e.dest, e.size, e.checksum, crc, e.kind
+                    e.index,
+                    e.source.to_string(),
+                    e.dest.to_string(),
+                    e.size,
+                    e.checksum,
+                    crc,
+                    e.kind
                 );
             }
         }
