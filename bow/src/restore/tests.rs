@@ -787,3 +787,57 @@ mod fuzz_bodies {
         }
     }
 }
+
+/// Fails every read at or after `from` bytes.
+struct FailingReads(MemDevice, u64);
+
+impl BlockDevice for FailingReads {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DeviceError> {
+        if offset + buf.len() as u64 > self.1 {
+            return Err(DeviceError::Injected("read error"));
+        }
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, _buf: &[u8], offset: u64) -> Result<(), DeviceError> {
+        panic!("write at {offset} after a read error")
+    }
+    fn flush(&self) -> Result<(), DeviceError> {
+        panic!("flush after a read error")
+    }
+}
+
+#[test]
+fn read_errors_are_errors_never_a_roll_forward() {
+    // The worked example's backup of block 3 (block 12) cannot be read.
+    let dev = FailingReads(worked_example(), 12 * 4096);
+    let err = restore(&dev, &opts(), &mut quiet()).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Io, "{err}");
+}
+
+#[test]
+fn crash_during_a_limited_run_then_full_restore() {
+    let mut states = 0;
+    for s in scenarios().iter().take(3) {
+        let want = vold_result(&s.checkpointed);
+        let total = validate(&MemDevice::from_bytes(s.checkpointed.clone())).unwrap().entries;
+        for limit in [1, total / 3, total - 1] {
+            let o = RestoreOptions { limit: Some(limit.max(1)), ..opts() };
+            states += crash_everywhere(
+                &s.checkpointed,
+                &want,
+                3,
+                &|d| {
+                    let _ = restore(d, &o, &mut quiet());
+                },
+                &|d| {
+                    run(d, &opts());
+                },
+                &format!("limit {limit}"),
+            );
+        }
+    }
+    println!("limited-run crash states tested: {states}");
+}
