@@ -212,3 +212,29 @@ fn status(mut cmd: Command) -> Result<bool> {
     println!("+ {}", setup::show(&cmd));
     Ok(cmd.status().with_context(|| format!("starting {}", setup::show(&cmd)))?.success())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_run_without_failing_tests_still_counts_as_a_failure() {
+        let mut r = Report::default();
+        r.record(TestRun { ok: false, ..TestRun::default() }, "cargo test -p x");
+        assert_eq!(r.tests.failed, 1);
+        assert!(r.failed[0].contains("cargo test -p x"));
+
+        let mut r = Report::default();
+        let tally = Tally { passed: 2, failed: 1, ignored: 1 };
+        let run = TestRun {
+            ok: false,
+            tally,
+            skipped: vec![("vm".into(), Some("needs the virtual device".into()))],
+            failed: vec!["t".into()],
+        };
+        r.record(run, "cargo test");
+        assert_eq!(r.tests, tally);
+        assert_eq!(r.failed, ["t"]);
+        assert_eq!(r.skipped.len(), 1);
+    }
+}
