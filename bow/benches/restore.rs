@@ -324,7 +324,9 @@ fn main() {
         );
         let _ = std::fs::remove_file(&path);
     }
-    if !dropped_all {
+    if quick {
+        println!("\nquick mode (not `cargo bench`): tiny sizes, warm caches, numbers meaningless");
+    } else if !dropped_all {
         println!("\nnote: /proc/sys/vm/drop_caches was not writable: runs were not all cold");
     }
 }
