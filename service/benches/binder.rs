@@ -175,6 +175,29 @@ fn log(name: &str) -> Result<fs::File, Failed> {
     Ok(fs::OpenOptions::new().create(true).append(true).open(guest::shared_dir().join(name))?)
 }
 
+/// Starts rsb_hub with the policy file `policy` and waits for its `READY=1` (sd_notify through
+/// `$NOTIFY_SOCKET`): it then holds the context-manager handle, so services may register.
+fn start_hub(policy: &Path, log_to: fs::File) -> Result<Child, Failed> {
+    let notify_path = Path::new("/dev/shm/rsb_hub.notify");
+    let _ = fs::remove_file(notify_path);
+    let notify = std::os::unix::net::UnixDatagram::bind(notify_path)?;
+    notify.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let hub = Command::new(testbench::tool("rsb_hub"))
+        .arg("--config")
+        .arg(policy)
+        .env("NOTIFY_SOCKET", notify_path)
+        .stdout(log_to.try_clone()?)
+        .stderr(log_to)
+        .spawn()?;
+    let mut buf = [0u8; 512];
+    loop {
+        let n = notify.recv(&mut buf).map_err(|e| format!("waiting for rsb_hub READY=1: {e}"))?;
+        if String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1") {
+            return Ok(hub);
+        }
+    }
+}
+
 fn daemon_config(meta: &str) -> Result<PathBuf, Failed> {
     let path = PathBuf::from("/dev/shm/bench-checkpointd.toml");
     fs::write(
@@ -192,7 +215,11 @@ fn start_daemon(config: &Path, trace: Option<&Path>) -> Result<Child, Failed> {
     let daemon = env!("CARGO_BIN_EXE_checkpointd");
     let mut cmd = match trace {
         Some(out) => {
-            let mut c = Command::new("strace");
+            let strace = ["/usr/bin/strace", "/bin/strace"]
+                .into_iter()
+                .find(|p| Path::new(p).exists())
+                .ok_or("strace is not installed (setup must install it for the fsync count)")?;
+            let mut c = Command::new(strace);
             c.args(["-f", "-qq", "-e", "trace=fsync,fdatasync", "-o"]).arg(out).arg(daemon);
             c
         }
@@ -254,7 +281,8 @@ fn summary(name: &str, mut samples: Vec<u64>) -> (u64, u64) {
 }
 
 fn fsync_lines(trace: &Path) -> Result<u64, Failed> {
-    let text = fs::read_to_string(trace)?;
+    let text =
+        fs::read_to_string(trace).map_err(|e| format!("reading {}: {e}", trace.display()))?;
     Ok(u64::try_from(
         text.lines().filter(|l| l.contains("fsync(") || l.contains("fdatasync(")).count(),
     )?)
@@ -273,7 +301,21 @@ fn traced_run(
     let service = lookup_alive(checkpoint_aidl::SERVICE_NAME)?;
     calls(&*service)?;
     drop(service);
-    stop(&mut daemon);
+    // `daemon` is strace: stop the traced checkpointd (its child), then strace exits with it.
+    let children = fs::read_to_string(format!("/proc/{0}/task/{0}/children", daemon.id()))?;
+    for pid in children.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while daemon.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            return Err("strace did not exit after checkpointd stopped".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // rsb_hub keeps the dead service's name; wait until the lookup no longer finds it alive.
     std::thread::sleep(Duration::from_millis(300));
     fsync_lines(&trace)
@@ -284,14 +326,8 @@ fn guest_bench(_: &[String]) -> Result<(), Failed> {
     guest::sh(&format!("mkdir -p {MOUNT} && mount -t ext4 {} {MOUNT}", disk.display()))?;
     guest::sh("mkdir -p /dev/binderfs && ln -sf /dev/binder /dev/binderfs/binder")?;
     let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/rsb_hub_bench.toml");
-    let hub = Command::new(testbench::tool("rsb_hub"))
-        .arg("--config")
-        .arg(&policy)
-        .stdout(log("rsb_hub.log")?)
-        .stderr(log("rsb_hub.log")?)
-        .spawn()?;
+    let hub = start_hub(&policy, log("rsb_hub.log")?)?;
     let mut procs = Procs(vec![hub]);
-    std::thread::sleep(Duration::from_millis(500));
     rsbinder::ProcessState::init_default().map_err(|e| format!("binder: {e}"))?;
 
     let meta = format!("{MOUNT}/checkpointd");

@@ -16,21 +16,28 @@ use rsbinder::{ExceptionCode, Strong};
 
 const DAEMON: &str = env!("CARGO_BIN_EXE_checkpointd");
 
-/// checkpointctl from the same target directory, built once if it is not there.
+/// checkpointctl from the same target directory (`cargo build --workspace --bins`, as `cargo
+/// xtask test` does); if it is not there, built once into a target dir of its own (the running
+/// `cargo test` holds the lock of ours).
 fn checkpointctl() -> &'static Path {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
-        let path = Path::new(DAEMON).with_file_name("checkpointctl");
-        if !path.exists() {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-            let status = Command::new(cargo)
-                .args(["build", "-p", "checkpointctl"])
-                .status()
-                .expect("run cargo build -p checkpointctl");
-            assert!(status.success(), "cargo build -p checkpointctl failed");
+        let sibling = Path::new(DAEMON).with_file_name("checkpointctl");
+        if sibling.exists() {
+            return sibling;
         }
-        assert!(path.exists(), "{} missing after the build", path.display());
-        path
+        let profile_dir = Path::new(DAEMON).parent().expect("the daemon has a folder");
+        let target_dir = profile_dir.with_file_name("checkpointctl-for-tests");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "checkpointctl", "--target-dir"])
+            .arg(&target_dir)
+            .status()
+            .expect("run cargo build -p checkpointctl");
+        assert!(status.success(), "cargo build -p checkpointctl failed");
+        let built = target_dir.join("debug").join("checkpointctl");
+        assert!(built.exists(), "{} missing after the build", built.display());
+        built
     })
 }
 
