@@ -125,7 +125,7 @@ pub enum VmError {
 }
 
 impl Vm {
-    /// A VM for the scenario `name` (used for the results dir `target/testbench/<name>-<n>/`).
+    /// A VM for the scenario `name` (results dir `<target>/testbench/<binary>/<name>-<n>/`).
     pub fn new(name: impl Into<String>) -> Self {
         Self {
             name: name.into(),
@@ -400,7 +400,7 @@ impl Vm {
 
     fn create_results_dir(&self) -> Result<PathBuf, VmError> {
         let name = sanitize(&self.name);
-        let base = paths::target_dir().join("testbench");
+        let base = paths::target_dir().join("testbench").join(binary_name());
         fs::create_dir_all(&base)
             .map_err(|e| self.io(format!("creating {}", base.display()), e))?;
         remove_stale_results(&base, &name);
@@ -476,6 +476,23 @@ pub fn tail(text: &str, lines: usize) -> String {
     all[from..].iter().map(|l| format!("{l}\n")).collect()
 }
 
+/// The running binary's name without cargo's hash (`bench_is_real-0123abcd` -> `bench_is_real`),
+/// so scenarios of different test binaries keep separate results.
+fn binary_name() -> String {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let stem = exe.file_stem().and_then(|s| s.to_str()).unwrap_or("vm");
+    sanitize(strip_cargo_hash(stem))
+}
+
+fn strip_cargo_hash(stem: &str) -> &str {
+    match stem.rsplit_once('-') {
+        Some((base, hash)) if hash.len() == 16 && hash.chars().all(|c| c.is_ascii_hexdigit()) => {
+            base
+        }
+        _ => stem,
+    }
+}
+
 /// Scenario names become folder names.
 fn sanitize(name: &str) -> String {
     let s: String = name
@@ -547,6 +564,13 @@ mod tests {
         assert_eq!(tail("a\nb\nc\n", 2), "b\nc\n");
         assert_eq!(tail("a", 5), "a\n");
         assert_eq!(tail("", 5), "");
+    }
+
+    #[test]
+    fn cargo_hashes_are_stripped_from_binary_names() {
+        assert_eq!(strip_cargo_hash("bench_is_real-23f904361ba387c4"), "bench_is_real");
+        assert_eq!(strip_cargo_hash("xtask"), "xtask");
+        assert_eq!(strip_cargo_hash("vm-binder"), "vm-binder");
     }
 
     #[test]
