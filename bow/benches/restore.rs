@@ -22,7 +22,8 @@
 //! ours and vold are checked against the original data.
 //!
 //! Environment: `BOW_BENCH_IMAGE_MIB` (default 512), `BOW_BENCH_RESTORE_MIB` (default 64),
-//! `BOW_BENCH_ROUNDS` (default 3), `BOW_BENCH_DIR` (default: the target's tmp dir).
+//! `BOW_BENCH_ROUNDS` (default 3), `BOW_BENCH_QD` (queue depth of ours, raw and copy; default
+//! 8), `BOW_BENCH_DIR` (default: the target's tmp dir).
 
 #![allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)] // Benchmark arithmetic.
 
@@ -246,7 +247,7 @@ fn main() {
     let image_mib = env_u64("BOW_BENCH_IMAGE_MIB", if quick { 16 } else { 512 });
     let restore_mib = env_u64("BOW_BENCH_RESTORE_MIB", if quick { 2 } else { 64 });
     let rounds = env_u64("BOW_BENCH_ROUNDS", if quick { 1 } else { 3 }).max(1);
-    let qd = RestoreOptions::default().queue_depth;
+    let qd = env_u64("BOW_BENCH_QD", RestoreOptions::default().queue_depth as u64).max(1) as usize;
     let dir = std::env::var_os("BOW_BENCH_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")));
