@@ -30,8 +30,9 @@ use crate::device::BlockDevice;
 use crate::format::{LogHeader, LogSector, Magic};
 use crate::units::BlockSize;
 
-/// Largest single read while checking CRCs.
-const READ_CHUNK: u64 = 1 << 20;
+/// Largest single read while checking CRCs: a merged range of a batch is read whole (splitting
+/// a sequential range into reads in flight together was slower on the development disk).
+const READ_CHUNK: u64 = 4 << 20;
 /// Data read per batch of CRC checks (a batch is sent before it would exceed this; a batch
 /// of one larger entry is streamed instead of read whole). Small enough that the checks
 /// follow the walk closely, large enough for long sorted reads.
