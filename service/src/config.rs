@@ -160,18 +160,29 @@ pub enum RollbackActionConfig {
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct BootControlConfig {
-    /// `none` or `file`.
+    /// `none`, `file` or `hal`.
     #[serde(rename = "type")]
     pub kind: BootControlKind,
     /// The record file of the `file` boot control (default: `<metadata_dir>/bootctl`).
     pub file: Option<PathBuf>,
     /// Number of slots when the record file is created (2..=4).
     pub slots: u32,
+    /// `hal`: the rsbinder URI of the IBootControl HAL (default: its default instance on kernel
+    /// binder, through `binder.driver` if set).
+    pub hal_uri: Option<String>,
+    /// `hal`: seconds to wait for the HAL to be registered (at start and on reconnect).
+    pub wait_secs: u64,
 }
 
 impl Default for BootControlConfig {
     fn default() -> Self {
-        BootControlConfig { kind: BootControlKind::None, file: None, slots: 2 }
+        BootControlConfig {
+            kind: BootControlKind::None,
+            file: None,
+            slots: 2,
+            hal_uri: None,
+            wait_secs: 10,
+        }
     }
 }
 
@@ -183,6 +194,8 @@ pub enum BootControlKind {
     None,
     /// The file-based bootloader record (Linux, the virtual device).
     File,
+    /// Android's `android.hardware.boot.IBootControl` AIDL HAL (crate bootctl-hal).
+    Hal,
 }
 
 /// `[access]`.
@@ -358,6 +371,16 @@ impl Config {
         if let Some(file) = &self.boot_control.file {
             check_absolute("boot_control.file", file)?;
         }
+        if let Some(uri) = &self.boot_control.hal_uri {
+            let parsed = rsbinder::Uri::parse(uri)
+                .map_err(|e| invalid("boot_control.hal_uri", format!("`{uri}`: {e}")))?;
+            if parsed.service().is_none() {
+                return Err(invalid(
+                    "boot_control.hal_uri",
+                    format!("`{uri}` names no service (add `#{}`)", bootctl_hal::INSTANCE),
+                ));
+            }
+        }
         if self.policy.rollback_action == RollbackActionConfig::SwitchToPreviousSlot
             && self.boot_control.kind == BootControlKind::None
         {
@@ -409,6 +432,20 @@ impl Config {
         backend.name.as_deref().unwrap_or(match backend.backend_type {
             BackendType::TestNull => "test-null",
         })
+    }
+
+    /// The URI of the boot control HAL.
+    pub fn boot_hal_uri(&self) -> rsbinder::Uri {
+        if let Some(uri) =
+            self.boot_control.hal_uri.as_deref().and_then(|u| rsbinder::Uri::parse(u).ok())
+        {
+            return uri;
+        }
+        let mut endpoint = rsbinder::entry::KernelEndpoint::default();
+        if let Some(driver) = &self.binder.driver {
+            endpoint = endpoint.with_driver(driver);
+        }
+        rsbinder::Uri::new(rsbinder::Endpoint::Kernel(endpoint)).with_service(bootctl_hal::INSTANCE)
     }
 
     /// The boot-control record file.
@@ -500,6 +537,8 @@ mod tests {
             ("metadata_dir = \"relative\"", "metadata_dir"),
             ("[policy]\ndefault_retry = -2", "policy.default_retry"),
             ("[boot_control]\nslots = 9", "boot_control.slots"),
+            ("[boot_control]\ntype = \"hal\"\nhal_uri = \"nonsense\"", "boot_control.hal_uri"),
+            ("[boot_control]\ntype = \"hal\"\nhal_uri = \"binder://\"", "boot_control.hal_uri"),
             ("[access]\nchange_uids = []", "access.change_uids"),
             ("[socket]\npath = \"x.sock\"", "socket.path"),
             ("[socket]\nmode = 4095", "socket.mode"),

@@ -73,6 +73,13 @@ fn boot_control(config: &Config) -> Result<Box<dyn BootControl>, StartError> {
             )?;
             Ok(Box::new(boot))
         }
+        BootControlKind::Hal => {
+            let uri = config.boot_hal_uri();
+            let wait = Duration::from_secs(config.boot_control.wait_secs);
+            let boot = bootctl_hal::HalBootControl::connect_uri(&uri, wait)
+                .map_err(|e| StartError::BootControl { path: uri.to_string(), source: e.into() })?;
+            Ok(Box::new(boot))
+        }
     }
 }
 

@@ -588,3 +588,35 @@ fn restore_checkpoint_restores_an_image_and_records_it() {
     assert!(outcomes.contains(&"restored"), "{outcomes:?}");
     daemon.stop();
 }
+
+#[test]
+fn boot_control_hal_marks_the_slot_on_commit() {
+    use bootctl_hal::fake::{FakeBootControl, FakeState};
+    let setup = Setup::new("");
+    // The first boot of freshly updated slot _b: not yet marked successful.
+    let hal = FakeBootControl::new(FakeState::after_update(2, 1));
+    let hal_socket = setup.dir.path().join("bootctl.sock");
+    let _hal_server = hal.serve_socket(&hal_socket).expect("serve the fake HAL");
+    let base = std::fs::read_to_string(setup.config()).expect("config");
+    std::fs::write(
+        setup.config(),
+        format!(
+            "{base}{TEST_BACKEND}[boot_control]\ntype = \"hal\"\nwait_secs = 5\n\
+             hal_uri = \"unix://{}?profile=android13plus#{}\"\n",
+            hal_socket.display(),
+            bootctl_hal::INSTANCE
+        ),
+    )
+    .expect("config");
+    let daemon = setup.boot();
+    // vold's implicit A/B checkpoint: an unmarked slot is checkpointed without startCheckpoint.
+    assert_eq!(setup.vdc(&["needsCheckpoint"]).0, 1);
+    let status = setup.status_json();
+    assert_eq!(status["current_slot_suffix"], "_b", "{status}");
+    assert_eq!(status["state"], "checkpointing", "{status}");
+    assert!(!hal.state().slots[1].successful);
+    assert_eq!(setup.vdc(&["commitChanges"]).0, 0);
+    assert!(hal.state().slots[1].successful, "commit marks the slot successful first");
+    assert_eq!(setup.vdc(&["needsCheckpoint"]).0, 0);
+    daemon.stop();
+}
