@@ -20,7 +20,7 @@
 //! number of entries.
 
 use super::plan;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Mutex};
 
 use super::relocation::{RelocationMap, Run};
@@ -138,38 +138,49 @@ fn walk_with(
     // The structural walk runs here while a second thread reads the saved copies of the
     // entries already walked and checks their CRCs, batch by batch.
     let bs = u64::from(block_size.bytes());
-    let stop = AtomicBool::new(false);
-    let (batch_tx, batch_rx) = mpsc::channel::<Vec<PendingCrc>>();
-    let (result_tx, result_rx) = mpsc::channel::<Result<Vec<Checked>, RestoreError>>();
+    // Batches are numbered; `queue_depth` workers check them, each reading its batch's merged
+    // ranges whole. After a mismatch (without `keep_going`) later batches are skipped.
+    let stop_after = AtomicUsize::new(usize::MAX);
+    let workers = queue_depth.clamp(1, 16);
+    let (batch_tx, batch_rx) = mpsc::channel::<(usize, Vec<PendingCrc>)>();
+    let batch_rx = Mutex::new(batch_rx);
+    let (result_tx, result_rx) = mpsc::channel::<(usize, Result<Vec<Checked>, RestoreError>)>();
     let structural = std::thread::scope(|scope| {
-        let stop = &stop;
-        scope.spawn(move || {
-            // One buffer for all batches: no fresh pages to fault in for every batch.
-            let mut buf = Vec::new();
-            for batch in batch_rx {
-                if stop.load(Ordering::Relaxed) {
-                    break;
+        for _ in 0..workers {
+            let (stop_after, batch_rx, result_tx) = (&stop_after, &batch_rx, result_tx.clone());
+            scope.spawn(move || {
+                // One buffer for all batches: no fresh pages to fault in for every batch.
+                let mut buf = Vec::new();
+                loop {
+                    let next = batch_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    let Ok((number, batch)) = next else { break };
+                    if number > stop_after.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    let checked = check_batch(dev, batch, bs, &mut buf);
+                    let failed = match &checked {
+                        Ok(c) => c.iter().any(|c| c.computed != c.expected),
+                        Err(_) => true,
+                    };
+                    if failed && !keep_going {
+                        stop_after.fetch_min(number, Ordering::Relaxed);
+                    }
+                    if result_tx.send((number, checked)).is_err() {
+                        break;
+                    }
                 }
-                let checked = check_batch(dev, batch, bs, queue_depth, &mut buf);
-                let failed = match &checked {
-                    Ok(c) => c.iter().any(|c| c.computed != c.expected),
-                    Err(_) => true,
-                };
-                if failed && !keep_going {
-                    stop.store(true, Ordering::Relaxed);
-                }
-                if result_tx.send(checked).is_err() {
-                    break;
-                }
-            }
-        });
+            });
+        }
+        drop(result_tx);
         let mut batch = Vec::new();
         let mut batch_bytes = 0;
         let mut total = 0;
+        let mut number = 0;
         let mut sink = |p: PendingCrc| {
             // A batch never exceeds BATCH_BYTES unless it is one larger entry.
             if !batch.is_empty() && batch_bytes + p.blocks * bs > BATCH_BYTES {
-                let _ = batch_tx.send(std::mem::take(&mut batch));
+                let _ = batch_tx.send((number, std::mem::take(&mut batch)));
+                number += 1;
                 batch_bytes = 0;
             }
             total += p.blocks;
@@ -178,13 +189,14 @@ fn walk_with(
         };
         let structural = walk_chain(dev, &mut w, &mut sink);
         if !batch.is_empty() {
-            let _ = batch_tx.send(batch);
+            let _ = batch_tx.send((number, batch));
         }
         drop(batch_tx);
         let mut done = 0;
-        let mut mismatch = None;
         let mut io_error = None;
-        for checked in result_rx {
+        // Results arrive in any order; a mismatch is reported in vold's (batch) order.
+        let mut mismatches: Vec<(usize, CorruptLog)> = Vec::new();
+        for (number, checked) in result_rx {
             match checked {
                 Ok(checked) => {
                     for c in checked {
@@ -199,13 +211,16 @@ fn walk_with(
                         {
                             *slot = Some(status);
                         }
-                        if mismatch.is_none() && c.computed != c.expected {
-                            mismatch = Some(CorruptLog::Checksum {
-                                sequence: c.sequence,
-                                index: u32::try_from(c.index).unwrap_or(u32::MAX),
-                                expected: c.expected,
-                                computed: c.computed,
-                            });
+                        if c.computed != c.expected && !mismatches.iter().any(|m| m.0 == number) {
+                            mismatches.push((
+                                number,
+                                CorruptLog::Checksum {
+                                    sequence: c.sequence,
+                                    index: u32::try_from(c.index).unwrap_or(u32::MAX),
+                                    expected: c.expected,
+                                    computed: c.computed,
+                                },
+                            ));
                         }
                     }
                     progress(Progress { phase: Phase::Validate, done, total });
@@ -215,6 +230,7 @@ fn walk_with(
                 }
             }
         }
+        let mismatch = mismatches.into_iter().min_by_key(|m| m.0).map(|m| m.1);
         (structural, mismatch, io_error)
     });
     let (structural, mismatch, io_error) = structural;
@@ -245,7 +261,6 @@ fn check_batch(
     dev: &impl BlockDevice,
     batch: Vec<PendingCrc>,
     bs: u64,
-    queue_depth: usize,
     buf: &mut Vec<u8>,
 ) -> Result<Vec<Checked>, RestoreError> {
     let bytes: u64 = batch.iter().map(|p| p.blocks * bs).sum();
@@ -253,7 +268,7 @@ fn check_batch(
         // Only a single entry larger than a batch gets here: stream it.
         batch.iter().map(|p| streamed_crc(dev, p, bs)).collect::<Result<_, _>>()?
     } else {
-        let data = read_batch(dev, &batch, bs, queue_depth, std::mem::take(buf))?;
+        let data = read_batch(dev, &batch, bs, std::mem::take(buf))?;
         let crcs = batch.iter().map(|p| data.crc(p, bs)).collect();
         *buf = data.buf;
         crcs
@@ -410,13 +425,12 @@ impl BatchData {
     }
 }
 
-/// Reads the union of a batch's runs: sorted, coalesced, split into reads of at most
-/// READ_CHUNK, `queue_depth` of them in flight.
+/// Reads the union of a batch's runs: sorted, coalesced, each merged range in reads of at most
+/// READ_CHUNK, one after the other (batches are read in parallel by the workers).
 fn read_batch(
     dev: &impl BlockDevice,
     batch: &[PendingCrc],
     bs: u64,
-    queue_depth: usize,
     mut buf: Vec<u8>,
 ) -> Result<BatchData, RestoreError> {
     let mut runs: Vec<(u64, u64)> =
@@ -437,9 +451,7 @@ fn read_batch(
     }
     buf.clear();
     buf.resize(offset, 0);
-    // Split the buffer into (device offset, slice) reads.
     let chunk = usize::try_from(READ_CHUNK.max(bs)).unwrap_or(usize::MAX);
-    let mut jobs: Vec<(u64, &mut [u8])> = Vec::new();
     let mut rest: &mut [u8] = &mut buf;
     for &(s, len, _) in &ranges {
         let bytes = usize::try_from(len * bs).unwrap_or(usize::MAX);
@@ -447,28 +459,9 @@ fn read_batch(
         rest = tail;
         let mut pos = s * bs;
         for piece in mine.chunks_mut(chunk) {
-            let n = piece.len() as u64;
-            jobs.push((pos, piece));
-            pos += n;
+            dev.read_at(piece, pos)?;
+            pos += piece.len() as u64;
         }
-    }
-    let workers = queue_depth.clamp(1, 64).min(jobs.len().max(1));
-    let queue = Mutex::new(jobs.into_iter());
-    let error: Mutex<Option<crate::device::DeviceError>> = Mutex::new(None);
-    std::thread::scope(|scope| {
-        for _ in 0..workers {
-            scope.spawn(|| loop {
-                let job = queue.lock().unwrap_or_else(|e| e.into_inner()).next();
-                let Some((pos, piece)) = job else { break };
-                if let Err(e) = dev.read_at(piece, pos) {
-                    error.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
-                    break;
-                }
-            });
-        }
-    });
-    if let Some(e) = error.into_inner().unwrap_or_else(|e| e.into_inner()) {
-        return Err(e.into());
     }
     Ok(BatchData { ranges, buf })
 }
