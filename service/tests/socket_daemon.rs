@@ -620,3 +620,34 @@ fn boot_control_hal_marks_the_slot_on_commit() {
     assert_eq!(setup.vdc(&["needsCheckpoint"]).0, 0);
     daemon.stop();
 }
+
+#[test]
+fn checkpointctl_watch_prints_listener_events() {
+    use std::io::BufRead;
+    let setup = Setup::new(TEST_BACKEND);
+    let daemon = setup.boot();
+    let mut watch = Command::new(checkpointctl())
+        .arg("--socket")
+        .arg(setup.socket())
+        .args(["watch", "--count", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run checkpointctl watch");
+    // "watching ..." is printed once the listener is registered.
+    let mut stderr = std::io::BufReader::new(watch.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    stderr.read_line(&mut line).expect("read stderr");
+    assert!(line.starts_with("watching"), "{line}");
+    assert_eq!(setup.vdc(&["startCheckpoint", "2"]).0, 0);
+    // A watchdog, so a lost event fails the test instead of hanging it.
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(watch.id()).expect("pid"));
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(30));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    });
+    let out = watch.wait_with_output().expect("watch exits after one event");
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "state pending");
+    daemon.stop();
+}
