@@ -642,11 +642,16 @@ fn checkpointctl_watch_prints_listener_events() {
     assert_eq!(setup.vdc(&["startCheckpoint", "2"]).0, 0);
     // A watchdog, so a lost event fails the test instead of hanging it.
     let pid = nix::unistd::Pid::from_raw(i32::try_from(watch.id()).expect("pid"));
+    let exited = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watchdog_exited = std::sync::Arc::clone(&exited);
     std::thread::spawn(move || {
         std::thread::sleep(Duration::from_secs(30));
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        if !watchdog_exited.load(std::sync::atomic::Ordering::SeqCst) {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
     });
     let out = watch.wait_with_output().expect("watch exits after one event");
+    exited.store(true, std::sync::atomic::Ordering::SeqCst);
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "state pending");
     daemon.stop();
