@@ -115,6 +115,12 @@ fn connect(
     let name = checkpoint_aidl::SERVICE_NAME;
     match socket {
         Some(path) => {
+            if !path.exists() {
+                return Err(ConnectError::NotFound(format!(
+                    "socket {} does not exist (is checkpointd running with [socket] path set?)",
+                    path.display()
+                )));
+            }
             let client = Client::open_with(checkpoint_aidl::socket_uri(path), |options, _| {
                 if callbacks {
                     options.incoming_connections = Some(1);
@@ -136,7 +142,10 @@ fn connect(
         }
         None => {
             rsbinder::ProcessState::init_default().map_err(|e| {
-                ConnectError::Transport(format!("cannot open the binder driver: {e}"))
+                ConnectError::Transport(format!(
+                    "cannot open the binder driver: {} (without kernel binder, use --socket PATH)",
+                    e.to_string().trim_end()
+                ))
             })?;
             if callbacks {
                 rsbinder::ProcessState::start_thread_pool();
