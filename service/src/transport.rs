@@ -17,7 +17,8 @@ pub enum TransportError {
     /// Kernel binder: ProcessState or the service-manager registration failed.
     #[error(
         "cannot serve {service} on kernel binder{driver}: {message} (is the binder driver \
-         present and the service manager running?)"
+         present and the service manager running? Without kernel binder set [binder] enabled = \
+         false and [socket] path)"
     )]
     Kernel {
         /// The service name.
