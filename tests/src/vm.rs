@@ -24,6 +24,11 @@ pub const DEFAULT_MEMORY_MIB: u32 = 1024;
 pub const DEFAULT_CPUS: u32 = 2;
 /// Default time a run may take, boot included, before QEMU is killed.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default for [`Vm::boot_timeout`]: a guest that has not started the wrapper this long after
+/// QEMU started is hung in boot.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(150);
+/// Boots tried when the guest hangs in boot.
+const BOOT_ATTEMPTS: u32 = 3;
 /// Lines of console shown in errors.
 const CONSOLE_TAIL_LINES: usize = 40;
 
@@ -34,10 +39,19 @@ pub struct Vm {
     memory_mib: u32,
     cpus: u32,
     timeout: Duration,
+    boot_timeout: Duration,
     modules: Vec<String>,
     disks: Vec<PathBuf>,
     env: Vec<(String, String)>,
     stream: bool,
+}
+
+/// How waiting for vng ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Waited {
+    Exited,
+    TimedOut,
+    BootHang,
 }
 
 /// The result of one boot.
@@ -132,6 +146,7 @@ impl Vm {
             memory_mib: DEFAULT_MEMORY_MIB,
             cpus: DEFAULT_CPUS,
             timeout: DEFAULT_TIMEOUT,
+            boot_timeout: BOOT_TIMEOUT,
             modules: Vec::new(),
             disks: Vec::new(),
             env: Vec::new(),
@@ -154,6 +169,13 @@ impl Vm {
     /// Time the whole run may take, boot included (default 300 s). QEMU is killed after it.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// How long the guest may take to start the program before the boot counts as hung and is
+    /// tried again (default [`BOOT_TIMEOUT`]; applies only when shorter than the timeout).
+    pub fn boot_timeout(mut self, boot_timeout: Duration) -> Self {
+        self.boot_timeout = boot_timeout;
         self
     }
 
@@ -247,13 +269,34 @@ impl Vm {
 
         let console = results.join("console.log");
         let mut cmd = self.vng_command(&bench, &shared, &disks, &script_path);
-        let log = File::create(&console).map_err(|e| self.io("creating console.log", e))?;
-        let log2 = log.try_clone().map_err(|e| self.io("opening console.log", e))?;
-        cmd.stdin(Stdio::null()).stdout(log).stderr(log2).process_group(0);
 
         let start = Instant::now();
-        let child = cmd.spawn().map_err(|e| self.io("starting vng", e))?;
-        let timed_out = self.wait(child, start, &tb.join(status::OUTPUT))?;
+        let mut attempt = 1;
+        let timed_out = loop {
+            let log = File::create(&console).map_err(|e| self.io("creating console.log", e))?;
+            let log2 = log.try_clone().map_err(|e| self.io("opening console.log", e))?;
+            cmd.stdin(Stdio::null()).stdout(log).stderr(log2).process_group(0);
+            let child = cmd.spawn().map_err(|e| self.io("starting vng", e))?;
+            match self.wait(child, Instant::now(), &tb)? {
+                Waited::Exited => break false,
+                Waited::TimedOut => break true,
+                Waited::BootHang if attempt >= BOOT_ATTEMPTS => break true,
+                Waited::BootHang => {
+                    // The guest kernel hung before the wrapper started (seen rarely under TCG on
+                    // a loaded host): nothing of the scenario ran, so boot again.
+                    let kept = results.join(format!("console.boot-hang-{attempt}.log"));
+                    let _ = fs::rename(&console, &kept);
+                    eprintln!(
+                        "testbench: VM `{}` hung during boot (no start after {:.0} s); booting \
+                         again (console kept: {})",
+                        self.name,
+                        self.boot_timeout.as_secs_f64(),
+                        kept.display()
+                    );
+                    attempt += 1;
+                }
+            }
+        };
         let duration = start.elapsed();
 
         let read = |name: &str| fs::read_to_string(tb.join(name)).ok();
@@ -332,25 +375,35 @@ impl Vm {
         cmd
     }
 
-    /// Waits for vng to exit, killing its process group at the timeout. Returns whether it timed out.
-    fn wait(&self, mut child: Child, start: Instant, output: &Path) -> Result<bool, VmError> {
+    /// Waits for vng to exit, killing its process group at the timeout, or when the guest has
+    /// not started the wrapper [`BOOT_TIMEOUT`] after the start (if that is before the timeout).
+    fn wait(&self, mut child: Child, start: Instant, tb: &Path) -> Result<Waited, VmError> {
         let done = AtomicBool::new(false);
+        let output = tb.join(status::OUTPUT);
+        let started = tb.join(status::STARTED);
+        let boot_watch = self.boot_timeout < self.timeout;
         std::thread::scope(|scope| {
             if self.stream {
-                scope.spawn(|| stream_file(output, &done));
+                scope.spawn(|| stream_file(&output, &done));
             }
             let result = loop {
                 match child.try_wait() {
-                    Ok(Some(_)) => break Ok(false),
+                    Ok(Some(_)) => break Ok(Waited::Exited),
                     Ok(None) if start.elapsed() >= self.timeout => {
-                        kill_group(&child);
-                        let _ = child.wait();
-                        break Ok(true);
+                        kill_group(&mut child);
+                        break Ok(Waited::TimedOut);
+                    }
+                    Ok(None)
+                        if boot_watch
+                            && start.elapsed() >= self.boot_timeout
+                            && !started.exists() =>
+                    {
+                        kill_group(&mut child);
+                        break Ok(Waited::BootHang);
                     }
                     Ok(None) => std::thread::sleep(Duration::from_millis(100)),
                     Err(e) => {
-                        kill_group(&child);
-                        let _ = child.wait();
+                        kill_group(&mut child);
                         break Err(self.io("waiting for vng", e));
                     }
                 }
@@ -527,11 +580,37 @@ fn remove_stale_results(base: &Path, name: &str) {
     }
 }
 
-fn kill_group(child: &Child) {
-    if let Ok(pid) = i32::try_from(child.id()) {
-        // The child leads its own process group (process_group(0)): this reaches QEMU too.
-        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+/// Kills vng's process group (QEMU included), reaps vng, and waits (up to 10 s) until no live
+/// member of the group is left.
+fn kill_group(child: &mut Child) {
+    let Ok(pgid) = i32::try_from(child.id()) else { return };
+    // The child leads its own process group (process_group(0)): this reaches QEMU too.
+    let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+    let _ = child.wait();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while group_has_live_members(pgid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Whether any process in group `pgid` is alive (zombies do not count).
+fn group_has_live_members(pgid: i32) -> bool {
+    let Ok(entries) = fs::read_dir("/proc") else { return false };
+    entries.flatten().any(|e| {
+        fs::read_to_string(e.path().join("stat"))
+            .ok()
+            .and_then(|stat| parse_stat_state_pgrp(&stat))
+            .is_some_and(|(state, pgrp)| pgrp == pgid && state != 'Z' && state != 'X')
+    })
+}
+
+/// State and process group from `/proc/<pid>/stat` (`pid (comm) state ppid pgrp ...`).
+fn parse_stat_state_pgrp(stat: &str) -> Option<(char, i32)> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let _ppid = fields.next()?;
+    Some((state, fields.next()?.parse().ok()?))
 }
 
 /// Copies what is appended to `path` to stdout until `done`, then copies the rest.
@@ -564,6 +643,15 @@ mod tests {
         assert_eq!(tail("a\nb\nc\n", 2), "b\nc\n");
         assert_eq!(tail("a", 5), "a\n");
         assert_eq!(tail("", 5), "");
+    }
+
+    #[test]
+    fn proc_stat_gives_state_and_process_group() {
+        let stat = "1436 (qemu-system-x86) S 1 1400 1400 0 -1 4194560 2 0";
+        assert_eq!(parse_stat_state_pgrp(stat), Some(('S', 1400)));
+        let odd = "7 (a) b) Z 1 9 9 0";
+        assert_eq!(parse_stat_state_pgrp(odd), Some(('Z', 9)));
+        assert_eq!(parse_stat_state_pgrp("garbage"), None);
     }
 
     #[test]

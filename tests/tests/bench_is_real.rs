@@ -24,6 +24,7 @@ fn main() -> std::process::ExitCode {
             vm_trial("power_cut_keeps_only_synced_writes", host_power_cut),
             vm_trial("harness_reports_status_output_and_module_failures", host_harness),
             vm_trial("harness_kills_a_hung_guest_at_the_timeout", host_timeout),
+            vm_trial("harness_boots_again_when_the_guest_hangs_in_boot", host_boot_hang_retry),
         ],
         &[
             ("kernel_features", guest_kernel_features),
@@ -199,6 +200,29 @@ fn host_harness() -> Result<(), Failed> {
         }
         other => Err(format!("a missing module was not reported: {other:?}").into()),
     }
+}
+
+fn host_boot_hang_retry() -> Result<(), Failed> {
+    // A 1 s boot timeout makes every boot count as hung: the harness must boot 3 times, keep
+    // each hung console, and then report a timeout.
+    let run = Vm::new("boot_hang")
+        .boot_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(120))
+        .run_shell("true")?;
+    if run.exit != GuestExit::TimedOut {
+        return Err(format!("expected a timeout after 3 hung boots, got {:?}", run.exit).into());
+    }
+    let dir = run.console.parent().ok_or("console log has no folder")?;
+    for k in 1..=2 {
+        let kept = dir.join(format!("console.boot-hang-{k}.log"));
+        if !kept.is_file() {
+            return Err(format!("{} was not kept", kept.display()).into());
+        }
+    }
+    if run.duration > Duration::from_secs(60) {
+        return Err(format!("3 hung boots took {:?}", run.duration).into());
+    }
+    Ok(())
 }
 
 fn host_timeout() -> Result<(), Failed> {
