@@ -46,7 +46,7 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         command: Vec<String>,
     },
-    /// Boot the virtual device and show what it offers (kernel, device-mapper, binder, loop).
+    /// Walk an update through the virtual device: checkpoint, failed boots, rollback, commit.
     Demo,
     /// Run a workspace bench target by name with the virtual device enabled.
     Bench {

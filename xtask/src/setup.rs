@@ -20,6 +20,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "fio",             // benchmarks
     "python3-venv",    // the virtme-ng virtualenv
     "g++",             // cargo-fuzz builds libFuzzer
+    "strace",          // the binder benchmark counts fsyncs with it
 ];
 /// virtme-ng version installed into the venv (the one checked on these machines).
 pub const VIRTME_NG: &str = "virtme-ng==1.42";
