@@ -441,6 +441,7 @@ impl Device {
     }
 
     fn update(self) -> Result<()> {
+        print_virtual_device()?;
         println!("update client, before writing the new slot:");
         ctl(&["checkpoint", "supportsCheckpoint"], 1)?;
         println!("update client writes slot _b (not done here: no system image), then:");
@@ -695,6 +696,26 @@ fn check(ok: bool, what: &str) -> Result<()> {
 
 fn first_line(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).lines().next().unwrap_or_default().to_owned()
+}
+
+/// What the virtual device offers, read in the guest just now: the kernel, the device-mapper
+/// ioctl interface (DM_VERSION on /dev/mapper/control) and the binder device.
+fn print_virtual_device() -> Result<()> {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease")?;
+    let version = sh("dmsetup version")?;
+    let driver = version
+        .lines()
+        .find_map(|l| l.strip_prefix("Driver version:"))
+        .context("dmsetup version printed no driver version")?;
+    let binder = fs::read_to_string("/sys/class/misc/binder/dev").unwrap_or_default();
+    println!(
+        "virtual device: kernel {}, device-mapper ioctl interface {} (DM_VERSION), /dev/binder \
+         (char {})",
+        release.trim(),
+        driver.trim(),
+        binder.trim()
+    );
+    Ok(())
 }
 
 fn sh(cmd: &str) -> Result<String> {
