@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 use bootctl_hal::fake::{FakeBootControl, FakeState, Fault, Method};
 use bootctl_hal::{BootHal, HalBootControl, HalError, COMMAND_FAILED, HASH, INSTANCE};
 use policy::{BootControl, BootControlError, Checkpointer, PolicyOptions};
+use testbench::guest::{self, HubPolicy};
 use testbench::vm::Vm;
-use testbench::{guest, vm_trial, Failed};
+use testbench::{vm_trial, Failed};
 
 /// The faulty instance: `isSlotMarkedSuccessful` and `markBootSuccessful` fail with
 /// `COMMAND_FAILED`.
@@ -85,21 +86,8 @@ fn hal_error(error: &BootControlError) -> Result<&HalError, Failed> {
 }
 
 fn guest_kernel_binder(_: &[String]) -> Result<(), Failed> {
-    guest::sh("mkdir -p /dev/binderfs && ln -sf /dev/binder /dev/binderfs/binder")?;
     let mut children = Children(Vec::new());
-    children.0.push(
-        Command::new(testbench::tool("rsb_hub"))
-            .arg("--insecure-allow-all")
-            .stdin(Stdio::null())
-            .stdout(log_file("rsb_hub.log")?)
-            .stderr(log_file("rsb_hub.log")?)
-            .spawn()?,
-    );
-    // rsb_hub must hold the context-manager handle before anything registers or looks up.
-    std::thread::sleep(Duration::from_millis(500));
-    if let Some(status) = children.0[0].try_wait()? {
-        return Err(format!("rsb_hub exited with {status}:\n{}", log_text("rsb_hub.log")).into());
-    }
+    children.0.push(guest::start_rsb_hub(HubPolicy::AllowAll, log_file("rsb_hub.log")?)?);
 
     // Looking up an instance nobody serves ends after the bounded wait.
     let start = Instant::now();

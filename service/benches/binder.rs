@@ -21,8 +21,9 @@ use checkpoint_aidl::android::system::checkpoint::{
     ICheckpointListener::ICheckpointListener,
 };
 use rsbinder::{BinderResult, Strong};
+use testbench::guest::{self, HubPolicy};
 use testbench::vm::Vm;
-use testbench::{guest, Failed, Trial};
+use testbench::{Failed, Trial};
 
 const EMPTY_NAME: &str = "bench.checkpoint.IEmpty/default";
 const MOUNT: &str = "/dev/shm/bench-meta";
@@ -175,29 +176,6 @@ fn log(name: &str) -> Result<fs::File, Failed> {
     Ok(fs::OpenOptions::new().create(true).append(true).open(guest::shared_dir().join(name))?)
 }
 
-/// Starts rsb_hub with the policy file `policy` and waits for its `READY=1` (sd_notify through
-/// `$NOTIFY_SOCKET`): it then holds the context-manager handle, so services may register.
-fn start_hub(policy: &Path, log_to: fs::File) -> Result<Child, Failed> {
-    let notify_path = Path::new("/dev/shm/rsb_hub.notify");
-    let _ = fs::remove_file(notify_path);
-    let notify = std::os::unix::net::UnixDatagram::bind(notify_path)?;
-    notify.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let hub = Command::new(testbench::tool("rsb_hub"))
-        .arg("--config")
-        .arg(policy)
-        .env("NOTIFY_SOCKET", notify_path)
-        .stdout(log_to.try_clone()?)
-        .stderr(log_to)
-        .spawn()?;
-    let mut buf = [0u8; 512];
-    loop {
-        let n = notify.recv(&mut buf).map_err(|e| format!("waiting for rsb_hub READY=1: {e}"))?;
-        if String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1") {
-            return Ok(hub);
-        }
-    }
-}
-
 fn daemon_config(meta: &str) -> Result<PathBuf, Failed> {
     let path = PathBuf::from("/dev/shm/bench-checkpointd.toml");
     fs::write(
@@ -324,9 +302,8 @@ fn traced_run(
 fn guest_bench(_: &[String]) -> Result<(), Failed> {
     let disk = guest::disk(0);
     guest::sh(&format!("mkdir -p {MOUNT} && mount -t ext4 {} {MOUNT}", disk.display()))?;
-    guest::sh("mkdir -p /dev/binderfs && ln -sf /dev/binder /dev/binderfs/binder")?;
     let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/rsb_hub_bench.toml");
-    let hub = start_hub(&policy, log("rsb_hub.log")?)?;
+    let hub = guest::start_rsb_hub(HubPolicy::File(&policy), log("rsb_hub.log")?)?;
     let mut procs = Procs(vec![hub]);
     rsbinder::ProcessState::init_default().map_err(|e| format!("binder: {e}"))?;
 

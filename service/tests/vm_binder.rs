@@ -16,8 +16,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use testbench::guest::{self, HubPolicy};
 use testbench::vm::Vm;
-use testbench::{guest, vm_trial, Failed};
+use testbench::{vm_trial, Failed};
 
 const MODULES: &[&str] = &["binder_linux devices=binder,hwbinder"];
 /// Where the metadata disk is mounted in the guest (the host root, / and /mnt, is read-only).
@@ -197,34 +198,10 @@ fn hub_policy() -> PathBuf {
     testbench::paths::workspace_root().join("init/rsb_hub/50-checkpointd.toml")
 }
 
-/// Starts rsb_hub with the policy file `policy` and waits for its `READY=1` (sd_notify through
-/// `$NOTIFY_SOCKET`): it then holds the context-manager handle, so services may register.
-fn start_hub(policy: &Path, log_to: fs::File) -> Result<Child, Failed> {
-    let notify_path = Path::new("/dev/shm/rsb_hub.notify");
-    let _ = fs::remove_file(notify_path);
-    let notify = std::os::unix::net::UnixDatagram::bind(notify_path)?;
-    notify.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let hub = Command::new(testbench::tool("rsb_hub"))
-        .arg("--config")
-        .arg(policy)
-        .env("NOTIFY_SOCKET", notify_path)
-        .stdout(log_to.try_clone()?)
-        .stderr(log_to)
-        .spawn()?;
-    let mut buf = [0u8; 512];
-    loop {
-        let n = notify.recv(&mut buf).map_err(|e| format!("waiting for rsb_hub READY=1: {e}"))?;
-        if String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1") {
-            return Ok(hub);
-        }
-    }
-}
-
 /// Starts rsb_hub with the shipped policy and checkpointd with `config`, and waits until
 /// checkpointctl reaches the service over kernel binder.
 fn start_stack(config: &str) -> Result<Stack, Failed> {
-    guest::sh("mkdir -p /dev/binderfs && ln -sf /dev/binder /dev/binderfs/binder")?;
-    let hub = start_hub(&hub_policy(), log_file("rsb_hub.log")?)?;
+    let hub = guest::start_rsb_hub(HubPolicy::File(&hub_policy()), log_file("rsb_hub.log")?)?;
     let mut stack = Stack { hub, daemon: None };
     if let Some(status) = stack.hub.try_wait()? {
         let log = fs::read_to_string(guest::shared_dir().join("rsb_hub.log")).unwrap_or_default();

@@ -99,3 +99,52 @@ pub fn power_cut() -> ! {
         std::thread::sleep(Duration::from_secs(3600));
     }
 }
+
+/// Who rsb_hub (rsbinder's service manager on Linux) lets register and find services.
+#[derive(Debug, Clone, Copy)]
+pub enum HubPolicy<'a> {
+    /// A policy file (`--config`); rsb_hub wants it and its folders writable only by the owner.
+    File(&'a std::path::Path),
+    /// `--insecure-allow-all`: for tests of other services only.
+    AllowAll,
+}
+
+/// Starts rsb_hub on `/dev/binder` and waits for its `READY=1` (sd_notify through
+/// `$NOTIFY_SOCKET`), after which it holds the context-manager handle and services may
+/// register: no sleep-and-hope. rsb_hub opens only `/dev/binderfs/<name>`, and this kernel has
+/// no binderfs, so the `/dev/binderfs/binder -> /dev/binder` link is made first. Output goes to
+/// `log`. Load `binder_linux devices=binder,...` before calling.
+pub fn start_rsb_hub(policy: HubPolicy<'_>, log: File) -> Result<std::process::Child, Failed> {
+    sh("mkdir -p /dev/binderfs && ln -sf /dev/binder /dev/binderfs/binder")?;
+    let notify_path = std::path::Path::new("/dev/shm/rsb_hub.notify");
+    let _ = fs::remove_file(notify_path);
+    let notify = std::os::unix::net::UnixDatagram::bind(notify_path)?;
+    notify.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut cmd = Command::new(crate::tool("rsb_hub"));
+    match policy {
+        HubPolicy::File(path) => cmd.arg("--config").arg(path),
+        HubPolicy::AllowAll => cmd.arg("--insecure-allow-all"),
+    };
+    let mut hub = cmd
+        .env("NOTIFY_SOCKET", notify_path)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let mut buf = [0u8; 512];
+    loop {
+        match notify.recv(&mut buf) {
+            Ok(n) if String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1") => {
+                return Ok(hub);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let exited = hub.try_wait()?;
+                let _ = hub.kill();
+                return Err(
+                    format!("rsb_hub never said READY=1 ({e}; exit status {exited:?})").into()
+                );
+            }
+        }
+    }
+}

@@ -623,26 +623,9 @@ fn record_line(bootctl: &FileBootControl) -> Result<String> {
 }
 
 fn start_hub() -> Result<Child> {
-    sh("mkdir -p /dev/binderfs && ln -sf /dev/binder /dev/binderfs/binder")?;
-    let notify_path = Path::new("/dev/shm/rsb_hub.notify");
-    let _ = fs::remove_file(notify_path);
-    let notify = std::os::unix::net::UnixDatagram::bind(notify_path)?;
-    notify.set_read_timeout(Some(Duration::from_secs(60)))?;
     let policy = testbench::paths::workspace_root().join("init/rsb_hub/50-checkpointd.toml");
-    let hub = Command::new(testbench::tool("rsb_hub"))
-        .arg("--config")
-        .arg(policy)
-        .env("NOTIFY_SOCKET", notify_path)
-        .stdout(log_file("rsb_hub.log")?)
-        .stderr(log_file("rsb_hub.log")?)
-        .spawn()?;
-    let mut buf = [0u8; 512];
-    loop {
-        let n = notify.recv(&mut buf).context("waiting for rsb_hub READY=1")?;
-        if String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1") {
-            return Ok(hub);
-        }
-    }
+    guest::start_rsb_hub(guest::HubPolicy::File(&policy), log_file("rsb_hub.log")?)
+        .map_err(|e| anyhow::anyhow!("{}", e.message().unwrap_or("starting rsb_hub failed")))
 }
 
 fn terminate(child: &mut Child) -> Result<()> {
