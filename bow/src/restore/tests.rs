@@ -142,10 +142,10 @@ impl Scenario {
     }
 }
 
-/// vold's algorithm on a copy: validation pass, then its replay.
+/// vold's algorithm on a copy: its validation pass, then its replay.
 fn vold_result(image: &[u8]) -> Vec<u8> {
     let dev = MemDevice::from_bytes(image.to_vec());
-    validate(&dev).expect("vold validation");
+    vold::validate_like_vold(&dev).expect("vold validation");
     vold::replay(&dev, None, 0, &mut quiet()).expect("vold replay");
     dev.snapshot()
 }
@@ -471,7 +471,7 @@ fn crash_anywhere_in_restore_then_rerun_gives_the_same_bytes() {
                 let _ = restore(d, &opts(), &mut quiet());
             },
             &|d| {
-                if validate(d).is_ok() {
+                if vold::validate_like_vold(d).is_ok() {
                     vold::replay(d, None, 0, &mut quiet()).unwrap();
                 }
             },
@@ -581,14 +581,20 @@ fn hand_log(img: &mut [u8], entries: &[(u64, u64, u32)], sector0: u64) {
     img[..bs].copy_from_slice(&sector.encode());
 }
 
-#[test]
-fn hazardous_hand_log_uses_vold_replay_and_survives_crashes() {
-    // Entry 1 saved block 5 in block 6; entry 2 then saved block 7 in block 5, which the kernel
-    // never does (block 5 was no longer free). vold's order: 7 <- 5, then 5 <- 6. The plan
-    // would read block 5 and also write it: a hazard, so the vold protocol is used.
+/// Entry 1 saved block 5 in block 6; entry 2 then saved block 7 in block 5, which the kernel
+/// never does (block 5 was no longer free). vold's order: 7 <- 5, then 5 <- 6. The plan would
+/// read block 5 and also write it: a hazard.
+fn hazard_image() -> Vec<u8> {
     let mut img: Vec<u8> = (0..32 * 512usize).map(|i| (i / 512) as u8).collect();
     img[10 * 512..11 * 512].fill(0xAA);
     hand_log(&mut img, &[(0, 10, 1), (5, 6, 1), (7, 5, 1)], 11);
+    img
+}
+
+#[test]
+fn hazardous_hand_log_uses_vold_replay_and_survives_crashes() {
+    // The hazard makes the restore use the vold protocol.
+    let img = hazard_image();
     let dev = MemDevice::from_bytes(img.clone());
     let log = validate(&dev).unwrap();
     assert_eq!(log.plan.mode, ApplyMode::VoldReplay);
@@ -613,14 +619,12 @@ fn hazardous_hand_log_uses_vold_replay_and_survives_crashes() {
     );
 }
 
-#[test]
-fn multi_sector_hand_chain_with_relocated_log_backup() {
-    // Sequence 0 saved at block 20; that block is then relocated to 21 by an entry of
-    // sequence 1 (the file system reused it), so reading sequence 0 needs the map.
+/// Sequence 0 saved at block 20; that block is then relocated to 21 by an entry of sequence 1
+/// (the file system reused it), so reading sequence 0 needs the map.
+fn relocated_chain_image() -> Vec<u8> {
     let mut img: Vec<u8> = (0..64 * 512usize).map(|i| (i / 512) as u8).collect();
     img[10 * 512..11 * 512].copy_from_slice(&[0u8; 512].map(|_| 0xAB));
     img[12 * 512..13 * 512].fill(3); // backup of block 3
-                                     // Sequence 0 was saved at block 20, then the file system reused 20: moved to 21.
     hand_log(&mut img, &[(0, 10, 1), (3, 12, 1)], 30);
     let saved: Vec<u8> = img[..512].to_vec();
     img[21 * 512..22 * 512].copy_from_slice(&saved);
@@ -640,6 +644,12 @@ fn multi_sector_hand_chain_with_relocated_log_backup() {
         ],
     };
     img[..512].copy_from_slice(&seq1.encode());
+    img
+}
+
+#[test]
+fn multi_sector_hand_chain_with_relocated_log_backup() {
+    let img = relocated_chain_image();
     let dev = MemDevice::from_bytes(img.clone());
     let log = validate(&dev).unwrap();
     assert_eq!(log.sectors.len(), 2);
@@ -840,4 +850,353 @@ fn crash_during_a_limited_run_then_full_restore() {
         }
     }
     println!("limited-run crash states tested: {states}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// vold's validation pass (`vold::validate_like_vold`) against ours.
+
+/// How the two validators agreed on one image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Agreement {
+    /// Both accept, with the same number of entries.
+    Accepted,
+    /// Both reject with the same error (no log included).
+    SameError,
+    /// Both reject the same log sector, vold's pass naming a fault of a header check vold makes
+    /// before the one ours reports (see `header_check_rank`).
+    EarlierHeaderCheck,
+    /// WOB head: vold skips validation (`Ok(0)`), whatever ours says of the resumed chain.
+    WobSkipped,
+}
+
+/// For a fault in the header of log sector `sequence`: (sequence, position of the check in
+/// vold's order: magic, block size, sequence, then the other fields). `None` for other faults.
+fn header_check_rank(c: &CorruptLog) -> Option<(u32, u8)> {
+    use crate::format::FormatError;
+    match *c {
+        CorruptLog::UnexpectedWob { sequence }
+        | CorruptLog::Format { sequence, error: FormatError::NoMagic(_) } => Some((sequence, 0)),
+        CorruptLog::BlockSizeMismatch { sequence, .. }
+        | CorruptLog::Format {
+            sequence,
+            error: FormatError::BlockSize(_) | FormatError::BufferSize { .. },
+        } => Some((sequence, 1)),
+        CorruptLog::SequenceMismatch { expected, .. } => Some((expected, 2)),
+        CorruptLog::Format { sequence, .. } => Some((sequence, 3)),
+        _ => None,
+    }
+}
+
+/// Runs both validators on `img` through a device that panics on any write, and checks that
+/// they agree; the only differences allowed are the documented ones (vold.rs module docs).
+fn compare_validators(img: &[u8], what: &str) -> Agreement {
+    let dev = NoWriteDevice(MemDevice::from_bytes(img.to_vec()));
+    let ours = validate(&dev);
+    let vold = vold::validate_like_vold(&dev);
+    assert!(dev.0.snapshot() == img, "{what}: image changed");
+    let mut head = [0u8; 4];
+    if img.len() >= 4 {
+        head.copy_from_slice(&img[..4]);
+    }
+    if head == MAGIC_WOB.to_le_bytes() && img.len() >= 28 {
+        assert!(matches!(vold, Ok(0)), "{what}: WOB head must skip validation: {vold:?}");
+        return Agreement::WobSkipped;
+    }
+    match (ours, vold) {
+        (Ok(log), Ok(entries)) => {
+            assert_eq!(log.entries, entries, "{what}: entry counts");
+            Agreement::Accepted
+        }
+        (Err(RestoreError::NoLog), Err(RestoreError::NoLog)) => Agreement::SameError,
+        (Err(RestoreError::Corrupt(a)), Err(RestoreError::Corrupt(b))) if a == b => {
+            Agreement::SameError
+        }
+        (Err(RestoreError::Corrupt(a)), Err(RestoreError::Corrupt(b))) => {
+            // Same sector; vold's error comes from a check it makes before the one ours failed,
+            // or it is vold's block size check where ours failed the parse on the block size.
+            let (Some((seq_a, rank_a)), Some((seq_b, rank_b))) =
+                (header_check_rank(&a), header_check_rank(&b))
+            else {
+                panic!("{what}: ours {a:?}, vold's {b:?}")
+            };
+            let moved_ahead = matches!(
+                b,
+                CorruptLog::UnexpectedWob { .. }
+                    | CorruptLog::BlockSizeMismatch { .. }
+                    | CorruptLog::SequenceMismatch { .. }
+            );
+            let block_size = rank_a == 1 && matches!(b, CorruptLog::BlockSizeMismatch { .. });
+            assert!(
+                seq_a == seq_b && moved_ahead && (rank_b < rank_a || block_size),
+                "{what}: ours {a:?}, vold's {b:?}"
+            );
+            Agreement::EarlierHeaderCheck
+        }
+        (ours, vold) => panic!("{what}: ours {ours:?}, vold's {vold:?}"),
+    }
+}
+
+/// The physical blocks holding the log sectors of a valid log, newest first.
+fn log_sector_blocks(img: &[u8]) -> Vec<u64> {
+    let w = walk(&MemDevice::from_bytes(img.to_vec()), false, &mut quiet()).unwrap();
+    w.sectors.iter().map(|s| s.block).collect()
+}
+
+/// The fuzz seeds (committed) and, when present, the local fuzz corpus (not committed).
+fn fuzz_inputs() -> (Vec<Vec<u8>>, usize) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
+    let read_dir = |dir: &str| -> Vec<Vec<u8>> {
+        let Ok(entries) = std::fs::read_dir(root.join(dir)) else { return Vec::new() };
+        let mut paths: Vec<_> = entries.map(|e| e.unwrap().path()).collect();
+        paths.sort();
+        paths.iter().map(|p| std::fs::read(p).unwrap()).collect()
+    };
+    let seeds = read_dir("seeds/validate_log");
+    let n = seeds.len();
+    let mut all = seeds;
+    all.extend(read_dir("corpus/validate_log"));
+    (all, n)
+}
+
+#[test]
+fn vold_validation_agrees_with_ours_and_never_writes() {
+    let mut tally: std::collections::HashMap<Agreement, usize> = Default::default();
+    let mut check = |img: &[u8], what: &str| {
+        *tally.entry(compare_validators(img, what)).or_default() += 1;
+    };
+    let worked = worked_example().snapshot();
+    let mut images: Vec<(String, Vec<u8>)> = vec![
+        ("worked example".into(), worked.clone()),
+        ("hazard".into(), hazard_image()),
+        ("relocated chain".into(), relocated_chain_image()),
+    ];
+    for (i, s) in scenarios().into_iter().enumerate() {
+        images.push((format!("scenario {i}"), s.checkpointed));
+    }
+    for (what, img) in &images {
+        assert_eq!(compare_validators(img, what), Agreement::Accepted, "{what}");
+    }
+    // The hostile headers of `hostile_headers_are_rejected_without_writes`, and a bad backup.
+    type Edit<'a> = &'a dyn Fn(&mut Vec<u8>);
+    let hostile: [(&str, Edit); 8] = [
+        ("sequence 2^31", &|b| b[16..20].copy_from_slice(&(1u32 << 31).to_le_bytes())),
+        ("sequence 1000", &|b| b[16..20].copy_from_slice(&1000u32.to_le_bytes())),
+        ("sequence 1", &|b| b[16..20].copy_from_slice(&1u32.to_le_bytes())),
+        ("block size 2^30", &|b| b[8..12].copy_from_slice(&(1u32 << 30).to_le_bytes())),
+        ("backup out of device", &|b| b[0x3C..0x44].copy_from_slice(&(1u64 << 40).to_le_bytes())),
+        ("huge entry", &|b| b[0x44..0x48].copy_from_slice(&(255u32 * 4096).to_le_bytes())),
+        ("entry 0 not the chain", &|b| b[0x1C] = 8),
+        ("bad backup", &|b| b[12 * 4096 + 7] = 0x34),
+    ];
+    for (what, f) in hostile {
+        let mut img = worked.clone();
+        f(&mut img);
+        assert_eq!(compare_validators(&img, what), Agreement::SameError, "{what}");
+    }
+    // Entry 0 saves block 0 into block 0: after the walk block 0 still reads from block 0.
+    let mut img: Vec<u8> = (0..32 * 512usize).map(|i| (i / 512) as u8).collect();
+    hand_log(&mut img, &[(0, 0, 1), (3, 12, 1)], 11);
+    assert_eq!(compare_validators(&img, "block 0 stays"), Agreement::SameError);
+    assert!(matches!(
+        vold::validate_like_vold(&MemDevice::from_bytes(img)),
+        Err(RestoreError::Corrupt(CorruptLog::ChainEntry { sequence: 0, .. }))
+    ));
+    // Random bytes changed in the head, in the older log sectors, and anywhere.
+    let mut rng = Rng(0x5EED);
+    let mut mutated = 0;
+    for (what, img) in images.iter().take(12) {
+        let sectors = log_sector_blocks(img);
+        let bs = u64::from(u32::from_le_bytes(img[8..12].try_into().unwrap()));
+        for round in 0..150 {
+            let mut m = img.clone();
+            for _ in 0..=rng.below(3) {
+                let at = match rng.below(3) {
+                    0 => rng.below(128),
+                    1 => sectors[rng.below(sectors.len() as u64) as usize] * bs + rng.below(128),
+                    _ => rng.below(m.len() as u64),
+                };
+                m[at as usize] = rng.next() as u8;
+            }
+            check(&m, &format!("{what} mutation {round}"));
+            mutated += 1;
+        }
+    }
+    // The fuzz inputs, as the fuzz target builds its image.
+    let (inputs, seeds) = fuzz_inputs();
+    assert!(seeds >= 3, "fuzz seeds missing: {seeds}");
+    for (i, data) in inputs.iter().enumerate() {
+        check(&fuzzing::image(data), &format!("fuzz input {i}"));
+    }
+    println!(
+        "validators compared on {mutated} mutated logs and {} fuzz inputs: {tally:?}",
+        inputs.len()
+    );
+    assert!(tally.get(&Agreement::Accepted).copied().unwrap_or(0) >= 3, "{tally:?}");
+    assert!(tally.get(&Agreement::SameError).copied().unwrap_or(0) >= 100, "{tally:?}");
+}
+
+#[test]
+fn vold_validation_checks_the_header_in_vold_order() {
+    // A produced log that rolled over: break the sector after the head. The head's entry 0 (the
+    // copy of that sector) gets checksum 0, so the walk reaches the broken sector.
+    let s = scenarios().into_iter().find(|s| s.checkpointed[16..20] != [0; 4]).unwrap();
+    let head_seq = u32::from_le_bytes(s.checkpointed[16..20].try_into().unwrap());
+    let older = log_sector_blocks(&s.checkpointed)[1] as usize * s.bs;
+    let seq = head_seq - 1;
+    let mut base = s.checkpointed.clone();
+    base[28 + 20..28 + 24].fill(0);
+    assert_eq!(compare_validators(&base, "unchecked chain entry"), Agreement::Accepted);
+    let broken = |f: &dyn Fn(&mut [u8])| {
+        let mut img = base.clone();
+        f(&mut img[older..older + s.bs]);
+        let dev = NoWriteDevice(MemDevice::from_bytes(img.clone()));
+        let corrupt = |r: Result<_, RestoreError>| match r {
+            Err(RestoreError::Corrupt(c)) => c,
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("accepted"),
+        };
+        let ours = corrupt(validate(&dev).map(|_| ()));
+        let vold = corrupt(vold::validate_like_vold(&dev).map(|_| ()));
+        let agreement = compare_validators(&img, "broken older sector");
+        (ours, vold, agreement)
+    };
+    use crate::format::FormatError;
+    let wob = |b: &mut [u8]| b[..4].copy_from_slice(&MAGIC_WOB.to_le_bytes());
+    let bad_seq = |b: &mut [u8]| b[16..20].copy_from_slice(&(seq + 7).to_le_bytes());
+    let no_count = |b: &mut [u8]| b[12..16].fill(0);
+    // Same error where a single check fails.
+    let (ours, vold, agreement) = broken(&wob);
+    let unexpected_wob = CorruptLog::UnexpectedWob { sequence: seq };
+    assert_eq!((&ours, &vold), (&unexpected_wob, &unexpected_wob));
+    assert_eq!(agreement, Agreement::SameError);
+    let (ours, vold, _) = broken(&bad_seq);
+    let mismatch = CorruptLog::SequenceMismatch { expected: seq, found: seq + 7 };
+    assert_eq!((&ours, &vold), (&mismatch, &mismatch));
+    let (ours, vold, _) = broken(&no_count);
+    let count = CorruptLog::Format {
+        sequence: seq,
+        error: FormatError::Count { count: 0, max: crate::units::max_entries(512, 28) },
+    };
+    assert_eq!((&ours, &vold), (&count, &count));
+    // vold checks the magic first; ours parses, then compares the sequence, then the magic.
+    let (ours, vold, agreement) = broken(&|b| {
+        wob(b);
+        bad_seq(b);
+    });
+    assert_eq!(ours, mismatch);
+    assert_eq!(vold, unexpected_wob);
+    assert_eq!(agreement, Agreement::EarlierHeaderCheck);
+    // vold compares the sequence before the count; ours parses first.
+    let (ours, vold, agreement) = broken(&|b| {
+        bad_seq(b);
+        no_count(b);
+    });
+    assert_eq!((ours, vold), (count, mismatch));
+    assert_eq!(agreement, Agreement::EarlierHeaderCheck);
+    // A different block size: vold's "Block size mismatch"; ours fails the parse (the buffer
+    // is one block of the head's size).
+    let expected = u32::try_from(s.bs).unwrap();
+    for found in [1024u32, 3] {
+        let (ours, vold, agreement) = broken(&|b| b[8..12].copy_from_slice(&found.to_le_bytes()));
+        assert_eq!(vold, CorruptLog::BlockSizeMismatch { sequence: seq, expected, found });
+        let parse = if found == 3 {
+            FormatError::BlockSize(3)
+        } else {
+            FormatError::BufferSize { len: s.bs, expected: 1024 }
+        };
+        assert_eq!(ours, CorruptLog::Format { sequence: seq, error: parse });
+        assert_eq!(agreement, Agreement::EarlierHeaderCheck);
+    }
+}
+
+/// Records every read; panics on writes.
+struct ReadLog(MemDevice, Mutex<Vec<(u64, usize)>>);
+
+impl BlockDevice for ReadLog {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DeviceError> {
+        self.1.lock().unwrap().push((offset, buf.len()));
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, _buf: &[u8], offset: u64) -> Result<(), DeviceError> {
+        panic!("write at {offset} while validating")
+    }
+    fn flush(&self) -> Result<(), DeviceError> {
+        panic!("flush while validating")
+    }
+}
+
+#[test]
+fn vold_validation_reads_one_block_at_a_time() {
+    // vold's I/O: the 28-byte header, then per log sector one block at virtual block 0 and one
+    // read per block of every saved copy, checksum or not.
+    for (i, s) in scenarios().iter().enumerate() {
+        let log = validate(&MemDevice::from_bytes(s.checkpointed.clone())).unwrap();
+        let dev = ReadLog(MemDevice::from_bytes(s.checkpointed.clone()), Mutex::new(Vec::new()));
+        assert_eq!(vold::validate_like_vold(&dev).unwrap(), log.entries);
+        let reads = dev.1.into_inner().unwrap();
+        let copies: u64 = log
+            .sectors
+            .iter()
+            .flat_map(|sector| &sector.entries)
+            .map(|e| u64::from(e.size) / s.bs as u64)
+            .sum();
+        assert_eq!(reads.len() as u64, 1 + log.sectors.len() as u64 + copies, "scenario {i}");
+        assert_eq!(reads[0], (0, 28));
+        assert_eq!(reads[1], (0, s.bs), "scenario {i}: the head is read first, in place");
+        assert!(reads[1..].iter().all(|&(_, len)| len == s.bs), "scenario {i}");
+    }
+}
+
+#[test]
+fn wob_head_skips_vold_validation_and_the_baseline_finishes() {
+    let s = &scenarios()[1];
+    let want = vold_result(&s.checkpointed);
+    let mut wob_images = 0;
+    for limit in 1..40 {
+        let dev = MemDevice::from_bytes(s.checkpointed.clone());
+        run(&dev, &RestoreOptions { limit: Some(limit), ..opts() });
+        let img = dev.snapshot();
+        if img[..4] != MAGIC_WOB.to_le_bytes() {
+            continue;
+        }
+        wob_images += 1;
+        let reader = ReadLog(MemDevice::from_bytes(img.clone()), Mutex::new(Vec::new()));
+        assert_eq!(vold::validate_like_vold(&reader).unwrap(), 0);
+        assert_eq!(reader.1.into_inner().unwrap(), vec![(0, 28)], "only the header is read");
+        let dev = MemDevice::from_bytes(img);
+        vold::faithful_baseline(&dev).unwrap();
+        assert!(dev.snapshot() == want, "limit {limit}: the baseline finishes like vold");
+    }
+    assert!(wob_images > 0, "no limited restore left a WOB head");
+}
+
+#[test]
+fn faithful_baseline_restores_the_same_bytes_as_restore() {
+    let mut images = vec![
+        ("worked example".to_string(), worked_example().snapshot()),
+        ("hazard".to_string(), hazard_image()),
+        ("relocated chain".to_string(), relocated_chain_image()),
+    ];
+    for (i, s) in scenarios().into_iter().enumerate() {
+        images.push((format!("scenario {i}"), s.checkpointed));
+    }
+    for (what, img) in &images {
+        let ours = MemDevice::from_bytes(img.clone());
+        let out = run(&ours, &opts());
+        let RestoreOutcome::Restored { entries, .. } = out else { panic!("{what}: {out:?}") };
+        let baseline = MemDevice::from_bytes(img.clone());
+        assert_eq!(vold::faithful_baseline(&baseline).unwrap(), entries, "{what}");
+        assert!(baseline.snapshot() == ours.snapshot(), "{what}: baseline bytes differ");
+    }
+    // A log that fails vold's validation is an error, and nothing is written.
+    let mut bad = worked_example().snapshot();
+    bad[12 * 4096 + 7] = 0x34;
+    let dev = NoWriteDevice(MemDevice::from_bytes(bad));
+    assert!(matches!(
+        vold::faithful_baseline(&dev),
+        Err(RestoreError::Corrupt(CorruptLog::Checksum { index: 1, .. }))
+    ));
 }

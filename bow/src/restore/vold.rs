@@ -1,21 +1,47 @@
-//! vold's restore pass, entry by entry, with its resumable WOB protocol
-//! (vold-checkpoint.md §5.4 `restoreSector`).
+//! vold's restore (`cp_restoreCheckpoint`, vold-checkpoint.md §5.4): its validation pass
+//! ([`validate_like_vold`]) and its restore pass with the resumable WOB protocol ([`replay`],
+//! `restoreSector`).
 //!
-//! Used for the entry limit (`restoreCheckpointPart`), for the rare plan that is not safe to
-//! apply out of order, and as the benchmark's baseline. For each log sector from the newest:
-//! read block 0 directly, then for each entry from the newest: read `dest`, check the CRC, and
-//! write it to `source` — but first, if `source` overlaps a range already read in this log
-//! sector since the last save, flush, store the current log sector in block 0 with
-//! `count = i + 1` and the WOB magic, and flush again, so that a resumed restore starts at this
-//! entry instead of replaying ones whose input was overwritten. Entry 0 of a sector with
-//! sequence > 0 brings back the previous log sector into block 0 with its magic changed to WOB;
-//! every entry 0 is followed by a flush. Unlike vold, write errors are not ignored.
+//! The replay is used for the entry limit (`restoreCheckpointPart`), for the rare plan that is
+//! not safe to apply out of order, and (with [`Protocol::Vold`]) as the benchmark's baseline.
+//! For each log sector from the newest: read block 0 directly, then for each entry from the
+//! newest: read `dest`, check the CRC, and write it to `source` — but first, if `source`
+//! overlaps a range already read in this log sector since the last save, flush, store the current
+//! log sector in block 0 with `count = i + 1` and the WOB magic, and flush again, so that a
+//! resumed restore starts at this entry instead of replaying ones whose input was overwritten.
+//! Entry 0 of a sector with sequence > 0 brings back the previous log sector into block 0 with
+//! its magic changed to WOB; every entry 0 is followed by a flush. Unlike vold, write errors are
+//! not ignored.
+//!
+//! The validation pass is vold's I/O pattern, one synchronous read at a time: for each log
+//! sector from the newest, one block read at virtual block 0 through the relocation map; then for
+//! each entry from the newest, one read per block of its saved copy, each block resolved through
+//! the map on its own (vold's `relocatedRead`), whether or not the entry has a checksum; the CRC
+//! check; the relocation. It never writes. [`super::validate`] reaches the same verdict with
+//! sorted, coalesced, parallel reads; this one exists so that the baseline and the tests'
+//! reference results are vold's algorithm. It differs from vold where vold is unsafe or silent
+//! (vold-checkpoint.md §5.5), with the bounds and error values of our validator:
+//! * the block size must be one the kernel accepts, the sequence below 2^31, the chain no longer
+//!   than the device has blocks, every entry inside the device, and all entries together may not
+//!   save more blocks than the device has;
+//! * every field of a log sector is checked when it is read (`LogSector::parse`: entries whole,
+//!   aligned, without overflow), where vold checks an entry's size only when it reaches it; entry
+//!   0 must save block 0 (the chain), and after sequence 0 block 0 must come from elsewhere;
+//! * vold's header checks come first, in its order (magic — an older sector with the WOB magic
+//!   is refused —, block size equal to the head's, sequence), then the remaining field checks.
+//!   So when one log sector has several faults the error named may differ from
+//!   [`super::validate`]'s (which parses first); an older sector whose block size differs is
+//!   `BlockSizeMismatch` here and a `Format` error there. The verdict is the same.
+//!
+//! A log that fails is reported as an error; roll-forward is the caller's business. A WOB head
+//! skips validation, as in vold.
 
+use super::relocation::RelocationMap;
 use super::{CorruptLog, Phase, Progress, RestoreError};
 use crate::crc::{seed_for, BowCrc};
 use crate::device::BlockDevice;
 use crate::format::{LogHeader, LogSector, Magic, MAGIC_BOW, MAGIC_WOB};
-use crate::units::BlockSize;
+use crate::units::{BlockSize, Sectors};
 
 /// Entries up to this size are read into one buffer as vold does; larger ones (never written
 /// by the kernel, whose entries are bounded by a bio) are checked and copied in chunks.
@@ -146,6 +172,124 @@ pub(crate) fn replay_with(
         }
     }
     Ok(done)
+}
+
+/// vold's validation pass (see the module documentation). Returns the log's entries, or `Ok(0)`
+/// without reading further for a WOB head (vold skips validation then; nothing is counted).
+/// Device errors are returned as they are; writes nothing.
+pub(crate) fn validate_like_vold(dev: &impl BlockDevice) -> Result<u64, RestoreError> {
+    let Some(header) = super::read_header(dev)? else {
+        return Err(RestoreError::NoLog);
+    };
+    if header.magic == Magic::Wob {
+        return Ok(0);
+    }
+    let bs = BlockSize::new(header.block_size).ok_or(CorruptLog::BlockSize(header.block_size))?;
+    let bs_bytes = u64::from(bs.bytes());
+    let blocks = dev.size() / bs_bytes;
+    if header.sequence >= 1 << 31 {
+        return Err(CorruptLog::SequenceTooLarge(header.sequence).into());
+    }
+    if u64::from(header.sequence) >= blocks {
+        return Err(CorruptLog::ChainTooLong { sequence: header.sequence, blocks }.into());
+    }
+    let mut map = RelocationMap::new();
+    let mut raw = vec![0u8; bs.as_usize()];
+    let mut block = vec![0u8; bs.as_usize()];
+    let mut saved_blocks: u64 = 0;
+    let mut entries: u64 = 0;
+    let mut chain_entry = None;
+    for sequence in (0..=header.sequence).rev() {
+        let at = map.resolve(0);
+        if at >= blocks {
+            return Err(CorruptLog::OutOfDevice { sequence, index: 0, blocks }.into());
+        }
+        dev.read_at(&mut raw, at * bs_bytes)?;
+        let format = |error| CorruptLog::Format { sequence, error };
+        // vold's order: magic (BOW only while validating), block size, sequence.
+        let h = LogHeader::decode(&raw).map_err(format)?;
+        if h.magic == Magic::Wob {
+            return Err(CorruptLog::UnexpectedWob { sequence }.into());
+        }
+        if h.block_size != header.block_size {
+            return Err(CorruptLog::BlockSizeMismatch {
+                sequence,
+                expected: header.block_size,
+                found: h.block_size,
+            }
+            .into());
+        }
+        if h.sequence != sequence {
+            return Err(
+                CorruptLog::SequenceMismatch { expected: sequence, found: h.sequence }.into()
+            );
+        }
+        // Header size and count (vold's next checks), then every entry's fields.
+        let sector = LogSector::parse(&raw).map_err(format)?;
+        let first = sector.entries[0];
+        if first.source.0 != 0 || first.size != bs.bytes() {
+            return Err(
+                CorruptLog::ChainEntry { sequence, saved: first.source, size: first.size }.into()
+            );
+        }
+        chain_entry = Some(first);
+        for (index, e) in sector.entries.iter().enumerate().rev() {
+            let index32 = u32::try_from(index).unwrap_or(u32::MAX);
+            // `LogSector::parse` checked alignment, whole blocks and overflow.
+            let n = u64::from(e.size) / bs_bytes;
+            let source = e.source.0 / bs.sectors();
+            let dest = e.dest.0 / bs.sectors();
+            if source.checked_add(n).is_none_or(|end| end > blocks)
+                || dest.checked_add(n).is_none_or(|end| end > blocks)
+            {
+                return Err(CorruptLog::OutOfDevice { sequence, index: index32, blocks }.into());
+            }
+            saved_blocks = saved_blocks.saturating_add(n);
+            if saved_blocks > blocks {
+                return Err(CorruptLog::TooManyBlocks { blocks }.into());
+            }
+            // vold's relocatedRead: each block of the copy resolved and read on its own.
+            let mut crc = BowCrc::new(seed_for(source));
+            for i in 0..n {
+                dev.read_at(&mut block, map.resolve(dest + i) * bs_bytes)?;
+                crc.update(&block);
+            }
+            let computed = crc.finish();
+            if e.checksum != 0 && computed != e.checksum {
+                return Err(CorruptLog::Checksum {
+                    sequence,
+                    index: index32,
+                    expected: e.checksum,
+                    computed,
+                }
+                .into());
+            }
+            map.relocate(source, dest, n);
+        }
+        entries += sector.entries.len() as u64;
+    }
+    // After sequence 0 block 0 must come from somewhere else, or the restore would leave the
+    // log in place and run again at every boot.
+    if map.resolve(0) == 0 {
+        return Err(CorruptLog::ChainEntry {
+            sequence: 0,
+            saved: chain_entry.map_or(Sectors(0), |e| e.source),
+            size: chain_entry.map_or(0, |e| e.size),
+        }
+        .into());
+    }
+    Ok(entries)
+}
+
+/// vold's whole restore, for comparison (the benchmark's baseline): [`validate_like_vold`],
+/// then [`replay_with`] with exactly vold's flushes. Returns the entries replayed. A log that
+/// fails validation is an error (vold would roll forward).
+// Until `super::vold_baseline` calls it; delete this line then.
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) fn faithful_baseline(dev: &impl BlockDevice) -> Result<u64, RestoreError> {
+    let entries = validate_like_vold(dev)?;
+    let done = replay_with(dev, None, entries, Protocol::Vold, &mut |_| {})?;
+    Ok(done.entries)
 }
 
 /// Persists "resume from entry `count - 1` of this sector": the log sector as read, with
