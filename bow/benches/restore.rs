@@ -4,7 +4,9 @@
 //! the engine model (`bow::model`, the kernel's algorithm): discard the top 40 % of the device,
 //! enter CHECKPOINT, then overwrite N MiB of used blocks — scattered 4 KiB blocks, or runs of
 //! 256 KiB ("coalesced"). Then, interleaved in one process, each round times:
-//! * **ours**: `bow::restore::restore` (validation + plan + parallel apply + flushes);
+//! * **ours**: `bow::restore::restore` (validation + plan + parallel apply + flushes), with
+//!   the default memory budget (the checked copies are written from memory, not read twice);
+//! * **ours, budget 0**: the same with `memory_budget: 0` (every copy read again to apply);
 //! * **vold**: `bow::restore::vold_baseline`, vold's algorithm (validation pass, then the
 //!   entry-by-entry replay newest first, buffered pread/pwrite, a flush after every entry 0
 //!   and around every WOB progress save, vold-checkpoint.md §5.4);
@@ -15,8 +17,10 @@
 //!   pattern and threads, same flushes) with no validation: the least any restore must do,
 //!   since it has to read the saved copies.
 //!
-//! All methods use the same buffered file descriptor flags (`O_RDWR`, page cache) and
-//! `fdatasync` for flushes, so the device sees the writes at the flush points; before every run
+//! Every method writes through the page cache and flushes with `fdatasync`, so the device sees
+//! the writes at the flush points. Ours and copy read with `O_DIRECT` where the file system
+//! allows it (`FileDevice::with_direct_reads`, as the daemon and the CLI open devices); vold
+//! reads through the page cache as vold does (`O_RDWR`, no `O_DIRECT`). Before every run
 //! the touched blocks are reset to the checkpointed bytes, flushed, and the page cache is
 //! dropped (`/proc/sys/vm/drop_caches`, when writable), so every run starts cold. Results of
 //! ours and vold are checked against the original data.
@@ -31,7 +35,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use bow::device::{BlockDevice, FileDevice, MemDevice};
+use bow::device::{BlockDevice, FileDevice, IoBuf, MemDevice};
 use bow::model::{BowEngine, BowModel, BowState, ModelConfig};
 use bow::restore::{self, Phase, RestoreOptions, RestoreOutcome, RestorePlan};
 use bow::units::{BlockSize, Sectors};
@@ -139,10 +143,10 @@ fn check(path: &Path, case: &Case, who: &str) {
 }
 
 /// Our restore; returns the total time and the time until the apply started (validation).
-fn ours(path: &Path, qd: usize) -> (Duration, Duration) {
+fn ours(path: &Path, qd: usize, memory_budget: usize) -> (Duration, Duration) {
     let t = Instant::now();
-    let dev = FileDevice::open(path).expect("open");
-    let opts = RestoreOptions { queue_depth: qd, ..RestoreOptions::default() };
+    let dev = FileDevice::open(path).expect("open").with_direct_reads();
+    let opts = RestoreOptions { queue_depth: qd, memory_budget, ..RestoreOptions::default() };
     let mut validated = None;
     let report = restore::restore(&dev, &opts, &mut |p| {
         if p.phase == Phase::Apply && validated.is_none() {
@@ -208,18 +212,18 @@ fn raw_copy(path: &Path, case: &Case, qd: usize) -> Duration {
         }
     }
     let t = Instant::now();
-    let dev = FileDevice::open(path).expect("open");
+    let dev = FileDevice::open(path).expect("open").with_direct_reads();
     let next = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|s| {
         for _ in 0..qd {
             s.spawn(|| {
-                let mut buf = Vec::new();
+                let mut buf = IoBuf::default();
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some(&(to, from, n)) = jobs.get(i) else { break };
-                    buf.resize((n * BS) as usize, 0);
-                    dev.read_at(&mut buf, from * BS).expect("copy read");
-                    dev.write_at(&buf, to * BS).expect("copy write");
+                    buf.set_len((n * BS) as usize);
+                    dev.read_at(buf.as_mut_slice(), from * BS).expect("copy read");
+                    dev.write_at(buf.as_slice(), to * BS).expect("copy write");
                 }
             });
         }
@@ -254,9 +258,11 @@ fn main() {
     std::fs::create_dir_all(&dir).expect("bench dir");
     let image_blocks = image_mib * 256;
     let restore_blocks = restore_mib * 256;
+    let budget = RestoreOptions::default().memory_budget;
     println!(
         "restore benchmark: image {image_mib} MiB, {restore_mib} MiB restored per case, \
-         {rounds} rounds, queue depth {qd}, buffered I/O + fdatasync for all methods, dir {}",
+         {rounds} rounds, queue depth {qd}, memory budget {} MiB, dir {}",
+        budget >> 20,
         dir.display()
     );
     let cases = [
@@ -279,39 +285,50 @@ fn main() {
             bytes as f64 / (1 << 20) as f64
         );
         let (mut t_ours, mut t_vold, mut t_raw) = (Vec::new(), Vec::new(), Vec::new());
-        let mut t_copy = Vec::new();
+        let (mut t_copy, mut t_twice) = (Vec::new(), Vec::new());
         let mut t_validate = Vec::new();
         for round in 0..rounds {
             // Rotate the order each round so no method always runs first.
-            for k in 0..4 {
+            for k in 0..5 {
                 dropped_all &= reset(&path, case, !quick);
-                match (k + round) % 4 {
+                match (k + round) % 5 {
                     0 => {
-                        let (total, validate) = ours(&path, qd);
+                        let (total, validate) = ours(&path, qd, budget);
                         t_ours.push(total);
                         t_validate.push(validate);
                         check(&path, case, "ours");
+                    }
+                    4 => {
+                        t_twice.push(ours(&path, qd, 0).0);
+                        check(&path, case, "ours, budget 0");
                     }
                     1 => {
                         t_vold.push(vold(&path));
                         check(&path, case, "vold");
                     }
                     2 => t_raw.push(raw(&path, case, qd)),
-                    _ => {
+                    3 => {
                         t_copy.push(raw_copy(&path, case, qd));
                         check(&path, case, "raw copy");
                     }
+                    _ => unreachable!(),
                 }
             }
         }
         let (o, v, r) = (median(&mut t_ours), median(&mut t_vold), median(&mut t_raw));
         let c = median(&mut t_copy);
+        let twice = median(&mut t_twice);
         let val = median(&mut t_validate);
         println!(
             "  ours  {:>8.1} ms  {:>8.1} MiB/s  (validation {:.1} ms)",
             o.as_secs_f64() * 1e3,
             mib_s(bytes, o),
             val.as_secs_f64() * 1e3
+        );
+        println!(
+            "  ours, budget 0  {:>8.1} ms  {:>8.1} MiB/s  (copies read twice)",
+            twice.as_secs_f64() * 1e3,
+            mib_s(bytes, twice)
         );
         println!("  vold  {:>8.1} ms  {:>8.1} MiB/s", v.as_secs_f64() * 1e3, mib_s(bytes, v));
         println!("  raw   {:>8.1} ms  {:>8.1} MiB/s", r.as_secs_f64() * 1e3, mib_s(bytes, r));

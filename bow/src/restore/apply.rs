@@ -5,19 +5,24 @@
 //! docs/restore.md): no copy reads a block any copy writes, and the log in block 0 is rewritten
 //! only after every other copy is durable. Until then a new run sees the same log and the same
 //! sources and makes the same copies again; afterwards there is no log and nothing to do.
+//!
+//! Copies whose saved data validation kept in memory are written from there (kept.rs); the
+//! others are read from the device first.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Mutex};
 
+use super::kept::KeptCopies;
 use super::plan::{BlockCopy, RestorePlan};
 use super::{Phase, Progress, RestoreError, RestoreOptions};
-use crate::device::{BlockDevice, DeviceError};
+use crate::device::{BlockDevice, DeviceError, IoBuf};
 
 /// Applies `plan`; returns the blocks written (block 0 included).
 pub(super) fn apply(
     dev: &impl BlockDevice,
     plan: &RestorePlan,
     opts: &RestoreOptions,
+    kept: &KeptCopies,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<u64, RestoreError> {
     let bs = u64::from(plan.block_size);
@@ -36,10 +41,10 @@ pub(super) fn apply(
             let tx = tx.clone();
             let (next, failed, first_error, jobs) = (&next, &failed, &first_error, &jobs);
             scope.spawn(move || {
-                let mut buf = Vec::new();
+                let mut buf = IoBuf::default();
                 while !failed.load(Ordering::Relaxed) {
                     let Some(job) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) else { break };
-                    match copy(dev, job, bs, &mut buf) {
+                    match copy(dev, job, bs, kept, &mut buf) {
                         Ok(()) => {
                             let _ = tx.send(job.blocks);
                         }
@@ -89,9 +94,13 @@ fn copy(
     dev: &impl BlockDevice,
     job: &BlockCopy,
     bs: u64,
-    buf: &mut Vec<u8>,
+    kept: &KeptCopies,
+    buf: &mut IoBuf,
 ) -> Result<(), DeviceError> {
-    buf.resize(usize::try_from(job.blocks * bs).unwrap_or(usize::MAX), 0);
-    dev.read_at(buf, job.source * bs)?;
-    dev.write_at(buf, job.target * bs)
+    if let Some(data) = kept.get(job.source, job.blocks, bs) {
+        return dev.write_at(data, job.target * bs);
+    }
+    buf.set_len(usize::try_from(job.blocks * bs).unwrap_or(usize::MAX));
+    dev.read_at(buf.as_mut_slice(), job.source * bs)?;
+    dev.write_at(buf.as_slice(), job.target * bs)
 }

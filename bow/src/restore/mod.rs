@@ -18,6 +18,7 @@
 mod apply;
 #[doc(hidden)]
 pub mod fuzzing;
+mod kept;
 mod plan;
 pub mod relocation;
 pub mod synth;
@@ -60,6 +61,10 @@ pub struct RestoreOptions {
     /// The largest single read or write while applying a plan, in bytes (rounded down to
     /// whole blocks, at least one block).
     pub max_io_bytes: usize,
+    /// Saved copies validation checked are kept in memory up to this many bytes, and the
+    /// apply writes them from there instead of reading them again (see `kept.rs`). 0 keeps
+    /// nothing: every copy is read twice.
+    pub memory_budget: usize,
 }
 
 impl Default for RestoreOptions {
@@ -70,6 +75,7 @@ impl Default for RestoreOptions {
             dry_run: false,
             queue_depth: 8,
             max_io_bytes: 1 << 20,
+            memory_budget: 256 << 20,
         }
     }
 }
@@ -273,8 +279,10 @@ pub fn restore(
         return Ok(RestoreReport { header: None, outcome: RestoreOutcome::NoLog });
     };
     let report = |outcome| Ok(RestoreReport { header: Some(header), outcome });
-    let log = match validate::validate_with_progress(dev, opts.queue_depth, progress) {
-        Ok(log) => log,
+    let keep =
+        if opts.dry_run || opts.limit.is_some_and(|l| l > 0) { 0 } else { opts.memory_budget };
+    let (log, kept) = match validate::validate_keeping(dev, opts.queue_depth, keep, progress) {
+        Ok(validated) => validated,
         Err(RestoreError::Corrupt(reason)) => {
             let resumed = header.magic == Magic::Wob;
             if resumed || opts.policy == CorruptLogPolicy::Refuse {
@@ -316,7 +324,7 @@ pub fn restore(
         });
     }
     let blocks_written = match log.plan.mode {
-        ApplyMode::Plan => apply::apply(dev, &log.plan, opts, progress)?,
+        ApplyMode::Plan => apply::apply(dev, &log.plan, opts, &kept, progress)?,
         ApplyMode::VoldReplay => vold::replay(dev, None, log.entries, progress)?.blocks_written,
     };
     report(RestoreOutcome::Restored {
@@ -327,13 +335,11 @@ pub fn restore(
     })
 }
 
-/// vold's restore, for comparison (the benchmark's baseline): its validation pass, then its
-/// entry-by-entry replay with exactly its flushes. Returns the entries replayed. Prefer
-/// [`restore`].
+/// vold's restore, for comparison (the benchmark's baseline): its validation pass (one read
+/// per block, newest first, through the relocation map), then its entry-by-entry replay with
+/// exactly its flushes. Returns the entries replayed. Prefer [`restore`].
 pub fn vold_baseline(dev: &impl BlockDevice) -> Result<u64, RestoreError> {
-    let log = validate(dev)?;
-    let done = vold::replay_with(dev, None, log.entries, vold::Protocol::Vold, &mut |_| {})?;
-    Ok(done.entries)
+    vold::faithful_baseline(dev)
 }
 
 /// Where roll-forward reads the live block 0 from: the header's `sector0`, except when the

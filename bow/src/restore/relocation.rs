@@ -79,15 +79,28 @@ impl RelocationMap {
     /// Applies one log entry: virtual `[source, source + n)` now resolves the way virtual
     /// `[dest, dest + n)` resolves before this call.
     pub fn relocate(&mut self, source: u64, dest: u64, n: u64) {
+        let slice = self.runs(dest, n);
+        self.relocate_runs(source, dest, n, &slice);
+    }
+
+    /// [`RelocationMap::relocate`] with `slice = self.runs(dest, n)` already at hand (the
+    /// validator needs those runs anyway, to read the saved copy).
+    pub fn relocate_runs(&mut self, source: u64, dest: u64, n: u64, slice: &[Run]) {
         if n == 0 {
             return;
         }
+        debug_assert_eq!(slice, self.runs(dest, n).as_slice());
         let end = source.saturating_add(n);
-        let slice = self.runs(dest, n);
         // Pin what follows the range to its current resolution before erasing inside it.
         let after = self.resolve(end);
-        while let Some((&k, _)) = self.keys.range(source..end).next() {
-            self.keys.remove(&k);
+        if n == 1 {
+            // The common case (scattered 4 KiB writes): at most one key inside.
+            self.keys.remove(&source);
+        } else {
+            let inside: Vec<u64> = self.keys.range(source..end).map(|(&k, _)| k).collect();
+            for k in inside {
+                self.keys.remove(&k);
+            }
         }
         for run in slice {
             self.keys.insert(source + (run.virt - dest), run.phys);

@@ -20,13 +20,15 @@
 //! number of entries.
 
 use super::plan;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Mutex};
 
+use super::kept::KeptCopies;
 use super::relocation::{RelocationMap, Run};
 use super::{CorruptLog, Phase, Progress, RestoreError, ValidatedLog};
 use crate::crc::{seed_for, BowCrc};
-use crate::device::BlockDevice;
+use crate::device::{BlockDevice, IoBuf};
 use crate::format::{LogHeader, LogSector, Magic};
 use crate::units::BlockSize;
 
@@ -39,6 +41,8 @@ const READ_CHUNK: u64 = 4 << 20;
 const BATCH_BYTES: u64 = 4 << 20;
 /// Reads in flight while checking CRCs, unless the caller says otherwise.
 const DEFAULT_QUEUE_DEPTH: usize = 8;
+/// Most log sector bytes read ahead of the walk (16384 sectors of 4 KiB).
+const PREFETCH_BYTES: u64 = 64 << 20;
 
 /// The checksum verdict of one entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -80,27 +84,30 @@ pub struct Walk {
 
 /// Validates the log on `dev` (see the module documentation). Writes nothing.
 pub fn validate(dev: &impl BlockDevice) -> Result<ValidatedLog, RestoreError> {
-    validate_with_progress(dev, DEFAULT_QUEUE_DEPTH, &mut |_| {})
+    validate_keeping(dev, DEFAULT_QUEUE_DEPTH, 0, &mut |_| {}).map(|(log, _)| log)
 }
 
-pub(super) fn validate_with_progress(
+/// [`validate`], keeping up to `keep_bytes` of the checked saved copies in memory.
+pub(super) fn validate_keeping(
     dev: &impl BlockDevice,
     queue_depth: usize,
+    keep_bytes: usize,
     progress: &mut dyn FnMut(Progress),
-) -> Result<ValidatedLog, RestoreError> {
-    let walk = walk_with(dev, false, queue_depth, progress)?;
+) -> Result<(ValidatedLog, KeptCopies), RestoreError> {
+    let (walk, kept) = walk_with(dev, false, queue_depth, keep_bytes, progress)?;
     if let Some(error) = walk.error {
         return Err(error.into());
     }
     let plan = plan::build(&walk);
     let entries = walk.sectors.iter().map(|s| s.sector.entries.len() as u64).sum();
-    Ok(ValidatedLog {
+    let log = ValidatedLog {
         header: walk.header,
         resumed: walk.header.magic == Magic::Wob,
         sectors: walk.sectors.into_iter().map(|s| s.sector).collect(),
         entries,
         plan,
-    })
+    };
+    Ok((log, kept))
 }
 
 /// Walks the chain. `Err(NoLog)` without a magic; device errors are returned as errors (never
@@ -112,15 +119,19 @@ pub fn walk(
     keep_going: bool,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Walk, RestoreError> {
-    walk_with(dev, keep_going, DEFAULT_QUEUE_DEPTH, progress)
+    walk_with(dev, keep_going, DEFAULT_QUEUE_DEPTH, 0, progress).map(|(walk, _)| walk)
 }
+
+/// What a worker returns for one batch: the checks, and the batch's data when it is kept.
+type BatchResult = Result<(Vec<Checked>, Option<BatchData>), RestoreError>;
 
 fn walk_with(
     dev: &impl BlockDevice,
     keep_going: bool,
     queue_depth: usize,
+    keep_bytes: usize,
     progress: &mut dyn FnMut(Progress),
-) -> Result<Walk, RestoreError> {
+) -> Result<(Walk, KeptCopies), RestoreError> {
     let Some(header) = super::read_header(dev)? else {
         return Err(RestoreError::NoLog);
     };
@@ -141,25 +152,39 @@ fn walk_with(
     // Batches are numbered; `queue_depth` workers check them, each reading its batch's merged
     // ranges whole. After a mismatch (without `keep_going`) later batches are skipped.
     let stop_after = AtomicUsize::new(usize::MAX);
+    let reserved = AtomicUsize::new(0);
     let workers = queue_depth.clamp(1, 16);
     let (batch_tx, batch_rx) = mpsc::channel::<(usize, Vec<PendingCrc>)>();
     let batch_rx = Mutex::new(batch_rx);
-    let (result_tx, result_rx) = mpsc::channel::<(usize, Result<Vec<Checked>, RestoreError>)>();
+    let (result_tx, result_rx) = mpsc::channel::<(usize, BatchResult)>();
+    let mut kept = KeptCopies::default();
     let structural = std::thread::scope(|scope| {
         for _ in 0..workers {
-            let (stop_after, batch_rx, result_tx) = (&stop_after, &batch_rx, result_tx.clone());
+            let (stop_after, reserved, batch_rx) = (&stop_after, &reserved, &batch_rx);
+            let result_tx = result_tx.clone();
             scope.spawn(move || {
-                // One buffer for all batches: no fresh pages to fault in for every batch.
-                let mut buf = Vec::new();
+                // One buffer for all batches not kept: no fresh pages to fault in for each.
+                let mut buf = IoBuf::default();
                 loop {
                     let next = batch_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
                     let Ok((number, batch)) = next else { break };
                     if number > stop_after.load(Ordering::Relaxed) {
                         continue;
                     }
-                    let checked = check_batch(dev, batch, bs, &mut buf);
+                    let checked = check_batch(dev, batch, bs, &mut buf).map(|(checks, data)| {
+                        let failed = checks.iter().any(|c| c.computed != c.expected);
+                        let keep = data.filter(|_| !failed).and_then(|data| {
+                            if reserve(reserved, data.buf.len(), keep_bytes) {
+                                Some(data)
+                            } else {
+                                buf = data.buf;
+                                None
+                            }
+                        });
+                        (checks, keep)
+                    });
                     let failed = match &checked {
-                        Ok(c) => c.iter().any(|c| c.computed != c.expected),
+                        Ok((c, _)) => c.iter().any(|c| c.computed != c.expected),
                         Err(_) => true,
                     };
                     if failed && !keep_going {
@@ -198,7 +223,10 @@ fn walk_with(
         let mut mismatches: Vec<(usize, CorruptLog)> = Vec::new();
         for (number, checked) in result_rx {
             match checked {
-                Ok(checked) => {
+                Ok((checked, data)) => {
+                    if let Some(data) = data {
+                        kept.add(&data.ranges, data.buf);
+                    }
                     for c in checked {
                         done += c.blocks;
                         let status = if c.computed == c.expected {
@@ -243,7 +271,18 @@ fn walk_with(
         Err(other) => return Err(other),
     };
     w.error = mismatch.or(structural);
-    Ok(w)
+    kept.seal();
+    Ok((w, kept))
+}
+
+/// Reserves `bytes` of the keep budget; false (and nothing reserved) when it would overflow.
+fn reserve(reserved: &AtomicUsize, bytes: usize, budget: usize) -> bool {
+    let before = reserved.fetch_add(bytes, Ordering::Relaxed);
+    if before.saturating_add(bytes) <= budget {
+        return true;
+    }
+    reserved.fetch_sub(bytes, Ordering::Relaxed);
+    false
 }
 
 /// One checked CRC.
@@ -257,23 +296,23 @@ struct Checked {
     blocks: u64,
 }
 
+/// Checks a batch's CRCs; returns the checks and, unless it was streamed, the data read (the
+/// caller keeps it or takes the buffer back; on an error `buf` may have been consumed).
 fn check_batch(
     dev: &impl BlockDevice,
     batch: Vec<PendingCrc>,
     bs: u64,
-    buf: &mut Vec<u8>,
-) -> Result<Vec<Checked>, RestoreError> {
+    buf: &mut IoBuf,
+) -> Result<(Vec<Checked>, Option<BatchData>), RestoreError> {
     let bytes: u64 = batch.iter().map(|p| p.blocks * bs).sum();
-    let computed: Vec<u32> = if bytes > BATCH_BYTES {
+    let (computed, data): (Vec<u32>, _) = if bytes > BATCH_BYTES {
         // Only a single entry larger than a batch gets here: stream it.
-        batch.iter().map(|p| streamed_crc(dev, p, bs)).collect::<Result<_, _>>()?
+        (batch.iter().map(|p| streamed_crc(dev, p, bs)).collect::<Result<_, _>>()?, None)
     } else {
         let data = read_batch(dev, &batch, bs, std::mem::take(buf))?;
-        let crcs = batch.iter().map(|p| data.crc(p, bs)).collect();
-        *buf = data.buf;
-        crcs
+        (batch.iter().map(|p| data.crc(p, bs)).collect(), Some(data))
     };
-    Ok(batch
+    let checks = batch
         .into_iter()
         .zip(computed)
         .map(|(p, computed)| Checked {
@@ -284,7 +323,8 @@ fn check_batch(
             computed,
             blocks: p.blocks,
         })
-        .collect())
+        .collect();
+    Ok((checks, data))
 }
 
 /// A CRC to check: entry `index` of walked sector `sector`, over physical `runs`.
@@ -318,16 +358,23 @@ fn walk_chain(
     }
     let resumed = header.magic == Magic::Wob;
     let mut saved_blocks: u64 = 0;
-    let mut buf = vec![0u8; bs.as_usize()];
+    let prefetched = prefetch_chain(dev, bs, blocks, header.sequence);
+    let mut buf = IoBuf::new(bs.as_usize());
     for sequence in (0..=header.sequence).rev() {
         let at = w.map.resolve(0);
         if at >= blocks {
             return Err(CorruptLog::OutOfDevice { sequence, index: 0, blocks }.into());
         }
-        dev.read_at(&mut buf, at * bs_bytes)?;
+        let block = match prefetched.get(&at) {
+            Some(block) => block.as_slice(),
+            None => {
+                dev.read_at(buf.as_mut_slice(), at * bs_bytes)?;
+                buf.as_slice()
+            }
+        };
         w.reads.push(Run { virt: 0, phys: at, len: 1 });
         let sector =
-            LogSector::parse(&buf).map_err(|error| CorruptLog::Format { sequence, error })?;
+            LogSector::parse(block).map_err(|error| CorruptLog::Format { sequence, error })?;
         let h = sector.header;
         if h.block_size != header.block_size {
             return Err(CorruptLog::BlockSizeMismatch {
@@ -370,12 +417,13 @@ fn walk_chain(
             if saved_blocks > blocks {
                 return Err(CorruptLog::TooManyBlocks { blocks }.into());
             }
+            let runs = w.map.runs(dest, n);
+            w.map.relocate_runs(source, dest, n, &runs);
             if e.checksum == 0 {
                 if let Some(slot) = w.sectors[sector_index].crc.get_mut(index) {
                     *slot = Some(CrcStatus::Unchecked);
                 }
             } else {
-                let runs = w.map.runs(dest, n);
                 w.reads.extend_from_slice(&runs);
                 pending(PendingCrc {
                     sector: sector_index,
@@ -387,7 +435,6 @@ fn walk_chain(
                     blocks: n,
                 });
             }
-            w.map.relocate(source, dest, n);
         }
     }
     // After sequence 0 block 0 must come from somewhere else, or the restore would leave the
@@ -404,11 +451,48 @@ fn walk_chain(
     Ok(())
 }
 
+/// Log sectors read ahead of the walk, by physical block.
+///
+/// Each log sector's entry 0 saved the previous one; the walk finds it where the relocation
+/// map resolves block 0, which is that entry's `dest` unless the file system reused the saved
+/// block (the kernel then moved it again). Following the `dest`s reads the chain back to back
+/// before the CRC reads start, instead of one synchronous read per sector queued behind them
+/// on the walk's critical path. The walk takes a block from here only when the map resolves to
+/// it, so a wrong guess costs a read, never a wrong answer. Read errors and malformed sectors
+/// end the read-ahead (the walk reports them); at most `PREFETCH_BYTES` are held.
+fn prefetch_chain(
+    dev: &impl BlockDevice,
+    bs: BlockSize,
+    blocks: u64,
+    sequence: u32,
+) -> HashMap<u64, IoBuf> {
+    let bs_bytes = u64::from(bs.bytes());
+    let limit = (PREFETCH_BYTES / bs_bytes).min(u64::from(sequence) + 1);
+    let mut out = HashMap::new();
+    let mut at = 0;
+    while (out.len() as u64) < limit {
+        let mut block = IoBuf::new(bs.as_usize());
+        if dev.read_at(block.as_mut_slice(), at * bs_bytes).is_err() {
+            break;
+        }
+        let next = LogSector::parse(block.as_slice())
+            .ok()
+            .filter(|s| s.header.sequence > 0)
+            .map(|s| s.entries[0].dest.0 / bs.sectors());
+        out.insert(at, block);
+        match next {
+            Some(next) if next < blocks && !out.contains_key(&next) => at = next,
+            _ => break,
+        }
+    }
+    out
+}
+
 /// The physical data of one batch: merged, sorted ranges and one buffer holding them.
 struct BatchData {
     /// (first block, blocks, offset in `buf`), sorted by first block, disjoint.
     ranges: Vec<(u64, u64, usize)>,
-    buf: Vec<u8>,
+    buf: IoBuf,
 }
 
 impl BatchData {
@@ -419,7 +503,7 @@ impl BatchData {
             let (start, _, offset) = self.ranges[i];
             let from = offset + usize::try_from((run.phys - start) * bs).unwrap_or(usize::MAX);
             let len = usize::try_from(run.len * bs).unwrap_or(usize::MAX);
-            crc.update(&self.buf[from..from + len]);
+            crc.update(&self.buf.as_slice()[from..from + len]);
         }
         crc.finish()
     }
@@ -431,7 +515,7 @@ fn read_batch(
     dev: &impl BlockDevice,
     batch: &[PendingCrc],
     bs: u64,
-    mut buf: Vec<u8>,
+    mut buf: IoBuf,
 ) -> Result<BatchData, RestoreError> {
     let mut runs: Vec<(u64, u64)> =
         batch.iter().flat_map(|p| p.runs.iter().map(|r| (r.phys, r.phys + r.len))).collect();
@@ -449,10 +533,9 @@ fn read_batch(
         ranges.push((s, e - s, offset));
         offset += usize::try_from((e - s) * bs).unwrap_or(usize::MAX);
     }
-    buf.clear();
-    buf.resize(offset, 0);
+    buf.set_len(offset);
     let chunk = usize::try_from(READ_CHUNK.max(bs)).unwrap_or(usize::MAX);
-    let mut rest: &mut [u8] = &mut buf;
+    let mut rest: &mut [u8] = buf.as_mut_slice();
     for &(s, len, _) in &ranges {
         let bytes = usize::try_from(len * bs).unwrap_or(usize::MAX);
         let (mine, tail) = rest.split_at_mut(bytes);

@@ -284,8 +284,6 @@ pub(crate) fn validate_like_vold(dev: &impl BlockDevice) -> Result<u64, RestoreE
 /// vold's whole restore, for comparison (the benchmark's baseline): [`validate_like_vold`],
 /// then [`replay_with`] with exactly vold's flushes. Returns the entries replayed. A log that
 /// fails validation is an error (vold would roll forward).
-// Until `super::vold_baseline` calls it; delete this line then.
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn faithful_baseline(dev: &impl BlockDevice) -> Result<u64, RestoreError> {
     let entries = validate_like_vold(dev)?;
     let done = replay_with(dev, None, entries, Protocol::Vold, &mut |_| {})?;
