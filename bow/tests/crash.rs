@@ -167,7 +167,8 @@ fn first_diff(a: &[u8], b: &[u8], bs: usize) -> Option<usize> {
 
 fn exercise(run: &Run, seed: u64, counts: &mut Counts, restore_crash_every: usize) {
     let opts = RestoreOptions::default();
-    let serial = RestoreOptions { queue_depth: 1, ..RestoreOptions::default() };
+    // Crashed restores read every copy again (budget 0); whole ones write them from memory.
+    let serial = RestoreOptions { queue_depth: 1, memory_budget: 0, ..RestoreOptions::default() };
     counts.workloads += 1;
     let mut sample = 0usize;
     run.dev.for_each_epoch(|epoch| {

@@ -147,7 +147,8 @@ fn execute(cmd: LogCommand, out: &mut dyn Write, bar: bool) -> Result<Status, Cl
                 }
                 FileDevice::open(&device)
             }
-            .map_err(|e| CliError::Open(device.clone(), e))?;
+            .map_err(|e| CliError::Open(device.clone(), e))?
+            .with_direct_reads();
             let report = restore_with_bar(&dev, &opts, bar).map_err(CliError::Restore)?;
             if json {
                 writeln!(out, "{}", serde_json::to_string_pretty(&report).map_err(json_error)?)?;

@@ -46,7 +46,8 @@ fn run(
     progress: &dyn Fn(u64, u64),
 ) -> (RestoreOutcome, Result<(), ServiceError>) {
     let dev = match FileDevice::open(Path::new(device)) {
-        Ok(dev) => dev,
+        // The saved copies are read once, before anything is written: no use caching them.
+        Ok(dev) => dev.with_direct_reads(),
         Err(e) => return failed(device_errno(&e), format!("Cannot open {device}: {e}")),
     };
     let options = RestoreOptions { limit: (limit > 0).then_some(limit), ..Default::default() };

@@ -6,8 +6,10 @@
 //! only after every other copy is durable. Until then a new run sees the same log and the same
 //! sources and makes the same copies again; afterwards there is no log and nothing to do.
 //!
-//! Copies whose saved data validation kept in memory are written from there (kept.rs); the
-//! others are read from the device first.
+//! Copies whose saved data validation kept in memory are written from there (kept.rs). The
+//! others are read again, grouped by where their sources lie: sorted by source, a group's
+//! merged source ranges are read in one go, then its copies are written from that buffer. (Read
+//! one by one in target order, scattered sources would cost a random read each.)
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Mutex};
@@ -27,9 +29,10 @@ pub(super) fn apply(
 ) -> Result<u64, RestoreError> {
     let bs = u64::from(plan.block_size);
     let max_blocks = (u64::try_from(opts.max_io_bytes).unwrap_or(u64::MAX) / bs).max(1);
-    let jobs = split(&plan.copies, max_blocks);
+    let jobs = units(split(&plan.copies, max_blocks), kept, bs);
     let total = plan.blocks();
     let workers = opts.queue_depth.clamp(1, 64).min(jobs.len().max(1));
+    let step = (total / 512).max(1);
 
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
@@ -42,11 +45,17 @@ pub(super) fn apply(
             let (next, failed, first_error, jobs) = (&next, &failed, &first_error, &jobs);
             scope.spawn(move || {
                 let mut buf = IoBuf::default();
+                // Progress goes out in steps of about 1/512 of the plan: one message per 4 KiB
+                // copy would wake the reporting thread thousands of times.
+                let mut unreported = 0;
                 while !failed.load(Ordering::Relaxed) {
-                    let Some(job) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) else { break };
-                    match copy(dev, job, bs, kept, &mut buf) {
+                    let Some(unit) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) else { break };
+                    match copy(dev, unit, bs, kept, &mut buf) {
                         Ok(()) => {
-                            let _ = tx.send(job.blocks);
+                            unreported += unit.iter().map(|c| c.blocks).sum::<u64>();
+                            if unreported >= step {
+                                let _ = tx.send(std::mem::take(&mut unreported));
+                            }
                         }
                         Err(e) => {
                             failed.store(true, Ordering::Relaxed);
@@ -54,6 +63,9 @@ pub(super) fn apply(
                             slot.get_or_insert(e);
                         }
                     }
+                }
+                if unreported > 0 {
+                    let _ = tx.send(unreported);
                 }
             });
         }
@@ -90,17 +102,75 @@ fn split(copies: &[BlockCopy], max_blocks: u64) -> Vec<BlockCopy> {
     out
 }
 
+/// Source bytes a group of copies not kept in memory may span (merged source ranges).
+const GROUP_BYTES: u64 = 4 << 20;
+
+/// Units of work: one copy whose source is kept, or a group of copies read together.
+fn units(jobs: Vec<BlockCopy>, kept: &KeptCopies, bs: u64) -> Vec<Vec<BlockCopy>> {
+    let (from_memory, mut to_read): (Vec<_>, Vec<_>) =
+        jobs.into_iter().partition(|j| kept.get(j.source, j.blocks, bs).is_some());
+    let mut out: Vec<Vec<BlockCopy>> = from_memory.into_iter().map(|j| vec![j]).collect();
+    to_read.sort_unstable_by_key(|j| j.source);
+    let mut group: Vec<BlockCopy> = Vec::new();
+    let mut span = 0;
+    for j in to_read {
+        let bytes = j.blocks * bs;
+        if !group.is_empty() && span + bytes > GROUP_BYTES {
+            out.push(std::mem::take(&mut group));
+            span = 0;
+        }
+        span += bytes;
+        group.push(j);
+    }
+    if !group.is_empty() {
+        out.push(group);
+    }
+    out
+}
+
+/// Carries out one unit: writes a kept copy from memory, or reads a group's merged source
+/// ranges (sorted by source) into `buf` and writes each copy from there.
 fn copy(
     dev: &impl BlockDevice,
-    job: &BlockCopy,
+    unit: &[BlockCopy],
     bs: u64,
     kept: &KeptCopies,
     buf: &mut IoBuf,
 ) -> Result<(), DeviceError> {
-    if let Some(data) = kept.get(job.source, job.blocks, bs) {
-        return dev.write_at(data, job.target * bs);
+    if let [job] = unit {
+        if let Some(data) = kept.get(job.source, job.blocks, bs) {
+            return dev.write_at(data, job.target * bs);
+        }
     }
-    buf.set_len(usize::try_from(job.blocks * bs).unwrap_or(usize::MAX));
-    dev.read_at(buf.as_mut_slice(), job.source * bs)?;
-    dev.write_at(buf.as_slice(), job.target * bs)
+    // (first block, end block, byte offset in buf), from sources sorted by `units`.
+    let mut ranges: Vec<(u64, u64, usize)> = Vec::new();
+    let mut len = 0usize;
+    for j in unit {
+        let (s, e) = (j.source, j.source + j.blocks);
+        match ranges.last_mut() {
+            Some(last) if s <= last.1 => {
+                if e > last.1 {
+                    len += usize::try_from((e - last.1) * bs).unwrap_or(usize::MAX);
+                    last.1 = e;
+                }
+            }
+            _ => {
+                ranges.push((s, e, len));
+                len += usize::try_from((e - s) * bs).unwrap_or(usize::MAX);
+            }
+        }
+    }
+    buf.set_len(len);
+    for &(s, e, offset) in &ranges {
+        let bytes = usize::try_from((e - s) * bs).unwrap_or(usize::MAX);
+        dev.read_at(&mut buf.as_mut_slice()[offset..offset + bytes], s * bs)?;
+    }
+    for j in unit {
+        let i = ranges.partition_point(|r| r.0 <= j.source) - 1;
+        let (s, _, offset) = ranges[i];
+        let from = offset + usize::try_from((j.source - s) * bs).unwrap_or(usize::MAX);
+        let bytes = usize::try_from(j.blocks * bs).unwrap_or(usize::MAX);
+        dev.write_at(&buf.as_slice()[from..from + bytes], j.target * bs)?;
+    }
+    Ok(())
 }

@@ -447,8 +447,9 @@ fn crash_anywhere_in_restore_then_rerun_gives_the_same_bytes() {
         let reference = MemDevice::from_bytes(s.checkpointed.clone());
         run(&reference, &opts());
         let want = reference.snapshot();
-        for qd in [1, 4] {
-            let o = RestoreOptions { queue_depth: qd, ..opts() };
+        // Both apply paths: copies read again (budget 0), copies written from memory.
+        for (qd, memory_budget) in [(1, 0), (4, 0), (4, opts().memory_budget)] {
+            let o = RestoreOptions { queue_depth: qd, memory_budget, ..opts() };
             states += crash_everywhere(
                 &s.checkpointed,
                 &want,
@@ -459,7 +460,7 @@ fn crash_anywhere_in_restore_then_rerun_gives_the_same_bytes() {
                 &|d| {
                     run(d, &opts());
                 },
-                &format!("scenario {i} qd {qd}, rerun ours"),
+                &format!("scenario {i} qd {qd} budget {memory_budget}, rerun ours"),
             );
         }
         // vold, run after our interrupted restore, finishes it correctly too.
