@@ -2,7 +2,7 @@
 //!
 //! This crate is pure: no ioctls, no `unsafe`, and no file-system access beyond the
 //! [`device::BlockDevice`] trait (whose file-backed implementation uses positioned reads and
-//! writes through `std`). See `dm-bow-format.md` (the kernel side) and `vold-checkpoint.md` §5
+//! writes through `std`, and takes only the `O_DIRECT` open flag from `libc`). See `dm-bow-format.md` (the kernel side) and `vold-checkpoint.md` §5
 //! (the restore side) in the project's shared reference.
 #![forbid(unsafe_code)]
 

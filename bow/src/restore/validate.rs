@@ -29,7 +29,7 @@ use super::relocation::{RelocationMap, Run};
 use super::{CorruptLog, Phase, Progress, RestoreError, ValidatedLog};
 use crate::crc::{seed_for, BowCrc};
 use crate::device::{BlockDevice, IoBuf};
-use crate::format::{LogHeader, LogSector, Magic};
+use crate::format::{LogEntry, LogHeader, LogSector, Magic};
 use crate::units::BlockSize;
 
 /// Largest single read while checking CRCs: a merged range of a batch is read whole (splitting
@@ -350,12 +350,7 @@ fn walk_chain(
     let bs = w.block_size;
     let bs_bytes = u64::from(bs.bytes());
     let blocks = dev.size() / bs_bytes;
-    if header.sequence >= 1 << 31 {
-        return Err(CorruptLog::SequenceTooLarge(header.sequence).into());
-    }
-    if u64::from(header.sequence) >= blocks {
-        return Err(CorruptLog::ChainTooLong { sequence: header.sequence, blocks }.into());
-    }
+    check_chain_length(&header, blocks)?;
     let resumed = header.magic == Magic::Wob;
     let mut saved_blocks: u64 = 0;
     let prefetched = prefetch_chain(dev, bs, blocks, header.sequence);
@@ -376,47 +371,18 @@ fn walk_chain(
         let sector =
             LogSector::parse(block).map_err(|error| CorruptLog::Format { sequence, error })?;
         let h = sector.header;
-        if h.block_size != header.block_size {
-            return Err(CorruptLog::BlockSizeMismatch {
-                sequence,
-                expected: header.block_size,
-                found: h.block_size,
-            }
-            .into());
-        }
-        if h.sequence != sequence {
-            return Err(
-                CorruptLog::SequenceMismatch { expected: sequence, found: h.sequence }.into()
-            );
-        }
+        check_sector_header(&h, &header, sequence)?;
         if h.magic == Magic::Wob && !resumed {
             return Err(CorruptLog::UnexpectedWob { sequence }.into());
         }
-        let first = sector.entries[0];
-        if first.source.0 != 0 || first.size != bs.bytes() {
-            return Err(
-                CorruptLog::ChainEntry { sequence, saved: first.source, size: first.size }.into()
-            );
-        }
+        check_chain_entry(&sector, sequence, bs)?;
         let count = sector.entries.len();
         let entries = sector.entries.clone();
         let sector_index = w.sectors.len();
         w.sectors.push(WalkedSector { block: at, sector, crc: vec![None; count] });
         for (index, e) in entries.iter().enumerate().rev() {
-            let index32 = u32::try_from(index).unwrap_or(u32::MAX);
-            // `LogSector::parse` checked alignment, whole blocks and overflow.
-            let n = u64::from(e.size) / bs_bytes;
-            let source = e.source.0 / bs.sectors();
-            let dest = e.dest.0 / bs.sectors();
-            if source.checked_add(n).is_none_or(|end| end > blocks)
-                || dest.checked_add(n).is_none_or(|end| end > blocks)
-            {
-                return Err(CorruptLog::OutOfDevice { sequence, index: index32, blocks }.into());
-            }
-            saved_blocks = saved_blocks.saturating_add(n);
-            if saved_blocks > blocks {
-                return Err(CorruptLog::TooManyBlocks { blocks }.into());
-            }
+            let EntryBlocks { source, dest, n } =
+                entry_blocks(e, bs, blocks, (sequence, index), &mut saved_blocks)?;
             let runs = w.map.runs(dest, n);
             w.map.relocate_runs(source, dest, n, &runs);
             if e.checksum == 0 {
@@ -437,16 +403,104 @@ fn walk_chain(
             }
         }
     }
-    // After sequence 0 block 0 must come from somewhere else, or the restore would leave the
-    // log in place and run again at every boot.
-    if w.map.resolve(0) == 0 {
-        let first = w.sectors.last().map(|s| s.sector.entries[0]);
+    check_block0_moved(&w.map, w.sectors.last().map(|s| s.sector.entries[0]))?;
+    Ok(())
+}
+
+// The bounds below are shared by our walk and vold's pass (vold.rs); vold misses all of them
+// (vold-checkpoint.md §5.5).
+
+/// A chain no longer than the device has blocks, and a sequence vold's signed loop can count.
+pub(super) fn check_chain_length(header: &LogHeader, blocks: u64) -> Result<(), CorruptLog> {
+    if header.sequence >= 1 << 31 {
+        return Err(CorruptLog::SequenceTooLarge(header.sequence));
+    }
+    if u64::from(header.sequence) >= blocks {
+        return Err(CorruptLog::ChainTooLong { sequence: header.sequence, blocks });
+    }
+    Ok(())
+}
+
+/// An older log sector has the head's block size and the sequence the chain is at (vold's
+/// order: block size first).
+pub(super) fn check_sector_header(
+    h: &LogHeader,
+    head: &LogHeader,
+    sequence: u32,
+) -> Result<(), CorruptLog> {
+    if h.block_size != head.block_size {
+        return Err(CorruptLog::BlockSizeMismatch {
+            sequence,
+            expected: head.block_size,
+            found: h.block_size,
+        });
+    }
+    if h.sequence != sequence {
+        return Err(CorruptLog::SequenceMismatch { expected: sequence, found: h.sequence });
+    }
+    Ok(())
+}
+
+/// Entry 0 of every log sector saves block 0 (the previous log sector, or the original
+/// block 0 for sequence 0).
+pub(super) fn check_chain_entry(
+    sector: &LogSector,
+    sequence: u32,
+    bs: BlockSize,
+) -> Result<(), CorruptLog> {
+    let first = sector.entries[0];
+    if first.source.0 != 0 || first.size != bs.bytes() {
+        return Err(CorruptLog::ChainEntry { sequence, saved: first.source, size: first.size });
+    }
+    Ok(())
+}
+
+/// An entry in blocks.
+pub(super) struct EntryBlocks {
+    pub source: u64,
+    pub dest: u64,
+    pub n: u64,
+}
+
+/// Converts entry `at = (sequence, index)` to blocks: both ranges inside the device, and all
+/// entries so far not saving more blocks than the device has (the kernel never reuses a saved
+/// block), counted in `saved_blocks`.
+pub(super) fn entry_blocks(
+    e: &LogEntry,
+    bs: BlockSize,
+    blocks: u64,
+    (sequence, index): (u32, usize),
+    saved_blocks: &mut u64,
+) -> Result<EntryBlocks, CorruptLog> {
+    // `LogSector::parse` checked alignment, whole blocks and overflow.
+    let n = u64::from(e.size) / u64::from(bs.bytes());
+    let source = e.source.0 / bs.sectors();
+    let dest = e.dest.0 / bs.sectors();
+    if source.checked_add(n).is_none_or(|end| end > blocks)
+        || dest.checked_add(n).is_none_or(|end| end > blocks)
+    {
+        let index = u32::try_from(index).unwrap_or(u32::MAX);
+        return Err(CorruptLog::OutOfDevice { sequence, index, blocks });
+    }
+    *saved_blocks = saved_blocks.saturating_add(n);
+    if *saved_blocks > blocks {
+        return Err(CorruptLog::TooManyBlocks { blocks });
+    }
+    Ok(EntryBlocks { source, dest, n })
+}
+
+/// After sequence 0 block 0 must come from somewhere else, or the restore would leave the log
+/// in place and run again at every boot. `chain_entry`: entry 0 of sequence 0, if reached.
+pub(super) fn check_block0_moved(
+    map: &RelocationMap,
+    chain_entry: Option<LogEntry>,
+) -> Result<(), CorruptLog> {
+    if map.resolve(0) == 0 {
         return Err(CorruptLog::ChainEntry {
             sequence: 0,
-            saved: first.map_or(crate::units::Sectors(0), |e| e.source),
-            size: first.map_or(0, |e| e.size),
-        }
-        .into());
+            saved: chain_entry.map_or(crate::units::Sectors(0), |e| e.source),
+            size: chain_entry.map_or(0, |e| e.size),
+        });
     }
     Ok(())
 }

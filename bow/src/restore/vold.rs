@@ -37,11 +37,15 @@
 //! skips validation, as in vold.
 
 use super::relocation::RelocationMap;
+use super::validate::{
+    check_block0_moved, check_chain_entry, check_chain_length, check_sector_header, entry_blocks,
+    EntryBlocks,
+};
 use super::{CorruptLog, Phase, Progress, RestoreError};
 use crate::crc::{seed_for, BowCrc};
 use crate::device::BlockDevice;
 use crate::format::{LogHeader, LogSector, Magic, MAGIC_BOW, MAGIC_WOB};
-use crate::units::{BlockSize, Sectors};
+use crate::units::BlockSize;
 
 /// Entries up to this size are read into one buffer as vold does; larger ones (never written
 /// by the kernel, whose entries are bounded by a bio) are checked and copied in chunks.
@@ -134,15 +138,7 @@ pub(crate) fn replay_with(
             } else {
                 chunked_crc(dev, source, dest, n, bs_bytes)?
             };
-            if e.checksum != 0 && computed != e.checksum {
-                return Err(CorruptLog::Checksum {
-                    sequence,
-                    index: index32,
-                    expected: e.checksum,
-                    computed,
-                }
-                .into());
-            }
+            check_crc(e.checksum, computed, sequence, index32)?;
             if used.iter().any(|&(s, end)| source < end && s < source + n) {
                 save_progress(dev, &raw, &sector.header, index32 + 1)?;
                 used.clear();
@@ -187,12 +183,7 @@ pub(crate) fn validate_like_vold(dev: &impl BlockDevice) -> Result<u64, RestoreE
     let bs = BlockSize::new(header.block_size).ok_or(CorruptLog::BlockSize(header.block_size))?;
     let bs_bytes = u64::from(bs.bytes());
     let blocks = dev.size() / bs_bytes;
-    if header.sequence >= 1 << 31 {
-        return Err(CorruptLog::SequenceTooLarge(header.sequence).into());
-    }
-    if u64::from(header.sequence) >= blocks {
-        return Err(CorruptLog::ChainTooLong { sequence: header.sequence, blocks }.into());
-    }
+    check_chain_length(&header, blocks)?;
     let mut map = RelocationMap::new();
     let mut raw = vec![0u8; bs.as_usize()];
     let mut block = vec![0u8; bs.as_usize()];
@@ -211,43 +202,15 @@ pub(crate) fn validate_like_vold(dev: &impl BlockDevice) -> Result<u64, RestoreE
         if h.magic == Magic::Wob {
             return Err(CorruptLog::UnexpectedWob { sequence }.into());
         }
-        if h.block_size != header.block_size {
-            return Err(CorruptLog::BlockSizeMismatch {
-                sequence,
-                expected: header.block_size,
-                found: h.block_size,
-            }
-            .into());
-        }
-        if h.sequence != sequence {
-            return Err(
-                CorruptLog::SequenceMismatch { expected: sequence, found: h.sequence }.into()
-            );
-        }
+        check_sector_header(&h, &header, sequence)?;
         // Header size and count (vold's next checks), then every entry's fields.
         let sector = LogSector::parse(&raw).map_err(format)?;
-        let first = sector.entries[0];
-        if first.source.0 != 0 || first.size != bs.bytes() {
-            return Err(
-                CorruptLog::ChainEntry { sequence, saved: first.source, size: first.size }.into()
-            );
-        }
-        chain_entry = Some(first);
+        check_chain_entry(&sector, sequence, bs)?;
+        chain_entry = Some(sector.entries[0]);
         for (index, e) in sector.entries.iter().enumerate().rev() {
             let index32 = u32::try_from(index).unwrap_or(u32::MAX);
-            // `LogSector::parse` checked alignment, whole blocks and overflow.
-            let n = u64::from(e.size) / bs_bytes;
-            let source = e.source.0 / bs.sectors();
-            let dest = e.dest.0 / bs.sectors();
-            if source.checked_add(n).is_none_or(|end| end > blocks)
-                || dest.checked_add(n).is_none_or(|end| end > blocks)
-            {
-                return Err(CorruptLog::OutOfDevice { sequence, index: index32, blocks }.into());
-            }
-            saved_blocks = saved_blocks.saturating_add(n);
-            if saved_blocks > blocks {
-                return Err(CorruptLog::TooManyBlocks { blocks }.into());
-            }
+            let EntryBlocks { source, dest, n } =
+                entry_blocks(e, bs, blocks, (sequence, index), &mut saved_blocks)?;
             // vold's relocatedRead: each block of the copy resolved and read on its own.
             let mut crc = BowCrc::new(seed_for(source));
             for i in 0..n {
@@ -255,30 +218,21 @@ pub(crate) fn validate_like_vold(dev: &impl BlockDevice) -> Result<u64, RestoreE
                 crc.update(&block);
             }
             let computed = crc.finish();
-            if e.checksum != 0 && computed != e.checksum {
-                return Err(CorruptLog::Checksum {
-                    sequence,
-                    index: index32,
-                    expected: e.checksum,
-                    computed,
-                }
-                .into());
-            }
+            check_crc(e.checksum, computed, sequence, index32)?;
             map.relocate(source, dest, n);
         }
         entries += sector.entries.len() as u64;
     }
-    // After sequence 0 block 0 must come from somewhere else, or the restore would leave the
-    // log in place and run again at every boot.
-    if map.resolve(0) == 0 {
-        return Err(CorruptLog::ChainEntry {
-            sequence: 0,
-            saved: chain_entry.map_or(Sectors(0), |e| e.source),
-            size: chain_entry.map_or(0, |e| e.size),
-        }
-        .into());
-    }
+    check_block0_moved(&map, chain_entry)?;
     Ok(entries)
+}
+
+/// A stored checksum of 0 is not checked; any other must equal the computed one.
+fn check_crc(expected: u32, computed: u32, sequence: u32, index: u32) -> Result<(), CorruptLog> {
+    if expected != 0 && computed != expected {
+        return Err(CorruptLog::Checksum { sequence, index, expected, computed });
+    }
+    Ok(())
 }
 
 /// vold's whole restore, for comparison (the benchmark's baseline): [`validate_like_vold`],
