@@ -38,6 +38,8 @@ pub struct Config {
     pub socket: SocketConfig,
     /// What abortChanges (and a rollback slot switch) does to reboot.
     pub reboot: RebootConfig,
+    /// How restoreCheckpoint uses memory and I/O.
+    pub restore: RestoreConfig,
     /// Seconds between free-space checks while checkpointing (0 = never).
     pub health_check_interval_secs: u64,
 }
@@ -55,6 +57,7 @@ impl Default for Config {
             binder: BinderConfig::default(),
             socket: SocketConfig::default(),
             reboot: RebootConfig::default(),
+            restore: RestoreConfig::default(),
             health_check_interval_secs: 1,
         }
     }
@@ -263,6 +266,38 @@ impl Default for RebootConfig {
     }
 }
 
+/// `[restore]`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RestoreConfig {
+    /// Saved copies kept in memory between validation and apply, in MiB (0: read them again).
+    pub memory_budget_mib: u64,
+    /// Reads or writes in flight while validating and applying (one thread each).
+    pub queue_depth: u32,
+}
+
+impl Default for RestoreConfig {
+    fn default() -> Self {
+        let defaults = bow::restore::RestoreOptions::default();
+        RestoreConfig {
+            memory_budget_mib: u64::try_from(defaults.memory_budget >> 20).unwrap_or(256),
+            queue_depth: u32::try_from(defaults.queue_depth).unwrap_or(8),
+        }
+    }
+}
+
+impl RestoreConfig {
+    /// The bow restore's options for a call with `limit` entries (0 = all).
+    pub fn options(&self, limit: u64) -> bow::restore::RestoreOptions {
+        bow::restore::RestoreOptions {
+            limit: (limit > 0).then_some(limit),
+            queue_depth: usize::try_from(self.queue_depth).unwrap_or(1),
+            memory_budget: usize::try_from(self.memory_budget_mib << 20).unwrap_or(usize::MAX),
+            ..Default::default()
+        }
+    }
+}
+
 /// `reboot.action`.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
@@ -415,6 +450,12 @@ impl Config {
                 "is false and socket.path is not set: the service would be unreachable",
             ));
         }
+        if !(1..=64).contains(&self.restore.queue_depth) {
+            return Err(invalid("restore.queue_depth", "must be 1..=64"));
+        }
+        if self.restore.memory_budget_mib > 1 << 20 {
+            return Err(invalid("restore.memory_budget_mib", "must be at most 1048576 (1 TiB)"));
+        }
         match self.reboot.action {
             RebootAction::Command if self.reboot.command.is_empty() => {
                 return Err(invalid("reboot.command", "must name a program for action `command`"))
@@ -544,6 +585,8 @@ mod tests {
             ("[socket]\nmode = 4095", "socket.mode"),
             ("[binder]\nenabled = false", "binder.enabled"),
             ("[reboot]\naction = \"command\"", "reboot.command"),
+            ("[restore]\nqueue_depth = 0", "restore.queue_depth"),
+            ("[restore]\nmemory_budget_mib = 2000000", "restore.memory_budget_mib"),
             ("[policy]\nrollback_action = \"switch-to-previous-slot\"", "policy.rollback_action"),
             (
                 "[[backend]]\ntype = \"test-null\"\n[[backend]]\ntype = \"test-null\"",
@@ -563,5 +606,17 @@ mod tests {
     fn unknown_enum_value_is_refused() {
         let err = validate_text("[[backend]]\ntype = \"bow\"").unwrap_err();
         assert!(err.contains("bow") && err.contains("type"), "{err}");
+    }
+
+    #[test]
+    fn restore_section_sets_the_restore_options() {
+        let config = validate_text("[restore]\nmemory_budget_mib = 3\nqueue_depth = 2").unwrap();
+        let opts = config.restore.options(5);
+        assert_eq!(opts.memory_budget, 3 << 20);
+        assert_eq!(opts.queue_depth, 2);
+        assert_eq!(opts.limit, Some(5));
+        assert_eq!(config.restore.options(0).limit, None);
+        let defaults = Config::default().restore.options(0);
+        assert_eq!(defaults.memory_budget, bow::restore::RestoreOptions::default().memory_budget);
     }
 }

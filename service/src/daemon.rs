@@ -156,6 +156,7 @@ pub fn build(config: &Config) -> Result<Arc<Daemon>, StartError> {
         devices,
         Arc::new(Listeners::default()),
         Rebooter::new(config.reboot.clone()),
+        config.restore.clone(),
     )))
 }
 

@@ -18,17 +18,17 @@ fn device_errno(e: &DeviceError) -> i32 {
     }
 }
 
-/// Restores `device` (limit 0 = everything), reporting `(done, total)` progress. Returns what
-/// to record in the history and the call's result: Ok when the device was restored, rolled
-/// forward or had nothing to restore... except that vold answers "No magic" (EINVAL) when there
+/// Restores `device` with `options` (their `limit` is restoreCheckpointPart's), reporting
+/// `(done, total)` progress. Returns what to record in the history and the call's result: Ok
+/// when the device was restored, rolled forward or had nothing to restore... except that vold answers "No magic" (EINVAL) when there
 /// is no log, which fs_mgr ignores; that answer is kept for compatibility.
 pub fn restore_device(
     device: &str,
-    limit: u64,
+    options: &RestoreOptions,
     progress: &dyn Fn(u64, u64),
 ) -> (RestoreRecord, Result<(), ServiceError>) {
     let started = Instant::now();
-    let (outcome, result) = run(device, limit, progress);
+    let (outcome, result) = run(device, options, progress);
     let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     (RestoreRecord { outcome, duration_ms }, result)
 }
@@ -42,7 +42,7 @@ fn failed(code: i32, message: String) -> (RestoreOutcome, Result<(), ServiceErro
 
 fn run(
     device: &str,
-    limit: u64,
+    options: &RestoreOptions,
     progress: &dyn Fn(u64, u64),
 ) -> (RestoreOutcome, Result<(), ServiceError>) {
     let dev = match FileDevice::open(Path::new(device)) {
@@ -50,9 +50,8 @@ fn run(
         Ok(dev) => dev.with_direct_reads(),
         Err(e) => return failed(device_errno(&e), format!("Cannot open {device}: {e}")),
     };
-    let options = RestoreOptions { limit: (limit > 0).then_some(limit), ..Default::default() };
     let mut report_progress = |p: bow::restore::Progress| progress(p.done, p.total);
-    match bow::restore::restore(&dev, &options, &mut report_progress) {
+    match bow::restore::restore(&dev, options, &mut report_progress) {
         Ok(report) => match report.outcome {
             BowOutcome::NoLog => (
                 RestoreOutcome::NothingToRestore,
@@ -106,7 +105,8 @@ mod tests {
 
     #[test]
     fn missing_device_fails_with_its_errno() {
-        let (record, result) = restore_device("/nonexistent/device", 0, &|_, _| {});
+        let (record, result) =
+            restore_device("/nonexistent/device", &RestoreOptions::default(), &|_, _| {});
         match result {
             Err(ServiceError::Restore { code, message }) => {
                 assert_eq!(code, 2, "ENOENT");
@@ -122,7 +122,7 @@ mod tests {
         let file = tempfile::NamedTempFile::new().expect("temp file");
         file.as_file().set_len(1 << 20).expect("size");
         let path = file.path().to_str().expect("utf-8").to_owned();
-        let (record, result) = restore_device(&path, 0, &|_, _| {});
+        let (record, result) = restore_device(&path, &RestoreOptions::default(), &|_, _| {});
         assert_eq!(record.outcome, RestoreOutcome::NothingToRestore);
         match result {
             Err(ServiceError::Restore { code, message }) => {

@@ -13,7 +13,7 @@ use checkpoint_aidl::android::system::checkpoint::{
 use policy::{AbortOutcome, Checkpointer, CommitOutcome, HistoryEvent, HistoryKind, MarkOutcome};
 use rsbinder::{BinderResult, Strong};
 
-use crate::config::{AccessConfig, DeviceConfig};
+use crate::config::{AccessConfig, DeviceConfig, RestoreConfig};
 use crate::error::{into_binder_status, ServiceError};
 use crate::listeners::{aidl_state, Listeners};
 use crate::reboot::Rebooter;
@@ -47,6 +47,7 @@ pub struct Daemon {
     devices: Vec<DeviceConfig>,
     listeners: Arc<Listeners>,
     rebooter: Rebooter,
+    restore: RestoreConfig,
     /// Serializes restores (vold holds its VolumeManager lock for the whole restore).
     restore_lock: Mutex<()>,
 }
@@ -114,8 +115,17 @@ impl Daemon {
         devices: Vec<DeviceConfig>,
         listeners: Arc<Listeners>,
         rebooter: Rebooter,
+        restore: RestoreConfig,
     ) -> Self {
-        Daemon { checkpointer, access, devices, listeners, rebooter, restore_lock: Mutex::new(()) }
+        Daemon {
+            checkpointer,
+            access,
+            devices,
+            listeners,
+            rebooter,
+            restore,
+            restore_lock: Mutex::new(()),
+        }
     }
 
     /// The policy.
@@ -227,7 +237,8 @@ impl Daemon {
             let (done, total) = (to_i64(done), to_i64(total));
             listeners.notify("onRestoreProgress", |l| l.onRestoreProgress(done, total));
         };
-        let (record, result) = restore::restore_device(device, limit, &progress);
+        let (record, result) =
+            restore::restore_device(device, &self.restore.options(limit), &progress);
         if let Err(e) = self.checkpointer.record_restore(device, record) {
             log::error!("cannot record the restore of {device} in the history: {e}");
         }
