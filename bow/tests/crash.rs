@@ -228,11 +228,11 @@ fn crash_at_every_flush_and_between_then_restore() {
         let run = workload(seed, bs, blocks, bufio, seed % 5 == 0);
         exercise(&run, seed, &mut counts, 6);
     }
-    println!(
+    bow::crashdev::report_count(&format!(
         "crash consistency: {} workloads, {} flush epochs, {} crash states restored, \
          {} crash states during restore re-restored",
         counts.workloads, counts.epochs, counts.crash_states, counts.restore_crash_states
-    );
+    ));
     assert!(counts.crash_states >= 2000, "only {} crash states", counts.crash_states);
     assert!(
         counts.restore_crash_states >= 2000,

@@ -71,9 +71,12 @@ pub fn run(fuzz: bool) -> Result<ExitCode> {
         ))
     });
     r.check("build", || status(cargo_cmd(&root, &["build", "--workspace", "--bins"])));
+    // Counts the crash tests measure (libtest hides the output of passing tests).
+    let counts_file = root.join("target").join("test-counts.txt");
+    let _ = std::fs::remove_file(&counts_file);
     r.phase("cargo test", |r| {
         let mut cmd = cargo_cmd(&root, &["test", "--workspace", "--no-fail-fast"]);
-        cmd.env(testbench::VM_ENV, "1");
+        cmd.env(testbench::VM_ENV, "1").env(bow::crashdev::COUNTS_FILE_ENV, &counts_file);
         let run = run_tests(cmd)?;
         if run.ok || run.tally != Tally::default() {
             let ok = run.ok;
@@ -86,7 +89,7 @@ pub fn run(fuzz: bool) -> Result<ExitCode> {
         let mut all_ok = true;
         for pkg in crate::workspace_packages()? {
             let mut cmd = cargo_cmd(&root, &["test", "-p", &pkg, "--no-fail-fast"]);
-            cmd.env(testbench::VM_ENV, "1");
+            cmd.env(testbench::VM_ENV, "1").env(bow::crashdev::COUNTS_FILE_ENV, &counts_file);
             let run = run_tests(cmd)?;
             all_ok &= run.ok;
             r.record(run, &format!("cargo test -p {pkg}"));
@@ -100,6 +103,12 @@ pub fn run(fuzz: bool) -> Result<ExitCode> {
     println!("\n=== summary ===");
     for p in &r.phases {
         println!("  {:<30} {:>8.1} s  {}", p.name, p.seconds, if p.ok { "ok" } else { "FAILED" });
+    }
+    if let Ok(counts) = std::fs::read_to_string(&counts_file) {
+        println!("counted by the crash tests:");
+        for line in counts.lines() {
+            println!("  {line}");
+        }
     }
     if !r.skipped.is_empty() {
         println!("skipped:");

@@ -479,7 +479,7 @@ fn crash_anywhere_in_restore_then_rerun_gives_the_same_bytes() {
             &format!("scenario {i}, rerun vold"),
         );
     }
-    println!("restore crash states tested: {states}");
+    crate::crashdev::report_count(&format!("restore crash states tested: {states}"));
     assert!(states > 1000);
 }
 
@@ -515,7 +515,7 @@ fn vold_interrupted_anywhere_then_we_finish() {
             &format!("scenario {i}"),
         );
     }
-    println!("vold-interrupted states tested: {states}");
+    crate::crashdev::report_count(&format!("vold-interrupted states tested: {states}"));
     assert!(saw_wob.get(), "some crash states were WOB logs");
 }
 
@@ -850,7 +850,7 @@ fn crash_during_a_limited_run_then_full_restore() {
             );
         }
     }
-    println!("limited-run crash states tested: {states}");
+    crate::crashdev::report_count(&format!("limited-run crash states tested: {states}"));
 }
 
 // ---------------------------------------------------------------------------------------------
