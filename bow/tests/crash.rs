@@ -270,9 +270,9 @@ fn crash_across_log_rollovers_then_restore() {
     let run = Run { dev: m.into_device(), bs: 512, pre, in_use, first_epoch, committed: None };
     let mut counts = Counts::default();
     exercise(&run, 99, &mut counts, 10);
-    println!(
+    bow::crashdev::report_count(&format!(
         "rollover crash consistency: {} epochs, {} crash states, {} restore crash states",
         counts.epochs, counts.crash_states, counts.restore_crash_states
-    );
+    ));
     assert!(counts.crash_states >= 500, "only {} crash states", counts.crash_states);
 }
