@@ -158,45 +158,51 @@ fn walk_with(
     let batch_rx = Mutex::new(batch_rx);
     let (result_tx, result_rx) = mpsc::channel::<(usize, BatchResult)>();
     let mut kept = KeptCopies::default();
-    let structural = std::thread::scope(|scope| {
-        for _ in 0..workers {
-            let (stop_after, reserved, batch_rx) = (&stop_after, &reserved, &batch_rx);
-            let result_tx = result_tx.clone();
-            scope.spawn(move || {
-                // One buffer for all batches not kept: no fresh pages to fault in for each.
-                let mut buf = IoBuf::default();
-                loop {
-                    let next = batch_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                    let Ok((number, batch)) = next else { break };
-                    if number > stop_after.load(Ordering::Relaxed) {
-                        continue;
+    // One worker: checks batches until the channel closes.
+    let worker = |result_tx: mpsc::Sender<(usize, BatchResult)>| {
+        // One buffer for all batches not kept: no fresh pages to fault in for each.
+        let mut buf = IoBuf::default();
+        loop {
+            let next = batch_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+            let Ok((number, batch)) = next else { break };
+            if number > stop_after.load(Ordering::Relaxed) {
+                continue;
+            }
+            let checked = check_batch(dev, batch, bs, &mut buf).map(|(checks, data)| {
+                let failed = checks.iter().any(|c| c.computed != c.expected);
+                let keep = data.filter(|_| !failed).and_then(|data| {
+                    if reserve(&reserved, data.buf.len(), keep_bytes) {
+                        Some(data)
+                    } else {
+                        buf = data.buf;
+                        None
                     }
-                    let checked = check_batch(dev, batch, bs, &mut buf).map(|(checks, data)| {
-                        let failed = checks.iter().any(|c| c.computed != c.expected);
-                        let keep = data.filter(|_| !failed).and_then(|data| {
-                            if reserve(reserved, data.buf.len(), keep_bytes) {
-                                Some(data)
-                            } else {
-                                buf = data.buf;
-                                None
-                            }
-                        });
-                        (checks, keep)
-                    });
-                    let failed = match &checked {
-                        Ok((c, _)) => c.iter().any(|c| c.computed != c.expected),
-                        Err(_) => true,
-                    };
-                    if failed && !keep_going {
-                        stop_after.fetch_min(number, Ordering::Relaxed);
-                    }
-                    if result_tx.send((number, checked)).is_err() {
-                        break;
-                    }
-                }
+                });
+                (checks, keep)
             });
+            let failed = match &checked {
+                Ok((c, _)) => c.iter().any(|c| c.computed != c.expected),
+                Err(_) => true,
+            };
+            if failed && !keep_going {
+                stop_after.fetch_min(number, Ordering::Relaxed);
+            }
+            if result_tx.send((number, checked)).is_err() {
+                break;
+            }
         }
-        drop(result_tx);
+    };
+    let structural = std::thread::scope(|scope| {
+        // Workers start with the batches, up to `workers`: a small log gets one thread.
+        let mut spawned = 0;
+        let mut dispatch = |item: (usize, Vec<PendingCrc>)| {
+            if spawned < workers {
+                let tx = result_tx.clone();
+                scope.spawn(move || worker(tx));
+                spawned += 1;
+            }
+            let _ = batch_tx.send(item);
+        };
         let mut batch = Vec::new();
         let mut batch_bytes = 0;
         let mut total = 0;
@@ -204,7 +210,7 @@ fn walk_with(
         let mut sink = |p: PendingCrc| {
             // A batch never exceeds BATCH_BYTES unless it is one larger entry.
             if !batch.is_empty() && batch_bytes + p.blocks * bs > BATCH_BYTES {
-                let _ = batch_tx.send((number, std::mem::take(&mut batch)));
+                dispatch((number, std::mem::take(&mut batch)));
                 number += 1;
                 batch_bytes = 0;
             }
@@ -214,9 +220,10 @@ fn walk_with(
         };
         let structural = walk_chain(dev, &mut w, &mut sink);
         if !batch.is_empty() {
-            let _ = batch_tx.send((number, batch));
+            dispatch((number, batch));
         }
         drop(batch_tx);
+        drop(result_tx);
         let mut done = 0;
         let mut io_error = None;
         // Results arrive in any order; a mismatch is reported in vold's (batch) order.
