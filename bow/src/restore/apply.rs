@@ -14,7 +14,7 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Mutex};
 
-use super::kept::KeptCopies;
+use super::kept::{KeptCopies, MergedRead};
 use super::plan::{BlockCopy, RestorePlan};
 use super::{Phase, Progress, RestoreError, RestoreOptions};
 use crate::device::{BlockDevice, DeviceError, IoBuf};
@@ -129,7 +129,7 @@ fn units(jobs: Vec<BlockCopy>, kept: &KeptCopies, bs: u64) -> Vec<Vec<BlockCopy>
 }
 
 /// Carries out one unit: writes a kept copy from memory, or reads a group's merged source
-/// ranges (sorted by source) into `buf` and writes each copy from there.
+/// ranges into `buf` and writes each copy from there.
 fn copy(
     dev: &impl BlockDevice,
     unit: &[BlockCopy],
@@ -142,35 +142,12 @@ fn copy(
             return dev.write_at(data, job.target * bs);
         }
     }
-    // (first block, end block, byte offset in buf), from sources sorted by `units`.
-    let mut ranges: Vec<(u64, u64, usize)> = Vec::new();
-    let mut len = 0usize;
+    let spans = unit.iter().map(|j| (j.source, j.source + j.blocks));
+    let read = MergedRead::read(dev, spans, bs, std::mem::take(buf))?;
     for j in unit {
-        let (s, e) = (j.source, j.source + j.blocks);
-        match ranges.last_mut() {
-            Some(last) if s <= last.1 => {
-                if e > last.1 {
-                    len += usize::try_from((e - last.1) * bs).unwrap_or(usize::MAX);
-                    last.1 = e;
-                }
-            }
-            _ => {
-                ranges.push((s, e, len));
-                len += usize::try_from((e - s) * bs).unwrap_or(usize::MAX);
-            }
-        }
+        let data = read.get(j.source, j.blocks, bs);
+        dev.write_at(data.expect("a group's read covers its sources"), j.target * bs)?;
     }
-    buf.set_len(len);
-    for &(s, e, offset) in &ranges {
-        let bytes = usize::try_from((e - s) * bs).unwrap_or(usize::MAX);
-        dev.read_at(&mut buf.as_mut_slice()[offset..offset + bytes], s * bs)?;
-    }
-    for j in unit {
-        let i = ranges.partition_point(|r| r.0 <= j.source) - 1;
-        let (s, _, offset) = ranges[i];
-        let from = offset + usize::try_from((j.source - s) * bs).unwrap_or(usize::MAX);
-        let bytes = usize::try_from(j.blocks * bs).unwrap_or(usize::MAX);
-        dev.write_at(&buf.as_slice()[from..from + bytes], j.target * bs)?;
-    }
+    *buf = read.into_buf();
     Ok(())
 }

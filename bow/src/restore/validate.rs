@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Mutex};
 
-use super::kept::KeptCopies;
+use super::kept::{KeptCopies, MergedRead, READ_CHUNK};
 use super::relocation::{RelocationMap, Run};
 use super::{CorruptLog, Phase, Progress, RestoreError, ValidatedLog};
 use crate::crc::{seed_for, BowCrc};
@@ -32,9 +32,6 @@ use crate::device::{BlockDevice, IoBuf};
 use crate::format::{LogEntry, LogHeader, LogSector, Magic};
 use crate::units::BlockSize;
 
-/// Largest single read while checking CRCs: a merged range of a batch is read whole (splitting
-/// a sequential range into reads in flight together was slower on the development disk).
-const READ_CHUNK: u64 = 4 << 20;
 /// Data read per batch of CRC checks (a batch is sent before it would exceed this; a batch
 /// of one larger entry is streamed instead of read whole). Small enough that the checks
 /// follow the walk closely, large enough for long sorted reads.
@@ -123,7 +120,7 @@ pub fn walk(
 }
 
 /// What a worker returns for one batch: the checks, and the batch's data when it is kept.
-type BatchResult = Result<(Vec<Checked>, Option<BatchData>), RestoreError>;
+type BatchResult = Result<(Vec<Checked>, Option<MergedRead>), RestoreError>;
 
 fn walk_with(
     dev: &impl BlockDevice,
@@ -171,10 +168,10 @@ fn walk_with(
             let checked = check_batch(dev, batch, bs, &mut buf).map(|(checks, data)| {
                 let failed = checks.iter().any(|c| c.computed != c.expected);
                 let keep = data.filter(|_| !failed).and_then(|data| {
-                    if reserve(&reserved, data.buf.len(), keep_bytes) {
+                    if reserve(&reserved, data.len(), keep_bytes) {
                         Some(data)
                     } else {
-                        buf = data.buf;
+                        buf = data.into_buf();
                         None
                     }
                 });
@@ -232,7 +229,7 @@ fn walk_with(
             match checked {
                 Ok((checked, data)) => {
                     if let Some(data) = data {
-                        kept.add(&data.ranges, data.buf);
+                        kept.add(data);
                     }
                     for c in checked {
                         done += c.blocks;
@@ -310,14 +307,15 @@ fn check_batch(
     batch: Vec<PendingCrc>,
     bs: u64,
     buf: &mut IoBuf,
-) -> Result<(Vec<Checked>, Option<BatchData>), RestoreError> {
+) -> Result<(Vec<Checked>, Option<MergedRead>), RestoreError> {
     let bytes: u64 = batch.iter().map(|p| p.blocks * bs).sum();
     let (computed, data): (Vec<u32>, _) = if bytes > BATCH_BYTES {
         // Only a single entry larger than a batch gets here: stream it.
         (batch.iter().map(|p| streamed_crc(dev, p, bs)).collect::<Result<_, _>>()?, None)
     } else {
-        let data = read_batch(dev, &batch, bs, std::mem::take(buf))?;
-        (batch.iter().map(|p| data.crc(p, bs)).collect(), Some(data))
+        let spans = batch.iter().flat_map(|p| p.runs.iter().map(|r| (r.phys, r.phys + r.len)));
+        let data = MergedRead::read(dev, spans, bs, std::mem::take(buf))?;
+        (batch.iter().map(|p| crc_from(&data, p, bs)).collect(), Some(data))
     };
     let checks = batch
         .into_iter()
@@ -549,65 +547,14 @@ fn prefetch_chain(
     out
 }
 
-/// The physical data of one batch: merged, sorted ranges and one buffer holding them.
-struct BatchData {
-    /// (first block, blocks, offset in `buf`), sorted by first block, disjoint.
-    ranges: Vec<(u64, u64, usize)>,
-    buf: IoBuf,
-}
-
-impl BatchData {
-    fn crc(&self, p: &PendingCrc, bs: u64) -> u32 {
-        let mut crc = BowCrc::new(p.seed);
-        for run in &p.runs {
-            let i = self.ranges.partition_point(|r| r.0 <= run.phys) - 1;
-            let (start, _, offset) = self.ranges[i];
-            let from = offset + usize::try_from((run.phys - start) * bs).unwrap_or(usize::MAX);
-            let len = usize::try_from(run.len * bs).unwrap_or(usize::MAX);
-            crc.update(&self.buf.as_slice()[from..from + len]);
-        }
-        crc.finish()
+/// The CRC of a pending check from the batch's data.
+fn crc_from(data: &MergedRead, p: &PendingCrc, bs: u64) -> u32 {
+    let mut crc = BowCrc::new(p.seed);
+    for run in &p.runs {
+        let bytes = data.get(run.phys, run.len, bs);
+        crc.update(bytes.expect("a batch's read covers the runs of its checks"));
     }
-}
-
-/// Reads the union of a batch's runs: sorted, coalesced, each merged range in reads of at most
-/// READ_CHUNK, one after the other (batches are read in parallel by the workers).
-fn read_batch(
-    dev: &impl BlockDevice,
-    batch: &[PendingCrc],
-    bs: u64,
-    mut buf: IoBuf,
-) -> Result<BatchData, RestoreError> {
-    let mut runs: Vec<(u64, u64)> =
-        batch.iter().flat_map(|p| p.runs.iter().map(|r| (r.phys, r.phys + r.len))).collect();
-    runs.sort_unstable();
-    let mut merged: Vec<(u64, u64)> = Vec::new();
-    for (s, e) in runs {
-        match merged.last_mut() {
-            Some(last) if s <= last.1 => last.1 = last.1.max(e),
-            _ => merged.push((s, e)),
-        }
-    }
-    let mut ranges = Vec::with_capacity(merged.len());
-    let mut offset = 0usize;
-    for &(s, e) in &merged {
-        ranges.push((s, e - s, offset));
-        offset += usize::try_from((e - s) * bs).unwrap_or(usize::MAX);
-    }
-    buf.set_len(offset);
-    let chunk = usize::try_from(READ_CHUNK.max(bs)).unwrap_or(usize::MAX);
-    let mut rest: &mut [u8] = buf.as_mut_slice();
-    for &(s, len, _) in &ranges {
-        let bytes = usize::try_from(len * bs).unwrap_or(usize::MAX);
-        let (mine, tail) = rest.split_at_mut(bytes);
-        rest = tail;
-        let mut pos = s * bs;
-        for piece in mine.chunks_mut(chunk) {
-            dev.read_at(piece, pos)?;
-            pos += piece.len() as u64;
-        }
-    }
-    Ok(BatchData { ranges, buf })
+    crc.finish()
 }
 
 /// The CRC of one large entry, read run by run in chunks.
