@@ -219,16 +219,13 @@ impl IoBuf {
     /// Makes the buffer `len` bytes long, keeping the allocation when it is large enough. The
     /// contents are unspecified (old bytes or zeros): callers fill it by reading.
     pub fn set_len(&mut self, len: usize) {
-        let fits = self.raw.len() >= self.start.saturating_add(len) && self.aligned();
+        // `start` stays right for `raw`: the allocation never moves without being replaced.
+        let fits = self.raw.len() >= self.start.saturating_add(len);
         if !fits {
             self.raw = vec![0; len.saturating_add(DIRECT_IO_ALIGN)];
             self.start = self.raw.as_ptr().align_offset(DIRECT_IO_ALIGN);
         }
         self.len = len;
-    }
-
-    fn aligned(&self) -> bool {
-        (self.raw.as_ptr() as usize).wrapping_add(self.start) % DIRECT_IO_ALIGN == 0
     }
 
     pub fn len(&self) -> usize {

@@ -50,9 +50,9 @@ pub(super) fn apply(
                 let mut unreported = 0;
                 while !failed.load(Ordering::Relaxed) {
                     let Some(unit) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) else { break };
-                    match copy(dev, unit, bs, kept, &mut buf) {
+                    match copy(dev, unit, bs, &mut buf) {
                         Ok(()) => {
-                            unreported += unit.iter().map(|c| c.blocks).sum::<u64>();
+                            unreported += unit.blocks(bs);
                             if unreported >= step {
                                 let _ = tx.send(std::mem::take(&mut unreported));
                             }
@@ -105,25 +105,47 @@ fn split(copies: &[BlockCopy], max_blocks: u64) -> Vec<BlockCopy> {
 /// Source bytes a group of copies not kept in memory may span (merged source ranges).
 const GROUP_BYTES: u64 = 4 << 20;
 
-/// Units of work: one copy whose source is kept, or a group of copies read together.
-fn units(jobs: Vec<BlockCopy>, kept: &KeptCopies, bs: u64) -> Vec<Vec<BlockCopy>> {
-    let (from_memory, mut to_read): (Vec<_>, Vec<_>) =
-        jobs.into_iter().partition(|j| kept.get(j.source, j.blocks, bs).is_some());
-    let mut out: Vec<Vec<BlockCopy>> = from_memory.into_iter().map(|j| vec![j]).collect();
+/// A unit of work.
+enum Unit<'a> {
+    /// A copy whose saved data validation kept: written from memory.
+    Kept { target: u64, data: &'a [u8] },
+    /// Copies read together (sources sorted, merged), then written.
+    Group(Vec<BlockCopy>),
+}
+
+impl Unit<'_> {
+    fn blocks(&self, bs: u64) -> u64 {
+        match self {
+            Unit::Kept { data, .. } => data.len() as u64 / bs,
+            Unit::Group(copies) => copies.iter().map(|c| c.blocks).sum(),
+        }
+    }
+}
+
+/// Splits the copies into units: kept ones alone, the others grouped by source.
+fn units(jobs: Vec<BlockCopy>, kept: &KeptCopies, bs: u64) -> Vec<Unit<'_>> {
+    let mut out = Vec::new();
+    let mut to_read = Vec::new();
+    for j in jobs {
+        match kept.get(j.source, j.blocks, bs) {
+            Some(data) => out.push(Unit::Kept { target: j.target, data }),
+            None => to_read.push(j),
+        }
+    }
     to_read.sort_unstable_by_key(|j| j.source);
     let mut group: Vec<BlockCopy> = Vec::new();
     let mut span = 0;
     for j in to_read {
         let bytes = j.blocks * bs;
         if !group.is_empty() && span + bytes > GROUP_BYTES {
-            out.push(std::mem::take(&mut group));
+            out.push(Unit::Group(std::mem::take(&mut group)));
             span = 0;
         }
         span += bytes;
         group.push(j);
     }
     if !group.is_empty() {
-        out.push(group);
+        out.push(Unit::Group(group));
     }
     out
 }
@@ -132,19 +154,17 @@ fn units(jobs: Vec<BlockCopy>, kept: &KeptCopies, bs: u64) -> Vec<Vec<BlockCopy>
 /// ranges into `buf` and writes each copy from there.
 fn copy(
     dev: &impl BlockDevice,
-    unit: &[BlockCopy],
+    unit: &Unit<'_>,
     bs: u64,
-    kept: &KeptCopies,
     buf: &mut IoBuf,
 ) -> Result<(), DeviceError> {
-    if let [job] = unit {
-        if let Some(data) = kept.get(job.source, job.blocks, bs) {
-            return dev.write_at(data, job.target * bs);
-        }
-    }
-    let spans = unit.iter().map(|j| (j.source, j.source + j.blocks));
+    let group = match unit {
+        Unit::Kept { target, data } => return dev.write_at(data, target * bs),
+        Unit::Group(group) => group,
+    };
+    let spans = group.iter().map(|j| (j.source, j.source + j.blocks));
     let read = MergedRead::read(dev, spans, bs, std::mem::take(buf))?;
-    for j in unit {
+    for j in group {
         let data = read.get(j.source, j.blocks, bs);
         dev.write_at(data.expect("a group's read covers its sources"), j.target * bs)?;
     }

@@ -1110,8 +1110,8 @@ fn vold_validation_checks_the_header_in_vold_order() {
     }
 }
 
-/// Records every read; panics on writes.
-struct ReadLog(MemDevice, Mutex<Vec<(u64, usize)>>);
+/// Records every read; panics on writes (through [`NoWriteDevice`]).
+struct ReadLog(NoWriteDevice, Mutex<Vec<(u64, usize)>>);
 
 impl BlockDevice for ReadLog {
     fn size(&self) -> u64 {
@@ -1121,11 +1121,11 @@ impl BlockDevice for ReadLog {
         self.1.lock().unwrap().push((offset, buf.len()));
         self.0.read_at(buf, offset)
     }
-    fn write_at(&self, _buf: &[u8], offset: u64) -> Result<(), DeviceError> {
-        panic!("write at {offset} while validating")
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
+        self.0.write_at(buf, offset)
     }
     fn flush(&self) -> Result<(), DeviceError> {
-        panic!("flush while validating")
+        self.0.flush()
     }
 }
 
@@ -1135,7 +1135,10 @@ fn vold_validation_reads_one_block_at_a_time() {
     // read per block of every saved copy, checksum or not.
     for (i, s) in scenarios().iter().enumerate() {
         let log = validate(&MemDevice::from_bytes(s.checkpointed.clone())).unwrap();
-        let dev = ReadLog(MemDevice::from_bytes(s.checkpointed.clone()), Mutex::new(Vec::new()));
+        let dev = ReadLog(
+            NoWriteDevice(MemDevice::from_bytes(s.checkpointed.clone())),
+            Mutex::new(Vec::new()),
+        );
         assert_eq!(vold::validate_like_vold(&dev).unwrap(), log.entries);
         let reads = dev.1.into_inner().unwrap();
         let copies: u64 = log
@@ -1164,7 +1167,8 @@ fn wob_head_skips_vold_validation_and_the_baseline_finishes() {
             continue;
         }
         wob_images += 1;
-        let reader = ReadLog(MemDevice::from_bytes(img.clone()), Mutex::new(Vec::new()));
+        let reader =
+            ReadLog(NoWriteDevice(MemDevice::from_bytes(img.clone())), Mutex::new(Vec::new()));
         assert_eq!(vold::validate_like_vold(&reader).unwrap(), 0);
         assert_eq!(reader.1.into_inner().unwrap(), vec![(0, 28)], "only the header is read");
         let dev = MemDevice::from_bytes(img);
