@@ -1,10 +1,11 @@
-//! The checkpoint backend trait. Real backends (dm-bow, dm-snapshot, f2fs) live elsewhere and
-//! come later (ROADMAP item 1); the policy only needs this interface.
+//! The checkpoint backend contract. The real backends (dm-bow, dm-snapshot, f2fs) live in the
+//! `backends` crate, which joins this trait to the OS (`blockdev`) and the dm-bow log (`bow`);
+//! the policy only needs this interface.
 
 use std::fmt;
 use std::io;
 
-use crate::error::ErrorKind;
+use crate::error::{errno, ErrorKind};
 
 /// Where a backend's checkpoint starts, which decides how the policy commits it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -99,30 +100,159 @@ pub enum BackendError {
         /// The backend's name.
         backend: String,
     },
+    /// This kernel or device cannot carry the backend (no dm-bow target, not f2fs, ...).
+    #[error("backend {backend} is not supported here: {reason}")]
+    Unsupported {
+        /// The backend's name.
+        backend: String,
+        /// Why.
+        reason: String,
+    },
+    /// On-disk backup metadata (a COW store header, a dm-bow log, a recorded extent map) is
+    /// malformed or disagrees with the device.
+    #[error("{what}: {reason}")]
+    Corrupt {
+        /// What was read, e.g. "COW store of /dev/vdb".
+        what: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Not enough space for the backups.
+    #[error("{operation}: needs {needed} bytes, {available} available")]
+    NoSpace {
+        /// What was being done.
+        operation: String,
+        /// Bytes needed.
+        needed: u64,
+        /// Bytes available.
+        available: u64,
+    },
 }
 
 impl BackendError {
-    /// Classification: I/O errors are `Io`, the rest `Backend`.
+    /// Shorthand for an [`BackendError::Io`] with its operation.
+    pub fn io(operation: impl Into<String>, source: io::Error) -> Self {
+        BackendError::Io { operation: operation.into(), source }
+    }
+
+    /// Classification callers branch on (the daemon maps it to an ICheckpoint code).
     pub fn kind(&self) -> ErrorKind {
         match self {
+            BackendError::Io { source, .. } if source.raw_os_error() == Some(errno::ENOSPC) => {
+                ErrorKind::NoSpace
+            }
             BackendError::Io { .. } => ErrorKind::Io,
             BackendError::InvalidState { .. } | BackendError::NotSetUp { .. } => ErrorKind::Backend,
+            BackendError::Unsupported { .. } => ErrorKind::NotSupported,
+            BackendError::Corrupt { .. } => ErrorKind::Corrupt,
+            BackendError::NoSpace { .. } => ErrorKind::NoSpace,
+        }
+    }
+
+    /// The OS error of an I/O failure, if there is one.
+    pub fn os_errno(&self) -> Option<i32> {
+        match self {
+            BackendError::Io { source, .. } => source.raw_os_error(),
+            _ => None,
         }
     }
 }
 
+/// What an idempotent backend step did (stratisd's `CreateAction`/`DeleteAction` shape).
+///
+/// Every step of the [`Backend`] contract can be retried after a crash or a partial failure: a
+/// step whose effect is already in place answers `Identity` instead of failing on an "illegal
+/// transition", so the policy can simply call it again.
+#[must_use]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// The step changed something.
+    Changed,
+    /// Everything was already as the step would leave it.
+    Identity,
+}
+
+/// Backup space as a backend measures it. Every field is `None` when the backend cannot tell.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BackupSpace {
+    /// Bytes still available for backups, corrected for what the kernel's own counter misses
+    /// (e.g. dm-bow's `bow/free` over-reports: dm-bow-format.md §11).
+    pub free_bytes: Option<u64>,
+    /// Bytes of backup space consumed by the current checkpoint.
+    pub used_bytes: Option<u64>,
+    /// The whole backup area (free + used), where it is bounded (a COW store's size).
+    pub total_bytes: Option<u64>,
+}
+
+/// How a restore (`restoreCheckpoint` / `restoreCheckpointPart`) is asked for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RestoreRequest {
+    /// `restoreCheckpointPart(dev, count)`: stop after this many log entries (a test hook of
+    /// vold's); `None` for a whole restore.
+    pub limit: Option<u64>,
+}
+
+/// What a backend's restore (rollback before mount) did, for the history and the caller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RestoreReport {
+    /// The outcome recorded in the history.
+    pub outcome: crate::RestoreOutcome,
+    /// The ICheckpoint result: `Ok` or an errno-style code with vold's message (vold answers
+    /// "No magic" with EINVAL when there is no log, which fs_mgr ignores).
+    pub result: Result<(), (i32, String)>,
+}
+
 /// A checkpoint mechanism under one or more filesystems.
+///
+/// The contract (docs/backends.md): each step is idempotent and answers an [`Action`]; the
+/// policy never holds its own lock while a backend does I/O. The steps that run before /data is
+/// mounted (building the device stack) belong to the boot flow (`backends::BootStack`), not to
+/// this trait: the daemon only sees a mounted, possibly checkpointed, device.
 pub trait Backend: Send + Sync + fmt::Debug {
     /// Block or file checkpoint.
     fn kind(&self) -> BackendKind;
     /// A short stable name ("bow", "snapshot", "f2fs"), recorded in the store.
     fn name(&self) -> &str;
+    /// Why this backend was chosen (e.g. "auto: dm-bow target absent, using snapshot"), for the
+    /// log and getStatus. Empty when it was configured explicitly.
+    fn selection_reason(&self) -> &str {
+        ""
+    }
+    /// Whether `restoreCheckpoint(device)` is this backend's to answer.
+    fn covers(&self, _device: &str) -> bool {
+        false
+    }
+    /// Before mount: roll `device` back to the start of an uncommitted checkpoint (dm-bow log
+    /// restore, snapshot merge), or finish an interrupted rollback. Idempotent: a rerun after a
+    /// crash gives the same device.
+    fn restore(
+        &self,
+        device: &str,
+        _request: &RestoreRequest,
+        _progress: &dyn Fn(u64, u64),
+    ) -> Result<RestoreReport, BackendError> {
+        Err(BackendError::NotSetUp { backend: format!("{} (restore of {device})", self.name()) })
+    }
     /// Arm the checkpoint for this boot (vold `prepareCheckpoint` at post-fs-data).
-    fn prepare(&self) -> Result<(), BackendError>;
-    /// Make this boot's changes permanent.
-    fn commit(&self) -> Result<(), BackendError>;
+    fn prepare(&self) -> Result<Action, BackendError>;
+    /// Make this boot's changes permanent and drop the backups.
+    fn commit(&self) -> Result<Action, BackendError>;
+    /// `abortChanges`: leave the device so that the next boot's restore rolls it back. The
+    /// default has nothing to do (the backups stay where they are).
+    fn abort(&self) -> Result<Action, BackendError> {
+        Ok(Action::Identity)
+    }
+    /// On a boot that is not checkpointing: release what an earlier checkpoint left behind
+    /// (a COW file after a rollback, a stale kernel object). The default has nothing to drop.
+    fn teardown(&self) -> Result<Action, BackendError> {
+        Ok(Action::Identity)
+    }
+    /// Free and used backup space.
+    fn space(&self) -> Result<BackupSpace, BackendError>;
     /// Bytes still available for backups, if the backend can tell.
-    fn free_space(&self) -> Result<Option<u64>, BackendError>;
+    fn free_space(&self) -> Result<Option<u64>, BackendError> {
+        Ok(self.space()?.free_bytes)
+    }
     /// The backend's own view of its state.
     fn status(&self) -> Result<BackendStatus, BackendError>;
 }

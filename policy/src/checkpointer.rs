@@ -586,7 +586,7 @@ impl Checkpointer {
                 continue;
             }
             match backend.prepare() {
-                Ok(()) => {
+                Ok(_) => {
                     inner.prepared[i] = true;
                     info!("backend {} armed", backend.name());
                 }
@@ -703,7 +703,7 @@ impl Checkpointer {
             if let Some(b) = status.and_then(|s| s.backup_used_bytes) {
                 *used = Some(used.unwrap_or(0).saturating_add(b));
             }
-            backend.commit().map_err(|source| PolicyError::BackendCommit {
+            let _ = backend.commit().map_err(|source| PolicyError::BackendCommit {
                 backend: backend.name().to_string(),
                 source,
             })?;

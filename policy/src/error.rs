@@ -14,6 +14,8 @@ pub mod errno {
     pub const EIO: i32 = 5;
     /// Try again (the store is locked by another process).
     pub const EAGAIN: i32 = 11;
+    /// No space left on device (backup space exhausted).
+    pub const ENOSPC: i32 = 28;
     /// Invalid argument (vold's code for argument, boot-HAL and commit errors).
     pub const EINVAL: i32 = 22;
     /// Protocol error (a store written by a newer checkpointd).
@@ -43,6 +45,8 @@ pub enum ErrorKind {
     Backend,
     /// The store is locked by another process.
     Busy,
+    /// Out of space (the backup area or the metadata file system).
+    NoSpace,
 }
 
 impl ErrorKind {
@@ -58,6 +62,7 @@ impl ErrorKind {
             ErrorKind::Corrupt => errno::EUCLEAN,
             ErrorKind::Incompatible => errno::EPROTO,
             ErrorKind::Busy => errno::EAGAIN,
+            ErrorKind::NoSpace => errno::ENOSPC,
         }
     }
 }

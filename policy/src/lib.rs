@@ -13,7 +13,10 @@ mod store;
 #[cfg(test)]
 mod tests;
 
-pub use backend::{Backend, BackendError, BackendKind, BackendState, BackendStatus};
+pub use backend::{
+    Action, Backend, BackendError, BackendKind, BackendState, BackendStatus, BackupSpace,
+    RestoreReport, RestoreRequest,
+};
 pub use bootctl::{
     BootControl, BootControlError, BootRecord, FileBootControl, NoBootControl, SlotRecord,
     MAX_PRIORITY, MAX_SLOTS, MAX_TRIES,

@@ -159,7 +159,9 @@ fn guest_check_store(_: &[String]) -> Result<(), Failed> {
 }
 
 mod stand_in {
-    use policy::{Backend, BackendError, BackendKind, BackendState, BackendStatus};
+    use policy::{
+        Action, Backend, BackendError, BackendKind, BackendState, BackendStatus, BackupSpace,
+    };
 
     /// A backend that does nothing: lets the test request a checkpoint.
     #[derive(Debug)]
@@ -172,14 +174,14 @@ mod stand_in {
         fn name(&self) -> &str {
             "nothing"
         }
-        fn prepare(&self) -> Result<(), BackendError> {
-            Ok(())
+        fn prepare(&self) -> Result<Action, BackendError> {
+            Ok(Action::Changed)
         }
-        fn commit(&self) -> Result<(), BackendError> {
-            Ok(())
+        fn commit(&self) -> Result<Action, BackendError> {
+            Ok(Action::Changed)
         }
-        fn free_space(&self) -> Result<Option<u64>, BackendError> {
-            Ok(None)
+        fn space(&self) -> Result<BackupSpace, BackendError> {
+            Ok(BackupSpace::default())
         }
         fn status(&self) -> Result<BackendStatus, BackendError> {
             Ok(BackendStatus {

@@ -7,7 +7,9 @@
 
 use std::sync::Mutex;
 
-use policy::{Backend, BackendError, BackendKind, BackendState, BackendStatus};
+use policy::{
+    Action, Backend, BackendError, BackendKind, BackendState, BackendStatus, BackupSpace,
+};
 
 use crate::config::CheckpointMethod;
 
@@ -59,18 +61,18 @@ impl Backend for TestNullBackend {
         &self.name
     }
 
-    fn prepare(&self) -> Result<(), BackendError> {
+    fn prepare(&self) -> Result<Action, BackendError> {
         self.set_state(BackendState::Armed);
-        Ok(())
+        Ok(Action::Changed)
     }
 
-    fn commit(&self) -> Result<(), BackendError> {
+    fn commit(&self) -> Result<Action, BackendError> {
         self.set_state(BackendState::Committed);
-        Ok(())
+        Ok(Action::Changed)
     }
 
-    fn free_space(&self) -> Result<Option<u64>, BackendError> {
-        Ok(self.free_bytes)
+    fn space(&self) -> Result<BackupSpace, BackendError> {
+        Ok(BackupSpace { free_bytes: self.free_bytes, ..BackupSpace::default() })
     }
 
     fn status(&self) -> Result<BackendStatus, BackendError> {

@@ -51,6 +51,7 @@ pub fn code_for_kind(kind: ErrorKind, os_errno: Option<i32>) -> i32 {
         ErrorKind::Corrupt => ICheckpoint::EUCLEAN,
         ErrorKind::Incompatible => ICheckpoint::EPROTO,
         ErrorKind::Busy => ICheckpoint::EAGAIN,
+        ErrorKind::NoSpace => ICheckpoint::ENOSPC,
     }
 }
 
@@ -110,6 +111,7 @@ mod tests {
             ErrorKind::BootControl,
             ErrorKind::Backend,
             ErrorKind::Busy,
+            ErrorKind::NoSpace,
         ];
         for kind in all {
             let expected = match kind {
@@ -121,6 +123,7 @@ mod tests {
                 ErrorKind::BootControl => 22,
                 ErrorKind::Backend => 22,
                 ErrorKind::Busy => 11,
+                ErrorKind::NoSpace => 28,
             };
             assert_eq!(code_for_kind(kind, None), expected, "{kind:?}");
             // The policy crate's own table agrees with the interface's.

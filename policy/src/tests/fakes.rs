@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::{Backend, BackendError, BackendKind, BackendState, BackendStatus};
+use crate::{Action, Backend, BackendError, BackendKind, BackendState, BackendStatus, BackupSpace};
 
 /// A temporary directory, on tmpfs when available so fsyncs are cheap.
 pub fn temp_dir() -> tempfile::TempDir {
@@ -72,7 +72,7 @@ impl Backend for FakeBackend {
     fn name(&self) -> &str {
         &self.name
     }
-    fn prepare(&self) -> Result<(), BackendError> {
+    fn prepare(&self) -> Result<Action, BackendError> {
         self.control.prepares.fetch_add(1, Ordering::SeqCst);
         if self.control.fail_prepare.load(Ordering::SeqCst) {
             return Err(BackendError::Io {
@@ -81,9 +81,9 @@ impl Backend for FakeBackend {
             });
         }
         *self.control.state.lock().unwrap() = BackendState::Armed;
-        Ok(())
+        Ok(Action::Changed)
     }
-    fn commit(&self) -> Result<(), BackendError> {
+    fn commit(&self) -> Result<Action, BackendError> {
         if self.control.fail_commit.load(Ordering::SeqCst) {
             return Err(BackendError::InvalidState {
                 backend: self.name.clone(),
@@ -93,10 +93,13 @@ impl Backend for FakeBackend {
         }
         self.control.commits.fetch_add(1, Ordering::SeqCst);
         *self.control.state.lock().unwrap() = BackendState::Committed;
-        Ok(())
+        Ok(Action::Changed)
     }
-    fn free_space(&self) -> Result<Option<u64>, BackendError> {
-        Ok(*self.control.free_bytes.lock().unwrap())
+    fn space(&self) -> Result<BackupSpace, BackendError> {
+        Ok(BackupSpace {
+            free_bytes: *self.control.free_bytes.lock().unwrap(),
+            ..BackupSpace::default()
+        })
     }
     fn status(&self) -> Result<BackendStatus, BackendError> {
         Ok(BackendStatus {

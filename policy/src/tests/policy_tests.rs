@@ -8,11 +8,11 @@ use std::sync::Arc;
 
 use super::fakes::{temp_dir, FakeBackend, FakeControl};
 use crate::{
-    errno, AbortOutcome, Backend, BackendError, BackendKind, BackendState, BackendStatus,
-    BootControl, BootControlError, Budget, Checkpointer, CommitOutcome, ErrorKind, FileBootControl,
-    HistoryKind, MarkOutcome, NoBootControl, PolicyError, PolicyEvent, PolicyOptions,
-    RestoreOutcome, RestoreRecord, RollbackAction, StartOutcome, State, Store, StoreError,
-    MAX_PRIORITY,
+    errno, AbortOutcome, Action, Backend, BackendError, BackendKind, BackendState, BackendStatus,
+    BackupSpace, BootControl, BootControlError, Budget, Checkpointer, CommitOutcome, ErrorKind,
+    FileBootControl, HistoryKind, MarkOutcome, NoBootControl, PolicyError, PolicyEvent,
+    PolicyOptions, RestoreOutcome, RestoreRecord, RollbackAction, StartOutcome, State, Store,
+    StoreError, MAX_PRIORITY,
 };
 
 /// A device: state dir, a two-slot boot record, one fake backend.
@@ -262,17 +262,17 @@ fn commit_marks_the_slot_successful_before_committing_backends() {
         fn name(&self) -> &str {
             "probe"
         }
-        fn prepare(&self) -> Result<(), BackendError> {
-            Ok(())
+        fn prepare(&self) -> Result<Action, BackendError> {
+            Ok(Action::Changed)
         }
-        fn commit(&self) -> Result<(), BackendError> {
+        fn commit(&self) -> Result<Action, BackendError> {
             let bc = FileBootControl::open(&self.record).unwrap();
             let ok = bc.is_slot_marked_successful(bc.current_slot().unwrap()).unwrap();
             self.saw_successful.store(ok, Ordering::SeqCst);
-            Ok(())
+            Ok(Action::Changed)
         }
-        fn free_space(&self) -> Result<Option<u64>, BackendError> {
-            Ok(None)
+        fn space(&self) -> Result<BackupSpace, BackendError> {
+            Ok(BackupSpace { free_bytes: None, ..BackupSpace::default() })
         }
         fn status(&self) -> Result<BackendStatus, BackendError> {
             Ok(BackendStatus {
@@ -592,19 +592,19 @@ fn power_cut_during_a_commit_leaves_the_checkpoint_requested() {
         fn name(&self) -> &str {
             "cut"
         }
-        fn prepare(&self) -> Result<(), BackendError> {
-            Ok(())
+        fn prepare(&self) -> Result<Action, BackendError> {
+            Ok(Action::Changed)
         }
-        fn commit(&self) -> Result<(), BackendError> {
+        fn commit(&self) -> Result<Action, BackendError> {
             fs::create_dir_all(&self.to).unwrap();
             for e in fs::read_dir(&self.from).unwrap() {
                 let e = e.unwrap();
                 fs::copy(e.path(), self.to.join(e.file_name())).unwrap();
             }
-            Ok(())
+            Ok(Action::Changed)
         }
-        fn free_space(&self) -> Result<Option<u64>, BackendError> {
-            Ok(None)
+        fn space(&self) -> Result<BackupSpace, BackendError> {
+            Ok(BackupSpace { free_bytes: None, ..BackupSpace::default() })
         }
         fn status(&self) -> Result<BackendStatus, BackendError> {
             Err(BackendError::NotSetUp { backend: "cut".into() })

@@ -1,0 +1,89 @@
+//! Block checkpoints under /data: the backends that put a checkpoint under a filesystem, and
+//! the device stack the boot flow mounts.
+//!
+//! * [`bow`]: Android's dm-bow target (state through sysfs, the log restored by the `bow`
+//!   crate);
+//! * [`snapshot`]: mainline dm-snapshot with a persistent COW store in a FIEMAP-mapped file on
+//!   the filesystem itself; rollback by the kernel's snapshot-merge or by the offline merge of
+//!   the `snapcow` crate;
+//! * [`f2fs`]: f2fs `checkpoint=disable`, committed by remounting `checkpoint=enable`;
+//! * [`select`]: `auto` selection (dm-bow where the kernel has it, else dm-snapshot);
+//! * [`records`]: what a backend must remember across boots (a COW file's extents), kept in
+//!   the metadata directory, outside the rolled-back filesystem.
+//!
+//! Two halves of one contract (docs/backends.md):
+//! * [`policy::Backend`]: what the daemon drives on a mounted device (restore before mount,
+//!   prepare, commit, abort, teardown, space, status);
+//! * [`BootStack`]: what the boot flow (`checkpointctl boot mount`, fs_mgr's role) runs before
+//!   mount: build the device stack for this boot and say what to mount.
+//!
+//! Every step is idempotent and answers a [`policy::Action`]. Kernel object names come from
+//! [`blockdev::names`], so a step rerun after a crash finds what an earlier run made.
+
+use std::path::{Path, PathBuf};
+
+pub use policy::{Action, BackendError};
+
+pub mod bow;
+pub mod f2fs;
+pub mod records;
+pub mod select;
+pub mod snapshot;
+
+/// One checkpointed filesystem, as the configuration describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceSpec {
+    /// The raw block device (the partition; a restore or merge writes here).
+    pub raw: PathBuf,
+    /// Where the filesystem is mounted.
+    pub mount_point: PathBuf,
+    /// Filesystem type (`ext4`, `f2fs`); `None` lets the kernel probe.
+    pub fs_type: Option<String>,
+    /// Extra mount options (comma-separated, as fstab's fifth field).
+    pub mount_options: String,
+    /// The instance token in kernel object names ([`blockdev::names::object_name`]): 1 to 32
+    /// characters of `[a-z0-9_]`, derived from the mount point by [`instance_for`].
+    pub instance: String,
+}
+
+/// The names' instance token for a mount point: `/data` → `data`, `/mnt/user data` →
+/// `mnt_user_data`; `root` for `/`. Truncated to 32 characters.
+pub fn instance_for(mount_point: &Path) -> String {
+    let mut out: String = mount_point
+        .to_string_lossy()
+        .trim_matches('/')
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+        .collect();
+    if out.is_empty() {
+        out.push_str("root");
+    }
+    out.truncate(32);
+    out
+}
+
+/// What the boot flow mounts after [`BootStack::setup`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountPlan {
+    /// The block device to mount (a device-mapper node, or the raw device).
+    pub device: PathBuf,
+    /// Filesystem type, if known.
+    pub fs_type: Option<String>,
+    /// Mount options, the configured ones plus the backend's (f2fs `checkpoint=disable`).
+    pub options: String,
+    /// Whether this boot's writes are checkpointed (or will be, once `prepare` arms it).
+    pub checkpointed: bool,
+    /// Whether the stack was built now or found in place.
+    pub action: Action,
+}
+
+/// The boot flow's half of a backend: runs before the filesystem is mounted.
+pub trait BootStack: std::fmt::Debug {
+    /// Builds this boot's device stack for `device` and says what to mount. `checkpointing` is
+    /// the daemon's `needsCheckpoint` answer. Idempotent: a stack already in place (a daemon
+    /// or boot script run twice) is found and reused.
+    fn setup(&self, device: &DeviceSpec, checkpointing: bool) -> Result<MountPlan, BackendError>;
+    /// Removes this backend's kernel objects for `device` (after unmount, or left behind by a
+    /// crash). Objects in use are reported, never forced.
+    fn teardown_stack(&self, device: &DeviceSpec) -> Result<Action, BackendError>;
+}
