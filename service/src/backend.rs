@@ -96,9 +96,9 @@ mod tests {
             TestNullBackend::new("t", CheckpointMethod::Fs, Some(7), vec!["/dev/vdb".into()]);
         assert_eq!(backend.kind(), BackendKind::File);
         assert_eq!(backend.status().expect("status").state, BackendState::Idle);
-        backend.prepare().expect("prepare");
+        assert_eq!(backend.prepare().expect("prepare"), Action::Changed);
         assert_eq!(backend.status().expect("status").state, BackendState::Armed);
-        backend.commit().expect("commit");
+        assert_eq!(backend.commit().expect("commit"), Action::Changed);
         let status = backend.status().expect("status");
         assert_eq!(status.state, BackendState::Committed);
         assert_eq!(status.free_bytes, Some(7));
