@@ -247,6 +247,12 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn teardown(&self) -> Result<Action, BackendError> {
         Ok(Action::Identity)
     }
+    /// Makes more backup space if the backend can (a COW store grown by extending its file,
+    /// remapping and reloading); the health monitor calls it when space runs low, before its
+    /// low-space action. The default cannot grow.
+    fn grow(&self) -> Result<Action, BackendError> {
+        Ok(Action::Identity)
+    }
     /// Free and used backup space.
     fn space(&self) -> Result<BackupSpace, BackendError>;
     /// Bytes still available for backups, if the backend can tell.
