@@ -136,10 +136,16 @@ pub fn guest_script(spec: &ScriptSpec<'_>) -> String {
          echo \"testbench: $1\"; exit 0; }}"
     );
     for line in spec.modules {
+        // An absolute path is an out-of-tree module file; anything else is a modprobe line.
+        let cmd = if line.starts_with('/') {
+            format!("insmod {}", sh_quote(line))
+        } else {
+            format!("modprobe {line}")
+        };
         let _ = writeln!(
             s,
-            "out=$(modprobe {line} 2>&1) || setup_failed {}\"$out\"",
-            sh_quote(&format!("modprobe {line} failed: "))
+            "out=$({cmd} 2>&1) || setup_failed {}\"$out\"",
+            sh_quote(&format!("{cmd} failed: "))
         );
     }
     let _ = writeln!(s, "export TESTBENCH_GUEST=1 TESTBENCH_SHARED={}", q(spec.shared));
@@ -249,5 +255,22 @@ mod tests {
         assert!(script.contains("export RUST_LOG='debug'"));
         assert!(script.contains("TB='/t/x-1/shared/.testbench'"));
         assert!(script.find("echo start").unwrap() < load_loop);
+    }
+
+    #[test]
+    fn script_insmods_out_of_tree_module_files() {
+        let modules = vec!["dm-mod".to_owned(), "/opt/mods/dm-bow.ko".to_owned()];
+        let script = guest_script(&ScriptSpec {
+            shared: Path::new("/t/s"),
+            modules: &modules,
+            env: &[],
+            program: Path::new("/bin/prog"),
+            args: &[],
+        });
+        let core = script.find("modprobe dm-mod 2>&1").unwrap();
+        let bow = script.find("insmod '/opt/mods/dm-bow.ko' 2>&1").unwrap();
+        assert!(core < bow);
+        assert!(script[bow..].lines().next().unwrap().contains("|| setup_failed"));
+        assert!(!script.contains("modprobe /opt"));
     }
 }

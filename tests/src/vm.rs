@@ -180,6 +180,10 @@ impl Vm {
     }
 
     /// modprobe command lines run before the program, in order, e.g. `"loop"`,
+    /// `"binder_linux devices=binder,hwbinder"`; a line that is an absolute path to a `.ko`
+    /// file is loaded with `insmod` (an out-of-tree module). Modules named in
+    /// [`MODULES_ENV`] are added to every VM.
+    ///
     /// `"binder_linux devices=binder,hwbinder"`. A failure ends the run with
     /// [`VmError::ModuleLoad`].
     pub fn modules(mut self, lines: &[&str]) -> Self {
@@ -244,6 +248,13 @@ impl Vm {
             modules.push("virtio_blk".to_owned());
         }
         modules.extend(self.modules.iter().cloned());
+        // Out-of-tree modules (`--module PATH` of cargo xtask test/demo), after dm-mod so that a
+        // device-mapper target module (an out-of-tree dm-bow) finds the core it builds on.
+        let extra = extra_modules();
+        if !extra.is_empty() {
+            modules.push("dm-mod".to_owned());
+            modules.extend(extra.iter().map(|p| p.to_string_lossy().into_owned()));
+        }
         let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
         // The guest does not inherit the host's environment: pass on what the harness and
         // Rust need, then the scenario's own variables (which win).
@@ -510,6 +521,19 @@ impl GuestRun {
             .unwrap_or_else(|e| format!("(cannot read {}: {e})\n", self.console.display()));
         tail(&text, lines)
     }
+}
+
+/// Environment variable listing out-of-tree kernel modules (absolute `.ko` paths, separated
+/// by `:`) that every VM loads before its program: `cargo xtask test --module PATH` and
+/// `cargo xtask demo --module PATH` set it, so a machine with a dm-bow module for the guest
+/// kernel runs the very same scenarios on the real target.
+pub const MODULES_ENV: &str = "TESTBENCH_MODULES";
+
+/// The out-of-tree modules of [`MODULES_ENV`].
+pub fn extra_modules() -> Vec<PathBuf> {
+    std::env::var_os(MODULES_ENV)
+        .map(|v| std::env::split_paths(&v).filter(|p| p.is_absolute()).collect())
+        .unwrap_or_default()
 }
 
 /// A sparse raw image of `bytes` bytes under `<target>/testbench/scratch/`, for [`Vm::disk`];
