@@ -8,6 +8,7 @@
 pub mod device;
 pub mod guest;
 pub mod paths;
+pub mod scenario;
 pub mod status;
 pub mod vm;
 

@@ -1,0 +1,385 @@
+//! The product story on the virtual device, shared by the end-to-end tests
+//! (`tests/tests/vm_rollback.rs`) and `cargo xtask demo`: an update, failed boots ended by
+//! power cuts, the rollback, and a second update that commits, with real data on /data and the
+//! real backends.
+//!
+//!
+//! Each trial is a chain of boots of one device (metadata disk + data disk that survive every
+//! boot); each boot is one VM run whose guest half is a step of [`guest_step`]. What each step
+//! checks is printed, so a failed chain shows where it broke. Per chain:
+//! 1. `install`: /data gets realistic app data; its manifest (every file's SHA-256) is kept on
+//!    the metadata disk; the update client calls `startCheckpoint(2)` and switches the slot.
+//! 2. `failed-boot`, three times: the boot flow (restore or merge of the previous boot's
+//!    changes, the device stack, mount), the init hooks, the new system's workload, and a power
+//!    cut at a random point of it (a timer thread cuts while the workload runs). From the
+//!    second failed boot on, /data must equal the manifest right after the mount: each failed
+//!    boot is rolled back at the next boot. One failed boot is instead cut in the middle of its
+//!    restore (`restoreCheckpointPart`, vold's test hook), and the next boot must finish it.
+//! 3. `rollback`: /data equals the manifest, needsRollback, the rollback action switches to the
+//!    old slot; after unmount fsck is clean.
+//! 4. `old-slot`: no checkpoint; the leftovers of the checkpoint are gone; a second update.
+//! 5. `second-update`: new data written, committed (optionally cut by a power cut during
+//!    the commit: then /data must be exactly the old or exactly the new data).
+//! 6. `after-commit`: the new data is kept; no COW file, no DM or loop device left; fsck clean.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::device::{self, Device, Fs, Profile, Rng, DATA_MOUNT, META_MOUNT};
+use crate::vm::{GuestRun, Vm};
+use crate::{guest, Failed};
+use policy::BootControl;
+
+const MODULES: &[&str] = &["loop", "dm-mod"];
+const META_BYTES: u64 = 64 << 20;
+const DATA_BYTES: u64 = 512 << 20;
+const STEP_ENV: &str = "CPD_SCENARIO_STEP";
+const SEED_ENV: &str = "CPD_SCENARIO_SEED";
+
+/// How the second update's commit ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Commit {
+    /// commitChanges returns; a clean shutdown follows.
+    Clean,
+    /// A power cut at a random moment while commitChanges runs.
+    PowerCutDuring,
+}
+
+// ================================ host half ================================
+
+/// How the host starts the guest half of a step.
+#[derive(Debug, Clone)]
+pub enum Launcher {
+    /// The running test binary, entry `step` ([`crate::main`]'s `--guest step`).
+    SelfEntry,
+    /// Another program (e.g. `xtask guest-demo`) that calls [`guest_step`].
+    Program(PathBuf, Vec<String>),
+}
+
+struct Chain<'a> {
+    name: &'a str,
+    launcher: &'a Launcher,
+    stream: bool,
+    profile: &'a Profile,
+    meta: PathBuf,
+    data: PathBuf,
+    seed: u64,
+    boots: u32,
+}
+
+impl Chain<'_> {
+    fn boot(&mut self, step: &str) -> Result<GuestRun, Failed> {
+        self.boots += 1;
+        let mut vm = Vm::new(format!("{}-{:02}-{step}", self.name, self.boots))
+            .modules(MODULES)
+            .memory_mib(1536)
+            .timeout(Duration::from_secs(300))
+            .disk(&self.meta)
+            .disk(&self.data)
+            .env(STEP_ENV, step)
+            .env(SEED_ENV, self.seed.to_string());
+        for (k, v) in self.profile.env() {
+            vm = vm.env(k, v);
+        }
+        let run = match self.launcher {
+            Launcher::SelfEntry => vm.stream_output(self.stream).run_self("step", &[])?,
+            Launcher::Program(program, args) => {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                vm.stream_output(self.stream).run(program, &args)?
+            }
+        };
+        if self.stream {
+            println!(
+                "host: boot {} `{step}`: {:?} after {:.1} s",
+                self.boots,
+                run.exit,
+                run.duration.as_secs_f64()
+            );
+        } else {
+            println!(
+                "--- boot {} `{step}` ({:?}, {:.1} s) ---\n{}",
+                self.boots,
+                run.exit,
+                run.duration.as_secs_f64(),
+                run.output.trim_end()
+            );
+        }
+        Ok(run)
+    }
+
+    fn expect_ok(&mut self, step: &str) -> Result<(), Failed> {
+        self.boot(step)?.expect_success()?;
+        Ok(())
+    }
+
+    fn expect_cut(&mut self, step: &str) -> Result<(), Failed> {
+        self.boot(step)?.expect_power_cut()?;
+        Ok(())
+    }
+}
+
+fn seed() -> u64 {
+    std::env::var(SEED_ENV).ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(1)
+    })
+}
+
+/// Runs the whole story on a fresh device: `name` names the boots' result folders, `stream`
+/// prints the guest's output as it comes (the demo) instead of after each boot (tests).
+pub fn chain(
+    name: &str,
+    profile: &Profile,
+    commit: Commit,
+    launcher: &Launcher,
+    stream: bool,
+) -> Result<(), Failed> {
+    let meta = crate::vm::scratch_image(META_BYTES)?;
+    let data = crate::vm::scratch_image(DATA_BYTES)?;
+    Fs::Ext4.mkfs_host(&meta)?;
+    profile.fs.mkfs_host(&data)?;
+    let seed = seed();
+    println!("chain {name}: seed {seed} (set {SEED_ENV} to replay)");
+    let mut c = Chain {
+        name,
+        launcher,
+        stream,
+        profile,
+        meta: meta.to_path_buf(),
+        data: data.to_path_buf(),
+        seed,
+        boots: 0,
+    };
+    c.expect_ok("install")?;
+    c.expect_cut("failed-boot-1")?;
+    // The f2fs backend has no restore of its own to interrupt (the kernel rolls back at mount).
+    if profile.backend == "f2fs" {
+        c.expect_cut("failed-boot-2")?;
+    } else {
+        c.expect_cut("cut-during-restore")?;
+    }
+    c.expect_cut("failed-boot-3")?;
+    c.expect_ok("rollback")?;
+    c.expect_ok("old-slot")?;
+    match commit {
+        Commit::Clean => c.expect_ok("second-update")?,
+        Commit::PowerCutDuring => c.expect_cut("second-update-cut-commit")?,
+    }
+    c.expect_ok("after-commit")?;
+    println!("chain {name}: {} boots, all checks passed", c.boots);
+    Ok(())
+}
+
+// ================================ guest half ================================
+
+/// The guest half: one boot of the device, the step named by the host.
+pub fn guest_step() -> Result<(), Failed> {
+    let step = std::env::var(STEP_ENV)?;
+    let seed: u64 = std::env::var(SEED_ENV)?.parse()?;
+    let profile = Profile::from_env()?;
+    let dev = Device::power_on(profile)?;
+    println!("boot: slot {} ({}), backend {}", dev.slot, step, dev.profile.backend);
+    match step.as_str() {
+        "install" => install(dev, seed),
+        "failed-boot-1" => failed_boot(dev, seed, 1, false),
+        "failed-boot-2" => failed_boot(dev, seed, 2, true),
+        "failed-boot-3" => failed_boot(dev, seed, 3, true),
+        "cut-during-restore" => cut_during_restore(dev, seed),
+        "rollback" => rollback(dev),
+        "old-slot" => old_slot(dev),
+        "second-update" => second_update(dev, seed, false),
+        "second-update-cut-commit" => second_update(dev, seed, true),
+        "after-commit" => after_commit(dev),
+        other => Err(format!("unknown step {other}").into()),
+    }
+}
+
+fn check(ok: bool, what: &str) -> Result<(), Failed> {
+    if ok {
+        println!("  check: {what}");
+        Ok(())
+    } else {
+        Err(format!("check failed: {what}").into())
+    }
+}
+
+/// Kept on the metadata disk: never rolled back.
+fn kept(name: &str) -> PathBuf {
+    Path::new(META_MOUNT).join("scenario").join(name)
+}
+
+fn save_manifest(name: &str) -> Result<usize, Failed> {
+    let m = device::manifest(Path::new(DATA_MOUNT))?;
+    std::fs::create_dir_all(kept(""))?;
+    std::fs::write(kept(name), &m)?;
+    Ok(m.lines().count())
+}
+
+fn data_equals(name: &str) -> Result<usize, Failed> {
+    let want = std::fs::read_to_string(kept(name))?;
+    device::compare_manifests(&want, &device::manifest(Path::new(DATA_MOUNT))?)
+}
+
+fn install(dev: Device, seed: u64) -> Result<(), Failed> {
+    dev.boot_mount()?;
+    dev.init_hooks()?;
+    device::populate_app_data(Path::new(DATA_MOUNT), seed)?;
+    let files = save_manifest("before-update.sha256")?;
+    println!("  /data: {files} files of app data (mail.db, thumbnails, media, an APK)");
+    dev.ctl_expect(&["checkpoint", "supportsCheckpoint"], 1)?;
+    dev.ctl_expect(&["checkpoint", "startCheckpoint", "2"], 0)?;
+    let status = dev.status()?;
+    check(status["attempts_left"] == 3, "3 boot attempts after startCheckpoint(2)")?;
+    dev.bootctl()?.set_active_boot_slot(1).map_err(|e| e.to_string())?;
+    println!("  update client: slot _b active");
+    dev.shutdown()
+}
+
+/// Runs the update workload until a timer thread cuts the power at a random moment.
+fn workload_until_power_cut(seed: u64, boot: u32) -> Result<(), Failed> {
+    let mut rng = Rng::new(seed ^ u64::from(boot) << 32);
+    let delay = Duration::from_millis(300 + rng.below(2500));
+    println!("  workload; power cut after {} ms", delay.as_millis());
+    let started = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&started);
+    std::thread::spawn(move || {
+        while !flag.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(delay);
+        guest::power_cut();
+    });
+    started.store(true, Ordering::SeqCst);
+    for _ in 0..10_000 {
+        let what = device::update_step(Path::new(DATA_MOUNT), &mut rng)?;
+        println!("    {what}");
+    }
+    Err("the workload ended before the power cut".into())
+}
+
+fn failed_boot(dev: Device, seed: u64, n: u32, rolled_back: bool) -> Result<(), Failed> {
+    check(dev.slot == 1, "the bootloader boots the new slot _b")?;
+    dev.boot_mount()?;
+    if rolled_back {
+        let files = data_equals("before-update.sha256")?;
+        check(true, &format!("/data rolled back: all {files} files as before the update"))?;
+    }
+    dev.ctl_expect(&["checkpoint", "needsCheckpoint"], 1)?;
+    dev.init_hooks()?;
+    let status = dev.status()?;
+    check(status["attempts_left"] == 3 - n, &format!("{} attempts left", 3 - n))?;
+    workload_until_power_cut(seed, n)
+}
+
+/// A failed boot whose restore is cut: `restoreCheckpointPart(dev, 1)` stops after one
+/// entry (vold's test hook), then the power goes. The next boot must finish the restore.
+fn cut_during_restore(dev: Device, _seed: u64) -> Result<(), Failed> {
+    let raw = dev.data_dev.display().to_string();
+    let (code, out, err) = dev.ctl(&["checkpoint", "restoreCheckpointPart", &raw, "1"])?;
+    println!(
+        "  $ checkpointctl checkpoint restoreCheckpointPart {raw} 1 -> exit {code} {out}{err}"
+    );
+    println!("  power cut in the middle of the restore");
+    guest::power_cut()
+}
+
+fn rollback(dev: Device) -> Result<(), Failed> {
+    dev.boot_mount()?;
+    let files = data_equals("before-update.sha256")?;
+    check(true, &format!("/data restored: all {files} files as before the update"))?;
+    dev.ctl_expect(&["checkpoint", "needsRollback"], 1)?;
+    dev.ctl_expect(&["checkpoint", "markBootAttempt"], 0)?;
+    let record = dev.bootctl()?.record().map_err(|e| e.to_string())?;
+    check(record.next_boot_slot() == Some(0), "the rollback action makes _a the next slot")?;
+    finish_with_fsck(dev)
+}
+
+/// Clean shutdown, then fsck of the unmounted raw device and no kernel object left.
+fn finish_with_fsck(dev: Device) -> Result<(), Failed> {
+    let (fs, raw) = (dev.profile.fs, dev.data_dev.clone());
+    dev.shutdown()?;
+    let report = fs.fsck(&raw)?;
+    check(true, &format!("fsck clean: {}", report.lines().last().unwrap_or_default()))?;
+    device::expect_no_kernel_objects()
+}
+
+fn cow_file_exists(dev: &Device) -> bool {
+    dev.profile.backend == "snapshot" && Path::new(DATA_MOUNT).join(".checkpointd/cow").exists()
+}
+
+fn old_slot(dev: Device) -> Result<(), Failed> {
+    check(dev.slot == 0, "the bootloader boots the old slot _a")?;
+    dev.boot_mount()?;
+    data_equals("before-update.sha256")?;
+    dev.init_hooks()?;
+    dev.ctl_expect(&["checkpoint", "commitChanges"], 0)?;
+    check(!cow_file_exists(&dev), "no COW file left on /data")?;
+    println!("  a second update:");
+    dev.ctl_expect(&["checkpoint", "startCheckpoint", "2"], 0)?;
+    dev.bootctl()?.set_active_boot_slot(1).map_err(|e| e.to_string())?;
+    finish_with_fsck(dev)
+}
+
+fn second_update(dev: Device, seed: u64, cut_commit: bool) -> Result<(), Failed> {
+    check(dev.slot == 1, "the bootloader boots _b")?;
+    dev.boot_mount()?;
+    dev.ctl_expect(&["checkpoint", "needsCheckpoint"], 1)?;
+    dev.init_hooks()?;
+    let mut rng = Rng::new(seed ^ 0x5ec0_0d);
+    for _ in 0..40 {
+        device::update_step(Path::new(DATA_MOUNT), &mut rng)?;
+    }
+    guest::sh(&format!("sync -f {DATA_MOUNT}"))?;
+    let files = save_manifest("after-update.sha256")?;
+    println!("  the new system changed /data ({files} files now); boot completed");
+    if cut_commit {
+        let delay = Duration::from_millis(Rng::new(seed).below(400));
+        println!("  commitChanges, cut by a power cut after {} ms", delay.as_millis());
+        std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            guest::power_cut();
+        });
+        let _ = dev.ctl(&["checkpoint", "commitChanges"]);
+        std::thread::sleep(Duration::from_secs(30));
+        return Err("no power cut".into());
+    }
+    dev.ctl_expect(&["checkpoint", "commitChanges"], 0)?;
+    dev.ctl_expect(&["checkpoint", "needsRollback"], 0)?;
+    check(dev.status()?["state"] == "none", "no checkpoint after commitChanges")?;
+    check(!cow_file_exists(&dev), "the COW file is gone")?;
+    finish_with_fsck(dev)
+}
+
+fn after_commit(dev: Device) -> Result<(), Failed> {
+    dev.boot_mount()?;
+    let state = dev.status()?["state"].as_str().unwrap_or_default().to_owned();
+    // After a clean commit the new data stays. After a commit cut by a power cut, /data is
+    // exactly the new data (the commit reached the backend) or exactly the old data (the
+    // checkpoint was still armed and the boot flow rolled it back): never a mix.
+    match data_equals("after-update.sha256") {
+        Ok(files) => check(true, &format!("the new data is kept: {files} files ({state})"))?,
+        Err(new_err) => match data_equals("before-update.sha256") {
+            Ok(files) => check(
+                state != "none",
+                &format!("commit did not complete: /data rolled back whole ({files} files)"),
+            )?,
+            Err(old_err) => {
+                return Err(format!(
+                    "/data is neither the new nor the old data:\nnew: {}\nold: {}",
+                    new_err.message().unwrap_or_default(),
+                    old_err.message().unwrap_or_default()
+                )
+                .into())
+            }
+        },
+    }
+    dev.init_hooks()?;
+    if state == "none" {
+        check(!cow_file_exists(&dev), "no COW file on /data")?;
+    }
+    finish_with_fsck(dev)
+}
