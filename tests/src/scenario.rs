@@ -13,8 +13,9 @@
 //!    changes, the device stack, mount), the init hooks, the new system's workload, and a power
 //!    cut at a random point of it (a timer thread cuts while the workload runs). From the
 //!    second failed boot on, /data must equal the manifest right after the mount: each failed
-//!    boot is rolled back at the next boot. One failed boot is instead cut in the middle of its
-//!    restore (`restoreCheckpointPart`, vold's test hook), and the next boot must finish it.
+//!    boot is rolled back at the next boot. Between the first two, one boot is cut in the
+//!    middle of its restore (`restoreCheckpointPart`, vold's test hook) before it counts an
+//!    attempt, and the next boot must finish that restore.
 //! 3. `rollback`: /data equals the manifest, needsRollback, the rollback action switches to the
 //!    old slot; after unmount fsck is clean.
 //! 4. `old-slot`: no checkpoint; the leftovers of the checkpoint are gone; a second update.
@@ -156,12 +157,12 @@ pub fn chain(
     };
     c.expect_ok("install")?;
     c.expect_cut("failed-boot-1")?;
-    // The f2fs backend has no restore of its own to interrupt (the kernel rolls back at mount).
-    if profile.backend == "f2fs" {
-        c.expect_cut("failed-boot-2")?;
-    } else {
+    // A boot cut in the middle of its restore, before it counted an attempt (the f2fs backend
+    // has no restore of its own to cut: the kernel rolls back at mount).
+    if profile.backend != "f2fs" {
         c.expect_cut("cut-during-restore")?;
     }
+    c.expect_cut("failed-boot-2")?;
     c.expect_cut("failed-boot-3")?;
     c.expect_ok("rollback")?;
     c.expect_ok("old-slot")?;
