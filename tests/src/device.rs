@@ -124,6 +124,9 @@ pub struct Profile {
     pub backend_options: String,
     /// Extra top-level TOML tables appended to the config (e.g. a `[monitor]` section).
     pub extra_config: String,
+    /// Whether a reboot the daemon asks for (abortChanges, the rollback action) resets the
+    /// guest ([`Device::reboot_command`]); otherwise the daemon only logs it.
+    pub reboot_cuts_power: bool,
 }
 
 const ENV_BACKEND: &str = "CPD_DEVICE_BACKEND";
@@ -131,6 +134,7 @@ const ENV_FS: &str = "CPD_DEVICE_FS";
 const ENV_TRANSPORT: &str = "CPD_DEVICE_TRANSPORT";
 const ENV_BACKEND_OPTIONS: &str = "CPD_DEVICE_BACKEND_OPTIONS";
 const ENV_EXTRA: &str = "CPD_DEVICE_EXTRA_CONFIG";
+const ENV_REBOOT: &str = "CPD_DEVICE_REBOOT_CUTS_POWER";
 
 impl Profile {
     /// A profile with the socket transport and no extra options.
@@ -141,6 +145,7 @@ impl Profile {
             transport: Transport::Socket,
             backend_options: String::new(),
             extra_config: String::new(),
+            reboot_cuts_power: false,
         }
     }
 
@@ -156,6 +161,7 @@ impl Profile {
             (ENV_TRANSPORT.into(), transport.into()),
             (ENV_BACKEND_OPTIONS.into(), self.backend_options.clone()),
             (ENV_EXTRA.into(), self.extra_config.clone()),
+            (ENV_REBOOT.into(), if self.reboot_cuts_power { "1" } else { "0" }.into()),
         ]
     }
 
@@ -171,6 +177,7 @@ impl Profile {
             },
             backend_options: std::env::var(ENV_BACKEND_OPTIONS).unwrap_or_default(),
             extra_config: std::env::var(ENV_EXTRA).unwrap_or_default(),
+            reboot_cuts_power: std::env::var(ENV_REBOOT).is_ok_and(|v| v == "1"),
         })
     }
 
@@ -190,6 +197,13 @@ impl Profile {
             }
             Transport::Binder => "[binder]\nenabled = true\n".to_owned(),
         };
+        let reboot = if self.reboot_cuts_power {
+            let argv: Vec<String> =
+                Device::reboot_command().iter().map(|a| format!("{a:?}")).collect();
+            format!("[reboot]\naction = \"command\"\ncommand = [{}]\n", argv.join(", "))
+        } else {
+            String::new()
+        };
         format!(
             "metadata_dir = \"{meta}\"\n\
              [[device]]\ndevice = \"{dev}\"\nmount_point = \"{DATA_MOUNT}\"\n\
@@ -197,7 +211,7 @@ impl Profile {
              [[backend]]\ntype = \"{backend}\"\n{options}\n\
              [policy]\nrollback_action = \"switch-to-previous-slot\"\n\
              [boot_control]\ntype = \"file\"\n\
-             {transport}{extra}\n",
+             {transport}{reboot}{extra}\n",
             meta = meta_dir.display(),
             dev = data_dev.display(),
             method = self.checkpoint_method(),

@@ -2,7 +2,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -109,6 +109,24 @@ pub enum HubPolicy<'a> {
     AllowAll,
 }
 
+/// Copies an rsb_hub policy file into a root-owned folder of the guest (`/run`, tmpfs, 0755)
+/// and returns the copy. rsb_hub refuses a policy whose file or folders others may write, so
+/// the checkout's own file fails when the checkout sits under a world-writable folder such as
+/// /tmp; an installed copy works from any checkout location, as the file installed on a device.
+fn install_hub_policy(path: &std::path::Path) -> Result<PathBuf, Failed> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = PathBuf::from("/run/testbench/rsb_hub");
+    fs::create_dir_all(&dir)?;
+    for d in [Path::new("/run/testbench"), dir.as_path()] {
+        fs::set_permissions(d, fs::Permissions::from_mode(0o755))?;
+    }
+    let name = path.file_name().ok_or_else(|| format!("{} has no file name", path.display()))?;
+    let copy = dir.join(name);
+    fs::copy(path, &copy)?;
+    fs::set_permissions(&copy, fs::Permissions::from_mode(0o644))?;
+    Ok(copy)
+}
+
 /// Starts rsb_hub on `/dev/binder` and waits for its `READY=1` (sd_notify through
 /// `$NOTIFY_SOCKET`), after which it holds the context-manager handle and services may
 /// register: no sleep-and-hope. rsb_hub opens only `/dev/binderfs/<name>`, and this kernel has
@@ -122,7 +140,7 @@ pub fn start_rsb_hub(policy: HubPolicy<'_>, log: File) -> Result<std::process::C
     notify.set_read_timeout(Some(Duration::from_secs(60)))?;
     let mut cmd = Command::new(crate::tool("rsb_hub"));
     match policy {
-        HubPolicy::File(path) => cmd.arg("--config").arg(path),
+        HubPolicy::File(path) => cmd.arg("--config").arg(install_hub_policy(path)?),
         HubPolicy::AllowAll => cmd.arg("--insecure-allow-all"),
     };
     let mut hub = cmd

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::device::{self, Device, Fs, Profile, Rng, DATA_MOUNT, META_MOUNT};
+use crate::device::{self, Device, Fs, Profile, Rng, Transport, DATA_MOUNT, META_MOUNT};
 use crate::vm::{GuestRun, Vm};
 use crate::{guest, Failed};
 use policy::BootControl;
@@ -73,8 +73,15 @@ struct Chain<'a> {
 impl Chain<'_> {
     fn boot(&mut self, step: &str) -> Result<GuestRun, Failed> {
         self.boots += 1;
+        if self.stream {
+            println!("\n==== boot {}: {}", self.boots, title(step));
+        }
         let mut vm = Vm::new(format!("{}-{:02}-{step}", self.name, self.boots))
             .modules(MODULES)
+            .modules(match self.profile.transport {
+                Transport::Binder => &["binder_linux devices=binder,hwbinder"],
+                Transport::Socket => &[],
+            })
             .memory_mib(1536)
             .timeout(Duration::from_secs(300))
             .disk(&self.meta)
@@ -118,6 +125,28 @@ impl Chain<'_> {
     fn expect_cut(&mut self, step: &str) -> Result<(), Failed> {
         self.boot(step)?.expect_power_cut()?;
         Ok(())
+    }
+}
+
+/// What a step of the story is, for the demo's narration.
+fn title(step: &str) -> &'static str {
+    match step {
+        "install" => {
+            "the old system (_a) has app data on /data; an update client installs an \
+                      update into slot _b and asks for a checkpoint"
+        }
+        "failed-boot-1" => "the new slot _b boots (attempt 1 of 3), changes /data, and loses power",
+        "cut-during-restore" => "_b boots again, and the power goes in the middle of the restore",
+        "failed-boot-2" => "_b boots (attempt 2 of 3): first the interrupted restore is finished",
+        "failed-boot-3" => "_b boots (attempt 3 of 3), changes /data, and loses power again",
+        "rollback" => "the rollback boot: /data restored before it is mounted, slot _a made active",
+        "old-slot" => "back on the old slot _a; later, a second update",
+        "second-update" => "the second update boots, works, and commits",
+        "second-update-cut-commit" => {
+            "the second update commits, and the power goes during the commit"
+        }
+        "after-commit" => "after the commit: the new data stays, nothing of the checkpoint is left",
+        _ => "",
     }
 }
 
@@ -177,6 +206,41 @@ pub fn chain(
 
 // ================================ guest half ================================
 
+/// `abortChanges` with and without retry: an update whose new system aborts twice. The daemon's
+/// reboot (configured to reset the guest) ends each aborting boot.
+/// 1. `install`, as in [`chain`];
+/// 2. `abort-retry`: attempt 1 changes /data, then `abortChanges(msg, retry=true)`: the next
+///    boot rolls /data back and tries again, one attempt fewer;
+/// 3. `abort-no-retry`: /data rolled back; attempt 2 changes /data, then
+///    `abortChanges(msg, retry=false)`: the budget is spent at once;
+/// 4. `after-abort`: /data rolled back again, needsRollback, fsck clean, nothing left behind.
+pub fn abort_chain(name: &str, profile: &Profile, launcher: &Launcher) -> Result<(), Failed> {
+    let meta = crate::vm::scratch_image(META_BYTES)?;
+    let data = crate::vm::scratch_image(DATA_BYTES)?;
+    Fs::Ext4.mkfs_host(&meta)?;
+    profile.fs.mkfs_host(&data)?;
+    let mut profile = profile.clone();
+    profile.reboot_cuts_power = true;
+    let seed = seed();
+    println!("chain {name}: seed {seed} (set {SEED_ENV} to replay)");
+    let mut c = Chain {
+        name,
+        launcher,
+        stream: false,
+        profile: &profile,
+        meta: meta.to_path_buf(),
+        data: data.to_path_buf(),
+        seed,
+        boots: 0,
+    };
+    c.expect_ok("install")?;
+    c.expect_cut("abort-retry")?;
+    c.expect_cut("abort-no-retry")?;
+    c.expect_ok("after-abort")?;
+    println!("chain {name}: {} boots, all checks passed", c.boots);
+    Ok(())
+}
+
 /// The guest half: one boot of the device, the step named by the host.
 pub fn guest_step() -> Result<(), Failed> {
     let step = std::env::var(STEP_ENV)?;
@@ -195,6 +259,9 @@ pub fn guest_step() -> Result<(), Failed> {
         "second-update" => second_update(dev, seed, false),
         "second-update-cut-commit" => second_update(dev, seed, true),
         "after-commit" => after_commit(dev),
+        "abort-retry" => abort_boot(dev, seed, 1, true),
+        "abort-no-retry" => abort_boot(dev, seed, 2, false),
+        "after-abort" => after_abort(dev),
         other => Err(format!("unknown step {other}").into()),
     }
 }
@@ -382,5 +449,37 @@ fn after_commit(dev: Device) -> Result<(), Failed> {
     if state == "none" {
         check(!cow_file_exists(&dev), "no COW file on /data")?;
     }
+    finish_with_fsck(dev)
+}
+
+/// A checkpointed boot whose new system changes /data and then aborts (attempt `n`).
+fn abort_boot(dev: Device, seed: u64, n: u32, retry: bool) -> Result<(), Failed> {
+    check(dev.slot == 1, "the bootloader boots the new slot _b")?;
+    dev.boot_mount()?;
+    if n > 1 {
+        let files = data_equals("before-update.sha256")?;
+        check(true, &format!("/data rolled back after the abort: all {files} files"))?;
+    }
+    dev.init_hooks()?;
+    let status = dev.status()?;
+    check(status["attempts_left"] == 3 - n, &format!("{} attempts left", 3 - n))?;
+    let mut rng = Rng::new(seed ^ u64::from(n));
+    for _ in 0..25 {
+        device::update_step(Path::new(DATA_MOUNT), &mut rng)?;
+    }
+    let flag = if retry { "1" } else { "0" };
+    println!("  the new system aborts (retry {retry}); the daemon reboots the device");
+    let (code, out, err) =
+        dev.ctl(&["checkpoint", "abortChanges", "update verification failed", flag])?;
+    std::thread::sleep(Duration::from_secs(30));
+    Err(format!("abortChanges did not reboot (exit {code}: {out}{err})\n{}", device::daemon_log())
+        .into())
+}
+
+fn after_abort(dev: Device) -> Result<(), Failed> {
+    dev.boot_mount()?;
+    let files = data_equals("before-update.sha256")?;
+    check(true, &format!("/data rolled back after the abort without retry: all {files} files"))?;
+    dev.ctl_expect(&["checkpoint", "needsRollback"], 1)?;
     finish_with_fsck(dev)
 }

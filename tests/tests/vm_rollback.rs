@@ -20,7 +20,7 @@
 //! 6. `after-commit`: the new data is kept; no COW file, no DM or loop device left; fsck clean.
 
 use testbench::device::{Fs, Profile};
-use testbench::scenario::{chain, guest_step, Commit, Launcher};
+use testbench::scenario::{abort_chain, chain, guest_step, Commit, Launcher};
 use testbench::vm_trial;
 
 fn main() -> std::process::ExitCode {
@@ -37,6 +37,10 @@ fn main() -> std::process::ExitCode {
             vm_trial("f2fs_checkpoint_disable_rolls_back_power_cut_boots_and_commits", || {
                 let profile = Profile::new("f2fs", Fs::F2fs);
                 chain("f2fs", &profile, Commit::Clean, &Launcher::SelfEntry, false)
+            }),
+            vm_trial("snapshot_on_ext4_abort_with_and_without_retry_rolls_back", || {
+                let profile = Profile::new("snapshot", Fs::Ext4);
+                abort_chain("abort", &profile, &Launcher::SelfEntry)
             }),
         ],
         &[("step", |_| guest_step())],
