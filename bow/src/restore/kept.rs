@@ -9,86 +9,7 @@
 
 #[cfg(test)]
 use super::validate::validate_keeping;
-use crate::device::{BlockDevice, DeviceError, IoBuf};
-
-/// Largest single read of a merged range (a sequential range is read whole: splitting it into
-/// reads in flight together was slower on the development disk).
-pub(super) const READ_CHUNK: u64 = 4 << 20;
-
-/// Physical blocks read into one buffer: the union of some block ranges, sorted and merged,
-/// each merged range read in pieces of at most `READ_CHUNK`.
-#[derive(Debug)]
-pub(super) struct MergedRead {
-    /// (first block, blocks, offset in `buf`), sorted by first block, disjoint.
-    ranges: Vec<(u64, u64, usize)>,
-    buf: IoBuf,
-}
-
-impl MergedRead {
-    /// Reads the union of the `[start, end)` block ranges into `buf` (reused when large enough).
-    pub(super) fn read(
-        dev: &impl BlockDevice,
-        spans: impl Iterator<Item = (u64, u64)>,
-        block_size: u64,
-        mut buf: IoBuf,
-    ) -> Result<MergedRead, DeviceError> {
-        let mut spans: Vec<(u64, u64)> = spans.collect();
-        spans.sort_unstable();
-        let mut ranges: Vec<(u64, u64, usize)> = Vec::new();
-        let mut len = 0usize;
-        let bytes = |blocks: u64| usize::try_from(blocks * block_size).unwrap_or(usize::MAX);
-        for (s, e) in spans {
-            match ranges.last_mut() {
-                Some(last) if s <= last.0 + last.1 => {
-                    let end = last.0 + last.1;
-                    if e > end {
-                        len += bytes(e - end);
-                        last.1 = e - last.0;
-                    }
-                }
-                _ => {
-                    ranges.push((s, e - s, len));
-                    len += bytes(e - s);
-                }
-            }
-        }
-        buf.set_len(len);
-        let chunk = usize::try_from(READ_CHUNK.max(block_size)).unwrap_or(usize::MAX);
-        let mut rest: &mut [u8] = buf.as_mut_slice();
-        for &(first, blocks, _) in &ranges {
-            let (mine, tail) = rest.split_at_mut(bytes(blocks));
-            rest = tail;
-            let mut pos = first * block_size;
-            for piece in mine.chunks_mut(chunk) {
-                dev.read_at(piece, pos)?;
-                pos += piece.len() as u64;
-            }
-        }
-        Ok(MergedRead { ranges, buf })
-    }
-
-    /// The bytes of physical blocks `[first, first + blocks)`, if one merged range holds them.
-    pub(super) fn get(&self, first: u64, blocks: u64, block_size: u64) -> Option<&[u8]> {
-        let i = self.ranges.partition_point(|r| r.0 <= first).checked_sub(1)?;
-        let (start, len, offset) = self.ranges[i];
-        if first.checked_add(blocks)? > start + len {
-            return None;
-        }
-        let from = offset + usize::try_from((first - start) * block_size).ok()?;
-        let bytes = usize::try_from(blocks * block_size).ok()?;
-        self.buf.as_slice().get(from..from.checked_add(bytes)?)
-    }
-
-    /// The buffer, to reuse.
-    pub(super) fn into_buf(self) -> IoBuf {
-        self.buf
-    }
-
-    /// Bytes held.
-    pub(super) fn len(&self) -> usize {
-        self.buf.len()
-    }
-}
+pub(super) use blockcopy::merged::{MergedRead, READ_CHUNK};
 
 /// A merged range of a kept read.
 #[derive(Debug, Clone, Copy)]
@@ -109,8 +30,7 @@ impl KeptCopies {
     /// Keeps a read.
     pub(super) fn add(&mut self, read: MergedRead) {
         let index = self.reads.len();
-        self.ranges
-            .extend(read.ranges.iter().map(|&(first, _, _)| KeptRange { first, read: index }));
+        self.ranges.extend(read.ranges().map(|(first, _)| KeptRange { first, read: index }));
         self.reads.push(read);
     }
 
@@ -134,10 +54,17 @@ impl KeptCopies {
     }
 }
 
+/// The apply engine writes kept copies from memory.
+impl blockcopy::Preloaded for KeptCopies {
+    fn get(&self, first: u64, blocks: u64, block_size: u64) -> Option<&[u8]> {
+        KeptCopies::get(self, first, blocks, block_size)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::{BlockDevice, DeviceError, MemDevice};
+    use crate::device::{BlockDevice, DeviceError, IoBuf, MemDevice};
     use crate::restore::synth::LogWriter;
     use crate::restore::{restore, validate, RestoreOptions, RestoreOutcome};
     use crate::units::BlockSize;
@@ -219,21 +146,14 @@ mod tests {
     }
 
     #[test]
-    fn merged_reads_and_kept_lookups() {
-        // 64 blocks of 16 bytes; byte i holds i % 251.
+    fn kept_lookups_use_the_read_starting_last() {
+        // 64 blocks of 16 bytes; byte i holds i % 251. (MergedRead itself: blockcopy.)
         let bytes: Vec<u8> = (0..64 * 16).map(|i| u8::try_from(i % 251).unwrap()).collect();
         let dev = MemDevice::from_bytes(bytes.clone());
         let at = |b: u64| usize::try_from(b * 16).unwrap();
         let block = |b: u64, n: u64| &bytes[at(b)..at(b + n)];
-        // Overlapping and touching spans merge; a gap does not.
         let spans = [(20, 21), (10, 12), (11, 12), (12, 13)].into_iter();
         let read = MergedRead::read(&dev, spans, 16, IoBuf::default()).unwrap();
-        assert_eq!(read.len(), 4 * 16, "blocks 10..13 and 20, each once");
-        assert_eq!(read.get(10, 3, 16).unwrap(), block(10, 3));
-        assert_eq!(read.get(20, 1, 16).unwrap(), block(20, 1));
-        assert!(read.get(12, 2, 16).is_none(), "13 was not read");
-        assert!(read.get(9, 1, 16).is_none());
-        assert!(read.get(u64::MAX, 2, 16).is_none());
 
         let mut kept = KeptCopies::default();
         kept.add(read);

@@ -177,6 +177,10 @@ pub enum RestoreError {
     /// The log is invalid.
     #[error("invalid dm-bow log: {0}")]
     Corrupt(#[from] CorruptLog),
+    /// The copy engine refused the plan before writing anything (a hazard or a copy outside
+    /// the device; validation excludes both, so this only guards the plan's own invariants).
+    #[error("the copy engine refused the restore plan: {0}")]
+    Engine(blockcopy::ApplyError),
 }
 
 impl RestoreError {
@@ -185,7 +189,7 @@ impl RestoreError {
         match self {
             RestoreError::Device(_) => ErrorKind::Io,
             RestoreError::NoLog => ErrorKind::NoLog,
-            RestoreError::Corrupt(_) => ErrorKind::Corrupt,
+            RestoreError::Corrupt(_) | RestoreError::Engine(_) => ErrorKind::Corrupt,
         }
     }
 }
@@ -323,9 +327,11 @@ pub fn restore(
             resumed: log.resumed,
         });
     }
-    let blocks_written = match log.plan.mode {
-        ApplyMode::Plan => apply::apply(dev, &log.plan, opts, &kept, progress)?,
-        ApplyMode::VoldReplay => vold::replay(dev, None, log.entries, progress)?.blocks_written,
+    let blocks_written = match (log.plan.mode, &log.plan.engine) {
+        (ApplyMode::Plan, Some(copies)) => {
+            apply::apply(dev, &log.plan, copies, opts, &kept, progress)?
+        }
+        _ => vold::replay(dev, None, log.entries, progress)?.blocks_written,
     };
     report(RestoreOutcome::Restored {
         entries: log.entries,

@@ -16,6 +16,8 @@
 //! block that is never written. A log for which it does not hold (only a hand-made or damaged
 //! one) is applied with vold's own resumable replay instead ([`ApplyMode::VoldReplay`]).
 
+use blockcopy::{BlockRange, CopyPlan, Layout};
+
 use super::relocation::Run;
 use super::validate::Walk;
 
@@ -29,13 +31,9 @@ pub enum ApplyMode {
     VoldReplay,
 }
 
-/// Copy `blocks` blocks from physical block `source` to block `target`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct BlockCopy {
-    pub target: u64,
-    pub source: u64,
-    pub blocks: u64,
-}
+/// Copy `blocks` blocks from physical block `source` to block `target` (the copy engine's
+/// type).
+pub use blockcopy::BlockCopy;
 
 /// What restoring a validated log writes.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -49,6 +47,11 @@ pub struct RestorePlan {
     pub mode: ApplyMode,
     /// Blocks the plan would both read and write (0 for every log the kernel writes).
     pub hazard_blocks: u64,
+    /// The copies as the engine applies them, with validation's reads and block 0's source
+    /// protected; `None` if the engine rejected them (never for a walk's runs, which are
+    /// sorted, disjoint and inside the device), which makes the mode vold's replay.
+    #[serde(skip)]
+    pub(crate) engine: Option<CopyPlan>,
 }
 
 impl RestorePlan {
@@ -100,62 +103,32 @@ pub(crate) fn build(walk: &Walk) -> RestorePlan {
         }
         copies.push(BlockCopy { target: run.virt, source: run.phys, blocks: run.len });
     }
-    // Everything validation or the plan reads; block 0 is excluded because it is written last.
-    let mut reads: Vec<(u64, u64)> = walk.reads.iter().map(|r| (r.phys, r.phys + r.len)).collect();
-    reads.extend(copies.iter().map(|c| (c.source, c.source + c.blocks)));
-    reads.push((block0_source, block0_source + 1));
-    let reads = merge(reads);
-    let targets: Vec<(u64, u64)> = copies.iter().map(|c| (c.target, c.target + c.blocks)).collect();
-    let hazard_blocks = overlap(&reads, &targets);
+    // Everything validation reads (log sectors, checked copies) and block 0's source must stay
+    // unchanged until block 0 is rewritten; the engine adds the copies' own sources.
+    let protected = walk
+        .reads
+        .iter()
+        .map(|r| BlockRange { start: r.phys, blocks: r.len })
+        .chain([BlockRange { start: block0_source, blocks: 1 }]);
+    let block_size = walk.block_size.bytes();
+    let engine = CopyPlan::new(u64::from(block_size), copies.clone())
+        .and_then(|plan| plan.protect(protected))
+        .ok();
+    let hazard_blocks = match &engine {
+        Some(plan) => plan.hazards(Layout::SameDevice).blocks,
+        None => copies.iter().map(|c| c.blocks).sum(),
+    };
+    let mode = if engine.is_some() && hazard_blocks == 0 {
+        ApplyMode::Plan
+    } else {
+        ApplyMode::VoldReplay
+    };
     RestorePlan {
-        block_size: walk.block_size.bytes(),
-        copies,
+        block_size,
+        copies: engine.as_ref().map_or(copies, |plan| plan.copies().to_vec()),
         block0_source,
-        mode: if hazard_blocks == 0 { ApplyMode::Plan } else { ApplyMode::VoldReplay },
+        mode,
         hazard_blocks,
-    }
-}
-
-/// Sorts and merges half-open intervals.
-fn merge(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
-    v.sort_unstable();
-    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
-    for (s, e) in v {
-        match out.last_mut() {
-            Some(last) if s <= last.1 => last.1 = last.1.max(e),
-            _ => out.push((s, e)),
-        }
-    }
-    out
-}
-
-/// Total length of the intersection of two sorted, disjoint interval lists.
-fn overlap(a: &[(u64, u64)], b: &[(u64, u64)]) -> u64 {
-    let (mut i, mut j, mut total) = (0, 0, 0);
-    while i < a.len() && j < b.len() {
-        let lo = a[i].0.max(b[j].0);
-        let hi = a[i].1.min(b[j].1);
-        if lo < hi {
-            total += hi - lo;
-        }
-        if a[i].1 < b[j].1 {
-            i += 1;
-        } else {
-            j += 1;
-        }
-    }
-    total
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn interval_overlap() {
-        let a = merge(vec![(5, 10), (0, 2), (9, 12)]);
-        assert_eq!(a, vec![(0, 2), (5, 12)]);
-        assert_eq!(overlap(&a, &[(1, 6), (11, 20)]), 3);
-        assert_eq!(overlap(&a, &[(2, 5), (12, 13)]), 0);
+        engine,
     }
 }

@@ -1,8 +1,8 @@
-//! The one I/O abstraction of this crate: a block device read and written at byte offsets.
+//! The one I/O abstraction of the pure crates: a block device read and written at byte offsets.
 //!
-//! Everything that touches a disk — the engine model, the restore, the space dry-run — is
-//! generic over [`BlockDevice`], so every algorithm runs in memory in tests and on a real device
-//! or image file in production. Methods take `&self` so a restore can keep several I/Os in
+//! Everything that touches a disk — the dm-bow engine model and restore, the copy engine, the
+//! dm-snapshot merge — is generic over [`BlockDevice`], so every algorithm runs in memory in
+//! tests and on a real device or image file in production. Methods take `&self` so a restore can keep several I/Os in
 //! flight from several threads; implementations synchronise internally.
 
 use std::fs::File;
@@ -23,6 +23,10 @@ pub enum DeviceError {
         #[source]
         source: std::io::Error,
     },
+    /// The range `[offset, offset + len)` of an [`crate::ExtentDevice`] is not covered by its
+    /// extent map (a hole).
+    #[error("I/O at offset {offset} length {len} falls in a hole of the extent map")]
+    Unmapped { offset: u64, len: usize },
     /// A fault injected by a test device (crash simulation).
     #[error("injected fault: {0}")]
     Injected(&'static str),
@@ -53,8 +57,8 @@ fn index(offset: u64) -> usize {
     usize::try_from(offset).unwrap_or(usize::MAX)
 }
 
-/// A device in memory. Writes are durable at once (see the crash-injecting device in tests for
-/// a device that forgets unflushed writes).
+/// A device in memory. Writes are durable at once (see [`crate::crashdev`] for a device that
+/// forgets unflushed writes).
 #[derive(Debug)]
 pub struct MemDevice {
     data: RwLock<Vec<u8>>,
