@@ -365,3 +365,232 @@ fn check_duplicates(exceptions: &[Exception]) -> Result<(), CowError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::writer::{store_image, KernelStore};
+    use blockcopy::device::MemDevice;
+    use proptest::prelude::*;
+
+    const CHUNK: u32 = 1; // 512-byte chunks: 32 records per area, areas every 33 chunks.
+
+    #[test]
+    fn header_and_record_layout_golden_bytes() {
+        let h = DiskHeader::new(ChunkSize::from_sectors(8).unwrap());
+        // "SnAp", valid 1, version 1, chunk 8 sectors: four little-endian u32s.
+        let golden = [0x53, 0x6e, 0x41, 0x70, 1, 0, 0, 0, 1, 0, 0, 0, 8, 0, 0, 0];
+        assert_eq!(h.encode(), golden);
+        assert_eq!(&golden[..4], b"SnAp");
+        assert_eq!(DiskHeader::decode(&golden), h);
+        let e = Exception { old_chunk: 0x0102_0304_0506_0708, new_chunk: 2 };
+        let golden = [8, 7, 6, 5, 4, 3, 2, 1, 2, 0, 0, 0, 0, 0, 0, 0];
+        assert_eq!(e.encode(), golden);
+        assert_eq!(Exception::decode(&golden), e);
+    }
+
+    #[test]
+    fn chunk_sizes_and_area_locations_follow_the_kernel() {
+        for bad in [0, 3, 6, 1 << 22, u32::MAX] {
+            assert!(ChunkSize::from_sectors(bad).is_none(), "{bad}");
+        }
+        let c = ChunkSize::from_sectors(MAX_CHUNK_SECTORS).unwrap();
+        assert_eq!(c.bytes(), 1 << 30);
+        // 16 KiB chunks (the kernel's default 32 sectors): 1024 records per area.
+        let c = ChunkSize::from_sectors(32).unwrap();
+        assert_eq!(c.exceptions_per_area(), 1024);
+        assert_eq!(c.area_location(0), Some(1));
+        assert_eq!(c.area_location(1), Some(1026));
+        assert_eq!(c.area_location(u64::MAX), None);
+        assert!(c.is_metadata(0) && c.is_metadata(1) && c.is_metadata(1026));
+        assert!(!c.is_metadata(2) && !c.is_metadata(1025) && !c.is_metadata(1027));
+    }
+
+    fn with_header(mut img: Vec<u8>, h: DiskHeader) -> Vec<u8> {
+        img[..HEADER_BYTES].copy_from_slice(&h.encode());
+        img
+    }
+
+    fn read(img: Vec<u8>) -> Result<Option<CowStore>, CowError> {
+        read_store(&MemDevice::from_bytes(img))
+    }
+
+    fn chunk_of(b: u8) -> Vec<u8> {
+        vec![b; 512]
+    }
+
+    #[test]
+    fn fresh_zero_and_kernel_written_stores() {
+        assert!(read(vec![0; 8192]).unwrap().is_none(), "all zeros: no store");
+        // Magic 0 means a fresh device whatever follows (the kernel's new_snapshot).
+        let mut img = vec![0xFF; 8192];
+        img[..4].fill(0);
+        assert!(read(img).unwrap().is_none());
+        // A fresh store as the kernel creates it: no exceptions.
+        let img = store_image(CHUNK, 64 * 512, &[]).unwrap();
+        let store = read(img).unwrap().unwrap();
+        assert_eq!(store.exceptions, vec![]);
+        assert_eq!((store.chunk_sectors, store.last_area, store.device_chunks), (1, 0, 64));
+        assert_eq!(store.used_bytes(), 2 * 512, "header and area 0");
+        assert_eq!(store.metadata_bytes(), 2 * 512);
+    }
+
+    #[test]
+    fn full_areas_continue_into_the_next_and_a_partial_one_ends_the_store() {
+        // 40 exceptions: area 0 (chunk 1) full with COW chunks 2..=33, area 1 at chunk 34,
+        // then chunks 35..=42.
+        let list: Vec<(u64, Vec<u8>)> = (0..40).map(|i| (100 + i, chunk_of(1))).collect();
+        let img = store_image(CHUNK, 128 * 512, &list).unwrap();
+        let store = read(img.clone()).unwrap().unwrap();
+        assert_eq!(store.exceptions.len(), 40);
+        assert_eq!(store.exceptions[0], Exception { old_chunk: 100, new_chunk: 2 });
+        assert_eq!(store.exceptions[31], Exception { old_chunk: 131, new_chunk: 33 });
+        assert_eq!(store.exceptions[32], Exception { old_chunk: 132, new_chunk: 35 });
+        assert_eq!(store.last_area, 1);
+        assert_eq!(store.used_bytes(), 43 * 512);
+        assert_eq!(store.metadata_bytes(), 3 * 512);
+        // Records past the first new_chunk == 0 in an area are never read.
+        let mut img = img;
+        let slot = 34 * 512 + 9 * 16; // slot 8 (after the 8 records) stays zero
+        img[slot..slot + 16].copy_from_slice(&Exception { old_chunk: 1, new_chunk: 99 }.encode());
+        assert_eq!(read(img).unwrap().unwrap().exceptions.len(), 40);
+        // Exactly one full area: the next (zeroed by the kernel) ends the store.
+        let list: Vec<(u64, Vec<u8>)> = (0..32).map(|i| (i, chunk_of(2))).collect();
+        let store = read(store_image(CHUNK, 64 * 512, &list).unwrap()).unwrap().unwrap();
+        assert_eq!((store.exceptions.len(), store.last_area), (32, 1));
+        assert_eq!(store.used_bytes(), 35 * 512, "chunk 34 is area 1: skipped");
+    }
+
+    #[test]
+    fn header_errors_in_the_kernels_order() {
+        let good = store_image(CHUNK, 64 * 512, &[(5, chunk_of(3))]).unwrap();
+        let h = DiskHeader::decode(&good[..16].try_into().unwrap());
+        let bad = |f: &dyn Fn(&mut DiskHeader)| {
+            let mut h = h;
+            f(&mut h);
+            read(with_header(good.clone(), h)).unwrap_err()
+        };
+        assert!(matches!(bad(&|h| h.magic = 0x1234_5678), CowError::BadMagic(0x1234_5678)));
+        assert!(matches!(bad(&|h| h.chunk_size = 3), CowError::ChunkSize(3)));
+        assert!(matches!(bad(&|h| h.chunk_size = 0), CowError::ChunkSize(0)));
+        assert!(matches!(bad(&|h| h.chunk_size = 1 << 22), CowError::ChunkSize(_)));
+        assert!(matches!(bad(&|h| h.version = 2), CowError::Version(2)));
+        let e = bad(&|h| h.valid = 0);
+        assert!(matches!(e, CowError::Invalidated));
+        assert_eq!(e.kind(), ErrorKind::Invalidated);
+        // A bad chunk size is reported before a bad version, a bad version before `valid`.
+        assert!(matches!(
+            bad(&|h| {
+                h.chunk_size = 5;
+                h.version = 9
+            }),
+            CowError::ChunkSize(5)
+        ));
+        assert!(matches!(
+            bad(&|h| {
+                h.version = 9;
+                h.valid = 0
+            }),
+            CowError::Version(9)
+        ));
+        // Any non-zero `valid` is valid, as for the kernel.
+        assert!(read(with_header(good.clone(), DiskHeader { valid: 7, ..h })).is_ok());
+        // Too small for the header, or for header and area 0.
+        assert!(matches!(read(vec![0x53; 8]), Err(CowError::TooSmall { .. })));
+        assert!(matches!(read(good[..512].to_vec()), Err(CowError::TooSmall { .. })));
+        assert!(matches!(
+            read(with_header(good.clone(), DiskHeader { chunk_size: 64, ..h })),
+            Err(CowError::TooSmall { .. })
+        ));
+    }
+
+    /// An image of `chunks` 512-byte chunks with a valid header and area 0 holding `records`.
+    fn hand_made(chunks: usize, records: &[Exception]) -> Vec<u8> {
+        let mut img = vec![0u8; chunks * 512];
+        img[..16].copy_from_slice(&DiskHeader::new(ChunkSize::from_sectors(1).unwrap()).encode());
+        for (i, r) in records.iter().enumerate() {
+            img[512 + i * 16..512 + i * 16 + 16].copy_from_slice(&r.encode());
+        }
+        img
+    }
+
+    #[test]
+    fn hostile_records_are_refused() {
+        let e = |old_chunk, new_chunk| Exception { old_chunk, new_chunk };
+        let err = |records: &[Exception]| read(hand_made(40, records)).unwrap_err();
+        assert!(matches!(err(&[e(1, 40)]), CowError::NewChunkOutOfRange { new_chunk: 40, .. }));
+        assert!(matches!(
+            err(&[e(1, 2), e(2, u64::MAX)]),
+            CowError::NewChunkOutOfRange { index: 1, .. }
+        ));
+        assert!(matches!(err(&[e(1, 1)]), CowError::NewChunkIsMetadata { new_chunk: 1, .. }));
+        assert!(matches!(err(&[e(1, 34)]), CowError::NewChunkIsMetadata { new_chunk: 34, .. }));
+        assert!(matches!(err(&[e(7, 2), e(7, 3)]), CowError::DuplicateOldChunk(7)));
+        assert!(matches!(err(&[e(7, 2), e(8, 2)]), CowError::DuplicateNewChunk(2)));
+        // A full area 0 whose successor (chunk 34) is past the end of a 34-chunk device.
+        let full: Vec<Exception> = (0..32).map(|i| e(i, i + 2)).collect();
+        assert!(matches!(
+            read(hand_made(34, &full)),
+            Err(CowError::Truncated { area: 1, chunk: 34, chunks: 34 })
+        ));
+        assert_eq!(read(hand_made(35, &full)).unwrap().unwrap().exceptions.len(), 32);
+        assert_eq!(err(&[e(1, 40)]).kind(), ErrorKind::Corrupt);
+    }
+
+    #[test]
+    fn origin_bounds_count_a_partial_last_chunk() {
+        let store =
+            read(hand_made(40, &[Exception { old_chunk: 9, new_chunk: 2 }])).unwrap().unwrap();
+        assert!(store.check_origin(10 * 512).is_ok());
+        assert!(store.check_origin(9 * 512 + 1).is_ok(), "chunk 9 is partly inside");
+        assert!(matches!(
+            store.check_origin(9 * 512),
+            Err(CowError::OldChunkOutOfRange { old_chunk: 9, chunks: 9 })
+        ));
+    }
+
+    #[test]
+    fn writer_and_parser_agree_on_allocation() {
+        let cow = MemDevice::new(200 * 512);
+        let mut w = KernelStore::create(&cow, CHUNK).unwrap();
+        for i in 0..100 {
+            w.add_exception(&cow, i * 3, &chunk_of(4)).unwrap();
+            let store = read_store(&cow).unwrap().unwrap();
+            assert_eq!(store.exceptions, w.exceptions());
+            assert_eq!(store.used_bytes(), w.next_free() * 512, "after {} exceptions", i + 1);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let _ = read(bytes);
+        }
+
+        #[test]
+        fn random_areas_behind_a_valid_header_never_panic(
+            chunk_shift in 0u32..4,
+            records in proptest::collection::vec((0u64..64, 0u64..80), 0..200),
+            chunks in 2usize..80,
+        ) {
+            let sectors = 1u32 << chunk_shift;
+            let cb = usize::try_from(sectors).unwrap() * 512;
+            let mut img = vec![0u8; chunks * cb];
+            img[..16].copy_from_slice(&DiskHeader::new(ChunkSize::from_sectors(sectors).unwrap()).encode());
+            for (i, (old, new)) in records.iter().enumerate() {
+                let at = cb + i * 16;
+                if at + 16 <= img.len() {
+                    let rec = Exception { old_chunk: *old, new_chunk: *new }.encode();
+                    img[at..at + 16].copy_from_slice(&rec);
+                }
+            }
+            if let Ok(Some(store)) = read(img) {
+                let per_area = ChunkSize::from_sectors(sectors).unwrap();
+                for e in &store.exceptions {
+                    prop_assert!(e.new_chunk < store.device_chunks);
+                    prop_assert!(!per_area.is_metadata(e.new_chunk));
+                }
+            }
+        }
+    }
+}

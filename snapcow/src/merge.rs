@@ -127,6 +127,8 @@ pub fn merge<D: BlockDevice + ?Sized>(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<MergeReport, MergeError> {
     let cow = ExtentDevice::new(raw, cow_extents)?;
+    // Sector alignment first: a misaligned map is refused whatever the store holds.
+    block_size(raw.size(), cow_extents, SECTOR_BYTES)?;
     let Some(store) = read_store(&cow)? else {
         return Ok(MergeReport::default());
     };
@@ -167,6 +169,19 @@ pub fn merge<D: BlockDevice + ?Sized>(
     Ok(report)
 }
 
+/// Whether every extent starts and ends on a chunk boundary of the raw device. If not, an origin
+/// chunk straddles the COW file's edge, and a write to its part outside the file makes the
+/// kernel save the whole chunk, part of the COW file included; [`merge`] then refuses (the
+/// copy would overwrite the store it reads). A backend should place the COW file on
+/// chunk-aligned extents (a chunk size equal to the file system's block size guarantees it) and
+/// check this before creating the snapshot.
+pub fn extents_chunk_aligned(extents: &[Extent], chunk_bytes: u64) -> bool {
+    chunk_bytes > 0
+        && extents.iter().all(|e| {
+            e.physical % chunk_bytes == 0 && e.physical.saturating_add(e.len) % chunk_bytes == 0
+        })
+}
+
 /// The largest power of two, at most one chunk, that divides every extent field and the raw
 /// device's size: the plan's block size.
 fn block_size(raw_size: u64, extents: &[Extent], chunk_bytes: u64) -> Result<u64, MergeError> {
@@ -202,4 +217,251 @@ fn plan<D: BlockDevice + ?Sized>(
     let protected =
         cow.extents().iter().map(|x| BlockRange { start: x.physical / bs, blocks: x.len / bs });
     Ok(CopyPlan::new(bs, copies)?.protect(protected)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::ErrorKind as CowKind;
+    use crate::writer::KernelStore;
+    use blockcopy::crashdev::{report_count, CrashDevice, IoEvent, XorShift};
+    use blockcopy::device::MemDevice;
+
+    const KIB: u64 = 1024;
+
+    /// Where the COW file's header lies on the raw device.
+    const HEADER_AT: u64 = 208 * KIB;
+
+    /// A 256 KiB "file system" whose COW file (96 KiB) lies in three extents out of order,
+    /// aligned to 16 KiB (the largest chunk the tests use).
+    fn extents() -> Vec<Extent> {
+        vec![
+            Extent { logical: 0, physical: HEADER_AT, len: 32 * KIB },
+            Extent { logical: 32 * KIB, physical: 96 * KIB, len: 16 * KIB },
+            Extent { logical: 48 * KIB, physical: 144 * KIB, len: 48 * KIB },
+        ]
+    }
+
+    fn in_cow(offset: u64) -> bool {
+        extents().iter().any(|e| (e.physical..e.physical + e.len).contains(&offset))
+    }
+
+    struct Scenario {
+        /// The raw device before the snapshot.
+        before: Vec<u8>,
+        /// The raw device with the snapshot's store after the writes.
+        after: Vec<u8>,
+        /// What a merge must leave: `before` outside the COW file, the store with its header
+        /// block zeroed inside it.
+        want: Vec<u8>,
+        exceptions: usize,
+    }
+
+    /// Takes a snapshot with `chunk_sectors`, then makes `writes` random writes of up to 3
+    /// KiB outside the COW file through dm-snapshot's copy-on-write.
+    fn scenario(chunk_sectors: u32, writes: usize, seed: u64, raw_bytes: u64) -> Scenario {
+        let mut rng = XorShift::new(seed);
+        let before: Vec<u8> =
+            (0..raw_bytes).map(|_| u8::try_from(rng.below(256)).unwrap()).collect();
+        let raw = MemDevice::from_bytes(before.clone());
+        let cow = ExtentDevice::new(&raw, &extents()).unwrap();
+        let mut store = KernelStore::create(&cow, chunk_sectors).unwrap();
+        let mut before = before;
+        // The kernel's store writes changed the COW file; the origin "before" is the rest.
+        before.copy_from_slice(&raw.snapshot());
+        let cow_chunks = 96 * KIB / (u64::from(chunk_sectors) * 512);
+        for _ in 0..writes {
+            // Stop before the store could fill up: a write of up to 3 KiB touches at most
+            // `3 KiB / chunk + 2` chunks, and one more may be skipped for an area.
+            let cb = u64::from(chunk_sectors) * 512;
+            if store.next_free() + (3 * KIB).div_ceil(cb) + 3 > cow_chunks {
+                break;
+            }
+            let len = 1 + rng.below(3 * KIB);
+            let offset = rng.below(raw_bytes - len);
+            if (offset..offset + len).any(in_cow) {
+                continue;
+            }
+            let data = vec![u8::try_from(rng.below(256)).unwrap(); usize::try_from(len).unwrap()];
+            store.origin_write(&raw, &cow, offset, &data).unwrap();
+        }
+        let after = raw.snapshot();
+        let mut want = before.clone();
+        for (i, b) in want.iter_mut().enumerate() {
+            let i = u64::try_from(i).unwrap();
+            if in_cow(i) {
+                *b = after[usize::try_from(i).unwrap()];
+            }
+        }
+        let header = usize::try_from(HEADER_AT).unwrap();
+        let header_len = usize::try_from((u64::from(chunk_sectors) * 512).min(4096)).unwrap();
+        want[header..header + header_len].fill(0);
+        Scenario { before, after, want, exceptions: store.exceptions().len() }
+    }
+
+    fn run(raw: &impl BlockDevice) -> Result<MergeReport, MergeError> {
+        let opts = MergeOptions { queue_depth: 3, max_io_bytes: 8 * 1024, dry_run: false };
+        merge(raw, &extents(), &opts, &mut |_, _| {})
+    }
+
+    #[test]
+    fn merge_restores_the_pre_snapshot_image_and_a_rerun_does_nothing() {
+        for (chunk_sectors, seed) in [(8, 1), (1, 2), (32, 3), (2, 4)] {
+            let s = scenario(chunk_sectors, 40, seed, 256 * KIB);
+            assert!(s.exceptions > 0);
+            assert!(s.after != s.before);
+            let raw = MemDevice::from_bytes(s.after.clone());
+            let mut last = (0, 0);
+            let opts = MergeOptions::default();
+            let report = merge(&raw, &extents(), &opts, &mut |d, t| last = (d, t)).unwrap();
+            let cb = u64::from(chunk_sectors) * 512;
+            assert_eq!(
+                report,
+                MergeReport {
+                    had_store: true,
+                    exceptions: u64::try_from(s.exceptions).unwrap(),
+                    bytes_copied: u64::try_from(s.exceptions).unwrap() * cb,
+                    chunk_bytes: cb,
+                }
+            );
+            assert_eq!(last, (report.bytes_copied, report.bytes_copied));
+            assert!(raw.snapshot() == s.want, "chunk {chunk_sectors} sectors");
+            let again = run(&raw).unwrap();
+            assert_eq!(again, MergeReport::default());
+            assert!(!again.had_store);
+            assert!(raw.snapshot() == s.want);
+        }
+    }
+
+    #[test]
+    fn chunk_alignment_of_extents() {
+        assert!(extents_chunk_aligned(&extents(), 16 * KIB));
+        assert!(!extents_chunk_aligned(&extents(), 32 * KIB), "96 KiB is not a 32 KiB multiple");
+        let odd = [Extent { logical: 0, physical: 4 * KIB, len: 8 * KIB }];
+        assert!(extents_chunk_aligned(&odd, 4 * KIB));
+        assert!(!extents_chunk_aligned(&odd, 8 * KIB));
+    }
+
+    #[test]
+    fn a_partial_last_chunk_is_restored_up_to_the_device_end() {
+        // 16 KiB chunks on a device of 252 KiB: the last chunk (240..256 KiB) is partial.
+        let before: Vec<u8> = (0..252 * 1024).map(|i| u8::try_from(i % 241).unwrap()).collect();
+        let raw = MemDevice::from_bytes(before);
+        let cow = ExtentDevice::new(&raw, &extents()).unwrap();
+        let mut store = KernelStore::create(&cow, 32).unwrap();
+        let before = raw.snapshot();
+        store.origin_write(&raw, &cow, 250 * KIB, &[0xEE; 1024]).unwrap();
+        store.origin_write(&raw, &cow, 10, &[0xDD; 100]).unwrap();
+        assert_eq!(store.exceptions().len(), 2);
+        let report = run(&raw).unwrap();
+        assert_eq!(report.bytes_copied, 16 * KIB + 12 * KIB, "a whole chunk and 12 KiB");
+        let now = raw.snapshot();
+        let outside_cow = |v: &[u8]| -> Vec<u8> {
+            v.iter()
+                .enumerate()
+                .filter(|(i, _)| !in_cow(u64::try_from(*i).unwrap()))
+                .map(|(_, b)| *b)
+                .collect()
+        };
+        assert!(outside_cow(&now) == outside_cow(&before));
+    }
+
+    #[test]
+    fn a_crash_at_any_write_then_a_rerun_restores_the_pre_snapshot_image() {
+        let mut states = 0;
+        for (chunk_sectors, seed) in [(8, 11), (2, 12)] {
+            let s = scenario(chunk_sectors, 25, seed, 256 * KIB);
+            let raw = CrashDevice::new(s.after.clone(), 512);
+            run(&raw).unwrap();
+            assert!(raw.current() == s.want);
+            raw.for_each_epoch(|epoch| {
+                for keep in epoch.standard_states(64, 16, seed) {
+                    let crashed = MemDevice::from_bytes(epoch.image(&keep));
+                    run(&crashed).unwrap();
+                    assert!(crashed.snapshot() == s.want, "epoch {} {keep:?}", epoch.index);
+                    states += 1;
+                }
+            });
+        }
+        report_count(&format!("snapcow merge crash states tested: {states}"));
+        assert!(states > 200, "only {states} crash states");
+    }
+
+    #[test]
+    fn a_store_saving_its_own_blocks_is_refused_without_writing() {
+        let s = scenario(8, 10, 5, 256 * KIB);
+        let raw = MemDevice::from_bytes(s.after);
+        let cow = ExtentDevice::new(&raw, &extents()).unwrap();
+        // Append an exception for origin chunk 25 (100..104 KiB), inside the COW's second
+        // extent: a merge would overwrite the store while reading it.
+        let store = read_store(&cow).unwrap().unwrap();
+        let mut records = store.exceptions.clone();
+        let free = store.used_bytes() / 4096;
+        records.push(crate::format::Exception { old_chunk: 25, new_chunk: free });
+        let area = store.chunk().area_location(0).unwrap() * 4096;
+        for (i, r) in records.iter().enumerate() {
+            cow.write_at(&r.encode(), area + u64::try_from(i * 16).unwrap()).unwrap();
+        }
+        let image = raw.snapshot();
+        let crash = CrashDevice::new(image, 512);
+        let err = run(&crash).unwrap_err();
+        assert!(matches!(err, MergeError::Hazard { blocks, .. } if blocks > 0), "{err:?}");
+        assert_eq!(err.kind(), ErrorKind::Unsupported);
+        assert_eq!(crash.write_count(), 0);
+        assert!(crash.events().iter().all(|e| !matches!(e, IoEvent::Flush)));
+    }
+
+    #[test]
+    fn no_store_invalidated_stores_dry_runs_and_bad_maps_write_nothing() {
+        // No store: the COW file is zero.
+        let raw = CrashDevice::new(vec![0x11; 256 * 1024], 512);
+        let zero = CrashDevice::new(
+            {
+                let mut img = vec![0x11u8; 256 * 1024];
+                for e in extents() {
+                    let at = usize::try_from(e.physical).unwrap();
+                    img[at..at + usize::try_from(e.len).unwrap()].fill(0);
+                }
+                img
+            },
+            512,
+        );
+        assert_eq!(run(&zero).unwrap(), MergeReport::default());
+        // Garbage where the header should be is an error, not "no store".
+        let err = run(&raw).unwrap_err();
+        assert!(matches!(err, MergeError::Store(CowError::BadMagic(0x1111_1111))));
+        assert_eq!(err.kind(), ErrorKind::Corrupt);
+
+        // An invalidated store (the snapshot overflowed).
+        let s = scenario(8, 10, 6, 256 * KIB);
+        let mem = MemDevice::from_bytes(s.after.clone());
+        let cow = ExtentDevice::new(&mem, &extents()).unwrap();
+        let mut h = [0u8; 16];
+        cow.read_at(&mut h, 0).unwrap();
+        h[4..8].fill(0);
+        cow.write_at(&h, 0).unwrap();
+        let invalid = CrashDevice::new(mem.snapshot(), 512);
+        let err = run(&invalid).unwrap_err();
+        assert!(matches!(err, MergeError::Store(CowError::Invalidated)));
+        assert_eq!(err.kind(), ErrorKind::Invalidated);
+
+        // A dry run reports the store and writes nothing.
+        let dry = CrashDevice::new(s.after.clone(), 512);
+        let opts = MergeOptions { dry_run: true, ..MergeOptions::default() };
+        let report = merge(&dry, &extents(), &opts, &mut |_, _| {}).unwrap();
+        assert!(report.had_store && report.exceptions == u64::try_from(s.exceptions).unwrap());
+
+        // Extent maps the raw device cannot hold, or not 512-aligned.
+        let bad = [Extent { logical: 0, physical: 250 * KIB, len: 16 * KIB }];
+        let err = merge(&dry, &bad, &opts, &mut |_, _| {}).unwrap_err();
+        assert!(matches!(err, MergeError::Extents(ExtentError::OutOfDevice { .. })));
+        let odd = [Extent { logical: 0, physical: HEADER_AT + 512, len: 40 * KIB + 100 }];
+        let err = merge(&dry, &odd, &MergeOptions::default(), &mut |_, _| {}).unwrap_err();
+        assert!(matches!(err, MergeError::Unaligned), "{err:?}");
+
+        for dev in [&raw, &zero, &invalid, &dry] {
+            assert_eq!(dev.write_count(), 0);
+        }
+        assert_eq!(CowKind::Io, CowError::Device(DeviceError::Injected("x")).kind());
+    }
 }

@@ -81,6 +81,11 @@ impl KernelStore {
         &self.exceptions
     }
 
+    /// The next COW chunk the kernel would allocate (`next_free`).
+    pub fn next_free(&self) -> u64 {
+        self.next_free
+    }
+
     /// The chunk size.
     pub fn chunk(&self) -> ChunkSize {
         self.chunk
