@@ -1,8 +1,28 @@
-//! The `f2fs` backend: f2fs `checkpoint=disable`.
+//! The `f2fs` backend: f2fs `checkpoint=disable` (vold `checkpoint=fs`).
 //!
-//! TO BE BUILT (issue 9 §4). The options below are the configuration contract.
+//! * setup (boot flow, before mount): the raw device, mounted with `checkpoint=disable` when
+//!   this boot checkpoints ([`crate::mount`] climbs vold's ladder);
+//! * restore: nothing to do: f2fs itself discards everything written since the last
+//!   checkpoint at the next mount if the filesystem was not remounted `checkpoint=enable`;
+//! * prepare: nothing to do (the checkpoint is active from mount);
+//! * commit: remount with `checkpoint=enable`, idempotent (it reads `/proc/self/mountinfo` to
+//!   see whether `checkpoint=disable` is still in force);
+//! * space: the filesystem's free space (statvfs): with checkpoints disabled f2fs keeps every
+//!   overwritten block until commit, so its free space is the backup space.
 
+use std::path::Path;
+
+use policy::{
+    Action, Backend, BackendError, BackendKind, BackendState, BackendStatus, BackupSpace,
+    RestoreOutcome, RestoreReport, RestoreRequest,
+};
 use serde::Deserialize;
+
+use crate::ladder::split_options;
+use crate::mountinfo::{find_mount, read_mountinfo, MountEntry};
+use crate::{errors, BootStack, DeviceSpec, MountPlan};
+
+const NAME: &str = "f2fs";
 
 /// `[[backend]] type = "f2fs"`.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -10,4 +30,242 @@ use serde::Deserialize;
 pub struct F2fsOptions {
     /// Highest `checkpoint=disable:<n>%` rung tried (vold's ladder goes 0, 10, … 100).
     pub max_unusable_percent: Option<u8>,
+}
+
+impl F2fsOptions {
+    /// Checks the options; errors name the key.
+    pub fn validate(&self) -> Result<(), String> {
+        match self.max_unusable_percent {
+            Some(p) if p > 100 => Err(format!("max_unusable_percent = {p}: at most 100")),
+            _ => Ok(()),
+        }
+    }
+
+    fn ladder_max(&self) -> u8 {
+        self.max_unusable_percent.unwrap_or(100)
+    }
+}
+
+fn check_fs_type(spec: &DeviceSpec) -> Result<(), BackendError> {
+    match spec.fs_type.as_deref() {
+        None | Some("f2fs") => Ok(()),
+        Some(other) => Err(BackendError::Unsupported {
+            backend: NAME.into(),
+            reason: format!("{} is {other}, not f2fs", spec.mount_point.display()),
+        }),
+    }
+}
+
+/// The boot flow's half: what to mount, with `checkpoint=disable` when checkpointing.
+#[derive(Clone, Debug, Default)]
+pub struct F2fsStack {
+    opts: F2fsOptions,
+}
+
+impl F2fsStack {
+    /// A stack with these options.
+    pub fn new(opts: F2fsOptions) -> F2fsStack {
+        F2fsStack { opts }
+    }
+}
+
+impl BootStack for F2fsStack {
+    fn setup(&self, device: &DeviceSpec, checkpointing: bool) -> Result<MountPlan, BackendError> {
+        check_fs_type(device)?;
+        Ok(MountPlan {
+            device: device.raw.clone(),
+            fs_type: Some("f2fs".into()),
+            options: device.mount_options.clone(),
+            checkpointed: checkpointing,
+            action: Action::Identity,
+            checkpoint_disable_max_percent: checkpointing.then(|| self.opts.ladder_max()),
+        })
+    }
+
+    fn teardown_stack(&self, _device: &DeviceSpec) -> Result<Action, BackendError> {
+        Ok(Action::Identity) // no kernel objects of ours
+    }
+}
+
+/// The daemon's half for one f2fs filesystem.
+#[derive(Debug)]
+pub struct F2fsBackend {
+    spec: DeviceSpec,
+    opts: F2fsOptions,
+}
+
+impl F2fsBackend {
+    /// The backend of `spec`.
+    pub fn new(spec: DeviceSpec, opts: F2fsOptions) -> Result<F2fsBackend, BackendError> {
+        opts.validate()
+            .map_err(|reason| BackendError::Unsupported { backend: NAME.into(), reason })?;
+        check_fs_type(&spec)?;
+        Ok(F2fsBackend { spec, opts })
+    }
+
+    fn mounted(&self) -> Result<Option<MountEntry>, BackendError> {
+        Ok(find_mount(&read_mountinfo()?, &self.spec.mount_point))
+    }
+
+    fn mounted_f2fs(&self, operation: &'static str) -> Result<MountEntry, BackendError> {
+        match self.mounted()? {
+            Some(m) if m.fs_type == "f2fs" => Ok(m),
+            Some(m) => Err(BackendError::InvalidState {
+                backend: NAME.into(),
+                state: format!("{} is {}", self.spec.mount_point.display(), m.fs_type),
+                operation,
+            }),
+            None => Err(BackendError::NotSetUp {
+                backend: format!("{NAME} ({} not mounted)", self.spec.mount_point.display()),
+            }),
+        }
+    }
+
+    /// The options this backend was built with.
+    pub fn options(&self) -> &F2fsOptions {
+        &self.opts
+    }
+}
+
+/// Remount options that keep the mount's flags and turn checkpoints back on.
+fn enable_options(m: &MountEntry) -> blockdev::mount::MountOptions {
+    let flags: Vec<&str> = ["ro", "nosuid", "nodev", "noexec", "noatime"]
+        .into_iter()
+        .filter(|w| m.mount_options.iter().any(|o| o == w))
+        .collect();
+    let mut o = split_options(&flags.join(","));
+    o.data = "checkpoint=enable".into();
+    o
+}
+
+impl Backend for F2fsBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::File
+    }
+
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn covers(&self, device: &str) -> bool {
+        Path::new(device) == self.spec.raw
+    }
+
+    fn restore(
+        &self,
+        device: &str,
+        _request: &RestoreRequest,
+        _progress: &dyn Fn(u64, u64),
+    ) -> Result<RestoreReport, BackendError> {
+        log::info!(
+            "restore of {device}: nothing to do for f2fs: the next mount discards what was \
+             written since the last checkpoint if it was never re-enabled"
+        );
+        Ok(RestoreReport { outcome: RestoreOutcome::NothingToRestore, result: Ok(()) })
+    }
+
+    fn prepare(&self) -> Result<Action, BackendError> {
+        let m = self.mounted_f2fs("prepare")?;
+        if m.checkpoint_disabled() {
+            Ok(Action::Identity)
+        } else {
+            Err(BackendError::InvalidState {
+                backend: NAME.into(),
+                state: format!(
+                    "{} is mounted without checkpoint=disable",
+                    self.spec.mount_point.display()
+                ),
+                operation: "prepare",
+            })
+        }
+    }
+
+    fn commit(&self) -> Result<Action, BackendError> {
+        let m = self.mounted_f2fs("commit")?;
+        if !m.checkpoint_disabled() {
+            return Ok(Action::Identity);
+        }
+        blockdev::mount::remount(&self.spec.mount_point, &enable_options(&m))
+            .map_err(errors::mount)?;
+        let after = self.mounted_f2fs("commit")?;
+        if after.checkpoint_disabled() {
+            return Err(BackendError::InvalidState {
+                backend: NAME.into(),
+                state: "checkpoint=disable still set after remount".into(),
+                operation: "commit",
+            });
+        }
+        log::info!("{}: f2fs checkpoint=enable", self.spec.mount_point.display());
+        Ok(Action::Changed)
+    }
+
+    fn space(&self) -> Result<BackupSpace, BackendError> {
+        let s = blockdev::fs::statvfs(&self.spec.mount_point)
+            .map_err(|e| errors::fs(format!("statvfs {}", self.spec.mount_point.display()), e))?;
+        Ok(BackupSpace {
+            free_bytes: Some(s.available.get()),
+            used_bytes: None,
+            total_bytes: Some(s.total.get()),
+        })
+    }
+
+    fn status(&self) -> Result<BackendStatus, BackendError> {
+        let state = match self.mounted()? {
+            Some(m) if m.checkpoint_disabled() => BackendState::Armed,
+            Some(_) => BackendState::Committed,
+            None => BackendState::Unknown,
+        };
+        let space =
+            if state == BackendState::Unknown { BackupSpace::default() } else { self.space()? };
+        Ok(BackendStatus {
+            state,
+            backup_used_bytes: space.used_bytes,
+            free_bytes: space.free_bytes,
+            devices: vec![self.spec.mount_point.display().to_string()],
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mountinfo::parse_mountinfo;
+
+    fn spec(fs: Option<&str>) -> DeviceSpec {
+        DeviceSpec {
+            raw: "/dev/vdb".into(),
+            mount_point: "/data".into(),
+            fs_type: fs.map(Into::into),
+            mount_options: "noatime,discard".into(),
+            instance: "data".into(),
+        }
+    }
+
+    #[test]
+    fn setup_asks_for_the_ladder_only_when_checkpointing() {
+        let stack = F2fsStack::new(F2fsOptions { max_unusable_percent: Some(30) });
+        let p = stack.setup(&spec(Some("f2fs")), true).unwrap();
+        assert_eq!(p.checkpoint_disable_max_percent, Some(30));
+        assert_eq!(p.device, Path::new("/dev/vdb"));
+        let p = stack.setup(&spec(None), false).unwrap();
+        assert_eq!(p.checkpoint_disable_max_percent, None);
+        assert!(stack.setup(&spec(Some("ext4")), true).is_err());
+    }
+
+    #[test]
+    fn options_are_validated() {
+        assert!(F2fsOptions { max_unusable_percent: Some(101) }.validate().is_err());
+        assert!(F2fsOptions::default().validate().is_ok());
+        assert!(F2fsBackend::new(spec(Some("ext4")), F2fsOptions::default()).is_err());
+    }
+
+    #[test]
+    fn remount_keeps_the_mount_flags() {
+        let line =
+            "36 22 254:0 / /data rw,nosuid,nodev,noatime - f2fs /dev/vdb rw,checkpoint=disable:0%";
+        let m = parse_mountinfo(line).remove(0);
+        let o = enable_options(&m);
+        assert!(o.nosuid && o.nodev && o.noatime && !o.read_only && !o.noexec);
+        assert_eq!(o.data, "checkpoint=enable");
+    }
 }

@@ -25,10 +25,17 @@ use std::path::{Path, PathBuf};
 pub use policy::{Action, BackendError};
 
 pub mod bow;
+mod errors;
 pub mod f2fs;
+mod ladder;
+mod mountinfo;
 pub mod records;
 pub mod select;
 pub mod snapshot;
+mod stack;
+
+pub use ladder::{mount, mount_with, MountAttempt};
+pub use mountinfo::{parse_mountinfo, MountEntry};
 
 /// One checkpointed filesystem, as the configuration describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -75,6 +82,10 @@ pub struct MountPlan {
     pub checkpointed: bool,
     /// Whether the stack was built now or found in place.
     pub action: Action,
+    /// f2fs `checkpoint=disable`: when set, [`mount`] adds the option itself, climbing vold's
+    /// ladder (`checkpoint=disable:<n>%` from 0 up to this percentage in steps of 10, then the
+    /// plain option, then none). `None`: mount with `options` as they are.
+    pub checkpoint_disable_max_percent: Option<u8>,
 }
 
 /// The boot flow's half of a backend: runs before the filesystem is mounted.

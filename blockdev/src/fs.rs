@@ -1,5 +1,5 @@
-//! Filesystem ioctls: `FITRIM`, `FS_IOC_FIEMAP`, `FS_IOC_GETFSMAP`, `F2FS_IOC_SET_PIN_FILE`,
-//! and `statvfs`.
+//! Filesystem ioctls: `FITRIM`, `FIFREEZE`/`FITHAW`, `FS_IOC_FIEMAP`, `FS_IOC_GETFSMAP`,
+//! `F2FS_IOC_SET_PIN_FILE`, and `statvfs`.
 
 use std::mem::{offset_of, size_of};
 use std::os::fd::{AsFd, AsRawFd};
@@ -85,6 +85,9 @@ nix::ioctl_readwrite_bad!(
 );
 // F2FS_IOC_SET_PIN_FILE = _IOW(0xf5, 13, __u32).
 nix::ioctl_write_ptr!(f2fs_set_pin_file, 0xf5, 13, u32);
+// FIFREEZE = _IOWR('X', 119, int), FITHAW = _IOWR('X', 120, int); the argument is unused.
+nix::ioctl_readwrite!(fifreeze_ioctl, b'X', 119, libc::c_int);
+nix::ioctl_readwrite!(fithaw_ioctl, b'X', 120, libc::c_int);
 
 /// A filesystem request failed.
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +150,28 @@ pub fn fitrim(fs: impl AsFd, start: Bytes, len: Bytes, min_len: Bytes) -> Result
 /// `FITRIM` over the whole filesystem.
 pub fn fitrim_all(fs: impl AsFd) -> Result<Bytes, FsError> {
     fitrim(fs, Bytes::new(0), Bytes::new(u64::MAX), Bytes::new(0))
+}
+
+// ---------------------------------------------------------------------------------------------
+// FIFREEZE / FITHAW
+
+/// `FIFREEZE` on the filesystem containing `fs` (an open file or directory on it): writes back
+/// everything, makes the filesystem consistent on disk (ext4 flushes its journal and writes its
+/// super block) and blocks new writes until [`thaw`]. `EBUSY` when it is already frozen.
+pub fn freeze(fs: impl AsFd) -> Result<(), FsError> {
+    let mut unused: libc::c_int = 0;
+    // SAFETY: the fd is borrowed for the call; the kernel ignores the int argument.
+    unsafe { fifreeze_ioctl(fs.as_fd().as_raw_fd(), &mut unused) }.map_err(os("FIFREEZE"))?;
+    Ok(())
+}
+
+/// `FITHAW`: lets writes through again (ext4 writes its super block on thaw). `EINVAL` when the
+/// filesystem is not frozen.
+pub fn thaw(fs: impl AsFd) -> Result<(), FsError> {
+    let mut unused: libc::c_int = 0;
+    // SAFETY: the fd is borrowed for the call; the kernel ignores the int argument.
+    unsafe { fithaw_ioctl(fs.as_fd().as_raw_fd(), &mut unused) }.map_err(os("FITHAW"))?;
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
