@@ -3,6 +3,7 @@
 //! `checkpointctl checkpoint <method> [args]` has the grammar and exit codes of
 //! `vdc checkpoint` (see `vdc.rs`); the other commands are checkpointctl's own.
 
+mod boot;
 mod log;
 mod vdc;
 
@@ -68,6 +69,13 @@ enum Command {
         /// Stop after this many events.
         #[arg(long)]
         count: Option<u64>,
+    },
+    /// The boot flow, in order: `boot mount` (fs_mgr's role), then `checkpoint
+    /// markBootAttempt`, `checkpoint prepareCheckpoint`, and `boot commit` once the boot is
+    /// good (docs/boot-flow.md).
+    Boot {
+        #[command(subcommand)]
+        cmd: boot::BootCommand,
     },
     /// Offline dm-bow log tools (no daemon needed).
     Log {
@@ -371,6 +379,72 @@ fn run_checkpoint(cli: &Cli, args: &[String]) -> u8 {
     }
 }
 
+/// `checkpointctl boot …`: logs each step on stderr (`boot: ...`), exits with the step's
+/// status (boot.rs).
+fn run_boot(cli: &Cli, cmd: &boot::BootCommand) -> u8 {
+    let mut log = |line: String| eprintln!("checkpointctl boot: {line}");
+    let result = (|| -> Result<(), boot::BootError> {
+        let config_error = |m: String| boot::BootError { code: boot::EXIT_CONFIG, message: m };
+        let daemon_error = |m: String| boot::BootError { code: boot::EXIT_DAEMON, message: m };
+        let timeout = Duration::from_secs(cli.timeout);
+        match cmd {
+            boot::BootCommand::Mount { config } => {
+                let (_, plans) = checkpointd::plan::load(config).map_err(config_error)?;
+                let machine = boot::Kernel;
+                if plans.is_empty() {
+                    log("no checkpointed device configured: nothing to mount".into());
+                    return Ok(());
+                }
+                let connection = connect(cli.socket.as_deref(), timeout, false)
+                    .map_err(|e| daemon_error(e.to_string()))?;
+                let service: &dyn ICheckpoint = &*connection.service;
+                boot::mount_all(&plans, &service, &machine, &mut log)?;
+            }
+            boot::BootCommand::Teardown { config } => {
+                let (_, plans) = checkpointd::plan::load(config).map_err(config_error)?;
+                let machine = boot::Kernel;
+                boot::teardown_all(&plans, &machine, &mut log)?;
+            }
+            boot::BootCommand::Commit => {
+                let connection = connect(cli.socket.as_deref(), timeout, false)
+                    .map_err(|e| daemon_error(e.to_string()))?;
+                connection
+                    .service
+                    .commitChanges()
+                    .map_err(|e| daemon_error(binder_failure("commitChanges", &e)))?;
+                log("boot declared good: commitChanges done".into());
+            }
+            boot::BootCommand::Status { config } => {
+                let (_, plans) = checkpointd::plan::load(config).map_err(config_error)?;
+                let machine = boot::Kernel;
+                for line in boot::status_lines(&plans, &machine) {
+                    println!("{line}");
+                }
+                match connect(cli.socket.as_deref(), timeout, false) {
+                    Ok(c) => match c.service.getStatus() {
+                        Ok(s) => println!(
+                            "daemon: {}, checkpointing {}, needs rollback {}",
+                            state_name(s.state),
+                            if s.isCheckpointing { "yes" } else { "no" },
+                            if s.needsRollback { "yes" } else { "no" }
+                        ),
+                        Err(e) => return Err(daemon_error(binder_failure("getStatus", &e))),
+                    },
+                    Err(e) => return Err(daemon_error(e.to_string())),
+                }
+            }
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => boot::EXIT_OK,
+        Err(e) => {
+            eprintln!("checkpointctl boot: error: {}", e.message);
+            e.code
+        }
+    }
+}
+
 fn run_own(cli: &Cli) -> Result<(), String> {
     let timeout = Duration::from_secs(cli.timeout);
     let watching = matches!(cli.command, Command::Watch { .. });
@@ -414,7 +488,7 @@ fn run_own(cli: &Cli) -> Result<(), String> {
                 seen += 1;
             }
         }
-        Command::Checkpoint { .. } | Command::Log { .. } => {
+        Command::Checkpoint { .. } | Command::Log { .. } | Command::Boot { .. } => {
             unreachable!("handled in main")
         }
     }
@@ -426,6 +500,7 @@ fn main() -> ExitCode {
     match &cli.command {
         Command::Checkpoint { args } => return ExitCode::from(run_checkpoint(&cli, args)),
         Command::Log { cmd } => return log::run(cmd.clone()),
+        Command::Boot { cmd } => return ExitCode::from(run_boot(&cli, cmd)),
         _ => {}
     }
     match run_own(&cli) {

@@ -8,7 +8,10 @@ use std::sync::{Mutex, MutexGuard};
 
 use log::{error, info, warn};
 
-use crate::backend::{Backend, BackendKind, BackendState, BackendStatus};
+use crate::backend::{
+    Action, Backend, BackendError, BackendKind, BackendState, BackendStatus, BackupSpace,
+    RestoreReport, RestoreRequest,
+};
 use crate::bootctl::{BootControl, BootControlError};
 use crate::error::PolicyError;
 use crate::store::{now_ms, CurrentRow, HistoryEvent, HistoryKind, Phase, RowChange, Store};
@@ -35,8 +38,6 @@ pub struct PolicyOptions {
     pub default_retry: i32,
     /// What to do when the budget is spent.
     pub rollback_action: RollbackAction,
-    /// [`Checkpointer::check_free_space`] reports backends with less free backup space.
-    pub min_free_bytes: u64,
 }
 
 impl Default for PolicyOptions {
@@ -45,7 +46,6 @@ impl Default for PolicyOptions {
             dont_commit: false,
             default_retry: 2,
             rollback_action: RollbackAction::None,
-            min_free_bytes: 100 * 1024 * 1024,
         }
     }
 }
@@ -190,6 +190,26 @@ pub struct RestoreRecord {
     pub outcome: RestoreOutcome,
     /// How long it took.
     pub duration_ms: u64,
+    /// The backend that ran it (`None`: the dm-bow log fallback).
+    pub backend: Option<String>,
+}
+
+/// What a backend's (or the fallback's) restore answers.
+pub type RestoreResult = Result<RestoreReport, BackendError>;
+
+/// The restore of a device no backend covers: `(device, request, progress)`.
+pub type RestoreFallback<'a> =
+    dyn Fn(&str, &RestoreRequest, &dyn Fn(u64, u64)) -> RestoreResult + 'a;
+
+/// A restore run through [`Checkpointer::restore_device`].
+#[derive(Debug)]
+pub struct RestoreRun {
+    /// The backend that covered the device (`None`: the fallback ran).
+    pub backend: Option<String>,
+    /// How long it took.
+    pub duration_ms: u64,
+    /// The backend's report, or why it could not run.
+    pub result: RestoreResult,
 }
 
 /// A one-word summary of the checkpoint state.
@@ -226,6 +246,8 @@ pub struct BackendInfo {
     pub kind: BackendKind,
     /// Whether `prepare` succeeded for it in this boot.
     pub prepared: bool,
+    /// Why it was chosen (`auto`), empty when configured explicitly.
+    pub selection_reason: String,
     /// Its own status (`None` if it failed to report).
     pub status: Option<BackendStatus>,
 }
@@ -269,14 +291,14 @@ pub struct Status {
     pub started_at_ms: Option<i64>,
 }
 
-/// A backend short of backup space.
+/// A backend short of backup space (the health monitor's report).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LowSpace {
     /// The backend.
     pub backend: String,
     /// Its free backup space.
     pub free_bytes: u64,
-    /// The configured threshold.
+    /// The threshold it fell below (the monitor's warning or action threshold).
     pub min_free_bytes: u64,
 }
 
@@ -308,6 +330,15 @@ pub enum PolicyEvent {
     },
 }
 
+/// What the commit's unlocked steps did.
+#[derive(Debug, Default)]
+struct CommitSteps {
+    committed: Vec<String>,
+    skipped: Vec<String>,
+    used: Option<u64>,
+    slot: Option<u32>,
+}
+
 #[derive(Debug)]
 struct Inner {
     store: Store,
@@ -321,11 +352,24 @@ struct Inner {
     subscribers: Vec<Sender<PolicyEvent>>,
 }
 
-/// The policy. `Send + Sync`: share it as `Arc<Checkpointer>`; calls are serialized by an
-/// internal mutex (vold's `isCheckpointingLock`), except [`Self::is_checkpointing`].
+/// The policy. `Send + Sync`: share it as `Arc<Checkpointer>`.
+///
+/// Two locks, always taken in this order:
+/// * `op` serialises the operations that change state or drive backends (start, mark,
+///   prepare, commit, abort, grow): vold's `isCheckpointingLock`. It is held across backend
+///   I/O, so two commits (a caller's and the health monitor's) never interleave.
+/// * `inner` guards the store and the per-process flags, and is held only for a state or
+///   store transition, never while a backend does I/O: queries
+///   (`needsRollback`, `getStatus`, history) answer while a long commit runs, and a backend
+///   may call back into the policy's queries without deadlocking.
+///
+/// [`Self::is_checkpointing`] reads an atomic flag, as vold reads its volatile.
 #[derive(Debug)]
 pub struct Checkpointer {
     inner: Mutex<Inner>,
+    op: Mutex<()>,
+    /// Serialises restores (vold holds its VolumeManager lock for the whole restore).
+    restore_lock: Mutex<()>,
     /// vold's `isCheckpointing` (read without the lock, as vold does).
     checkpointing: AtomicBool,
     boot: Box<dyn BootControl>,
@@ -359,6 +403,8 @@ impl Checkpointer {
                 prepared,
                 subscribers: Vec::new(),
             }),
+            op: Mutex::new(()),
+            restore_lock: Mutex::new(()),
             checkpointing: AtomicBool::new(false),
             boot,
             backends,
@@ -370,6 +416,11 @@ impl Checkpointer {
         // A panic while holding the lock leaves no half-written durable state (every change
         // is one SQLite transaction), so the data is still consistent.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The operation lock (see the type's documentation); taken before `inner`, never after.
+    fn op(&self) -> MutexGuard<'_, ()> {
+        self.op.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The options in force.
@@ -422,6 +473,7 @@ impl Checkpointer {
         event.requested_retry = Some(retry);
         event.budget_left = budget_left.map(i64::from);
         event.slot = slot;
+        let _op = self.op();
         let mut inner = self.lock();
         inner.store.apply(RowChange::Set(&row), &[event])?;
         inner.rollback_seen = false;
@@ -514,6 +566,7 @@ impl Checkpointer {
     /// unlimited budget is unchanged (the attempt is still recorded). On the rollback boot,
     /// runs the configured [`RollbackAction`].
     pub fn mark_boot_attempt(&self) -> Result<MarkOutcome, PolicyError> {
+        let _op = self.op();
         let mut inner = self.lock();
         let Some(row) = inner.store.current().cloned() else {
             return Ok(MarkOutcome::NoCheckpoint);
@@ -575,20 +628,31 @@ impl Checkpointer {
     /// `prepareCheckpoint` (post-fs-data): when checkpointing, arm every backend not yet armed
     /// in this boot. A backend that fails is logged and left unarmed (it will not be committed);
     /// like vold, the call still succeeds.
+    ///
+    /// On a boot that took its decision (`needsCheckpoint` evaluated) and is not checkpointing,
+    /// with no backend armed, every backend's `teardown` drops what an earlier checkpoint left
+    /// behind (a COW file after a rollback); failures are logged. Backend I/O runs without the
+    /// state lock.
     pub fn prepare_checkpoint(&self) -> Result<(), PolicyError> {
         info!(target: "Checkpoint", "cp_prepareCheckpoint called");
-        let mut inner = self.lock();
+        let _op = self.op();
         if !self.is_checkpointing() {
+            let decided = self.lock().latch_called;
+            if decided && !self.any_backend_armed() {
+                self.teardown_backends();
+            }
             return Ok(());
         }
-        for (i, backend) in self.backends.iter().enumerate() {
-            if inner.prepared[i] {
-                continue;
-            }
+        let todo: Vec<usize> = {
+            let inner = self.lock();
+            (0..self.backends.len()).filter(|i| !inner.prepared[*i]).collect()
+        };
+        for i in todo {
+            let backend = &self.backends[i];
             match backend.prepare() {
-                Ok(_) => {
-                    inner.prepared[i] = true;
-                    info!("backend {} armed", backend.name());
+                Ok(action) => {
+                    self.lock().prepared[i] = true;
+                    info!("backend {} armed ({action:?})", backend.name());
                 }
                 Err(e) => error!("backend {}: prepare failed, left unarmed: {e}", backend.name()),
             }
@@ -596,44 +660,49 @@ impl Checkpointer {
         Ok(())
     }
 
+    fn teardown_backends(&self) {
+        for backend in &self.backends {
+            match backend.teardown() {
+                Ok(Action::Changed) => {
+                    info!("backend {}: released what an earlier checkpoint left", backend.name())
+                }
+                Ok(Action::Identity) => {}
+                Err(e) => error!("backend {}: teardown failed: {e}", backend.name()),
+            }
+        }
+    }
+
     /// `commitChanges`: when checkpointing, mark the slot successful, commit the backends in
     /// order (block backends only if armed), then clear the state. Any error leaves the
-    /// checkpoint in place. When not checkpointing on the rollback boot, acknowledges the
+    /// checkpoint in place, and a retry commits again (backends already committed answer
+    /// [`Action::Identity`]). When not checkpointing on the rollback boot, acknowledges the
     /// rollback (clears the spent budget).
+    ///
+    /// The state lock is held only to mark the row `committing` and to finish; the boot
+    /// control and the backends run between, under the operation lock alone.
     pub fn commit_changes(&self) -> Result<CommitOutcome, PolicyError> {
-        let mut inner = self.lock();
+        let _op = self.op();
         if !self.is_checkpointing() {
-            let spent = inner.store.current().is_some_and(|row| row.budget_left == Some(0));
-            // Acknowledge only a boot that took its checkpoint decision (the latch) and has no
-            // armed backend (an armed backend means a checkpointed boot whose daemon restarted).
-            if !spent || !inner.latch_called || self.any_backend_armed() {
-                return Ok(CommitOutcome::NotCheckpointing);
-            }
-            let row = inner.store.current().cloned();
-            let mut ack = HistoryEvent::new(HistoryKind::RollbackAcknowledged);
-            ack.requested_retry = row.as_ref().map(|r| r.requested_retry);
-            ack.slot = self.current_slot();
-            inner.store.apply(RowChange::Clear, &[ack])?;
-            inner.rollback_seen = true;
-            info!("rollback boot completed: spent checkpoint cleared");
-            self.emit_state(&mut inner);
-            return Ok(CommitOutcome::RollbackAcknowledged);
+            return self.acknowledge_rollback();
         }
         if self.options.dont_commit {
             warn!("dont_commit is set: not committing the checkpoint");
             return Ok(CommitOutcome::DontCommit);
         }
-        let before = inner.store.current().cloned();
-        let rollback_was_needed = self.needs_rollback_locked(&inner);
-        if let Some(row) = &before {
-            // Transient marker: a crash from here to the end is rolled back at the next open.
-            let marked = CurrentRow { phase: Phase::Committing, ..row.clone() };
-            inner.store.apply(RowChange::Set(&marked), &[])?;
-        }
-        let mut committed = Vec::new();
-        let mut skipped = Vec::new();
-        let mut used: Option<u64> = None;
-        let result = self.commit_steps(&inner, &mut committed, &mut skipped, &mut used);
+        let (before, rollback_was_needed, prepared) = {
+            let mut inner = self.lock();
+            let before = inner.store.current().cloned();
+            let rollback_was_needed = self.needs_rollback_locked(&inner);
+            if let Some(row) = &before {
+                // Transient marker: a crash from here to the end is rolled back at the next open.
+                let marked = CurrentRow { phase: Phase::Committing, ..row.clone() };
+                inner.store.apply(RowChange::Set(&marked), &[])?;
+            }
+            (before, rollback_was_needed, inner.prepared.clone())
+        };
+        let mut steps = CommitSteps::default();
+        let result = self.commit_steps(&prepared, &mut steps);
+        let mut inner = self.lock();
         if let Err(e) = result {
             error!("checkpoint commit failed: {e}");
             let mut failed = HistoryEvent::new(HistoryKind::CommitFailed);
@@ -652,11 +721,11 @@ impl Checkpointer {
         self.checkpointing.store(false, Ordering::SeqCst);
         let mut event = HistoryEvent::new(HistoryKind::Commit);
         event.requested_retry = before.as_ref().map(|r| r.requested_retry);
-        event.slot = self.current_slot();
+        event.slot = steps.slot;
         event.outcome = Some("ok".into());
-        event.backup_used_bytes = used;
-        if !skipped.is_empty() {
-            event.message = Some(format!("not armed, skipped: {}", skipped.join(",")));
+        event.backup_used_bytes = steps.used;
+        if !steps.skipped.is_empty() {
+            event.message = Some(format!("not armed, skipped: {}", steps.skipped.join(",")));
         }
         inner.store.apply(RowChange::Clear, &[event])?;
         if rollback_was_needed {
@@ -666,9 +735,39 @@ impl Checkpointer {
         self.emit(&mut inner, PolicyEvent::Committed);
         self.emit(&mut inner, PolicyEvent::CheckpointingComplete);
         self.emit_state(&mut inner);
-        Ok(CommitOutcome::Committed { committed, skipped })
+        Ok(CommitOutcome::Committed { committed: steps.committed, skipped: steps.skipped })
     }
 
+    /// `commitChanges` on a boot that is not checkpointing (the caller holds the operation
+    /// lock): the rollback acknowledgement, or vold's no-op.
+    fn acknowledge_rollback(&self) -> Result<CommitOutcome, PolicyError> {
+        {
+            let inner = self.lock();
+            let spent = inner.store.current().is_some_and(|row| row.budget_left == Some(0));
+            // Acknowledge only a boot that took its checkpoint decision (the latch)...
+            if !spent || !inner.latch_called {
+                return Ok(CommitOutcome::NotCheckpointing);
+            }
+        }
+        // ... and has no armed backend (an armed backend means a checkpointed boot whose
+        // daemon restarted). The backends are asked without the state lock.
+        if self.any_backend_armed() {
+            return Ok(CommitOutcome::NotCheckpointing);
+        }
+        let slot = self.current_slot();
+        let mut inner = self.lock();
+        let row = inner.store.current().cloned();
+        let mut ack = HistoryEvent::new(HistoryKind::RollbackAcknowledged);
+        ack.requested_retry = row.as_ref().map(|r| r.requested_retry);
+        ack.slot = slot;
+        inner.store.apply(RowChange::Clear, &[ack])?;
+        inner.rollback_seen = true;
+        info!("rollback boot completed: spent checkpoint cleared");
+        self.emit_state(&mut inner);
+        Ok(CommitOutcome::RollbackAcknowledged)
+    }
+
+    /// Asks every backend for its state; call without the state lock.
     fn any_backend_armed(&self) -> bool {
         self.backends.iter().any(|b| {
             let armed = b.status().is_ok_and(|s| s.state == BackendState::Armed);
@@ -679,68 +778,81 @@ impl Checkpointer {
         })
     }
 
-    fn commit_steps(
-        &self,
-        inner: &Inner,
-        committed: &mut Vec<String>,
-        skipped: &mut Vec<String>,
-        used: &mut Option<u64>,
-    ) -> Result<(), PolicyError> {
+    /// The commit's I/O: boot control, then the backends in order. Runs without the state lock.
+    fn commit_steps(&self, prepared: &[bool], steps: &mut CommitSteps) -> Result<(), PolicyError> {
         if self.boot.is_present() {
             self.boot.mark_boot_successful().map_err(PolicyError::MarkBootSuccessful)?;
             info!("Marked slot as booted successfully.");
         } else {
             error!("no boot control: not marking the slot successful");
         }
+        steps.slot = self.current_slot();
         for (i, backend) in self.backends.iter().enumerate() {
             let status = backend.status().ok();
-            let armed = status.as_ref().is_some_and(|s| s.state == BackendState::Armed);
-            if backend.kind() == BackendKind::Block && !inner.prepared[i] && !armed {
+            // Armed: a daemon restarted within the boot. Committed: a commit retried after a
+            // crash or a partial failure (the backend answers Identity).
+            let live = status
+                .as_ref()
+                .is_some_and(|s| matches!(s.state, BackendState::Armed | BackendState::Committed));
+            if backend.kind() == BackendKind::Block && !prepared[i] && !live {
                 warn!("backend {} was never armed in this boot: not committing it", backend.name());
-                skipped.push(backend.name().to_string());
+                steps.skipped.push(backend.name().to_string());
                 continue;
             }
             if let Some(b) = status.and_then(|s| s.backup_used_bytes) {
-                *used = Some(used.unwrap_or(0).saturating_add(b));
+                steps.used = Some(steps.used.unwrap_or(0).saturating_add(b));
             }
-            let _ = backend.commit().map_err(|source| PolicyError::BackendCommit {
+            let action = backend.commit().map_err(|source| PolicyError::BackendCommit {
                 backend: backend.name().to_string(),
                 source,
             })?;
-            committed.push(backend.name().to_string());
+            if action == Action::Identity {
+                info!("backend {} was already committed", backend.name());
+            }
+            steps.committed.push(backend.name().to_string());
         }
         Ok(())
     }
 
     /// `abortChanges(message, retry)`: when checkpointing (the latched answer), with
-    /// `retry == false` a positive budget becomes spent; then the daemon must reboot. Not
-    /// checkpointing: no reboot. Store errors are logged, as in vold; the reboot still happens.
+    /// `retry == false` a positive budget becomes spent; every backend's `abort` then leaves its
+    /// device for the next boot's restore, and the daemon must reboot. Not checkpointing: no
+    /// reboot. Store and backend errors are logged, as in vold; the reboot still happens.
     pub fn abort_changes(&self, message: &str, retry: bool) -> Result<AbortOutcome, PolicyError> {
-        let mut inner = self.lock();
-        if !self.needs_checkpoint_locked(&mut inner) {
-            return Ok(AbortOutcome::NotCheckpointing);
+        let _op = self.op();
+        {
+            let mut inner = self.lock();
+            if !self.needs_checkpoint_locked(&mut inner) {
+                return Ok(AbortOutcome::NotCheckpointing);
+            }
+            let row = inner.store.current().cloned();
+            let mut event = HistoryEvent::new(HistoryKind::Abort);
+            event.message = Some(message.to_string());
+            event.outcome = Some(if retry { "retry" } else { "no_retry" }.to_string());
+            event.slot = self.current_slot();
+            event.requested_retry = row.as_ref().map(|r| r.requested_retry);
+            let next = row
+                .filter(|r| !retry && r.budget_left.is_some_and(|n| n > 0))
+                .map(|r| CurrentRow { budget_left: Some(0), ..r });
+            event.budget_left = match &next {
+                Some(r) => r.budget_left.map(i64::from),
+                None => inner.store.current().and_then(|r| r.budget_left).map(i64::from),
+            };
+            let change = match &next {
+                Some(r) => RowChange::Set(r),
+                None => RowChange::Keep,
+            };
+            if let Err(e) = inner.store.apply(change, &[event]) {
+                error!("abortChanges: cannot record the abort: {e}");
+            }
         }
-        let row = inner.store.current().cloned();
-        let mut event = HistoryEvent::new(HistoryKind::Abort);
-        event.message = Some(message.to_string());
-        event.outcome = Some(if retry { "retry" } else { "no_retry" }.to_string());
-        event.slot = self.current_slot();
-        event.requested_retry = row.as_ref().map(|r| r.requested_retry);
-        let next = row
-            .filter(|r| !retry && r.budget_left.is_some_and(|n| n > 0))
-            .map(|r| CurrentRow { budget_left: Some(0), ..r });
-        event.budget_left = match &next {
-            Some(r) => r.budget_left.map(i64::from),
-            None => inner.store.current().and_then(|r| r.budget_left).map(i64::from),
-        };
-        let change = match &next {
-            Some(r) => RowChange::Set(r),
-            None => RowChange::Keep,
-        };
-        if let Err(e) = inner.store.apply(change, &[event]) {
-            error!("abortChanges: cannot record the abort: {e}");
+        for backend in &self.backends {
+            if let Err(e) = backend.abort() {
+                error!("backend {}: abort failed: {e}", backend.name());
+            }
         }
         warn!("checkpoint aborted ({message:?}, retry {retry}): rebooting");
+        let mut inner = self.lock();
         self.emit_state(&mut inner);
         self.emit(&mut inner, PolicyEvent::RebootRequested { reason: message.to_string() });
         Ok(AbortOutcome::Reboot { reason: message.to_string() })
@@ -751,19 +863,56 @@ impl Checkpointer {
         self.lock().latch_called = false;
     }
 
-    /// Record a dm-bow restore the daemon ran (one transaction).
+    /// The name of the backend that answers `restoreCheckpoint(device)`: the first whose
+    /// [`Backend::covers`] is true. `None`: no backend covers it (the caller falls back to
+    /// vold's dm-bow log restore).
+    pub fn restore_backend(&self, device: &str) -> Option<&str> {
+        self.backends.iter().find(|b| b.covers(device)).map(|b| b.name())
+    }
+
+    /// `restoreCheckpoint(Part)` through the backend seam: the backend that covers `device`
+    /// restores it; a device no backend covers goes to `fallback` (the daemon passes the
+    /// dm-bow log restore, so any device with a dm-bow log is restored as vold would).
+    /// Restores are serialised among themselves and take neither the state nor the operation
+    /// lock. The caller records the outcome ([`Self::record_restore`]).
+    pub fn restore_device(
+        &self,
+        device: &str,
+        request: &RestoreRequest,
+        progress: &dyn Fn(u64, u64),
+        fallback: &RestoreFallback<'_>,
+    ) -> RestoreRun {
+        let _serialised = self.restore_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let started = std::time::Instant::now();
+        let backend = self.backends.iter().find(|b| b.covers(device));
+        let result = match backend {
+            Some(b) => {
+                info!("restore of {device}: backend {}", b.name());
+                b.restore(device, request, progress)
+            }
+            None => fallback(device, request, progress),
+        };
+        RestoreRun {
+            backend: backend.map(|b| b.name().to_string()),
+            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            result,
+        }
+    }
+
+    /// Record a restore the daemon ran (one transaction).
     pub fn record_restore(&self, device: &str, record: RestoreRecord) -> Result<(), PolicyError> {
         let mut event = HistoryEvent::new(HistoryKind::Restore);
         event.device = Some(device.to_string());
         event.outcome = Some(record.outcome.as_str().to_string());
+        let by = record.backend.as_deref().map(|b| format!(" by {b}")).unwrap_or_default();
         event.message = Some(match &record.outcome {
             RestoreOutcome::Restored { entries } | RestoreOutcome::Interrupted { entries } => {
-                format!("{entries} entries in {} ms", record.duration_ms)
+                format!("{entries} entries in {} ms{by}", record.duration_ms)
             }
             RestoreOutcome::Failed { errno, message } => {
-                format!("errno {errno}: {message} ({} ms)", record.duration_ms)
+                format!("errno {errno}: {message} ({} ms{by})", record.duration_ms)
             }
-            _ => format!("{} ms", record.duration_ms),
+            _ => format!("{} ms{by}", record.duration_ms),
         });
         let mut inner = self.lock();
         inner.store.apply(RowChange::Keep, &[event])?;
@@ -774,27 +923,52 @@ impl Checkpointer {
         Ok(())
     }
 
-    /// Ask every backend for its free backup space; report (and emit
-    /// [`PolicyEvent::LowSpace`] for) those below [`PolicyOptions::min_free_bytes`]. The
-    /// health monitor (later) decides to commit or abort.
-    pub fn check_free_space(&self) -> Result<Vec<LowSpace>, PolicyError> {
-        let mut low = Vec::new();
-        for backend in &self.backends {
-            match backend.free_space() {
-                Ok(Some(free)) if free < self.options.min_free_bytes => low.push(LowSpace {
-                    backend: backend.name().to_string(),
-                    free_bytes: free,
-                    min_free_bytes: self.options.min_free_bytes,
-                }),
-                Ok(_) => {}
-                Err(e) => warn!("backend {}: cannot read free space: {e}", backend.name()),
-            }
+    /// Every backend's backup space, by name, asked without any lock (the health monitor's
+    /// poll).
+    pub fn backend_space(&self) -> Vec<(String, Result<BackupSpace, BackendError>)> {
+        self.backends.iter().map(|b| (b.name().to_string(), b.space())).collect()
+    }
+
+    /// Asks backend `name` to make more backup space ([`Backend::grow`]), under the operation
+    /// lock (never during a commit) and only while checkpointing (else `Identity`).
+    pub fn grow_backend(&self, name: &str) -> Result<Action, PolicyError> {
+        let _op = self.op();
+        let backend = self
+            .backends
+            .iter()
+            .find(|b| b.name() == name)
+            .ok_or_else(|| PolicyError::UnknownBackend(name.to_string()))?;
+        if !self.is_checkpointing() {
+            return Ok(Action::Identity);
         }
+        backend.grow().map_err(|source| PolicyError::BackendStep {
+            backend: name.to_string(),
+            operation: "grow",
+            source,
+        })
+    }
+
+    /// Records a health-monitor event (history `low_space`, one transaction) and sends it to
+    /// the listeners ([`PolicyEvent::LowSpace`]). `outcome` is a short word (`warning`,
+    /// `grown`, `commit`, ...), `message` the detail.
+    pub fn record_low_space(
+        &self,
+        low: &LowSpace,
+        outcome: &str,
+        message: &str,
+    ) -> Result<(), PolicyError> {
+        let mut event = HistoryEvent::new(HistoryKind::LowSpace);
+        event.device = Some(low.backend.clone());
+        event.outcome = Some(outcome.to_string());
+        event.message = Some(format!(
+            "{message} ({} bytes free, threshold {})",
+            low.free_bytes, low.min_free_bytes
+        ));
         let mut inner = self.lock();
-        for l in &low {
-            self.emit(&mut inner, PolicyEvent::LowSpace(l.clone()));
-        }
-        Ok(low)
+        event.requested_retry = inner.store.current().map(|r| r.requested_retry);
+        let result = inner.store.apply(RowChange::Keep, &[event]);
+        self.emit(&mut inner, PolicyEvent::LowSpace(low.clone()));
+        Ok(result?)
     }
 
     /// Everything `getStatus` reports. Never writes.
@@ -815,6 +989,7 @@ impl Checkpointer {
                 name: b.name().to_string(),
                 kind: b.kind(),
                 prepared,
+                selection_reason: b.selection_reason().to_string(),
                 status: b.status().map_err(|e| warn!("backend {}: {e}", b.name())).ok(),
             })
             .collect();

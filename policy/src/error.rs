@@ -97,6 +97,20 @@ pub enum PolicyError {
         #[source]
         source: BackendError,
     },
+    /// Another backend step failed (the health monitor's `grow`).
+    #[error("backend {backend}: {operation} failed: {source}")]
+    BackendStep {
+        /// The backend's name.
+        backend: String,
+        /// The step.
+        operation: &'static str,
+        /// What went wrong.
+        #[source]
+        source: BackendError,
+    },
+    /// No backend has this name.
+    #[error("no backend is called {0}")]
+    UnknownBackend(String),
 }
 
 impl PolicyError {
@@ -110,6 +124,8 @@ impl PolicyError {
                 ErrorKind::BootControl
             }
             PolicyError::BackendCommit { .. } => ErrorKind::Backend,
+            PolicyError::BackendStep { source, .. } => source.kind(),
+            PolicyError::UnknownBackend(_) => ErrorKind::InvalidArgument,
         }
     }
 

@@ -23,8 +23,8 @@ pub use bootctl::{
 };
 pub use checkpointer::{
     AbortOutcome, BackendInfo, Budget, Checkpointer, CommitOutcome, LowSpace, MarkOutcome,
-    PolicyEvent, PolicyOptions, RestoreOutcome, RestoreRecord, RollbackAction, StartOutcome, State,
-    Status,
+    PolicyEvent, PolicyOptions, RestoreFallback, RestoreOutcome, RestoreRecord, RestoreResult,
+    RestoreRun, RollbackAction, StartOutcome, State, Status,
 };
 pub use error::{errno, ErrorKind, PolicyError};
 pub use store::{

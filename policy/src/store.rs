@@ -179,10 +179,12 @@ pub enum HistoryKind {
     RollbackSlotSwitch,
     /// Crash recovery at open changed the state.
     Recovery,
+    /// The health monitor saw low backup space and what it did about it.
+    LowSpace,
 }
 
 impl HistoryKind {
-    const ALL: [HistoryKind; 9] = [
+    const ALL: [HistoryKind; 10] = [
         HistoryKind::Start,
         HistoryKind::BootAttempt,
         HistoryKind::Commit,
@@ -192,6 +194,7 @@ impl HistoryKind {
         HistoryKind::RollbackAcknowledged,
         HistoryKind::RollbackSlotSwitch,
         HistoryKind::Recovery,
+        HistoryKind::LowSpace,
     ];
 
     /// The name stored in the `event` column.
@@ -206,6 +209,7 @@ impl HistoryKind {
             HistoryKind::RollbackAcknowledged => "rollback_acknowledged",
             HistoryKind::RollbackSlotSwitch => "rollback_slot_switch",
             HistoryKind::Recovery => "recovery",
+            HistoryKind::LowSpace => "low_space",
         }
     }
 

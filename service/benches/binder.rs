@@ -181,8 +181,8 @@ fn daemon_config(meta: &str) -> Result<PathBuf, Failed> {
     fs::write(
         &path,
         format!(
-            "metadata_dir = \"{meta}\"\nhealth_check_interval_secs = 0\n\
-             [[backend]]\ntype = \"test-null\"\n"
+            "metadata_dir = \"{meta}\"\n\
+             [[backend]]\ntype = \"test-null\"\n[monitor]\ninterval_ms = 0\n"
         ),
     )?;
     Ok(path)

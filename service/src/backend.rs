@@ -1,17 +1,159 @@
-//! The backends this build can configure.
-//!
-//! The real block and file-system backends (bow, snapshot, f2fs) are ROADMAP item 1. Until
-//! they exist a configuration either has no backend — checkpoints are then not supported, as
-//! vold on a device without `checkpoint=` flags — or the `test-null` backend below, which is
-//! for test configurations only.
+//! The one place that constructs backends: the real ones of the `backends` crate (bow,
+//! snapshot, f2fs, `auto`'s choice), their boot-flow halves, and the `test-null` backend below
+//! (test configurations only). The daemon and `checkpointctl boot` both build through here.
 
 use std::sync::Mutex;
 
+use backends::records::Records;
+use backends::{BootStack, DeviceSpec};
 use policy::{
     Action, Backend, BackendError, BackendKind, BackendState, BackendStatus, BackupSpace,
+    RestoreReport, RestoreRequest,
 };
 
-use crate::config::CheckpointMethod;
+use crate::config::{CheckpointMethod, RestoreConfig, TestNullOptions};
+
+/// A backend type after `auto` was resolved, with its options.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resolved {
+    /// dm-bow.
+    Bow(backends::bow::BowOptions),
+    /// dm-snapshot.
+    Snapshot(backends::snapshot::SnapshotOptions),
+    /// f2fs `checkpoint=disable`.
+    F2fs(backends::f2fs::F2fsOptions),
+    /// Protects nothing (tests).
+    TestNull(TestNullOptions),
+}
+
+impl Resolved {
+    /// The type word.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Resolved::Bow(_) => "bow",
+            Resolved::Snapshot(_) => "snapshot",
+            Resolved::F2fs(_) => "f2fs",
+            Resolved::TestNull(_) => "test-null",
+        }
+    }
+}
+
+/// `auto`: dm-bow where the kernel has the target, else dm-snapshot, and why.
+pub fn resolve_auto(options: &backends::select::AutoOptions) -> (Resolved, String) {
+    let (chosen, reason) = backends::select::choose(options);
+    let resolved = match chosen {
+        backends::select::Chosen::Bow(o) => Resolved::Bow(o),
+        backends::select::Chosen::Snapshot(o) => Resolved::Snapshot(o),
+    };
+    (resolved, reason)
+}
+
+/// The daemon's backend object for one device; `restore` is the `[restore]` tuning of the
+/// dm-bow log restore.
+pub fn daemon_backend(
+    resolved: &Resolved,
+    spec: &DeviceSpec,
+    records: &Records,
+    restore: &RestoreConfig,
+) -> Result<Box<dyn Backend>, BackendError> {
+    Ok(match resolved {
+        Resolved::Bow(o) => Box::new(backends::bow::BowBackend::new(
+            spec.clone(),
+            o.clone(),
+            restore.options(0),
+            records.clone(),
+        )?),
+        Resolved::Snapshot(o) => Box::new(backends::snapshot::SnapshotBackend::new(
+            spec.clone(),
+            o.clone(),
+            records.clone(),
+        )?),
+        Resolved::F2fs(o) => Box::new(backends::f2fs::F2fsBackend::new(spec.clone(), o.clone())?),
+        Resolved::TestNull(o) => Box::new(TestNullBackend::new(
+            "test-null",
+            o.kind.unwrap_or(CheckpointMethod::Block),
+            o.free_bytes,
+            vec![spec.raw.display().to_string()],
+        )),
+    })
+}
+
+/// The boot flow's half for one device; `None` for test-null (the raw device is mounted as
+/// it is).
+pub fn boot_stack(resolved: &Resolved) -> Option<Box<dyn BootStack>> {
+    match resolved {
+        Resolved::Bow(o) => Some(Box::new(backends::bow::BowStack::new(o.clone()))),
+        Resolved::Snapshot(o) => Some(Box::new(backends::snapshot::SnapshotStack::new(o.clone()))),
+        Resolved::F2fs(o) => Some(Box::new(backends::f2fs::F2fsStack::new(o.clone()))),
+        Resolved::TestNull(_) => None,
+    }
+}
+
+/// A backend under the name the configuration gives it, with `auto`'s reason.
+#[derive(Debug)]
+pub struct Named {
+    name: String,
+    reason: String,
+    inner: Box<dyn Backend>,
+}
+
+impl Named {
+    /// `inner` called `name`, chosen for `reason` (empty: configured explicitly).
+    pub fn new(name: String, reason: String, inner: Box<dyn Backend>) -> Self {
+        Named { name, reason, inner }
+    }
+}
+
+impl Backend for Named {
+    fn kind(&self) -> BackendKind {
+        self.inner.kind()
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn selection_reason(&self) -> &str {
+        if self.reason.is_empty() {
+            self.inner.selection_reason()
+        } else {
+            &self.reason
+        }
+    }
+    fn covers(&self, device: &str) -> bool {
+        self.inner.covers(device)
+    }
+    fn restore(
+        &self,
+        device: &str,
+        request: &RestoreRequest,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<RestoreReport, BackendError> {
+        self.inner.restore(device, request, progress)
+    }
+    fn prepare(&self) -> Result<Action, BackendError> {
+        self.inner.prepare()
+    }
+    fn commit(&self) -> Result<Action, BackendError> {
+        self.inner.commit()
+    }
+    fn abort(&self) -> Result<Action, BackendError> {
+        self.inner.abort()
+    }
+    fn teardown(&self) -> Result<Action, BackendError> {
+        self.inner.teardown()
+    }
+    fn grow(&self) -> Result<Action, BackendError> {
+        self.inner.grow()
+    }
+    fn space(&self) -> Result<BackupSpace, BackendError> {
+        self.inner.space()
+    }
+    fn free_space(&self) -> Result<Option<u64>, BackendError> {
+        self.inner.free_space()
+    }
+    fn status(&self) -> Result<BackendStatus, BackendError> {
+        self.inner.status()
+    }
+}
 
 /// A backend that protects NO data: `prepare` and `commit` only record the state, so the
 /// policy (budget, latch, commit order, history) can be driven end to end on a machine without

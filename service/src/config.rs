@@ -40,8 +40,8 @@ pub struct Config {
     pub reboot: RebootConfig,
     /// How restoreCheckpoint uses memory and I/O.
     pub restore: RestoreConfig,
-    /// Seconds between free-space checks while checkpointing (0 = never).
-    pub health_check_interval_secs: u64,
+    /// The health monitor (backup space while checkpointing).
+    pub monitor: MonitorConfig,
 }
 
 impl Default for Config {
@@ -58,7 +58,7 @@ impl Default for Config {
             socket: SocketConfig::default(),
             reboot: RebootConfig::default(),
             restore: RestoreConfig::default(),
-            health_check_interval_secs: 1,
+            monitor: MonitorConfig::default(),
         }
     }
 }
@@ -92,35 +92,127 @@ pub struct DeviceConfig {
     pub mount_point: PathBuf,
     /// `block` or `fs`.
     pub checkpoint: CheckpointMethod,
+    /// Filesystem type for the boot flow's mount (`ext4`, `f2fs`); absent: the kernel probes.
+    #[serde(default)]
+    pub fs_type: Option<String>,
+    /// Extra mount options (comma-separated, as fstab's fourth field); default none.
+    #[serde(default)]
+    pub mount_options: String,
+    /// The `[[backend]]` (by name) that checkpoints this device; default: the only backend
+    /// for its `checkpoint` method.
+    #[serde(default)]
+    pub backend: Option<String>,
 }
 
-/// The backend types this build knows.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub enum BackendType {
-    /// A backend that protects no data: prepare and commit only move the state machine. For
-    /// test configurations only (the daemon warns at start). Real backends: ROADMAP item 1.
-    TestNull,
-}
-
-/// One `[[backend]]` entry.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct BackendConfig {
-    /// The backend type.
-    #[serde(rename = "type")]
-    pub backend_type: BackendType,
-    /// Its name in status and history (default: the type).
-    pub name: Option<String>,
+/// The options of a `test-null` backend.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TestNullOptions {
     /// Which kind of checkpoint it stands for (`block` or `fs`; default `block`).
-    #[serde(default = "default_backend_kind")]
-    pub kind: CheckpointMethod,
-    /// test-null only: the free backup space it reports, in bytes (default: unknown).
+    pub kind: Option<CheckpointMethod>,
+    /// The free backup space it reports, in bytes (default: unknown).
     pub free_bytes: Option<u64>,
 }
 
-fn default_backend_kind() -> CheckpointMethod {
-    CheckpointMethod::Block
+/// A backend type with its options: `[[backend]] type = "..."` plus that type's keys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BackendType {
+    /// Android's dm-bow (`type = "bow"`).
+    Bow(backends::bow::BowOptions),
+    /// dm-snapshot with a COW file on the filesystem (`type = "snapshot"`).
+    Snapshot(backends::snapshot::SnapshotOptions),
+    /// f2fs `checkpoint=disable` (`type = "f2fs"`).
+    F2fs(backends::f2fs::F2fsOptions),
+    /// dm-bow where the kernel has it, else dm-snapshot (`type = "auto"`).
+    Auto(backends::select::AutoOptions),
+    /// A backend that protects no data: prepare and commit only move the state machine. For
+    /// test configurations only (the daemon warns at start).
+    TestNull(TestNullOptions),
+}
+
+impl BackendType {
+    /// The word of its `type` key.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            BackendType::Bow(_) => "bow",
+            BackendType::Snapshot(_) => "snapshot",
+            BackendType::F2fs(_) => "f2fs",
+            BackendType::Auto(_) => "auto",
+            BackendType::TestNull(_) => "test-null",
+        }
+    }
+
+    /// The devices it checkpoints: `checkpoint = "block"` for bow, snapshot and auto, `"fs"`
+    /// for f2fs, test-null's `kind`.
+    pub fn method(&self) -> CheckpointMethod {
+        match self {
+            BackendType::Bow(_) | BackendType::Snapshot(_) | BackendType::Auto(_) => {
+                CheckpointMethod::Block
+            }
+            BackendType::F2fs(_) => CheckpointMethod::Fs,
+            BackendType::TestNull(o) => o.kind.unwrap_or(CheckpointMethod::Block),
+        }
+    }
+}
+
+/// One `[[backend]]` entry: `type`, an optional `name`, and the keys of that type (flat, in
+/// the same table). Unknown keys are refused with the type's list of known keys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// Its name in status and history (default: the type).
+    pub name: Option<String>,
+    /// The type and its options.
+    pub backend: BackendType,
+}
+
+/// The `type` words, for the error of an unknown one.
+const BACKEND_TYPES: &[&str] = &["bow", "snapshot", "f2fs", "auto", "test-null"];
+
+impl<'de> Deserialize<'de> for BackendConfig {
+    /// serde's internally tagged enums cannot refuse unknown keys of a variant that embeds
+    /// another struct (`flatten` turns `deny_unknown_fields` off), so the table is split by
+    /// hand: `type` and `name` are taken out, and the rest goes to the type's own options
+    /// struct, whose `deny_unknown_fields` names any stray key.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut table = toml::Table::deserialize(deserializer)?;
+        let type_name = match table.remove("type") {
+            Some(toml::Value::String(t)) => t,
+            Some(other) => {
+                return Err(D::Error::custom(format!(
+                    "key `type`: expected a string, found {}",
+                    other.type_str()
+                )))
+            }
+            None => return Err(D::Error::missing_field("type")),
+        };
+        let name = match table.remove("name") {
+            Some(toml::Value::String(n)) => Some(n),
+            Some(other) => {
+                return Err(D::Error::custom(format!(
+                    "key `name`: expected a string, found {}",
+                    other.type_str()
+                )))
+            }
+            None => None,
+        };
+        fn options<T: serde::de::DeserializeOwned, E: Error>(
+            type_name: &str,
+            table: toml::Table,
+        ) -> Result<T, E> {
+            T::deserialize(toml::Value::Table(table))
+                .map_err(|e| E::custom(format!("backend type `{type_name}`: {e}")))
+        }
+        let backend = match type_name.as_str() {
+            "bow" => BackendType::Bow(options(&type_name, table)?),
+            "snapshot" => BackendType::Snapshot(options(&type_name, table)?),
+            "f2fs" => BackendType::F2fs(options(&type_name, table)?),
+            "auto" => BackendType::Auto(options(&type_name, table)?),
+            "test-null" => BackendType::TestNull(options(&type_name, table)?),
+            other => return Err(D::Error::unknown_variant(other, BACKEND_TYPES)),
+        };
+        Ok(BackendConfig { name, backend })
+    }
 }
 
 /// `[policy]`.
@@ -134,8 +226,6 @@ pub struct PolicyConfig {
     pub dont_commit: bool,
     /// What to do when the budget is spent: `none` or `switch-to-previous-slot`.
     pub rollback_action: RollbackActionConfig,
-    /// Below this much free backup space the health check reports low space (bytes).
-    pub min_free_bytes: u64,
 }
 
 impl Default for PolicyConfig {
@@ -144,9 +234,57 @@ impl Default for PolicyConfig {
             default_retry: 2,
             dont_commit: false,
             rollback_action: RollbackActionConfig::None,
-            min_free_bytes: 100 * 1024 * 1024,
         }
     }
+}
+
+/// `[monitor]`: the health monitor (docs/configuration.md has the sizing argument).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonitorConfig {
+    /// Milliseconds between polls of the backends' free backup space while checkpointing
+    /// (0 = no monitor).
+    pub interval_ms: u64,
+    /// Below this much free backup space: one warning (history, listeners).
+    pub warn_free_bytes: u64,
+    /// Below this much: grow the backup area if the backend can, else the `action` (vold's
+    /// `ro.sys.cp_min_free_bytes`).
+    pub action_free_bytes: u64,
+    /// `commit` (vold's `commit_on_full`) or `abort-and-reboot`.
+    pub action: LowSpaceActionConfig,
+    /// The fastest the device writes, for the sizing check: `interval_ms` of writes at this
+    /// rate must fit in `action_free_bytes`.
+    pub max_write_bytes_per_sec: u64,
+    /// After a failed attempt, wait this long before the next one; doubled per failure.
+    pub backoff_initial_ms: u64,
+    /// The longest wait between attempts.
+    pub backoff_max_ms: u64,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        MonitorConfig {
+            interval_ms: 500,
+            warn_free_bytes: 256 << 20,
+            action_free_bytes: 100 << 20,
+            action: LowSpaceActionConfig::Commit,
+            max_write_bytes_per_sec: 100 << 20,
+            backoff_initial_ms: 1000,
+            backoff_max_ms: 300_000,
+        }
+    }
+}
+
+/// `monitor.action`.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum LowSpaceActionConfig {
+    /// Commit the checkpoint (vold's default, `ro.sys.cp_commit_on_full`): the device stays
+    /// usable, the rollback is given up.
+    Commit,
+    /// `abortChanges("checkpoint,low_space", retry=false)` and reboot: the next boot rolls
+    /// back.
+    AbortAndReboot,
 }
 
 /// `policy.rollback_action`.
@@ -310,6 +448,24 @@ pub enum RebootAction {
     AndroidPowerctl,
 }
 
+/// The backend options' own checks (the backends crate's `validate`, whose messages start
+/// with `<key> = <value>:`), with the error under the dotted key of this entry.
+fn validate_backend_options(i: usize, backend: &BackendType) -> Result<(), ConfigError> {
+    let named = |result: Result<(), String>| {
+        result.map_err(|message| {
+            let key = message.split(" = ").next().filter(|k| !k.contains(' ')).unwrap_or("type");
+            invalid(format!("backend[{i}].{key}"), message.clone())
+        })
+    };
+    match backend {
+        BackendType::Bow(o) => named(o.validate()),
+        BackendType::Snapshot(o) => named(o.validate()),
+        BackendType::F2fs(o) => named(o.validate()),
+        BackendType::Auto(o) => named(o.validate()),
+        BackendType::TestNull(_) => Ok(()),
+    }
+}
+
 /// A configuration error; `Display` names the file and the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -381,13 +537,36 @@ impl Config {
         let mut names = std::collections::BTreeSet::new();
         for (i, backend) in self.backends.iter().enumerate() {
             let name = self.backend_name(backend);
-            if name.is_empty() || name.contains(char::is_whitespace) {
-                return Err(invalid(format!("backend[{i}].name"), "must be one non-empty word"));
+            if name.is_empty()
+                || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+            {
+                return Err(invalid(
+                    format!("backend[{i}].name"),
+                    format!("`{name}`: must be one word of [A-Za-z0-9_-]"),
+                ));
             }
             if !names.insert(name.to_owned()) {
                 return Err(invalid(
                     format!("backend[{i}].name"),
                     format!("`{name}` is used by two backends"),
+                ));
+            }
+            validate_backend_options(i, &backend.backend)?;
+        }
+        for (i, device) in self.devices.iter().enumerate() {
+            self.backend_for(device).map_err(|m| {
+                let key = if device.backend.is_some() { "backend" } else { "checkpoint" };
+                invalid(format!("device[{i}].{key}"), m)
+            })?;
+            if let Some(fs) = &device.fs_type {
+                if fs.is_empty() || fs.contains([',', ' ']) {
+                    return Err(invalid(format!("device[{i}].fs_type"), "must be one word"));
+                }
+            }
+            if device.mount_options.contains(char::is_whitespace) {
+                return Err(invalid(
+                    format!("device[{i}].mount_options"),
+                    "comma-separated, without white space",
                 ));
             }
         }
@@ -450,6 +629,7 @@ impl Config {
                 "is false and socket.path is not set: the service would be unreachable",
             ));
         }
+        self.validate_monitor()?;
         if !(1..=64).contains(&self.restore.queue_depth) {
             return Err(invalid("restore.queue_depth", "must be 1..=64"));
         }
@@ -470,9 +650,77 @@ impl Config {
 
     /// A backend's name (its `name`, or its type).
     pub fn backend_name<'a>(&self, backend: &'a BackendConfig) -> &'a str {
-        backend.name.as_deref().unwrap_or(match backend.backend_type {
-            BackendType::TestNull => "test-null",
-        })
+        backend.name.as_deref().unwrap_or(backend.backend.type_name())
+    }
+
+    /// The backend that checkpoints `device`: the one its `backend` key names, else the only
+    /// backend for its `checkpoint` method. `Ok(None)`: no backend is configured for that
+    /// method (the device is listed, not checkpointed). The error says why it is ambiguous or
+    /// wrong.
+    pub fn backend_for(&self, device: &DeviceConfig) -> Result<Option<&BackendConfig>, String> {
+        if let Some(wanted) = &device.backend {
+            let backend = self
+                .backends
+                .iter()
+                .find(|b| self.backend_name(b) == wanted)
+                .ok_or_else(|| format!("no [[backend]] is called `{wanted}`"))?;
+            if backend.backend.method() != device.checkpoint {
+                return Err(format!(
+                    "backend `{wanted}` ({}) checkpoints `{}` devices, this one is `{}`",
+                    backend.backend.type_name(),
+                    backend.backend.method(),
+                    device.checkpoint
+                ));
+            }
+            return Ok(Some(backend));
+        }
+        let mut matching = self.backends.iter().filter(|b| b.backend.method() == device.checkpoint);
+        let first = matching.next();
+        if first.is_some() && matching.next().is_some() {
+            return Err(format!(
+                "several backends checkpoint `{}` devices: name one with `backend = \"<name>\"`",
+                device.checkpoint
+            ));
+        }
+        Ok(first)
+    }
+
+    fn validate_monitor(&self) -> Result<(), ConfigError> {
+        let m = &self.monitor;
+        if m.interval_ms == 0 {
+            return Ok(());
+        }
+        if m.interval_ms > 60_000 {
+            return Err(invalid("monitor.interval_ms", "must be at most 60000 (or 0 = off)"));
+        }
+        if m.warn_free_bytes < m.action_free_bytes {
+            return Err(invalid(
+                "monitor.warn_free_bytes",
+                format!("must be at least monitor.action_free_bytes ({})", m.action_free_bytes),
+            ));
+        }
+        // Between two polls the device may write interval × rate bytes; they must fit in the
+        // space left at the action threshold, or the backup layer runs out before the monitor
+        // sees it (docs/configuration.md, [monitor]).
+        let per_poll = u128::from(m.max_write_bytes_per_sec) * u128::from(m.interval_ms) / 1000;
+        if per_poll >= u128::from(m.action_free_bytes) {
+            return Err(invalid(
+                "monitor.interval_ms",
+                format!(
+                    "{} ms at monitor.max_write_bytes_per_sec = {} writes {per_poll} bytes \
+                     between polls, not less than monitor.action_free_bytes = {}: poll more \
+                     often or raise the threshold",
+                    m.interval_ms, m.max_write_bytes_per_sec, m.action_free_bytes
+                ),
+            ));
+        }
+        if m.backoff_initial_ms == 0 || m.backoff_max_ms < m.backoff_initial_ms {
+            return Err(invalid(
+                "monitor.backoff_max_ms",
+                "backoff_initial_ms must be > 0 and backoff_max_ms at least backoff_initial_ms",
+            ));
+        }
+        Ok(())
     }
 
     /// The URI of the boot control HAL.
@@ -523,7 +771,6 @@ mod tests {
             r#"
             metadata_dir = "/var/lib/checkpointd"
             fstab = "/etc/fstab.device"
-            health_check_interval_secs = 5
             [[device]]
             device = "/dev/vdb"
             mount_point = "/data"
@@ -550,11 +797,18 @@ mod tests {
             [reboot]
             action = "command"
             command = ["systemctl", "reboot", "--reboot-argument={reason}"]
+            [monitor]
+            interval_ms = 250
+            warn_free_bytes = 300000000
+            action_free_bytes = 200000000
+            action = "abort-and-reboot"
             "#,
         )
         .expect("valid");
         assert_eq!(config.devices[0].checkpoint, CheckpointMethod::Block);
-        assert_eq!(config.backends[0].kind, CheckpointMethod::Fs);
+        assert_eq!(config.backends[0].backend.method(), CheckpointMethod::Fs);
+        assert_eq!(config.monitor.action, LowSpaceActionConfig::AbortAndReboot);
+        assert_eq!(config.monitor.interval_ms, 250);
         assert_eq!(config.socket.mode, Some(0o660));
     }
 
@@ -603,9 +857,175 @@ mod tests {
     }
 
     #[test]
-    fn unknown_enum_value_is_refused() {
-        let err = validate_text("[[backend]]\ntype = \"bow\"").unwrap_err();
-        assert!(err.contains("bow") && err.contains("type"), "{err}");
+    fn unknown_backend_type_is_refused_with_the_known_ones() {
+        let err = validate_text("[[backend]]\ntype = \"zfs\"").unwrap_err();
+        assert!(
+            err.contains("zfs") && err.contains("snapshot") && err.contains("test-null"),
+            "{err}"
+        );
+        let err = validate_text("[[backend]]\nname = \"x\"").unwrap_err();
+        assert!(err.contains("type"), "{err}");
+        let err = validate_text("[[backend]]\ntype = 3").unwrap_err();
+        assert!(err.contains("`type`"), "{err}");
+    }
+
+    #[test]
+    fn every_backend_type_parses_with_its_options() {
+        let config = validate_text(
+            r#"
+            [[backend]]
+            type = "bow"
+            block_size_4096 = true
+            sysfs_root = "/tmp/sys"
+            [[backend]]
+            type = "snapshot"
+            name = "snap"
+            cow_bytes = 8388608
+            chunk_kib = 8
+            rollback = "kernel-merge"
+            [[backend]]
+            type = "f2fs"
+            max_unusable_percent = 30
+            [[backend]]
+            type = "auto"
+            [backend.snapshot]
+            cow_free_percent = 10
+            [backend.bow]
+            block_size_4096 = true
+            [[backend]]
+            type = "test-null"
+            kind = "fs"
+            free_bytes = 5
+            "#,
+        )
+        .expect("valid");
+        let b = &config.backends;
+        assert!(matches!(&b[0].backend, BackendType::Bow(o) if o.block_size_4096
+            && o.sysfs_root == Path::new("/tmp/sys")));
+        assert_eq!(b[0].name, None);
+        assert_eq!(config.backend_name(&b[0]), "bow");
+        assert_eq!(config.backend_name(&b[1]), "snap");
+        match &b[1].backend {
+            BackendType::Snapshot(o) => {
+                assert_eq!((o.cow_bytes, o.chunk_kib), (Some(8 << 20), 8));
+                assert_eq!(o.rollback, backends::snapshot::RollbackMethod::KernelMerge);
+                assert_eq!(o.cow_file, backends::snapshot::SnapshotOptions::default().cow_file);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            matches!(&b[2].backend, BackendType::F2fs(o) if o.max_unusable_percent == Some(30))
+        );
+        match &b[3].backend {
+            BackendType::Auto(o) => {
+                assert_eq!(o.snapshot.cow_free_percent, 10);
+                assert!(o.bow.block_size_4096);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(&b[4].backend, BackendType::TestNull(o)
+            if o.kind == Some(CheckpointMethod::Fs) && o.free_bytes == Some(5)));
+        assert_eq!(b[2].backend.method(), CheckpointMethod::Fs);
+        assert_eq!(b[3].backend.method(), CheckpointMethod::Block);
+    }
+
+    #[test]
+    fn a_key_of_another_backend_type_is_refused_and_named() {
+        for (text, key) in [
+            ("[[backend]]\ntype = \"bow\"\ncow_bytes = 1", "cow_bytes"),
+            ("[[backend]]\ntype = \"snapshot\"\nblock_size_4096 = true", "block_size_4096"),
+            ("[[backend]]\ntype = \"f2fs\"\nchunk_kib = 4", "chunk_kib"),
+            ("[[backend]]\ntype = \"test-null\"\ncow_file = \"x\"", "cow_file"),
+            ("[[backend]]\ntype = \"auto\"\ncow_bytes = 1", "cow_bytes"),
+            ("[[backend]]\ntype = \"auto\"\n[backend.snapshot]\ncow_byts = 1", "cow_byts"),
+            ("[[backend]]\ntype = \"snapshot\"\nkind = \"fs\"", "kind"),
+        ] {
+            let err = validate_text(text).unwrap_err();
+            assert!(err.contains(&format!("`{key}`")), "{text}: {err}");
+            assert!(err.contains("unknown field"), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn backend_option_values_are_checked_and_named() {
+        for (text, key) in [
+            ("[[backend]]\ntype = \"snapshot\"\nchunk_kib = 3", "backend[0].chunk_kib"),
+            ("[[backend]]\ntype = \"snapshot\"\ncow_file = \"/abs\"", "backend[0].cow_file"),
+            ("[[backend]]\ntype = \"snapshot\"\ncow_bytes = 1", "backend[0].cow_bytes"),
+            (
+                "[[backend]]\ntype = \"auto\"\n[backend.snapshot]\ncow_free_percent = 0",
+                "backend[0].snapshot.cow_free_percent",
+            ),
+            ("[[backend]]\ntype = \"bow\"\nsysfs_root = \"sys\"", "backend[0].sysfs_root"),
+            (
+                "[[backend]]\ntype = \"f2fs\"\nmax_unusable_percent = 101",
+                "backend[0].max_unusable_percent",
+            ),
+            ("[[backend]]\ntype = \"test-null\"\nname = \"two words\"", "backend[0].name"),
+        ] {
+            let err = validate_text(text).unwrap_err();
+            assert!(err.contains(&format!("`{key}`")), "{text}: {err}");
+        }
+    }
+
+    const DEVICE: &str = "[[device]]\ndevice = \"/dev/vdb\"\nmount_point = \"/data\"\n";
+
+    #[test]
+    fn devices_pair_with_the_backend_of_their_method() {
+        let config = validate_text(&format!(
+            "{DEVICE}checkpoint = \"block\"\nfs_type = \"ext4\"\nmount_options = \"noatime,discard\"\n\
+             [[backend]]\ntype = \"snapshot\"\n[[backend]]\ntype = \"f2fs\"\n"
+        ))
+        .expect("valid");
+        let d = &config.devices[0];
+        assert_eq!(
+            (d.fs_type.as_deref(), d.mount_options.as_str()),
+            (Some("ext4"), "noatime,discard")
+        );
+        let b = config.backend_for(d).unwrap().expect("a backend");
+        assert_eq!(config.backend_name(b), "snapshot");
+        // Two block backends: the device must name one.
+        let two = format!(
+            "{DEVICE}checkpoint = \"block\"\n[[backend]]\ntype = \"snapshot\"\n[[backend]]\ntype = \"bow\"\n"
+        );
+        let err = validate_text(&two).unwrap_err();
+        assert!(err.contains("`device[0].checkpoint`") && err.contains("several"), "{err}");
+        let named =
+            two.replace("checkpoint = \"block\"\n", "checkpoint = \"block\"\nbackend = \"bow\"\n");
+        let config = validate_text(&named).expect("valid");
+        assert_eq!(
+            config.backend_name(config.backend_for(&config.devices[0]).unwrap().unwrap()),
+            "bow"
+        );
+        // Naming a backend of the other method, or none that exists.
+        let err = validate_text(&format!(
+            "{DEVICE}checkpoint = \"fs\"\nbackend = \"snapshot\"\n[[backend]]\ntype = \"snapshot\"\n"
+        ))
+        .unwrap_err();
+        assert!(err.contains("`device[0].backend`"), "{err}");
+        let err = validate_text(&format!("{DEVICE}checkpoint = \"fs\"\nbackend = \"nope\"\n"))
+            .unwrap_err();
+        assert!(err.contains("`device[0].backend`") && err.contains("nope"), "{err}");
+        let err =
+            validate_text(&format!("{DEVICE}checkpoint = \"fs\"\nmount_options = \"a, b\"\n"))
+                .unwrap_err();
+        assert!(err.contains("`device[0].mount_options`"), "{err}");
+    }
+
+    #[test]
+    fn the_monitor_refuses_an_interval_too_long_for_its_threshold() {
+        // 100 MiB/s × 2 s = 200 MiB between polls, more than the 100 MiB threshold.
+        let err = validate_text("[monitor]\ninterval_ms = 2000").unwrap_err();
+        assert!(err.contains("`monitor.interval_ms`"), "{err}");
+        validate_text("[monitor]\ninterval_ms = 2000\nmax_write_bytes_per_sec = 10000000").unwrap();
+        let err = validate_text("[monitor]\nwarn_free_bytes = 1").unwrap_err();
+        assert!(err.contains("`monitor.warn_free_bytes`"), "{err}");
+        let err = validate_text("[monitor]\nbackoff_max_ms = 10").unwrap_err();
+        assert!(err.contains("`monitor.backoff_max_ms`"), "{err}");
+        // Off: no sizing check.
+        validate_text("[monitor]\ninterval_ms = 0\nwarn_free_bytes = 1").unwrap();
+        let err = validate_text("[monitor]\nintervl_ms = 5").unwrap_err();
+        assert!(err.contains("intervl_ms"), "{err}");
     }
 
     #[test]

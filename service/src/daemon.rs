@@ -1,5 +1,6 @@
-//! Startup and the daemon's life: config → store → policy → one service object → transports,
-//! then the health check and the signal wait on an explicit tokio runtime.
+//! Startup and the daemon's life: config → store → backends → policy → one service object →
+//! transports, then the health monitor (`monitor.rs`) and the signal wait on an explicit tokio
+//! runtime.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,11 +10,14 @@ use policy::{
     RollbackAction, Store,
 };
 
-use crate::backend::TestNullBackend;
+use backends::records::Records;
+
+use crate::backend::{Named, Resolved, TestNullBackend};
 use crate::config::{
     BackendType, BootControlKind, CheckpointMethod, Config, DeviceConfig, RollbackActionConfig,
 };
 use crate::listeners::Listeners;
+use crate::plan;
 use crate::reboot::Rebooter;
 use crate::service::{CheckpointService, Daemon};
 use crate::transport;
@@ -39,6 +43,18 @@ pub enum StartError {
         #[source]
         source: policy::BootControlError,
     },
+    /// The devices could not be paired with their backends.
+    #[error("invalid device/backend configuration: {0}")]
+    Plan(String),
+    /// A backend could not be set up.
+    #[error("cannot set up backend {name}: {source}")]
+    Backend {
+        /// The backend object's name.
+        name: String,
+        /// Why.
+        #[source]
+        source: policy::BackendError,
+    },
     /// The policy could not be set up.
     #[error("cannot set up the checkpoint policy: {0}")]
     Policy(#[from] policy::PolicyError),
@@ -48,19 +64,6 @@ pub enum StartError {
     /// The runtime or a signal handler could not be set up.
     #[error("runtime: {0}")]
     Runtime(#[from] std::io::Error),
-}
-
-/// The devices to checkpoint: the config's, then the fstab's (without duplicates).
-pub fn devices(config: &Config) -> Result<Vec<DeviceConfig>, StartError> {
-    let mut devices = config.devices.clone();
-    if let Some(fstab) = &config.fstab {
-        for entry in crate::fstab::read_checkpoint_entries(fstab)? {
-            if !devices.iter().any(|d| d.device == entry.device) {
-                devices.push(entry);
-            }
-        }
-    }
-    Ok(devices)
 }
 
 fn boot_control(config: &Config) -> Result<Box<dyn BootControl>, StartError> {
@@ -83,48 +86,85 @@ fn boot_control(config: &Config) -> Result<Box<dyn BootControl>, StartError> {
     }
 }
 
-fn backends(config: &Config, devices: &[DeviceConfig]) -> Vec<Box<dyn Backend>> {
+/// One backend object per (backend, covered device), with its records in the metadata
+/// directory; `test-null` is one object over all its devices (it touches none).
+fn backends(
+    config: &Config,
+    devices: &[DeviceConfig],
+) -> Result<Vec<Box<dyn Backend>>, StartError> {
+    let plan = plan::plan(config, devices).map_err(StartError::Plan)?;
     let mut out: Vec<Box<dyn Backend>> = Vec::new();
+    let mut records = None;
     for backend in &config.backends {
         let name = config.backend_name(backend);
-        match backend.backend_type {
-            BackendType::TestNull => {
-                log::warn!(
-                    "backend `{name}` is test-null: it protects NO data (test configurations \
-                     only); commit and rollback only move the state machine"
+        if let BackendType::TestNull(options) = &backend.backend {
+            log::warn!(
+                "backend `{name}` is test-null: it protects NO data (test configurations \
+                 only); commit and rollback only move the state machine"
+            );
+            let covered = plan
+                .iter()
+                .filter(|p| p.backend == Resolved::TestNull(options.clone()))
+                .filter(|p| p.name == name || p.name.starts_with(&format!("{name}@")))
+                .map(|p| p.device.device.display().to_string())
+                .collect();
+            out.push(Box::new(TestNullBackend::new(
+                name,
+                options.kind.unwrap_or(CheckpointMethod::Block),
+                options.free_bytes,
+                covered,
+            )));
+            continue;
+        }
+        let mine: Vec<&plan::DevicePlan> = plan
+            .iter()
+            .filter(|p| p.name == name || p.name.starts_with(&format!("{name}@")))
+            .collect();
+        if mine.is_empty() {
+            log::warn!(
+                "backend `{name}` ({}) checkpoints no device: no [[device]] or fstab entry with \
+                 checkpoint = \"{}\"",
+                backend.backend.type_name(),
+                backend.backend.method()
+            );
+        }
+        for p in mine {
+            if !p.reason.is_empty() {
+                log::info!(
+                    "backend `{}` for {}: {} ({})",
+                    p.name,
+                    p.spec.mount_point.display(),
+                    p.backend.type_name(),
+                    p.reason
                 );
-                let covered = devices
-                    .iter()
-                    .filter(|d| d.checkpoint == backend.kind)
-                    .map(|d| d.device.display().to_string())
-                    .collect();
-                out.push(Box::new(TestNullBackend::new(
-                    name,
-                    backend.kind,
-                    backend.free_bytes,
-                    covered,
-                )));
             }
+            let records = match &records {
+                Some(r) => r,
+                None => records.insert(
+                    Records::open(&config.metadata_dir)
+                        .map_err(|source| StartError::Backend { name: p.name.clone(), source })?,
+                ),
+            };
+            let inner =
+                crate::backend::daemon_backend(&p.backend, &p.spec, records, &config.restore)
+                    .map_err(|source| StartError::Backend { name: p.name.clone(), source })?;
+            out.push(Box::new(Named::new(p.name.clone(), p.reason.clone(), inner)));
         }
     }
     for device in devices {
-        let kind_covered = config.backends.iter().any(|b| b.kind == device.checkpoint);
-        if !kind_covered {
-            let what = match device.checkpoint {
-                CheckpointMethod::Block => "block",
-                CheckpointMethod::Fs => "file-system",
-            };
-            log::info!(
-                "{} ({}) asks for a {what} checkpoint, but this build has no {what} backend yet",
+        if config.backend_for(device).ok().flatten().is_none() {
+            log::warn!(
+                "{} ({}) asks for a {} checkpoint, but no backend of that kind is configured",
                 device.device.display(),
-                device.mount_point.display()
+                device.mount_point.display(),
+                device.checkpoint
             );
         }
     }
     if out.is_empty() {
         log::info!("no checkpoint backend configured: checkpoints are not supported");
     }
-    out
+    Ok(out)
 }
 
 fn policy_options(config: &Config) -> PolicyOptions {
@@ -135,19 +175,18 @@ fn policy_options(config: &Config) -> PolicyOptions {
             RollbackActionConfig::None => RollbackAction::None,
             RollbackActionConfig::SwitchToPreviousSlot => RollbackAction::SwitchToPreviousSlot,
         },
-        min_free_bytes: config.policy.min_free_bytes,
     }
 }
 
 /// Opens the store and builds the policy and the service state from `config`.
 pub fn build(config: &Config) -> Result<Arc<Daemon>, StartError> {
-    let devices = devices(config)?;
+    let devices = plan::devices(config)?;
     let store = Store::open(&config.metadata_dir)?;
     log::info!("state store {} (schema {})", store.path().display(), store.schema_version());
     let checkpointer = Checkpointer::new(
         store,
         boot_control(config)?,
-        backends(config, &devices),
+        backends(config, &devices)?,
         policy_options(config),
     )?;
     Ok(Arc::new(Daemon::new(
@@ -158,42 +197,6 @@ pub fn build(config: &Config) -> Result<Arc<Daemon>, StartError> {
         Rebooter::new(config.reboot.clone()),
         config.restore.clone(),
     )))
-}
-
-/// vold's health daemon, simplified to its default (`commit_on_full`): while checkpointing,
-/// every `interval` ask the backends for free space; when one runs low, listeners hear
-/// `onLowSpace` (through the policy event) and the checkpoint is committed to keep the device
-/// usable.
-async fn health_check(daemon: Arc<Daemon>, interval: Duration) {
-    let mut ticker = tokio::time::interval(interval);
-    loop {
-        ticker.tick().await;
-        let checkpointer = Arc::clone(daemon.checkpointer());
-        if !checkpointer.is_checkpointing() {
-            continue;
-        }
-        let daemon = Arc::clone(&daemon);
-        let result = tokio::task::spawn_blocking(move || {
-            let low = daemon.checkpointer().check_free_space()?;
-            if let Some(first) = low.first() {
-                log::warn!(
-                    "Low space for checkpointing ({} has {} bytes free, minimum {}). Committing \
-                     changes",
-                    first.backend,
-                    first.free_bytes,
-                    first.min_free_bytes
-                );
-                daemon.checkpointer().commit_changes()?;
-            }
-            Ok::<(), policy::PolicyError>(())
-        })
-        .await;
-        match result {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => log::error!("health check: {e}"),
-            Err(e) => log::error!("health check task failed: {e}"),
-        }
-    }
 }
 
 async fn wait_for_termination() -> Result<(), StartError> {
@@ -227,9 +230,8 @@ pub fn run(config: Config) -> Result<(), StartError> {
         } else {
             None
         };
-        if config.health_check_interval_secs > 0 {
-            let interval = Duration::from_secs(config.health_check_interval_secs);
-            tokio::spawn(health_check(Arc::clone(&daemon), interval));
+        if config.monitor.interval_ms > 0 {
+            crate::monitor::spawn(Arc::clone(&daemon), config.monitor.clone())?;
         }
         log::info!("checkpointd ready");
         wait_for_termination().await

@@ -6,7 +6,7 @@
 //! - everything else: `ServiceSpecificException` with an errno-style code, by error kind.
 
 use checkpoint_aidl::android::system::checkpoint::ICheckpoint;
-use policy::{ErrorKind, PolicyError};
+use policy::{BackendError, ErrorKind, PolicyError};
 use rsbinder::{ExceptionCode, Status};
 
 /// An error of one service call, with the context the caller sees.
@@ -29,6 +29,9 @@ pub enum ServiceError {
     /// The checkpoint policy or its store failed.
     #[error(transparent)]
     Policy(#[from] PolicyError),
+    /// A backend step run for the call failed (a restore that could not run).
+    #[error("{0}")]
+    Backend(#[from] BackendError),
     /// A restore failed; `code` is an ICheckpoint error code.
     #[error("{message}")]
     Restore {
@@ -53,6 +56,11 @@ pub fn code_for_kind(kind: ErrorKind, os_errno: Option<i32>) -> i32 {
         ErrorKind::Busy => ICheckpoint::EAGAIN,
         ErrorKind::NoSpace => ICheckpoint::ENOSPC,
     }
+}
+
+/// The ServiceSpecificException code of a backend error.
+pub fn code_for_backend(e: &BackendError) -> i32 {
+    code_for_kind(e.kind(), e.os_errno())
 }
 
 /// Maps a failed call of `method` to its binder status, logging it at the right level: refused
@@ -82,6 +90,10 @@ pub fn into_binder_status(method: &str, err: ServiceError) -> Status {
                 _ => log::error!("{method}: {e}"),
             }
             Status::new_service_specific_error(code, Some(e.to_string()))
+        }
+        ServiceError::Backend(e) => {
+            log::error!("{method}: {e}");
+            Status::new_service_specific_error(code_for_backend(e), Some(e.to_string()))
         }
         ServiceError::Restore { code, message } => {
             if *code == ICheckpoint::EAGAIN {

@@ -73,6 +73,13 @@ pub fn parse_checkpoint_entries(text: &str) -> Result<Vec<DeviceConfig>, (usize,
                 device: PathBuf::from(fields[0]),
                 mount_point: PathBuf::from(fields[1]),
                 checkpoint,
+                fs_type: (fields[2] != "auto").then(|| fields[2].to_owned()),
+                mount_options: if fields[3] == "defaults" {
+                    String::new()
+                } else {
+                    fields[3].to_owned()
+                },
+                backend: None,
             });
         }
     }
@@ -101,11 +108,17 @@ mod tests {
                     device: "/dev/block/by-name/userdata".into(),
                     mount_point: "/data".into(),
                     checkpoint: CheckpointMethod::Block,
+                    fs_type: Some("ext4".into()),
+                    mount_options: "noatime,nosuid".into(),
+                    backend: None,
                 },
                 DeviceConfig {
                     device: "/dev/block/by-name/cache".into(),
                     mount_point: "/cache".into(),
                     checkpoint: CheckpointMethod::Fs,
+                    fs_type: Some("f2fs".into()),
+                    mount_options: "noatime".into(),
+                    backend: None,
                 },
             ]
         );

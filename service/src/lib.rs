@@ -7,6 +7,8 @@ pub mod daemon;
 pub mod error;
 pub mod fstab;
 pub mod listeners;
+pub mod monitor;
+pub mod plan;
 pub mod reboot;
 pub mod restore;
 pub mod service;

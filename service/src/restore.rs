@@ -1,120 +1,98 @@
-//! restoreCheckpoint / restoreCheckpointPart: the bow crate's restore on a raw device, with
-//! vold's outcomes and error codes (vold-checkpoint.md §4.12, §4.13, §5.4).
+//! restoreCheckpoint / restoreCheckpointPart: the answer of the backend seam
+//! ([`policy::Checkpointer::restore_device`]) turned into the call's result and the history
+//! record. Which backend restores a device, and how, is the backend's business; a device no
+//! backend covers gets vold's dm-bow log restore ([`restore_log`]), so `restoreCheckpoint` on
+//! any device with a dm-bow log behaves as vold's.
 
-use std::path::Path;
-use std::time::Instant;
+use policy::{RestoreOutcome, RestoreRecord, RestoreReport, RestoreRequest, RestoreRun};
 
-use bow::device::{DeviceError, FileDevice};
-use bow::restore::{RestoreError, RestoreOptions, RestoreOutcome as BowOutcome};
-use checkpoint_aidl::android::system::checkpoint::ICheckpoint;
-use policy::{RestoreOutcome, RestoreRecord};
+use crate::config::RestoreConfig;
+use crate::error::{code_for_backend, ServiceError};
 
-use crate::error::ServiceError;
-
-fn device_errno(e: &DeviceError) -> i32 {
-    match e {
-        DeviceError::Io { source, .. } => source.raw_os_error().unwrap_or(ICheckpoint::EIO),
-        _ => ICheckpoint::EIO,
-    }
-}
-
-/// Restores `device` with `options` (their `limit` is restoreCheckpointPart's), reporting
-/// `(done, total)` progress. Returns what to record in the history and the call's result: Ok
-/// when the device was restored, rolled forward or had nothing to restore... except that vold answers "No magic" (EINVAL) when there
-/// is no log, which fs_mgr ignores; that answer is kept for compatibility.
-pub fn restore_device(
-    device: &str,
-    options: &RestoreOptions,
-    progress: &dyn Fn(u64, u64),
-) -> (RestoreRecord, Result<(), ServiceError>) {
-    let started = Instant::now();
-    let (outcome, result) = run(device, options, progress);
-    let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    (RestoreRecord { outcome, duration_ms }, result)
-}
-
-fn failed(code: i32, message: String) -> (RestoreOutcome, Result<(), ServiceError>) {
-    (
-        RestoreOutcome::Failed { errno: code, message: message.clone() },
-        Err(ServiceError::Restore { code, message }),
-    )
-}
-
-fn run(
-    device: &str,
-    options: &RestoreOptions,
-    progress: &dyn Fn(u64, u64),
-) -> (RestoreOutcome, Result<(), ServiceError>) {
-    let dev = match FileDevice::open(Path::new(device)) {
-        // The saved copies are read once, before anything is written: no use caching them.
-        Ok(dev) => dev.with_direct_reads(),
-        Err(e) => return failed(device_errno(&e), format!("Cannot open {device}: {e}")),
-    };
-    let mut report_progress = |p: bow::restore::Progress| progress(p.done, p.total);
-    match bow::restore::restore(&dev, options, &mut report_progress) {
-        Ok(report) => match report.outcome {
-            BowOutcome::NoLog => (
-                RestoreOutcome::NothingToRestore,
-                Err(ServiceError::Restore {
-                    code: ICheckpoint::EINVAL,
-                    message: "No magic".into(),
-                }),
-            ),
-            BowOutcome::Restored { entries, blocks_written, resumed, .. } => {
-                log::info!(
-                    "restored {device}: {entries} log entries, {blocks_written} blocks written{}",
-                    if resumed { " (finished an interrupted restore)" } else { "" }
-                );
-                (RestoreOutcome::Restored { entries }, Ok(()))
-            }
-            BowOutcome::RolledForward { reason, .. } => {
-                log::warn!(
-                    "Checkpoint validation failed - rolled {device} forward (kept the new data): \
-                     {reason}"
-                );
-                (RestoreOutcome::RolledForward, Ok(()))
-            }
-            BowOutcome::Refused { reason } => {
-                failed(ICheckpoint::EINVAL, format!("Refused to restore {device}: {reason}"))
-            }
-            BowOutcome::LimitReached { entries_applied, .. } => (
-                RestoreOutcome::Interrupted { entries: entries_applied },
-                Err(ServiceError::Restore {
-                    code: ICheckpoint::EAGAIN,
-                    message: "Hit the test limit".into(),
-                }),
-            ),
-            BowOutcome::DryRun { .. } => {
-                failed(ICheckpoint::EINVAL, "unexpected dry-run outcome".to_owned())
-            }
-        },
-        Err(RestoreError::NoLog) => (
-            RestoreOutcome::NothingToRestore,
-            Err(ServiceError::Restore { code: ICheckpoint::EINVAL, message: "No magic".into() }),
-        ),
-        Err(RestoreError::Device(e)) => {
-            failed(device_errno(&e), format!("Restore of {device} failed: {e}"))
+/// The history record and the call result of a restore run.
+pub fn call_result(run: RestoreRun) -> (RestoreRecord, Result<(), ServiceError>) {
+    let (outcome, result) = match run.result {
+        Ok(RestoreReport { outcome, result }) => {
+            (outcome, result.map_err(|(code, message)| ServiceError::Restore { code, message }))
         }
-        Err(e) => failed(ICheckpoint::EINVAL, format!("Restore of {device} failed: {e}")),
-    }
+        Err(e) => (
+            RestoreOutcome::Failed { errno: code_for_backend(&e), message: e.to_string() },
+            Err(ServiceError::Backend(e)),
+        ),
+    };
+    (RestoreRecord { outcome, duration_ms: run.duration_ms, backend: run.backend }, result)
+}
+
+/// The fallback for devices no backend covers: the dm-bow log restore of the backends crate,
+/// with the `[restore]` memory and queue settings.
+pub fn restore_log(
+    config: &RestoreConfig,
+    device: &str,
+    request: &RestoreRequest,
+    progress: &dyn Fn(u64, u64),
+) -> policy::RestoreResult {
+    let options = config.options(request.limit.unwrap_or(0));
+    Ok(backends::bow::restore_log(device, &options, progress))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use checkpoint_aidl::android::system::checkpoint::ICheckpoint;
+    use policy::BackendError;
+
+    fn run(result: policy::RestoreResult) -> RestoreRun {
+        RestoreRun { backend: Some("snapshot".into()), duration_ms: 3, result }
+    }
 
     #[test]
-    fn missing_device_fails_with_its_errno() {
-        let (record, result) =
-            restore_device("/nonexistent/device", &RestoreOptions::default(), &|_, _| {});
-        match result {
-            Err(ServiceError::Restore { code, message }) => {
-                assert_eq!(code, 2, "ENOENT");
-                assert!(message.starts_with("Cannot open /nonexistent/device"), "{message}");
+    fn a_report_keeps_its_outcome_and_code() {
+        let (record, result) = call_result(run(Ok(RestoreReport {
+            outcome: RestoreOutcome::Interrupted { entries: 4 },
+            result: Err((ICheckpoint::EAGAIN, "Hit the test limit".into())),
+        })));
+        assert_eq!(record.outcome, RestoreOutcome::Interrupted { entries: 4 });
+        assert_eq!(record.backend.as_deref(), Some("snapshot"));
+        assert!(matches!(
+            result,
+            Err(ServiceError::Restore { code: ICheckpoint::EAGAIN, ref message }) if message == "Hit the test limit"
+        ));
+        let (record, result) = call_result(run(Ok(RestoreReport {
+            outcome: RestoreOutcome::Restored { entries: 9 },
+            result: Ok(()),
+        })));
+        assert_eq!(record.outcome, RestoreOutcome::Restored { entries: 9 });
+        assert!(result.is_ok());
+    }
+
+    #[test]
+    fn a_backend_error_is_failed_with_its_mapped_code() {
+        let e = BackendError::io("open /dev/vdb", std::io::Error::from_raw_os_error(2));
+        let (record, result) = call_result(run(Err(e)));
+        match record.outcome {
+            RestoreOutcome::Failed { errno, message } => {
+                assert_eq!(errno, 2, "the OS errno of an I/O error");
+                assert!(message.contains("open /dev/vdb"), "{message}");
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(record.outcome, RestoreOutcome::Failed { errno: 2, .. }));
+        assert!(matches!(result, Err(ServiceError::Backend(_))));
+    }
+
+    #[test]
+    fn missing_device_fails_with_its_errno() {
+        let config = RestoreConfig::default();
+        let report =
+            restore_log(&config, "/nonexistent/device", &RestoreRequest::default(), &|_, _| {})
+                .expect("the log restore reports, it does not fail");
+        match report.result {
+            Err((code, message)) => {
+                assert_eq!(code, 2, "ENOENT");
+                assert!(message.contains("/nonexistent/device"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(report.outcome, RestoreOutcome::Failed { errno: 2, .. }));
     }
 
     #[test]
@@ -122,14 +100,10 @@ mod tests {
         let file = tempfile::NamedTempFile::new().expect("temp file");
         file.as_file().set_len(1 << 20).expect("size");
         let path = file.path().to_str().expect("utf-8").to_owned();
-        let (record, result) = restore_device(&path, &RestoreOptions::default(), &|_, _| {});
-        assert_eq!(record.outcome, RestoreOutcome::NothingToRestore);
-        match result {
-            Err(ServiceError::Restore { code, message }) => {
-                assert_eq!(code, ICheckpoint::EINVAL);
-                assert_eq!(message, "No magic");
-            }
-            other => panic!("{other:?}"),
-        }
+        let report =
+            restore_log(&RestoreConfig::default(), &path, &RestoreRequest::default(), &|_, _| {})
+                .expect("report");
+        assert_eq!(report.outcome, RestoreOutcome::NothingToRestore);
+        assert_eq!(report.result, Err((ICheckpoint::EINVAL, "No magic".to_owned())));
     }
 }

@@ -10,7 +10,10 @@ use checkpoint_aidl::android::system::checkpoint::{
     HistoryEventKind::HistoryEventKind, ICheckpoint::ICheckpoint,
     ICheckpointListener::ICheckpointListener,
 };
-use policy::{AbortOutcome, Checkpointer, CommitOutcome, HistoryEvent, HistoryKind, MarkOutcome};
+use policy::{
+    AbortOutcome, Checkpointer, CommitOutcome, HistoryEvent, HistoryKind, MarkOutcome,
+    RestoreRequest,
+};
 use rsbinder::{BinderResult, Strong};
 
 use crate::config::{AccessConfig, DeviceConfig, RestoreConfig};
@@ -48,8 +51,6 @@ pub struct Daemon {
     listeners: Arc<Listeners>,
     rebooter: Rebooter,
     restore: RestoreConfig,
-    /// Serializes restores (vold holds its VolumeManager lock for the whole restore).
-    restore_lock: Mutex<()>,
 }
 
 /// vold's `checkArgumentPath` (VoldNativeService.cpp), with its messages.
@@ -88,6 +89,18 @@ fn aidl_kind(kind: HistoryKind) -> HistoryEventKind {
         HistoryKind::RollbackAcknowledged => HistoryEventKind::ROLLBACK_ACKNOWLEDGED,
         HistoryKind::RollbackSlotSwitch => HistoryEventKind::ROLLBACK_SLOT_SWITCH,
         HistoryKind::Recovery => HistoryEventKind::RECOVERY,
+        // Frozen V1 has no name for it: OTHER, with `outcome` saying what happened.
+        HistoryKind::LowSpace => HistoryEventKind::OTHER,
+    }
+}
+
+/// A backend in `CheckpointStatus.backends`: its name, and for `auto` why it was chosen
+/// (the frozen V1 status has no other place for it), e.g. `snapshot (auto: no dm-bow target)`.
+pub fn backend_label(backend: &policy::BackendInfo) -> String {
+    if backend.selection_reason.is_empty() {
+        backend.name.clone()
+    } else {
+        format!("{} ({})", backend.name, backend.selection_reason)
     }
 }
 
@@ -117,15 +130,7 @@ impl Daemon {
         rebooter: Rebooter,
         restore: RestoreConfig,
     ) -> Self {
-        Daemon {
-            checkpointer,
-            access,
-            devices,
-            listeners,
-            rebooter,
-            restore,
-            restore_lock: Mutex::new(()),
-        }
+        Daemon { checkpointer, access, devices, listeners, rebooter, restore }
     }
 
     /// The policy.
@@ -216,13 +221,14 @@ impl Daemon {
         Ok(self.checkpointer.prepare_checkpoint()?)
     }
 
-    /// restoreCheckpoint / restoreCheckpointPart (`count` 0 = no limit).
+    /// restoreCheckpoint / restoreCheckpointPart (`count` 0 = no limit): through the backend
+    /// seam (the backend covering `device`, else the dm-bow log restore), recorded in the
+    /// history.
     pub fn restore_checkpoint(&self, device: &str, count: i32) -> Result<(), ServiceError> {
         check_argument_path(device)?;
         let limit = u64::try_from(count).map_err(|_| {
             ServiceError::InvalidArgument(format!("Restore count must not be negative ({count})"))
         })?;
-        let _serialized = self.restore_lock.lock().unwrap_or_else(PoisonError::into_inner);
         let listeners = Arc::clone(&self.listeners);
         // At most one report per 100 ms (and always the last), so a long restore does not
         // flood the listeners with oneway calls.
@@ -237,8 +243,12 @@ impl Daemon {
             let (done, total) = (to_i64(done), to_i64(total));
             listeners.notify("onRestoreProgress", |l| l.onRestoreProgress(done, total));
         };
-        let (record, result) =
-            restore::restore_device(device, &self.restore.options(limit), &progress);
+        let request = RestoreRequest { limit: (limit > 0).then_some(limit) };
+        let config = &self.restore;
+        let run = self.checkpointer.restore_device(device, &request, &progress, &|d, r, p| {
+            restore::restore_log(config, d, r, p)
+        });
+        let (record, result) = restore::call_result(run);
         if let Err(e) = self.checkpointer.record_restore(device, record) {
             log::error!("cannot record the restore of {device} in the history: {e}");
         }
@@ -291,7 +301,7 @@ impl Daemon {
             attemptsLeft: status.attempts_left.map_or(-1, to_i32),
             slotSuffix: status.requesting_suffix.unwrap_or_default(),
             currentSlotSuffix: status.current_suffix.unwrap_or_default(),
-            backends: status.backends.iter().map(|b| b.name.clone()).collect(),
+            backends: status.backends.iter().map(backend_label).collect(),
             devices,
             backupBytesUsed: status.backup_used_bytes.map_or(-1, to_i64),
             backupBytesFree: status.backup_free_bytes.map_or(-1, to_i64),

@@ -52,8 +52,8 @@ impl Setup {
         let dir = tempfile::tempdir().expect("temp dir");
         let setup = Setup { dir };
         let config = format!(
-            "metadata_dir = \"{}\"\nhealth_check_interval_secs = 0\n{extra}\n\
-             [binder]\nenabled = false\n[socket]\npath = \"{}\"\n",
+            "metadata_dir = \"{}\"\n{extra}\n\
+             [binder]\nenabled = false\n[socket]\npath = \"{}\"\n[monitor]\ninterval_ms = 0\n",
             setup.metadata().display(),
             setup.socket().display()
         );

@@ -228,8 +228,8 @@ fn start_stack(config: &str) -> Result<Stack, Failed> {
 
 fn config(metadata_dir: &str, extra: &str) -> String {
     format!(
-        "metadata_dir = \"{metadata_dir}\"\nhealth_check_interval_secs = 0\n{extra}\n\
-         [[backend]]\ntype = \"test-null\"\n[binder]\nenabled = true\n"
+        "metadata_dir = \"{metadata_dir}\"\n{extra}\n\
+         [[backend]]\ntype = \"test-null\"\n[binder]\nenabled = true\n[monitor]\ninterval_ms = 0\n"
     )
 }
 

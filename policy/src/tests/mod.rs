@@ -4,4 +4,5 @@ mod bootctl_tests;
 mod fakes;
 mod model;
 mod policy_tests;
+mod seam_tests;
 mod store_tests;

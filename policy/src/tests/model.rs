@@ -599,8 +599,11 @@ fn step(model: &mut Model, world: &mut World, op: &Op) -> Result<(), TestCaseErr
             world.restart();
         }
         Op::RecordRestore => {
-            let record =
-                RestoreRecord { outcome: RestoreOutcome::Restored { entries: 3 }, duration_ms: 1 };
+            let record = RestoreRecord {
+                outcome: RestoreOutcome::Restored { entries: 3 },
+                duration_ms: 1,
+                backend: None,
+            };
             world.cp().record_restore("/dev/block/test", record).unwrap();
             prop_assert_eq!(world.cp().write_transactions(), writes_before + 1);
             let last = world.cp().status().unwrap().last_restore.unwrap();

@@ -10,7 +10,7 @@ use super::fakes::{temp_dir, FakeBackend, FakeControl};
 use crate::{
     errno, AbortOutcome, Action, Backend, BackendError, BackendKind, BackendState, BackendStatus,
     BackupSpace, BootControl, BootControlError, Budget, Checkpointer, CommitOutcome, ErrorKind,
-    FileBootControl, HistoryKind, MarkOutcome, NoBootControl, PolicyError, PolicyEvent,
+    FileBootControl, HistoryKind, LowSpace, MarkOutcome, NoBootControl, PolicyError, PolicyEvent,
     PolicyOptions, RestoreOutcome, RestoreRecord, RollbackAction, StartOutcome, State, Store,
     StoreError, MAX_PRIORITY,
 };
@@ -565,7 +565,7 @@ fn state_changes_are_one_transaction_and_reads_write_nothing() {
     assert_eq!(w(), base + 2);
     cp.record_restore(
         "/dev/block/vdb",
-        RestoreRecord { outcome: RestoreOutcome::NothingToRestore, duration_ms: 1 },
+        RestoreRecord { outcome: RestoreOutcome::NothingToRestore, duration_ms: 1, backend: None },
     )
     .unwrap();
     assert_eq!(w(), base + 3);
@@ -647,7 +647,11 @@ fn status_reports_slots_backends_space_and_the_last_restore() {
     cp.start_checkpoint(2).unwrap();
     cp.record_restore(
         "/dev/block/vdb",
-        RestoreRecord { outcome: RestoreOutcome::Restored { entries: 12 }, duration_ms: 40 },
+        RestoreRecord {
+            outcome: RestoreOutcome::Restored { entries: 12 },
+            duration_ms: 40,
+            backend: None,
+        },
     )
     .unwrap();
     let s = cp.status().unwrap();
@@ -668,17 +672,23 @@ fn status_reports_slots_backends_space_and_the_last_restore() {
 }
 
 #[test]
-fn low_space_is_reported_and_emitted_below_the_threshold() {
+fn low_space_is_recorded_and_emitted() {
     let rig = Rig::new(BackendKind::Block);
     let cp = rig.boot();
-    let events = cp.subscribe();
-    *rig.control.free_bytes.lock().unwrap() = Some(200 << 20);
-    assert!(cp.check_free_space().unwrap().is_empty());
     *rig.control.free_bytes.lock().unwrap() = Some(10 << 20);
-    let low = cp.check_free_space().unwrap();
-    assert_eq!(low.len(), 1);
-    assert_eq!(low[0].free_bytes, 10 << 20);
-    assert_eq!(events.try_iter().collect::<Vec<_>>(), [PolicyEvent::LowSpace(low[0].clone())]);
+    let space = cp.backend_space();
+    assert_eq!(space.len(), 1);
+    assert_eq!(space[0].0, "fake");
+    assert_eq!(space[0].1.as_ref().unwrap().free_bytes, Some(10 << 20));
+    let events = cp.subscribe();
+    let low = LowSpace { backend: "fake".into(), free_bytes: 10 << 20, min_free_bytes: 100 << 20 };
+    cp.record_low_space(&low, "warning", "backup space low").unwrap();
+    assert_eq!(events.try_iter().collect::<Vec<_>>(), [PolicyEvent::LowSpace(low)]);
+    let h = cp.history(1).unwrap();
+    assert_eq!(h[0].kind, HistoryKind::LowSpace);
+    assert_eq!(h[0].outcome.as_deref(), Some("warning"));
+    assert_eq!(h[0].device.as_deref(), Some("fake"));
+    assert!(h[0].message.as_deref().unwrap().contains("10485760 bytes free"), "{h:?}");
 }
 
 #[test]
