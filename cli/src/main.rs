@@ -379,14 +379,28 @@ fn run_checkpoint(cli: &Cli, args: &[String]) -> u8 {
     }
 }
 
-/// `checkpointctl boot …`: logs each step on stderr (`boot: ...`), exits with the step's
-/// status (boot.rs).
+/// The boot flow may run before the daemon has created its socket (a unit started in
+/// parallel): wait for it up to the timeout, as kernel binder waits for the service.
+fn wait_for_socket(socket: Option<&Path>, timeout: Duration) {
+    let Some(path) = socket else { return };
+    let deadline = Instant::now() + timeout;
+    while !path.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `checkpointctl boot …`: logs each step on stderr (`checkpointctl boot: ...`), exits with
+/// the step's status (boot.rs).
 fn run_boot(cli: &Cli, cmd: &boot::BootCommand) -> u8 {
     let mut log = |line: String| eprintln!("checkpointctl boot: {line}");
     let result = (|| -> Result<(), boot::BootError> {
         let config_error = |m: String| boot::BootError { code: boot::EXIT_CONFIG, message: m };
         let daemon_error = |m: String| boot::BootError { code: boot::EXIT_DAEMON, message: m };
         let timeout = Duration::from_secs(cli.timeout);
+        let connect_daemon = || {
+            wait_for_socket(cli.socket.as_deref(), timeout);
+            connect(cli.socket.as_deref(), timeout, false)
+        };
         match cmd {
             boot::BootCommand::Mount { config } => {
                 let (_, plans) = checkpointd::plan::load(config).map_err(config_error)?;
@@ -395,8 +409,7 @@ fn run_boot(cli: &Cli, cmd: &boot::BootCommand) -> u8 {
                     log("no checkpointed device configured: nothing to mount".into());
                     return Ok(());
                 }
-                let connection = connect(cli.socket.as_deref(), timeout, false)
-                    .map_err(|e| daemon_error(e.to_string()))?;
+                let connection = connect_daemon().map_err(|e| daemon_error(e.to_string()))?;
                 let service: &dyn ICheckpoint = &*connection.service;
                 boot::mount_all(&plans, &service, &machine, &mut log)?;
             }
@@ -406,8 +419,7 @@ fn run_boot(cli: &Cli, cmd: &boot::BootCommand) -> u8 {
                 boot::teardown_all(&plans, &machine, &mut log)?;
             }
             boot::BootCommand::Commit => {
-                let connection = connect(cli.socket.as_deref(), timeout, false)
-                    .map_err(|e| daemon_error(e.to_string()))?;
+                let connection = connect_daemon().map_err(|e| daemon_error(e.to_string()))?;
                 connection
                     .service
                     .commitChanges()
@@ -420,7 +432,7 @@ fn run_boot(cli: &Cli, cmd: &boot::BootCommand) -> u8 {
                 for line in boot::status_lines(&plans, &machine) {
                     println!("{line}");
                 }
-                match connect(cli.socket.as_deref(), timeout, false) {
+                match connect_daemon() {
                     Ok(c) => match c.service.getStatus() {
                         Ok(s) => println!(
                             "daemon: {}, checkpointing {}, needs rollback {}",
