@@ -653,4 +653,3 @@ impl Backend for BowBackend {
         })
     }
 }
-

@@ -1,0 +1,514 @@
+//! The backends on a real kernel (the virtual device), in as few boots as possible:
+//!
+//! 1. `snapshot_ext4`: auto selection falls back to snapshot (no dm-bow) and says why; on ext4:
+//!    setup, mount, prepare (twice), changes, grow while mounted, a simulated next boot
+//!    (unmount, stack teardown), restore by the userspace merge, files and every block outside
+//!    the COW file back as at checkpoint start, `e2fsck -fn` clean, teardown drops the COW
+//!    file; the same with the kernel merge; then a commit (twice) that keeps the new data and
+//!    leaves no snapshot/COW device, no COW file, no record.
+//! 2. `f2fs`: snapshot on f2fs (COW file pinned) rolled back by the userspace merge; the f2fs
+//!    backend on a virtio disk: checkpoint=disable, commit (twice) by remounting, then a
+//!    checkpointed session ended by a power cut;
+//!    then a second boot with the same disk: restore reports nothing to do, the mount rolls the
+//!    uncommitted file back, the committed one stays.
+//!
+//! Every boot ends by checking that no device-mapper or loop device is left behind.
+
+use std::collections::hash_map::DefaultHasher;
+use std::fs;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use backends::f2fs::{F2fsBackend, F2fsOptions, F2fsStack};
+use backends::records::Records;
+use backends::select::{self, AutoOptions, Chosen};
+use backends::snapshot::{
+    CowState, RollbackMethod, SnapshotBackend, SnapshotOptions, SnapshotRecord, SnapshotStack,
+};
+use backends::{Action, BootStack, DeviceSpec};
+use blockdev::dm::{DevRef, DeviceMapper, TableSlot};
+use blockdev::loopdev::{LoopDevice, LoopOptions};
+use blockdev::names::{object_name, Role, UUID_PREFIX};
+use bow::device::{BlockDevice, FileDevice};
+use policy::{Backend, BackendState, RestoreOutcome, RestoreRequest};
+use testbench::vm::{scratch_image, Vm};
+use testbench::{guest, vm_trial, Failed};
+
+const MIB: u64 = 1 << 20;
+const MODULES: &[&str] = &["loop", "dm-mod", "dm-snapshot"];
+
+fn main() -> std::process::ExitCode {
+    testbench::main(
+        vec![
+            vm_trial("snapshot_ext4_rollback_both_merges_commit_grow_auto", host_snapshot_ext4),
+            vm_trial("f2fs_snapshot_and_checkpoint_disable_with_power_cut", host_f2fs),
+        ],
+        &[
+            ("snapshot_ext4", guest_snapshot_ext4),
+            ("f2fs_first", guest_f2fs_first),
+            ("f2fs_second", guest_f2fs_second),
+        ],
+    )
+}
+
+fn ensure(cond: bool, msg: impl Into<String>) -> Result<(), Failed> {
+    if cond {
+        Ok(())
+    } else {
+        Err(msg.into().into())
+    }
+}
+
+fn host_snapshot_ext4() -> Result<(), Failed> {
+    let run = Vm::new("backends_snapshot_ext4")
+        .modules(MODULES)
+        .memory_mib(1536)
+        .run_self("snapshot_ext4", &[])?;
+    run.expect_success()?;
+    print!("{}", run.output);
+    println!("boot took {:?}", run.duration);
+    Ok(())
+}
+
+fn host_f2fs() -> Result<(), Failed> {
+    let disk = scratch_image(256 * MIB)?;
+    let first = Vm::new("backends_f2fs_first")
+        .modules(&["loop", "dm-mod", "dm-snapshot", "f2fs"])
+        .memory_mib(1536)
+        .disk(&disk)
+        .run_self("f2fs_first", &[])?;
+    first.expect_power_cut()?;
+    print!("{}", first.output);
+    let second = Vm::new("backends_f2fs_second")
+        .modules(&["loop", "dm-mod", "f2fs"])
+        .disk(&disk)
+        .run_self("f2fs_second", &[])?;
+    second.expect_success()?;
+    print!("{}", second.output);
+    println!("boots took {:?} and {:?}", first.duration, second.duration);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// guest helpers
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len).map(|i| seed ^ u8::try_from(i % 251).unwrap_or(0)).collect()
+}
+
+/// A sparse file under /dev/shm on a loop device.
+fn loop_file(name: &str, size: u64) -> Result<(fs::File, LoopDevice), Failed> {
+    let path = Path::new("/dev/shm").join(name);
+    let file =
+        fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;
+    file.set_len(size)?;
+    let dev = LoopDevice::attach(&file, &LoopOptions::default())?;
+    Ok((file, dev))
+}
+
+fn spec(raw: &Path, mnt: &str, fs_type: &str) -> Result<DeviceSpec, Failed> {
+    fs::create_dir_all(mnt)?;
+    Ok(DeviceSpec {
+        raw: raw.to_owned(),
+        mount_point: PathBuf::from(mnt),
+        fs_type: Some(fs_type.into()),
+        mount_options: String::new(),
+        instance: backends::instance_for(Path::new(mnt)),
+    })
+}
+
+/// Per-4-KiB-block hashes of a device, read uncached.
+fn block_hashes(path: &Path) -> Result<Vec<u64>, Failed> {
+    let dev = FileDevice::open_read_only(path)?.with_direct_reads();
+    let mut buf = vec![0u8; MIB as usize];
+    let mut out = Vec::new();
+    let size = dev.size();
+    for off in (0..size).step_by(MIB as usize) {
+        let n = usize::try_from((size - off).min(MIB))?;
+        dev.read_at(&mut buf[..n], off)?;
+        for block in buf[..n].chunks(4096) {
+            let mut h = DefaultHasher::new();
+            block.hash(&mut h);
+            out.push(h.finish());
+        }
+    }
+    Ok(out)
+}
+
+/// Blocks that differ between `a` and `b`, outside the COW file's extents.
+fn differing_outside(a: &[u64], b: &[u64], rec: &SnapshotRecord) -> usize {
+    let in_cow = |block: u64| {
+        rec.extents
+            .iter()
+            .any(|e| block * 4096 >= e.physical && block * 4096 < e.physical + e.length)
+    };
+    a.iter()
+        .zip(b)
+        .enumerate()
+        .filter(|(i, (x, y))| x != y && !in_cow(u64::try_from(*i).unwrap_or(u64::MAX)))
+        .count()
+}
+
+/// Our device-mapper devices (uuid prefix), by name.
+fn our_devices(dm: &DeviceMapper) -> Result<Vec<String>, Failed> {
+    Ok(dm
+        .list_devices()?
+        .into_iter()
+        .filter(|d| d.uuid.as_deref().is_some_and(|u| u.starts_with(UUID_PREFIX)))
+        .map(|d| d.name)
+        .collect())
+}
+
+fn nothing_left(dm: &DeviceMapper) -> Result<(), Failed> {
+    let devs = our_devices(dm)?;
+    ensure(devs.is_empty(), format!("device-mapper devices left behind: {devs:?}"))?;
+    let all = dm.list_devices()?;
+    ensure(all.is_empty(), format!("other dm devices left: {all:?}"))?;
+    let loops = guest::sh("losetup -a")?;
+    ensure(loops.trim().is_empty(), format!("loop devices left behind: {loops}"))?;
+    println!("no DM or loop device left behind");
+    Ok(())
+}
+
+fn write_file(path: &Path, data: &[u8]) -> Result<(), Failed> {
+    fs::write(path, data)?;
+    fs::File::open(path)?.sync_all()?;
+    Ok(())
+}
+
+/// The test's files: (name, contents at checkpoint start).
+fn seed_files(mnt: &Path, seed: u8) -> Result<Vec<(PathBuf, Vec<u8>)>, Failed> {
+    let mut files = Vec::new();
+    for (i, len) in [(0u8, 3 * MIB as usize), (1, 4096), (2, 700_000), (3, 5 * MIB as usize)] {
+        let p = mnt.join(format!("file{i}"));
+        let data = pattern(seed.wrapping_add(i), len);
+        write_file(&p, &data)?;
+        files.push((p, data));
+    }
+    guest::sh("sync")?;
+    Ok(files)
+}
+
+/// Changes made during the checkpoint: overwrite two files, delete one, add one.
+fn change_files(mnt: &Path, files: &[(PathBuf, Vec<u8>)], seed: u8) -> Result<(), Failed> {
+    write_file(&files[0].0, &pattern(seed, files[0].1.len()))?;
+    let mut part = files[3].1.clone();
+    part[MIB as usize..2 * MIB as usize].copy_from_slice(&pattern(seed ^ 0x5a, MIB as usize));
+    write_file(&files[3].0, &part)?;
+    fs::remove_file(&files[1].0)?;
+    write_file(&mnt.join("added"), &pattern(seed, 2 * MIB as usize))?;
+    guest::sh("sync")?;
+    Ok(())
+}
+
+fn files_are_back(mnt: &Path, files: &[(PathBuf, Vec<u8>)]) -> Result<(), Failed> {
+    for (p, data) in files {
+        let now = fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        ensure(&now == data, format!("{} differs from checkpoint start", p.display()))?;
+    }
+    ensure(!mnt.join("added").exists(), "the file added during the checkpoint is gone")?;
+    Ok(())
+}
+
+fn mount(stack: &dyn BootStack, spec: &DeviceSpec, checkpointing: bool) -> Result<(), Failed> {
+    let plan = stack.setup(spec, checkpointing)?;
+    backends::mount(&plan, &spec.mount_point)?;
+    Ok(())
+}
+
+fn umount(spec: &DeviceSpec) -> Result<(), Failed> {
+    blockdev::mount::umount(&spec.mount_point, Default::default())?;
+    Ok(())
+}
+
+fn record(records: &Records, spec: &DeviceSpec) -> Result<Option<SnapshotRecord>, Failed> {
+    Ok(records.load::<SnapshotRecord>("snapshot", &spec.instance)?)
+}
+
+/// One checkpointed boot and the rollback at the next one, with `method`. Returns the time the
+/// restore took.
+fn snapshot_rollback(
+    dm: &DeviceMapper,
+    spec: &DeviceSpec,
+    records: &Records,
+    opts: &SnapshotOptions,
+    seed: u8,
+) -> Result<std::time::Duration, Failed> {
+    let stack = SnapshotStack::new(opts.clone());
+    let backend = SnapshotBackend::new(spec.clone(), opts.clone(), records.clone())?;
+    let mnt = spec.mount_point.clone();
+    mount(&stack, spec, true)?;
+    let files = seed_files(&mnt, seed)?;
+    ensure(backend.prepare()? == Action::Changed, "prepare arms")?;
+    ensure(backend.prepare()? == Action::Identity, "a second prepare is Identity")?;
+    ensure(backend.status()?.state == BackendState::Armed, "status says armed")?;
+    let rec = record(records, spec)?.ok_or("no record after prepare")?;
+    ensure(rec.state == CowState::Armed, format!("record state {:?}", rec.state))?;
+    ensure(backend.cow_path().exists(), "the COW file exists")?;
+    // The checkpoint image: what the snapshot device shows.
+    let snap = object_name(Role::Snapshot, &spec.instance)?;
+    let at_start = block_hashes(&dm.node_path(&snap.name))?;
+    let before = backend.space()?;
+    change_files(&mnt, &files, seed ^ 0xff)?;
+    let after = backend.space()?;
+    println!("[{:?}] space after prepare {before:?}, after changes {after:?}", opts.rollback);
+    ensure(
+        after.used_bytes > before.used_bytes && after.total_bytes == Some(rec.cow_bytes()),
+        "changes use COW space, total = the COW file",
+    )?;
+
+    // ---- the next boot: unmount, the stack is gone, restore before mount ----
+    umount(spec)?;
+    ensure(stack.teardown_stack(spec)? == Action::Changed, "stack torn down")?;
+    ensure(our_devices(dm)?.is_empty(), "no device after teardown")?;
+    let started = Instant::now();
+    let report = backend.restore(
+        spec.raw.to_str().ok_or("path")?,
+        &RestoreRequest::default(),
+        &|_, _| {},
+    )?;
+    let took = started.elapsed();
+    ensure(report.result.is_ok(), format!("restore result {:?}", report.result))?;
+    ensure(
+        matches!(report.outcome, RestoreOutcome::Restored { entries } if entries > 0),
+        format!("restore outcome {:?}", report.outcome),
+    )?;
+    let merged = record(records, spec)?.ok_or("record gone after restore")?;
+    ensure(merged.state == CowState::Merged, format!("record {:?} after restore", merged.state))?;
+    // A second restore finds nothing to do.
+    let again = backend.restore(
+        spec.raw.to_str().ok_or("path")?,
+        &RestoreRequest::default(),
+        &|_, _| {},
+    )?;
+    ensure(again.outcome == RestoreOutcome::NothingToRestore, "a second restore is a no-op")?;
+    // Bit-exact outside the COW file: read the raw device (uncached), or the base device if the
+    // kernel merge left one.
+    let base = object_name(Role::Base, &spec.instance)?;
+    let dev = if our_devices(dm)?.contains(&base.name.to_string()) {
+        dm.node_path(&base.name)
+    } else {
+        spec.raw.clone()
+    };
+    let now = block_hashes(&dev)?;
+    let differ = differing_outside(&at_start, &now, &merged);
+    ensure(differ == 0, format!("{differ} blocks outside the COW file differ after rollback"))?;
+    guest::sh(&format!("e2fsck -fn {}", dev.display()))?;
+    // Mounted again (not checkpointing): the files are back; teardown drops the COW file.
+    mount(&stack, spec, false)?;
+    files_are_back(&mnt, &files)?;
+    ensure(backend.teardown()? == Action::Changed, "teardown drops the COW file")?;
+    ensure(!backend.cow_path().exists(), "COW file removed")?;
+    ensure(record(records, spec)?.is_none(), "record cleared")?;
+    ensure(backend.teardown()? == Action::Identity, "a second teardown is Identity")?;
+    umount(spec)?;
+    let _ = stack.teardown_stack(spec)?;
+    println!("[{:?}] rollback bit-exact, fsck clean, restore took {took:?}", opts.rollback);
+    Ok(took)
+}
+
+fn guest_snapshot_ext4(_: &[String]) -> Result<(), Failed> {
+    let dm = DeviceMapper::open()?;
+    let meta = Path::new("/dev/shm/meta");
+    fs::create_dir_all(meta)?;
+    let records = Records::open(meta)?;
+    let (_img, raw) = loop_file("ext4.img", 160 * MIB)?;
+    guest::sh(&format!(
+        "mkfs.ext4 -q -b 4096 -E lazy_itable_init=0,lazy_journal_init=0 {}",
+        raw.path().display()
+    ))?;
+    let spec = spec(raw.path(), "/dev/shm/mnt-ext4", "ext4")?;
+
+    // ---- auto: no dm-bow on this kernel ----
+    let (chosen, why) = select::choose(&AutoOptions::default());
+    println!("auto: {why}");
+    ensure(matches!(chosen, Chosen::Snapshot(_)), format!("auto chose {}", chosen.name()))?;
+    ensure(why.contains("no dm-bow"), format!("reason {why:?}"))?;
+    let auto = SnapshotBackend::new(spec.clone(), SnapshotOptions::default(), records.clone())?
+        .with_selection_reason(why.clone());
+    ensure(auto.selection_reason() == why, "selection_reason surfaces the reason")?;
+
+    let opts = SnapshotOptions { cow_bytes: Some(16 * MIB), ..SnapshotOptions::default() };
+    let user = snapshot_rollback(&dm, &spec, &records, &opts, 0x10)?;
+    let kopts = SnapshotOptions { rollback: RollbackMethod::KernelMerge, ..opts.clone() };
+    let kernel = snapshot_rollback(&dm, &spec, &records, &kopts, 0x20)?;
+    println!("restore time: userspace merge {user:?}, kernel merge {kernel:?}");
+
+    // ---- grow while mounted, then commit ----
+    let stack = SnapshotStack::new(opts.clone());
+    let backend = SnapshotBackend::new(spec.clone(), opts.clone(), records.clone())?;
+    let mnt = spec.mount_point.clone();
+    mount(&stack, &spec, true)?;
+    let files = seed_files(&mnt, 0x30)?;
+    ensure(backend.prepare()? == Action::Changed, "prepare")?;
+    let small = backend.space()?;
+    ensure(backend.grow()? == Action::Changed, "grow")?;
+    let grown = backend.space()?;
+    println!("space before grow {small:?}, after {grown:?}");
+    ensure(
+        grown.total_bytes == Some(24 * MIB) && grown.free_bytes > small.free_bytes,
+        "the store grew by half while mounted",
+    )?;
+    let rec = record(&records, &spec)?.ok_or("record")?;
+    ensure(rec.cow_bytes() == 24 * MIB, "the record has the longer map")?;
+    // Write more than the old size (every first write to a chunk is saved, even into free
+    // space): the kernel uses the grown store.
+    for i in 0..3 {
+        write_file(&mnt.join(format!("big{i}")), &pattern(i, 4 * MIB as usize))?;
+    }
+    write_file(&files[3].0, &pattern(0x77, files[3].1.len()))?;
+    guest::sh("sync")?;
+    let used = backend.space()?;
+    println!("space after writing past the old size: {used:?}");
+    ensure(used.used_bytes > Some(16 * MIB), "exceptions beyond the old store size")?;
+    // ---- commit ----
+    ensure(backend.commit()? == Action::Changed, "commit")?;
+    ensure(backend.commit()? == Action::Identity, "a second commit is Identity")?;
+    ensure(backend.status()?.state == BackendState::Committed, "status committed")?;
+    let devs = our_devices(&dm)?;
+    let base = object_name(Role::Base, &spec.instance)?;
+    ensure(devs == [base.name.to_string()], format!("only base left after commit: {devs:?}"))?;
+    let t = dm.table(DevRef::Name(&base.name), TableSlot::Active)?;
+    ensure(t[0].target_type == "linear", "base is linear again")?;
+    ensure(!backend.cow_path().exists(), "COW file deleted")?;
+    ensure(record(&records, &spec)?.is_none(), "record cleared")?;
+    umount(&spec)?;
+    guest::sh(&format!("e2fsck -fn {}", dm.node_path(&base.name).display()))?;
+    mount(&stack, &spec, false)?;
+    ensure(fs::read(&files[3].0)? == pattern(0x77, files[3].1.len()), "commit kept new data")?;
+    ensure(fs::read(mnt.join("big2"))? == pattern(2, 4 * MIB as usize), "and the new files")?;
+    ensure(fs::read(&files[0].0)? == files[0].1, "untouched file intact")?;
+    // A restore after the commit does nothing.
+    umount(&spec)?;
+    ensure(stack.teardown_stack(&spec)? == Action::Changed, "stack torn down")?;
+    let r = backend.restore(
+        spec.raw.to_str().ok_or("path")?,
+        &RestoreRequest::default(),
+        &|_, _| {},
+    )?;
+    ensure(r.outcome == RestoreOutcome::NothingToRestore, "nothing to restore after commit")?;
+    println!("commit ok: new data kept, no snapshot/COW device, file or record");
+    raw.detach()?;
+    nothing_left(&dm)
+}
+
+// ---------------------------------------------------------------------------------------------
+// f2fs
+
+const F2FS_MNT: &str = "/dev/shm/mnt-f2fs";
+
+fn guest_f2fs_first(_: &[String]) -> Result<(), Failed> {
+    let dm = DeviceMapper::open()?;
+    let meta = Path::new("/dev/shm/meta");
+    fs::create_dir_all(meta)?;
+    let records = Records::open(meta)?;
+
+    // ---- snapshot on f2fs: the COW file is pinned ----
+    let (_img, raw) = loop_file("f2fs.img", 200 * MIB)?;
+    guest::sh(&format!("mkfs.f2fs -q {}", raw.path().display()))?;
+    let spec_s = spec(raw.path(), "/dev/shm/mnt-snapf2fs", "f2fs")?;
+    let opts = SnapshotOptions { cow_bytes: Some(16 * MIB), ..SnapshotOptions::default() };
+    snapshot_rollback_f2fs(&dm, &spec_s, &records, &opts)?;
+    raw.detach()?;
+    nothing_left(&dm)?;
+
+    // ---- the f2fs backend on the virtio disk ----
+    let disk = guest::disk(0);
+    guest::sh(&format!("mkfs.f2fs -q -f {}", disk.display()))?;
+    let spec_f = spec(&disk, F2FS_MNT, "f2fs")?;
+    let stack = F2fsStack::new(F2fsOptions::default());
+    let backend = F2fsBackend::new(spec_f.clone(), F2fsOptions::default())?;
+    let plan = stack.setup(&spec_f, true)?;
+    let used = backends::mount(&plan, &spec_f.mount_point)?;
+    println!("f2fs mounted with {used:?}");
+    ensure(used.contains("checkpoint=disable"), "mounted with checkpoint=disable")?;
+    ensure(backend.prepare()? == Action::Identity, "prepare: active from mount")?;
+    ensure(backend.status()?.state == BackendState::Armed, "status armed")?;
+    let space = backend.space()?;
+    ensure(space.free_bytes.is_some_and(|f| f > 0), format!("space {space:?}"))?;
+    let kept = pattern(0x42, 3 * MIB as usize);
+    write_file(&Path::new(F2FS_MNT).join("committed"), &kept)?;
+    ensure(backend.commit()? == Action::Changed, "commit remounts checkpoint=enable")?;
+    ensure(backend.commit()? == Action::Identity, "a second commit is Identity")?;
+    ensure(backend.status()?.state == BackendState::Committed, "status committed")?;
+    umount(&spec_f)?;
+    // A checkpointed session ended by a power cut: its changes must not survive.
+    let plan = stack.setup(&spec_f, true)?;
+    let used = backends::mount(&plan, &spec_f.mount_point)?;
+    ensure(used.contains("checkpoint=disable"), "second session checkpointed")?;
+    let mnt = Path::new(F2FS_MNT);
+    fs::write(mnt.join("uncommitted"), pattern(0x43, 2 * MIB as usize))?;
+    fs::write(mnt.join("committed"), pattern(0x44, 3 * MIB as usize))?;
+    guest::sh("sync")?;
+    ensure(mnt.join("uncommitted").exists(), "the session's file exists before the cut")?;
+    // Keep the disk open so nothing is written back at close; cut the power.
+    let _hold = fs::File::open(&disk)?;
+    println!("power cut during an uncommitted f2fs checkpoint");
+    guest::power_cut()
+}
+
+fn snapshot_rollback_f2fs(
+    dm: &DeviceMapper,
+    spec: &DeviceSpec,
+    records: &Records,
+    opts: &SnapshotOptions,
+) -> Result<(), Failed> {
+    let stack = SnapshotStack::new(opts.clone());
+    let backend = SnapshotBackend::new(spec.clone(), opts.clone(), records.clone())?;
+    let mnt = spec.mount_point.clone();
+    mount(&stack, spec, true)?;
+    let files = seed_files(&mnt, 0x50)?;
+    ensure(backend.prepare()? == Action::Changed, "prepare on f2fs")?;
+    let flags = guest::sh(&format!("lsattr {} 2>&1 || true", backend.cow_path().display()))?;
+    println!("COW file on f2fs: {}", flags.trim());
+    let rec = record(records, spec)?.ok_or("record")?;
+    ensure(rec.extents.iter().all(|e| e.physical > 0), "pinned: real physical addresses")?;
+    let snap = object_name(Role::Snapshot, &spec.instance)?;
+    let at_start = block_hashes(&dm.node_path(&snap.name))?;
+    change_files(&mnt, &files, 0x5f)?;
+    umount(spec)?;
+    let _ = stack.teardown_stack(spec)?;
+    let r = backend.restore(
+        spec.raw.to_str().ok_or("path")?,
+        &RestoreRequest::default(),
+        &|_, _| {},
+    )?;
+    ensure(matches!(r.outcome, RestoreOutcome::Restored { .. }), format!("{:?}", r.outcome))?;
+    let merged = record(records, spec)?.ok_or("record")?;
+    let now = block_hashes(&spec.raw)?;
+    let differ = differing_outside(&at_start, &now, &merged);
+    ensure(differ == 0, format!("{differ} blocks outside the COW file differ after rollback"))?;
+    guest::sh(&format!("fsck.f2fs {} >/dev/null", spec.raw.display()))?;
+    mount(&stack, spec, false)?;
+    files_are_back(&mnt, &files)?;
+    ensure(backend.teardown()? == Action::Changed, "teardown")?;
+    umount(spec)?;
+    let _ = stack.teardown_stack(spec)?;
+    println!("snapshot on f2fs: rollback bit-exact, fsck clean");
+    Ok(())
+}
+
+fn guest_f2fs_second(_: &[String]) -> Result<(), Failed> {
+    let dm = DeviceMapper::open()?;
+    let disk = guest::disk(0);
+    let spec_f = spec(&disk, F2FS_MNT, "f2fs")?;
+    let backend = F2fsBackend::new(spec_f.clone(), F2fsOptions::default())?;
+    let r =
+        backend.restore(disk.to_str().ok_or("path")?, &RestoreRequest::default(), &|_, _| {})?;
+    ensure(r.outcome == RestoreOutcome::NothingToRestore && r.result.is_ok(), "f2fs restore")?;
+    let plan = F2fsStack::new(F2fsOptions::default()).setup(&spec_f, false)?;
+    let used = backends::mount(&plan, &spec_f.mount_point)?;
+    ensure(!used.contains("checkpoint"), "not checkpointing: plain mount")?;
+    let mnt = Path::new(F2FS_MNT);
+    ensure(!mnt.join("uncommitted").exists(), "the uncommitted file was rolled back")?;
+    ensure(
+        fs::read(mnt.join("committed"))? == pattern(0x42, 3 * MIB as usize),
+        "the committed file has its committed contents",
+    )?;
+    ensure(backend.status()?.state == BackendState::Committed, "mounted without disable")?;
+    umount(&spec_f)?;
+    guest::sh(&format!("fsck.f2fs {} >/dev/null", disk.display()))?;
+    println!("f2fs rollback by the kernel after a power cut: ok");
+    nothing_left(&dm)
+}
