@@ -397,7 +397,7 @@ fn second_update(dev: Device, seed: u64, cut_commit: bool) -> Result<(), Failed>
     dev.boot_mount()?;
     dev.ctl_expect(&["checkpoint", "needsCheckpoint"], 1)?;
     dev.init_hooks()?;
-    let mut rng = Rng::new(seed ^ 0x5ec0_0d);
+    let mut rng = Rng::new(seed ^ 0x005e_c00d);
     for _ in 0..40 {
         device::update_step(Path::new(DATA_MOUNT), &mut rng)?;
     }

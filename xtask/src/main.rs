@@ -27,6 +27,10 @@ enum Cmd {
         /// Skip the fuzz smoke runs.
         #[arg(long)]
         no_fuzz: bool,
+        /// An out-of-tree kernel module (a `.ko` for the guest kernel, e.g. dm-bow) that every
+        /// VM scenario loads first; repeatable.
+        #[arg(long = "module")]
+        modules: Vec<PathBuf>,
     },
     /// Boot the virtual device and run a command in it, e.g. `cargo xtask vm -- dmesg`.
     Vm {
@@ -47,7 +51,7 @@ enum Cmd {
         command: Vec<String>,
     },
     /// Walk an update through the virtual device: checkpoint, failed boots, rollback, commit.
-    Demo,
+    Demo(demo::DemoArgs),
     /// Run a workspace bench target by name with the virtual device enabled.
     Bench {
         /// The bench target name.
@@ -78,14 +82,37 @@ fn try_main() -> Result<ExitCode> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Setup => setup::run().map(|_| ExitCode::SUCCESS),
-        Cmd::Test { no_fuzz } => test::run(!no_fuzz),
+        Cmd::Test { no_fuzz, modules } => {
+            set_extra_modules(&modules)?;
+            test::run(!no_fuzz)
+        }
         Cmd::Vm { modules, disks, memory, timeout, command } => {
             vm(&modules, &disks, memory, timeout, &command)
         }
-        Cmd::Demo => demo::host(),
+        Cmd::Demo(args) => demo::host(&args),
         Cmd::GuestDemo => demo::guest(),
         Cmd::Bench { name, args } => bench(&name, &args),
     }
+}
+
+/// Makes every VM of this run (and of the test processes it starts) load `modules` first,
+/// through testbench's [`testbench::vm::MODULES_ENV`]. Each must be an existing `.ko` file.
+pub fn set_extra_modules(modules: &[PathBuf]) -> Result<()> {
+    if modules.is_empty() {
+        return Ok(());
+    }
+    let mut paths = Vec::new();
+    for m in modules {
+        let abs = std::fs::canonicalize(m).with_context(|| format!("--module {}", m.display()))?;
+        if abs.extension().and_then(|e| e.to_str()) != Some("ko") {
+            bail!("--module {}: not a kernel module (.ko) file", m.display());
+        }
+        paths.push(abs);
+    }
+    let joined = std::env::join_paths(&paths).context("joining --module paths")?;
+    // Set before any thread starts; the child processes inherit it.
+    std::env::set_var(testbench::vm::MODULES_ENV, joined);
+    Ok(())
 }
 
 fn vm(
