@@ -199,16 +199,8 @@ pub fn mount_all(
                 checkpoint_disable_max_percent: None,
             },
             Err(e) => {
-                let undo = machine.teardown(p).err().map(|u| format!(" (removing it: {u})"));
-                return Err(BootError::new(
-                    EXIT_MOUNT,
-                    format!(
-                        "{}: backend {} could not build the device stack: {e}{}",
-                        mp.display(),
-                        p.name,
-                        undo.unwrap_or_default()
-                    ),
-                ));
+                let what = format!("backend {} could not build the device stack: {e}", p.name);
+                return Err(remove_stack(machine, p, what));
             }
         };
         log(format!(
@@ -235,20 +227,21 @@ pub fn mount_all(
                 });
             }
             Err(e) => {
-                let undo = machine.teardown(p).err().map(|u| format!(" (removing it: {u})"));
-                return Err(BootError::new(
-                    EXIT_MOUNT,
-                    format!(
-                        "{}: mounting {} failed: {e}; its device stack was removed{}",
-                        mp.display(),
-                        plan.device.display(),
-                        undo.unwrap_or_default()
-                    ),
-                ));
+                let what = format!("mounting {} failed: {e}", plan.device.display());
+                return Err(remove_stack(machine, p, what));
             }
         }
     }
     Ok(out)
+}
+
+/// After a failed setup or mount: removes the device's stack again, and says so in the error.
+fn remove_stack(machine: &dyn Machine, p: &DevicePlan, what: String) -> BootError {
+    let undo = match machine.teardown(p) {
+        Ok(()) => "its device stack was removed".to_owned(),
+        Err(u) => format!("removing its device stack failed too: {u}"),
+    };
+    BootError::new(EXIT_MOUNT, format!("{}: {what}; {undo}", p.spec.mount_point.display()))
 }
 
 /// `boot teardown`: every unmounted device's stack.

@@ -262,3 +262,51 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// The backend's own view of its state.
     fn status(&self) -> Result<BackendStatus, BackendError>;
 }
+
+/// A shared backend is a backend (the daemon and a test may hold the same object).
+impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
+    fn kind(&self) -> BackendKind {
+        (**self).kind()
+    }
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+    fn selection_reason(&self) -> &str {
+        (**self).selection_reason()
+    }
+    fn covers(&self, device: &str) -> bool {
+        (**self).covers(device)
+    }
+    fn restore(
+        &self,
+        device: &str,
+        request: &RestoreRequest,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<RestoreReport, BackendError> {
+        (**self).restore(device, request, progress)
+    }
+    fn prepare(&self) -> Result<Action, BackendError> {
+        (**self).prepare()
+    }
+    fn commit(&self) -> Result<Action, BackendError> {
+        (**self).commit()
+    }
+    fn abort(&self) -> Result<Action, BackendError> {
+        (**self).abort()
+    }
+    fn teardown(&self) -> Result<Action, BackendError> {
+        (**self).teardown()
+    }
+    fn grow(&self) -> Result<Action, BackendError> {
+        (**self).grow()
+    }
+    fn space(&self) -> Result<BackupSpace, BackendError> {
+        (**self).space()
+    }
+    fn free_space(&self) -> Result<Option<u64>, BackendError> {
+        (**self).free_space()
+    }
+    fn status(&self) -> Result<BackendStatus, BackendError> {
+        (**self).status()
+    }
+}

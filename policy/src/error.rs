@@ -24,6 +24,19 @@ pub mod errno {
     pub const ENOTSUP: i32 = 95;
     /// Structure needs cleaning (a corrupt store or boot record).
     pub const EUCLEAN: i32 = 117;
+    /// Permission denied (an OS errno passed through).
+    pub const EACCES: i32 = 13;
+
+    /// THE mapping to the vold-compatible ServiceSpecificException code, used for every error
+    /// of the policy, the store and the backends (and by the daemon's binder mapping): an I/O
+    /// error reports the OS errno when one is known (vold reports `errno`), every other kind
+    /// its fixed code ([`super::ErrorKind::errno`]).
+    pub fn code(kind: super::ErrorKind, os_errno: Option<i32>) -> i32 {
+        match kind {
+            super::ErrorKind::Io => os_errno.filter(|e| *e > 0).unwrap_or(EIO),
+            other => other.errno(),
+        }
+    }
 }
 
 /// What kind of failure an error is; callers branch on this, not on messages.
@@ -129,13 +142,21 @@ impl PolicyError {
         }
     }
 
+    /// The OS error behind it, if one is known.
+    pub fn os_errno(&self) -> Option<i32> {
+        match self {
+            PolicyError::Store(e) => e.os_errno(),
+            PolicyError::BackendCommit { source, .. } | PolicyError::BackendStep { source, .. } => {
+                source.os_errno()
+            }
+            _ => None,
+        }
+    }
+
     /// The vold-compatible ServiceSpecificException code (vold-checkpoint.md §4.13): ENOTSUP
     /// for "not supported", EINVAL for bad arguments, boot-HAL and backend failures (as vold),
-    /// the OS errno for I/O errors when known.
+    /// the OS errno for I/O errors when known ([`errno::code`]).
     pub fn errno(&self) -> i32 {
-        match self {
-            PolicyError::Store(e) => e.errno(),
-            other => other.kind().errno(),
-        }
+        errno::code(self.kind(), self.os_errno())
     }
 }

@@ -135,26 +135,27 @@ impl StoreError {
             StoreError::Sqlite { source, .. } => match source.sqlite_error_code() {
                 Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => ErrorKind::Corrupt,
                 Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => ErrorKind::Busy,
+                Some(ErrorCode::DiskFull) => ErrorKind::NoSpace,
                 _ => ErrorKind::Io,
             },
         }
     }
 
-    /// The errno for this error: the OS error when known, else the kind's code.
-    pub fn errno(&self) -> i32 {
+    /// The OS error behind it, if known (SQLite's permission errors stand for EACCES).
+    pub fn os_errno(&self) -> Option<i32> {
         match self {
-            StoreError::CreateDir { source, .. } => source.raw_os_error().unwrap_or(errno::EIO),
-            StoreError::Sqlite { source: rusqlite::Error::SqliteFailure(e, _), .. }
-                if self.kind() == ErrorKind::Io =>
-            {
-                match e.code {
-                    ErrorCode::DiskFull => 28,                               // ENOSPC
-                    ErrorCode::PermissionDenied | ErrorCode::ReadOnly => 13, // EACCES
-                    _ => errno::EIO,
-                }
-            }
-            other => other.kind().errno(),
+            StoreError::CreateDir { source, .. } => source.raw_os_error(),
+            StoreError::Sqlite { source, .. } => match source.sqlite_error_code() {
+                Some(ErrorCode::PermissionDenied | ErrorCode::ReadOnly) => Some(errno::EACCES),
+                _ => None,
+            },
+            _ => None,
         }
+    }
+
+    /// The vold-compatible code ([`errno::code`]).
+    pub fn errno(&self) -> i32 {
+        errno::code(self.kind(), self.os_errno())
     }
 }
 

@@ -42,20 +42,12 @@ pub enum ServiceError {
     },
 }
 
-/// The ServiceSpecificException code for a policy error kind. `os_errno` is the OS error of an
-/// I/O failure, if one is known (vold reports `errno` for I/O failures).
+/// The ServiceSpecificException code for an error kind. `os_errno` is the OS error of an I/O
+/// failure, if one is known (vold reports `errno` for I/O failures). The table itself is
+/// `policy::errno::code`, the one place that knows the codes (the policy, the store and the
+/// backends classify with `ErrorKind`); the test below pins it to ICheckpoint's constants.
 pub fn code_for_kind(kind: ErrorKind, os_errno: Option<i32>) -> i32 {
-    match kind {
-        ErrorKind::NotSupported => ICheckpoint::ENOTSUP,
-        ErrorKind::InvalidArgument | ErrorKind::BootControl | ErrorKind::Backend => {
-            ICheckpoint::EINVAL
-        }
-        ErrorKind::Io => os_errno.filter(|e| *e > 0).unwrap_or(ICheckpoint::EIO),
-        ErrorKind::Corrupt => ICheckpoint::EUCLEAN,
-        ErrorKind::Incompatible => ICheckpoint::EPROTO,
-        ErrorKind::Busy => ICheckpoint::EAGAIN,
-        ErrorKind::NoSpace => ICheckpoint::ENOSPC,
-    }
+    policy::errno::code(kind, os_errno)
 }
 
 /// The ServiceSpecificException code of a backend error.
@@ -82,7 +74,7 @@ pub fn into_binder_status(method: &str, err: ServiceError) -> Status {
         }
         ServiceError::Policy(e) => {
             let kind = e.kind();
-            let code = code_for_kind(kind, (kind == ErrorKind::Io).then(|| e.errno()));
+            let code = code_for_kind(kind, e.os_errno());
             match kind {
                 ErrorKind::NotSupported | ErrorKind::InvalidArgument => {
                     log::info!("{method}: {e}");
@@ -127,19 +119,17 @@ mod tests {
         ];
         for kind in all {
             let expected = match kind {
-                ErrorKind::NotSupported => 95,
-                ErrorKind::InvalidArgument => 22,
-                ErrorKind::Io => 5,
-                ErrorKind::Corrupt => 117,
-                ErrorKind::Incompatible => 71,
-                ErrorKind::BootControl => 22,
-                ErrorKind::Backend => 22,
-                ErrorKind::Busy => 11,
-                ErrorKind::NoSpace => 28,
+                ErrorKind::NotSupported => ICheckpoint::ENOTSUP,
+                ErrorKind::InvalidArgument => ICheckpoint::EINVAL,
+                ErrorKind::Io => ICheckpoint::EIO,
+                ErrorKind::Corrupt => ICheckpoint::EUCLEAN,
+                ErrorKind::Incompatible => ICheckpoint::EPROTO,
+                ErrorKind::BootControl => ICheckpoint::EINVAL,
+                ErrorKind::Backend => ICheckpoint::EINVAL,
+                ErrorKind::Busy => ICheckpoint::EAGAIN,
+                ErrorKind::NoSpace => ICheckpoint::ENOSPC,
             };
             assert_eq!(code_for_kind(kind, None), expected, "{kind:?}");
-            // The policy crate's own table agrees with the interface's.
-            assert_eq!(kind.errno(), expected, "{kind:?}");
         }
         // An I/O error reports the OS errno when known (vold reports errno).
         assert_eq!(code_for_kind(ErrorKind::Io, Some(28)), 28);

@@ -69,6 +69,7 @@ fn every_error_kind_maps_to_its_documented_errno() {
         (ErrorKind::BootControl, 22),
         (ErrorKind::Backend, 22),
         (ErrorKind::Busy, 11),
+        (ErrorKind::NoSpace, 28),
     ];
     for (kind, code) in table {
         assert_eq!(kind.errno(), code, "{kind:?}");
@@ -125,7 +126,7 @@ fn every_error_kind_maps_to_its_documented_errno() {
                 ),
             }
             .into(),
-            ErrorKind::Io,
+            ErrorKind::NoSpace,
             28,
         ),
         (

@@ -130,51 +130,6 @@ impl Backend for Probe {
     }
 }
 
-/// A backend shared between the policy (boxed) and the test (this handle).
-#[derive(Debug)]
-struct Shared(Arc<Probe>);
-
-impl Backend for Shared {
-    fn kind(&self) -> BackendKind {
-        self.0.kind()
-    }
-    fn name(&self) -> &str {
-        self.0.name()
-    }
-    fn covers(&self, device: &str) -> bool {
-        self.0.covers(device)
-    }
-    fn restore(
-        &self,
-        device: &str,
-        request: &RestoreRequest,
-        progress: &dyn Fn(u64, u64),
-    ) -> Result<RestoreReport, BackendError> {
-        self.0.restore(device, request, progress)
-    }
-    fn prepare(&self) -> Result<Action, BackendError> {
-        self.0.prepare()
-    }
-    fn commit(&self) -> Result<Action, BackendError> {
-        self.0.commit()
-    }
-    fn abort(&self) -> Result<Action, BackendError> {
-        self.0.abort()
-    }
-    fn teardown(&self) -> Result<Action, BackendError> {
-        self.0.teardown()
-    }
-    fn grow(&self) -> Result<Action, BackendError> {
-        self.0.grow()
-    }
-    fn space(&self) -> Result<BackupSpace, BackendError> {
-        self.0.space()
-    }
-    fn status(&self) -> Result<BackendStatus, BackendError> {
-        self.0.status()
-    }
-}
-
 struct Rig {
     _dir: tempfile::TempDir,
     cp: Arc<Checkpointer>,
@@ -193,7 +148,7 @@ fn rig(probes: Vec<(&str, BackendKind, bool)>, checkpoint: bool) -> Rig {
         .collect();
     let open = |probes: &[Arc<Probe>]| {
         let backends: Vec<Box<dyn Backend>> =
-            probes.iter().map(|p| Box::new(Shared(Arc::clone(p))) as Box<dyn Backend>).collect();
+            probes.iter().map(|p| Box::new(Arc::clone(p)) as Box<dyn Backend>).collect();
         Checkpointer::new(
             Store::open(&dir.path().join("state")).unwrap(),
             Box::new(FileBootControl::open(&dir.path().join("bootctl")).unwrap()),
