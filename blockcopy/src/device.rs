@@ -44,6 +44,7 @@ pub trait BlockDevice: Sync {
     fn flush(&self) -> Result<(), DeviceError>;
 }
 
+#[inline]
 fn check_range(offset: u64, len: usize, size: u64) -> Result<(), DeviceError> {
     let end = u64::try_from(len).ok().and_then(|l| offset.checked_add(l));
     match end {
@@ -52,6 +53,7 @@ fn check_range(offset: u64, len: usize, size: u64) -> Result<(), DeviceError> {
     }
 }
 
+#[inline]
 fn index(offset: u64) -> usize {
     // Offsets were range-checked against an in-memory buffer, so they fit in usize.
     usize::try_from(offset).unwrap_or(usize::MAX)
@@ -222,6 +224,7 @@ impl IoBuf {
 
     /// Makes the buffer `len` bytes long, keeping the allocation when it is large enough. The
     /// contents are unspecified (old bytes or zeros): callers fill it by reading.
+    #[inline]
     pub fn set_len(&mut self, len: usize) {
         // `start` stays right for `raw`: the allocation never moves without being replaced.
         let fits = self.raw.len() >= self.start.saturating_add(len);
@@ -232,18 +235,22 @@ impl IoBuf {
         self.len = len;
     }
 
+    #[inline]
     pub fn len(&self) -> usize {
         self.len
     }
 
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
+    #[inline]
     pub fn as_slice(&self) -> &[u8] {
         &self.raw[self.start..self.start + self.len]
     }
 
+    #[inline]
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         &mut self.raw[self.start..self.start + self.len]
     }

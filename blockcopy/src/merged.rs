@@ -67,6 +67,7 @@ impl MergedRead {
     }
 
     /// The bytes of blocks `[first, first + blocks)`, if one merged range holds them.
+    #[inline]
     pub fn get(&self, first: u64, blocks: u64, block_size: u64) -> Option<&[u8]> {
         let i = self.ranges.partition_point(|r| r.0 <= first).checked_sub(1)?;
         let (start, len, offset) = self.ranges[i];
@@ -79,6 +80,7 @@ impl MergedRead {
     }
 
     /// The merged ranges read, as (first block, blocks), sorted and disjoint.
+    #[inline]
     pub fn ranges(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         self.ranges.iter().map(|&(first, blocks, _)| (first, blocks))
     }
@@ -89,6 +91,7 @@ impl MergedRead {
     }
 
     /// Bytes held.
+    #[inline]
     pub fn len(&self) -> usize {
         self.buf.len()
     }
