@@ -584,9 +584,12 @@ pub fn update_step(root: &Path, rng: &mut Rng) -> Result<String, Failed> {
 }
 
 /// Every regular file under `root` with its SHA-256, sorted by path (`sha256sum` output).
+/// checkpointd's own folder (`.checkpointd/`, the snapshot backend's COW file) is not user
+/// data: a rollback returns to the moment the checkpoint was armed, when it already existed.
 pub fn manifest(root: &Path) -> Result<String, Failed> {
     guest::sh(&format!(
-        "cd {} && find . -type f -print0 | sort -z | xargs -0 sha256sum",
+        "cd {} && find . -path ./.checkpointd -prune -o -type f -print0 | sort -z \
+         | xargs -0 sha256sum",
         root.display()
     ))
 }
