@@ -653,3 +653,6 @@ impl Backend for BowBackend {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -36,6 +36,7 @@ use testbench::vm::{scratch_image, Vm};
 use testbench::{guest, vm_trial, Failed};
 
 const MIB: u64 = 1 << 20;
+const MIB_USIZE: usize = 1 << 20;
 const MODULES: &[&str] = &["loop", "dm-mod", "dm-snapshot"];
 
 fn main() -> std::process::ExitCode {
@@ -121,10 +122,10 @@ fn spec(raw: &Path, mnt: &str, fs_type: &str) -> Result<DeviceSpec, Failed> {
 /// Per-4-KiB-block hashes of a device, read uncached.
 fn block_hashes(path: &Path) -> Result<Vec<u64>, Failed> {
     let dev = FileDevice::open_read_only(path)?.with_direct_reads();
-    let mut buf = vec![0u8; MIB as usize];
+    let mut buf = vec![0u8; MIB_USIZE];
     let mut out = Vec::new();
     let size = dev.size();
-    for off in (0..size).step_by(MIB as usize) {
+    for off in (0..size).step_by(MIB_USIZE) {
         let n = usize::try_from((size - off).min(MIB))?;
         dev.read_at(&mut buf[..n], off)?;
         for block in buf[..n].chunks(4096) {
@@ -136,18 +137,26 @@ fn block_hashes(path: &Path) -> Result<Vec<u64>, Failed> {
     Ok(out)
 }
 
-/// Blocks that differ between `a` and `b`, outside the COW file's extents.
+/// Blocks that differ between `a` and `b`, outside the COW file's extents (the first ones are
+/// printed with the extents, to diagnose).
 fn differing_outside(a: &[u64], b: &[u64], rec: &SnapshotRecord) -> usize {
     let in_cow = |block: u64| {
         rec.extents
             .iter()
             .any(|e| block * 4096 >= e.physical && block * 4096 < e.physical + e.length)
     };
-    a.iter()
+    let differ: Vec<usize> = a
+        .iter()
         .zip(b)
         .enumerate()
         .filter(|(i, (x, y))| x != y && !in_cow(u64::try_from(*i).unwrap_or(u64::MAX)))
-        .count()
+        .map(|(i, _)| i)
+        .collect();
+    if !differ.is_empty() {
+        println!("blocks differing outside the COW file: {:?}", &differ[..differ.len().min(16)]);
+        println!("COW extents: {:?}", rec.extents);
+    }
+    differ.len()
 }
 
 /// Our device-mapper devices (uuid prefix), by name.
@@ -180,7 +189,7 @@ fn write_file(path: &Path, data: &[u8]) -> Result<(), Failed> {
 /// The test's files: (name, contents at checkpoint start).
 fn seed_files(mnt: &Path, seed: u8) -> Result<Vec<(PathBuf, Vec<u8>)>, Failed> {
     let mut files = Vec::new();
-    for (i, len) in [(0u8, 3 * MIB as usize), (1, 4096), (2, 700_000), (3, 5 * MIB as usize)] {
+    for (i, len) in [(0u8, 3 * MIB_USIZE), (1, 4096), (2, 700_000), (3, 5 * MIB_USIZE)] {
         let p = mnt.join(format!("file{i}"));
         let data = pattern(seed.wrapping_add(i), len);
         write_file(&p, &data)?;
@@ -194,10 +203,10 @@ fn seed_files(mnt: &Path, seed: u8) -> Result<Vec<(PathBuf, Vec<u8>)>, Failed> {
 fn change_files(mnt: &Path, files: &[(PathBuf, Vec<u8>)], seed: u8) -> Result<(), Failed> {
     write_file(&files[0].0, &pattern(seed, files[0].1.len()))?;
     let mut part = files[3].1.clone();
-    part[MIB as usize..2 * MIB as usize].copy_from_slice(&pattern(seed ^ 0x5a, MIB as usize));
+    part[MIB_USIZE..2 * MIB_USIZE].copy_from_slice(&pattern(seed ^ 0x5a, MIB_USIZE));
     write_file(&files[3].0, &part)?;
     fs::remove_file(&files[1].0)?;
-    write_file(&mnt.join("added"), &pattern(seed, 2 * MIB as usize))?;
+    write_file(&mnt.join("added"), &pattern(seed, 2 * MIB_USIZE))?;
     guest::sh("sync")?;
     Ok(())
 }
@@ -355,7 +364,7 @@ fn guest_snapshot_ext4(_: &[String]) -> Result<(), Failed> {
     // Write more than the old size (every first write to a chunk is saved, even into free
     // space): the kernel uses the grown store.
     for i in 0..3 {
-        write_file(&mnt.join(format!("big{i}")), &pattern(i, 4 * MIB as usize))?;
+        write_file(&mnt.join(format!("big{i}")), &pattern(i, 4 * MIB_USIZE))?;
     }
     write_file(&files[3].0, &pattern(0x77, files[3].1.len()))?;
     guest::sh("sync")?;
@@ -377,7 +386,7 @@ fn guest_snapshot_ext4(_: &[String]) -> Result<(), Failed> {
     guest::sh(&format!("e2fsck -fn {}", dm.node_path(&base.name).display()))?;
     mount(&stack, &spec, false)?;
     ensure(fs::read(&files[3].0)? == pattern(0x77, files[3].1.len()), "commit kept new data")?;
-    ensure(fs::read(mnt.join("big2"))? == pattern(2, 4 * MIB as usize), "and the new files")?;
+    ensure(fs::read(mnt.join("big2"))? == pattern(2, 4 * MIB_USIZE), "and the new files")?;
     ensure(fs::read(&files[0].0)? == files[0].1, "untouched file intact")?;
     // A restore after the commit does nothing.
     umount(&spec)?;
@@ -427,7 +436,7 @@ fn guest_f2fs_first(_: &[String]) -> Result<(), Failed> {
     ensure(backend.status()?.state == BackendState::Armed, "status armed")?;
     let space = backend.space()?;
     ensure(space.free_bytes.is_some_and(|f| f > 0), format!("space {space:?}"))?;
-    let kept = pattern(0x42, 3 * MIB as usize);
+    let kept = pattern(0x42, 3 * MIB_USIZE);
     write_file(&Path::new(F2FS_MNT).join("committed"), &kept)?;
     ensure(backend.commit()? == Action::Changed, "commit remounts checkpoint=enable")?;
     ensure(backend.commit()? == Action::Identity, "a second commit is Identity")?;
@@ -438,8 +447,8 @@ fn guest_f2fs_first(_: &[String]) -> Result<(), Failed> {
     let used = backends::mount(&plan, &spec_f.mount_point)?;
     ensure(used.contains("checkpoint=disable"), "second session checkpointed")?;
     let mnt = Path::new(F2FS_MNT);
-    fs::write(mnt.join("uncommitted"), pattern(0x43, 2 * MIB as usize))?;
-    fs::write(mnt.join("committed"), pattern(0x44, 3 * MIB as usize))?;
+    fs::write(mnt.join("uncommitted"), pattern(0x43, 2 * MIB_USIZE))?;
+    fs::write(mnt.join("committed"), pattern(0x44, 3 * MIB_USIZE))?;
     guest::sh("sync")?;
     ensure(mnt.join("uncommitted").exists(), "the session's file exists before the cut")?;
     // Keep the disk open so nothing is written back at close; cut the power.
@@ -503,7 +512,7 @@ fn guest_f2fs_second(_: &[String]) -> Result<(), Failed> {
     let mnt = Path::new(F2FS_MNT);
     ensure(!mnt.join("uncommitted").exists(), "the uncommitted file was rolled back")?;
     ensure(
-        fs::read(mnt.join("committed"))? == pattern(0x42, 3 * MIB as usize),
+        fs::read(mnt.join("committed"))? == pattern(0x42, 3 * MIB_USIZE),
         "the committed file has its committed contents",
     )?;
     ensure(backend.status()?.state == BackendState::Committed, "mounted without disable")?;
