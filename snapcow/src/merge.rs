@@ -31,11 +31,15 @@ pub struct MergeOptions {
     pub max_io_bytes: usize,
     /// Parse and plan, write nothing (the report says what would be copied).
     pub dry_run: bool,
+    /// Copy only the first `limit` exceptions (in store order) and stop before the commit
+    /// point: the store stays valid and a later merge finishes the job. A test hook, as
+    /// vold's `restoreCheckpointPart`: an interrupted merge on demand.
+    pub limit: Option<u64>,
 }
 
 impl Default for MergeOptions {
     fn default() -> Self {
-        MergeOptions { queue_depth: 8, max_io_bytes: 1 << 20, dry_run: false }
+        MergeOptions { queue_depth: 8, max_io_bytes: 1 << 20, dry_run: false, limit: None }
     }
 }
 
@@ -50,6 +54,9 @@ pub struct MergeReport {
     pub bytes_copied: u64,
     /// The store's chunk size in bytes (0 without a store).
     pub chunk_bytes: u64,
+    /// [`MergeOptions::limit`] stopped the merge before the commit point: the store is still
+    /// valid (and `bytes_copied` counts only the copies made).
+    pub limit_reached: bool,
 }
 
 /// Broad classes of [`MergeError`] that callers branch on.
@@ -133,16 +140,26 @@ pub fn merge<D: BlockDevice + ?Sized>(
         return Ok(MergeReport::default());
     };
     store.check_origin(raw.size())?;
-    let plan = plan(raw.size(), &cow, &store)?;
+    let total = u64::try_from(store.exceptions.len()).unwrap_or(u64::MAX);
+    let limited = opts.limit.is_some_and(|n| n < total);
+    // Hazards are judged on the whole store, so a limited run refuses exactly what a whole
+    // one would.
+    let mut plan = plan(raw.size(), &cow, &store)?;
     let hazards = plan.hazards(Layout::SameDevice);
     if !hazards.is_empty() {
         return Err(MergeError::Hazard { blocks: hazards.blocks, block_size: plan.block_size() });
     }
+    if let (true, Some(n)) = (limited, opts.limit) {
+        let mut part = store.clone();
+        part.exceptions.truncate(usize::try_from(n).unwrap_or(usize::MAX));
+        plan = self::plan(raw.size(), &cow, &part)?;
+    }
     let report = MergeReport {
         had_store: true,
-        exceptions: u64::try_from(store.exceptions.len()).unwrap_or(u64::MAX),
+        exceptions: total,
         bytes_copied: plan.bytes(),
         chunk_bytes: store.chunk_bytes(),
+        limit_reached: limited,
     };
     if opts.dry_run {
         return Ok(report);
@@ -156,7 +173,12 @@ pub fn merge<D: BlockDevice + ?Sized>(
     // The commit point: the header's first block zeroed (magic 0: no store). The kernel
     // rewrites the header and zeroes area 0 itself when it next creates a snapshot here.
     let header_len = store.chunk_bytes().min(4096);
-    let commit = || cow.write_at(&vec![0u8; usize::try_from(header_len).unwrap_or(4096)], 0);
+    let commit = || {
+        if limited {
+            return Ok(());
+        }
+        cow.write_at(&vec![0u8; usize::try_from(header_len).unwrap_or(4096)], 0)
+    };
     let bs = plan.block_size();
     let mut report_bytes = |done: u64, total: u64| progress(done * bs, total * bs);
     blockcopy::apply(raw, raw, &plan, &options, commit, &mut report_bytes).map_err(
@@ -300,7 +322,7 @@ mod tests {
     }
 
     fn run(raw: &impl BlockDevice) -> Result<MergeReport, MergeError> {
-        let opts = MergeOptions { queue_depth: 3, max_io_bytes: 8 * 1024, dry_run: false };
+        let opts = MergeOptions { queue_depth: 3, max_io_bytes: 8 * 1024, ..Default::default() };
         merge(raw, &extents(), &opts, &mut |_, _| {})
     }
 
@@ -322,6 +344,7 @@ mod tests {
                     exceptions: u64::try_from(s.exceptions).unwrap(),
                     bytes_copied: u64::try_from(s.exceptions).unwrap() * cb,
                     chunk_bytes: cb,
+                    limit_reached: false,
                 }
             );
             assert_eq!(last, (report.bytes_copied, report.bytes_copied));
@@ -331,6 +354,29 @@ mod tests {
             assert!(!again.had_store);
             assert!(raw.snapshot() == s.want);
         }
+    }
+
+    #[test]
+    fn a_limited_merge_stops_before_the_commit_point_and_a_rerun_finishes() {
+        let s = scenario(8, 40, 21, 256 * KIB);
+        let raw = MemDevice::from_bytes(s.after.clone());
+        let opts = MergeOptions { limit: Some(3), ..Default::default() };
+        let part = merge(&raw, &extents(), &opts, &mut |_, _| {}).unwrap();
+        assert!(part.limit_reached);
+        assert_eq!(part.bytes_copied, 3 * 4096, "three 4 KiB chunks");
+        let mid = raw.snapshot();
+        assert!(mid != s.after && mid != s.want, "some chunks copied, not all");
+        // The store is still valid: a whole merge finishes the job.
+        let rest = run(&raw).unwrap();
+        assert!(rest.had_store && !rest.limit_reached);
+        assert_eq!(rest.exceptions, u64::try_from(s.exceptions).unwrap());
+        assert!(raw.snapshot() == s.want);
+        // A limit at or above the store's size is a whole merge.
+        let raw = MemDevice::from_bytes(s.after);
+        let opts = MergeOptions { limit: Some(10_000), ..Default::default() };
+        let whole = merge(&raw, &extents(), &opts, &mut |_, _| {}).unwrap();
+        assert!(!whole.limit_reached);
+        assert!(raw.snapshot() == s.want);
     }
 
     #[test]
