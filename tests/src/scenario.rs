@@ -241,6 +241,59 @@ pub fn abort_chain(name: &str, profile: &Profile, launcher: &Launcher) -> Result
     Ok(())
 }
 
+/// What the health monitor does when /data fills the backup area during a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fill {
+    /// A small COW store that may not grow, `action = "commit"`: the monitor commits before
+    /// the store is full; every write succeeds.
+    Commit,
+    /// A small COW store that may grow: the monitor grows it, the checkpoint stays armed, a
+    /// power cut follows, and the next boot rolls /data back through the grown store.
+    Grow,
+}
+
+/// A full /data during a checkpoint: 48 MiB written through a 16 MiB COW store. The
+/// filesystem must never see an error from the backup layer (a full dm-snapshot store is
+/// invalidated by the kernel and fails every later I/O): the monitor acts first.
+pub fn fill_chain(name: &str, fill: Fill, launcher: &Launcher) -> Result<(), Failed> {
+    let meta = crate::vm::scratch_image(META_BYTES)?;
+    let data = crate::vm::scratch_image(DATA_BYTES)?;
+    Fs::Ext4.mkfs_host(&meta)?;
+    Fs::Ext4.mkfs_host(&data)?;
+    let mut profile = Profile::new("snapshot", Fs::Ext4);
+    // The monitor polls every 100 ms; the guest writes well under 60 MiB/s (1 MiB with
+    // fsync, through a snapshot, under TCG): 6 MiB per poll, inside the 10 MiB margin.
+    profile.backend_options = match fill {
+        Fill::Commit => "cow_bytes = 16777216\ngrow_percent = 0\n".into(),
+        Fill::Grow => "cow_bytes = 16777216\ngrow_percent = 100\ngrow_at_percent = 25\n".into(),
+    };
+    profile.extra_config = "[monitor]\ninterval_ms = 100\nwarn_free_bytes = 12582912\n\
+                            action_free_bytes = 10485760\nmax_write_bytes_per_sec = 62914560\n\
+                            action = \"commit\"\n"
+        .into();
+    let seed = seed();
+    let mut c = Chain {
+        name,
+        launcher,
+        stream: false,
+        profile: &profile,
+        meta: meta.to_path_buf(),
+        data: data.to_path_buf(),
+        seed,
+        boots: 0,
+    };
+    c.expect_ok("install")?;
+    match fill {
+        Fill::Commit => c.expect_ok("fill-commit")?,
+        Fill::Grow => {
+            c.expect_cut("fill-grow")?;
+            c.expect_ok("after-fill-grow")?;
+        }
+    }
+    println!("chain {name}: {} boots, all checks passed", c.boots);
+    Ok(())
+}
+
 /// The guest half: one boot of the device, the step named by the host.
 pub fn guest_step() -> Result<(), Failed> {
     let step = std::env::var(STEP_ENV)?;
@@ -262,6 +315,9 @@ pub fn guest_step() -> Result<(), Failed> {
         "abort-retry" => abort_boot(dev, seed, 1, true),
         "abort-no-retry" => abort_boot(dev, seed, 2, false),
         "after-abort" => after_abort(dev),
+        "fill-commit" => fill_boot(dev, Fill::Commit),
+        "fill-grow" => fill_boot(dev, Fill::Grow),
+        "after-fill-grow" => after_fill_grow(dev),
         other => Err(format!("unknown step {other}").into()),
     }
 }
@@ -481,5 +537,68 @@ fn after_abort(dev: Device) -> Result<(), Failed> {
     let files = data_equals("before-update.sha256")?;
     check(true, &format!("/data rolled back after the abort without retry: all {files} files"))?;
     dev.ctl_expect(&["checkpoint", "needsRollback"], 1)?;
+    finish_with_fsck(dev)
+}
+
+/// Writes 48 MiB into /data, 1 MiB at a time with fsync, while the monitor watches a 16 MiB
+/// COW store. Every write must succeed and the kernel must never invalidate the snapshot.
+fn fill_boot(dev: Device, fill: Fill) -> Result<(), Failed> {
+    use std::io::Write;
+    dev.boot_mount()?;
+    dev.init_hooks()?;
+    check(dev.status()?["is_checkpointing"] == true, "checkpointing, 16 MiB COW store")?;
+    let mut rng = Rng::new(7);
+    let mut file = std::fs::File::create(Path::new(DATA_MOUNT).join("fill.bin"))?;
+    let mut states = Vec::new();
+    for mib in 1..=48u32 {
+        file.write_all(&rng.bytes(1 << 20))
+            .and_then(|()| file.sync_data())
+            .map_err(|e| format!("write of MiB {mib} failed: {e}"))?;
+        if mib % 8 == 0 {
+            let st = dev.status()?;
+            states.push(format!(
+                "{mib} MiB: {} (backup used {}, free {})",
+                st["state"], st["backup_bytes_used"], st["backup_bytes_free"]
+            ));
+        }
+    }
+    drop(file);
+    check(true, "48 MiB written, every write and fsync succeeded")?;
+    for line in &states {
+        println!("    {line}");
+    }
+    let dmesg = guest::sh("dmesg")?;
+    check(
+        !dmesg.contains("Invalidating snapshot") && !dmesg.contains("I/O error"),
+        "the kernel never invalidated the snapshot, no I/O error",
+    )?;
+    let history = dev.ctl_expect(&["history", "--limit", "10"], 0)?;
+    println!("{history}");
+    check(history.contains("low_space"), "the monitor recorded low space")?;
+    match fill {
+        Fill::Commit => {
+            check(dev.status()?["state"] == "none", "the monitor committed the checkpoint")?;
+            check(
+                std::fs::metadata(Path::new(DATA_MOUNT).join("fill.bin"))?.len() == 48 << 20,
+                "the new data is all there",
+            )?;
+            finish_with_fsck(dev)
+        }
+        Fill::Grow => {
+            check(
+                dev.status()?["is_checkpointing"] == true,
+                "still checkpointing: the store grew",
+            )?;
+            println!("  power cut; the next boot must roll /data back through the grown store");
+            guest::power_cut()
+        }
+    }
+}
+
+fn after_fill_grow(dev: Device) -> Result<(), Failed> {
+    dev.boot_mount()?;
+    let files = data_equals("before-update.sha256")?;
+    check(true, &format!("/data rolled back through the grown store: all {files} files"))?;
+    check(!Path::new(DATA_MOUNT).join("fill.bin").exists(), "fill.bin is gone")?;
     finish_with_fsck(dev)
 }

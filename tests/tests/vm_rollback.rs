@@ -20,7 +20,7 @@
 //! 6. `after-commit`: the new data is kept; no COW file, no DM or loop device left; fsck clean.
 
 use testbench::device::{Fs, Profile};
-use testbench::scenario::{abort_chain, chain, guest_step, Commit, Launcher};
+use testbench::scenario::{abort_chain, chain, fill_chain, guest_step, Commit, Fill, Launcher};
 use testbench::vm_trial;
 
 fn main() -> std::process::ExitCode {
@@ -41,6 +41,12 @@ fn main() -> std::process::ExitCode {
             vm_trial("snapshot_on_ext4_abort_with_and_without_retry_rolls_back", || {
                 let profile = Profile::new("snapshot", Fs::Ext4);
                 abort_chain("abort", &profile, &Launcher::SelfEntry)
+            }),
+            vm_trial("snapshot_full_data_monitor_commits_before_the_store_fills", || {
+                fill_chain("fill-commit", Fill::Commit, &Launcher::SelfEntry)
+            }),
+            vm_trial("snapshot_full_data_monitor_grows_the_store_and_rollback_still_works", || {
+                fill_chain("fill-grow", Fill::Grow, &Launcher::SelfEntry)
             }),
         ],
         &[("step", |_| guest_step())],
