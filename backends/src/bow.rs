@@ -568,7 +568,7 @@ impl Backend for BowBackend {
     }
 
     fn covers(&self, device: &str) -> bool {
-        Path::new(device) == self.spec.raw
+        self.spec.covers(device)
     }
 
     fn restore(

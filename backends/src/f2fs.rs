@@ -10,8 +10,6 @@
 //! * space: the filesystem's free space (statvfs): with checkpoints disabled f2fs keeps every
 //!   overwritten block until commit, so its free space is the backup space.
 
-use std::path::Path;
-
 use policy::{
     Action, Backend, BackendError, BackendKind, BackendState, BackendStatus, BackupSpace,
     RestoreOutcome, RestoreReport, RestoreRequest,
@@ -148,7 +146,7 @@ impl Backend for F2fsBackend {
     }
 
     fn covers(&self, device: &str) -> bool {
-        Path::new(device) == self.spec.raw
+        self.spec.covers(device)
     }
 
     fn restore(
@@ -228,6 +226,8 @@ impl Backend for F2fsBackend {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
     use crate::mountinfo::parse_mountinfo;
 

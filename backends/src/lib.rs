@@ -53,6 +53,21 @@ pub struct DeviceSpec {
     pub instance: String,
 }
 
+impl DeviceSpec {
+    /// Whether `device` (as `restoreCheckpoint` names it) is this spec's raw device: the same
+    /// path, or a link to the same node (fs_mgr passes `/dev/block/by-name/...` links).
+    pub fn covers(&self, device: &str) -> bool {
+        let device = Path::new(device);
+        if device == self.raw {
+            return true;
+        }
+        match (std::fs::canonicalize(device), std::fs::canonicalize(&self.raw)) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
 /// The names' instance token for a mount point: `/data` → `data`, `/mnt/user data` →
 /// `mnt_user_data`; `root` for `/`. Truncated to 32 characters.
 pub fn instance_for(mount_point: &Path) -> String {

@@ -693,7 +693,7 @@ impl Backend for SnapshotBackend {
     }
 
     fn covers(&self, device: &str) -> bool {
-        Path::new(device) == self.spec.raw
+        self.spec.covers(device)
     }
 
     fn restore(

@@ -1,0 +1,368 @@
+//! Rollback benchmark in the virtual device (`cargo xtask bench rollback [--quick]`), issue 9.
+//!
+//! One boot, two virtio disks (`a`, `b`, each `data + spare` bytes), three parts:
+//! 1. **Rollback time of the same changed blocks** (scattered 4 KiB, then 1 MiB runs, at random
+//!    offsets of the data area): the kernel's snapshot-merge (from the start of the handover
+//!    until only metadata is allocated), the offline userspace merge (`snapcow::merge`, the
+//!    backend's rollback before mount) over the same store, and the dm-bow restore
+//!    (`bow::restore`) of a log made by the engine model (`bow::model`) for the same changes
+//!    over the same original data. The snapshot state is built once through the kernel
+//!    (snapshot-origin, COW on a dm-linear over the spare area of disk `a`), the dm-bow state
+//!    once on disk `b`; before every timed run the bytes a rollback changes are written back
+//!    (O_DIRECT, flushed) and the page cache is dropped, so all runs of a method start from
+//!    identical bytes, cold. Methods rotate each round; every run is checked against the
+//!    original data.
+//! 2. **First-touch write throughput**, dm-linear vs snapshot-origin with an active persistent
+//!    snapshot (4 KiB chunks, COW on a dm-linear region), same disk and offsets pattern, slices
+//!    interleaved A B B A …: random 4 KiB and sequential 1 MiB O_DIRECT writes, `qd` threads,
+//!    each slice ending with `fdatasync`. The store must then hold exactly the bytes written
+//!    through the origin (else the writes were not first touches and the run fails).
+//! 3. **Backup space of one block trace**: ext4 (populated, then a workload of new files,
+//!    in-place rewrites, replaced and deleted files) on dm-log-writes over snapshot-origin: the
+//!    snapshot's real COW usage, and the dm-log-writes trace replayed through the dm-bow engine
+//!    model (`bow::dryrun`) from the free space at checkpoint start.
+//!
+//! The host counts the QEMU processes running before and during the boot: another guest on the
+//! two cores ruins every ratio (docs/benchmarks.md).
+//!
+//! `--quick` (or `ROLLBACK_BENCH_QUICK=1`): small sizes, one round, for CI (< 90 s).
+//! Environment: `ROLLBACK_BENCH_CHANGED_MIB`, `ROLLBACK_BENCH_ROUNDS`, `ROLLBACK_BENCH_QD`,
+//! `ROLLBACK_BENCH_BACKING` (`virtio`, default, or `shm`: loop devices over guest tmpfs files).
+
+#![allow(clippy::cast_precision_loss, clippy::cast_possible_truncation)] // Benchmark arithmetic.
+
+#[path = "rollback/common.rs"]
+mod common;
+#[path = "rollback/merge.rs"]
+mod merge;
+#[path = "rollback/space.rs"]
+mod space;
+#[path = "rollback/writes.rs"]
+mod writes;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use blockdev::dm::DeviceMapper;
+use blockdev::loopdev::{LoopDevice, LoopOptions};
+use blockdev::DevId;
+use testbench::vm::Vm;
+use testbench::{guest, Failed};
+
+use common::{mib, mib_s, ms, MIB};
+
+const ENV_KEYS: &[&str] = &[
+    "ROLLBACK_BENCH_CHANGED_MIB",
+    "ROLLBACK_BENCH_ROUNDS",
+    "ROLLBACK_BENCH_QD",
+    "ROLLBACK_BENCH_BACKING",
+];
+
+/// Sizes of one run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub quick: bool,
+    /// The data area at the start of each disk (the origin's file system, the changed blocks).
+    pub data: u64,
+    /// The area after it: COW store (parts 1, 2), dm-log-writes log (part 3), free for dm-bow.
+    pub spare: u64,
+    /// Bytes changed per rollback case.
+    pub changed: u64,
+    pub rounds: usize,
+    /// Writer threads in part 2.
+    pub qd: usize,
+    /// Slices per device in part 2, and their sizes.
+    pub slices: usize,
+    pub rand_slice: u64,
+    pub seq_slice: u64,
+    /// Loop devices over guest tmpfs files instead of the virtio disks.
+    pub shm: bool,
+}
+
+fn env_u64(key: &str) -> Option<u64> {
+    std::env::var(key).ok().and_then(|v| v.parse().ok())
+}
+
+impl Config {
+    fn new(quick: bool) -> Result<Config, Failed> {
+        let mut c = if quick {
+            Config {
+                quick,
+                data: 64 * MIB,
+                spare: 40 * MIB,
+                changed: 8 * MIB,
+                rounds: 1,
+                qd: 4,
+                slices: 2,
+                rand_slice: 2 * MIB,
+                seq_slice: 8 * MIB,
+                shm: false,
+            }
+        } else {
+            Config {
+                quick,
+                data: 256 * MIB,
+                spare: 128 * MIB,
+                changed: 32 * MIB,
+                rounds: 3,
+                qd: 4,
+                slices: 4,
+                rand_slice: 4 * MIB,
+                seq_slice: 16 * MIB,
+                shm: false,
+            }
+        };
+        if let Some(v) = env_u64("ROLLBACK_BENCH_CHANGED_MIB") {
+            c.changed = v * MIB;
+        }
+        if let Some(v) = env_u64("ROLLBACK_BENCH_ROUNDS") {
+            c.rounds = usize::try_from(v)?.max(1);
+        }
+        if let Some(v) = env_u64("ROLLBACK_BENCH_QD") {
+            c.qd = usize::try_from(v)?.max(1);
+        }
+        match std::env::var("ROLLBACK_BENCH_BACKING").as_deref() {
+            Ok("shm") => c.shm = true,
+            Ok("virtio") | Err(_) => {}
+            Ok(other) => {
+                return Err(format!("ROLLBACK_BENCH_BACKING={other}: virtio or shm").into())
+            }
+        }
+        // The store (changes + 1/256 metadata + header) must fit the spare area, and the
+        // changes the data area past its first MiB.
+        if c.changed == 0
+            || c.changed + c.changed / 128 + 2 * MIB > c.spare
+            || c.changed > c.data / 2
+        {
+            return Err(
+                format!("ROLLBACK_BENCH_CHANGED_MIB too large for {} MiB", mib(c.spare)).into()
+            );
+        }
+        Ok(c)
+    }
+
+    /// Size of each disk.
+    pub fn disk(&self) -> u64 {
+        self.data + self.spare
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--guest") {
+        return testbench::main(Vec::new(), &[("bench", guest_bench)]);
+    }
+    let quick = args.iter().any(|a| a == "--quick")
+        || std::env::var("ROLLBACK_BENCH_QUICK").is_ok_and(|v| v == "1");
+    if !testbench::vm_requested() {
+        eprintln!("the rollback benchmark needs the virtual device: run `cargo xtask bench rollback [--quick]`");
+        return ExitCode::FAILURE;
+    }
+    match host(quick) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rollback benchmark failed: {}", e.message().unwrap_or("(no message)"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// QEMU processes on this machine (`/proc/*/comm` starting with `qemu-system`).
+fn qemu_processes() -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
+    dir.filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("comm"))
+                .is_ok_and(|c| c.starts_with("qemu-system"))
+        })
+        .count()
+}
+
+fn host(quick: bool) -> Result<(), Failed> {
+    let cfg = Config::new(quick)?;
+    let before = qemu_processes();
+    let disk_a = testbench::vm::scratch_image(if cfg.shm { MIB } else { cfg.disk() })?;
+    let disk_b = testbench::vm::scratch_image(if cfg.shm { MIB } else { cfg.disk() })?;
+    let mut vm = Vm::new(if quick { "bench_rollback_quick" } else { "bench_rollback" })
+        .modules(&["loop", "dm-mod", "dm-snapshot", "dm-log-writes"])
+        .disk(&disk_a)
+        .disk(&disk_b)
+        .memory_mib(2048)
+        .timeout(Duration::from_secs(if quick { 300 } else { 2400 }))
+        .stream_output(true);
+    for key in ENV_KEYS {
+        if let Ok(v) = std::env::var(key) {
+            vm = vm.env(*key, v);
+        }
+    }
+    // Sample the QEMU count while the guest runs: our own guest is one of them.
+    let stop = Arc::new(AtomicBool::new(false));
+    let max_seen = Arc::new(AtomicUsize::new(before));
+    let sampler = {
+        let (stop, max_seen) = (Arc::clone(&stop), Arc::clone(&max_seen));
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                max_seen.fetch_max(qemu_processes(), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })
+    };
+    println!(
+        "rollback benchmark ({} mode): QEMU processes on the host before the boot: {before}",
+        if quick { "quick" } else { "full" }
+    );
+    let started = Instant::now();
+    let run = vm.run_self("bench", if quick { &["quick"] } else { &[] });
+    stop.store(true, Ordering::Relaxed);
+    let _ = sampler.join();
+    let run = run?;
+    run.expect_success()?;
+    let max = max_seen.load(Ordering::Relaxed);
+    println!(
+        "\nQEMU processes on the host: {before} before the boot, at most {max} during the run \
+         (ours included); boot + run {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    if max > 1 || before > 0 {
+        println!("WARNING: another guest shared the 2 cores: the ratios above are not clean");
+    }
+    Ok(())
+}
+
+/// The two block devices: the virtio disks, or loop devices over tmpfs files.
+fn devices(cfg: &Config) -> Result<(PathBuf, PathBuf, Vec<LoopDevice>), Failed> {
+    if !cfg.shm {
+        return Ok((guest::disk(0), guest::disk(1), Vec::new()));
+    }
+    let mut loops = Vec::new();
+    for name in ["rb-a.img", "rb-b.img"] {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(Path::new("/dev/shm").join(name))?;
+        file.set_len(cfg.disk())?;
+        loops.push(LoopDevice::attach(&file, &LoopOptions::default())?);
+    }
+    Ok((loops[0].path().to_owned(), loops[1].path().to_owned(), loops))
+}
+
+fn guest_bench(args: &[String]) -> Result<(), Failed> {
+    let cfg = Config::new(args.iter().any(|a| a == "quick"))?;
+    let (pa, pb, _loops) = devices(&cfg)?;
+    let disks = merge::Disks { a: (&pa, DevId::of_path(&pa)?), b: (&pb, DevId::of_path(&pb)?) };
+    println!(
+        "disks: {} and {} ({}), {:.0} MiB data + {:.0} MiB spare each; {:.0} MiB changed per \
+         rollback case, {} rounds; guest CPUs: {}",
+        pa.display(),
+        pb.display(),
+        if cfg.shm { "loop over guest tmpfs" } else { "virtio-blk" },
+        mib(cfg.data),
+        mib(cfg.spare),
+        mib(cfg.changed),
+        cfg.rounds,
+        std::thread::available_parallelism().map_or(0, usize::from)
+    );
+    let dm = DeviceMapper::open()?;
+    let t = Instant::now();
+    println!("\n== 1. rollback time, same changed blocks ==");
+    let rollback = merge::run(&cfg, &dm, &disks)?;
+    println!("  (part 1: {:.0} s)", t.elapsed().as_secs_f64());
+    let t = Instant::now();
+    println!("\n== 2. first-touch write throughput: snapshot-origin vs dm-linear ==");
+    let (rand, seq) = writes::run(&cfg, &dm, disks.a)?;
+    println!("  (part 2: {:.0} s)", t.elapsed().as_secs_f64());
+    let t = Instant::now();
+    println!("\n== 3. backup space of one ext4 block trace: dm-snapshot vs dm-bow ==");
+    let sp = space::run(&cfg, &dm, disks.a, disks.b)?;
+    println!("  (part 3: {:.0} s)", t.elapsed().as_secs_f64());
+    summary(&cfg, &rollback, &rand, &seq, &sp);
+    Ok(())
+}
+
+fn summary(
+    cfg: &Config,
+    rollback: &[merge::CaseResult],
+    rand: &writes::Throughput,
+    seq: &writes::Throughput,
+    sp: &space::SpaceResult,
+) {
+    println!("\n== summary (ratios from this run) ==");
+    println!(
+        "rollback of {:.0} MiB, median of {} ms        kernel merge   userspace merge   bow restore   kernel/userspace   kernel/bow   userspace/bow",
+        mib(cfg.changed),
+        cfg.rounds
+    );
+    for r in rollback {
+        println!(
+            "  {:<36} {:>10.1}   {:>15.1}   {:>11.1}   {:>15.1}x   {:>9.1}x   {:>12.2}x",
+            r.name,
+            ms(r.kernel),
+            ms(r.user),
+            ms(r.bow),
+            r.kernel.as_secs_f64() / r.user.as_secs_f64(),
+            r.kernel.as_secs_f64() / r.bow.as_secs_f64(),
+            r.bow.as_secs_f64() / r.user.as_secs_f64(),
+        );
+        println!(
+            "  {:<36} {:>10.1}   {:>15.1}   {:>11.1}   (MiB/s)",
+            "",
+            mib_s(cfg.changed, r.kernel),
+            mib_s(cfg.changed, r.user),
+            mib_s(cfg.changed, r.bow)
+        );
+    }
+    if let Some(s) = rollback.first() {
+        let x = s.kernel.as_secs_f64() / s.user.as_secs_f64();
+        println!(
+            "goal (issue 9): userspace merge >= 10x the kernel merge on scattered 4 KiB changes: \
+             {x:.1}x, {}",
+            if x >= 10.0 { "met" } else { "NOT met" }
+        );
+    }
+    for (name, t) in [("random 4 KiB", rand), ("sequential 1 MiB", seq)] {
+        println!(
+            "write throughput, first touch, {name:<17}: dm-linear {:>7.1} MiB/s, snapshot-origin \
+             {:>7.1} MiB/s, snapshot/linear {:.2}x (slice pairs {:.2}–{:.2})",
+            mib_s(t.linear.0, t.linear.1),
+            mib_s(t.snapshot.0, t.snapshot.1),
+            t.ratio(),
+            t.pair_range.0,
+            t.pair_range.1
+        );
+    }
+    let bow = &sp.bow;
+    let implied = (sp.chunks + 2 + sp.chunks / 256) * common::BLOCK;
+    println!(
+        "backup space, one trace ({} ops, {:.1} MiB in distinct 4 KiB blocks, {:.0} % of them \
+         in space free at checkpoint start):",
+        sp.ops,
+        mib(sp.written),
+        100.0 * sp.written_free as f64 / sp.written.max(1) as f64
+    );
+    println!(
+        "  dm-snapshot COW (status): {:.2} MiB ({:.2} MiB metadata); the trace implies {:.2} MiB",
+        mib(sp.snapshot),
+        mib(sp.snapshot_metadata),
+        mib(implied)
+    );
+    println!(
+        "  dm-bow (engine model): {:.2} MiB = backups {:.2} MiB ({} entries, {:.2} MiB \
+         relocations) + {} log sectors + {} blocks at checkpoint start",
+        mib(bow.consumed_by_bow),
+        mib(bow.backup_bytes),
+        bow.backup_entries,
+        mib(bow.relocation_bytes),
+        bow.log_sectors,
+        bow.checkpoint_blocks
+    );
+    println!("  bow/snapshot = {:.2}", bow.consumed_by_bow as f64 / sp.snapshot.max(1) as f64);
+    if cfg.quick {
+        println!("quick mode: small sizes and one round; run without --quick for the numbers");
+    }
+}

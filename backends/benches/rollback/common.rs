@@ -1,0 +1,341 @@
+//! Guest-side helpers of the rollback benchmark: data patterns, aligned direct I/O, timing, and
+//! the snapshot stack (COW device, `snapshot`, `snapshot-origin`) with its merge handover.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use blockcopy::device::IoBuf;
+use blockdev::dm::target::{
+    LinearParams, Persistence, SnapshotOriginParams, SnapshotParams, SnapshotStatus,
+};
+use blockdev::dm::{DevRef, DeviceMapper, DmName, SuspendMode, Table, TableSlot, Target};
+use blockdev::{DevId, Sectors};
+use testbench::Failed;
+
+pub const BLOCK: u64 = 4096;
+pub const MIB: u64 = 1 << 20;
+/// Chunk of every snapshot here: 4 KiB, the file system's block.
+pub const CHUNK: Sectors = Sectors::new(8);
+/// Pattern seeds: the data at checkpoint start, and the data written during the checkpoint.
+pub const ORIGINAL: u64 = 0x0A11_CE00;
+pub const CHANGED: u64 = 0xC4A9_6ED0;
+
+/// `(byte offset, byte length)` ranges.
+pub type Ranges = Vec<(u64, u64)>;
+
+/// xorshift64: deterministic offsets, same in every run.
+#[derive(Debug)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    /// `count` distinct slots of `0..slots`, in random order.
+    pub fn distinct(&mut self, slots: u64, count: u64) -> Vec<u64> {
+        assert!(count <= slots, "{count} distinct values from {slots}");
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        while (out.len() as u64) < count {
+            let s = self.below(slots);
+            if seen.insert(s) {
+                out.push(s);
+            }
+        }
+        out
+    }
+}
+
+/// Fills `buf` with the bytes generation `seed` holds at device offset `offset`.
+pub fn fill(buf: &mut [u8], offset: u64, seed: u64) {
+    for (i, w) in buf.chunks_exact_mut(8).enumerate() {
+        let pos = offset + 8 * i as u64;
+        w.copy_from_slice(&((pos ^ seed).wrapping_mul(0x9E37_79B9_7F4A_7C15)).to_le_bytes());
+    }
+}
+
+pub fn open_direct(path: &Path) -> Result<File, Failed> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(nix::libc::O_DIRECT)
+        .open(path)
+        .map_err(|e| format!("open {} O_DIRECT: {e}", path.display()).into())
+}
+
+fn to_usize(n: u64) -> usize {
+    usize::try_from(n).expect("sizes fit in memory")
+}
+
+/// Writes generation `seed` over `ranges` with O_DIRECT, in pieces of at most 1 MiB, then
+/// flushes.
+pub fn write_pattern(path: &Path, ranges: &[(u64, u64)], seed: u64) -> Result<(), Failed> {
+    let f = open_direct(path)?;
+    let mut buf = IoBuf::new(to_usize(MIB));
+    for &(off, len) in ranges {
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(MIB);
+            buf.set_len(to_usize(n));
+            fill(buf.as_mut_slice(), off + at, seed);
+            f.write_all_at(buf.as_slice(), off + at)?;
+            at += n;
+        }
+    }
+    f.sync_data()?;
+    Ok(())
+}
+
+/// Checks with O_DIRECT reads that `ranges` hold generation `seed`.
+pub fn check_pattern(
+    path: &Path,
+    ranges: &[(u64, u64)],
+    seed: u64,
+    who: &str,
+) -> Result<(), Failed> {
+    let f = open_direct(path)?;
+    let mut buf = IoBuf::new(to_usize(MIB));
+    let mut want = vec![0u8; to_usize(MIB)];
+    for &(off, len) in ranges {
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(MIB);
+            buf.set_len(to_usize(n));
+            f.read_exact_at(buf.as_mut_slice(), off + at)?;
+            fill(&mut want[..to_usize(n)], off + at, seed);
+            if buf.as_slice() != &want[..to_usize(n)] {
+                return Err(
+                    format!("{who}: bytes at {} are not the expected data", off + at).into()
+                );
+            }
+            at += n;
+        }
+    }
+    Ok(())
+}
+
+/// Saved bytes of a device, to put back before each timed run.
+#[derive(Debug, Default)]
+pub struct Saved(Vec<(u64, IoBuf)>);
+
+impl Saved {
+    /// Reads `ranges` of `path` with O_DIRECT.
+    pub fn read(path: &Path, ranges: &[(u64, u64)]) -> Result<Saved, Failed> {
+        let f = open_direct(path)?;
+        let mut out = Vec::new();
+        for &(off, len) in ranges {
+            let mut buf = IoBuf::new(to_usize(len));
+            f.read_exact_at(buf.as_mut_slice(), off)?;
+            out.push((off, buf));
+        }
+        Ok(Saved(out))
+    }
+    /// Writes the saved bytes back (O_DIRECT), flushes.
+    pub fn write_back(&self, path: &Path) -> Result<(), Failed> {
+        let f = open_direct(path)?;
+        for (off, buf) in &self.0 {
+            f.write_all_at(buf.as_slice(), *off)?;
+        }
+        f.sync_data()?;
+        Ok(())
+    }
+    pub fn bytes(&self) -> u64 {
+        self.0.iter().map(|(_, b)| b.len() as u64).sum()
+    }
+}
+
+/// Drops the page cache so every timed run starts cold.
+pub fn drop_caches() -> Result<(), Failed> {
+    nix::unistd::sync();
+    std::fs::write("/proc/sys/vm/drop_caches", "3").map_err(|e| format!("drop_caches: {e}").into())
+}
+
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / MIB as f64
+}
+
+pub fn mib_s(bytes: u64, d: Duration) -> f64 {
+    mib(bytes) / d.as_secs_f64()
+}
+
+pub fn median(v: &[Duration]) -> Duration {
+    let mut s = v.to_vec();
+    s.sort();
+    s[s.len() / 2]
+}
+
+pub fn sectors(bytes: u64) -> Sectors {
+    assert!(bytes % 512 == 0, "{bytes} bytes is not whole sectors");
+    Sectors::new(bytes / 512)
+}
+
+pub fn dm_name(name: &str) -> Result<DmName, Failed> {
+    Ok(DmName::new(name)?)
+}
+
+/// A dm-linear device over `len` bytes of `dev` from byte `offset`.
+pub fn linear(
+    dm: &DeviceMapper,
+    name: &DmName,
+    dev: DevId,
+    offset: u64,
+    len: u64,
+) -> Result<(DevId, PathBuf), Failed> {
+    let table = linear_table(dev, offset, len)?;
+    let info = dm.create_device(name, None, &table)?;
+    Ok((info.dev, dm.node_path(name)))
+}
+
+pub fn linear_table(dev: DevId, offset: u64, len: u64) -> Result<Table, Failed> {
+    let target = Target::Linear(LinearParams { device: dev, offset: sectors(offset) });
+    Ok(Table::single(sectors(len), target)?)
+}
+
+pub fn snapshot_status(dm: &DeviceMapper, name: &DmName) -> Result<SnapshotStatus, Failed> {
+    let s = dm.status(DevRef::Name(name), TableSlot::Active)?;
+    Ok(s.first().ok_or("no status line")?.text.parse()?)
+}
+
+/// `snapshot-origin` over all of `raw` with a persistent `snapshot` (4 KiB chunks) whose COW
+/// device is a dm-linear over `cow_len` bytes of `cow_dev` from `cow_offset`.
+#[derive(Debug)]
+pub struct SnapStack {
+    cow: DmName,
+    snap: DmName,
+    origin: DmName,
+    params: SnapshotParams,
+    size: Sectors,
+    pub origin_dev: DevId,
+    pub origin_node: PathBuf,
+}
+
+impl SnapStack {
+    /// `fresh`: zero the COW's first chunk first (a new store); otherwise the kernel loads the
+    /// store it finds.
+    pub fn create(
+        dm: &DeviceMapper,
+        prefix: &str,
+        raw: (DevId, u64),
+        cow_at: (DevId, u64, u64),
+        fresh: bool,
+    ) -> Result<SnapStack, Failed> {
+        let cow = dm_name(&format!("{prefix}-cow"))?;
+        let snap = dm_name(&format!("{prefix}-snap"))?;
+        let origin = dm_name(&format!("{prefix}-origin"))?;
+        let (cow_dev, cow_node) = linear(dm, &cow, cow_at.0, cow_at.1, cow_at.2)?;
+        if fresh {
+            write_pattern_zero(&cow_node)?;
+        }
+        let params = SnapshotParams {
+            origin: raw.0,
+            cow: cow_dev,
+            persistence: Persistence::Persistent,
+            chunk: CHUNK,
+            features: vec![],
+        };
+        let size = sectors(raw.1);
+        dm.create_device(&snap, None, &Table::single(size, Target::Snapshot(params.clone()))?)?;
+        let target = Target::SnapshotOrigin(SnapshotOriginParams { origin: raw.0 });
+        let info = dm.create_device(&origin, None, &Table::single(size, target)?)?;
+        Ok(SnapStack {
+            origin_node: dm.node_path(&origin),
+            origin_dev: info.dev,
+            cow,
+            snap,
+            origin,
+            params,
+            size,
+        })
+    }
+
+    pub fn status(&self, dm: &DeviceMapper) -> Result<SnapshotStatus, Failed> {
+        snapshot_status(dm, &self.snap)
+    }
+
+    /// Removes the origin, the snapshot and the COW device; the store stays on disk.
+    pub fn teardown(self, dm: &DeviceMapper) -> Result<(), Failed> {
+        dm.remove_device(&self.origin)?;
+        dm.remove_device(&self.snap)?;
+        dm.remove_device(&self.cow)?;
+        Ok(())
+    }
+
+    /// Rollback with the kernel: the snapshot-merge handover (vm-bench.md), then waits until
+    /// only metadata is allocated. Returns the time from the start of the handover until the
+    /// merge is complete; removes the devices afterwards.
+    pub fn kernel_merge(self, dm: &DeviceMapper) -> Result<Duration, Failed> {
+        let merge = Table::single(self.size, Target::SnapshotMerge(self.params.clone()))?;
+        let start = Instant::now();
+        dm.load_table(DevRef::Name(&self.origin), &merge)?;
+        dm.suspend(DevRef::Name(&self.snap), SuspendMode::Flush)?;
+        dm.suspend(DevRef::Name(&self.origin), SuspendMode::Flush)?;
+        dm.resume(DevRef::Name(&self.origin))?;
+        dm.remove_device(&self.snap)?;
+        loop {
+            let st = snapshot_status(dm, &self.origin)?;
+            if st.merge_complete() {
+                break;
+            }
+            if !matches!(st, SnapshotStatus::Active { .. }) {
+                return Err(format!("kernel merge failed: {st:?}").into());
+            }
+            if start.elapsed() > Duration::from_secs(900) {
+                return Err(format!("kernel merge stuck at {st:?}").into());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let took = start.elapsed();
+        dm.remove_device(&self.origin)?;
+        dm.remove_device(&self.cow)?;
+        Ok(took)
+    }
+}
+
+fn write_pattern_zero(path: &Path) -> Result<(), Failed> {
+    let f = open_direct(path)?;
+    let buf = IoBuf::new(to_usize(BLOCK));
+    f.write_all_at(buf.as_slice(), 0)?;
+    f.sync_data()?;
+    Ok(())
+}
+
+/// Runs `ops` (`(offset, length)` writes of the same buffer, O_DIRECT) on `threads` threads,
+/// then `fdatasync`; returns the elapsed time.
+pub fn timed_writes(path: &Path, ops: &[(u64, u64)], threads: usize) -> Result<Duration, Failed> {
+    let f = open_direct(path)?;
+    let max = ops.iter().map(|o| o.1).max().unwrap_or(BLOCK);
+    let mut buf = IoBuf::new(to_usize(max));
+    fill(buf.as_mut_slice(), 0, CHANGED);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let start = Instant::now();
+    let failed = std::sync::Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(&(off, len)) = ops.get(i) else { break };
+                if let Err(e) = f.write_all_at(&buf.as_slice()[..to_usize(len)], off) {
+                    *failed.lock().unwrap() = Some(format!("write at {off}: {e}"));
+                    break;
+                }
+            });
+        }
+    });
+    if let Some(e) = failed.into_inner().unwrap() {
+        return Err(e.into());
+    }
+    f.sync_data()?;
+    Ok(start.elapsed())
+}
