@@ -13,34 +13,13 @@ use crate::units::{Bytes, DevId};
 /// Deepest device stack we follow through `slaves/`.
 const MAX_DEPTH: usize = 16;
 
-/// dm-bow's state (the number in `bow/state`). The only legal writes are `Trim → Checkpoint`
-/// and `Checkpoint → Committed`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum BowState {
-    /// 0: discards are recorded as free space.
-    Trim = 0,
-    /// 1: blocks are backed up before being overwritten.
-    Checkpoint = 1,
-    /// 2: pass-through.
-    Committed = 2,
-}
+/// dm-bow's state (the number in `bow/state`): the one type, shared with the engine model.
+/// The only legal writes are `Trim → Checkpoint` and `Checkpoint → Committed`.
+pub use bow::model::BowState;
 
-impl BowState {
-    fn from_text(s: &str) -> Option<Self> {
-        match s.trim() {
-            "0" => Some(Self::Trim),
-            "1" => Some(Self::Checkpoint),
-            "2" => Some(Self::Committed),
-            _ => None,
-        }
-    }
-    fn digit(self) -> &'static str {
-        match self {
-            Self::Trim => "0",
-            Self::Checkpoint => "1",
-            Self::Committed => "2",
-        }
-    }
+/// Parses what `bow/state` holds ("0\n", "1\n", "2\n").
+fn state_from_text(s: &str) -> Option<BowState> {
+    s.trim().parse::<u8>().ok().and_then(BowState::from_value)
 }
 
 /// A dm-bow sysfs operation failed.
@@ -159,14 +138,14 @@ impl BowControl {
     pub fn state(&self) -> Result<BowState, BowError> {
         let path = self.dir.join("state");
         let text = fs::read_to_string(&path).map_err(io_err(&path))?;
-        BowState::from_text(&text).ok_or(BowError::BadValue { path, text })
+        state_from_text(&text).ok_or(BowError::BadValue { path, text })
     }
 
     /// Writes `bow/state` and checks that the state changed.
     pub fn set_state(&self, state: BowState) -> Result<(), BowError> {
         let path = self.dir.join("state");
         let mut f = fs::OpenOptions::new().write(true).open(&path).map_err(io_err(&path))?;
-        f.write_all(state.digit().as_bytes()).map_err(io_err(&path))?;
+        f.write_all(state.value().to_string().as_bytes()).map_err(io_err(&path))?;
         drop(f);
         let now = self.state()?;
         if now != state {
