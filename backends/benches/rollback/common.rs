@@ -75,23 +75,70 @@ fn to_usize(n: u64) -> usize {
     usize::try_from(n).expect("sizes fit in memory")
 }
 
-/// Writes generation `seed` over `ranges` with O_DIRECT, in pieces of at most 1 MiB, then
-/// flushes.
-pub fn write_pattern(path: &Path, ranges: &[(u64, u64)], seed: u64) -> Result<(), Failed> {
-    let f = open_direct(path)?;
-    let mut buf = IoBuf::new(to_usize(MIB));
+/// `ranges` split into pieces of at most 1 MiB.
+fn pieces(ranges: &[(u64, u64)]) -> Ranges {
+    let mut out = Vec::new();
     for &(off, len) in ranges {
         let mut at = 0;
         while at < len {
             let n = (len - at).min(MIB);
-            buf.set_len(to_usize(n));
-            fill(buf.as_mut_slice(), off + at, seed);
-            f.write_all_at(buf.as_slice(), off + at)?;
+            out.push((off + at, n));
             at += n;
         }
     }
+    out
+}
+
+/// Writes generation `seed` over `ranges` with O_DIRECT on 4 threads, then flushes.
+pub fn write_pattern(path: &Path, ranges: &[(u64, u64)], seed: u64) -> Result<(), Failed> {
+    write_ranges(path, &pieces(ranges), Some(seed), 4).map(|_| ())
+}
+
+/// Writes `ops` (`(offset, length)`, O_DIRECT) on `threads` threads, then `fdatasync`; returns
+/// the elapsed time. With `seed`, each write carries generation `seed`'s bytes for its offset
+/// (filled just before it); without, every write sends the same prefilled buffer, so only I/O
+/// is timed.
+pub fn write_ranges(
+    path: &Path,
+    ops: &[(u64, u64)],
+    seed: Option<u64>,
+    threads: usize,
+) -> Result<Duration, Failed> {
+    let f = open_direct(path)?;
+    let max = ops.iter().map(|o| o.1).max().unwrap_or(BLOCK);
+    let mut shared = IoBuf::new(to_usize(max));
+    fill(shared.as_mut_slice(), 0, CHANGED);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::Mutex::new(None);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| {
+                let mut own = IoBuf::default();
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(&(off, len)) = ops.get(i) else { break };
+                    let data = match seed {
+                        Some(seed) => {
+                            own.set_len(to_usize(len));
+                            fill(own.as_mut_slice(), off, seed);
+                            own.as_slice()
+                        }
+                        None => &shared.as_slice()[..to_usize(len)],
+                    };
+                    if let Err(e) = f.write_all_at(data, off) {
+                        *failed.lock().unwrap() = Some(format!("write at {off}: {e}"));
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = failed.into_inner().unwrap() {
+        return Err(e.into());
+    }
     f.sync_data()?;
-    Ok(())
+    Ok(start.elapsed())
 }
 
 /// Checks with O_DIRECT reads that `ranges` hold generation `seed`.
@@ -137,6 +184,16 @@ impl Saved {
             out.push((off, buf));
         }
         Ok(Saved(out))
+    }
+    /// Copies `ranges` of an in-memory image.
+    pub fn from_image(image: &[u8], ranges: &[(u64, u64)]) -> Saved {
+        let mut out = Vec::new();
+        for &(off, len) in ranges {
+            let mut buf = IoBuf::new(to_usize(len));
+            buf.as_mut_slice().copy_from_slice(&image[to_usize(off)..to_usize(off + len)]);
+            out.push((off, buf));
+        }
+        Saved(out)
     }
     /// Writes the saved bytes back (O_DIRECT), flushes.
     pub fn write_back(&self, path: &Path) -> Result<(), Failed> {
@@ -309,33 +366,4 @@ fn write_pattern_zero(path: &Path) -> Result<(), Failed> {
     f.write_all_at(buf.as_slice(), 0)?;
     f.sync_data()?;
     Ok(())
-}
-
-/// Runs `ops` (`(offset, length)` writes of the same buffer, O_DIRECT) on `threads` threads,
-/// then `fdatasync`; returns the elapsed time.
-pub fn timed_writes(path: &Path, ops: &[(u64, u64)], threads: usize) -> Result<Duration, Failed> {
-    let f = open_direct(path)?;
-    let max = ops.iter().map(|o| o.1).max().unwrap_or(BLOCK);
-    let mut buf = IoBuf::new(to_usize(max));
-    fill(buf.as_mut_slice(), 0, CHANGED);
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let start = Instant::now();
-    let failed = std::sync::Mutex::new(None);
-    std::thread::scope(|s| {
-        for _ in 0..threads.max(1) {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(&(off, len)) = ops.get(i) else { break };
-                if let Err(e) = f.write_all_at(&buf.as_slice()[..to_usize(len)], off) {
-                    *failed.lock().unwrap() = Some(format!("write at {off}: {e}"));
-                    break;
-                }
-            });
-        }
-    });
-    if let Some(e) = failed.into_inner().unwrap() {
-        return Err(e.into());
-    }
-    f.sync_data()?;
-    Ok(start.elapsed())
 }

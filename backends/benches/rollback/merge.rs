@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use blockdev::dm::DeviceMapper;
 use blockdev::DevId;
-use bow::device::{BlockDevice, FileDevice};
+use bow::device::{FileDevice, MemDevice};
 use bow::model::{BowEngine, BowModel, BowState, ModelConfig};
 use bow::restore::{self, RestoreOptions, RestoreOutcome};
 use bow::units::BlockSize;
@@ -82,11 +82,13 @@ fn build_snapshot(
     Ok((Saved::read(a.0, &ranges)?, cfg.changed / BLOCK))
 }
 
-/// Builds the dm-bow state on disk `b` with the engine model: the area past the data TRIMmed,
-/// CHECKPOINT, then the same changes. Returns the bytes a restore rewrites (every entry's
-/// source and block 0) and the number of log entries.
+/// Builds the dm-bow state with the engine model, in memory, and writes it to disk `b`: the
+/// original data, the area past it TRIMmed, CHECKPOINT, then the same changes. Returns the
+/// bytes a restore rewrites (every entry's source and block 0) and the number of log entries.
 fn build_bow(cfg: &Config, b: &Path, changes: &Ranges) -> Result<(Saved, u64), Failed> {
-    let mut m = BowModel::new(FileDevice::open(b)?, ModelConfig::new(BlockSize::B4096));
+    let mut image = vec![0u8; usize::try_from(cfg.disk())?];
+    crate::common::fill(&mut image[..usize::try_from(cfg.data)?], 0, ORIGINAL);
+    let mut m = BowModel::new(MemDevice::from_bytes(image), ModelConfig::new(BlockSize::B4096));
     m.discard(bow::units::Sectors(cfg.data / 512), cfg.spare)?;
     m.set_state(BowState::Checkpoint)?;
     let mut buf = vec![0u8; usize::try_from(changes.iter().map(|c| c.1).max().unwrap_or(0))?];
@@ -96,9 +98,10 @@ fn build_bow(cfg: &Config, b: &Path, changes: &Ranges) -> Result<(Saved, u64), F
     }
     m.flush()?;
     let dev = m.into_device();
-    dev.flush()?;
+    let log = restore::validate(&dev)?;
+    let image = dev.snapshot();
     drop(dev);
-    let log = restore::validate(&FileDevice::open(b)?)?;
+    write_image(b, &image)?;
     let mut ranges: Ranges = vec![(0, BLOCK)];
     for sector in &log.sectors {
         for e in &sector.entries {
@@ -107,14 +110,41 @@ fn build_bow(cfg: &Config, b: &Path, changes: &Ranges) -> Result<(Saved, u64), F
     }
     ranges.sort_unstable();
     ranges.dedup();
-    Ok((Saved::read(b, &ranges)?, log.entries))
+    Ok((Saved::from_image(&image, &ranges), log.entries))
+}
+
+/// Writes a whole image to the device with O_DIRECT, then flushes.
+fn write_image(path: &Path, image: &[u8]) -> Result<(), Failed> {
+    let len = u64::try_from(image.len())?;
+    let mut at = 0;
+    let f = crate::common::open_direct(path)?;
+    let mut buf = blockcopy::device::IoBuf::new(usize::try_from(MIB)?);
+    while at < len {
+        let n = usize::try_from((len - at).min(MIB))?;
+        let from = usize::try_from(at)?;
+        buf.set_len(n);
+        buf.as_mut_slice().copy_from_slice(&image[from..from + n]);
+        std::os::unix::fs::FileExt::write_all_at(&f, buf.as_slice(), at)?;
+        at += MIB;
+    }
+    f.sync_data()?;
+    Ok(())
+}
+
+/// Times `f` on `path` opened as the daemon opens devices (direct reads), the open included.
+fn timed_on(
+    path: &Path,
+    f: impl FnOnce(&FileDevice) -> Result<(), Failed>,
+) -> Result<Duration, Failed> {
+    let start = Instant::now();
+    f(&FileDevice::open(path)?.with_direct_reads())?;
+    Ok(start.elapsed())
 }
 
 pub fn run(cfg: &Config, dm: &DeviceMapper, disks: &Disks<'_>) -> Result<Vec<CaseResult>, Failed> {
     let t = Instant::now();
     write_pattern(disks.a.0, &[(0, cfg.data)], ORIGINAL)?;
-    write_pattern(disks.b.0, &[(0, cfg.data)], ORIGINAL)?;
-    println!("  original data written to both disks ({:.1} s)", t.elapsed().as_secs_f64());
+    println!("  original data written to disk a ({:.1} s)", t.elapsed().as_secs_f64());
     let mut results = Vec::new();
     let cases = [("scattered 4 KiB", BLOCK, 1u64), ("coalesced 1 MiB runs", MIB, 2)];
     for (name, run_bytes, seed) in cases {
@@ -127,7 +157,7 @@ pub fn run(cfg: &Config, dm: &DeviceMapper, disks: &Disks<'_>) -> Result<Vec<Cas
         let (bow_state, entries) = build_bow(cfg, disks.b.0, &changes)?;
         println!(
             "\n{name}: {:.0} MiB changed in {} writes; store {} exceptions (built through \
-             snapshot-origin in {:.1} s), dm-bow log {entries} entries (engine model, {:.1} s); \
+             snapshot-origin in {:.1} s), dm-bow log {entries} entries (engine model in memory, image written, {:.1} s); \
              reset before each run: {:.1} / {:.1} MiB",
             mib(cfg.changed),
             changes.len(),
@@ -137,67 +167,54 @@ pub fn run(cfg: &Config, dm: &DeviceMapper, disks: &Disks<'_>) -> Result<Vec<Cas
             mib(snap_state.bytes()),
             mib(bow_state.bytes()),
         );
-        let (mut tk, mut tu, mut tb) = (Vec::new(), Vec::new(), Vec::new());
+        let mut times: [Vec<Duration>; 3] = Default::default();
         let methods = [Method::Kernel, Method::User, Method::Bow];
         for round in 0..cfg.rounds {
             for k in 0..methods.len() {
                 let method = methods[(k + round) % methods.len()];
+                let (state, path) = match method {
+                    Method::Kernel | Method::User => (&snap_state, disks.a.0),
+                    Method::Bow => (&bow_state, disks.b.0),
+                };
+                state.write_back(path)?;
+                drop_caches()?;
                 let took = match method {
-                    Method::Kernel => {
-                        snap_state.write_back(disks.a.0)?;
-                        drop_caches()?;
-                        let stack = SnapStack::create(
-                            dm,
-                            "rb-m",
-                            (disks.a.1, cfg.disk()),
-                            (disks.a.1, cfg.data, cfg.spare),
-                            false,
-                        )?;
-                        let took = stack.kernel_merge(dm)?;
-                        check_pattern(disks.a.0, &check_ranges, ORIGINAL, "kernel merge")?;
-                        tk.push(took);
-                        took
-                    }
-                    Method::User => {
-                        snap_state.write_back(disks.a.0)?;
-                        drop_caches()?;
-                        let start = Instant::now();
-                        let dev = FileDevice::open(disks.a.0)?.with_direct_reads();
+                    Method::Kernel => SnapStack::create(
+                        dm,
+                        "rb-m",
+                        (disks.a.1, cfg.disk()),
+                        (disks.a.1, cfg.data, cfg.spare),
+                        false,
+                    )?
+                    .kernel_merge(dm)?,
+                    Method::User => timed_on(path, |dev| {
                         let cow = [Extent { logical: 0, physical: cfg.data, len: cfg.spare }];
                         let report =
-                            snapcow::merge(&dev, &cow, &MergeOptions::default(), &mut |_, _| {})?;
-                        let took = start.elapsed();
+                            snapcow::merge(dev, &cow, &MergeOptions::default(), &mut |_, _| {})?;
                         if report.exceptions != exceptions {
                             return Err(format!("userspace merge: {report:?}").into());
                         }
-                        check_pattern(disks.a.0, &check_ranges, ORIGINAL, "userspace merge")?;
-                        tu.push(took);
-                        took
-                    }
-                    Method::Bow => {
-                        bow_state.write_back(disks.b.0)?;
-                        drop_caches()?;
-                        let start = Instant::now();
-                        let dev = FileDevice::open(disks.b.0)?.with_direct_reads();
+                        Ok(())
+                    })?,
+                    Method::Bow => timed_on(path, |dev| {
                         let report =
-                            restore::restore(&dev, &RestoreOptions::default(), &mut |_| {})?;
-                        let took = start.elapsed();
+                            restore::restore(dev, &RestoreOptions::default(), &mut |_| {})?;
                         if !matches!(report.outcome, RestoreOutcome::Restored { .. }) {
                             return Err(format!("bow restore: {:?}", report.outcome).into());
                         }
-                        check_pattern(disks.b.0, &check_ranges, ORIGINAL, "bow restore")?;
-                        tb.push(took);
-                        took
-                    }
+                        Ok(())
+                    })?,
                 };
+                check_pattern(path, &check_ranges, ORIGINAL, &format!("{method:?}"))?;
+                times[method as usize].push(took);
                 println!("  round {} {method:?}: {:.1} ms", round + 1, ms(took));
             }
         }
         let r = CaseResult {
             name: name.to_owned(),
-            kernel: median(&tk),
-            user: median(&tu),
-            bow: median(&tb),
+            kernel: median(&times[Method::Kernel as usize]),
+            user: median(&times[Method::User as usize]),
+            bow: median(&times[Method::Bow as usize]),
         };
         println!("  {:<28} {:>10} {:>10}", "method (median)", "ms", "MiB/s");
         for (label, d) in [

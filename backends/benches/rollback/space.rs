@@ -2,8 +2,13 @@
 //! in-place rewrites, replaced and deleted files) over this stack:
 //!
 //! ```text
-//! ext4 ── log-writes(base, log) ── base: linear → snapshot-origin(disk a) + snapshot(COW on disk b)
+//! before the checkpoint:  ext4 ── top: linear ── base: linear(disk a)
+//! at checkpoint start:    ext4 ── top: log-writes(base, log) ── base: linear
+//!                           ── snapshot-origin(disk a) + snapshot(COW: all of disk b)
 //! ```
+//!
+//! (tables swapped while the file system is frozen; the log is a dm-linear over disk a's spare
+//! area)
 //!
 //! so one run gives both numbers: dm-snapshot's real COW usage (its status) and the block trace
 //! (dm-log-writes, between the marks `checkpoint` and `end`), which is then replayed through
@@ -16,7 +21,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use blockdev::dm::target::{LogWritesParams, SnapshotStatus};
-use blockdev::dm::{DevRef, DeviceMapper, Table, Target};
+use blockdev::dm::{DevRef, DeviceMapper, SuspendMode, Table, Target};
 use blockdev::logwrites::LogReader;
 use blockdev::mount::{self, MountOptions};
 use blockdev::{DevId, Sectors};
@@ -129,46 +134,52 @@ pub fn run(
     b: (&Path, DevId),
 ) -> Result<SpaceResult, Failed> {
     let base = dm_name("rb-s-base")?;
+    let top = dm_name("rb-s-top")?;
     let log = dm_name("rb-s-log")?;
-    let lw = dm_name("rb-s-lw")?;
     let (base_dev, base_node) = linear(dm, &base, a.1, 0, cfg.data)?;
     let (log_dev, log_node) = linear(dm, &log, a.1, cfg.data, cfg.spare)?;
     guest::sh(&format!(
         "mkfs.ext4 -q -F -b 4096 -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 {}",
         base_node.display()
     ))?;
-    let lw_params = LogWritesParams { device: base_dev, log_device: log_dev };
-    dm.create_device(&lw, None, &Table::single(sectors(cfg.data), Target::LogWrites(lw_params))?)?;
+    let (_, top_node) = linear(dm, &top, base_dev, 0, cfg.data)?;
     let mnt = Path::new(MNT);
     fs::create_dir_all(mnt)?;
-    mount::mount(&dm.node_path(&lw), mnt, "ext4", &MountOptions::default())?;
+    mount::mount(&top_node, mnt, "ext4", &MountOptions::default())?;
 
     let big = cfg.data / (5 * MIB) - 3; // ~40 % of the file system in big files (48 at 256 MiB)
     let small = big * 25;
     let mut rng = Rng(0xDA7A_0000);
     populate(mnt, big, small, &mut rng)?;
 
-    // Checkpoint start: file system frozen, free space read, snapshot armed under base.
-    let dir = sync_freeze(mnt)?;
+    // Checkpoint start: free space read after a sync, then `top` suspended (which freezes the
+    // file system: a FIFREEZE would make the table swap's own freeze fail with EBUSY), the
+    // snapshot armed under base and the log started in top.
+    let dir = File::open(mnt)?;
+    nix::unistd::syncfs(&dir)?;
     let free: Vec<FreeExtent> = blockdev::fs::free_extents(&dir)?
         .into_iter()
         .map(|(off, len)| FreeExtent { offset: off.get(), len: len.get() })
         .collect();
+    drop(dir);
+    dm.suspend(DevRef::Name(&top), SuspendMode::Flush)?;
     let stack = SnapStack::create(dm, "rb-s", (a.1, cfg.disk()), (b.1, 0, cfg.disk()), true)?;
     dm.reload(DevRef::Name(&base), &linear_table(stack.origin_dev, 0, cfg.data)?)?;
-    dm.message(DevRef::Name(&lw), Sectors::new(0), "mark checkpoint")?;
-    blockdev::fs::thaw(&dir)?;
-    drop(dir);
+    let lw = LogWritesParams { device: base_dev, log_device: log_dev };
+    dm.load_table(DevRef::Name(&top), &Table::single(sectors(cfg.data), Target::LogWrites(lw))?)?;
+    dm.resume(DevRef::Name(&top))?;
+    dm.message(DevRef::Name(&top), Sectors::new(0), "mark checkpoint")?;
 
     workload(mnt, big, small, &mut rng)?;
 
     let dir = sync_freeze(mnt)?;
     let st = stack.status(dm)?;
-    dm.message(DevRef::Name(&lw), Sectors::new(0), "mark end")?;
+    dm.message(DevRef::Name(&top), Sectors::new(0), "mark end")?;
+    let lw_status = dm.status(DevRef::Name(&top), blockdev::dm::TableSlot::Active)?;
     blockdev::fs::thaw(&dir)?;
     drop(dir);
     mount::umount(mnt, Default::default())?;
-    dm.remove_device(&lw)?; // writes the log's final super block
+    dm.remove_device(&top)?; // writes the log's final super block
     dm.remove_device(&base)?;
     stack.teardown(dm)?;
     let SnapshotStatus::Active { allocated, metadata, .. } = st else {
@@ -179,11 +190,17 @@ pub fn run(
     let mut reader = LogReader::new(File::open(&log_node)?)?;
     let ss = u64::from(reader.super_block().sector_size);
     let entries = reader.entries()?;
+    drop(reader);
     dm.remove_device(&log)?;
     let from = entries.iter().position(|e| e.mark.as_deref() == Some("checkpoint"));
     let to = entries.iter().position(|e| e.mark.as_deref() == Some("end"));
     let (Some(from), Some(to)) = (from, to) else {
-        return Err("marks not found in the dm-log-writes log (log device full?)".into());
+        let status = lw_status.first().map(|s| s.text.clone());
+        return Err(format!(
+            "marks not found in the dm-log-writes log (status {status:?}, log {} MiB)",
+            mib(cfg.spare)
+        )
+        .into());
     };
     let mut trace = Vec::new();
     let mut chunks = BTreeSet::new();

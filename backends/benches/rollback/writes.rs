@@ -10,7 +10,7 @@ use blockdev::dm::DeviceMapper;
 use blockdev::DevId;
 use testbench::Failed;
 
-use crate::common::{dm_name, linear, mib, mib_s, timed_writes, Rng, SnapStack, BLOCK, MIB};
+use crate::common::{dm_name, linear, mib, mib_s, write_ranges, Rng, SnapStack, BLOCK, MIB};
 use crate::Config;
 
 /// Total bytes and time per device, for one pattern.
@@ -40,11 +40,11 @@ fn interleave(
         let bytes = |s: &[(u64, u64)]| s.iter().map(|o| o.1).sum::<u64>();
         let (ba, bb) = (bytes(&pair[0]), bytes(&pair[1]));
         let (da, db) = if k % 2 == 0 {
-            let da = timed_writes(lin, &pair[0], cfg.qd)?;
-            (da, timed_writes(origin, &pair[1], cfg.qd)?)
+            let da = write_ranges(lin, &pair[0], None, cfg.qd)?;
+            (da, write_ranges(origin, &pair[1], None, cfg.qd)?)
         } else {
-            let db = timed_writes(origin, &pair[1], cfg.qd)?;
-            (timed_writes(lin, &pair[0], cfg.qd)?, db)
+            let db = write_ranges(origin, &pair[1], None, cfg.qd)?;
+            (write_ranges(lin, &pair[0], None, cfg.qd)?, db)
         };
         let r = mib_s(bb, db) / mib_s(ba, da);
         println!(
