@@ -474,7 +474,7 @@ fn second_update(dev: Device, seed: u64, cut_commit: bool) -> Result<(), Failed>
     let files = save_manifest("after-update.sha256")?;
     println!("  the new system changed /data ({files} files now); boot completed");
     if cut_commit {
-        let delay = Duration::from_millis(Rng::new(seed).below(400));
+        let delay = Duration::from_millis(Rng::new(seed).below(1500));
         println!("  commitChanges, cut by a power cut after {} ms", delay.as_millis());
         std::thread::spawn(move || {
             std::thread::sleep(delay);
