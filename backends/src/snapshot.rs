@@ -247,28 +247,8 @@ impl SnapshotStack {
     }
 }
 
-/// Why the snapshot backend refuses f2fs: measured on the virtual device's kernel (6.1), a
-/// snapshot of a mounted f2fs does not roll back exactly: after the merge (the offline one and
-/// the kernel's alike) the first SIT and NAT blocks and the checkpoint packs differ from the
-/// snapshot's own view, and files differ. Until that is understood, f2fs is left to the `f2fs`
-/// backend (`checkpoint=disable`), which the end-to-end chains show rolling back exactly.
-fn f2fs_unsupported() -> BackendError {
-    BackendError::Unsupported {
-        backend: NAME.into(),
-        reason: "dm-snapshot under f2fs does not roll back exactly (docs/backends.md, known \
-                 limits); use the f2fs backend (checkpoint = \"fs\", type = \"f2fs\")"
-            .into(),
-    }
-}
-
-/// `f_type` of f2fs in statfs.
-const F2FS_MAGIC: i64 = 0xF2F5_2010;
-
 impl BootStack for SnapshotStack {
     fn setup(&self, device: &DeviceSpec, checkpointing: bool) -> Result<MountPlan, BackendError> {
-        if device.fs_type.as_deref() == Some("f2fs") {
-            return Err(f2fs_unsupported());
-        }
         let dm = open_dm(NAME)?;
         let (node, action) = ensure_base(&dm, NAME, device)?;
         Ok(MountPlan {
@@ -316,6 +296,20 @@ fn dev_io(e: DeviceError) -> std::io::Error {
     }
 }
 
+/// Drops the page cache of the raw device (`BLKFLSBUF`: written back, then invalidated).
+///
+/// The filesystem reaches the raw device through device-mapper, below its page cache, so that
+/// cache is never updated by the filesystem's writes: blocks cached by anything that read or
+/// wrote the raw device by path earlier (mkfs, fsck, blkid, an earlier restore) go stale. A
+/// merge that read the COW store through it would copy stale chunks back, and readers after a
+/// merge (fsck) would see blocks from before it.
+fn drop_raw_cache(spec: &DeviceSpec) -> Result<(), BackendError> {
+    let f =
+        File::open(&spec.raw).map_err(|e| errors::io(format!("open {}", spec.raw.display()), e))?;
+    blockdev::blk::flush_buffers(&f)
+        .map_err(|e| errors::blk(format!("flush buffers of {}", spec.raw.display()), e))
+}
+
 /// Writes `len` zero bytes at `offset` of `dev` and makes them durable.
 fn zero(dev: &FileDevice, offset: u64, len: u64, what: &str) -> Result<(), BackendError> {
     let zeros = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX)];
@@ -340,9 +334,6 @@ impl SnapshotBackend {
     ) -> Result<SnapshotBackend, BackendError> {
         opts.validate()
             .map_err(|reason| BackendError::Unsupported { backend: NAME.into(), reason })?;
-        if spec.fs_type.as_deref() == Some("f2fs") {
-            return Err(f2fs_unsupported());
-        }
         Ok(SnapshotBackend {
             spec,
             opts,
@@ -624,6 +615,9 @@ impl SnapshotBackend {
         dm.reload(DevRef::Name(&base.name), &linear(size, raw)?)
             .map_err(|e| errors::dm(NAME, format!("reload {} linear", base.name), e))?;
         let _ = stack::remove_roles(dm, NAME, &self.spec, &[Role::Cow])?;
+        // The merge wrote below the raw device's cache: readers by path (fsck) must not see
+        // blocks from before it.
+        drop_raw_cache(&self.spec)?;
         let merged_sectors = first.unwrap_or(0);
         log::info!(
             "kernel merge of {}: {merged_sectors} sectors of exceptions in {:?}",
@@ -642,7 +636,9 @@ impl SnapshotBackend {
         limit: Option<u64>,
         progress: &dyn Fn(u64, u64),
     ) -> Result<snapcow::merge::MergeReport, BackendError> {
-        let raw = raw_file(&self.spec)?;
+        // The store is read through the raw device: never from a stale cache.
+        drop_raw_cache(&self.spec)?;
+        let raw = raw_file(&self.spec)?.with_direct_reads();
         let extents: Vec<snapcow::Extent> = record
             .extents
             .iter()
@@ -666,7 +662,8 @@ impl SnapshotBackend {
                 reason: other.to_string(),
             },
         })?;
-        // A base device over the raw device may cache blocks from before the merge.
+        // The raw device and a base device over it may cache blocks from before the merge.
+        drop_raw_cache(&self.spec)?;
         let base = self.name(Role::Base)?;
         if lookup(dm, NAME, &base)?.is_some() {
             if let Ok(f) = File::open(dm.node_path(&base.name)) {
@@ -767,17 +764,6 @@ impl Backend for SnapshotBackend {
         let _step = self.lock();
         let dm = open_dm(NAME)?;
         self.check_mounted(&dm, "prepare")?;
-        // The configured type may be unset (the kernel probed it at mount): ask the mount.
-        // f_type is 32 bits wide on some targets, 64 on others.
-        #[allow(clippy::useless_conversion)]
-        let fs_magic = nix::sys::statfs::statfs(&self.spec.mount_point)
-            .map(|st| i64::try_from(st.filesystem_type().0).unwrap_or(0))
-            .map_err(|e| {
-                errors::io(format!("statfs {}", self.spec.mount_point.display()), e.into())
-            })?;
-        if fs_magic == F2FS_MAGIC {
-            return Err(f2fs_unsupported());
-        }
         let base = self.name(Role::Base)?;
         let snap = self.name(Role::Snapshot)?;
         let cow = self.name(Role::Cow)?;
@@ -814,7 +800,12 @@ impl Backend for SnapshotBackend {
             let _ = stack::remove_roles(&dm, NAME, &self.spec, &[Role::Snapshot])?;
         }
         // 1. The COW file and its map, recorded before anything is armed.
-        let expected = record.as_ref().filter(|r| r.cow_file == self.opts.cow_file);
+        // Only a map recorded by an unfinished prepare is reused: the file a merged or
+        // committed store leaves is the rolled-back filesystem's, which may map it otherwise
+        // (seen on f2fs), so it is made again.
+        let expected = record
+            .as_ref()
+            .filter(|r| r.cow_file == self.opts.cow_file && r.state == CowState::Preparing);
         let extents = self.cow_file(expected.map(|r| r.extents.as_slice()))?;
         let chunk_sectors = self.opts.chunk().get();
         let mut rec = SnapshotRecord {
@@ -1081,7 +1072,9 @@ mod tests {
     }
 
     #[test]
-    fn f2fs_is_refused_by_the_backend_and_the_stack() {
+    fn f2fs_is_accepted_by_the_backend() {
+        // The rollback on f2fs is exact once the raw device's stale page cache is dropped
+        // around the merge (drop_raw_cache); the VM test checks it block by block.
         let dir = tempfile::tempdir().unwrap();
         let spec = DeviceSpec {
             raw: "/dev/vdb".into(),
@@ -1091,14 +1084,9 @@ mod tests {
             instance: "data".into(),
         };
         let records = Records::open(dir.path()).unwrap();
-        let err = SnapshotBackend::new(spec.clone(), SnapshotOptions::default(), records)
-            .expect_err("snapshot over f2fs");
-        assert!(matches!(err, BackendError::Unsupported { .. }), "{err}");
-        assert!(err.to_string().contains("f2fs backend"), "{err}");
-        let err = SnapshotStack::new(SnapshotOptions::default())
-            .setup(&spec, true)
-            .expect_err("no stack for f2fs");
-        assert!(matches!(err, BackendError::Unsupported { .. }), "{err}");
+        let backend = SnapshotBackend::new(spec, SnapshotOptions::default(), records)
+            .expect("snapshot over f2fs");
+        assert!(backend.is_f2fs().unwrap(), "the COW file is pinned on f2fs");
     }
 
     #[test]

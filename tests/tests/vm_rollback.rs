@@ -30,6 +30,10 @@ fn main() -> std::process::ExitCode {
                 let profile = Profile::new("snapshot", Fs::Ext4);
                 chain("snap-ext4", &profile, Commit::PowerCutDuring, &Launcher::SelfEntry, false)
             }),
+            vm_trial("snapshot_on_f2fs_rolls_back_power_cut_boots_and_commits", || {
+                let profile = Profile::new("snapshot", Fs::F2fs);
+                chain("snap-f2fs", &profile, Commit::Clean, &Launcher::SelfEntry, false)
+            }),
             vm_trial("f2fs_checkpoint_disable_rolls_back_power_cut_boots_and_commits", || {
                 let profile = Profile::new("f2fs", Fs::F2fs);
                 chain("f2fs", &profile, Commit::Clean, &Launcher::SelfEntry, false)
