@@ -348,6 +348,22 @@ impl Device {
         Ok(())
     }
 
+    /// Fails unless this boot's `prepareCheckpoint` armed every backend. vold's contract lets
+    /// the call succeed when a backend fails to arm (the boot then runs unprotected), so the
+    /// daemon's log is what tells.
+    pub fn expect_armed(&self) -> Result<(), Failed> {
+        let log = daemon_log();
+        if log.contains("left unarmed") || !log.contains(" armed (") {
+            return Err(format!(
+                "prepareCheckpoint did not arm the backend\n--- checkpointd.log (tail) ---\n{}",
+                crate::vm::tail(&log, 30)
+            )
+            .into());
+        }
+        println!("  check: the backend is armed");
+        Ok(())
+    }
+
     /// `checkpointctl status --json`.
     pub fn status(&self) -> Result<serde_json::Value, Failed> {
         let out = self.ctl_expect(&["status", "--json"], 0)?;

@@ -399,6 +399,7 @@ fn failed_boot(dev: Device, seed: u64, n: u32, rolled_back: bool) -> Result<(), 
     }
     dev.ctl_expect(&["checkpoint", "needsCheckpoint"], 1)?;
     dev.init_hooks()?;
+    dev.expect_armed()?;
     let status = dev.status()?;
     check(status["attempts_left"] == 3 - n, &format!("{} attempts left", 3 - n))?;
     workload_until_power_cut(seed, n)
@@ -466,6 +467,7 @@ fn second_update(dev: Device, seed: u64, cut_commit: bool) -> Result<(), Failed>
     dev.boot_mount()?;
     dev.ctl_expect(&["checkpoint", "needsCheckpoint"], 1)?;
     dev.init_hooks()?;
+    dev.expect_armed()?;
     let mut rng = Rng::new(seed ^ 0x005e_c00d);
     for _ in 0..40 {
         device::update_step(Path::new(DATA_MOUNT), &mut rng)?;
@@ -530,6 +532,7 @@ fn abort_boot(dev: Device, seed: u64, n: u32, retry: bool) -> Result<(), Failed>
         check(true, &format!("/data rolled back after the abort: all {files} files"))?;
     }
     dev.init_hooks()?;
+    dev.expect_armed()?;
     let status = dev.status()?;
     check(status["attempts_left"] == 3 - n, &format!("{} attempts left", 3 - n))?;
     let mut rng = Rng::new(seed ^ u64::from(n));
@@ -559,6 +562,7 @@ fn fill_boot(dev: Device, fill: Fill) -> Result<(), Failed> {
     use std::io::Write;
     dev.boot_mount()?;
     dev.init_hooks()?;
+    dev.expect_armed()?;
     check(dev.status()?["is_checkpointing"] == true, "checkpointing, 16 MiB COW store")?;
     let mut rng = Rng::new(7);
     let mut file = std::fs::File::create(Path::new(DATA_MOUNT).join("fill.bin"))?;
