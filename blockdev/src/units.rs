@@ -13,9 +13,9 @@ use crate::error::ErrorKind;
 /// Size of the kernel's block-layer sector, the unit of every device-mapper table.
 pub const SECTOR_SIZE: u64 = 512;
 
-/// A count of 512-byte sectors (the kernel's `sector_t` unit).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct Sectors(u64);
+/// A count of 512-byte sectors (the kernel's `sector_t` unit): the pure `bow` crate's type, the
+/// one `Sectors` of the project. Its `Display` is the plain number of table lines.
+pub use bow::units::Sectors;
 
 /// A count of bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -53,27 +53,9 @@ impl UnitError {
     }
 }
 
-impl Sectors {
-    /// Wraps a sector count.
-    pub const fn new(n: u64) -> Self {
-        Self(n)
-    }
-    /// The raw count.
-    pub const fn get(self) -> u64 {
-        self.0
-    }
-    /// Size in bytes, or an error on overflow.
-    pub fn to_bytes(self) -> Result<Bytes, UnitError> {
-        self.0.checked_mul(SECTOR_SIZE).map(Bytes).ok_or(UnitError::Overflow(self.0))
-    }
-    /// Checked addition.
-    pub fn checked_add(self, other: Sectors) -> Option<Sectors> {
-        self.0.checked_add(other.0).map(Sectors)
-    }
-    /// Checked subtraction.
-    pub fn checked_sub(self, other: Sectors) -> Option<Sectors> {
-        self.0.checked_sub(other.0).map(Sectors)
-    }
+/// Sectors as bytes, or an error on overflow.
+pub fn sectors_to_bytes(sectors: Sectors) -> Result<Bytes, UnitError> {
+    sectors.to_bytes().map(Bytes).ok_or(UnitError::Overflow(sectors.get()))
 }
 
 impl Bytes {
@@ -103,35 +85,9 @@ impl Bytes {
     }
 }
 
-/// The pure `bow` crate counts sectors with its own newtype (same unit, 512 bytes).
-impl From<bow::units::Sectors> for Sectors {
-    fn from(s: bow::units::Sectors) -> Self {
-        Self(s.0)
-    }
-}
-
-impl From<Sectors> for bow::units::Sectors {
-    fn from(s: Sectors) -> Self {
-        bow::units::Sectors(s.0)
-    }
-}
-
-impl fmt::Display for Sectors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
-    }
-}
-
 impl fmt::Display for Bytes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0)
-    }
-}
-
-impl FromStr for Sectors {
-    type Err = std::num::ParseIntError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        s.parse().map(Sectors)
     }
 }
 
@@ -273,17 +229,16 @@ mod tests {
     }
 
     #[test]
-    fn bow_sectors_convert_both_ways() {
-        let b = bow::units::Sectors(42);
-        let ours: Sectors = b.into();
-        assert_eq!(ours, Sectors::new(42));
-        assert_eq!(bow::units::Sectors::from(ours), b);
+    fn one_sectors_type_with_the_plain_number_of_table_lines() {
+        let s: Sectors = "42".parse().unwrap();
+        assert_eq!(s, bow::units::Sectors(42));
+        assert_eq!(s.to_string(), "42");
     }
 
     #[test]
     fn sector_byte_conversions_are_checked() {
-        assert_eq!(Sectors::new(8).to_bytes().unwrap(), Bytes::new(4096));
-        assert!(Sectors::new(u64::MAX).to_bytes().is_err());
+        assert_eq!(sectors_to_bytes(Sectors::new(8)).unwrap(), Bytes::new(4096));
+        assert!(sectors_to_bytes(Sectors::new(u64::MAX)).is_err());
         assert_eq!(Bytes::new(4096).to_sectors_exact().unwrap(), Sectors::new(8));
         assert!(Bytes::new(4097).to_sectors_exact().is_err());
         assert_eq!(Bytes::new(4097).to_sectors_floor(), Sectors::new(8));

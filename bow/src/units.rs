@@ -9,21 +9,50 @@ use std::fmt;
 /// Bytes in one sector, the unit of `source`, `dest` and `sector0` in the log.
 pub const SECTOR_SIZE: u64 = 512;
 
-/// A position or length in 512-byte sectors.
+/// A position or length in 512-byte sectors: the one `Sectors` of the project (`blockdev`
+/// re-exports it for device-mapper tables, where `Display` is the plain number).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize)]
 #[serde(transparent)]
 pub struct Sectors(pub u64);
 
 impl Sectors {
+    /// `n` sectors.
+    pub const fn new(n: u64) -> Self {
+        Sectors(n)
+    }
+
+    /// The count.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+
     /// The byte offset of this sector, or `None` on overflow.
     pub fn to_bytes(self) -> Option<u64> {
         self.0.checked_mul(SECTOR_SIZE)
     }
+
+    /// `self + other`, or `None` on overflow.
+    pub fn checked_add(self, other: Sectors) -> Option<Sectors> {
+        self.0.checked_add(other.0).map(Sectors)
+    }
+
+    /// `self - other`, or `None` below zero.
+    pub fn checked_sub(self, other: Sectors) -> Option<Sectors> {
+        self.0.checked_sub(other.0).map(Sectors)
+    }
 }
 
+/// The plain number, as device-mapper table lines and the log's inspection print it.
 impl fmt::Display for Sectors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}s", self.0)
+        write!(f, "{}", self.0)
+    }
+}
+
+impl std::str::FromStr for Sectors {
+    type Err = std::num::ParseIntError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.parse().map(Sectors)
     }
 }
 
