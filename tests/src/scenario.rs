@@ -336,10 +336,15 @@ fn kept(name: &str) -> PathBuf {
     Path::new(META_MOUNT).join("scenario").join(name)
 }
 
+/// Saves /data's manifest on the metadata disk, durably: a power cut may follow at once.
 fn save_manifest(name: &str) -> Result<usize, Failed> {
+    use std::io::Write;
     let m = device::manifest(Path::new(DATA_MOUNT))?;
     std::fs::create_dir_all(kept(""))?;
-    std::fs::write(kept(name), &m)?;
+    let mut file = std::fs::File::create(kept(name))?;
+    file.write_all(m.as_bytes())?;
+    file.sync_all()?;
+    std::fs::File::open(kept(""))?.sync_all()?;
     Ok(m.lines().count())
 }
 
