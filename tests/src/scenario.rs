@@ -64,13 +64,30 @@ struct Chain<'a> {
     launcher: &'a Launcher,
     stream: bool,
     profile: &'a Profile,
-    meta: PathBuf,
-    data: PathBuf,
+    /// The metadata and data disk images (deleted when the chain ends).
+    meta: tempfile::TempPath,
+    data: tempfile::TempPath,
     seed: u64,
     boots: u32,
 }
 
-impl Chain<'_> {
+impl<'a> Chain<'a> {
+    /// A fresh device: an ext4 metadata disk and a /data disk formatted for the profile.
+    fn new(
+        name: &'a str,
+        profile: &'a Profile,
+        launcher: &'a Launcher,
+        stream: bool,
+    ) -> Result<Chain<'a>, Failed> {
+        let meta = crate::vm::scratch_image(META_BYTES)?;
+        let data = crate::vm::scratch_image(DATA_BYTES)?;
+        Fs::Ext4.mkfs_host(&meta)?;
+        profile.fs.mkfs_host(&data)?;
+        let seed = seed();
+        println!("chain {name}: seed {seed} (set {SEED_ENV} to replay)");
+        Ok(Chain { name, launcher, stream, profile, meta, data, seed, boots: 0 })
+    }
+
     fn boot(&mut self, step: &str) -> Result<GuestRun, Failed> {
         self.boots += 1;
         if self.stream {
@@ -168,22 +185,7 @@ pub fn chain(
     launcher: &Launcher,
     stream: bool,
 ) -> Result<(), Failed> {
-    let meta = crate::vm::scratch_image(META_BYTES)?;
-    let data = crate::vm::scratch_image(DATA_BYTES)?;
-    Fs::Ext4.mkfs_host(&meta)?;
-    profile.fs.mkfs_host(&data)?;
-    let seed = seed();
-    println!("chain {name}: seed {seed} (set {SEED_ENV} to replay)");
-    let mut c = Chain {
-        name,
-        launcher,
-        stream,
-        profile,
-        meta: meta.to_path_buf(),
-        data: data.to_path_buf(),
-        seed,
-        boots: 0,
-    };
+    let mut c = Chain::new(name, profile, launcher, stream)?;
     c.expect_ok("install")?;
     c.expect_cut("failed-boot-1")?;
     // A boot cut in the middle of its restore, before it counted an attempt (the f2fs backend
@@ -215,24 +217,9 @@ pub fn chain(
 ///    `abortChanges(msg, retry=false)`: the budget is spent at once;
 /// 4. `after-abort`: /data rolled back again, needsRollback, fsck clean, nothing left behind.
 pub fn abort_chain(name: &str, profile: &Profile, launcher: &Launcher) -> Result<(), Failed> {
-    let meta = crate::vm::scratch_image(META_BYTES)?;
-    let data = crate::vm::scratch_image(DATA_BYTES)?;
-    Fs::Ext4.mkfs_host(&meta)?;
-    profile.fs.mkfs_host(&data)?;
     let mut profile = profile.clone();
     profile.reboot_cuts_power = true;
-    let seed = seed();
-    println!("chain {name}: seed {seed} (set {SEED_ENV} to replay)");
-    let mut c = Chain {
-        name,
-        launcher,
-        stream: false,
-        profile: &profile,
-        meta: meta.to_path_buf(),
-        data: data.to_path_buf(),
-        seed,
-        boots: 0,
-    };
+    let mut c = Chain::new(name, &profile, launcher, false)?;
     c.expect_ok("install")?;
     c.expect_cut("abort-retry")?;
     c.expect_cut("abort-no-retry")?;
@@ -256,10 +243,6 @@ pub enum Fill {
 /// filesystem must never see an error from the backup layer (a full dm-snapshot store is
 /// invalidated by the kernel and fails every later I/O): the monitor acts first.
 pub fn fill_chain(name: &str, fill: Fill, launcher: &Launcher) -> Result<(), Failed> {
-    let meta = crate::vm::scratch_image(META_BYTES)?;
-    let data = crate::vm::scratch_image(DATA_BYTES)?;
-    Fs::Ext4.mkfs_host(&meta)?;
-    Fs::Ext4.mkfs_host(&data)?;
     let mut profile = Profile::new("snapshot", Fs::Ext4);
     // The monitor polls every 100 ms; the guest writes well under 60 MiB/s (1 MiB with
     // fsync, through a snapshot, under TCG): 6 MiB per poll, inside the 10 MiB margin.
@@ -271,17 +254,7 @@ pub fn fill_chain(name: &str, fill: Fill, launcher: &Launcher) -> Result<(), Fai
                             action_free_bytes = 10485760\nmax_write_bytes_per_sec = 62914560\n\
                             action = \"commit\"\n"
         .into();
-    let seed = seed();
-    let mut c = Chain {
-        name,
-        launcher,
-        stream: false,
-        profile: &profile,
-        meta: meta.to_path_buf(),
-        data: data.to_path_buf(),
-        seed,
-        boots: 0,
-    };
+    let mut c = Chain::new(name, &profile, launcher, false)?;
     c.expect_ok("install")?;
     match fill {
         Fill::Commit => c.expect_ok("fill-commit")?,
