@@ -500,7 +500,6 @@ pub struct BowBackend {
     opts: BowOptions,
     restore: RestoreOptions,
     records: Records,
-    reason: String,
     /// Injected seams (tests, other kernels); `None`: the real device and filesystem.
     parts: Option<Parts>,
 }
@@ -510,7 +509,6 @@ impl fmt::Debug for BowBackend {
         f.debug_struct("BowBackend")
             .field("spec", &self.spec)
             .field("opts", &self.opts)
-            .field("reason", &self.reason)
             .finish_non_exhaustive()
     }
 }
@@ -525,13 +523,7 @@ impl BowBackend {
     ) -> Result<BowBackend, BackendError> {
         opts.validate()
             .map_err(|reason| BackendError::Unsupported { backend: NAME.into(), reason })?;
-        Ok(BowBackend { spec, opts, restore, records, reason: String::new(), parts: None })
-    }
-
-    /// Why this backend was chosen (`auto`), reported by `selection_reason`.
-    pub fn with_selection_reason(mut self, reason: String) -> BowBackend {
-        self.reason = reason;
-        self
+        Ok(BowBackend { spec, opts, restore, records, parts: None })
     }
 
     /// Drives `target` and `fs` instead of the kernel's device and the mounted filesystem
@@ -561,10 +553,6 @@ impl Backend for BowBackend {
 
     fn name(&self) -> &str {
         NAME
-    }
-
-    fn selection_reason(&self) -> &str {
-        &self.reason
     }
 
     fn covers(&self, device: &str) -> bool {

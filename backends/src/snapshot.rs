@@ -278,7 +278,6 @@ pub struct SnapshotBackend {
     spec: DeviceSpec,
     opts: SnapshotOptions,
     records: Records,
-    reason: String,
     committed: AtomicBool,
     /// Steps run one at a time (the monitor's `grow` against a commit, say).
     steps: Mutex<()>,
@@ -338,16 +337,9 @@ impl SnapshotBackend {
             spec,
             opts,
             records,
-            reason: String::new(),
             committed: AtomicBool::new(false),
             steps: Mutex::new(()),
         })
-    }
-
-    /// Why this backend was chosen (`auto`), reported by `selection_reason`.
-    pub fn with_selection_reason(mut self, reason: String) -> SnapshotBackend {
-        self.reason = reason;
-        self
     }
 
     /// The COW file's path.
@@ -709,10 +701,6 @@ impl Backend for SnapshotBackend {
 
     fn name(&self) -> &str {
         NAME
-    }
-
-    fn selection_reason(&self) -> &str {
-        &self.reason
     }
 
     fn covers(&self, device: &str) -> bool {

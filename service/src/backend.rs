@@ -112,11 +112,7 @@ impl Backend for Named {
         &self.name
     }
     fn selection_reason(&self) -> &str {
-        if self.reason.is_empty() {
-            self.inner.selection_reason()
-        } else {
-            &self.reason
-        }
+        &self.reason
     }
     fn covers(&self, device: &str) -> bool {
         self.inner.covers(device)
@@ -231,6 +227,16 @@ impl Backend for TestNullBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn named_reports_its_name_and_auto_reason() {
+        let inner =
+            TestNullBackend::new("t", CheckpointMethod::Block, None, vec!["/dev/vdb".into()]);
+        let why = "auto: the kernel has no dm-bow target, using snapshot".to_owned();
+        let named = Named::new("snapshot@data".into(), why.clone(), Box::new(inner));
+        assert_eq!(named.name(), "snapshot@data");
+        assert_eq!(named.selection_reason(), why);
+    }
 
     #[test]
     fn records_prepare_and_commit() {
