@@ -21,6 +21,15 @@ pub const APT_PACKAGES: &[&str] = &[
     "python3-venv",    // the virtme-ng virtualenv
     "g++",             // cargo-fuzz builds libFuzzer
     "strace",          // the binder benchmark counts fsyncs with it
+    // Platform-artifact checkers (../shared/reference/integration-tools.md): the tools each
+    // ecosystem itself uses, so a pass means to integrators what it means to us.
+    "blueprint-tools",  // bpfmt: Soong's Blueprint parser, checks every Android.bp
+    "checkpolicy",      // compiles sepolicy/ against the stub base policy
+    "setools",          // sesearch/seinfo: assertions on the compiled policy
+    "libubootenv-tool", // fw_printenv/fw_setenv: U-Boot environment boot control
+    "u-boot-tools",     // mkenvimage: redundant U-Boot environments
+    "grub-common",      // grub-editenv: the grubenv boot control
+    "systemd",          // systemd-analyze verify for the shipped units
 ];
 /// virtme-ng version installed into the venv (the one checked on these machines).
 pub const VIRTME_NG: &str = "virtme-ng==1.42";
