@@ -26,6 +26,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "blueprint-tools",  // bpfmt: Soong's Blueprint parser, checks every Android.bp
     "checkpolicy",      // compiles sepolicy/ against the stub base policy
     "setools",          // sesearch/seinfo: assertions on the compiled policy
+    "m4",               // expands the .te files and stub macros into policy.conf
     "libubootenv-tool", // fw_printenv/fw_setenv: U-Boot environment boot control
     "u-boot-tools",     // mkenvimage: redundant U-Boot environments
     "grub-common",      // grub-editenv: the grubenv boot control
