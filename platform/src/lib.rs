@@ -2,6 +2,9 @@
 //! ecosystem uses (../shared/reference/integration-tools.md). A missing tool is a failure with
 //! the fix in the message, never a skip: `cargo xtask setup` installs them all.
 
+pub mod blueprint;
+pub mod soong;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

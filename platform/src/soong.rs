@@ -1,0 +1,765 @@
+//! Checks of the tree's Soong files (Android.bp) that no Soong build can run here:
+//! - every file a module names exists (globs match something; nothing escapes its folder);
+//! - every module a module names is defined in the tree or listed in `android/aosp-modules.toml`
+//!   with where it comes from;
+//! - each crate's Soong dependencies are its Cargo dependencies (`lib<crate>` naming, with the
+//!   exceptions that file lists);
+//! - each workspace member has Soong modules or is listed as host-only tooling;
+//! - each `aidl_interface`'s frozen versions have their API dump and `.hash`.
+//!
+//! [`bpfmt_problems`] adds Soong's own parser and formatter (`bpfmt`). Every check returns the
+//! problems it found as readable lines (`file:line: module: what`), empty when all is well.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::{Component, Path, PathBuf};
+use std::process::Command;
+
+use crate::blueprint::{self, Module, Value};
+
+/// The file listing the modules the tree uses but does not define.
+pub const EXTERNAL_MODULES: &str = "android/aosp-modules.toml";
+
+/// Properties that name files (relative to the module's folder) or, with a `:` prefix, modules.
+const FILE_PROPERTIES: &[&str] = &[
+    "srcs",
+    "crate_root",
+    "init_rc",
+    "vintf_fragments",
+    "data",
+    "compile_data",
+    "tool_files",
+    "src",
+    "license_text",
+];
+
+/// Properties that name modules.
+const MODULE_PROPERTIES: &[&str] = &[
+    "rustlibs",
+    "rlibs",
+    "dylibs",
+    "proc_macros",
+    "shared_libs",
+    "static_libs",
+    "whole_static_libs",
+    "header_libs",
+    "defaults",
+    "tools",
+    "required",
+    "host_required",
+    "data_libs",
+    "data_bins",
+    "imports",
+    "default_applicable_licenses",
+    "licenses",
+    "license_kinds",
+];
+
+/// The properties through which a Rust module links another Rust crate.
+const RUST_DEPENDENCY_PROPERTIES: &[&str] = &["rustlibs", "rlibs", "dylibs", "proc_macros"];
+
+/// One parsed Android.bp file of the tree.
+#[derive(Debug)]
+pub struct BpFile {
+    /// Its path, relative to the tree's root.
+    pub path: PathBuf,
+    /// Its modules.
+    pub modules: Vec<Module>,
+}
+
+impl BpFile {
+    /// The module folder (paths in the file are relative to it).
+    pub fn dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new(""))
+    }
+
+    fn at(&self, module: &Module) -> String {
+        format!(
+            "{}:{}: {}",
+            self.path.display(),
+            module.line,
+            module.name().unwrap_or(&module.kind)
+        )
+    }
+}
+
+/// Every Android.bp under `root` (relative paths, sorted), skipping hidden folders and `target`.
+pub fn find_android_bp(root: &Path) -> Vec<PathBuf> {
+    fn walk(root: &Path, rel: &Path, found: &mut Vec<PathBuf>) {
+        let Ok(entries) = fs::read_dir(root.join(rel)) else { return };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let path = rel.join(&*name);
+            let Ok(kind) = entry.file_type() else { continue };
+            if kind.is_dir() {
+                if !name.starts_with('.') && name != "target" {
+                    walk(root, &path, found);
+                }
+            } else if name == "Android.bp" {
+                found.push(path);
+            }
+        }
+    }
+    let mut found = Vec::new();
+    walk(root, Path::new(""), &mut found);
+    found.sort();
+    found
+}
+
+/// Parses every Android.bp under `root` with our Blueprint reader.
+pub fn load(root: &Path) -> Result<Vec<BpFile>, Vec<String>> {
+    let mut files = Vec::new();
+    let mut problems = Vec::new();
+    for path in find_android_bp(root) {
+        let text = match fs::read_to_string(root.join(&path)) {
+            Ok(text) => text,
+            Err(e) => {
+                problems.push(format!("{}: cannot read: {e}", path.display()));
+                continue;
+            }
+        };
+        match blueprint::parse(&text) {
+            Ok(parsed) => files.push(BpFile { path, modules: parsed.modules }),
+            Err(e) => problems.push(format!("{}:{e}", path.display())),
+        }
+    }
+    if problems.is_empty() {
+        Ok(files)
+    } else {
+        Err(problems)
+    }
+}
+
+/// Runs `bpfmt -l` on every file: a parse error (exit 2) or a formatting difference (the file's
+/// name printed) is a problem, with bpfmt's message or diff.
+pub fn bpfmt_problems(root: &Path, files: &[PathBuf]) -> Vec<String> {
+    let bpfmt = crate::tool("bpfmt");
+    let mut problems = Vec::new();
+    for file in files {
+        let output = crate::run(Command::new(&bpfmt).arg("-l").arg(file).current_dir(root));
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        if !output.status.success() {
+            problems.push(format!(
+                "{}: bpfmt cannot parse it ({}): {}",
+                file.display(),
+                output.status,
+                stderr.trim()
+            ));
+        } else if !stdout.trim().is_empty() {
+            let diff = crate::run(Command::new(&bpfmt).arg("-d").arg(file).current_dir(root));
+            problems.push(format!(
+                "{}: not bpfmt-formatted (run `bpfmt -w {}`):\n{}",
+                file.display(),
+                file.display(),
+                String::from_utf8_lossy(&diff.stdout).trim_end()
+            ));
+        }
+    }
+    problems
+}
+
+/// Every string of `key` properties at any depth of `value` (maps inside maps and lists, such as
+/// `target: { android: { rustlibs: [...] } }`).
+fn strings_of(value: &Value, keys: &[&str], out: &mut Vec<(String, String)>) {
+    match value {
+        Value::Map(entries) => {
+            for (key, inner) in entries {
+                if keys.contains(&key.as_str()) {
+                    match inner {
+                        Value::String(s) => out.push((key.clone(), s.clone())),
+                        Value::List(items) => {
+                            for item in items {
+                                if let Value::String(s) = item {
+                                    out.push((key.clone(), s.clone()));
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                strings_of(inner, keys, out);
+            }
+        }
+        Value::List(items) => items.iter().for_each(|item| strings_of(item, keys, out)),
+        _ => {}
+    }
+}
+
+/// `pattern` (Soong glob: `*` within a name, `**` for any folders) matched under `dir`.
+fn glob(dir: &Path, pattern: &str) -> Vec<PathBuf> {
+    fn matches(pattern: &[char], name: &[char]) -> bool {
+        match pattern.split_first() {
+            None => name.is_empty(),
+            Some(('*', rest)) => (0..=name.len()).any(|i| matches(rest, &name[i..])),
+            Some((c, rest)) => name.first() == Some(c) && matches(rest, &name[1..]),
+        }
+    }
+    fn walk(at: &Path, parts: &[&str], found: &mut Vec<PathBuf>) {
+        let Some((part, rest)) = parts.split_first() else {
+            if at.is_file() {
+                found.push(at.to_path_buf());
+            }
+            return;
+        };
+        if *part == "**" {
+            walk(at, rest, found);
+            for entry in fs::read_dir(at).into_iter().flatten().flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    walk(&entry.path(), parts, found);
+                }
+            }
+        } else if part.contains('*') {
+            let pattern: Vec<char> = part.chars().collect();
+            for entry in fs::read_dir(at).into_iter().flatten().flatten() {
+                let name: Vec<char> = entry.file_name().to_string_lossy().chars().collect();
+                if matches(&pattern, &name) {
+                    walk(&entry.path(), rest, found);
+                }
+            }
+        } else {
+            walk(&at.join(part), rest, found);
+        }
+    }
+    let parts: Vec<&str> = pattern.split('/').collect();
+    let mut found = Vec::new();
+    walk(dir, &parts, &mut found);
+    found
+}
+
+/// Every file a module names exists (a glob matches at least one file) inside its module folder,
+/// and each `aidl_interface` version has its frozen dump with a `.hash`.
+pub fn missing_files(root: &Path, files: &[BpFile]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for file in files {
+        let dir = root.join(file.dir());
+        for module in &file.modules {
+            let mut named = Vec::new();
+            strings_of(&module.as_map(), FILE_PROPERTIES, &mut named);
+            for (key, path) in named {
+                if path.starts_with(':') {
+                    continue; // a module reference: checked by unknown_modules
+                }
+                let escapes = Path::new(&path)
+                    .components()
+                    .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir));
+                if escapes {
+                    problems.push(format!(
+                        "{}: {key} `{path}` is outside the module folder (Soong refuses `..` and absolute paths)",
+                        file.at(module)
+                    ));
+                } else if path.contains('*') {
+                    if glob(&dir, &path).is_empty() {
+                        problems
+                            .push(format!("{}: {key} `{path}` matches no file", file.at(module)));
+                    }
+                } else if !dir.join(&path).exists() {
+                    problems.push(format!("{}: {key} `{path}` does not exist", file.at(module)));
+                }
+            }
+            if module.kind == "aidl_interface" {
+                problems.extend(aidl_problems(&dir, file, module));
+            }
+        }
+    }
+    problems
+}
+
+/// The frozen versions of an `aidl_interface` exist with a non-empty `.hash`.
+fn aidl_problems(dir: &Path, file: &BpFile, module: &Module) -> Vec<String> {
+    let mut problems = Vec::new();
+    let Some(name) = module.name() else { return problems };
+    let mut versions = Vec::new();
+    if let Some(Value::List(items)) = module.get("versions_with_info") {
+        versions.extend(items.iter().filter_map(|i| i.get("version")?.as_str().map(String::from)));
+    }
+    if let Some(list) = module.get("versions").and_then(Value::as_strings) {
+        versions.extend(list.into_iter().map(String::from));
+    }
+    if module.get("frozen") == Some(&Value::Bool(true)) && versions.is_empty() {
+        problems.push(format!("{}: frozen but no versions_with_info", file.at(module)));
+    }
+    for version in versions {
+        let api = dir.join("aidl_api").join(name).join(&version);
+        let hash = fs::read_to_string(api.join(".hash")).unwrap_or_default();
+        if !api.is_dir() {
+            problems.push(format!(
+                "{}: version {version} has no frozen dump aidl_api/{name}/{version}/",
+                file.at(module)
+            ));
+        } else if hash.trim().is_empty() {
+            problems.push(format!(
+                "{}: aidl_api/{name}/{version}/.hash is missing or empty",
+                file.at(module)
+            ));
+        }
+    }
+    problems
+}
+
+/// The modules the tree uses but does not define, from `android/aosp-modules.toml`.
+#[derive(Debug, Default)]
+pub struct ExternalModules {
+    /// AOSP module name → its folder in an AOSP checkout.
+    pub aosp: BTreeMap<String, String>,
+    /// Module name → (crates.io crate, the folder an integrator drops the vendored crate in).
+    pub vendored: BTreeMap<String, (String, String)>,
+    /// Cargo crate → Soong module, where the module is not `lib<crate_name>`.
+    pub crate_modules: BTreeMap<String, String>,
+    /// Cargo crates Soong links without a dependency property (module type adds them) → why.
+    pub implicit: BTreeMap<String, String>,
+    /// Workspace members with no Soong module → why.
+    pub host_only: BTreeMap<String, String>,
+}
+
+impl ExternalModules {
+    /// Reads `android/aosp-modules.toml` under `root`; every entry must say where it comes from.
+    pub fn load(root: &Path) -> Result<ExternalModules, String> {
+        let path = root.join(EXTERNAL_MODULES);
+        let text = fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let table: toml::Table = text.parse().map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut modules = ExternalModules::default();
+        for (section, value) in &table {
+            let entries = value
+                .as_table()
+                .ok_or_else(|| format!("{EXTERNAL_MODULES}: [{section}] is not a table"))?;
+            for (key, entry) in entries {
+                let text = |field: &str| -> Result<String, String> {
+                    let found = match (entry, field) {
+                        (toml::Value::String(s), "") => Some(s.as_str()),
+                        (toml::Value::Table(t), f) if !f.is_empty() => {
+                            t.get(f).and_then(toml::Value::as_str)
+                        }
+                        _ => None,
+                    };
+                    match found {
+                        Some(s) if !s.trim().is_empty() => Ok(s.to_owned()),
+                        _ => Err(format!(
+                            "{EXTERNAL_MODULES}: [{section}] {key} needs {}",
+                            if field.is_empty() {
+                                "a non-empty string".into()
+                            } else {
+                                format!("`{field}`")
+                            }
+                        )),
+                    }
+                };
+                match section.as_str() {
+                    "aosp" => {
+                        modules.aosp.insert(key.clone(), text("")?);
+                    }
+                    "vendored" => {
+                        modules.vendored.insert(key.clone(), (text("crate")?, text("path")?));
+                    }
+                    "crate_modules" => {
+                        modules.crate_modules.insert(key.clone(), text("")?);
+                    }
+                    "implicit" => {
+                        modules.implicit.insert(key.clone(), text("")?);
+                    }
+                    "host_only" => {
+                        modules.host_only.insert(key.clone(), text("")?);
+                    }
+                    other => return Err(format!("{EXTERNAL_MODULES}: unknown section [{other}]")),
+                }
+            }
+        }
+        Ok(modules)
+    }
+
+    fn knows(&self, module: &str) -> bool {
+        self.aosp.contains_key(module) || self.vendored.contains_key(module)
+    }
+}
+
+/// Every module a module names is defined in the tree or listed as external; names are defined
+/// once; every external entry is used and every vendored crate is one the build really uses.
+pub fn unknown_modules(root: &Path, files: &[BpFile], external: &ExternalModules) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut defined: BTreeMap<&str, &BpFile> = BTreeMap::new();
+    for file in files {
+        for module in &file.modules {
+            if let Some(name) = module.name() {
+                if let Some(first) = defined.insert(name, file) {
+                    problems.push(format!(
+                        "{}: module `{name}` is also defined in {}",
+                        file.at(module),
+                        first.path.display()
+                    ));
+                }
+                if external.knows(name) {
+                    problems.push(format!(
+                        "{}: `{name}` is defined here and also listed in {EXTERNAL_MODULES}",
+                        file.at(module)
+                    ));
+                }
+            }
+        }
+    }
+    let mut used = BTreeSet::new();
+    for file in files {
+        for module in &file.modules {
+            let mut named = Vec::new();
+            strings_of(&module.as_map(), MODULE_PROPERTIES, &mut named);
+            strings_of(&module.as_map(), FILE_PROPERTIES, &mut named);
+            for (key, reference) in named {
+                let is_module = MODULE_PROPERTIES.contains(&key.as_str());
+                let name =
+                    if is_module { Some(reference.as_str()) } else { reference.strip_prefix(':') };
+                let Some(name) = name else { continue };
+                used.insert(name.to_owned());
+                if !defined.contains_key(name) && !external.knows(name) {
+                    problems.push(format!(
+                        "{}: {key} names `{name}`, which no Android.bp here defines and {EXTERNAL_MODULES} does not list",
+                        file.at(module)
+                    ));
+                }
+            }
+        }
+    }
+    for name in external.aosp.keys().chain(external.vendored.keys()) {
+        if !used.contains(name) {
+            problems.push(format!("{EXTERNAL_MODULES}: `{name}` is listed but no module uses it"));
+        }
+    }
+    let lock = fs::read_to_string(root.join("Cargo.lock")).unwrap_or_default();
+    for (module, (krate, _)) in &external.vendored {
+        if !lock.contains(&format!("name = \"{krate}\"\n")) {
+            problems.push(format!(
+                "{EXTERNAL_MODULES}: `{module}` vendors crate `{krate}`, which Cargo.lock does not have"
+            ));
+        }
+    }
+    problems
+}
+
+/// A Cargo package's dependencies as Soong module names.
+#[derive(Debug, Default)]
+struct CargoDeps {
+    /// `lib<crate_name>` of the package's own library.
+    own_lib: String,
+    normal: BTreeSet<String>,
+    dev: BTreeSet<String>,
+    build: BTreeSet<String>,
+    /// dev-dependency module → its crate identifier in Rust source.
+    dev_idents: BTreeMap<String, String>,
+}
+
+fn read_toml(path: &Path) -> Result<toml::Table, String> {
+    let text =
+        fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    text.parse().map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The crate identifier of the package at `dir` (its `[lib] name`, else its name with `_`).
+fn crate_ident(dir: &Path) -> Result<String, String> {
+    let manifest = read_toml(&dir.join("Cargo.toml"))?;
+    let lib_name = manifest.get("lib").and_then(|l| l.get("name")).and_then(|n| n.as_str());
+    let package = manifest.get("package").and_then(|p| p.get("name")).and_then(|n| n.as_str());
+    match lib_name.or(package) {
+        Some(name) => Ok(name.replace('-', "_")),
+        None => Err(format!("{}: no [package] name", dir.join("Cargo.toml").display())),
+    }
+}
+
+/// Reads the dependencies of the package at `dir` (relative to `root`, the workspace root whose
+/// `[workspace.dependencies]` resolve `x.workspace = true`).
+fn cargo_deps(root: &Path, dir: &Path, external: &ExternalModules) -> Result<CargoDeps, String> {
+    let manifest = read_toml(&root.join(dir).join("Cargo.toml"))?;
+    let workspace = read_toml(&root.join("Cargo.toml"))?;
+    let workspace_deps =
+        workspace.get("workspace").and_then(|w| w.get("dependencies")).and_then(|d| d.as_table());
+    let mut deps = CargoDeps {
+        own_lib: format!("lib{}", crate_ident(&root.join(dir))?),
+        ..Default::default()
+    };
+
+    let mut tables: Vec<(&str, &toml::Table)> = Vec::new();
+    for kind in ["dependencies", "dev-dependencies", "build-dependencies"] {
+        if let Some(t) = manifest.get(kind).and_then(|t| t.as_table()) {
+            tables.push((kind, t));
+        }
+    }
+    // Target-specific tables: Soong builds these crates for Android (and the host), so a
+    // `cfg(target_os = "android")` dependency is an ordinary one there.
+    if let Some(targets) = manifest.get("target").and_then(|t| t.as_table()) {
+        for target in targets.values() {
+            for kind in ["dependencies", "dev-dependencies", "build-dependencies"] {
+                if let Some(t) = target.get(kind).and_then(|t| t.as_table()) {
+                    tables.push((kind, t));
+                }
+            }
+        }
+    }
+    for (kind, table) in tables {
+        for (key, spec) in table {
+            let mut spec = spec.clone();
+            let mut base = root.join(dir);
+            if spec.get("workspace").and_then(|w| w.as_bool()) == Some(true) {
+                spec = workspace_deps.and_then(|d| d.get(key)).cloned().ok_or_else(|| {
+                    format!("{}: `{key}` is not in [workspace.dependencies]", dir.display())
+                })?;
+                base = root.to_path_buf();
+            }
+            let package = spec.get("package").and_then(|p| p.as_str()).unwrap_or(key);
+            let (module, ident) = match spec.get("path").and_then(|p| p.as_str()) {
+                Some(path) => {
+                    let ident = crate_ident(&base.join(path))?;
+                    (format!("lib{ident}"), ident)
+                }
+                None => {
+                    let ident = key.replace('-', "_");
+                    if external.implicit.contains_key(package) {
+                        continue;
+                    }
+                    let module = external
+                        .crate_modules
+                        .get(package)
+                        .cloned()
+                        .unwrap_or_else(|| format!("lib{}", package.replace('-', "_")));
+                    (module, ident)
+                }
+            };
+            match kind {
+                "dependencies" => deps.normal.insert(module),
+                "dev-dependencies" => {
+                    deps.dev_idents.insert(module.clone(), ident);
+                    deps.dev.insert(module)
+                }
+                _ => deps.build.insert(module),
+            };
+        }
+    }
+    Ok(deps)
+}
+
+/// The Rust crates a module links, including those of its `defaults` (recursively).
+fn rust_deps(module: &Module, by_name: &BTreeMap<&str, &Module>) -> BTreeSet<String> {
+    let mut out = Vec::new();
+    strings_of(&module.as_map(), RUST_DEPENDENCY_PROPERTIES, &mut out);
+    let mut deps: BTreeSet<String> = out.into_iter().map(|(_, name)| name).collect();
+    for default in module.get("defaults").and_then(Value::as_strings).unwrap_or_default() {
+        if let Some(defaults) = by_name.get(default) {
+            deps.extend(rust_deps(defaults, by_name));
+        }
+    }
+    deps
+}
+
+/// A property of a module or of its `defaults`.
+fn property<'a>(
+    module: &'a Module,
+    key: &str,
+    by_name: &BTreeMap<&str, &'a Module>,
+) -> Option<&'a Value> {
+    module.get(key).or_else(|| {
+        module
+            .get("defaults")
+            .and_then(Value::as_strings)
+            .unwrap_or_default()
+            .into_iter()
+            .find_map(|d| property(by_name.get(d)?, key, by_name))
+    })
+}
+
+/// The nearest folder at or above `path` (relative to `root`) holding a Cargo.toml.
+fn package_dir(root: &Path, path: &Path) -> Option<PathBuf> {
+    let mut dir = path.parent();
+    while let Some(d) = dir {
+        if root.join(d).join("Cargo.toml").is_file() {
+            return Some(d.to_path_buf());
+        }
+        dir = d.parent();
+    }
+    None
+}
+
+/// Whether the Rust files under `dir` name the crate `ident`.
+fn sources_use(dir: &Path, ident: &str) -> bool {
+    glob(dir, "**/*.rs").iter().any(|file| {
+        let text = fs::read_to_string(file).unwrap_or_default();
+        text.contains(&format!("{ident}::")) || text.contains(&format!("use {ident}"))
+    })
+}
+
+/// Each Rust module's Soong dependencies against its Cargo package:
+/// - libraries, binaries and fuzz targets: exactly the `[dependencies]` (a binary may add its
+///   own package's library);
+/// - a host tool built from `build.rs` (a genrule's generator): exactly `[build-dependencies]`;
+/// - a `rust_test`: every `[dependencies]` entry, nothing outside dependencies,
+///   dev-dependencies and the own library, and every dev-dependency its sources use.
+///
+/// Every workspace member must have a Rust module or be listed as host-only.
+pub fn cargo_mismatches(root: &Path, files: &[BpFile], external: &ExternalModules) -> Vec<String> {
+    let mut problems = Vec::new();
+    let by_name: BTreeMap<&str, &Module> =
+        files.iter().flat_map(|f| &f.modules).filter_map(|m| Some((m.name()?, m))).collect();
+    let mut packages_with_modules = BTreeSet::new();
+    for file in files {
+        for module in &file.modules {
+            if !module.kind.starts_with("rust_") || module.kind == "rust_defaults" {
+                continue;
+            }
+            let at = file.at(module);
+            let root_file = property(module, "crate_root", &by_name)
+                .and_then(Value::as_str)
+                .map(String::from)
+                .or_else(|| {
+                    property(module, "srcs", &by_name)?
+                        .as_strings()?
+                        .into_iter()
+                        .find(|s| !s.starts_with(':'))
+                        .map(String::from)
+                });
+            let Some(root_file) = root_file else {
+                problems.push(format!("{at}: names no crate root"));
+                continue;
+            };
+            let crate_root = file.dir().join(&root_file);
+            let Some(package) = package_dir(root, &crate_root) else {
+                problems
+                    .push(format!("{at}: {} belongs to no Cargo package", crate_root.display()));
+                continue;
+            };
+            packages_with_modules.insert(package.clone());
+            let cargo = match cargo_deps(root, &package, external) {
+                Ok(cargo) => cargo,
+                Err(e) => {
+                    problems.push(format!("{at}: {e}"));
+                    continue;
+                }
+            };
+            let soong = rust_deps(module, &by_name);
+            let manifest = package.join("Cargo.toml");
+            let manifest = manifest.display();
+            let is_build_tool = crate_root == package.join("build.rs");
+            let mut report = |missing: Vec<&String>, extra: Vec<&String>, what: &str| {
+                for m in missing {
+                    problems.push(format!("{at}: lacks `{m}`, which {manifest} has in {what}"));
+                }
+                for e in extra {
+                    problems.push(format!("{at}: has `{e}`, which is not in {what} of {manifest}"));
+                }
+            };
+            if is_build_tool {
+                report(
+                    cargo.build.difference(&soong).collect(),
+                    soong.difference(&cargo.build).collect(),
+                    "[build-dependencies]",
+                );
+            } else if module.kind == "rust_test" || module.kind == "rust_test_host" {
+                let allowed: BTreeSet<&String> = cargo
+                    .normal
+                    .iter()
+                    .chain(&cargo.dev)
+                    .chain(std::iter::once(&cargo.own_lib))
+                    .collect();
+                report(
+                    cargo.normal.difference(&soong).collect(),
+                    soong.iter().filter(|d| !allowed.contains(d)).collect(),
+                    "[dependencies] or [dev-dependencies]",
+                );
+                let sources = root.join(crate_root.parent().unwrap_or(Path::new("")));
+                for (dev, ident) in &cargo.dev_idents {
+                    if !soong.contains(dev)
+                        && !cargo.normal.contains(dev)
+                        && sources_use(&sources, ident)
+                    {
+                        problems.push(format!(
+                            "{at}: the sources under {} use `{ident}` (a dev-dependency of {manifest}) but the test lacks `{dev}`",
+                            crate_root.parent().unwrap_or(Path::new("")).display()
+                        ));
+                    }
+                }
+            } else {
+                let expected: BTreeSet<String> = cargo.normal.clone();
+                let extra: Vec<&String> = soong
+                    .difference(&expected)
+                    .filter(|d| !(module.kind.starts_with("rust_binary") && **d == cargo.own_lib))
+                    .collect();
+                report(expected.difference(&soong).collect(), extra, "[dependencies]");
+            }
+        }
+    }
+    // Every workspace member is built by Soong or declared host-only.
+    match read_toml(&root.join("Cargo.toml")) {
+        Ok(workspace) => {
+            let members = workspace
+                .get("workspace")
+                .and_then(|w| w.get("members"))
+                .and_then(|m| m.as_array())
+                .cloned()
+                .unwrap_or_default();
+            for member in members.iter().filter_map(|m| m.as_str()) {
+                let has_modules = packages_with_modules.contains(Path::new(member));
+                match (has_modules, external.host_only.contains_key(member)) {
+                    (false, false) => problems.push(format!(
+                        "workspace member `{member}` has no Soong module and is not listed under [host_only] in {EXTERNAL_MODULES}"
+                    )),
+                    (true, true) => problems.push(format!(
+                        "workspace member `{member}` has Soong modules but is listed under [host_only] in {EXTERNAL_MODULES}"
+                    )),
+                    _ => {}
+                }
+            }
+            for listed in external.host_only.keys() {
+                if !members.iter().any(|m| m.as_str() == Some(listed)) {
+                    problems.push(format!(
+                        "{EXTERNAL_MODULES}: [host_only] `{listed}` is not a workspace member"
+                    ));
+                }
+            }
+        }
+        Err(e) => problems.push(e),
+    }
+    problems
+}
+
+/// All of the checks above (not bpfmt), for one tree.
+pub fn all_problems(root: &Path) -> Vec<String> {
+    let files = match load(root) {
+        Ok(files) => files,
+        Err(problems) => return problems,
+    };
+    let external = match ExternalModules::load(root) {
+        Ok(external) => external,
+        Err(e) => return vec![e],
+    };
+    let mut problems = missing_files(root, &files);
+    problems.extend(unknown_modules(root, &files, &external));
+    problems.extend(cargo_mismatches(root, &files, &external));
+    problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_match_names_and_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("a/b")).unwrap();
+        fs::write(dir.path().join("a/x.aidl"), "").unwrap();
+        fs::write(dir.path().join("a/b/y.aidl"), "").unwrap();
+        fs::write(dir.path().join("a/b/z.txt"), "").unwrap();
+        assert_eq!(glob(dir.path(), "a/*.aidl").len(), 1);
+        assert_eq!(glob(dir.path(), "a/**/*.aidl").len(), 2);
+        assert_eq!(glob(dir.path(), "**/*.txt").len(), 1);
+        assert!(glob(dir.path(), "a/*.rs").is_empty());
+        assert!(glob(dir.path(), "nothing/**/*").is_empty());
+    }
+
+    #[test]
+    fn strings_of_finds_nested_properties() {
+        let file = blueprint::parse(
+            r#"m { rustlibs: ["a"], target: { android: { rustlibs: ["b"] } }, x: [{ rustlibs: "c" }] }"#,
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        strings_of(&file.modules[0].as_map(), &["rustlibs"], &mut out);
+        let names: Vec<&str> = out.iter().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+    }
+}
