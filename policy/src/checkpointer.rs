@@ -16,6 +16,10 @@ use crate::bootctl::{BootControl, BootControlError};
 use crate::error::PolicyError;
 use crate::store::{now_ms, CurrentRow, HistoryEvent, HistoryKind, Phase, RowChange, Store};
 
+/// The largest boot budget (`retry + 1`) stored: `i32::MAX`, the largest count the AIDL's
+/// `int` fields can show. `startCheckpoint(i32::MAX)` asks for 2^31 attempts and gets this.
+pub const MAX_BUDGET: u32 = 0x7fff_ffff;
+
 /// What the policy does when a requested checkpoint runs out of boot attempts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum RollbackAction {
@@ -454,8 +458,11 @@ impl Checkpointer {
         }
         let slot = self.current_slot();
         let suffix = slot.and_then(|s| self.suffix_of(s)).filter(|s| !s.is_empty());
+        // Budget = retry + 1, at most MAX_BUDGET: the frozen AIDL reports attempts as `int`,
+        // so a budget of 2^31 (retry = i32::MAX) would show as i32::MAX before and after a
+        // boot attempt (no visible decrement). A budget this large is "unlimited" in practice.
         let budget_left = match u32::try_from(retry) {
-            Ok(r) => Some(r.saturating_add(1)),
+            Ok(r) => Some(r.saturating_add(1).min(MAX_BUDGET)),
             Err(_) => None, // retry == -1
         };
         let row = CurrentRow {
@@ -1072,5 +1079,62 @@ impl Checkpointer {
             .slot_suffix(slot)
             .map_err(|e: BootControlError| warn!("boot control: suffix of slot {slot}: {e}"))
             .ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bootctl::NoBootControl;
+
+    /// The smallest block backend: every step succeeds.
+    #[derive(Debug)]
+    struct Null;
+
+    impl Backend for Null {
+        fn kind(&self) -> BackendKind {
+            BackendKind::Block
+        }
+        fn name(&self) -> &str {
+            "null"
+        }
+        fn prepare(&self) -> Result<crate::backend::Action, BackendError> {
+            Ok(crate::backend::Action::Changed)
+        }
+        fn commit(&self) -> Result<crate::backend::Action, BackendError> {
+            Ok(crate::backend::Action::Changed)
+        }
+        fn space(&self) -> Result<BackupSpace, BackendError> {
+            Ok(BackupSpace::default())
+        }
+        fn status(&self) -> Result<BackendStatus, BackendError> {
+            Err(BackendError::NotSetUp { backend: "null".into() })
+        }
+    }
+
+    #[test]
+    fn a_budget_of_2_pow_31_is_capped_so_each_attempt_shows() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("store");
+        let policy = Checkpointer::new(
+            store,
+            Box::new(NoBootControl),
+            vec![Box::new(Null)],
+            PolicyOptions::default(),
+        )
+        .expect("policy");
+        policy.start_checkpoint(i32::MAX).expect("start");
+        let first = policy.status().expect("status").attempts_left.expect("limited");
+        assert_eq!(first, MAX_BUDGET);
+        assert!(i32::try_from(first).is_ok(), "must fit the AIDL's int");
+        assert_eq!(
+            policy.mark_boot_attempt().expect("mark"),
+            MarkOutcome::Decremented { left: MAX_BUDGET - 1 }
+        );
+        let second = policy.status().expect("status").attempts_left.expect("limited");
+        assert_eq!(second, first - 1, "the attempt must show in the status");
+        // Smaller budgets are exact.
+        policy.start_checkpoint(5).expect("start");
+        assert_eq!(policy.status().expect("status").attempts_left, Some(6));
     }
 }

@@ -9,15 +9,33 @@
 //! ([`Store::apply`]); reads come from the in-memory copy kept by the owner.
 //!
 //! Schema: `PRAGMA user_version` holds the schema version; [`MIGRATIONS`] are applied in order
-//! in one transaction; a file from a newer version is refused without being touched. The
-//! integrity check (`PRAGMA quick_check`) runs before anything is written.
+//! in one transaction; a file from a newer version is refused without being touched.
+//!
+//! Opening never loses a checkpoint quietly (docs/state-machine.md, "The state store"):
+//! 1. the file is looked at before SQLite sees it: a zero-length file, or one without the SQLite
+//!    header, where a store is expected (the marker [`Store::MARKER_FILE_NAME`] written once
+//!    the store was first created, or a write-ahead log left beside it) is refused. (SQLite
+//!    itself would treat a zero-length file as a new database and delete its WAL.)
+//! 2. an existing file is inspected through a read-only connection (integrity check, schema
+//!    version, tables, the current row) and only then opened for writing, so a refused file is
+//!    byte-identical afterwards;
+//! 3. opening writes only what it must (creation, migration, crash recovery): on a full metadata
+//!    file system the store still opens and serves reads; writes fail with `NoSpace`.
+//!
+//! Every text column has a bound ([`MAX_STORED_PATH_BYTES`], [`MAX_STORED_TEXT_BYTES`],
+//! [`MAX_STORED_WORD_BYTES`]): longer text is cut (marked) when written and when read, so a row
+//! written by an older version cannot make every status reply too large. History rows the code
+//! does not understand are returned as [`HistoryKind::Unrecognised`], not as an error.
 
+use std::borrow::Cow;
+use std::cell::Cell;
 use std::fs;
-use std::io;
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use log::{info, warn};
+use rusqlite::types::Value;
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use crate::error::{errno, ErrorKind};
@@ -59,7 +77,37 @@ pub const SCHEMA_VERSION: u32 = 2;
 /// History rows kept; older rows are pruned at open.
 pub const HISTORY_LIMIT: i64 = 10_000;
 
+/// Longest device path stored (the `device` column): Linux's PATH_MAX (4096) counts the
+/// terminating NUL, so no usable path is longer. The daemon refuses longer arguments.
+pub const MAX_STORED_PATH_BYTES: usize = 4095;
+
+/// Longest free text stored (`message`, the checkpoint's `backends` and slot suffix): 4 KiB, as
+/// the longest abort reason the daemon accepts.
+pub const MAX_STORED_TEXT_BYTES: usize = 4096;
+
+/// Longest outcome word stored (`outcome`): the words are ours and short.
+pub const MAX_STORED_WORD_BYTES: usize = 64;
+
+/// What replaces the end of a text cut to its bound.
+const CUT_MARK: &str = "...[cut]";
+
 const BUSY_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// The 16 bytes every SQLite database file starts with.
+const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
+
+/// `text` if it fits in `max` bytes, else its longest prefix (at a character boundary) that
+/// fits with [`CUT_MARK`] appended.
+pub fn bounded(text: &str, max: usize) -> Cow<'_, str> {
+    if text.len() <= max {
+        return Cow::Borrowed(text);
+    }
+    let mut end = max.saturating_sub(CUT_MARK.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(format!("{}{CUT_MARK}", &text[..end]))
+}
 
 /// An error from the store. `Display` names the file and says what to do where it can.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +131,24 @@ pub enum StoreError {
         path: PathBuf,
         /// SQLite's report.
         detail: String,
+    },
+    /// The store file is empty, has no SQLite header or is gone, where a store is known to
+    /// have existed (the creation marker, or a write-ahead log beside it). Nothing was
+    /// written: a pending checkpoint may be recorded in what is left.
+    #[error(
+        "state store {path} is {what}, but {evidence}: a requested checkpoint may be lost, so \
+         checkpointd refuses to start (nothing was changed). Restore the file from a copy, or \
+         move {path} and {marker} away to start with an empty store"
+    )]
+    Lost {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it ("empty", "missing", ...).
+        what: &'static str,
+        /// Why a store is expected.
+        evidence: String,
+        /// The creation marker.
+        marker: PathBuf,
     },
     /// The file was written by a newer checkpointd. Nothing was written.
     #[error(
@@ -129,7 +195,9 @@ impl StoreError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             StoreError::CreateDir { .. } => ErrorKind::Io,
-            StoreError::Corrupt { .. } | StoreError::InvalidData { .. } => ErrorKind::Corrupt,
+            StoreError::Corrupt { .. }
+            | StoreError::InvalidData { .. }
+            | StoreError::Lost { .. } => ErrorKind::Corrupt,
             StoreError::FutureVersion { .. } => ErrorKind::Incompatible,
             StoreError::Locked { .. } => ErrorKind::Busy,
             StoreError::Sqlite { source, .. } => match source.sqlite_error_code() {
@@ -182,6 +250,9 @@ pub enum HistoryKind {
     Recovery,
     /// The health monitor saw low backup space and what it did about it.
     LowSpace,
+    /// A row this code does not understand (written by a newer version, or damaged): its
+    /// stored event name is in [`HistoryEvent::unrecognised`]. Never written by this code.
+    Unrecognised,
 }
 
 impl HistoryKind {
@@ -211,6 +282,7 @@ impl HistoryKind {
             HistoryKind::RollbackSlotSwitch => "rollback_slot_switch",
             HistoryKind::Recovery => "recovery",
             HistoryKind::LowSpace => "low_space",
+            HistoryKind::Unrecognised => "unrecognised",
         }
     }
 
@@ -242,6 +314,9 @@ pub struct HistoryEvent {
     pub message: Option<String>,
     /// Backup space consumed, as reported by the backends.
     pub backup_used_bytes: Option<u64>,
+    /// For a row of kind [`HistoryKind::Unrecognised`]: what it holds that this code does not
+    /// understand (the stored event name, or the column that has a value of the wrong type).
+    pub unrecognised: Option<String>,
 }
 
 impl HistoryEvent {
@@ -258,6 +333,7 @@ impl HistoryEvent {
             outcome: None,
             message: None,
             backup_used_bytes: None,
+            unrecognised: None,
         }
     }
 }
@@ -301,6 +377,20 @@ pub struct Store {
     current: Option<CurrentRow>,
     version: u32,
     writes: u64,
+    /// Unrecognised history rows are logged once per handle, not on every read.
+    reported_unrecognised: Cell<bool>,
+}
+
+/// What [`Store::open`] found at the store's path before SQLite opened it.
+#[derive(Debug, PartialEq, Eq)]
+enum Found {
+    /// No file: a new store is created.
+    Nothing,
+    /// A zero-length file and no sign that a store ever existed (a first start cut short
+    /// before anything was stored): SQLite initialises it.
+    EmptyNew,
+    /// A file with the SQLite header: inspected read-only before use.
+    Database,
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -315,12 +405,22 @@ impl Store {
     /// The database file's name inside the state directory.
     pub const FILE_NAME: &'static str = "checkpointd.db";
 
-    /// Open (creating if needed) the store in `dir`: integrity check, version check,
-    /// migrations, crash recovery.
+    /// The marker written (and synced) once a store has been created in the directory. While it
+    /// exists, an empty, headerless or missing store file is refused ([`StoreError::Lost`])
+    /// instead of being created afresh.
+    pub const MARKER_FILE_NAME: &'static str = "checkpointd.db.created";
+
+    /// Open (creating if needed) the store in `dir`: the file checks, the read-only inspection
+    /// (integrity, version, tables, current row), then migrations and crash recovery.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         fs::create_dir_all(dir)
             .map_err(|source| StoreError::CreateDir { path: dir.to_path_buf(), source })?;
         let path = dir.join(Self::FILE_NAME);
+        let marker = dir.join(Self::MARKER_FILE_NAME);
+        let found = examine_file(&path, &marker)?;
+        if found == Found::Database {
+            inspect_read_only(&path)?;
+        }
         let conn = Connection::open_with_flags(
             &path,
             OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -328,12 +428,27 @@ impl Store {
                 | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(|e| sql_err(&path, "open", e))?;
-        let mut store = Store { conn, path, current: None, version: 0, writes: 0 };
-        store.configure_and_check()?;
+        let mut store = Store {
+            conn,
+            path,
+            current: None,
+            version: 0,
+            writes: 0,
+            reported_unrecognised: Cell::new(false),
+        };
+        store.configure()?;
         store.migrate()?;
-        store.current = store.read_current()?;
+        store.current = read_current(&store.conn, &store.path)?;
         store.recover()?;
         store.make_wal_durable()?;
+        if !marker.exists() {
+            match write_marker(dir, &marker) {
+                Ok(()) => {}
+                // A full (or read-only) metadata file system: the store is still usable; the
+                // marker is written at a later start.
+                Err(e) => warn!("cannot write the store marker {}: {e}", marker.display()),
+            }
+        }
         Ok(store)
     }
 
@@ -365,36 +480,18 @@ impl Store {
     }
 
     fn classify(&self, e: rusqlite::Error, operation: &'static str) -> StoreError {
-        match e.sqlite_error_code() {
-            Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => {
-                StoreError::Corrupt { path: self.path.clone(), detail: e.to_string() }
-            }
-            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
-                StoreError::Locked { path: self.path.clone() }
-            }
-            _ => sql_err(&self.path, operation, e),
-        }
+        classify(&self.path, e, operation)
     }
 
-    /// Everything before the first write: lock mode, version and integrity checks, then WAL.
-    fn configure_and_check(&mut self) -> Result<(), StoreError> {
+    /// The write connection's settings: one owner, WAL, full sync. The file passed the
+    /// read-only inspection already; the schema version is checked again (cheap) in case a
+    /// newer checkpointd replaced it in between.
+    fn configure(&mut self) -> Result<(), StoreError> {
         self.conn.busy_timeout(BUSY_TIMEOUT).map_err(|e| self.classify(e, "set busy timeout"))?;
-        // Read-only pragmas and checks first: a refused file must stay byte-identical.
-        let _: String = self
-            .conn
-            .pragma_query_value(None, "locking_mode", |r| r.get(0))
-            .map_err(|e| self.classify(e, "query the locking mode"))?;
         self.conn
             .pragma_update_and_check(None, "locking_mode", "EXCLUSIVE", |r| r.get::<_, String>(0))
             .map_err(|e| self.classify(e, "set locking_mode=EXCLUSIVE"))?;
         let version = self.user_version()?;
-        let report = self.quick_check()?;
-        if report != ["ok"] {
-            return Err(StoreError::Corrupt {
-                path: self.path.clone(),
-                detail: format!("quick_check: {}", report.join("; ")),
-            });
-        }
         if version > SCHEMA_VERSION {
             return Err(StoreError::FutureVersion {
                 path: self.path.clone(),
@@ -430,22 +527,18 @@ impl Store {
         if self.writes > 0 {
             return Ok(());
         }
-        self.conn
-            .pragma_update(None, "user_version", self.version)
-            .map_err(|e| self.classify(e, "sync the write-ahead log"))?;
-        self.writes += 1;
+        match self.conn.pragma_update(None, "user_version", self.version) {
+            Ok(()) => self.writes += 1,
+            // A full metadata file system: start anyway and serve what needs no write (the
+            // first state change pays the directory fsync, or fails with ENOSPC as it must).
+            Err(e) if e.sqlite_error_code() == Some(ErrorCode::DiskFull) => warn!(
+                "state store {}: the metadata file system is full; serving reads, state \
+                 changes fail until space is freed",
+                self.path.display()
+            ),
+            Err(e) => return Err(self.classify(e, "sync the write-ahead log")),
+        }
         Ok(())
-    }
-
-    fn quick_check(&self) -> Result<Vec<String>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare("PRAGMA quick_check(10)")
-            .map_err(|e| self.classify(e, "run quick_check"))?;
-        let rows = stmt
-            .query_map([], |r| r.get::<_, String>(0))
-            .map_err(|e| self.classify(e, "run quick_check"))?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.classify(e, "run quick_check"))
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
@@ -486,9 +579,11 @@ impl Store {
     /// Crash recovery (STYLE rule 14): a `committing` phase means the process died during a
     /// commit; roll back to `active` (the checkpoint stays, as vold's file would).
     fn recover(&mut self) -> Result<(), StoreError> {
-        let pruned = self.prune_history()?;
-        if pruned > 0 {
-            info!("pruned {pruned} old history rows from {}", self.path.display());
+        match self.prune_history() {
+            Ok(0) => {}
+            Ok(pruned) => info!("pruned {pruned} old history rows from {}", self.path.display()),
+            Err(e) if e.kind() == ErrorKind::NoSpace => warn!("{e}: old rows are kept for now"),
+            Err(e) => return Err(e),
         }
         let Some(row) = self.current.clone() else { return Ok(()) };
         if row.phase == Phase::Committing {
@@ -503,7 +598,16 @@ impl Store {
             event.outcome = Some("commit_interrupted".into());
             event.requested_retry = Some(fixed.requested_retry);
             event.budget_left = fixed.budget_left.map(i64::from);
-            self.apply(RowChange::Set(&fixed), &[event])?;
+            match self.apply(RowChange::Set(&fixed), &[event]) {
+                Ok(()) => {}
+                // Full metadata file system: serve the recovered state from memory; the file
+                // keeps `committing` and the next start recovers it again.
+                Err(e) if e.kind() == ErrorKind::NoSpace => {
+                    warn!("{e}: the recovery is not recorded yet");
+                    self.current = Some(fixed);
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
     }
@@ -527,63 +631,6 @@ impl Store {
         Ok(n)
     }
 
-    fn read_current(&self) -> Result<Option<CurrentRow>, StoreError> {
-        let raw = self
-            .conn
-            .query_row(
-                "SELECT requested_retry, budget_left, attempts_used, requesting_slot,
-                        requesting_suffix, rollback_slot_switched, phase, backends, started_at_ms
-                 FROM checkpoint WHERE id = 1",
-                [],
-                |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, Option<i64>>(1)?,
-                        r.get::<_, i64>(2)?,
-                        r.get::<_, Option<i64>>(3)?,
-                        r.get::<_, Option<String>>(4)?,
-                        r.get::<_, bool>(5)?,
-                        r.get::<_, String>(6)?,
-                        r.get::<_, String>(7)?,
-                        r.get::<_, i64>(8)?,
-                    ))
-                },
-            )
-            .optional()
-            .map_err(|e| self.classify(e, "read the current checkpoint"))?;
-        let Some((retry, budget, used, slot, suffix, switched, phase, backends, started)) = raw
-        else {
-            return Ok(None);
-        };
-        let bad = |detail: String| StoreError::InvalidData { path: self.path.clone(), detail };
-        let requested_retry =
-            i32::try_from(retry).map_err(|_| bad(format!("requested_retry {retry}")))?;
-        let budget_left = budget
-            .map(|b| u32::try_from(b).map_err(|_| bad(format!("budget_left {b}"))))
-            .transpose()?;
-        if (requested_retry == -1) != budget_left.is_none() {
-            return Err(bad(format!("retry {requested_retry} with budget {budget:?}")));
-        }
-        let row = CurrentRow {
-            requested_retry,
-            budget_left,
-            attempts_used: u32::try_from(used).map_err(|_| bad(format!("attempts_used {used}")))?,
-            requesting_slot: slot
-                .map(|s| u32::try_from(s).map_err(|_| bad(format!("requesting_slot {s}"))))
-                .transpose()?,
-            requesting_suffix: suffix,
-            rollback_slot_switched: switched,
-            phase: match phase.as_str() {
-                "active" => Phase::Active,
-                "committing" => Phase::Committing,
-                other => return Err(bad(format!("phase {other:?}"))),
-            },
-            backends,
-            started_at_ms: started,
-        };
-        Ok(Some(row))
-    }
-
     /// The current checkpoint as last written (no I/O).
     pub(crate) fn current(&self) -> Option<&CurrentRow> {
         self.current.as_ref()
@@ -598,6 +645,18 @@ impl Store {
     ) -> Result<(), StoreError> {
         let path = self.path.clone();
         let at = now_ms();
+        // What is stored is bounded (see the module doc); the in-memory copy is the stored one.
+        let bounded_row = match &change {
+            RowChange::Set(row) => Some(CurrentRow {
+                requesting_suffix: row
+                    .requesting_suffix
+                    .as_deref()
+                    .map(|s| bounded(s, MAX_STORED_TEXT_BYTES).into_owned()),
+                backends: bounded(&row.backends, MAX_STORED_TEXT_BYTES).into_owned(),
+                ..(*row).clone()
+            }),
+            _ => None,
+        };
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -608,7 +667,8 @@ impl Store {
                 tx.execute("DELETE FROM checkpoint", [])
                     .map_err(|e| sql_err(&path, "clear the checkpoint", e))?;
             }
-            RowChange::Set(row) => {
+            RowChange::Set(_) => {
+                let Some(row) = &bounded_row else { unreachable!("set above for Set") };
                 tx.execute(
                     "INSERT OR REPLACE INTO checkpoint (id, requested_retry, budget_left,
                         attempts_used, requesting_slot, requesting_suffix, rollback_slot_switched,
@@ -643,9 +703,9 @@ impl Store {
                     ev.requested_retry,
                     ev.budget_left,
                     ev.slot,
-                    ev.device,
-                    ev.outcome,
-                    ev.message,
+                    ev.device.as_deref().map(|t| bounded(t, MAX_STORED_PATH_BYTES)),
+                    ev.outcome.as_deref().map(|t| bounded(t, MAX_STORED_WORD_BYTES)),
+                    ev.message.as_deref().map(|t| bounded(t, MAX_STORED_TEXT_BYTES)),
                     ev.backup_used_bytes.and_then(|b| i64::try_from(b).ok()),
                 ],
             )
@@ -656,7 +716,7 @@ impl Store {
         match change {
             RowChange::Keep => {}
             RowChange::Clear => self.current = None,
-            RowChange::Set(row) => self.current = Some(row.clone()),
+            RowChange::Set(_) => self.current = bounded_row,
         }
         Ok(())
     }
@@ -676,57 +736,579 @@ impl Store {
         kind: Option<HistoryKind>,
         limit: usize,
     ) -> Result<Vec<HistoryEvent>, StoreError> {
-        const SELECT: &str = "SELECT id, at_ms, event, requested_retry, budget_left, slot, \
-                              device, outcome, message, backup_used_bytes FROM history";
+        // Text columns are read cut to one byte more than their bound (substr counts
+        // characters, which are at least one byte), so an oversized row written by an older
+        // version costs little to read; `bounded` then cuts and marks it.
+        let select = format!(
+            "SELECT id, at_ms, event, requested_retry, budget_left, slot, \
+             substr(device, 1, {}), substr(outcome, 1, {}), substr(message, 1, {}), \
+             backup_used_bytes FROM history",
+            MAX_STORED_PATH_BYTES + 1,
+            MAX_STORED_WORD_BYTES + 1,
+            MAX_STORED_TEXT_BYTES + 1
+        );
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let sql = match kind {
             // Served by the index history_event.
-            Some(_) => format!("{SELECT} WHERE event = ?2 ORDER BY id DESC LIMIT ?1"),
-            None => format!("{SELECT} WHERE ?2 IS NULL ORDER BY id DESC LIMIT ?1"),
+            Some(_) => format!("{select} WHERE event = ?2 ORDER BY id DESC LIMIT ?1"),
+            None => format!("{select} WHERE ?2 IS NULL ORDER BY id DESC LIMIT ?1"),
         };
         let mut stmt =
             self.conn.prepare_cached(&sql).map_err(|e| sql_err(&self.path, "read history", e))?;
         let rows = stmt
             .query_map(params![limit, kind.map(HistoryKind::as_str)], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, Option<i64>>(3)?,
-                    r.get::<_, Option<i64>>(4)?,
-                    r.get::<_, Option<i64>>(5)?,
-                    r.get::<_, Option<String>>(6)?,
-                    r.get::<_, Option<String>>(7)?,
-                    r.get::<_, Option<String>>(8)?,
-                    r.get::<_, Option<i64>>(9)?,
-                ))
+                let mut values: [Value; 10] = std::array::from_fn(|_| Value::Null);
+                for (i, value) in values.iter_mut().enumerate() {
+                    *value = r.get(i)?;
+                }
+                Ok(values)
             })
             .map_err(|e| sql_err(&self.path, "read history", e))?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, at_ms, event, retry, budget, slot, device, outcome, message, used) =
-                row.map_err(|e| sql_err(&self.path, "read history", e))?;
-            let kind = HistoryKind::parse(&event).ok_or_else(|| StoreError::InvalidData {
-                path: self.path.clone(),
-                detail: format!("history event {event:?}"),
-            })?;
-            out.push(HistoryEvent {
-                id,
-                at_ms,
-                kind,
-                requested_retry: retry.and_then(|v| i32::try_from(v).ok()),
-                budget_left: budget,
-                slot: slot.and_then(|v| u32::try_from(v).ok()),
-                device,
-                outcome,
-                message,
-                backup_used_bytes: used.and_then(|v| u64::try_from(v).ok()),
-            });
+            let values = row.map_err(|e| sql_err(&self.path, "read history", e))?;
+            out.push(history_event_of(values));
+        }
+        let unrecognised = out.iter().filter(|e| e.kind == HistoryKind::Unrecognised).count();
+        if unrecognised > 0 && !self.reported_unrecognised.replace(true) {
+            warn!(
+                "state store {}: {unrecognised} history row(s) not understood (reported as \
+                 unrecognised), e.g. {}",
+                self.path.display(),
+                out.iter().find_map(|e| e.unrecognised.as_deref()).unwrap_or_default()
+            );
         }
         Ok(out)
     }
 }
 
+/// One history row from its ten columns (as `query_history` selects them). Never fails: a
+/// value this code does not understand (an unknown event name, a value of the wrong type)
+/// makes the row [`HistoryKind::Unrecognised`], with what was wrong in `unrecognised`.
+fn history_event_of(values: [Value; 10]) -> HistoryEvent {
+    let [id, at_ms, event, requested_retry, budget_left, slot, device, outcome, message, used] =
+        values;
+    let mut problems: Vec<String> = Vec::new();
+    let mut int = |name: &str, v: Value| -> Option<i64> {
+        match v {
+            Value::Null => None,
+            Value::Integer(i) => Some(i),
+            other => {
+                problems.push(format!("{name} holds {:?}", other.data_type()));
+                None
+            }
+        }
+    };
+    let id = int("id", id).unwrap_or(0);
+    let at_ms = int("at_ms", at_ms).unwrap_or(0);
+    let requested_retry = int("requested_retry", requested_retry);
+    let budget_left = int("budget_left", budget_left);
+    let slot = int("slot", slot);
+    let backup_used_bytes = int("backup_used_bytes", used);
+    let mut text = |name: &str, v: Value, max: usize| -> Option<String> {
+        match v {
+            Value::Null => None,
+            Value::Text(t) => Some(bounded(&t, max).into_owned()),
+            other => {
+                problems.push(format!("{name} holds {:?}", other.data_type()));
+                None
+            }
+        }
+    };
+    let event_name = text("event", event, MAX_STORED_WORD_BYTES);
+    let device = text("device", device, MAX_STORED_PATH_BYTES);
+    let outcome = text("outcome", outcome, MAX_STORED_WORD_BYTES);
+    let message = text("message", message, MAX_STORED_TEXT_BYTES);
+    let kind = event_name.as_deref().and_then(HistoryKind::parse);
+    if kind.is_none() {
+        problems.insert(0, format!("event {:?}", event_name.as_deref().unwrap_or("")));
+    }
+    let kind = match kind {
+        Some(kind) if problems.is_empty() => kind,
+        _ => HistoryKind::Unrecognised,
+    };
+    HistoryEvent {
+        id,
+        at_ms,
+        kind,
+        requested_retry: requested_retry.and_then(|v| i32::try_from(v).ok()),
+        budget_left,
+        slot: slot.and_then(|v| u32::try_from(v).ok()),
+        device,
+        outcome,
+        message,
+        backup_used_bytes: backup_used_bytes.and_then(|v| u64::try_from(v).ok()),
+        unrecognised: (!problems.is_empty()).then(|| problems.join(", ")),
+    }
+}
+
+/// A SQLite error as a store error: "not a database" and "corrupt" are [`StoreError::Corrupt`],
+/// busy and locked are [`StoreError::Locked`].
+fn classify(path: &Path, e: rusqlite::Error, operation: &'static str) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => {
+            StoreError::Corrupt { path: path.to_path_buf(), detail: e.to_string() }
+        }
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
+            StoreError::Locked { path: path.to_path_buf() }
+        }
+        _ => sql_err(path, operation, e),
+    }
+}
+
+/// Looks at the store file before SQLite does (SQLite takes a zero-length file for a new
+/// database, and deletes a WAL it finds beside one). A store is expected when the marker
+/// exists or a non-empty write-ahead log lies beside the file.
+fn examine_file(path: &Path, marker: &Path) -> Result<Found, StoreError> {
+    let wal = PathBuf::from(format!("{}-wal", path.display()));
+    let wal_len = fs::metadata(&wal).map_or(0, |m| m.len());
+    let evidence = || {
+        if marker.exists() {
+            Some(format!("{} says a store was created here", marker.display()))
+        } else if wal_len > 0 {
+            Some(format!("its write-ahead log {} holds {wal_len} bytes", wal.display()))
+        } else {
+            None
+        }
+    };
+    let lost = |what: &'static str, evidence: String| StoreError::Lost {
+        path: path.to_path_buf(),
+        what,
+        evidence,
+        marker: marker.to_path_buf(),
+    };
+    let meta = match fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return match evidence() {
+                Some(evidence) => Err(lost("missing", evidence)),
+                None => Ok(Found::Nothing),
+            };
+        }
+        Err(e) => {
+            return Err(StoreError::Corrupt {
+                path: path.to_path_buf(),
+                detail: format!("cannot examine it: {e}"),
+            })
+        }
+    };
+    if !meta.is_file() {
+        return Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: "not a regular file".to_owned(),
+        });
+    }
+    if meta.len() == 0 {
+        return match evidence() {
+            Some(evidence) => Err(lost("empty (zero length)", evidence)),
+            None => {
+                warn!(
+                    "state store {} is empty and no store was recorded here (a first start \
+                     cut short): creating it",
+                    path.display()
+                );
+                Ok(Found::EmptyNew)
+            }
+        };
+    }
+    let mut header = [0u8; 100];
+    let read = fs::File::open(path).and_then(|mut f| {
+        let mut n = 0;
+        while n < header.len() {
+            match f.read(&mut header[n..])? {
+                0 => break,
+                k => n += k,
+            }
+        }
+        Ok(n)
+    });
+    match read {
+        Ok(100) if header.starts_with(SQLITE_MAGIC) => Ok(Found::Database),
+        Ok(n) => {
+            let what =
+                if n < 100 { "shorter than a SQLite header" } else { "without a SQLite header" };
+            match evidence() {
+                Some(evidence) => Err(lost(what, evidence)),
+                None => Err(StoreError::Corrupt {
+                    path: path.to_path_buf(),
+                    detail: format!("{what} ({} bytes)", meta.len()),
+                }),
+            }
+        }
+        Err(e) => Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: format!("cannot read its header: {e}"),
+        }),
+    }
+}
+
+/// Everything that can refuse an existing file, through a read-only connection, so that a
+/// refused file stays byte-identical: integrity, schema version, the tables of that version,
+/// the current row. `locking_mode=EXCLUSIVE` before the first read keeps SQLite's WAL index in
+/// memory (no `-shm` file is created).
+fn inspect_read_only(path: &Path) -> Result<(), StoreError> {
+    let conn = Connection::open_with_flags_and_vfs(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        "unix-none",
+    )
+    .map_err(|e| classify(path, e, "open read-only"))?;
+    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
+        .map_err(|e| classify(path, e, "configure the read-only connection"))?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(|e| classify(path, e, "set busy timeout"))?;
+    conn.pragma_update_and_check(None, "locking_mode", "EXCLUSIVE", |r| r.get::<_, String>(0))
+        .map_err(|e| classify(path, e, "set locking_mode=EXCLUSIVE"))?;
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(|e| classify(path, e, "read the schema version"))?;
+    let report = quick_check(&conn, path)?;
+    if report != ["ok"] {
+        return Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: format!("quick_check: {}", report.join("; ")),
+        });
+    }
+    let version = u32::try_from(version).map_err(|_| StoreError::InvalidData {
+        path: path.to_path_buf(),
+        detail: format!("schema version {version}"),
+    })?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::FutureVersion {
+            path: path.to_path_buf(),
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    let mut stmt = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")
+        .map_err(|e| classify(path, e, "list the tables"))?;
+    let tables = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| classify(path, e, "list the tables"))?;
+    let expected: &[&str] = if version == 0 { &[] } else { &["checkpoint", "history"] };
+    let missing: Vec<&str> =
+        expected.iter().copied().filter(|t| !tables.iter().any(|have| have == t)).collect();
+    if !missing.is_empty() {
+        return Err(StoreError::InvalidData {
+            path: path.to_path_buf(),
+            detail: format!("schema version {version} without table(s) {}", missing.join(", ")),
+        });
+    }
+    if version == 0 && !tables.is_empty() {
+        return Err(StoreError::InvalidData {
+            path: path.to_path_buf(),
+            detail: format!(
+                "not a checkpointd store (schema version 0 with tables {})",
+                tables.join(", ")
+            ),
+        });
+    }
+    if version > 0 {
+        read_current(&conn, path)?;
+    }
+    Ok(())
+}
+
+fn quick_check(conn: &Connection, path: &Path) -> Result<Vec<String>, StoreError> {
+    let mut stmt =
+        conn.prepare("PRAGMA quick_check(10)").map_err(|e| classify(path, e, "run quick_check"))?;
+    let rows = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .map_err(|e| classify(path, e, "run quick_check"))?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(|e| classify(path, e, "run quick_check"))
+}
+
+/// Writes the creation marker durably (file, then directory).
+fn write_marker(dir: &Path, marker: &Path) -> io::Result<()> {
+    let mut file = fs::File::create(marker)?;
+    file.write_all(
+        b"checkpointd created its state store (checkpointd.db) in this folder. While this file \
+          exists, an empty or missing checkpointd.db is refused instead of being created \
+          again (docs/state-machine.md).\n",
+    )?;
+    file.sync_all()?;
+    fs::File::open(dir)?.sync_all()
+}
+
+/// The current checkpoint row, validated.
+fn read_current(conn: &Connection, path: &Path) -> Result<Option<CurrentRow>, StoreError> {
+    let raw = conn
+        .query_row(
+            "SELECT requested_retry, budget_left, attempts_used, requesting_slot,
+                    requesting_suffix, rollback_slot_switched, phase, backends, started_at_ms
+             FROM checkpoint WHERE id = 1",
+            [],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Option<i64>>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, Option<i64>>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                    r.get::<_, bool>(5)?,
+                    r.get::<_, String>(6)?,
+                    r.get::<_, String>(7)?,
+                    r.get::<_, i64>(8)?,
+                ))
+            },
+        )
+        .optional()
+        .map_err(|e| classify(path, e, "read the current checkpoint"))?;
+    let Some((retry, budget, used, slot, suffix, switched, phase, backends, started)) = raw else {
+        return Ok(None);
+    };
+    let bad = |detail: String| StoreError::InvalidData { path: path.to_path_buf(), detail };
+    let requested_retry =
+        i32::try_from(retry).map_err(|_| bad(format!("requested_retry {retry}")))?;
+    let budget_left = budget
+        .map(|b| u32::try_from(b).map_err(|_| bad(format!("budget_left {b}"))))
+        .transpose()?;
+    if (requested_retry == -1) != budget_left.is_none() {
+        return Err(bad(format!("retry {requested_retry} with budget {budget:?}")));
+    }
+    let row = CurrentRow {
+        requested_retry,
+        budget_left,
+        attempts_used: u32::try_from(used).map_err(|_| bad(format!("attempts_used {used}")))?,
+        requesting_slot: slot
+            .map(|s| u32::try_from(s).map_err(|_| bad(format!("requesting_slot {s}"))))
+            .transpose()?,
+        requesting_suffix: suffix,
+        rollback_slot_switched: switched,
+        phase: match phase.as_str() {
+            "active" => Phase::Active,
+            "committing" => Phase::Committing,
+            other => return Err(bad(format!("phase {other:?}"))),
+        },
+        backends,
+        started_at_ms: started,
+    };
+    Ok(Some(row))
+}
+
 fn sql_err(path: &Path, operation: &'static str, source: rusqlite::Error) -> StoreError {
     StoreError::Sqlite { path: path.to_path_buf(), operation, source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir() -> tempfile::TempDir {
+        tempfile::tempdir().expect("temp dir")
+    }
+
+    fn listing(dir: &Path) -> Vec<(String, Vec<u8>)> {
+        let mut out: Vec<(String, Vec<u8>)> = fs::read_dir(dir)
+            .expect("read dir")
+            .map(|e| {
+                let e = e.expect("entry");
+                (e.file_name().to_string_lossy().into_owned(), fs::read(e.path()).expect("read"))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn pending_row() -> CurrentRow {
+        CurrentRow {
+            requested_retry: 2,
+            budget_left: Some(3),
+            attempts_used: 0,
+            requesting_slot: Some(0),
+            requesting_suffix: Some("_a".into()),
+            rollback_slot_switched: false,
+            phase: Phase::Active,
+            backends: "test-null".into(),
+            started_at_ms: 1,
+        }
+    }
+
+    /// A store with a pending checkpoint, as a power cut would leave it: the files copied while
+    /// the store is open (the checkpoint is in the WAL only), no marker unless `with_marker`.
+    fn crashed_copy(with_marker: bool) -> tempfile::TempDir {
+        let live = temp_dir();
+        let mut store = Store::open(live.path()).expect("open");
+        store.apply(RowChange::Set(&pending_row()), &[]).expect("apply");
+        let copy = temp_dir();
+        for name in [Store::FILE_NAME, "checkpointd.db-wal"] {
+            fs::copy(live.path().join(name), copy.path().join(name)).expect("copy");
+        }
+        if with_marker {
+            fs::copy(
+                live.path().join(Store::MARKER_FILE_NAME),
+                copy.path().join(Store::MARKER_FILE_NAME),
+            )
+            .expect("copy marker");
+        }
+        drop(store);
+        copy
+    }
+
+    #[test]
+    fn a_store_whose_state_is_only_in_its_wal_opens_with_that_state() {
+        let copy = crashed_copy(false);
+        let wal_len = fs::metadata(copy.path().join("checkpointd.db-wal")).expect("wal").len();
+        assert!(wal_len > 0, "the checkpoint must be in the WAL for this test");
+        let store = Store::open(copy.path()).expect("open the crashed copy");
+        assert_eq!(store.current(), Some(&pending_row()));
+        assert!(copy.path().join(Store::MARKER_FILE_NAME).exists(), "marker written");
+    }
+
+    #[test]
+    fn an_emptied_store_with_its_marker_is_refused_and_left_alone() {
+        let dir = temp_dir();
+        let mut store = Store::open(dir.path()).expect("open");
+        store.apply(RowChange::Set(&pending_row()), &[]).expect("apply");
+        drop(store);
+        fs::write(dir.path().join(Store::FILE_NAME), b"").expect("truncate");
+        let before = listing(dir.path());
+        let err = Store::open(dir.path()).expect_err("an emptied store must be refused");
+        assert!(matches!(err, StoreError::Lost { what: "empty (zero length)", .. }), "{err:?}");
+        assert_eq!(err.kind(), ErrorKind::Corrupt);
+        let text = err.to_string();
+        assert!(text.contains(Store::MARKER_FILE_NAME) && text.contains("may be lost"), "{text}");
+        assert_eq!(listing(dir.path()), before, "nothing may change");
+    }
+
+    #[test]
+    fn an_emptied_store_beside_a_wal_is_refused_and_the_wal_kept() {
+        // No marker (e.g. a store created before markers existed): the WAL is the evidence.
+        // SQLite alone would take the empty file for a new database and delete the WAL.
+        let copy = crashed_copy(false);
+        fs::write(copy.path().join(Store::FILE_NAME), b"").expect("truncate");
+        let before = listing(copy.path());
+        let err = Store::open(copy.path()).expect_err("refused");
+        assert!(matches!(err, StoreError::Lost { .. }), "{err:?}");
+        assert!(err.to_string().contains("write-ahead log"), "{err}");
+        assert_eq!(listing(copy.path()), before);
+    }
+
+    #[test]
+    fn a_missing_or_headerless_store_with_its_marker_is_refused() {
+        let dir = temp_dir();
+        drop(Store::open(dir.path()).expect("open"));
+        let db = dir.path().join(Store::FILE_NAME);
+        let mut bytes = fs::read(&db).expect("db");
+        bytes[..100].fill(0);
+        fs::write(&db, &bytes).expect("zero the header");
+        let before = listing(dir.path());
+        let err = Store::open(dir.path()).expect_err("headerless");
+        assert!(matches!(err, StoreError::Lost { what: "without a SQLite header", .. }), "{err}");
+        assert_eq!(listing(dir.path()), before);
+
+        fs::remove_file(&db).expect("remove");
+        let err = Store::open(dir.path()).expect_err("missing");
+        assert!(matches!(err, StoreError::Lost { what: "missing", .. }), "{err}");
+        assert!(!db.exists(), "no store may be created in its place");
+    }
+
+    #[test]
+    fn an_empty_file_with_no_sign_of_a_store_is_a_first_start_cut_short() {
+        let dir = temp_dir();
+        fs::write(dir.path().join(Store::FILE_NAME), b"").expect("empty file");
+        let store = Store::open(dir.path()).expect("created");
+        assert_eq!(store.schema_version(), SCHEMA_VERSION);
+        assert!(dir.path().join(Store::MARKER_FILE_NAME).exists());
+    }
+
+    #[test]
+    fn a_refused_tableless_store_is_byte_identical() {
+        // A file at the current schema version without its tables, in rollback-journal mode:
+        // opening it for writing first would switch it to WAL (header bytes 18-19).
+        let dir = temp_dir();
+        let db = dir.path().join(Store::FILE_NAME);
+        let conn = Connection::open(&db).expect("create");
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION).expect("version");
+        drop(conn);
+        let before = listing(dir.path());
+        let err = Store::open(dir.path()).expect_err("refused");
+        assert!(matches!(err, StoreError::InvalidData { .. }), "{err:?}");
+        assert!(err.to_string().contains("without table(s) checkpoint, history"), "{err}");
+        assert_eq!(listing(dir.path()), before, "no byte and no file may change");
+    }
+
+    #[test]
+    fn a_refused_store_with_a_wal_keeps_both_files_byte_identical() {
+        let copy = crashed_copy(true);
+        // Make it a store of a newer version, the change itself only in the WAL.
+        {
+            let conn = Connection::open(copy.path().join(Store::FILE_NAME)).expect("open");
+            conn.pragma_update(None, "locking_mode", "EXCLUSIVE").expect("exclusive");
+            conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1).expect("bump");
+            let copy2 = copy.path().join("snapshot");
+            fs::create_dir(&copy2).expect("mkdir");
+            for name in [Store::FILE_NAME, "checkpointd.db-wal", Store::MARKER_FILE_NAME] {
+                fs::copy(copy.path().join(name), copy2.join(name)).expect("copy");
+            }
+        }
+        let dir = copy.path().join("snapshot");
+        let before = listing(&dir);
+        let err = Store::open(&dir).expect_err("newer version");
+        assert!(matches!(err, StoreError::FutureVersion { .. }), "{err:?}");
+        assert_eq!(listing(&dir), before);
+    }
+
+    #[test]
+    fn text_is_bounded_when_written_and_when_read() {
+        assert_eq!(bounded("short", 10), "short");
+        let long = "é".repeat(100);
+        let cut = bounded(&long, 51);
+        assert!(cut.len() <= 51 && cut.ends_with(CUT_MARK), "{cut}");
+
+        let dir = temp_dir();
+        let mut store = Store::open(dir.path()).expect("open");
+        let mut event = HistoryEvent::new(HistoryKind::Restore);
+        event.device = Some(format!("/{}", "d".repeat(16 << 20)));
+        event.message = Some("m".repeat(1 << 20));
+        event.outcome = Some("o".repeat(1000));
+        store.apply(RowChange::Keep, &[event]).expect("apply");
+        // A row as an older version stored it: not cut.
+        store
+            .conn
+            .execute(
+                "INSERT INTO history (at_ms, event, device, message) VALUES (1, 'restore', ?1, ?1)",
+                [format!("/{}", "x".repeat(8 << 20))],
+            )
+            .expect("insert");
+        let stored: i64 = store
+            .conn
+            .query_row("SELECT max(length(device)) FROM history WHERE id = 1", [], |r| r.get(0))
+            .expect("length");
+        assert!(usize::try_from(stored).expect("len") <= MAX_STORED_PATH_BYTES, "{stored}");
+        let history = store.history(10).expect("history");
+        assert_eq!(history.len(), 2);
+        for event in history {
+            assert!(event.device.as_ref().expect("device").len() <= MAX_STORED_PATH_BYTES);
+            assert!(event.message.as_ref().expect("message").len() <= MAX_STORED_TEXT_BYTES);
+            assert!(event.outcome.as_ref().map_or(0, String::len) <= MAX_STORED_WORD_BYTES);
+        }
+        let last = store.last_event(HistoryKind::Restore).expect("last").expect("one");
+        assert!(last.device.expect("device").ends_with(CUT_MARK));
+    }
+
+    #[test]
+    fn history_rows_it_does_not_understand_are_reported_not_fatal() {
+        let dir = temp_dir();
+        let mut store = Store::open(dir.path()).expect("open");
+        store.apply(RowChange::Keep, &[HistoryEvent::new(HistoryKind::Commit)]).expect("apply");
+        store
+            .conn
+            .execute_batch(
+                "INSERT INTO history (at_ms, event, outcome) VALUES (2, 'from_the_future', 'x');
+                 INSERT INTO history (at_ms, event, slot) VALUES ('yesterday', 'commit', 'one');",
+            )
+            .expect("insert");
+        let history = store.history(10).expect("history must not fail");
+        assert_eq!(history.len(), 3);
+        assert_eq!(history[0].kind, HistoryKind::Unrecognised);
+        let why = history[0].unrecognised.as_deref().expect("reason");
+        assert!(why.contains("at_ms holds Text") && why.contains("slot holds Text"), "{why}");
+        assert_eq!(history[1].kind, HistoryKind::Unrecognised);
+        assert_eq!(history[1].unrecognised.as_deref(), Some("event \"from_the_future\""));
+        assert_eq!(history[1].outcome.as_deref(), Some("x"));
+        assert_eq!(history[2].kind, HistoryKind::Commit);
+        assert_eq!(history[2].unrecognised, None);
+    }
 }
