@@ -18,15 +18,20 @@ pub use backend::{
     RestoreReport, RestoreRequest,
 };
 pub use bootctl::{
-    BootControl, BootControlError, BootRecord, FileBootControl, NoBootControl, SlotRecord,
-    MAX_PRIORITY, MAX_SLOTS, MAX_TRIES,
+    decode_env, decode_grubenv, encode_env, encode_grubenv, kernel_cmdline_value, newer_copy,
+    BootControl, BootControlError, BootRecord, CrcByteOrder, DecodedEnv, EnvFormatError,
+    EnvLocation, EnvVars, FileBootControl, GrubAbScheme, GrubAbState, GrubEnvBootControl,
+    GrubSlotState, LoadedEnv, NoBootControl, SlotRecord, UBootAbScheme, UBootAbState,
+    UBootEnvBootControl, UBootEnvLayout, FW_ENV_LOCK_FILE, GRUBENV_SIGNATURE, GRUBENV_SIZE,
+    MAX_PRIORITY, MAX_SLOTS, MAX_TRIES, PROC_CMDLINE,
 };
 pub use checkpointer::{
     AbortOutcome, BackendInfo, Budget, Checkpointer, CommitOutcome, LowSpace, MarkOutcome,
     PolicyEvent, PolicyOptions, RestoreFallback, RestoreOutcome, RestoreRecord, RestoreResult,
-    RestoreRun, RollbackAction, StartOutcome, State, Status,
+    RestoreRun, RollbackAction, StartOutcome, State, Status, MAX_BUDGET,
 };
 pub use error::{errno, ErrorKind, PolicyError};
 pub use store::{
-    HistoryEvent, HistoryKind, Store, StoreError, HISTORY_LIMIT, MIGRATIONS, SCHEMA_VERSION,
+    bounded, HistoryEvent, HistoryKind, Store, StoreError, HISTORY_LIMIT, MAX_STORED_PATH_BYTES,
+    MAX_STORED_TEXT_BYTES, MAX_STORED_WORD_BYTES, MIGRATIONS, SCHEMA_VERSION,
 };

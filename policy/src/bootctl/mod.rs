@@ -1,14 +1,30 @@
 //! Boot control: the A/B slot state the policy reads and changes.
 //!
-//! [`BootControl`] mirrors the parts of `android.hardware.boot.IBootControl` vold uses. Two
-//! implementations live here: [`NoBootControl`] (a device without a boot HAL: vold's behaviour
-//! when the HAL is absent) and [`FileBootControl`], a documented bootloader-style record file
-//! for Linux and the virtual device. The Android AIDL client lives in crate `bootctl-hal` (it
+//! [`BootControl`] mirrors the parts of `android.hardware.boot.IBootControl` vold uses.
+//! Implementations here: [`NoBootControl`] (a device without a boot HAL: vold's behaviour when
+//! the HAL is absent), [`FileBootControl`] (a documented bootloader-style record file for the
+//! virtual device), and the two real bootloaders of embedded Linux: [`UBootEnvBootControl`]
+//! (U-Boot's environment and its boot-count feature, `uboot`) and [`GrubEnvBootControl`]
+//! (GRUB's `grubenv`, `grubenv`). The Android AIDL client lives in crate `bootctl-hal` (it
 //! needs binder) and reports its failures as [`BootControlError::Hal`].
 
+mod env;
+mod grubenv;
+mod uboot;
+
+pub use env::{kernel_cmdline_value, EnvFormatError, EnvVars, PROC_CMDLINE};
+pub use grubenv::{
+    decode_grubenv, encode_grubenv, GrubAbScheme, GrubAbState, GrubEnvBootControl, GrubSlotState,
+    GRUBENV_SIGNATURE, GRUBENV_SIZE,
+};
+pub use uboot::{
+    decode_env, encode_env, newer_copy, CrcByteOrder, DecodedEnv, EnvLocation, LoadedEnv,
+    UBootAbScheme, UBootAbState, UBootEnvBootControl, UBootEnvLayout, FW_ENV_LOCK_FILE,
+};
+
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -61,6 +77,56 @@ pub enum BootControlError {
         /// The file.
         path: PathBuf,
     },
+    /// A bootloader environment (U-Boot env copy, grubenv block) cannot be read or written.
+    #[error("boot environment {path} (offset {offset}): {source}")]
+    Env {
+        /// The file or device.
+        path: PathBuf,
+        /// Byte offset of the copy.
+        offset: u64,
+        /// What is wrong.
+        #[source]
+        source: EnvFormatError,
+    },
+    /// A variable of the A/B scheme holds a value the scheme does not define.
+    #[error("boot environment {path}: {name}={value:?}, expected {expected}")]
+    BadVariable {
+        /// The environment's file or device.
+        path: PathBuf,
+        /// The variable.
+        name: String,
+        /// Its value ("" when unset).
+        value: String,
+        /// What the scheme allows.
+        expected: String,
+    },
+    /// The kernel command line does not say which slot this boot runs from.
+    #[error(
+        "kernel command line {cmdline} has no {param}= (the boot script must pass the slot it \
+         booted; docs/boot-control.md)"
+    )]
+    BootedSlotUnknown {
+        /// The command line file (/proc/cmdline).
+        cmdline: PathBuf,
+        /// The parameter looked for.
+        param: String,
+    },
+    /// The slot this boot runs from is not one the scheme names.
+    #[error("booted slot {value:?} is none of {expected:?}")]
+    BootedSlotInvalid {
+        /// The value from the kernel command line.
+        value: String,
+        /// The scheme's slot values or names.
+        expected: Vec<String>,
+    },
+    /// An A/B scheme setting is unusable.
+    #[error("invalid {what}: {value}")]
+    BadScheme {
+        /// Which setting, and what it must be.
+        what: &'static str,
+        /// The value given.
+        value: String,
+    },
     /// The boot control HAL (a binder service) failed: a transport error or an error the HAL
     /// returned. The source is the HAL client's own typed error (crate `bootctl-hal`).
     #[error("boot control HAL: {0}")]
@@ -74,10 +140,17 @@ impl BootControlError {
             BootControlError::NotPresent
             | BootControlError::NoBootableSlot { .. }
             | BootControlError::AlreadyExists { .. }
+            | BootControlError::BootedSlotUnknown { .. }
+            | BootControlError::BootedSlotInvalid { .. }
             | BootControlError::Hal(_) => ErrorKind::BootControl,
-            BootControlError::InvalidSlot { .. } => ErrorKind::InvalidArgument,
+            BootControlError::InvalidSlot { .. } | BootControlError::BadScheme { .. } => {
+                ErrorKind::InvalidArgument
+            }
             BootControlError::Io { .. } => ErrorKind::Io,
-            BootControlError::Corrupt { .. } => ErrorKind::Corrupt,
+            BootControlError::Env { source: EnvFormatError::Full { .. }, .. } => ErrorKind::NoSpace,
+            BootControlError::Corrupt { .. }
+            | BootControlError::Env { .. }
+            | BootControlError::BadVariable { .. } => ErrorKind::Corrupt,
         }
     }
 }
@@ -458,29 +531,7 @@ impl FileBootControl {
     }
 
     fn write(&self, record: &BootRecord) -> Result<(), BootControlError> {
-        let io_err = |operation: &'static str, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| BootControlError::Io { operation, path, source }
-        };
-        let mut tmp_name = self.path.file_name().unwrap_or_default().to_os_string();
-        tmp_name.push(".tmp");
-        let tmp = self.path.with_file_name(tmp_name);
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(io_err("create", &tmp))?;
-        file.write_all(record.to_text().as_bytes()).map_err(io_err("write", &tmp))?;
-        file.sync_all().map_err(io_err("fsync", &tmp))?;
-        drop(file);
-        fs::rename(&tmp, &self.path).map_err(io_err("rename over", &self.path))?;
-        let dir = match self.path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        File::open(&dir).and_then(|d| d.sync_all()).map_err(io_err("fsync directory of", &dir))?;
-        Ok(())
+        env::replace_file_durably(&self.path, record.to_text().as_bytes())
     }
 
     fn check_slot(record: &BootRecord, slot: u32) -> Result<usize, BootControlError> {
