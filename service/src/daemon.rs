@@ -1,22 +1,28 @@
 //! Startup and the daemon's life: config → store → backends → policy → one service object →
-//! transports, then the health monitor (`monitor.rs`) and the signal wait on an explicit tokio
-//! runtime.
+//! transports, then the boot control HAL lookup, the health monitor (`monitor.rs`), readiness
+//! and the signal wait on an explicit tokio runtime.
+//!
+//! Start order: the service is registered before anything waits for the boot control HAL
+//! (`boot_hal.rs`), and readiness (`READY=1`) is sent once it is registered. Methods that need
+//! no HAL answer at once; those that do wait for it, bounded by `boot_control.wait_secs`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use policy::{
-    Backend, BootControl, Checkpointer, FileBootControl, NoBootControl, PolicyOptions,
+    Backend, BootControl, Checkpointer, FileBootControl, NoBootControl, PolicyEvent, PolicyOptions,
     RollbackAction, Store,
 };
 
 use backends::records::Records;
 
 use crate::backend::{Named, Resolved, TestNullBackend};
+use crate::boot_hal::{BootHalGate, LazyBootControl, LazyHal};
 use crate::config::{
     BackendType, BootControlKind, CheckpointMethod, Config, DeviceConfig, RollbackActionConfig,
 };
 use crate::listeners::Listeners;
+use crate::notify;
 use crate::plan;
 use crate::reboot::Rebooter;
 use crate::service::{CheckpointService, Daemon};
@@ -66,22 +72,28 @@ pub enum StartError {
     Runtime(#[from] std::io::Error),
 }
 
-fn boot_control(config: &Config) -> Result<Box<dyn BootControl>, StartError> {
+/// The policy's boot control, and for the HAL the lookup to start once the service is
+/// registered.
+struct BootControlParts {
+    boot: Box<dyn BootControl>,
+    hal: Option<Arc<LazyHal>>,
+}
+
+fn boot_control(config: &Config) -> Result<BootControlParts, StartError> {
     match config.boot_control.kind {
-        BootControlKind::None => Ok(Box::new(NoBootControl)),
+        BootControlKind::None => Ok(BootControlParts { boot: Box::new(NoBootControl), hal: None }),
         BootControlKind::File => {
             let path = config.boot_control_file();
             let boot = FileBootControl::open_or_create(&path, config.boot_control.slots).map_err(
                 |source| StartError::BootControl { path: path.display().to_string(), source },
             )?;
-            Ok(Box::new(boot))
+            Ok(BootControlParts { boot: Box::new(boot), hal: None })
         }
         BootControlKind::Hal => {
-            let uri = config.boot_hal_uri();
             let wait = Duration::from_secs(config.boot_control.wait_secs);
-            let boot = bootctl_hal::HalBootControl::connect_uri(&uri, wait)
-                .map_err(|e| StartError::BootControl { path: uri.to_string(), source: e.into() })?;
-            Ok(Box::new(boot))
+            let hal = LazyHal::new(config.boot_hal_uri(), wait);
+            let boot = Box::new(LazyBootControl::new(Arc::clone(&hal)));
+            Ok(BootControlParts { boot, hal: Some(hal) })
         }
     }
 }
@@ -178,25 +190,58 @@ fn policy_options(config: &Config) -> PolicyOptions {
     }
 }
 
-/// Opens the store and builds the policy and the service state from `config`.
-pub fn build(config: &Config) -> Result<Arc<Daemon>, StartError> {
+/// The daemon before it serves.
+#[derive(Debug)]
+pub struct Built {
+    /// The service state.
+    pub daemon: Arc<Daemon>,
+    /// The boot control HAL (`boot_control.type = "hal"`), not yet looked up: [`run`] starts
+    /// the lookup after registering the service.
+    pub boot_hal: Option<Arc<LazyHal>>,
+}
+
+/// Opens the store and builds the policy and the service state from `config`. Nothing here
+/// waits for another process.
+pub fn build(config: &Config) -> Result<Built, StartError> {
     let devices = plan::devices(config)?;
+    // The whole configuration (fstab devices included) is checked before the store creates
+    // the metadata directory: a refused configuration leaves nothing behind.
+    plan::plan(config, &devices).map_err(StartError::Plan)?;
     let store = Store::open(&config.metadata_dir)?;
     log::info!("state store {} (schema {})", store.path().display(), store.schema_version());
-    let checkpointer = Checkpointer::new(
-        store,
-        boot_control(config)?,
-        backends(config, &devices)?,
-        policy_options(config),
-    )?;
-    Ok(Arc::new(Daemon::new(
+    let BootControlParts { boot, hal: boot_hal } = boot_control(config)?;
+    let checkpointer =
+        Checkpointer::new(store, boot, backends(config, &devices)?, policy_options(config))?;
+    let gate = match &boot_hal {
+        Some(hal) => {
+            BootHalGate::new(Arc::clone(hal), Duration::from_secs(config.boot_control.wait_secs))
+        }
+        None => BootHalGate::default(),
+    };
+    let daemon = Daemon::new(
         Arc::new(checkpointer),
         config.access.clone(),
         devices,
         Arc::new(Listeners::default()),
         Rebooter::new(config.reboot.clone()),
         config.restore.clone(),
-    )))
+    )
+    .with_boot_hal(gate);
+    Ok(Built { daemon: Arc::new(daemon), boot_hal })
+}
+
+/// Gives the commit signal (`notify::checkpoint_committed`: the Android property, systemd's
+/// status) for every commit the policy reports, whoever ran it (a caller, the monitor).
+fn spawn_commit_signal(daemon: &Daemon) -> Result<(), StartError> {
+    let events = daemon.checkpointer().subscribe();
+    std::thread::Builder::new().name("commit-signal".into()).spawn(move || {
+        for event in events {
+            if matches!(event, PolicyEvent::Committed) {
+                notify::checkpoint_committed();
+            }
+        }
+    })?;
+    Ok(())
 }
 
 async fn wait_for_termination() -> Result<(), StartError> {
@@ -212,13 +257,14 @@ async fn wait_for_termination() -> Result<(), StartError> {
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(config: Config) -> Result<(), StartError> {
-    let daemon = build(&config)?;
+    let Built { daemon, boot_hal } = build(&config)?;
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
         let events = daemon.checkpointer().subscribe();
         let listeners = daemon.listeners();
         tokio::task::spawn_blocking(move || listeners.forward_all(events));
+        spawn_commit_signal(&daemon)?;
 
         let binder = CheckpointService::new(Arc::clone(&daemon)).into_binder().as_binder();
         let _socket = match &config.socket.path {
@@ -230,11 +276,20 @@ pub fn run(config: Config) -> Result<(), StartError> {
         } else {
             None
         };
+        // Only now, with the service registered: the HAL may start after us (Android's
+        // `early_hal` class starts at late-fs), and rsbinder binds a process to the first
+        // binder driver it opens, which must be the one we serve on.
+        if let Some(hal) = &boot_hal {
+            hal.spawn_lookup()?;
+        }
         if config.monitor.interval_ms > 0 {
             crate::monitor::spawn(Arc::clone(&daemon), config.monitor.clone())?;
         }
         log::info!("checkpointd ready");
-        wait_for_termination().await
+        notify::sd_notify_logged("READY=1\nSTATUS=serving");
+        let result = wait_for_termination().await;
+        notify::sd_notify_logged("STOPPING=1");
+        result
     })?;
     // Dropping the runtime does not wait for the blocking forwarder (it ends with the process).
     runtime.shutdown_timeout(Duration::from_millis(100));

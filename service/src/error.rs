@@ -32,6 +32,9 @@ pub enum ServiceError {
     /// A backend step run for the call failed (a restore that could not run).
     #[error("{0}")]
     Backend(#[from] BackendError),
+    /// The method needs the boot control HAL, which has not been found yet (nothing changed).
+    #[error(transparent)]
+    BootHalNotReady(#[from] crate::boot_hal::HalNotReady),
     /// A restore failed; `code` is an ICheckpoint error code.
     #[error("{message}")]
     Restore {
@@ -86,6 +89,10 @@ pub fn into_binder_status(method: &str, err: ServiceError) -> Status {
         ServiceError::Backend(e) => {
             log::error!("{method}: {e}");
             Status::new_service_specific_error(code_for_backend(e), Some(e.to_string()))
+        }
+        ServiceError::BootHalNotReady(_) => {
+            log::warn!("{method}: {err}");
+            Status::new_service_specific_error(ICheckpoint::EAGAIN, Some(err.to_string()))
         }
         ServiceError::Restore { code, message } => {
             if *code == ICheckpoint::EAGAIN {

@@ -12,10 +12,11 @@ use checkpoint_aidl::android::system::checkpoint::{
 };
 use policy::{
     AbortOutcome, Checkpointer, CommitOutcome, HistoryEvent, HistoryKind, MarkOutcome,
-    RestoreRequest,
+    RestoreRequest, RollbackAction,
 };
 use rsbinder::{BinderResult, Strong};
 
+use crate::boot_hal::BootHalGate;
 use crate::config::{AccessConfig, DeviceConfig, RestoreConfig};
 use crate::error::{into_binder_status, ServiceError};
 use crate::listeners::{aidl_state, Listeners};
@@ -51,6 +52,8 @@ pub struct Daemon {
     listeners: Arc<Listeners>,
     rebooter: Rebooter,
     restore: RestoreConfig,
+    /// Asked before the methods whose answer needs the boot control HAL.
+    boot_hal: BootHalGate,
 }
 
 /// vold's `checkArgumentPath` (VoldNativeService.cpp), with its messages.
@@ -130,7 +133,24 @@ impl Daemon {
         rebooter: Rebooter,
         restore: RestoreConfig,
     ) -> Self {
-        Daemon { checkpointer, access, devices, listeners, rebooter, restore }
+        Daemon {
+            checkpointer,
+            access,
+            devices,
+            listeners,
+            rebooter,
+            restore,
+            boot_hal: BootHalGate::default(),
+        }
+    }
+
+    /// Makes the methods that need the boot control HAL wait for it (bounded) first:
+    /// `needsCheckpoint` and `abortChanges` (they may latch this boot's answer),
+    /// `needsRollback` and `startCheckpoint` (slot suffixes), `commitChanges` (marks the slot),
+    /// and `markBootAttempt` when a rollback may switch slots.
+    pub fn with_boot_hal(mut self, gate: BootHalGate) -> Self {
+        self.boot_hal = gate;
+        self
     }
 
     /// The policy.
@@ -170,6 +190,7 @@ impl Daemon {
 
     /// startCheckpoint.
     pub fn start_checkpoint(&self, retry: i32) -> Result<(), ServiceError> {
+        self.boot_hal.ready_for("startCheckpoint")?;
         let outcome = self.checkpointer.start_checkpoint(retry)?;
         log::info!("checkpoint requested (retry {retry}): {outcome:?}");
         Ok(())
@@ -177,11 +198,13 @@ impl Daemon {
 
     /// needsCheckpoint.
     pub fn needs_checkpoint(&self) -> Result<bool, ServiceError> {
+        self.boot_hal.ready_for("needsCheckpoint")?;
         Ok(self.checkpointer.needs_checkpoint()?)
     }
 
     /// needsRollback.
     pub fn needs_rollback(&self) -> Result<bool, ServiceError> {
+        self.boot_hal.ready_for("needsRollback")?;
         Ok(self.checkpointer.needs_rollback()?)
     }
 
@@ -192,6 +215,7 @@ impl Daemon {
 
     /// commitChanges.
     pub fn commit_changes(&self) -> Result<(), ServiceError> {
+        self.boot_hal.ready_for("commitChanges")?;
         match self.checkpointer.commit_changes()? {
             CommitOutcome::Committed { committed, skipped } => {
                 log::info!("checkpoint committed (backends {committed:?}, skipped {skipped:?})");
@@ -204,6 +228,7 @@ impl Daemon {
 
     /// abortChanges: the reboot happens through the configured action.
     pub fn abort_changes(&self, reason: &str, retry: bool) -> Result<(), ServiceError> {
+        self.boot_hal.ready_for("abortChanges")?;
         match self.checkpointer.abort_changes(reason, retry)? {
             AbortOutcome::Reboot { reason } => {
                 log::info!("checkpoint aborted (retry {retry}); rebooting with reason `{reason}`");
@@ -257,6 +282,11 @@ impl Daemon {
 
     /// markBootAttempt.
     pub fn mark_boot_attempt(&self) -> Result<(), ServiceError> {
+        // vold's markBootAttempt needs no HAL (init runs it at post-fs, before Android's
+        // default HAL starts); only our rollback slot switch does.
+        if self.checkpointer.options().rollback_action == RollbackAction::SwitchToPreviousSlot {
+            self.boot_hal.ready_for("markBootAttempt")?;
+        }
         match self.checkpointer.mark_boot_attempt()? {
             MarkOutcome::RollbackSlotSwitched { from, to } => {
                 log::warn!("boot budget spent: switched from slot {from} to slot {to}; rebooting");
