@@ -4,24 +4,19 @@
 //! `vdc checkpoint` (see `vdc.rs`); the other commands are checkpointctl's own.
 
 mod boot;
+mod kmsg;
 mod log;
 mod vdc;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use checkpoint_aidl::android::system::checkpoint::{
-    CheckpointState::CheckpointState,
-    CheckpointStatus::CheckpointStatus,
-    HistoryEvent::HistoryEvent,
-    HistoryEventKind::HistoryEventKind,
-    ICheckpoint::ICheckpoint,
-    ICheckpointListener::{BnCheckpointListener, ICheckpointListener},
+use checkpoint_client::{
+    state_name, CheckpointClient, CheckpointStatus, Connect, Event, HistoryEvent, HistoryEventKind,
+    ICheckpoint,
 };
 use clap::{Parser, Subcommand};
-use rsbinder::{Client, Strong};
 
 /// Talk to checkpointd: vdc-compatible checkpoint commands, status, history and events.
 #[derive(Debug, Parser)]
@@ -84,112 +79,15 @@ enum Command {
     },
 }
 
-/// Why the service could not be reached.
-#[derive(Debug)]
-enum ConnectError {
-    /// No service under that name.
-    NotFound(String),
-    /// The transport failed.
-    Transport(String),
-}
-
-impl std::fmt::Display for ConnectError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ConnectError::NotFound(m) | ConnectError::Transport(m) => f.write_str(m),
-        }
-    }
-}
-
-/// A connection; the client keeps an RPC session (and its callback threads) alive.
-struct Connection {
-    service: Strong<dyn ICheckpoint>,
-    client: Option<Client>,
-}
-
-impl Drop for Connection {
-    fn drop(&mut self) {
-        if let Some(session) = self.client.as_ref().and_then(Client::session) {
-            session.close_session();
-        }
-    }
-}
-
+/// Connects as `--socket` / `--timeout` say; `events` opens the listener callback path.
 fn connect(
     socket: Option<&Path>,
     timeout: Duration,
-    callbacks: bool,
-) -> Result<Connection, ConnectError> {
-    let name = checkpoint_aidl::SERVICE_NAME;
-    match socket {
-        Some(path) => {
-            if !path.exists() {
-                return Err(ConnectError::NotFound(format!(
-                    "socket {} does not exist (is checkpointd running with [socket] path set?)",
-                    path.display()
-                )));
-            }
-            let client = Client::open_with(checkpoint_aidl::socket_uri(path), |options, _| {
-                if callbacks {
-                    options.incoming_connections = Some(1);
-                }
-            })
-            .map_err(|e| {
-                ConnectError::Transport(format!(
-                    "cannot connect to checkpointd on socket {}: {e:?}",
-                    path.display()
-                ))
-            })?;
-            let service = client
-                .try_get::<dyn ICheckpoint>(name)
-                .map_err(|e| ConnectError::Transport(format!("lookup of {name} failed: {e:?}")))?
-                .ok_or_else(|| {
-                    ConnectError::NotFound(format!("{} does not serve {name}", path.display()))
-                })?;
-            Ok(Connection { service, client: Some(client) })
-        }
-        None => {
-            rsbinder::ProcessState::init_default().map_err(|e| {
-                ConnectError::Transport(format!(
-                    "cannot open the binder driver: {} (without kernel binder, use --socket PATH)",
-                    e.to_string().trim_end()
-                ))
-            })?;
-            if callbacks {
-                rsbinder::ProcessState::start_thread_pool();
-            }
-            let deadline = Instant::now() + timeout;
-            loop {
-                match rsbinder::hub::try_get_interface::<dyn ICheckpoint>(name) {
-                    Ok(Some(service)) => return Ok(Connection { service, client: None }),
-                    Ok(None) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                    Ok(None) => {
-                        return Err(ConnectError::NotFound(format!(
-                            "service {name} not found after {} s (is checkpointd running?)",
-                            timeout.as_secs()
-                        )))
-                    }
-                    Err(e) => {
-                        return Err(ConnectError::Transport(format!(
-                            "service manager lookup of {name} failed: {e:?}"
-                        )))
-                    }
-                }
-            }
-        }
-    }
-}
-
-fn state_name(state: CheckpointState) -> String {
-    match state {
-        CheckpointState::NONE => "none".to_owned(),
-        CheckpointState::PENDING => "pending".to_owned(),
-        CheckpointState::CHECKPOINTING => "checkpointing".to_owned(),
-        CheckpointState::ROLLBACK_NEEDED => "rollback-needed".to_owned(),
-        other => format!("unknown({})", other.0),
-    }
+    events: bool,
+) -> Result<CheckpointClient, checkpoint_client::Error> {
+    let mut how = Connect::from_options(socket, timeout);
+    how.events = events;
+    CheckpointClient::connect(&how)
 }
 
 fn kind_name(kind: HistoryEventKind) -> String {
@@ -322,29 +220,12 @@ fn print_status(s: &CheckpointStatus) {
     }
 }
 
-/// Listener events, as lines, to the main thread.
-struct Watcher {
-    lines: mpsc::Sender<String>,
-}
-
-impl rsbinder::Interface for Watcher {}
-
-#[allow(non_snake_case, reason = "method names are the AIDL's")]
-impl ICheckpointListener for Watcher {
-    fn onStateChanged(&self, state: CheckpointState) -> rsbinder::BinderResult<()> {
-        // A closed channel only means the watcher is exiting.
-        let _ = self.lines.send(format!("state {}", state_name(state)));
-        Ok(())
-    }
-
-    fn onRestoreProgress(&self, done: i64, total: i64) -> rsbinder::BinderResult<()> {
-        let _ = self.lines.send(format!("restore-progress {done}/{total}"));
-        Ok(())
-    }
-
-    fn onLowSpace(&self, free_bytes: i64) -> rsbinder::BinderResult<()> {
-        let _ = self.lines.send(format!("low-space {free_bytes}"));
-        Ok(())
+/// A listener event as `watch` prints it.
+fn event_text(event: Event) -> String {
+    match event {
+        Event::StateChanged(state) => format!("state {}", state_name(state)),
+        Event::RestoreProgress { done, total } => format!("restore-progress {done}/{total}"),
+        Event::LowSpace { free_bytes } => format!("low-space {free_bytes}"),
     }
 }
 
@@ -355,25 +236,35 @@ fn binder_failure(what: &str, status: &rsbinder::Status) -> String {
     format!("{what} failed: {status}")
 }
 
+/// `checkpointctl checkpoint …`: vdc's grammar, exit statuses and log destination (kmsg.rs).
 fn run_checkpoint(cli: &Cli, args: &[String]) -> u8 {
+    let out = kmsg::Sink::for_this_process();
     let command = match vdc::parse(args) {
-        Ok(command) => command,
+        Ok(vdc::Request::Call(command)) => command,
+        Ok(vdc::Request::Help) => {
+            print!("{}", vdc::help_text());
+            return 0;
+        }
         Err(e) => {
-            eprintln!("checkpointctl: {}", e.message());
+            let level = match e {
+                vdc::VdcError::Usage => kmsg::Level::Info,
+                _ => kmsg::Level::Error,
+            };
+            out.log(level, &e.message());
             return e.exit_code();
         }
     };
     let connection = match connect(cli.socket.as_deref(), Duration::from_secs(cli.timeout), false) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("checkpointctl: {e}");
+            out.error(&e.to_string());
             return vdc::EXIT_EINVAL;
         }
     };
-    match vdc::call(&*connection.service, &command) {
+    match vdc::call(connection.service(), &command) {
         Ok(answer) => answer.exit_code(),
         Err(status) => {
-            eprintln!("Command: checkpoint {} Failed: {status}", args.join(" "));
+            out.error(&format!("Command: checkpoint {} Failed: {status}", args.join(" ")));
             vdc::EXIT_ENOTTY
         }
     }
@@ -410,7 +301,7 @@ fn run_boot(cli: &Cli, cmd: &boot::BootCommand) -> u8 {
                     return Ok(());
                 }
                 let connection = connect_daemon().map_err(|e| daemon_error(e.to_string()))?;
-                let service: &dyn ICheckpoint = &*connection.service;
+                let service: &dyn ICheckpoint = connection.service();
                 boot::mount_all(&plans, &service, &machine, &mut log)?;
             }
             boot::BootCommand::Teardown { config } => {
@@ -420,10 +311,7 @@ fn run_boot(cli: &Cli, cmd: &boot::BootCommand) -> u8 {
             }
             boot::BootCommand::Commit => {
                 let connection = connect_daemon().map_err(|e| daemon_error(e.to_string()))?;
-                connection
-                    .service
-                    .commitChanges()
-                    .map_err(|e| daemon_error(binder_failure("commitChanges", &e)))?;
+                connection.commit().map_err(|e| daemon_error(e.to_string()))?;
                 log("boot declared good: commitChanges done".into());
             }
             boot::BootCommand::Status { config } => {
@@ -433,7 +321,7 @@ fn run_boot(cli: &Cli, cmd: &boot::BootCommand) -> u8 {
                     println!("{line}");
                 }
                 match connect_daemon() {
-                    Ok(c) => match c.service.getStatus() {
+                    Ok(c) => match c.service().getStatus() {
                         Ok(s) => println!(
                             "daemon: {}, checkpointing {}, needs rollback {}",
                             state_name(s.state),
@@ -462,7 +350,7 @@ fn run_own(cli: &Cli) -> Result<(), String> {
     let watching = matches!(cli.command, Command::Watch { .. });
     let connection =
         connect(cli.socket.as_deref(), timeout, watching).map_err(|e| e.to_string())?;
-    let service = &connection.service;
+    let service = connection.service();
     match &cli.command {
         Command::Status { json } => {
             let status = service.getStatus().map_err(|e| binder_failure("getStatus", &e))?;
@@ -487,16 +375,12 @@ fn run_own(cli: &Cli) -> Result<(), String> {
             }
         }
         Command::Watch { count } => {
-            let (tx, rx) = mpsc::channel();
-            let listener = BnCheckpointListener::new_binder(Watcher { lines: tx });
-            service
-                .registerListener(&listener)
-                .map_err(|e| binder_failure("registerListener", &e))?;
+            let events = connection.subscribe().map_err(|e| e.to_string())?;
             eprintln!("watching checkpointd events (Ctrl-C to stop)");
             let mut seen = 0u64;
             while count.is_none_or(|c| seen < c) {
-                let line = rx.recv().map_err(|_| "the listener stopped".to_owned())?;
-                println!("{line}");
+                let event = events.recv().ok_or_else(|| "the listener stopped".to_owned())?;
+                println!("{}", event_text(event));
                 seen += 1;
             }
         }
