@@ -326,44 +326,39 @@ impl ExternalModules {
                 .as_table()
                 .ok_or_else(|| format!("{EXTERNAL_MODULES}: [{section}] is not a table"))?;
             for (key, entry) in entries {
-                let text = |field: &str| -> Result<String, String> {
-                    let found = match (entry, field) {
-                        (toml::Value::String(s), "") => Some(s.as_str()),
-                        (toml::Value::Table(t), f) if !f.is_empty() => {
-                            t.get(f).and_then(toml::Value::as_str)
+                let field = |name: &str| -> Result<String, String> {
+                    let found = match entry {
+                        toml::Value::String(s) if name.is_empty() => Some(s.as_str()),
+                        toml::Value::Table(t) if !name.is_empty() => {
+                            t.get(name).and_then(toml::Value::as_str)
                         }
                         _ => None,
                     };
                     match found {
                         Some(s) if !s.trim().is_empty() => Ok(s.to_owned()),
-                        _ => Err(format!(
-                            "{EXTERNAL_MODULES}: [{section}] {key} needs {}",
-                            if field.is_empty() {
-                                "a non-empty string".into()
-                            } else {
-                                format!("`{field}`")
-                            }
+                        _ if name.is_empty() => Err(format!(
+                            "{EXTERNAL_MODULES}: [{section}] {key} needs a non-empty string"
                         )),
+                        _ => Err(format!("{EXTERNAL_MODULES}: [{section}] {key} needs `{name}`")),
                     }
                 };
-                match section.as_str() {
+                let map = match section.as_str() {
                     "aosp" => {
-                        modules.aosp.insert(key.clone(), text("")?);
+                        // A path, or a table with the path and a note.
+                        let path = if entry.is_table() { field("path")? } else { field("")? };
+                        modules.aosp.insert(key.clone(), path);
+                        continue;
                     }
                     "vendored" => {
-                        modules.vendored.insert(key.clone(), (text("crate")?, text("path")?));
+                        modules.vendored.insert(key.clone(), (field("crate")?, field("path")?));
+                        continue;
                     }
-                    "crate_modules" => {
-                        modules.crate_modules.insert(key.clone(), text("")?);
-                    }
-                    "implicit" => {
-                        modules.implicit.insert(key.clone(), text("")?);
-                    }
-                    "host_only" => {
-                        modules.host_only.insert(key.clone(), text("")?);
-                    }
+                    "crate_modules" => &mut modules.crate_modules,
+                    "implicit" => &mut modules.implicit,
+                    "host_only" => &mut modules.host_only,
                     other => return Err(format!("{EXTERNAL_MODULES}: unknown section [{other}]")),
-                }
+                };
+                map.insert(key.clone(), field("")?);
             }
         }
         Ok(modules)
@@ -580,7 +575,11 @@ fn package_dir(root: &Path, path: &Path) -> Option<PathBuf> {
 fn sources_use(dir: &Path, ident: &str) -> bool {
     glob(dir, "**/*.rs").iter().any(|file| {
         let text = fs::read_to_string(file).unwrap_or_default();
-        text.contains(&format!("{ident}::")) || text.contains(&format!("use {ident}"))
+        // `ident::` or `use ident` as a whole word (`nix::` is not inside `unix::`).
+        [format!("{ident}::"), format!("use {ident}")].iter().any(|needle| {
+            text.match_indices(needle.as_str())
+                .any(|(i, _)| !text[..i].ends_with(|c: char| c.is_alphanumeric() || c == '_'))
+        })
     })
 }
 
@@ -635,18 +634,22 @@ pub fn cargo_mismatches(root: &Path, files: &[BpFile], external: &ExternalModule
             let manifest = package.join("Cargo.toml");
             let manifest = manifest.display();
             let is_build_tool = crate_root == package.join("build.rs");
-            let mut report = |missing: Vec<&String>, extra: Vec<&String>, what: &str| {
-                for m in missing {
-                    problems.push(format!("{at}: lacks `{m}`, which {manifest} has in {what}"));
-                }
-                for e in extra {
-                    problems.push(format!("{at}: has `{e}`, which is not in {what} of {manifest}"));
-                }
-            };
+            let mut report =
+                |missing: Vec<&String>, extra: Vec<&String>, has: &str, allowed: &str| {
+                    for m in missing {
+                        problems.push(format!("{at}: lacks `{m}`, which {manifest} has in {has}"));
+                    }
+                    for e in extra {
+                        problems.push(format!(
+                            "{at}: has `{e}`, which is not in {allowed} of {manifest}"
+                        ));
+                    }
+                };
             if is_build_tool {
                 report(
                     cargo.build.difference(&soong).collect(),
                     soong.difference(&cargo.build).collect(),
+                    "[build-dependencies]",
                     "[build-dependencies]",
                 );
             } else if module.kind == "rust_test" || module.kind == "rust_test_host" {
@@ -659,6 +662,7 @@ pub fn cargo_mismatches(root: &Path, files: &[BpFile], external: &ExternalModule
                 report(
                     cargo.normal.difference(&soong).collect(),
                     soong.iter().filter(|d| !allowed.contains(d)).collect(),
+                    "[dependencies]",
                     "[dependencies] or [dev-dependencies]",
                 );
                 let sources = root.join(crate_root.parent().unwrap_or(Path::new("")));
@@ -679,7 +683,12 @@ pub fn cargo_mismatches(root: &Path, files: &[BpFile], external: &ExternalModule
                     .difference(&expected)
                     .filter(|d| !(module.kind.starts_with("rust_binary") && **d == cargo.own_lib))
                     .collect();
-                report(expected.difference(&soong).collect(), extra, "[dependencies]");
+                report(
+                    expected.difference(&soong).collect(),
+                    extra,
+                    "[dependencies]",
+                    "[dependencies]",
+                );
             }
         }
     }
@@ -717,6 +726,178 @@ pub fn cargo_mismatches(root: &Path, files: &[BpFile], external: &ExternalModule
     problems
 }
 
+/// The text between `<tag>` and `</tag>` in each occurrence, in order.
+fn xml_elements<'a>(text: &'a str, tag: &str) -> Vec<&'a str> {
+    let (open, close) = (format!("<{tag}"), format!("</{tag}>"));
+    let mut found = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find(&open) {
+        let after = &rest[start + open.len()..];
+        // `<name>` must not match `<names>`: the tag ends at `>` or white space.
+        if !after.starts_with(|c: char| c == '>' || c.is_whitespace()) {
+            rest = after;
+            continue;
+        }
+        let Some(body_start) = after.find('>') else { break };
+        let body = &after[body_start + 1..];
+        let Some(end) = body.find(&close) else { break };
+        found.push(&body[..end]);
+        rest = &body[end + close.len()..];
+    }
+    found
+}
+
+/// Each VINTF fragment a module installs declares AIDL HALs this tree defines: the
+/// `aidl_interface` exists, the version is its newest frozen one, the interface file exists,
+/// the instance `<name>.<fqname>` is the name the code serves (a string in a Rust source), and a
+/// system module's fragment is a framework manifest.
+pub fn vintf_problems(root: &Path, files: &[BpFile]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let interfaces: BTreeMap<&str, (&BpFile, &Module)> = files
+        .iter()
+        .flat_map(|f| f.modules.iter().map(move |m| (f, m)))
+        .filter(|(_, m)| m.kind == "aidl_interface")
+        .filter_map(|(f, m)| Some((m.name()?, (f, m))))
+        .collect();
+    let rust_sources: Vec<String> = glob(root, "*/src/**/*.rs")
+        .iter()
+        .map(|p| fs::read_to_string(p).unwrap_or_default())
+        .collect();
+    for file in files {
+        for module in &file.modules {
+            let fragments =
+                module.get("vintf_fragments").and_then(Value::as_strings).unwrap_or_default();
+            for fragment in fragments.into_iter().filter(|f| !f.starts_with(':')) {
+                let at = format!("{}: {fragment}", file.at(module));
+                let Ok(text) = fs::read_to_string(root.join(file.dir()).join(fragment)) else {
+                    continue; // missing_files reports it
+                };
+                let vendor = ["vendor", "soc_specific", "proprietary", "device_specific"]
+                    .iter()
+                    .any(|p| module.get(p) == Some(&Value::Bool(true)));
+                let wanted = if vendor { "device" } else { "framework" };
+                if !text.contains(&format!("type=\"{wanted}\"")) {
+                    problems.push(format!(
+                        "{at}: a {wanted} module needs <manifest type=\"{wanted}\">"
+                    ));
+                }
+                let hals = xml_elements(&text, "hal");
+                if hals.is_empty() {
+                    problems.push(format!("{at}: declares no <hal>"));
+                }
+                for hal in hals {
+                    let name = xml_elements(hal, "name").first().map(|s| s.trim()).unwrap_or("");
+                    let version =
+                        xml_elements(hal, "version").first().map(|s| s.trim()).unwrap_or("1");
+                    let Some((aidl_file, aidl)) = interfaces.get(name) else {
+                        problems
+                            .push(format!("{at}: HAL `{name}` is no aidl_interface of this tree"));
+                        continue;
+                    };
+                    let mut frozen: Vec<i64> = match aidl.get("versions_with_info") {
+                        Some(Value::List(items)) => items
+                            .iter()
+                            .filter_map(|i| i.get("version")?.as_str()?.parse().ok())
+                            .collect(),
+                        _ => Vec::new(),
+                    };
+                    frozen.sort();
+                    if frozen.last().map(|v| v.to_string()).as_deref() != Some(version) {
+                        problems.push(format!(
+                            "{at}: `{name}` version {version} is not the newest frozen version ({frozen:?})"
+                        ));
+                    }
+                    let fqnames = xml_elements(hal, "fqname");
+                    if fqnames.is_empty() {
+                        problems.push(format!("{at}: `{name}` has no <fqname>"));
+                    }
+                    for fqname in fqnames {
+                        let fqname = fqname.trim();
+                        let Some((interface, _instance)) = fqname.split_once('/') else {
+                            problems.push(format!(
+                                "{at}: <fqname>{fqname}</fqname> is not Interface/instance"
+                            ));
+                            continue;
+                        };
+                        let aidl_path = root
+                            .join(aidl_file.dir())
+                            .join(name.replace('.', "/"))
+                            .join(format!("{interface}.aidl"));
+                        if !aidl_path.is_file() {
+                            problems.push(format!("{at}: no {}", aidl_path.display()));
+                        }
+                        let served = format!("\"{name}.{fqname}\"");
+                        if !rust_sources.iter().any(|s| s.contains(&served)) {
+                            problems.push(format!("{at}: no Rust source serves {served}"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    problems
+}
+
+/// Cargo variables Soong sets with `cargo_env_compat: true` (and none without it).
+const SOONG_CARGO_VARIABLES: &[&str] = &[
+    "CARGO_BIN_NAME",
+    "CARGO_CRATE_NAME",
+    "CARGO_PKG_NAME",
+    "CARGO_PKG_VERSION",
+    "CARGO_PKG_VERSION_MAJOR",
+    "CARGO_PKG_VERSION_MINOR",
+    "CARGO_PKG_VERSION_PATCH",
+];
+
+/// Sources a Rust module compiles must not read Cargo variables Soong does not set
+/// (`env!("CARGO_MANIFEST_DIR")` fails to compile there). A library or binary skips test-only
+/// files (`tests.rs`, `tests/`), which only its `rust_test` compiles.
+pub fn cargo_env_problems(root: &Path, files: &[BpFile]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for file in files {
+        for module in &file.modules {
+            if !module.kind.starts_with("rust_") || module.kind == "rust_defaults" {
+                continue;
+            }
+            let Some(crate_root) = module.get("crate_root").and_then(Value::as_str) else {
+                continue;
+            };
+            let compat = module.get("cargo_env_compat") == Some(&Value::Bool(true));
+            let is_test = module.kind.starts_with("rust_test");
+            let dir = root.join(file.dir()).join(crate_root);
+            let dir = dir.parent().unwrap_or(root);
+            for source in glob(dir, "**/*.rs") {
+                let relative = source.strip_prefix(dir).unwrap_or(&source);
+                let test_only = relative.file_name().is_some_and(|n| n == "tests.rs")
+                    || relative.components().any(|c| c.as_os_str() == "tests");
+                if test_only && !is_test {
+                    continue;
+                }
+                let text = fs::read_to_string(&source).unwrap_or_default();
+                for (i, _) in text.match_indices("env!(\"CARGO_") {
+                    if text[..i].ends_with("option_") {
+                        continue; // option_env! compiles without the variable
+                    }
+                    let name: String = text[i + 6..].chars().take_while(|c| *c != '"').collect();
+                    if !(compat && SOONG_CARGO_VARIABLES.contains(&name.as_str())) {
+                        problems.push(format!(
+                            "{}: {} reads {name}, which Soong does not set{}",
+                            file.at(module),
+                            source.strip_prefix(root).unwrap_or(&source).display(),
+                            if SOONG_CARGO_VARIABLES.contains(&name.as_str()) {
+                                " without cargo_env_compat: true"
+                            } else {
+                                ""
+                            }
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    problems
+}
+
 /// All of the checks above (not bpfmt), for one tree.
 pub fn all_problems(root: &Path) -> Vec<String> {
     let files = match load(root) {
@@ -730,6 +911,8 @@ pub fn all_problems(root: &Path) -> Vec<String> {
     let mut problems = missing_files(root, &files);
     problems.extend(unknown_modules(root, &files, &external));
     problems.extend(cargo_mismatches(root, &files, &external));
+    problems.extend(vintf_problems(root, &files));
+    problems.extend(cargo_env_problems(root, &files));
     problems
 }
 
