@@ -6,6 +6,10 @@
 //!   restores in place (vold's `restoreCheckpoint`, crash-safe; see docs/restore.md). It refuses
 //!   a device that is mounted or an image that backs a loop device.
 //!
+//! Both take only a regular file or a block device: anything else (a FIFO, a socket, a
+//! character device) is refused before it is opened, since opening or reading it could block
+//! forever or read a stream that is no device.
+//!
 //! Exit codes: 0 done (restored, rolled forward, no log, dry run, a valid log inspected);
 //! 1 error (I/O, bad arguments, mounted device); 2 the log is invalid and was left alone
 //! (`--policy refuse`, a half-restored log that fails validation, or `inspect` of an invalid
@@ -72,6 +76,7 @@ enum Status {
 #[derive(Debug)]
 enum CliError {
     Open(PathBuf, DeviceError),
+    NotADevice(PathBuf, &'static str),
     Restore(RestoreError),
     Mounted(PathBuf, String),
     Output(std::io::Error),
@@ -81,6 +86,11 @@ impl std::fmt::Display for CliError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             CliError::Open(p, e) => write!(f, "cannot open {}: {e}", p.display()),
+            CliError::NotADevice(p, what) => write!(
+                f,
+                "{} is {what}, not a block device or an image file; refusing to read it",
+                p.display()
+            ),
             CliError::Restore(e) => write!(f, "{e}"),
             CliError::Mounted(p, how) => {
                 write!(f, "{} is in use ({how}); unmount it before restoring", p.display())
@@ -117,7 +127,39 @@ pub fn run(cmd: LogCommand) -> ExitCode {
     }
 }
 
+/// Refuses what is neither a regular file nor a block device, by what the path leads to
+/// (links followed, as `open` follows them), before anything opens it. (A path swapped for a
+/// FIFO between this check and the open could still block; these tools run as root on paths
+/// their caller names, in folders others cannot write.)
+fn check_device_type(path: &Path) -> Result<(), CliError> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        // Missing or unreadable: the open reports it with its OS error.
+        return Ok(());
+    };
+    let kind = meta.file_type();
+    let what = if kind.is_file() || kind.is_block_device() {
+        return Ok(());
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_dir() {
+        "a directory"
+    } else {
+        "not a regular file"
+    };
+    Err(CliError::NotADevice(path.to_owned(), what))
+}
+
 fn execute(cmd: LogCommand, out: &mut dyn Write, bar: bool) -> Result<Status, CliError> {
+    match &cmd {
+        LogCommand::Inspect { device, .. } | LogCommand::Restore { device, .. } => {
+            check_device_type(device)?;
+        }
+    }
     match cmd {
         LogCommand::Inspect { device, json } => {
             let dev = FileDevice::open_read_only(&device).map_err(|e| CliError::Open(device, e))?;
@@ -407,6 +449,40 @@ mod tests {
         let (r, text) = exec(&["restore", p]);
         assert_eq!(r, Ok(Status::Done));
         assert!(text.starts_with("WARNING: the log is invalid"), "{text}");
+    }
+
+    #[test]
+    fn fifos_sockets_and_character_devices_are_refused_without_blocking() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let fifo = dir.path().join("fifo");
+        let status = std::process::Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+        assert!(status.success());
+        let socket = dir.path().join("socket");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+        let link = dir.path().join("link-to-fifo");
+        std::os::unix::fs::symlink(&fifo, &link).expect("symlink");
+        for (path, what) in [
+            (fifo.to_str().unwrap(), "a FIFO"),
+            (link.to_str().unwrap(), "a FIFO"),
+            (socket.to_str().unwrap(), "a socket"),
+            ("/dev/null", "a character device"),
+            ("/dev/zero", "a character device"),
+        ] {
+            for args in [
+                vec!["inspect", path],
+                vec!["inspect", "--json", path],
+                vec!["restore", "--dry-run", path],
+                vec!["restore", path],
+            ] {
+                let (r, out) = exec(&args);
+                let err = r.expect_err("must be refused");
+                assert!(
+                    err.contains(what) && err.contains("refusing to read it"),
+                    "{args:?}: {err}"
+                );
+                assert!(out.is_empty());
+            }
+        }
     }
 
     #[test]

@@ -508,6 +508,46 @@ fn check_absolute(key: &str, path: &Path) -> Result<(), ConfigError> {
     }
 }
 
+/// The longest socket path: a Unix socket address holds 108 bytes (`sun_path`), with the
+/// terminating NUL.
+pub const MAX_SOCKET_PATH_BYTES: usize = 107;
+
+/// The longest metadata directory: its files' paths (the longest is the store's write-ahead
+/// log, `/checkpointd.db-wal`, and the marker `/checkpointd.db.created`) must fit PATH_MAX
+/// (4096, with the NUL). Room is left for the backends' records.
+pub const MAX_METADATA_DIR_BYTES: usize = 3072;
+
+fn check_socket_path(path: &Path) -> Result<(), ConfigError> {
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH_BYTES {
+        return Err(invalid(
+            "socket.path",
+            format!(
+                "is {len} bytes long; a Unix socket path holds at most {MAX_SOCKET_PATH_BYTES} \
+                 bytes (sun_path)"
+            ),
+        ));
+    }
+    if path.as_os_str().as_encoded_bytes().contains(&0) {
+        return Err(invalid("socket.path", "must not contain a NUL byte"));
+    }
+    Ok(())
+}
+
+fn check_metadata_dir(path: &Path) -> Result<(), ConfigError> {
+    let len = path.as_os_str().len();
+    if len > MAX_METADATA_DIR_BYTES {
+        return Err(invalid(
+            "metadata_dir",
+            format!("is {len} bytes long, more than the {MAX_METADATA_DIR_BYTES} allowed"),
+        ));
+    }
+    if path.as_os_str().as_encoded_bytes().contains(&0) {
+        return Err(invalid("metadata_dir", "must not contain a NUL byte"));
+    }
+    Ok(())
+}
+
 impl Config {
     /// Reads, parses and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -527,6 +567,7 @@ impl Config {
     /// Checks every value; the error names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         check_absolute("metadata_dir", &self.metadata_dir)?;
+        check_metadata_dir(&self.metadata_dir)?;
         if let Some(fstab) = &self.fstab {
             check_absolute("fstab", fstab)?;
         }
@@ -614,6 +655,7 @@ impl Config {
         }
         if let Some(path) = &self.socket.path {
             check_absolute("socket.path", path)?;
+            check_socket_path(path)?;
         }
         if let Some(mode) = self.socket.mode {
             if mode > 0o777 {
@@ -836,6 +878,10 @@ mod tests {
             ("[boot_control]\ntype = \"hal\"\nhal_uri = \"binder://\"", "boot_control.hal_uri"),
             ("[access]\nchange_uids = []", "access.change_uids"),
             ("[socket]\npath = \"x.sock\"", "socket.path"),
+            (format!("[socket]\npath = \"/{}\"", "s".repeat(107)).as_str(), "socket.path"),
+            ("[socket]\npath = \"/run/a\\u0000b\"", "socket.path"),
+            (format!("metadata_dir = \"/{}\"", "m".repeat(3072)).as_str(), "metadata_dir"),
+            ("metadata_dir = \"/metadata/a\\u0000b\"", "metadata_dir"),
             ("[socket]\nmode = 4095", "socket.mode"),
             ("[binder]\nenabled = false", "binder.enabled"),
             ("[reboot]\naction = \"command\"", "reboot.command"),

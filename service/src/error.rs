@@ -3,7 +3,16 @@
 //! Codes (documented in ICheckpoint.aidl and docs/integration.md):
 //! - a caller that may not make the call: `EX_SECURITY` (as vold's `CheckUidOrRoot`);
 //! - a malformed restore path: `EX_ILLEGAL_ARGUMENT` with vold's messages;
+//! - a string argument longer than its bound (docs/limits.md): `EX_ILLEGAL_ARGUMENT`;
 //! - everything else: `ServiceSpecificException` with an errno-style code, by error kind.
+//!
+//! Refused calls (a caller not allowed, a bad argument) are the caller's doing, so any local
+//! UID can cause as many as it likes: their log lines go through a [`RefusalLog`], which lets
+//! [`REFUSAL_LOG_BURST`] through per [`REFUSAL_LOG_WINDOW`] and then counts the rest in one
+//! summary line.
+
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use checkpoint_aidl::android::system::checkpoint::ICheckpoint;
 use policy::{BackendError, ErrorKind, PolicyError};
@@ -26,6 +35,17 @@ pub enum ServiceError {
     /// An argument is out of range (other than retry, which the policy checks).
     #[error("{0}")]
     InvalidArgument(String),
+    /// A string argument is longer than its documented bound (docs/limits.md). The message
+    /// does not echo the argument.
+    #[error("{what} is {len} bytes long, more than the {max} allowed")]
+    TooLong {
+        /// Which argument ("Path", "Reason").
+        what: &'static str,
+        /// Its length in bytes.
+        len: usize,
+        /// The bound.
+        max: usize,
+    },
     /// The checkpoint policy or its store failed.
     #[error(transparent)]
     Policy(#[from] PolicyError),
@@ -58,21 +78,97 @@ pub fn code_for_backend(e: &BackendError) -> i32 {
     code_for_kind(e.kind(), e.os_errno())
 }
 
+/// Refused-call log lines let through per window.
+pub const REFUSAL_LOG_BURST: u32 = 20;
+
+/// The window of [`REFUSAL_LOG_BURST`].
+pub const REFUSAL_LOG_WINDOW: Duration = Duration::from_secs(10);
+
+/// What [`RefusalLog::admit`] decided for one refused call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Log it. `suppressed` lines were dropped in the window before (say so first).
+    Log {
+        /// Refused calls not logged since the last summary.
+        suppressed: u64,
+    },
+    /// The window's burst is used up: count it, do not log it.
+    Suppress,
+}
+
+/// The rate limit of refused-call log lines: [`REFUSAL_LOG_BURST`] per
+/// [`REFUSAL_LOG_WINDOW`]; what is dropped is counted and reported with the first line of a
+/// later window (no timer: a flood that stops is summed up at the next refusal).
+#[derive(Debug)]
+pub struct RefusalLog {
+    window: Mutex<Window>,
+}
+
+#[derive(Debug)]
+struct Window {
+    started: Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl Default for RefusalLog {
+    fn default() -> Self {
+        RefusalLog {
+            window: Mutex::new(Window { started: Instant::now(), logged: 0, suppressed: 0 }),
+        }
+    }
+}
+
+impl RefusalLog {
+    /// Whether the refusal seen at `now` may be logged.
+    pub fn admit(&self, now: Instant) -> Admission {
+        let mut w = self.window.lock().unwrap_or_else(PoisonError::into_inner);
+        if now.saturating_duration_since(w.started) >= REFUSAL_LOG_WINDOW {
+            w.started = now;
+            w.logged = 0;
+        }
+        if w.logged < REFUSAL_LOG_BURST {
+            w.logged += 1;
+            Admission::Log { suppressed: std::mem::take(&mut w.suppressed) }
+        } else {
+            w.suppressed += 1;
+            Admission::Suppress
+        }
+    }
+
+    /// Logs `line` at `level` if admitted now.
+    fn log(&self, level: log::Level, method: &str, line: &dyn std::fmt::Display) {
+        match self.admit(Instant::now()) {
+            Admission::Log { suppressed } => {
+                if suppressed > 0 {
+                    log::warn!(
+                        "{suppressed} more refused calls were not logged (at most \
+                         {REFUSAL_LOG_BURST} per {} s)",
+                        REFUSAL_LOG_WINDOW.as_secs()
+                    );
+                }
+                log::log!(level, "{method}: {line}");
+            }
+            Admission::Suppress => {}
+        }
+    }
+}
+
 /// Maps a failed call of `method` to its binder status, logging it at the right level: refused
-/// callers and bad arguments are expected outcomes (`warn!`/`info!`), store and backend
-/// failures are `error!`.
-pub fn into_binder_status(method: &str, err: ServiceError) -> Status {
+/// callers and bad arguments are expected outcomes (`warn!`/`info!`, through `refusals`, rate
+/// limited), store and backend failures are `error!`.
+pub fn into_binder_status(method: &str, err: ServiceError, refusals: &RefusalLog) -> Status {
     match &err {
         ServiceError::PermissionDenied { .. } => {
-            log::warn!("{method}: {err}");
+            refusals.log(log::Level::Warn, method, &err);
             Status::from((ExceptionCode::Security, err.to_string().as_str()))
         }
-        ServiceError::InvalidPath(_) => {
-            log::info!("{method}: {err}");
+        ServiceError::InvalidPath(_) | ServiceError::TooLong { .. } => {
+            refusals.log(log::Level::Info, method, &err);
             Status::from((ExceptionCode::IllegalArgument, err.to_string().as_str()))
         }
         ServiceError::InvalidArgument(_) => {
-            log::info!("{method}: {err}");
+            refusals.log(log::Level::Info, method, &err);
             Status::new_service_specific_error(ICheckpoint::EINVAL, Some(err.to_string()))
         }
         ServiceError::Policy(e) => {
@@ -80,7 +176,7 @@ pub fn into_binder_status(method: &str, err: ServiceError) -> Status {
             let code = code_for_kind(kind, e.os_errno());
             match kind {
                 ErrorKind::NotSupported | ErrorKind::InvalidArgument => {
-                    log::info!("{method}: {e}");
+                    refusals.log(log::Level::Info, method, e);
                 }
                 _ => log::error!("{method}: {e}"),
             }
@@ -145,13 +241,20 @@ mod tests {
 
     #[test]
     fn policy_errors_become_service_specific_with_message() {
-        let status = into_binder_status("startCheckpoint", PolicyError::NotSupported.into());
+        let status = into_binder_status(
+            "startCheckpoint",
+            PolicyError::NotSupported.into(),
+            &RefusalLog::default(),
+        );
         assert_eq!(status.exception_code(), ExceptionCode::ServiceSpecific);
         assert_eq!(status.service_specific_error(), ICheckpoint::ENOTSUP);
         assert_eq!(status.message(), Some("Checkpoints not supported"));
 
-        let status =
-            into_binder_status("startCheckpoint", PolicyError::InvalidRetry { retry: -2 }.into());
+        let status = into_binder_status(
+            "startCheckpoint",
+            PolicyError::InvalidRetry { retry: -2 }.into(),
+            &RefusalLog::default(),
+        );
         assert_eq!(status.service_specific_error(), ICheckpoint::EINVAL);
         assert!(status.message().unwrap_or("").starts_with("Retry count must be more than -1"));
     }
@@ -161,6 +264,7 @@ mod tests {
         let status = into_binder_status(
             "commitChanges",
             ServiceError::PermissionDenied { uid: 2000, method: "commitChanges" },
+            &RefusalLog::default(),
         );
         assert_eq!(status.exception_code(), ExceptionCode::Security);
         assert_eq!(status.message(), Some("UID 2000 is not allowed to call commitChanges"));
@@ -171,6 +275,7 @@ mod tests {
         let status = into_binder_status(
             "restoreCheckpoint",
             ServiceError::InvalidPath("Path foo is relative".into()),
+            &RefusalLog::default(),
         );
         assert_eq!(status.exception_code(), ExceptionCode::IllegalArgument);
     }
@@ -183,7 +288,35 @@ mod tests {
                 code: ICheckpoint::EAGAIN,
                 message: "Hit the test limit".into(),
             },
+            &RefusalLog::default(),
         );
         assert_eq!(status.service_specific_error(), ICheckpoint::EAGAIN);
+    }
+
+    #[test]
+    fn an_overlong_argument_is_an_illegal_argument_without_echo() {
+        let status = into_binder_status(
+            "abortChanges",
+            ServiceError::TooLong { what: "Reason", len: 5000, max: 4096 },
+            &RefusalLog::default(),
+        );
+        assert_eq!(status.exception_code(), ExceptionCode::IllegalArgument);
+        assert_eq!(status.message(), Some("Reason is 5000 bytes long, more than the 4096 allowed"));
+    }
+
+    #[test]
+    fn refusal_lines_are_limited_per_window_and_the_rest_counted() {
+        let refusals = RefusalLog::default();
+        let start = Instant::now();
+        let admitted =
+            (0..1000).filter(|_| matches!(refusals.admit(start), Admission::Log { .. })).count();
+        assert_eq!(admitted, usize::try_from(REFUSAL_LOG_BURST).unwrap());
+        // Still in the window: suppressed.
+        assert_eq!(refusals.admit(start + REFUSAL_LOG_WINDOW / 2), Admission::Suppress);
+        // The next window logs again, first reporting what was dropped.
+        let later = start + REFUSAL_LOG_WINDOW;
+        let dropped = 1000 - u64::from(REFUSAL_LOG_BURST) + 1;
+        assert_eq!(refusals.admit(later), Admission::Log { suppressed: dropped });
+        assert_eq!(refusals.admit(later), Admission::Log { suppressed: 0 });
     }
 }

@@ -18,7 +18,7 @@ use rsbinder::{BinderResult, Strong};
 
 use crate::boot_hal::BootHalGate;
 use crate::config::{AccessConfig, DeviceConfig, RestoreConfig};
-use crate::error::{into_binder_status, ServiceError};
+use crate::error::{into_binder_status, RefusalLog, ServiceError};
 use crate::listeners::{aidl_state, Listeners};
 use crate::reboot::Rebooter;
 use crate::restore;
@@ -54,10 +54,35 @@ pub struct Daemon {
     restore: RestoreConfig,
     /// Asked before the methods whose answer needs the boot control HAL.
     boot_hal: BootHalGate,
+    /// The rate limit of the log lines of refused calls.
+    refusals: RefusalLog,
+}
+
+/// Longest path argument (`restoreCheckpoint`, `restoreCheckpointPart`): 4095 bytes, what fits
+/// in Linux's PATH_MAX (4096) with its terminating NUL; no longer path can be opened.
+pub const MAX_PATH_BYTES: usize = policy::MAX_STORED_PATH_BYTES;
+
+/// Longest `abortChanges` reason: 4 KiB (it is stored in the history and passed to the reboot).
+pub const MAX_REASON_BYTES: usize = policy::MAX_STORED_TEXT_BYTES;
+
+/// The most history a `getHistory` reply carries, counted as parcel bytes (UTF-16 strings plus
+/// the fixed fields): the newest rows that fit. Kernel binder delivers a reply into the
+/// caller's 1 MiB transaction buffer, shared by all its calls in flight; 256 KiB leaves room.
+pub const MAX_HISTORY_REPLY_BYTES: usize = 256 * 1024;
+
+/// The parcel size of one history entry, near enough: the fixed fields, and each string as a
+/// length, UTF-16 code units and a terminator, padded to 4 bytes.
+fn parcel_size(event: &AidlHistoryEvent) -> usize {
+    let string = |s: &str| 4 + (s.encode_utf16().count() + 1) * 2 + 2;
+    64 + string(&event.device) + string(&event.outcome) + string(&event.message)
 }
 
 /// vold's `checkArgumentPath` (VoldNativeService.cpp), with its messages.
 pub fn check_argument_path(path: &str) -> Result<(), ServiceError> {
+    // First, and without echoing it: a 16 MiB path must not come back in the error message.
+    if path.len() > MAX_PATH_BYTES {
+        return Err(ServiceError::TooLong { what: "Path", len: path.len(), max: MAX_PATH_BYTES });
+    }
     if path.is_empty() {
         return Err(ServiceError::InvalidPath("Missing path".to_owned()));
     }
@@ -92,8 +117,8 @@ fn aidl_kind(kind: HistoryKind) -> HistoryEventKind {
         HistoryKind::RollbackAcknowledged => HistoryEventKind::ROLLBACK_ACKNOWLEDGED,
         HistoryKind::RollbackSlotSwitch => HistoryEventKind::ROLLBACK_SLOT_SWITCH,
         HistoryKind::Recovery => HistoryEventKind::RECOVERY,
-        // Frozen V1 has no name for it: OTHER, with `outcome` saying what happened.
-        HistoryKind::LowSpace => HistoryEventKind::OTHER,
+        // Frozen V1 has no name for these: OTHER, with `outcome` saying what happened.
+        HistoryKind::LowSpace | HistoryKind::Unrecognised => HistoryEventKind::OTHER,
     }
 }
 
@@ -117,8 +142,19 @@ pub fn aidl_history_event(event: &HistoryEvent) -> AidlHistoryEvent {
         attemptsLeft: event.budget_left.unwrap_or(-1),
         slot: event.slot.map_or(-1, to_i32),
         device: event.device.clone().unwrap_or_default(),
-        outcome: event.outcome.clone().unwrap_or_default(),
-        message: event.message.clone().unwrap_or_default(),
+        outcome: match &event.unrecognised {
+            // A row this daemon does not understand: said so, with what it could not read.
+            Some(_) => "unrecognised".to_owned(),
+            None => event.outcome.clone().unwrap_or_default(),
+        },
+        message: match &event.unrecognised {
+            Some(why) => format!(
+                "{why}; outcome {:?}, message {:?}",
+                event.outcome.as_deref().unwrap_or(""),
+                event.message.as_deref().unwrap_or("")
+            ),
+            None => event.message.clone().unwrap_or_default(),
+        },
         backupBytes: event.backup_used_bytes.map_or(-1, to_i64),
     }
 }
@@ -141,6 +177,7 @@ impl Daemon {
             rebooter,
             restore,
             boot_hal: BootHalGate::default(),
+            refusals: RefusalLog::default(),
         }
     }
 
@@ -228,6 +265,13 @@ impl Daemon {
 
     /// abortChanges: the reboot happens through the configured action.
     pub fn abort_changes(&self, reason: &str, retry: bool) -> Result<(), ServiceError> {
+        if reason.len() > MAX_REASON_BYTES {
+            return Err(ServiceError::TooLong {
+                what: "Reason",
+                len: reason.len(),
+                max: MAX_REASON_BYTES,
+            });
+        }
         self.boot_hal.ready_for("abortChanges")?;
         match self.checkpointer.abort_changes(reason, retry)? {
             AbortOutcome::Reboot { reason } => {
@@ -344,10 +388,18 @@ impl Daemon {
         self.listeners.add(listener);
     }
 
-    /// getHistory (`limit` <= 0: everything).
+    /// getHistory (`limit` <= 0: everything): the newest `limit` rows, as many of them as fit
+    /// in [`MAX_HISTORY_REPLY_BYTES`].
     pub fn history(&self, limit: i32) -> Result<Vec<AidlHistoryEvent>, ServiceError> {
         let limit = usize::try_from(limit).ok().filter(|l| *l > 0).unwrap_or(usize::MAX);
-        Ok(self.checkpointer.history(limit)?.iter().map(aidl_history_event).collect())
+        let mut budget = MAX_HISTORY_REPLY_BYTES;
+        let mut out = Vec::new();
+        for event in self.checkpointer.history(limit)?.iter().map(aidl_history_event) {
+            let Some(left) = budget.checked_sub(parcel_size(&event)) else { break };
+            budget = left;
+            out.push(event);
+        }
+        Ok(out)
     }
 }
 
@@ -377,7 +429,7 @@ impl CheckpointService {
         self.daemon
             .check_caller(access, method)
             .and_then(|()| inner(&self.daemon))
-            .map_err(|e| into_binder_status(method, e))
+            .map_err(|e| into_binder_status(method, e, &self.daemon.refusals))
     }
 }
 
@@ -487,5 +539,27 @@ mod tests {
         // Names that merely contain dots are fine.
         assert!(check_argument_path("/dev/..hidden/x").is_ok());
         assert!(check_argument_path("/dev/x..").is_ok());
+    }
+
+    #[test]
+    fn a_path_longer_than_path_max_is_refused_without_echo() {
+        let longest = format!("/{}", "p".repeat(MAX_PATH_BYTES - 1));
+        assert!(check_argument_path(&longest).is_ok());
+        // Too long and malformed: the length is reported, not the path.
+        let too_long = format!("{longest}\n");
+        match check_argument_path(&too_long) {
+            Err(e @ ServiceError::TooLong { what: "Path", len: 4096, max: 4095 }) => {
+                assert_eq!(e.to_string(), "Path is 4096 bytes long, more than the 4095 allowed");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_parcel_size_of_a_history_entry_counts_utf16() {
+        let mut event = aidl_history_event(&HistoryEvent::new(HistoryKind::Restore));
+        let empty = parcel_size(&event);
+        event.device = "/dev/é".to_owned(); // 6 UTF-16 units, 7 UTF-8 bytes
+        assert_eq!(parcel_size(&event), empty + 12);
     }
 }
