@@ -301,7 +301,7 @@ pub enum RollbackActionConfig {
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct BootControlConfig {
-    /// `none`, `file` or `hal`.
+    /// `none`, `file`, `hal`, `uboot-env` or `grubenv`.
     #[serde(rename = "type")]
     pub kind: BootControlKind,
     /// The record file of the `file` boot control (default: `<metadata_dir>/bootctl`).
@@ -313,6 +313,36 @@ pub struct BootControlConfig {
     pub hal_uri: Option<String>,
     /// `hal`: seconds to wait for the HAL to be registered (at start and on reconnect).
     pub wait_secs: u64,
+    /// `uboot-env`: the file or block device holding the environment (fw_env.config's first
+    /// column). Required.
+    pub env_path: Option<PathBuf>,
+    /// `uboot-env`: byte offset of the environment in `env_path`.
+    pub env_offset: u64,
+    /// `uboot-env`: bytes per copy, U-Boot's `CONFIG_ENV_SIZE`. Required.
+    pub env_size: Option<u64>,
+    /// `uboot-env`: the second copy of a redundant environment: its file or device (default
+    /// `env_path`). The environment is redundant when this or `env_redundant_offset` is set.
+    pub env_redundant_path: Option<PathBuf>,
+    /// `uboot-env`: byte offset of the second copy.
+    pub env_redundant_offset: Option<u64>,
+    /// `uboot-env`: the CRC is stored big endian (a big-endian target, `mkenvimage -b`).
+    pub env_crc_big_endian: bool,
+    /// `uboot-env`: the lock file shared with `fw_printenv` / `fw_setenv`.
+    pub env_lock_file: PathBuf,
+    /// `uboot-env`: the variable naming the slot U-Boot boots.
+    pub slot_var: String,
+    /// `uboot-env`, `grubenv`: the environment's names of slot 0, 1, … (default `a`, `b` for
+    /// `uboot-env`, `A`, `B` for `grubenv`).
+    pub slot_names: Option<Vec<String>>,
+    /// `uboot-env` (`bootlimit`), `grubenv` (`<slot>_LEFT`): boots a slot made active gets.
+    pub tries: u32,
+    /// `grubenv`: GRUB's environment block.
+    pub grubenv_path: PathBuf,
+    /// `uboot-env`, `grubenv`: the kernel command line parameter the boot script sets to the
+    /// slot it booted.
+    pub cmdline_param: String,
+    /// `uboot-env`, `grubenv`: the file that parameter is read from.
+    pub cmdline_file: PathBuf,
 }
 
 impl Default for BootControlConfig {
@@ -323,6 +353,19 @@ impl Default for BootControlConfig {
             slots: 2,
             hal_uri: None,
             wait_secs: 10,
+            env_path: None,
+            env_offset: 0,
+            env_size: None,
+            env_redundant_path: None,
+            env_redundant_offset: None,
+            env_crc_big_endian: false,
+            env_lock_file: PathBuf::from(policy::FW_ENV_LOCK_FILE),
+            slot_var: policy::UBootAbScheme::default().slot_var,
+            slot_names: None,
+            tries: 3,
+            grubenv_path: PathBuf::from("/boot/grub/grubenv"),
+            cmdline_param: "checkpointd.slot".to_string(),
+            cmdline_file: PathBuf::from(policy::PROC_CMDLINE),
         }
     }
 }
@@ -337,6 +380,124 @@ pub enum BootControlKind {
     File,
     /// Android's `android.hardware.boot.IBootControl` AIDL HAL (crate bootctl-hal).
     Hal,
+    /// U-Boot's environment and boot-count feature (`policy::UBootEnvBootControl`).
+    UbootEnv,
+    /// GRUB's `grubenv` block (`policy::GrubEnvBootControl`).
+    Grubenv,
+}
+
+/// Largest `boot_control.env_size` accepted (U-Boot environments are KiB, not MiB).
+const MAX_ENV_SIZE: u64 = 16 << 20;
+
+/// An A/B scheme setting the policy refuses, as the config key that holds it.
+fn scheme_error(error: &policy::BootControlError) -> ConfigError {
+    let key = match error {
+        policy::BootControlError::BadScheme { setting, .. } => match setting {
+            policy::SchemeSetting::SlotVariable => "boot_control.slot_var",
+            policy::SchemeSetting::SlotNames => "boot_control.slot_names",
+            policy::SchemeSetting::Tries => "boot_control.tries",
+        },
+        _ => "boot_control",
+    };
+    invalid(key, error.to_string())
+}
+
+impl BootControlConfig {
+    /// The `uboot-env` and `grubenv` keys; the others are checked in [`Config::validate`].
+    fn validate_boot_env(&self) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("boot_control.{k}");
+        match self.kind {
+            BootControlKind::UbootEnv => {
+                let layout = self.uboot_env_layout()?;
+                check_absolute(&key("env_path"), &layout.primary.path)?;
+                if let Some(second) = &layout.redundant {
+                    check_absolute(&key("env_redundant_path"), &second.path)?;
+                    let size = self.env_size.unwrap_or(0);
+                    let overlap = second.path == layout.primary.path
+                        && second.offset < layout.primary.offset.saturating_add(size)
+                        && layout.primary.offset < second.offset.saturating_add(size);
+                    if overlap {
+                        return Err(invalid(
+                            key("env_redundant_offset"),
+                            format!(
+                                "the copies overlap ({:#x} and {:#x}, {size:#x} bytes each)",
+                                layout.primary.offset, second.offset
+                            ),
+                        ));
+                    }
+                }
+                check_absolute(&key("env_lock_file"), &self.env_lock_file)?;
+                self.uboot_scheme().check().map_err(|e| scheme_error(&e))?;
+            }
+            BootControlKind::Grubenv => {
+                check_absolute(&key("grubenv_path"), &self.grubenv_path)?;
+                self.grub_scheme().check().map_err(|e| scheme_error(&e))?;
+            }
+            BootControlKind::None | BootControlKind::File | BootControlKind::Hal => return Ok(()),
+        }
+        if self.cmdline_param.is_empty() || self.cmdline_param.contains(['=', ' ']) {
+            return Err(invalid(key("cmdline_param"), "must be one word without '='"));
+        }
+        check_absolute(&key("cmdline_file"), &self.cmdline_file)
+    }
+
+    /// `uboot-env`: where the environment lives; `env_path` and `env_size` are required.
+    pub fn uboot_env_layout(&self) -> Result<policy::UBootEnvLayout, ConfigError> {
+        let path = self
+            .env_path
+            .clone()
+            .ok_or_else(|| invalid("boot_control.env_path", "required for type \"uboot-env\""))?;
+        let size = self.env_size.ok_or_else(|| {
+            invalid("boot_control.env_size", "required for type \"uboot-env\" (CONFIG_ENV_SIZE)")
+        })?;
+        let size = usize::try_from(size).ok().filter(|_| (16..=MAX_ENV_SIZE).contains(&size));
+        let size = size.ok_or_else(|| {
+            invalid(
+                "boot_control.env_size",
+                format!("must be 16 to {MAX_ENV_SIZE} bytes, got {:?}", self.env_size),
+            )
+        })?;
+        let redundant = (self.env_redundant_path.is_some() || self.env_redundant_offset.is_some())
+            .then(|| policy::EnvLocation {
+                path: self.env_redundant_path.clone().unwrap_or_else(|| path.clone()),
+                offset: self.env_redundant_offset.unwrap_or(0),
+            });
+        Ok(policy::UBootEnvLayout {
+            primary: policy::EnvLocation { path, offset: self.env_offset },
+            redundant,
+            size,
+            crc_byte_order: if self.env_crc_big_endian {
+                policy::CrcByteOrder::Big
+            } else {
+                policy::CrcByteOrder::Little
+            },
+        })
+    }
+
+    /// `uboot-env`: the A/B variable scheme.
+    pub fn uboot_scheme(&self) -> policy::UBootAbScheme {
+        let mut scheme = policy::UBootAbScheme {
+            slot_var: self.slot_var.clone(),
+            boot_limit: self.tries,
+            ..policy::UBootAbScheme::default()
+        };
+        match self.slot_names.as_deref() {
+            Some([a, b]) => scheme.slot_values = [a.clone(), b.clone()],
+            // Not two names: an empty pair, refused by check() with the values shown.
+            Some(_) => scheme.slot_values = [String::new(), String::new()],
+            None => {}
+        }
+        scheme
+    }
+
+    /// `grubenv`: the A/B variable scheme.
+    pub fn grub_scheme(&self) -> policy::GrubAbScheme {
+        let default = policy::GrubAbScheme::default();
+        policy::GrubAbScheme {
+            slot_names: self.slot_names.clone().unwrap_or(default.slot_names),
+            tries: self.tries,
+        }
+    }
 }
 
 /// `[access]`.
@@ -636,12 +797,13 @@ impl Config {
                 ));
             }
         }
+        self.boot_control.validate_boot_env()?;
         if self.policy.rollback_action == RollbackActionConfig::SwitchToPreviousSlot
             && self.boot_control.kind == BootControlKind::None
         {
             return Err(invalid(
                 "policy.rollback_action",
-                "switch-to-previous-slot needs a boot control (boot_control.type = \"file\")",
+                "switch-to-previous-slot needs a boot control (boot_control.type other than \"none\")",
             ));
         }
         if self.access.change_uids.is_empty() {
@@ -989,6 +1151,66 @@ mod tests {
             let err = validate_text(text).unwrap_err();
             assert!(err.contains(&format!("`{key}`")), "{text}: {err}");
             assert!(err.contains("unknown field"), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn uboot_env_and_grubenv_boot_controls_parse_into_the_policy_types() {
+        let config = validate_text(
+            "[boot_control]\ntype = \"uboot-env\"\nenv_path = \"/dev/mmcblk0\"\n\
+             env_offset = 0x3f8000\nenv_size = 0x4000\nenv_redundant_offset = 0x3fc000\n\
+             slot_var = \"mender_boot_part\"\nslot_names = [\"2\", \"3\"]\ntries = 5",
+        )
+        .expect("valid");
+        let layout = config.boot_control.uboot_env_layout().unwrap();
+        assert_eq!(layout.primary.offset, 0x3f8000);
+        let second = layout.redundant.expect("redundant");
+        assert_eq!((second.path.to_str(), second.offset), (Some("/dev/mmcblk0"), 0x3fc000));
+        assert_eq!(layout.size, 0x4000);
+        let scheme = config.boot_control.uboot_scheme();
+        assert_eq!(scheme.slot_var, "mender_boot_part");
+        assert_eq!(scheme.slot_values, ["2".to_string(), "3".to_string()]);
+        assert_eq!(scheme.boot_limit, 5);
+
+        let config =
+            validate_text("[boot_control]\ntype = \"grubenv\"\nslot_names = [\"A\", \"B\", \"C\"]")
+                .expect("valid");
+        assert_eq!(config.boot_control.grubenv_path, PathBuf::from("/boot/grub/grubenv"));
+        assert_eq!(config.boot_control.grub_scheme().slot_names.len(), 3);
+        assert_eq!(config.boot_control.cmdline_param, "checkpointd.slot");
+    }
+
+    #[test]
+    fn bad_uboot_env_and_grubenv_keys_are_named() {
+        let uboot = "[boot_control]\ntype = \"uboot-env\"\n";
+        let env = "env_path = \"/dev/mmcblk0\"\nenv_size = 0x2000\n";
+        for (text, key) in [
+            (format!("{uboot}env_size = 0x2000"), "boot_control.env_path"),
+            (format!("{uboot}env_path = \"/dev/mmcblk0\""), "boot_control.env_size"),
+            (format!("{uboot}env_path = \"dev\"\nenv_size = 8192"), "boot_control.env_path"),
+            (format!("{uboot}env_path = \"/e\"\nenv_size = 8"), "boot_control.env_size"),
+            (
+                format!("{uboot}{env}env_redundant_offset = 0x1000"),
+                "boot_control.env_redundant_offset",
+            ),
+            (format!("{uboot}{env}env_redundant_path = \"x\""), "boot_control.env_redundant_path"),
+            (format!("{uboot}{env}slot_names = [\"a\", \"b\", \"c\"]"), "boot_control.slot_names"),
+            (format!("{uboot}{env}slot_names = [\"a\", \"a\"]"), "boot_control.slot_names"),
+            (format!("{uboot}{env}slot_var = \"bootcount\""), "boot_control.slot_var"),
+            (format!("{uboot}{env}tries = 0"), "boot_control.tries"),
+            (format!("{uboot}{env}cmdline_param = \"a=b\""), "boot_control.cmdline_param"),
+            (
+                "[boot_control]\ntype = \"grubenv\"\ngrubenv_path = \"g\"".to_string(),
+                "boot_control.grubenv_path",
+            ),
+            ("[boot_control]\ntype = \"grubenv\"\ntries = 10".to_string(), "boot_control.tries"),
+            (
+                "[boot_control]\ntype = \"grubenv\"\nslot_names = [\"A-1\", \"B\"]".to_string(),
+                "boot_control.slot_names",
+            ),
+        ] {
+            let err = validate_text(&text).unwrap_err();
+            assert!(err.contains(&format!("`{key}`")), "{text}: {err}");
         }
     }
 

@@ -95,7 +95,38 @@ fn boot_control(config: &Config) -> Result<BootControlParts, StartError> {
             let boot = Box::new(LazyBootControl::new(Arc::clone(&hal)));
             Ok(BootControlParts { boot, hal: Some(hal) })
         }
+        BootControlKind::UbootEnv | BootControlKind::Grubenv => {
+            Ok(BootControlParts { boot: bootloader_env(&config.boot_control)?, hal: None })
+        }
     }
+}
+
+/// `uboot-env` / `grubenv`: the booted slot from the kernel command line, then the env.
+fn bootloader_env(
+    config: &crate::config::BootControlConfig,
+) -> Result<Box<dyn BootControl>, StartError> {
+    let at = |path: &std::path::Path| {
+        let path = path.display().to_string();
+        move |source| StartError::BootControl { path, source }
+    };
+    let booted = policy::kernel_cmdline_value(&config.cmdline_file, &config.cmdline_param)
+        .map_err(at(&config.cmdline_file))?;
+    if config.kind == BootControlKind::Grubenv {
+        let boot =
+            policy::GrubEnvBootControl::open(&config.grubenv_path, config.grub_scheme(), &booted)
+                .map_err(at(&config.grubenv_path))?;
+        return Ok(Box::new(boot));
+    }
+    let layout = config.uboot_env_layout()?;
+    let path = layout.primary.path.clone();
+    let boot = policy::UBootEnvBootControl::open(
+        layout,
+        Some(config.env_lock_file.clone()),
+        config.uboot_scheme(),
+        &booted,
+    )
+    .map_err(at(&path))?;
+    Ok(Box::new(boot))
 }
 
 /// One backend object per (backend, covered device), with its records in the metadata
