@@ -21,9 +21,9 @@ pub use bootctl::{
     decode_env, decode_grubenv, encode_env, encode_grubenv, kernel_cmdline_value, newer_copy,
     BootControl, BootControlError, BootRecord, CrcByteOrder, DecodedEnv, EnvFormatError,
     EnvLocation, EnvVars, FileBootControl, GrubAbScheme, GrubAbState, GrubEnvBootControl,
-    GrubSlotState, LoadedEnv, NoBootControl, SlotRecord, UBootAbScheme, UBootAbState,
-    UBootEnvBootControl, UBootEnvLayout, FW_ENV_LOCK_FILE, GRUBENV_SIGNATURE, GRUBENV_SIZE,
-    MAX_PRIORITY, MAX_SLOTS, MAX_TRIES, PROC_CMDLINE,
+    GrubSlotState, LoadedEnv, NoBootControl, SchemeSetting, SlotRecord, UBootAbScheme,
+    UBootAbState, UBootEnvBootControl, UBootEnvLayout, FW_ENV_LOCK_FILE, GRUBENV_SIGNATURE,
+    GRUBENV_SIZE, MAX_PRIORITY, MAX_SLOTS, MAX_TRIES, PROC_CMDLINE,
 };
 pub use checkpointer::{
     AbortOutcome, BackendInfo, Budget, Checkpointer, CommitOutcome, LowSpace, MarkOutcome,

@@ -164,12 +164,14 @@ impl GrubAbScheme {
         });
         if !count_ok || !names_ok {
             return Err(BootControlError::BadScheme {
+                setting: super::SchemeSetting::SlotNames,
                 what: "slot names (2 to 26 different words of letters, digits and _)",
                 value: format!("{:?}", self.slot_names),
             });
         }
         if !(1..=9).contains(&self.tries) {
             return Err(BootControlError::BadScheme {
+                setting: super::SchemeSetting::Tries,
                 what: "tries (1 to 9)",
                 value: self.tries.to_string(),
             });

@@ -122,7 +122,9 @@ pub enum BootControlError {
     /// An A/B scheme setting is unusable.
     #[error("invalid {what}: {value}")]
     BadScheme {
-        /// Which setting, and what it must be.
+        /// Which setting.
+        setting: SchemeSetting,
+        /// The setting and what it must be, in words.
         what: &'static str,
         /// The value given.
         value: String,
@@ -153,6 +155,17 @@ impl BootControlError {
             | BootControlError::BadVariable { .. } => ErrorKind::Corrupt,
         }
     }
+}
+
+/// A setting of a bootloader environment's A/B scheme ([`BootControlError::BadScheme`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SchemeSetting {
+    /// The variable naming the slot to boot (U-Boot).
+    SlotVariable,
+    /// The environment's names of the slots.
+    SlotNames,
+    /// Boots a slot made active gets.
+    Tries,
 }
 
 /// The slot operations the checkpoint policy needs (a subset of `IBootControl`).

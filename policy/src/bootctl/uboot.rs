@@ -324,6 +324,7 @@ impl UBootAbScheme {
                 .contains(&self.slot_var.as_str())
         {
             return Err(BootControlError::BadScheme {
+                setting: super::SchemeSetting::SlotVariable,
                 what: "slot variable (a name, not one of the boot-count variables)",
                 value: self.slot_var.clone(),
             });
@@ -332,12 +333,14 @@ impl UBootAbScheme {
             || self.slot_values[0] == self.slot_values[1]
         {
             return Err(BootControlError::BadScheme {
+                setting: super::SchemeSetting::SlotNames,
                 what: "slot values (two different words)",
                 value: format!("{:?}", self.slot_values),
             });
         }
         if self.boot_limit == 0 {
             return Err(BootControlError::BadScheme {
+                setting: super::SchemeSetting::Tries,
                 what: "boot limit (1 or more; 0 turns U-Boot's boot counting off)",
                 value: self.boot_limit.to_string(),
             });
