@@ -52,19 +52,19 @@ pub const METHODS: &[Method] = &[
     Method {
         name: "supportsCheckpoint",
         args: "",
-        exit: "1 yes / 0 no",
+        exit: "1 yes, 0 no",
         about: "whether any checkpoint backend is configured",
     },
     Method {
         name: "supportsBlockCheckpoint",
         args: "",
-        exit: "1 / 0",
+        exit: "1 yes, 0 no",
         about: "whether a block backend (dm-bow, snapshot) is configured",
     },
     Method {
         name: "supportsFileCheckpoint",
         args: "",
-        exit: "1 / 0",
+        exit: "1 yes, 0 no",
         about: "whether a file-system backend (f2fs) is configured",
     },
     Method {
@@ -76,13 +76,13 @@ pub const METHODS: &[Method] = &[
     Method {
         name: "needsCheckpoint",
         args: "",
-        exit: "1 / 0",
+        exit: "1 yes, 0 no",
         about: "whether this boot runs under a checkpoint (latched at the first call)",
     },
     Method {
         name: "needsRollback",
         args: "",
-        exit: "1 / 0",
+        exit: "1 yes, 0 no",
         about: "whether the budget is spent and /data must be rolled back",
     },
     Method {
@@ -134,12 +134,13 @@ pub fn help_text() -> String {
     let mut text = String::from(
         "Usage: checkpointctl [--socket PATH] [--timeout S] checkpoint [--wait] <method> [args]\n\n\
          vdc-compatible: the grammar and exit statuses of `vdc checkpoint`. Integers are read as\n\
-         libbase's ParseInt reads them (decimal, or hex after 0x).\n\nMethods:\n",
+         libbase's ParseInt reads them (decimal, or hex after 0x).\n\n  \
+         method and arguments                    exit status  what it does\n",
     );
     for m in METHODS {
         let call =
             if m.args.is_empty() { m.name.to_owned() } else { format!("{} {}", m.name, m.args) };
-        text.push_str(&format!("  {call:<40} exit {:<13} {}\n", m.exit, m.about));
+        text.push_str(&format!("  {call:<39} {:<12} {}\n", m.exit, m.about));
     }
     text.push_str(
         "\nOther exit statuses: 5 no method; 22 unknown method, wrong argument count, bad integer,\n\

@@ -1,6 +1,6 @@
 //! Listener events: an `ICheckpointListener` that forwards into a channel.
 
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::Duration;
 
 use checkpoint_aidl::android::system::checkpoint::{
@@ -27,12 +27,10 @@ pub struct Events {
 }
 
 impl Events {
-    /// The next event, waiting at most `timeout`; `None` when none came.
+    /// The next event, waiting at most `timeout`; `None` when none came (or at once when the
+    /// listener is gone).
     pub fn recv_timeout(&self, timeout: Duration) -> Option<Event> {
-        match self.rx.recv_timeout(timeout) {
-            Ok(event) => Some(event),
-            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
-        }
+        self.rx.recv_timeout(timeout).ok()
     }
 
     /// The next event, waiting as long as it takes; `None` when the listener is gone.

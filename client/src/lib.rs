@@ -332,7 +332,11 @@ impl CheckpointClient {
             match &events {
                 // Any event is a reason to look again; which one does not matter.
                 Some(events) => {
-                    let _ = events.recv_timeout(nap);
+                    let asleep = Instant::now();
+                    if events.recv_timeout(nap).is_none() {
+                        // A closed channel returns at once: keep the poll interval anyway.
+                        std::thread::sleep(nap.saturating_sub(asleep.elapsed()));
+                    }
                 }
                 None => std::thread::sleep(nap),
             }

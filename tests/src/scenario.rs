@@ -8,7 +8,9 @@
 //! boot); each boot is one VM run whose guest half is a step of [`guest_step`]. What each step
 //! checks is printed, so a failed chain shows where it broke. Per chain:
 //! 1. `install`: /data gets realistic app data; its manifest (every file's SHA-256) is kept on
-//!    the metadata disk; the update client calls `startCheckpoint(2)` and switches the slot.
+//!    the metadata disk; the update client (the example updater of the update-client library,
+//!    `client/examples/updater.rs`) asks for the checkpoint (`startCheckpoint(2)`) and the
+//!    slot is switched.
 //! 2. `failed-boot`, three times: the boot flow (restore or merge of the previous boot's
 //!    changes, the device stack, mount), the init hooks, the new system's workload, and a power
 //!    cut at a random point of it (a timer thread cuts while the workload runs). From the
@@ -23,7 +25,9 @@
 //!    the commit: then /data must be exactly the old or exactly the new data).
 //! 6. `after-commit`: the new data is kept; no COW file, no DM or loop device left; fsck clean.
 
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -326,6 +330,99 @@ fn data_equals(name: &str) -> Result<usize, Failed> {
     device::compare_manifests(&want, &device::manifest(Path::new(DATA_MOUNT))?)
 }
 
+/// The example updater, copied to tmpfs at each boot as the device's binaries are.
+const UPDATER: &str = "/dev/shm/updater";
+
+/// `updater [--socket …] args` in the guest: the example of the update-client library
+/// (client/examples/updater.rs), built by `cargo build -p checkpoint-client --examples` (the
+/// demo and `cargo xtask test` build it).
+fn updater_command(dev: &Device, args: &[&str]) -> Result<Command, Failed> {
+    if !Path::new(UPDATER).exists() {
+        let built = crate::paths::profile_dir().join("examples").join("updater");
+        if !built.is_file() {
+            return Err(format!(
+                "the example updater {} is not built: run `cargo build -p checkpoint-client \
+                 --examples`",
+                built.display()
+            )
+            .into());
+        }
+        std::fs::copy(built, UPDATER)?;
+    }
+    let mut cmd = Command::new(UPDATER);
+    if dev.profile.transport == Transport::Socket {
+        cmd.args(["--socket", device::SOCKET]);
+    }
+    cmd.args(args).stdin(Stdio::null());
+    Ok(cmd)
+}
+
+/// Runs the updater, prints what it said, fails unless it exits with `want`.
+fn updater_expect(dev: &Device, args: &[&str], want: i32) -> Result<String, Failed> {
+    let out = updater_command(dev, args)?.output()?;
+    let code = out.status.code().unwrap_or(-1);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!("  $ updater {}  -> exit {code}", args.join(" "));
+    for line in stdout.lines() {
+        println!("    {line}");
+    }
+    if code != want {
+        return Err(format!(
+            "updater {args:?}: exit {code}, expected {want}\n--- stderr ---\n{}\
+             --- checkpointd.log (tail) ---\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            crate::vm::tail(&device::daemon_log(), 30)
+        )
+        .into());
+    }
+    Ok(stdout)
+}
+
+/// A running `updater wait-commit` and the reader of the rest of its output.
+struct Waiter {
+    child: std::process::Child,
+    rest: std::thread::JoinHandle<String>,
+}
+
+/// Starts `updater wait-commit` and returns once it is waiting.
+fn wait_for_commit_in_background(dev: &Device) -> Result<Waiter, Failed> {
+    println!("  $ updater wait-commit --timeout 120 &");
+    let mut child = updater_command(dev, &["wait-commit", "--timeout", "120"])?
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("the updater's stdout")?;
+    let mut reader = std::io::BufReader::new(stdout);
+    let mut first = String::new();
+    reader.read_line(&mut first)?;
+    println!("    {}", first.trim_end());
+    if !first.contains("waiting for the checkpoint commit") {
+        let _ = child.kill();
+        return Err(format!("the updater did not start waiting: {first:?}").into());
+    }
+    // Its first status read follows the line at once; leave it time under TCG.
+    std::thread::sleep(Duration::from_secs(1));
+    let rest = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut reader, &mut text);
+        text
+    });
+    Ok(Waiter { child, rest })
+}
+
+/// Waits for the background updater; its output after the first line.
+fn finish_updater(mut waiter: Waiter) -> Result<String, Failed> {
+    let status = waiter.child.wait()?;
+    let out = waiter.rest.join().map_err(|_| "the updater's output reader panicked")?;
+    for line in out.lines() {
+        println!("    {line}");
+    }
+    println!("  (updater wait-commit -> exit {})", status.code().unwrap_or(-1));
+    if !status.success() {
+        return Err(format!("updater wait-commit failed ({status}): {out}").into());
+    }
+    Ok(out)
+}
+
 fn install(dev: Device, seed: u64) -> Result<(), Failed> {
     dev.boot_mount()?;
     dev.init_hooks()?;
@@ -333,7 +430,8 @@ fn install(dev: Device, seed: u64) -> Result<(), Failed> {
     let files = save_manifest("before-update.sha256")?;
     println!("  /data: {files} files of app data (mail.db, thumbnails, media, an APK)");
     dev.ctl_expect(&["checkpoint", "supportsCheckpoint"], 1)?;
-    dev.ctl_expect(&["checkpoint", "startCheckpoint", "2"], 0)?;
+    let out = updater_expect(&dev, &["install", "--retry", "2"], 0)?;
+    check(out.contains("3 boot attempts, state pending"), "the updater asked for 3 attempts")?;
     let status = dev.status()?;
     check(status["attempts_left"] == 3, "3 boot attempts after startCheckpoint(2)")?;
     println!("  the backend doing the work: {}", status["backends"]);
@@ -406,6 +504,9 @@ fn rollback(dev: Device) -> Result<(), Failed> {
     let files = data_equals("before-update.sha256")?;
     check(true, &format!("/data restored: all {files} files as before the update"))?;
     dev.ctl_expect(&["checkpoint", "needsRollback"], 1)?;
+    // The updater, started after the reboot, learns that its update failed (exit 3).
+    let out = updater_expect(&dev, &["boot"], 3)?;
+    check(out.contains("/data was rolled back"), "the updater sees the rollback")?;
     let history = dev.ctl_expect(&["history", "--limit", "1"], 0)?;
     println!("    {}", history.trim());
     dev.ctl_expect(&["checkpoint", "markBootAttempt"], 0)?;
@@ -435,7 +536,7 @@ fn old_slot(dev: Device) -> Result<(), Failed> {
     dev.ctl_expect(&["checkpoint", "commitChanges"], 0)?;
     check(!cow_file_exists(&dev), "no COW file left on /data")?;
     println!("  a second update:");
-    dev.ctl_expect(&["checkpoint", "startCheckpoint", "2"], 0)?;
+    updater_expect(&dev, &["install", "--retry", "2"], 0)?;
     dev.bootctl()?.set_active_boot_slot(1).map_err(|e| e.to_string())?;
     finish_with_fsck(dev)
 }
@@ -464,7 +565,12 @@ fn second_update(dev: Device, seed: u64, cut_commit: bool) -> Result<(), Failed>
         std::thread::sleep(Duration::from_secs(30));
         return Err("no power cut".into());
     }
+    // The updater waits for the commit before what it must not do earlier (a Virtual A/B
+    // merge); the boot's commit hook commits.
+    let waiter = wait_for_commit_in_background(&dev)?;
     dev.ctl_expect(&["checkpoint", "commitChanges"], 0)?;
+    let out = finish_updater(waiter)?;
+    check(out.contains("committed; the merge may start"), "the waiting updater saw the commit")?;
     dev.ctl_expect(&["checkpoint", "needsRollback"], 0)?;
     check(dev.status()?["state"] == "none", "no checkpoint after commitChanges")?;
     check(!cow_file_exists(&dev), "the COW file is gone")?;

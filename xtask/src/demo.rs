@@ -2,7 +2,8 @@
 //!
 //! A device with a metadata disk and a /data disk (ext4 or f2fs) holding app data (a SQLite
 //! database, hundreds of small files, a few large ones) boots under QEMU again and again: an
-//! update asks for a checkpoint (`startCheckpoint(2)`) and switches the slot; the new slot boots
+//! update asks for a checkpoint (the update-client library's example updater calls
+//! `startCheckpoint(2)`) and switches the slot; the new slot boots
 //! three times, changes /data and loses power each time (one boot also loses power in the middle
 //! of its restore); the rollback boot restores /data before it is mounted (every file's SHA-256
 //! back, fsck clean) and makes the old slot active; a second update commits, and nothing of the
@@ -92,8 +93,10 @@ fn banner(profile: &Profile, modules: &[PathBuf]) {
          `checkpointctl boot mount` as the boot flow and the vdc-compatible init hooks; the \
          state store and the boot record on a metadata disk; power cuts are resets of the \
          virtual machine with nothing synced.\n\
-         Played by the demo: the bootloader (slot choice on the file boot record) and the update \
-         client (startCheckpoint, the slot switch){modules}.",
+         The update client is the example updater of the update-client library \
+         (client/examples/updater.rs: startCheckpoint, the rollback seen at boot, waiting for the \
+         commit). Played by the demo: the bootloader (slot choice on the file boot record) and \
+         the slot switch{modules}.",
         fs = profile.fs.as_str(),
         backend = profile.backend,
         modules = if modules.is_empty() {
@@ -105,13 +108,26 @@ fn banner(profile: &Profile, modules: &[PathBuf]) {
 }
 
 fn build_binaries() -> Result<()> {
-    println!("demo: cargo build -p checkpointd -p checkpointctl");
+    // The example updater is the demo's update client.
+    let args = [
+        "build",
+        "--quiet",
+        "-p",
+        "checkpointd",
+        "-p",
+        "checkpointctl",
+        "-p",
+        "checkpoint-client",
+        "--bins",
+        "--examples",
+    ];
+    println!("demo: cargo {}", args.join(" "));
     let status = Command::new(crate::cargo())
-        .args(["build", "--quiet", "-p", "checkpointd", "-p", "checkpointctl"])
+        .args(args)
         .current_dir(testbench::paths::workspace_root())
         .status()
         .context("running cargo build")?;
-    ensure!(status.success(), "cargo build -p checkpointd -p checkpointctl failed");
+    ensure!(status.success(), "cargo build of the demo's binaries failed");
     Ok(())
 }
 

@@ -70,7 +70,10 @@ pub fn run(fuzz: bool) -> Result<ExitCode> {
             &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"],
         ))
     });
-    r.check("build", || status(cargo_cmd(&root, &["build", "--workspace", "--bins"])));
+    // Examples too: the scenarios' update client is client/examples/updater.rs.
+    r.check("build", || {
+        status(cargo_cmd(&root, &["build", "--workspace", "--bins", "--examples"]))
+    });
     // Counts the crash tests measure (libtest hides the output of passing tests).
     let counts_file = root.join("target").join("test-counts.txt");
     let _ = std::fs::remove_file(&counts_file);
