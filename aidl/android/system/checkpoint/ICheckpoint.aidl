@@ -59,12 +59,16 @@ interface ICheckpoint {
     void commitChanges();
     /**
      * Gives up on this boot's changes: without retry the budget is spent; then reboots with
-     * `reason`. Does nothing if this boot is not checkpointing.
+     * `reason`. Does nothing if this boot is not checkpointing. `reason` is at most 4096 bytes
+     * (EX_ILLEGAL_ARGUMENT otherwise; docs/limits.md).
      */
     void abortChanges(@utf8InCpp String reason, boolean retry);
     /** Arms the backends for this boot (vold: trim, then dm-bow state 1). */
     void prepareCheckpoint();
-    /** Restores an uncommitted block checkpoint on the raw device `device`. */
+    /**
+     * Restores an uncommitted block checkpoint on the raw device `device`: at most 4095 bytes
+     * (PATH_MAX with its NUL; EX_ILLEGAL_ARGUMENT otherwise, as for a malformed path).
+     */
     void restoreCheckpoint(@utf8InCpp String device);
     /** As restoreCheckpoint, but stops after `count` sectors with EAGAIN (0 = no limit). */
     void restoreCheckpointPart(@utf8InCpp String device, int count);
@@ -80,6 +84,9 @@ interface ICheckpoint {
     CheckpointStatus getStatus();
     /** Registers a listener for state changes, restore progress and low space. */
     void registerListener(ICheckpointListener listener);
-    /** The newest `limit` history entries, newest first (limit <= 0: all). */
+    /**
+     * The newest `limit` history entries, newest first (limit <= 0: all), as many of them as
+     * fit in a 256 KiB reply (docs/limits.md).
+     */
     HistoryEvent[] getHistory(int limit);
 }
