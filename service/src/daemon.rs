@@ -275,15 +275,28 @@ fn spawn_commit_signal(daemon: &Daemon) -> Result<(), StartError> {
     Ok(())
 }
 
-async fn wait_for_termination() -> Result<(), StartError> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => log::info!("SIGTERM: stopping"),
-        _ = int.recv() => log::info!("SIGINT: stopping"),
+/// SIGTERM and SIGINT, caught from the moment this exists: made before the service is
+/// registered, so a stop right after READY=1 is a clean stop, not death by signal.
+struct Termination {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Termination {
+    fn catch() -> Result<Self, StartError> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Termination {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
     }
-    Ok(())
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => log::info!("SIGTERM: stopping"),
+            _ = self.int.recv() => log::info!("SIGINT: stopping"),
+        }
+    }
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -292,6 +305,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
+        let termination = Termination::catch()?;
         let events = daemon.checkpointer().subscribe();
         let listeners = daemon.listeners();
         tokio::task::spawn_blocking(move || listeners.forward_all(events));
@@ -318,9 +332,9 @@ pub fn run(config: Config) -> Result<(), StartError> {
         }
         log::info!("checkpointd ready");
         notify::sd_notify_logged("READY=1\nSTATUS=serving");
-        let result = wait_for_termination().await;
+        termination.wait().await;
         notify::sd_notify_logged("STOPPING=1");
-        result
+        Ok::<(), StartError>(())
     })?;
     // Dropping the runtime does not wait for the blocking forwarder (it ends with the process).
     runtime.shutdown_timeout(Duration::from_millis(100));

@@ -104,6 +104,16 @@ struct Daemon {
     notify: UnixDatagram,
 }
 
+impl Daemon {
+    /// The next datagram on the notify socket, if one comes within a second.
+    fn next_notification(&self) -> Option<String> {
+        self.notify.set_read_timeout(Some(Duration::from_secs(1))).expect("timeout");
+        let mut buf = [0u8; 256];
+        let n = self.notify.recv(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -123,7 +133,7 @@ fn timed<T>(call: impl FnOnce() -> T) -> (T, Duration) {
 #[test]
 fn serves_before_the_boot_hal_and_waits_for_it_only_where_the_answer_needs_it() {
     let setup = Setup::new("");
-    let (_daemon, ready_after) = setup.start();
+    let (daemon, ready_after) = setup.start();
     assert!(ready_after < Duration::from_secs(10), "READY=1 took {ready_after:?}");
     // READY=1 came after registration: the very first connection succeeds.
     let service = setup.client();
@@ -170,13 +180,15 @@ fn serves_before_the_boot_hal_and_waits_for_it_only_where_the_answer_needs_it() 
     assert!(!fake.state().slots[1].successful);
     service.commitChanges().expect("commitChanges");
     assert!(fake.state().slots[1].successful, "the commit marked the slot through the HAL");
+    // The commit signal on Linux: a status line to systemd.
+    assert_eq!(daemon.next_notification().as_deref(), Some("STATUS=checkpoint committed"));
     assert!(setup.log().contains("boot control HAL"), "{}", setup.log());
 }
 
 #[test]
 fn a_rollback_slot_switch_waits_for_the_hal_then_switches() {
     let setup = Setup::new("[policy]\nrollback_action = \"switch-to-previous-slot\"\n");
-    let (_daemon, _) = setup.start();
+    let (daemon, _) = setup.start();
     let service = setup.client();
 
     // With switch-to-previous-slot, markBootAttempt may have to switch slots: it needs the HAL
@@ -212,6 +224,10 @@ fn a_rollback_slot_switch_waits_for_the_hal_then_switches() {
         "{history:?}"
     );
     assert_eq!(attempts(&service), 2);
+
+    // A commit on a boot that is not checkpointing commits nothing and gives no signal.
+    service.commitChanges().expect("commitChanges: nothing to commit");
+    assert_eq!(daemon.next_notification(), None);
 }
 
 /// The HAL's lookup must not keep the daemon from stopping, and a stop says `STOPPING=1`.
