@@ -296,6 +296,33 @@ fn uboot_env_image_from_our_encoder_reads_with_the_tool_and_vice_versa() {
     assert_eq!(decoded.flags, None);
 }
 
+#[test]
+fn uboot_our_images_equal_mkenvimage_with_zero_padding() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("env.txt");
+    // mkenvimage keeps its input's order; U-Boot and libubootenv save sorted: sorted input.
+    let mut env = default_env();
+    env.sort();
+    fs::write(&input, env.iter().map(|(k, v)| format!("{k}={v}\n")).collect::<String>()).unwrap();
+    let vars = vars_of(&env);
+    for (args, flags, order) in [
+        (vec![], None, CrcByteOrder::Little),
+        (vec!["-r"], Some(1), CrcByteOrder::Little),
+        (vec!["-b"], None, CrcByteOrder::Big),
+    ] {
+        let out = dir.path().join("image.bin");
+        let size = format!("{ENV_SIZE:#x}");
+        let mut all = args.clone();
+        all.extend(["-p", "0", "-s", &size, "-o", out.to_str().unwrap(), input.to_str().unwrap()]);
+        run("mkenvimage", &all).unwrap();
+        assert_eq!(
+            fs::read(&out).unwrap(),
+            encode_env(&vars, ENV_SIZE, flags, order).unwrap(),
+            "mkenvimage {args:?}"
+        );
+    }
+}
+
 /// Which copy changed between two snapshots; panics unless exactly one did.
 fn changed_copy(before: &[Vec<u8>], after: &[Vec<u8>]) -> usize {
     let changed: Vec<usize> = (0..before.len()).filter(|i| before[*i] != after[*i]).collect();

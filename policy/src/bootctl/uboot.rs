@@ -603,3 +603,211 @@ impl BootControl for UBootEnvBootControl {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> EnvVars {
+        pairs.iter().copied().collect()
+    }
+
+    // `printf 'a=1\nb=2\n' | mkenvimage -p 0 -s 32 [-r | -b]` (u-boot-tools 2023.01).
+    const GOLDEN_SINGLE: [u8; 32] = [
+        0x4c, 0x23, 0x45, 0xa1, b'a', b'=', b'1', 0, b'b', b'=', b'2', 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    const GOLDEN_REDUNDANT: [u8; 32] = [
+        0x87, 0x42, 0xda, 0x9b, 1, b'a', b'=', b'1', 0, b'b', b'=', b'2', 0, 0, 0, 0, 0, 0, 0, 0,
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+
+    #[test]
+    fn images_match_mkenvimage_byte_for_byte() {
+        let ab = vars(&[("b", "2"), ("a", "1")]);
+        assert_eq!(encode_env(&ab, 32, None, CrcByteOrder::Little).unwrap(), GOLDEN_SINGLE);
+        assert_eq!(encode_env(&ab, 32, Some(1), CrcByteOrder::Little).unwrap(), GOLDEN_REDUNDANT);
+        let mut big = GOLDEN_SINGLE;
+        big[..4].reverse();
+        assert_eq!(encode_env(&ab, 32, None, CrcByteOrder::Big).unwrap(), big);
+        let decoded = decode_env(&GOLDEN_REDUNDANT, true, CrcByteOrder::Little).unwrap();
+        assert_eq!(decoded, DecodedEnv { vars: ab, flags: Some(1) });
+    }
+
+    #[test]
+    fn damaged_images_are_refused() {
+        let mut bad = GOLDEN_SINGLE;
+        bad[9] ^= 1;
+        assert!(matches!(
+            decode_env(&bad, false, CrcByteOrder::Little),
+            Err(EnvFormatError::BadCrc { stored: 0xa145_234c, .. })
+        ));
+        assert!(matches!(
+            decode_env(&GOLDEN_SINGLE, false, CrcByteOrder::Big),
+            Err(EnvFormatError::BadCrc { .. })
+        ));
+        // The flags byte is outside the CRC: reading a redundant copy as single fails.
+        assert!(decode_env(&GOLDEN_REDUNDANT, false, CrcByteOrder::Little).is_err());
+        assert!(matches!(
+            decode_env(&[0; 4], false, CrcByteOrder::Little),
+            Err(EnvFormatError::TooSmall { len: 4, min: 5 })
+        ));
+        // A data area with no empty entry: valid CRC, refused.
+        let mut full = vec![0u8; 4];
+        full.extend_from_slice(b"a=1\0b=22");
+        let crc = crc32fast::hash(&full[4..]).to_le_bytes();
+        full[..4].copy_from_slice(&crc);
+        assert_eq!(
+            decode_env(&full, false, CrcByteOrder::Little),
+            Err(EnvFormatError::Unterminated)
+        );
+    }
+
+    #[test]
+    fn encoding_refuses_what_does_not_fit_or_cannot_be_stored() {
+        let ab = vars(&[("a", "1"), ("b", "2")]);
+        // "a=1\0b=2\0" and the final NUL: 9 bytes fit a 13-byte single env, not a 12-byte one.
+        assert!(encode_env(&ab, 13, None, CrcByteOrder::Little).is_ok());
+        assert_eq!(
+            encode_env(&ab, 12, None, CrcByteOrder::Little),
+            Err(EnvFormatError::Full { needed: 9, capacity: 8 })
+        );
+        assert!(matches!(
+            encode_env(&vars(&[("a=b", "1")]), 64, None, CrcByteOrder::Little),
+            Err(EnvFormatError::BadName { .. })
+        ));
+        let mut nul = EnvVars::new();
+        nul.set_bytes(b"a", b"x\0y");
+        assert!(matches!(
+            encode_env(&nul, 64, None, CrcByteOrder::Little),
+            Err(EnvFormatError::BadValue { .. })
+        ));
+    }
+
+    #[test]
+    fn the_newer_copy_is_the_larger_counter_with_wraparound() {
+        assert_eq!(newer_copy(1, 2), 1);
+        assert_eq!(newer_copy(2, 1), 0);
+        assert_eq!(newer_copy(5, 5), 0);
+        assert_eq!(newer_copy(255, 0), 1);
+        assert_eq!(newer_copy(0, 255), 0);
+        assert_eq!(newer_copy(254, 255), 1);
+    }
+
+    fn scheme() -> UBootAbScheme {
+        UBootAbScheme::default()
+    }
+
+    #[test]
+    fn state_reads_the_boot_count_variables_as_u_boot_does() {
+        let p = Path::new("env");
+        let s = scheme().state(&vars(&[("boot_slot", "b")]), p).unwrap();
+        assert_eq!(
+            s,
+            UBootAbState { active: 1, upgrade_available: false, bootcount: 0, bootlimit: 0 }
+        );
+        assert!(s.is_successful(1) && !s.is_successful(0));
+        let trial = vars(&[
+            ("boot_slot", "a"),
+            ("upgrade_available", "1"),
+            ("bootcount", "2"),
+            ("bootlimit", "3"),
+        ]);
+        let s = scheme().state(&trial, p).unwrap();
+        assert!(!s.is_successful(0) && s.is_successful(1));
+        assert_eq!(s.tries_left(), 1);
+        for bad in [
+            vec![],
+            vec![("boot_slot", "c")],
+            vec![("boot_slot", "a"), ("bootcount", "x")],
+            vec![("boot_slot", "a"), ("upgrade_available", "-1")],
+        ] {
+            let err = scheme().state(&vars(&bad), p).unwrap_err();
+            assert!(matches!(err, BootControlError::BadVariable { .. }), "{bad:?}: {err:?}");
+            assert_eq!(err.kind(), crate::ErrorKind::Corrupt);
+        }
+    }
+
+    #[test]
+    fn power_on_counts_trial_boots_and_falls_back_after_the_limit() {
+        let p = Path::new("env");
+        let mut env = vars(&[
+            ("boot_slot", "b"),
+            ("upgrade_available", "1"),
+            ("bootcount", "0"),
+            ("bootlimit", "2"),
+        ]);
+        assert_eq!(scheme().power_on(&mut env, p).unwrap(), 1);
+        assert_eq!(scheme().power_on(&mut env, p).unwrap(), 1);
+        assert_eq!(env.get("bootcount"), Some("2"));
+        assert_eq!(scheme().power_on(&mut env, p).unwrap(), 0);
+        assert_eq!(
+            env,
+            vars(&[
+                ("boot_slot", "a"),
+                ("upgrade_available", "0"),
+                ("bootcount", "0"),
+                ("bootlimit", "2")
+            ])
+        );
+        // No trial: nothing counted, nothing changed.
+        let before = env.clone();
+        assert_eq!(scheme().power_on(&mut env, p).unwrap(), 0);
+        assert_eq!(env, before);
+    }
+
+    #[test]
+    fn schemes_are_checked() {
+        assert!(scheme().check().is_ok());
+        let mender = UBootAbScheme {
+            slot_var: "mender_boot_part".into(),
+            slot_values: ["2".into(), "3".into()],
+            boot_limit: 1,
+        };
+        assert!(mender.check().is_ok());
+        assert_eq!(mender.slot_of("3"), Some(1));
+        for bad in [
+            UBootAbScheme { slot_var: "".into(), ..scheme() },
+            UBootAbScheme { slot_var: "bootcount".into(), ..scheme() },
+            UBootAbScheme { slot_var: "a b".into(), ..scheme() },
+            UBootAbScheme { slot_values: ["a".into(), "a".into()], ..scheme() },
+            UBootAbScheme { slot_values: ["a".into(), "".into()], ..scheme() },
+            UBootAbScheme { boot_limit: 0, ..scheme() },
+        ] {
+            let err = bad.check().unwrap_err();
+            assert_eq!(err.kind(), crate::ErrorKind::InvalidArgument, "{bad:?}");
+        }
+    }
+
+    fn arb_vars() -> impl Strategy<Value = EnvVars> {
+        proptest::collection::btree_map("[a-zA-Z_.][a-zA-Z0-9_.]{0,12}", "[ -~\n]{0,24}", 0..12)
+            .prop_map(|m| m.into_iter().collect())
+    }
+
+    proptest! {
+        #[test]
+        fn images_round_trip(vars in arb_vars(), flags in proptest::option::of(any::<u8>()), big in any::<bool>()) {
+            let order = if big { CrcByteOrder::Big } else { CrcByteOrder::Little };
+            let image = encode_env(&vars, 1024, flags, order).unwrap();
+            prop_assert_eq!(image.len(), 1024);
+            let decoded = decode_env(&image, flags.is_some(), order).unwrap();
+            prop_assert_eq!(decoded, DecodedEnv { vars, flags });
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic_and_decode_only_with_a_matching_crc(
+            bytes in proptest::collection::vec(any::<u8>(), 0..96),
+            redundant in any::<bool>(),
+        ) {
+            if let Ok(decoded) = decode_env(&bytes, redundant, CrcByteOrder::Little) {
+                let header = 4 + usize::from(redundant);
+                prop_assert_eq!(
+                    u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]),
+                    crc32fast::hash(&bytes[header..])
+                );
+                prop_assert_eq!(decoded.flags.is_some(), redundant);
+            }
+        }
+    }
+}
