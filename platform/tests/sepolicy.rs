@@ -387,6 +387,11 @@ fn who_reaches_the_state(f: &Facts, fail: &mut Failures) {
         &["create", "open", "read", "write", "lock", "rename", "unlink", "getattr"],
     );
     fail.equal(
+        "reads checkpointd_prop",
+        f.who("checkpointd_prop", "file", Some("read")),
+        set(&[d, "vold"]),
+    );
+    fail.equal(
         "sets checkpointd_prop",
         f.who("checkpointd_prop", "property_service", Some("set")),
         set(&[d, "init"]),
