@@ -572,7 +572,7 @@ fn what_checkpointctl_has(f: &Facts, fail: &mut Failures) {
     fail.has(
         "shell on checkpointctl_exec",
         f.perms("shell", "checkpointctl_exec", "file"),
-        &["execute"],
+        &["execute", "execute_no_trans"],
     );
     fail.equal(
         "checkpointctl calls",
