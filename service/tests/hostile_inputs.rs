@@ -243,18 +243,18 @@ fn oversized_arguments_are_refused_before_anything_is_stored() {
     let message = err.message().unwrap_or_default().to_owned();
     assert!(message.len() < 200, "the refusal must not echo the path ({} bytes)", message.len());
     assert!(message.contains("4095"), "{message}");
-    let err = service.restoreCheckpointPart(&huge, 1).err().expect("refused");
+    let err = service.restoreCheckpointPart(&huge, 1).expect_err("refused");
     assert_eq!(err.exception_code(), ExceptionCode::IllegalArgument, "{}", short(&err));
     // PATH_MAX counts the NUL: 4096 bytes is one too many; 4095 passes the check (and then
     // fails as a restore of a device that does not exist, recorded in the history).
     let too_long = format!("/{}", "p".repeat(4095));
-    let err = service.restoreCheckpoint(&too_long).err().expect("4096 bytes");
+    let err = service.restoreCheckpoint(&too_long).expect_err("4096 bytes");
     assert_eq!(err.exception_code(), ExceptionCode::IllegalArgument, "{}", short(&err));
     let longest = format!("/{}", "p".repeat(4094));
-    let err = service.restoreCheckpoint(&longest).err().expect("no such device");
+    let err = service.restoreCheckpoint(&longest).expect_err("no such device");
     assert_ne!(err.exception_code(), ExceptionCode::IllegalArgument, "{}", short(&err));
 
-    let err = service.abortChanges(&"r".repeat(4097), false).err().expect("a 4097-byte reason");
+    let err = service.abortChanges(&"r".repeat(4097), false).expect_err("a 4097-byte reason");
     assert_eq!(err.exception_code(), ExceptionCode::IllegalArgument, "{}", short(&err));
 
     // Everyone can still read the state, root and UID 65534 alike.
@@ -533,6 +533,7 @@ fn refused_calls_from_an_unprivileged_uid_do_not_flood_the_log() {
     let setup = Setup::new(TEST_BACKEND);
     let daemon = setup.boot();
     let calls = 2000;
+    let started = Instant::now();
     let out = Command::new(std::env::current_exe().expect("test binary"))
         .args(["--exact", "refused_caller", "--ignored", "--nocapture", "--test-threads=1"])
         .env(CALLER_ENV, setup.socket())
@@ -549,7 +550,12 @@ fn refused_calls_from_an_unprivileged_uid_do_not_flood_the_log() {
     daemon.stop();
     let log = setup.log_text();
     let lines = log.lines().filter(|l| l.contains("UID 65534")).count();
-    assert!(lines <= 25, "{lines} log lines for {calls} refused calls:\n{log}");
+    eprintln!("{calls} refused calls from UID {NOBODY}: {lines} log lines");
+    // 20 lines per 10 s window (docs/limits.md), the windows this run spanned, plus the
+    // summary lines; the code before logged one line per call.
+    let windows = usize::try_from(started.elapsed().as_secs() / 10 + 1).expect("windows");
+    let allowed = windows * 21;
+    assert!(lines <= allowed, "{lines} log lines for {calls} refused calls (allowed {allowed})");
     assert!(lines >= 1, "the first refusals are logged:\n{log}");
 }
 
