@@ -113,7 +113,7 @@ impl LazyHal {
             let done = !matches!(next, Lookup::Waiting(_));
             match &next {
                 Lookup::Found(_) => log::info!(
-                    "boot control HAL {} found {:?} after start",
+                    "boot control HAL {} found, {:?} after the lookup started",
                     self.uri,
                     started.elapsed()
                 ),
