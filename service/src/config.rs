@@ -36,6 +36,8 @@ pub struct Config {
     pub binder: BinderConfig,
     /// RPC-over-Unix-socket transport.
     pub socket: SocketConfig,
+    /// Registered listeners.
+    pub listeners: ListenersConfig,
     /// What abortChanges (and a rollback slot switch) does to reboot.
     pub reboot: RebootConfig,
     /// How restoreCheckpoint uses memory and I/O.
@@ -56,6 +58,7 @@ impl Default for Config {
             access: AccessConfig::default(),
             binder: BinderConfig::default(),
             socket: SocketConfig::default(),
+            listeners: ListenersConfig::default(),
             reboot: RebootConfig::default(),
             restore: RestoreConfig::default(),
             monitor: MonitorConfig::default(),
@@ -538,8 +541,10 @@ impl Default for BinderConfig {
     }
 }
 
-/// `[socket]`.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+/// `[socket]`. The session limits keep an unprivileged local user from locking state-changing
+/// callers out (docs/limits.md, "Hostile clients: sessions and listeners"); a session here is
+/// one connection (a client with callbacks, such as `checkpointctl watch`, holds two).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SocketConfig {
     /// Serve binder RPC on this Unix socket (absent: no socket).
@@ -547,6 +552,52 @@ pub struct SocketConfig {
     /// Permission bits of the socket file (default 0o666: callers are checked per call by
     /// their peer credentials).
     pub mode: Option<u32>,
+    /// Connections served at once, all UIDs together (each costs one fd, and up to two
+    /// threads: rsbinder's worker and reaper).
+    pub max_sessions: usize,
+    /// Connections one UID outside `access.change_uids` may hold at once.
+    pub max_sessions_per_uid: usize,
+    /// Of `max_sessions`, how many only `access.change_uids` may use.
+    pub reserved_sessions: usize,
+    /// A connection must finish the RPC handshake within this (ms).
+    pub handshake_timeout_ms: u64,
+    /// A connection that has made no call this long after its handshake is closed (ms).
+    pub first_call_timeout_ms: u64,
+    /// A send to a peer that does not read (a reply, a listener event) fails after this (ms).
+    pub write_timeout_ms: u64,
+}
+
+impl Default for SocketConfig {
+    fn default() -> Self {
+        SocketConfig {
+            path: None,
+            mode: None,
+            max_sessions: 256,
+            max_sessions_per_uid: 32,
+            reserved_sessions: 32,
+            handshake_timeout_ms: 5_000,
+            first_call_timeout_ms: 10_000,
+            write_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// `[listeners]`: registered ICheckpointListener callbacks.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenersConfig {
+    /// Listeners registered at once, all UIDs together.
+    pub max: usize,
+    /// Listeners one UID may register.
+    pub max_per_uid: usize,
+    /// Events queued for one listener; a listener that falls further behind is dropped.
+    pub queue: usize,
+}
+
+impl Default for ListenersConfig {
+    fn default() -> Self {
+        ListenersConfig { max: 256, max_per_uid: 16, queue: 64 }
+    }
 }
 
 /// `[reboot]`.
@@ -827,6 +878,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_socket_limits()?;
         if !self.binder.enabled && self.socket.path.is_none() {
             return Err(invalid(
                 "binder.enabled",
@@ -887,6 +939,42 @@ impl Config {
             ));
         }
         Ok(first)
+    }
+
+    fn validate_socket_limits(&self) -> Result<(), ConfigError> {
+        let socket = &self.socket;
+        if socket.max_sessions == 0 {
+            return Err(invalid("socket.max_sessions", "must be at least 1"));
+        }
+        if socket.reserved_sessions >= socket.max_sessions {
+            return Err(invalid(
+                "socket.reserved_sessions",
+                format!("must be less than socket.max_sessions ({})", socket.max_sessions),
+            ));
+        }
+        if socket.max_sessions_per_uid == 0 {
+            return Err(invalid("socket.max_sessions_per_uid", "must be at least 1"));
+        }
+        for (key, ms) in [
+            ("socket.handshake_timeout_ms", socket.handshake_timeout_ms),
+            ("socket.first_call_timeout_ms", socket.first_call_timeout_ms),
+            ("socket.write_timeout_ms", socket.write_timeout_ms),
+        ] {
+            if ms == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        let listeners = &self.listeners;
+        for (key, n) in [
+            ("listeners.max", listeners.max),
+            ("listeners.max_per_uid", listeners.max_per_uid),
+            ("listeners.queue", listeners.queue),
+        ] {
+            if n == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        Ok(())
     }
 
     fn validate_monitor(&self) -> Result<(), ConfigError> {
@@ -1045,6 +1133,15 @@ mod tests {
             (format!("metadata_dir = \"/{}\"", "m".repeat(3072)).as_str(), "metadata_dir"),
             ("metadata_dir = \"/metadata/a\\u0000b\"", "metadata_dir"),
             ("[socket]\nmode = 4095", "socket.mode"),
+            ("[socket]\nmax_sessions = 0", "socket.max_sessions"),
+            ("[socket]\nmax_sessions = 8\nreserved_sessions = 8", "socket.reserved_sessions"),
+            ("[socket]\nmax_sessions_per_uid = 0", "socket.max_sessions_per_uid"),
+            ("[socket]\nhandshake_timeout_ms = 0", "socket.handshake_timeout_ms"),
+            ("[socket]\nfirst_call_timeout_ms = 0", "socket.first_call_timeout_ms"),
+            ("[socket]\nwrite_timeout_ms = 0", "socket.write_timeout_ms"),
+            ("[listeners]\nmax = 0", "listeners.max"),
+            ("[listeners]\nmax_per_uid = 0", "listeners.max_per_uid"),
+            ("[listeners]\nqueue = 0", "listeners.queue"),
             ("[binder]\nenabled = false", "binder.enabled"),
             ("[reboot]\naction = \"command\"", "reboot.command"),
             ("[restore]\nqueue_depth = 0", "restore.queue_depth"),
@@ -1060,6 +1157,66 @@ mod tests {
             ),
         ] {
             let err = validate_text(text).unwrap_err();
+            assert!(err.contains(&format!("`{key}`")), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn uboot_env_and_grubenv_boot_controls_parse_into_the_policy_types() {
+        let config = validate_text(
+            "[boot_control]\ntype = \"uboot-env\"\nenv_path = \"/dev/mmcblk0\"\n\
+             env_offset = 0x3f8000\nenv_size = 0x4000\nenv_redundant_offset = 0x3fc000\n\
+             slot_var = \"mender_boot_part\"\nslot_names = [\"2\", \"3\"]\ntries = 5",
+        )
+        .expect("valid");
+        let layout = config.boot_control.uboot_env_layout().unwrap();
+        assert_eq!(layout.primary.offset, 0x3f8000);
+        let second = layout.redundant.expect("redundant");
+        assert_eq!((second.path.to_str(), second.offset), (Some("/dev/mmcblk0"), 0x3fc000));
+        assert_eq!(layout.size, 0x4000);
+        let scheme = config.boot_control.uboot_scheme();
+        assert_eq!(scheme.slot_var, "mender_boot_part");
+        assert_eq!(scheme.slot_values, ["2".to_string(), "3".to_string()]);
+        assert_eq!(scheme.boot_limit, 5);
+
+        let config =
+            validate_text("[boot_control]\ntype = \"grubenv\"\nslot_names = [\"A\", \"B\", \"C\"]")
+                .expect("valid");
+        assert_eq!(config.boot_control.grubenv_path, PathBuf::from("/boot/grub/grubenv"));
+        assert_eq!(config.boot_control.grub_scheme().slot_names.len(), 3);
+        assert_eq!(config.boot_control.cmdline_param, "checkpointd.slot");
+    }
+
+    #[test]
+    fn bad_uboot_env_and_grubenv_keys_are_named() {
+        let uboot = "[boot_control]\ntype = \"uboot-env\"\n";
+        let env = "env_path = \"/dev/mmcblk0\"\nenv_size = 0x2000\n";
+        for (text, key) in [
+            (format!("{uboot}env_size = 0x2000"), "boot_control.env_path"),
+            (format!("{uboot}env_path = \"/dev/mmcblk0\""), "boot_control.env_size"),
+            (format!("{uboot}env_path = \"dev\"\nenv_size = 8192"), "boot_control.env_path"),
+            (format!("{uboot}env_path = \"/e\"\nenv_size = 8"), "boot_control.env_size"),
+            (
+                format!("{uboot}{env}env_redundant_offset = 0x1000"),
+                "boot_control.env_redundant_offset",
+            ),
+            (format!("{uboot}{env}env_redundant_path = \"x\""), "boot_control.env_redundant_path"),
+            (format!("{uboot}{env}slot_names = [\"a\", \"b\", \"c\"]"), "boot_control.slot_names"),
+            (format!("{uboot}{env}slot_names = [\"a\", \"a\"]"), "boot_control.slot_names"),
+            (format!("{uboot}{env}slot_var = \"bootcount\""), "boot_control.slot_var"),
+            (format!("{uboot}{env}tries = 0"), "boot_control.tries"),
+            (format!("{uboot}{env}cmdline_param = \"a=b\""), "boot_control.cmdline_param"),
+            (
+                "[boot_control]\ntype = \"grubenv\"\ngrubenv_path = \"g\"".to_string(),
+                "boot_control.grubenv_path",
+            ),
+            ("[boot_control]\ntype = \"grubenv\"\ntries = 10".to_string(), "boot_control.tries"),
+            (
+                "[boot_control]\ntype = \"grubenv\"\nslot_names = [\"A-1\", \"B\"]".to_string(),
+                "boot_control.slot_names",
+            ),
+        ] {
+            let err = validate_text(&text).unwrap_err();
             assert!(err.contains(&format!("`{key}`")), "{text}: {err}");
         }
     }
@@ -1151,66 +1308,6 @@ mod tests {
             let err = validate_text(text).unwrap_err();
             assert!(err.contains(&format!("`{key}`")), "{text}: {err}");
             assert!(err.contains("unknown field"), "{text}: {err}");
-        }
-    }
-
-    #[test]
-    fn uboot_env_and_grubenv_boot_controls_parse_into_the_policy_types() {
-        let config = validate_text(
-            "[boot_control]\ntype = \"uboot-env\"\nenv_path = \"/dev/mmcblk0\"\n\
-             env_offset = 0x3f8000\nenv_size = 0x4000\nenv_redundant_offset = 0x3fc000\n\
-             slot_var = \"mender_boot_part\"\nslot_names = [\"2\", \"3\"]\ntries = 5",
-        )
-        .expect("valid");
-        let layout = config.boot_control.uboot_env_layout().unwrap();
-        assert_eq!(layout.primary.offset, 0x3f8000);
-        let second = layout.redundant.expect("redundant");
-        assert_eq!((second.path.to_str(), second.offset), (Some("/dev/mmcblk0"), 0x3fc000));
-        assert_eq!(layout.size, 0x4000);
-        let scheme = config.boot_control.uboot_scheme();
-        assert_eq!(scheme.slot_var, "mender_boot_part");
-        assert_eq!(scheme.slot_values, ["2".to_string(), "3".to_string()]);
-        assert_eq!(scheme.boot_limit, 5);
-
-        let config =
-            validate_text("[boot_control]\ntype = \"grubenv\"\nslot_names = [\"A\", \"B\", \"C\"]")
-                .expect("valid");
-        assert_eq!(config.boot_control.grubenv_path, PathBuf::from("/boot/grub/grubenv"));
-        assert_eq!(config.boot_control.grub_scheme().slot_names.len(), 3);
-        assert_eq!(config.boot_control.cmdline_param, "checkpointd.slot");
-    }
-
-    #[test]
-    fn bad_uboot_env_and_grubenv_keys_are_named() {
-        let uboot = "[boot_control]\ntype = \"uboot-env\"\n";
-        let env = "env_path = \"/dev/mmcblk0\"\nenv_size = 0x2000\n";
-        for (text, key) in [
-            (format!("{uboot}env_size = 0x2000"), "boot_control.env_path"),
-            (format!("{uboot}env_path = \"/dev/mmcblk0\""), "boot_control.env_size"),
-            (format!("{uboot}env_path = \"dev\"\nenv_size = 8192"), "boot_control.env_path"),
-            (format!("{uboot}env_path = \"/e\"\nenv_size = 8"), "boot_control.env_size"),
-            (
-                format!("{uboot}{env}env_redundant_offset = 0x1000"),
-                "boot_control.env_redundant_offset",
-            ),
-            (format!("{uboot}{env}env_redundant_path = \"x\""), "boot_control.env_redundant_path"),
-            (format!("{uboot}{env}slot_names = [\"a\", \"b\", \"c\"]"), "boot_control.slot_names"),
-            (format!("{uboot}{env}slot_names = [\"a\", \"a\"]"), "boot_control.slot_names"),
-            (format!("{uboot}{env}slot_var = \"bootcount\""), "boot_control.slot_var"),
-            (format!("{uboot}{env}tries = 0"), "boot_control.tries"),
-            (format!("{uboot}{env}cmdline_param = \"a=b\""), "boot_control.cmdline_param"),
-            (
-                "[boot_control]\ntype = \"grubenv\"\ngrubenv_path = \"g\"".to_string(),
-                "boot_control.grubenv_path",
-            ),
-            ("[boot_control]\ntype = \"grubenv\"\ntries = 10".to_string(), "boot_control.tries"),
-            (
-                "[boot_control]\ntype = \"grubenv\"\nslot_names = [\"A-1\", \"B\"]".to_string(),
-                "boot_control.slot_names",
-            ),
-        ] {
-            let err = validate_text(&text).unwrap_err();
-            assert!(err.contains(&format!("`{key}`")), "{text}: {err}");
         }
     }
 

@@ -253,7 +253,7 @@ pub fn build(config: &Config) -> Result<Built, StartError> {
         Arc::new(checkpointer),
         config.access.clone(),
         devices,
-        Arc::new(Listeners::default()),
+        Arc::new(Listeners::new(config.listeners.clone())),
         Rebooter::new(config.reboot.clone()),
         config.restore.clone(),
     )
@@ -313,7 +313,12 @@ pub fn run(config: Config) -> Result<(), StartError> {
 
         let binder = CheckpointService::new(Arc::clone(&daemon)).into_binder().as_binder();
         let _socket = match &config.socket.path {
-            Some(path) => Some(transport::serve_socket(binder.clone(), path, &config.socket)?),
+            Some(path) => Some(transport::serve_socket(
+                binder.clone(),
+                path,
+                &config.socket,
+                &config.access.change_uids,
+            )?),
             None => None,
         };
         let _kernel = if config.binder.enabled {

@@ -52,6 +52,9 @@ pub enum ServiceError {
     /// A backend step run for the call failed (a restore that could not run).
     #[error("{0}")]
     Backend(#[from] BackendError),
+    /// registerListener over the listener caps (`[listeners]`).
+    #[error(transparent)]
+    Listener(#[from] crate::listeners::ListenerError),
     /// The method needs the boot control HAL, which has not been found yet (nothing changed).
     #[error(transparent)]
     BootHalNotReady(#[from] crate::boot_hal::HalNotReady),
@@ -185,6 +188,10 @@ pub fn into_binder_status(method: &str, err: ServiceError, refusals: &RefusalLog
         ServiceError::Backend(e) => {
             log::error!("{method}: {e}");
             Status::new_service_specific_error(code_for_backend(e), Some(e.to_string()))
+        }
+        ServiceError::Listener(e) => {
+            refusals.log(log::Level::Warn, method, e);
+            Status::new_service_specific_error(ICheckpoint::EBUSY, Some(e.to_string()))
         }
         ServiceError::BootHalNotReady(_) => {
             log::warn!("{method}: {err}");

@@ -19,7 +19,7 @@ use rsbinder::{BinderResult, Strong};
 use crate::boot_hal::BootHalGate;
 use crate::config::{AccessConfig, DeviceConfig, RestoreConfig};
 use crate::error::{into_binder_status, RefusalLog, ServiceError};
-use crate::listeners::{aidl_state, Listeners};
+use crate::listeners::{aidl_state, ListenerEvent, Listeners, Registered};
 use crate::reboot::Rebooter;
 use crate::restore;
 
@@ -310,7 +310,7 @@ impl Daemon {
             }
             *last = Some(std::time::Instant::now());
             let (done, total) = (to_i64(done), to_i64(total));
-            listeners.notify("onRestoreProgress", |l| l.onRestoreProgress(done, total));
+            listeners.notify(ListenerEvent::RestoreProgress { done, total });
         };
         let request = RestoreRequest { limit: (limit > 0).then_some(limit) };
         let config = &self.restore;
@@ -383,9 +383,17 @@ impl Daemon {
         })
     }
 
-    /// registerListener.
-    pub fn register_listener(&self, listener: Strong<dyn ICheckpointListener>) {
-        self.listeners.add(listener);
+    /// registerListener: within the caps of `[listeners]`; the same binder again counts once.
+    pub fn register_listener(
+        &self,
+        listener: Strong<dyn ICheckpointListener>,
+    ) -> Result<(), ServiceError> {
+        // check_caller ran first, so the UID is known; u32::MAX only if it vanished since.
+        let uid = caller_uid().unwrap_or(u32::MAX);
+        if self.listeners.add(uid, listener)? == Registered::AlreadyRegistered {
+            log::debug!("registerListener from UID {uid}: already registered");
+        }
+        Ok(())
     }
 
     /// getHistory (`limit` <= 0: everything): the newest `limit` rows, as many of them as fit
@@ -505,10 +513,7 @@ impl ICheckpoint for CheckpointService {
     }
 
     fn registerListener(&self, listener: &Strong<dyn ICheckpointListener>) -> BinderResult<()> {
-        self.call(Access::Query, "registerListener", |d| {
-            d.register_listener(listener.clone());
-            Ok(())
-        })
+        self.call(Access::Query, "registerListener", |d| d.register_listener(listener.clone()))
     }
 
     fn getHistory(&self, limit: i32) -> BinderResult<Vec<AidlHistoryEvent>> {
