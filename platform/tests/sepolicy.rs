@@ -656,20 +656,33 @@ fn the_shipped_policy_compiles_and_every_assertion_holds() {
 }
 
 #[test]
-fn the_evaluator_agrees_with_sesearch_on_a_caller_and_a_stranger() {
-    // The assertions expand attributes themselves; sesearch's own matching must agree.
-    let policy = &shipped().policy;
-    let calls = |source: &str| {
-        tool_stdout(
+fn the_evaluator_agrees_with_sesearch_on_every_domain() {
+    // The assertions expand attributes themselves; asked domain by domain who may call
+    // checkpointd and find its service, sesearch's own matching must give the same sets.
+    let shipped = shipped();
+    let asks = |source: &str, target: &str, class: &str, perm: &str| {
+        let out = tool_stdout(
             Command::new(tool("sesearch"))
-                .args(["-A", "-s", source, "-t", "checkpointd", "-c", "binder", "-p", "call"])
-                .arg(policy),
-        )
+                .args(["-A", "-s", source, "-t", target, "-c", class, "-p", perm])
+                .arg(&shipped.policy),
+        );
+        !out.trim().is_empty()
     };
-    assert!(!calls("hal_bootctl_default").trim().is_empty(), "sesearch finds no call of the HAL");
-    assert!(calls("untrusted_app").trim().is_empty(), "sesearch finds a call of untrusted_app");
-    let who = shipped().facts.who("checkpointd", "binder", Some("call"));
-    assert!(who.contains("hal_bootctl_default") && !who.contains("untrusted_app"), "{who:?}");
+    let domains = shipped.facts.members("domain");
+    assert!(domains.len() > 10, "{domains:?}");
+    for (target, class, perm) in
+        [("checkpointd", "binder", "call"), ("checkpointd_service", "service_manager", "find")]
+    {
+        let by_sesearch: BTreeSet<String> = std::thread::scope(|scope| {
+            let asked: Vec<_> = domains
+                .iter()
+                .map(|d| scope.spawn(move || asks(d, target, class, perm).then(|| d.clone())))
+                .collect();
+            asked.into_iter().filter_map(|h| h.join().expect("sesearch thread")).collect()
+        });
+        let by_evaluator = shipped.facts.who(target, class, Some(perm));
+        assert_eq!(by_evaluator, by_sesearch, "{target}:{class} {perm}");
+    }
 }
 
 /// The `(path or name, type)` pairs of a contexts file.
