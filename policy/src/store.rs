@@ -419,7 +419,7 @@ impl Store {
         let marker = dir.join(Self::MARKER_FILE_NAME);
         let found = examine_file(&path, &marker)?;
         if found == Found::Database {
-            inspect_read_only(&path)?;
+            inspect_with_retries(&path)?;
         }
         let conn = Connection::open_with_flags(
             &path,
@@ -939,6 +939,25 @@ fn examine_file(path: &Path, marker: &Path) -> Result<Found, StoreError> {
             path: path.to_path_buf(),
             detail: format!("cannot read its header: {e}"),
         }),
+    }
+}
+
+/// [`inspect_read_only`], again after a pause when it finds damage: the inspection takes no
+/// lock (it must write nothing, and a read-only file descriptor cannot take SQLite's write
+/// locks), so it may read a store that a running checkpointd is checkpointing at that moment
+/// and see a torn page. Real damage stays; a torn read does not, and the write connection that
+/// follows then reports the store as locked by the other process.
+fn inspect_with_retries(path: &Path) -> Result<(), StoreError> {
+    const ATTEMPTS: u32 = 3;
+    let mut attempt = 1;
+    loop {
+        match inspect_read_only(path) {
+            Err(e) if e.kind() == ErrorKind::Corrupt && attempt < ATTEMPTS => {
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            other => return other,
+        }
     }
 }
 
