@@ -1,11 +1,13 @@
-//! The U-Boot environment and grubenv boot controls against the bootloaders' own userspace
-//! tools, on files: what we write, `fw_printenv` (libubootenv-tool) and `grub-editenv` read
-//! back the same, and what `fw_setenv`, `mkenvimage` (u-boot-tools) and `grub-editenv` write,
-//! we read the same. A missing tool fails the test with the fix (`platform_checks::tool`).
+//! The U-Boot environment and grubenv boot controls against the bootloaders' own tools, on
+//! files: what we write, `fw_printenv` (libubootenv-tool) and `grub-editenv` read back the same,
+//! and what `fw_setenv`, `mkenvimage` (u-boot-tools) and `grub-editenv` write, we read the same.
+//! A missing tool fails the test with the fix (`platform_checks::tool`).
 //!
-//! The "power-on" steps play the bootloader with the tools, following the U-Boot boot-count
-//! logic and the grub.cfg snippet of docs/boot-control.md; each also checks that our model of
-//! that logic (`power_on`) reaches the same state.
+//! The "power-on" steps: for U-Boot the tests play the bootloader with `fw_printenv` /
+//! `fw_setenv`, following U-Boot's boot-count logic and the documented `altbootcmd` (no U-Boot
+//! runs on the host); for GRUB, GRUB itself (`grub-emu`) runs the grub.cfg snippet of
+//! docs/boot-control.md. Each also checks that our model of that logic (`power_on`) reaches the
+//! same state.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -633,33 +635,61 @@ impl GrubFixture {
         }
     }
 
-    /// Power-on as the documented grub.cfg does it, with grub-editenv; checks our model.
+    /// Power-on: GRUB itself (`grub-emu`) runs the grub.cfg snippet documented in
+    /// docs/boot-control.md on an ext2 image holding this block (so that `save_env` can write
+    /// it), and the block it leaves becomes this one. Returns the slot GRUB chose; checks that
+    /// our model chose the same and left the same variables.
     fn power_on(&self) -> String {
         let scheme = GrubAbScheme::default();
-        let before = self.list().unwrap();
-        let mut model: EnvVars = before.iter().collect();
+        let mut model: EnvVars = self.list().unwrap().iter().collect();
         let model_slot = scheme.power_on(&mut model, Path::new("model")).unwrap();
-        let order = before.get("ORDER").cloned().unwrap_or_else(|| "A B".to_string());
-        let good = |s: &str| before.get(&format!("{s}_GOOD")).map_or(s == "A", |v| v == "1");
-        let left =
-            |s: &str| before.get(&format!("{s}_LEFT")).map_or(0, |v| v.parse::<u32>().unwrap());
-        let mut booted = None;
-        for s in order.split_whitespace() {
-            if good(s) {
-                booted = Some(s.to_string());
-                break;
-            }
-            if left(s) > 0 {
-                self.set(&[(&format!("{s}_LEFT"), &(left(s) - 1).to_string())]);
-                booted = Some(s.to_string());
-                break;
-            }
-        }
-        let booted = booted.unwrap_or_else(|| order.split_whitespace().next().unwrap().to_string());
+
+        let work = self.dir.path().join("grub-emu");
+        let _ = fs::remove_dir_all(&work);
+        fs::create_dir_all(work.join("fs")).unwrap();
+        fs::copy(&self.path, work.join("fs/grubenv")).unwrap();
+        let disk = work.join("disk.img");
+        let (fs_dir, disk_str) = (work.join("fs"), disk.to_str().unwrap());
+        run("mke2fs", &["-q", "-t", "ext2", "-d", fs_dir.to_str().unwrap(), disk_str, "4M"])
+            .unwrap();
+        fs::write(work.join("device.map"), format!("(hd0) {disk_str}\n")).unwrap();
+        let cfg = format!(
+            "set checkpointd_grubenv=(hd0)/grubenv\n{}\necho \"checkpointd-booted=${{boot_slot}}.\"\nhalt\n",
+            documented_grub_snippet()
+        );
+        fs::write(work.join("grub.cfg"), cfg).unwrap();
+        let work_str = work.to_str().unwrap();
+        let map = work.join("device.map");
+        let out = run("grub-emu", &["-d", work_str, "-m", map.to_str().unwrap()]).unwrap();
+        assert!(!out.contains("error"), "GRUB reported an error running the snippet: {out:?}");
+        let booted = out
+            .split_once("checkpointd-booted=")
+            .and_then(|(_, rest)| rest.split_once('.'))
+            .map(|(slot, _)| slot.to_string())
+            .unwrap_or_else(|| panic!("GRUB printed no slot: {out:?}"));
+        let block = platform_checks::run(Command::new(platform_checks::tool("debugfs")).args([
+            "-R",
+            "cat /grubenv",
+            disk_str,
+        ]));
+        assert!(block.status.success(), "debugfs: {block:?}");
+        fs::write(&self.path, &block.stdout).unwrap();
+
         assert_eq!(booted, scheme.slot_names[usize::try_from(model_slot).unwrap()]);
-        assert_eq!(self.list().unwrap(), map_of_vars(&model), "model and grub-editenv disagree");
+        assert_eq!(self.list().unwrap(), map_of_vars(&model), "model and GRUB disagree");
         booted
     }
+}
+
+/// The grub.cfg block after the `grub-ab-select` marker in docs/boot-control.md: the tests
+/// run what integrators copy.
+fn documented_grub_snippet() -> String {
+    let doc = platform_checks::workspace_root().join("docs/boot-control.md");
+    let text = fs::read_to_string(&doc).unwrap();
+    let (_, after) = text.split_once("<!-- grub-ab-select").expect("marker in boot-control.md");
+    let (_, block) = after.split_once("```\n").expect("code block after the marker");
+    let (block, _) = block.split_once("\n```").expect("end of the code block");
+    block.to_string()
 }
 
 #[test]

@@ -430,6 +430,12 @@ impl BootControlConfig {
                     }
                 }
                 check_absolute(&key("env_lock_file"), &self.env_lock_file)?;
+                if let Some(names) = self.slot_names.as_ref().filter(|n| n.len() != 2) {
+                    return Err(invalid(
+                        key("slot_names"),
+                        format!("\"uboot-env\" has exactly two slots, got {names:?}"),
+                    ));
+                }
                 self.uboot_scheme().check().map_err(|e| scheme_error(&e))?;
             }
             BootControlKind::Grubenv => {

@@ -30,6 +30,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "libubootenv-tool", // fw_printenv/fw_setenv: U-Boot environment boot control
     "u-boot-tools",     // mkenvimage: redundant U-Boot environments
     "grub-common",      // grub-editenv: the grubenv boot control
+    "grub-emu",         // GRUB in userspace: runs the documented grub.cfg A/B snippet
     "systemd",          // systemd-analyze verify for the shipped units
 ];
 /// virtme-ng version installed into the venv (the one checked on these machines).
