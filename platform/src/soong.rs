@@ -898,6 +898,126 @@ pub fn cargo_env_problems(root: &Path, files: &[BpFile]) -> Vec<String> {
     problems
 }
 
+/// Runs the `genrule` `name` as Soong would, in a sandbox holding only its declared inputs:
+/// its `srcs` (globs and `:filegroup` references expanded) are copied to `sandbox` at their
+/// paths in the tree, `$(location x)`, `$(in)`, `$(out)`, `$(genDir)` and `$$` in `cmd` are
+/// replaced (a tool's location comes from `tools`), and the command runs under `sh -c` from
+/// `sandbox`. Returns the folder of its outputs; an output the command did not write is an
+/// error.
+pub fn run_genrule(
+    root: &Path,
+    files: &[BpFile],
+    name: &str,
+    tools: &BTreeMap<String, PathBuf>,
+    sandbox: &Path,
+) -> Result<PathBuf, String> {
+    let find = |wanted: &str| {
+        files
+            .iter()
+            .flat_map(|f| f.modules.iter().map(move |m| (f, m)))
+            .find(|(_, m)| m.name() == Some(wanted))
+    };
+    let (file, module) = find(name).ok_or_else(|| format!("no module `{name}`"))?;
+    if module.kind != "genrule" {
+        return Err(format!("`{name}` is a {}, not a genrule", module.kind));
+    }
+    // (as written in srcs, paths relative to the tree's root)
+    let mut inputs: Vec<(String, Vec<PathBuf>)> = Vec::new();
+    for src in module.get("srcs").and_then(Value::as_strings).unwrap_or_default() {
+        let (dir, patterns): (&Path, Vec<&str>) = match src.strip_prefix(':') {
+            Some(group) => {
+                let (group_file, group) =
+                    find(group).ok_or_else(|| format!("`{name}`: no module `{group}`"))?;
+                if group.kind != "filegroup" {
+                    return Err(format!("`{name}`: `{src}` is not a filegroup"));
+                }
+                (
+                    group_file.dir(),
+                    group.get("srcs").and_then(Value::as_strings).unwrap_or_default(),
+                )
+            }
+            None => (file.dir(), vec![src]),
+        };
+        let mut paths = Vec::new();
+        for pattern in patterns {
+            let found = if pattern.contains('*') {
+                glob(&root.join(dir), pattern)
+            } else {
+                vec![root.join(dir).join(pattern)]
+            };
+            for path in found {
+                let relative = path.strip_prefix(root).map_err(|e| e.to_string())?.to_path_buf();
+                let target = sandbox.join(&relative);
+                fs::create_dir_all(target.parent().unwrap_or(sandbox))
+                    .map_err(|e| e.to_string())?;
+                fs::copy(&path, &target)
+                    .map_err(|e| format!("`{name}`: cannot copy {}: {e}", path.display()))?;
+                paths.push(relative);
+            }
+        }
+        inputs.push((src.to_owned(), paths));
+    }
+    let gen_dir = sandbox.join("__gen__");
+    fs::create_dir_all(&gen_dir).map_err(|e| e.to_string())?;
+    let outs: Vec<&str> = module.get("out").and_then(Value::as_strings).unwrap_or_default();
+    let cmd = module.get("cmd").and_then(Value::as_str).ok_or(format!("`{name}` has no cmd"))?;
+    let join = |paths: Vec<String>| paths.join(" ");
+    let mut command = String::new();
+    let mut rest = cmd;
+    while let Some(at) = rest.find('$') {
+        command.push_str(&rest[..at]);
+        rest = &rest[at..];
+        if let Some(after) = rest.strip_prefix("$$") {
+            command.push('$');
+            rest = after;
+            continue;
+        }
+        let end = rest
+            .find(')')
+            .filter(|_| rest.starts_with("$("))
+            .ok_or(format!("`{name}`: a `$` in cmd that is neither `$$` nor `$(...)`: {cmd}"))?;
+        let variable = &rest[2..end];
+        rest = &rest[end + 1..];
+        let value = match variable.split_once(' ') {
+            Some(("location", label)) => {
+                match (tools.get(label), inputs.iter().find(|(s, _)| s == label)) {
+                    (Some(tool), _) => tool.display().to_string(),
+                    (None, Some((_, paths))) if paths.len() == 1 => paths[0].display().to_string(),
+                    _ => {
+                        return Err(format!(
+                            "`{name}`: $(location {label}) names no tool or single input"
+                        ))
+                    }
+                }
+            }
+            None if variable == "genDir" => gen_dir.display().to_string(),
+            None if variable == "in" => {
+                join(inputs.iter().flat_map(|(_, p)| p).map(|p| p.display().to_string()).collect())
+            }
+            None if variable == "out" => {
+                join(outs.iter().map(|o| gen_dir.join(o).display().to_string()).collect())
+            }
+            _ => return Err(format!("`{name}`: unknown $({variable}) in cmd")),
+        };
+        command.push_str(&value);
+    }
+    command.push_str(rest);
+    let output = crate::run(Command::new("sh").arg("-c").arg(&command).current_dir(sandbox));
+    if !output.status.success() {
+        return Err(format!(
+            "`{name}`: `{command}` failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    for out in outs {
+        if !gen_dir.join(out).is_file() {
+            return Err(format!("`{name}`: the command did not write its output `{out}`"));
+        }
+    }
+    Ok(gen_dir)
+}
+
 /// All of the checks above (not bpfmt), for one tree.
 pub fn all_problems(root: &Path) -> Vec<String> {
     let files = match load(root) {

@@ -3,8 +3,10 @@
 //! manifests, the VINTF fragment and the Cargo variables Soong does not set. Each check is also
 //! run on a broken copy of the tree, to show it fails.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use platform_checks::soong;
 
@@ -363,4 +365,100 @@ fn a_cargo_variable_soong_does_not_set_is_reported() {
         !problems.iter().any(|p| p.contains("libbow") && p.contains("CARGO_")),
         "{problems:#?}"
     );
+}
+
+/// Cargo's build-script executable and OUT_DIR for each package folder, from `cargo build
+/// --message-format=json` of `packages` (a no-op when they are built).
+fn cargo_build_scripts(packages: &[&str]) -> BTreeMap<PathBuf, (PathBuf, PathBuf)> {
+    let root = platform_checks::workspace_root();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(cargo);
+    command.arg("build").arg("--message-format=json").current_dir(&root);
+    for package in packages {
+        command.arg("-p").arg(package);
+    }
+    let output = platform_checks::run(&mut command);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let mut executables = BTreeMap::new();
+    let mut out_dirs = BTreeMap::new();
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let id = message["package_id"].as_str().unwrap_or_default().to_owned();
+        match message["reason"].as_str() {
+            Some("compiler-artifact") if message["target"]["kind"][0] == "custom-build" => {
+                let manifest = PathBuf::from(message["manifest_path"].as_str().unwrap());
+                let binary = PathBuf::from(message["filenames"][0].as_str().unwrap());
+                executables.insert(id, (manifest.parent().unwrap().to_path_buf(), binary));
+            }
+            Some("build-script-executed") => {
+                out_dirs.insert(id, PathBuf::from(message["out_dir"].as_str().unwrap()));
+            }
+            _ => {}
+        }
+    }
+    executables
+        .into_iter()
+        .filter_map(|(id, (dir, binary))| Some((dir, (binary, out_dirs.get(&id)?.clone()))))
+        .collect()
+}
+
+/// Runs every genrule of the tree at `root` whose tools are `build.rs` host tools, with cargo's
+/// build of those scripts, and returns (genrule, output, what it wrote, what cargo wrote).
+fn run_genrules(root: &Path) -> Vec<(String, String, Vec<u8>, Vec<u8>)> {
+    let scripts = cargo_build_scripts(&["checkpoint-aidl", "bootctl-hal"]);
+    let files = soong::load(root).unwrap();
+    let modules: Vec<(&soong::BpFile, &platform_checks::blueprint::Module)> =
+        files.iter().flat_map(|f| f.modules.iter().map(move |m| (f, m))).collect();
+    let mut results = Vec::new();
+    for (_, genrule) in modules.iter().filter(|(_, m)| m.kind == "genrule") {
+        let name = genrule.name().unwrap().to_owned();
+        let mut tools = BTreeMap::new();
+        let mut out_dir = None;
+        for tool in genrule.get("tools").and_then(|t| t.as_strings()).unwrap_or_default() {
+            let (tool_file, tool_module) =
+                modules.iter().find(|(_, m)| m.name() == Some(tool)).expect("tool defined");
+            assert_eq!(tool_module.get("crate_root").and_then(|c| c.as_str()), Some("build.rs"));
+            let package = platform_checks::workspace_root().join(tool_file.dir());
+            let (binary, out) = scripts.get(&package).expect("cargo built this build script");
+            tools.insert(tool.to_owned(), binary.clone());
+            out_dir = Some(out.clone());
+        }
+        let out_dir = out_dir.expect("a genrule with a build.rs tool");
+        let sandbox = tempfile::tempdir().unwrap();
+        let generated = soong::run_genrule(root, &files, &name, &tools, sandbox.path())
+            .unwrap_or_else(|e| panic!("{e}"));
+        for out in genrule.get("out").and_then(|o| o.as_strings()).unwrap_or_default() {
+            let ours = fs::read(generated.join(out)).unwrap();
+            let cargos = fs::read(out_dir.join(out)).unwrap();
+            results.push((name.clone(), out.to_owned(), ours, cargos));
+        }
+    }
+    results
+}
+
+#[test]
+fn each_genrule_writes_what_cargo_writes_from_its_declared_inputs_alone() {
+    let results = run_genrules(&platform_checks::workspace_root());
+    let names: Vec<&str> = results.iter().map(|(n, ..)| n.as_str()).collect();
+    assert_eq!(names, ["checkpoint_aidl_rs", "bootctl_hal_rs"]);
+    for (name, out, ours, cargos) in &results {
+        assert!(ours.len() > 1000, "{name}: {out} is only {} bytes", ours.len());
+        assert!(ours == cargos, "{name}: {out} differs from cargo's OUT_DIR/{out}");
+    }
+}
+
+#[test]
+fn a_genrule_missing_an_input_writes_something_else() {
+    // Without the frozen version's .hash in the sandbox, build.rs builds the interface
+    // unversioned: the code differs from cargo's.
+    let tree = copy_of_tree();
+    edit(
+        tree.path(),
+        "aidl/Android.bp",
+        "        \"aidl_api/android.system.checkpoint/1/.hash\",\n",
+        "",
+    );
+    let results = run_genrules(tree.path());
+    let (_, _, ours, cargos) = results.iter().find(|(n, ..)| n == "checkpoint_aidl_rs").unwrap();
+    assert!(ours != cargos, "the generated code did not change without its .hash input");
 }
