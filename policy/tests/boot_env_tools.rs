@@ -801,3 +801,74 @@ fn grubenv_missing_escape_is_caught_by_the_tool_comparison() {
     fs::write(&fx.path, encode_grubenv(&vars_of(&[("X", "a\\b")]), GRUBENV_SIZE).unwrap()).unwrap();
     fx.tool_shows(&expected).unwrap();
 }
+
+// ---- The checkpoint policy on top ----
+
+/// A backend that protects nothing: the story below is about the boot control.
+#[derive(Debug)]
+struct NullBackend;
+
+impl policy::Backend for NullBackend {
+    fn kind(&self) -> policy::BackendKind {
+        policy::BackendKind::Block
+    }
+    fn name(&self) -> &str {
+        "null"
+    }
+    fn prepare(&self) -> Result<policy::Action, policy::BackendError> {
+        Ok(policy::Action::Changed)
+    }
+    fn commit(&self) -> Result<policy::Action, policy::BackendError> {
+        Ok(policy::Action::Changed)
+    }
+    fn space(&self) -> Result<policy::BackupSpace, policy::BackendError> {
+        Ok(policy::BackupSpace::default())
+    }
+    fn status(&self) -> Result<policy::BackendStatus, policy::BackendError> {
+        Ok(policy::BackendStatus {
+            state: policy::BackendState::Idle,
+            backup_used_bytes: None,
+            free_bytes: None,
+            devices: Vec::new(),
+        })
+    }
+}
+
+/// vold's semantics over the U-Boot env: an update to b is checkpointed implicitly (b is on
+/// trial) and the commit ends the trial in the environment U-Boot reads.
+#[test]
+fn uboot_env_under_the_policy_update_is_checkpointed_and_the_commit_ends_the_trial() {
+    let fx = UBootFixture::new(Copies::RedundantOneFile);
+    fx.mkenvimage(&default_env());
+    let state = fx.dir.path().join("state");
+    let daemon = |slot: &str| {
+        policy::Checkpointer::new(
+            policy::Store::open(&state).unwrap(),
+            Box::new(fx.control(slot).unwrap()),
+            vec![Box::new(NullBackend)],
+            policy::PolicyOptions::default(),
+        )
+        .unwrap()
+    };
+
+    assert_eq!(fx.power_on(), "a");
+    let cp = daemon("a");
+    assert!(!cp.needs_checkpoint().unwrap(), "a is good: no implicit checkpoint");
+    cp.start_checkpoint(1).unwrap();
+    fx.control("a").unwrap().set_active_boot_slot(1).unwrap(); // the updater
+    drop(cp);
+
+    assert_eq!(fx.power_on(), "b");
+    let cp = daemon("b");
+    assert!(cp.needs_checkpoint().unwrap());
+    cp.prepare_checkpoint().unwrap();
+    assert_eq!(fx.printenv().unwrap()["upgrade_available"], "1");
+    cp.commit_changes().unwrap();
+    let env = fx.printenv().unwrap();
+    assert_eq!(
+        (env["boot_slot"].as_str(), env["upgrade_available"].as_str(), env["bootcount"].as_str()),
+        ("b", "0", "0"),
+        "the commit marked b successful where U-Boot looks"
+    );
+    assert_eq!(fx.power_on(), "b");
+}

@@ -196,7 +196,24 @@ impl UBootEnvLayout {
         };
         let file = File::open(&loc.path).map_err(io_err("open"))?;
         let mut image = vec![0u8; self.size];
-        file.read_exact_at(&mut image, loc.offset).map_err(io_err("read"))?;
+        file.read_exact_at(&mut image, loc.offset)
+            .map_err(|e| {
+                if e.kind() == io::ErrorKind::UnexpectedEof {
+                    // Say which bytes were missing: a wrong offset or size is the usual cause.
+                    io::Error::new(
+                        e.kind(),
+                        format!(
+                            "the file ends before byte {:#x} (offset {:#x} + size {:#x})",
+                            loc.offset.saturating_add(self.size as u64),
+                            loc.offset,
+                            self.size
+                        ),
+                    )
+                } else {
+                    e
+                }
+            })
+            .map_err(io_err("read"))?;
         Ok(image)
     }
 
