@@ -495,6 +495,10 @@ mod tests {
         let crc = crc32fast::hash(&want);
         want.extend_from_slice(&crc.to_le_bytes());
         assert_eq!(b, want);
+        // The checksums docs/estimate.md prints.
+        assert_eq!(&b[28..32], &[0x8e, 0xeb, 0xa5, 0x77]);
+        assert_eq!(&b[56..60], &[0xc4, 0x47, 0x8a, 0xa3]);
+        assert_eq!(b.len(), 60);
         assert_eq!(Trace::read_from(&want[..]).unwrap(), t);
     }
 
