@@ -82,6 +82,11 @@ struct Setup {
 
 impl Setup {
     fn new(extra: &str) -> Setup {
+        Setup::with_socket(extra, "")
+    }
+
+    /// `extra` goes at the top of the config, `socket` into its `[socket]` table.
+    fn with_socket(extra: &str, socket: &str) -> Setup {
         require_root();
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
@@ -89,7 +94,8 @@ impl Setup {
         let setup = Setup { dir };
         let config = format!(
             "metadata_dir = \"{}\"\n{TEST_BACKEND}{extra}\n\
-             [binder]\nenabled = false\n[socket]\npath = \"{}\"\n[monitor]\ninterval_ms = 0\n",
+             [binder]\nenabled = false\n[socket]\npath = \"{}\"\n{socket}\n\
+             [monitor]\ninterval_ms = 0\n",
             setup.path("metadata").display(),
             setup.socket().display()
         );
@@ -479,35 +485,55 @@ fn a_listener_registered_twice_counts_once() {
     drop(daemon);
 }
 
-/// Listeners are capped per UID (16) and overall (`listeners.max`); a refused registration
-/// gets EBUSY and the others keep working.
+/// Registers `n` listeners of its own on `service`, each asserted to succeed.
+fn register_many(
+    service: &Strong<dyn ICheckpoint>,
+    n: usize,
+) -> Vec<(Strong<dyn ICheckpointListener>, mpsc::Receiver<String>)> {
+    (0..n)
+        .map(|i| {
+            let (binder, rx) = listener();
+            service.registerListener(&binder).unwrap_or_else(|e| panic!("listener {i}: {e}"));
+            (binder, rx)
+        })
+        .collect()
+}
+
+/// A UID may register 16 listeners (default `listeners.max_per_uid`); the 17th gets EBUSY and
+/// the 16 keep working.
 #[test]
-fn listeners_are_capped_per_uid_and_overall() {
+fn listeners_are_capped_per_uid() {
+    let _serial = serial();
+    let setup = Setup::new("");
+    let daemon = setup.boot(4096);
+    let (client, service) = setup.callback_client();
+    let registered = register_many(&service, 16);
+    let (extra, _rx) = listener();
+    let err = service.registerListener(&extra).expect_err("root's 17th listener");
+    assert_eq!(err.service_specific_error(), codes::EBUSY, "{err}");
+    setup.client().expect("root").startCheckpoint(2).expect("start");
+    for (i, (_, rx)) in registered.iter().enumerate() {
+        assert!(rx.recv_timeout(Duration::from_secs(10)).is_ok(), "listener {i} got no event");
+    }
+    if let Some(session) = client.session() {
+        session.close_session();
+    }
+    drop(daemon);
+}
+
+/// Listeners are capped overall (`listeners.max`), whatever the UID.
+#[test]
+fn listeners_are_capped_overall() {
     let _serial = serial();
     let setup = Setup::new("[listeners]\nmax = 18\n");
     let daemon = setup.boot(4096);
     let (client, service) = setup.callback_client();
-    let mut receivers = Vec::new();
-    let mut binders = Vec::new();
-    for i in 0..16 {
-        let (binder, rx) = listener();
-        service.registerListener(&binder).unwrap_or_else(|e| panic!("listener {i}: {e}"));
-        binders.push(binder);
-        receivers.push(rx);
-    }
-    let (extra, _rx) = listener();
-    let err = service.registerListener(&extra).expect_err("root's 17th listener");
-    assert_eq!(err.service_specific_error(), codes::EBUSY, "{err}");
+    let _registered = register_many(&service, 16);
     // Two more from another UID fit under max = 18; the third does not.
     let first = setup.watch_as(NOBODY).expect("nobody's first watcher");
     let second = setup.watch_as(NOBODY).expect("nobody's second watcher");
     let third = setup.watch_as(NOBODY).expect_err("the 19th listener overall");
     assert!(third.contains("too many listeners"), "{third}");
-    setup.client().expect("root").startCheckpoint(2).expect("start");
-    for (i, rx) in receivers.iter().enumerate() {
-        let event = rx.recv_timeout(Duration::from_secs(10));
-        assert!(event.is_ok(), "listener {i} got no event");
-    }
     drop((first, second));
     if let Some(session) = client.session() {
         session.close_session();
@@ -534,6 +560,29 @@ fn a_silent_connection_is_closed_at_the_handshake_deadline() {
         "the silent connection was not closed by the 5 s handshake deadline: {read:?} after \
          {waited:?}"
     );
+    drop(daemon);
+}
+
+/// A session that finishes its handshake but never calls is closed at the first-call
+/// deadline (`socket.first_call_timeout_ms`), so it cannot hold a session slot; one that calls
+/// in time is served.
+#[test]
+fn a_session_that_never_calls_is_closed_at_the_first_call_deadline() {
+    let _serial = serial();
+    let setup = Setup::with_socket("", "first_call_timeout_ms = 1000");
+    let daemon = setup.boot(4096);
+    let uri = checkpoint_aidl::socket_uri(&setup.socket());
+    let idle = rsbinder::Client::open(uri.clone()).expect("handshake");
+    let busy = rsbinder::Client::open(uri).expect("handshake");
+    let _service: Strong<dyn ICheckpoint> =
+        busy.try_get(checkpoint_aidl::SERVICE_NAME).expect("lookup").expect("registered");
+    std::thread::sleep(Duration::from_millis(2500));
+    let late = idle.try_get::<dyn ICheckpoint>(checkpoint_aidl::SERVICE_NAME);
+    assert!(late.is_err(), "the idle session was still served after 2.5 s");
+    let service: Strong<dyn ICheckpoint> =
+        busy.try_get(checkpoint_aidl::SERVICE_NAME).expect("lookup").expect("registered");
+    service.getStatus().expect("the session that called is still served");
+    assert!(setup.log_text().contains("no call within 1000 ms"), "{}", setup.log_text());
     drop(daemon);
 }
 
