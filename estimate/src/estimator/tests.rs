@@ -511,3 +511,33 @@ fn percentile_is_nearest_rank() {
     assert_eq!(percentile(&v, 50), Some(10));
     assert_eq!(percentile(&v, 1), Some(1));
 }
+
+/// The modelled extra space sits at the tail of dm-bow's free list: on traces that fit, a run
+/// with it makes exactly the decisions of the run without it.
+#[test]
+fn bow_extra_space_is_used_only_after_the_real_free_space() {
+    let dev = 64 * MIB;
+    let blocks = dev / BLK;
+    let mut relocated = 0;
+    for seed in 1..=4u64 {
+        let mut next = xorshift(seed * 0x2545_f491);
+        let extents: Vec<FreeExtent> = (0..6)
+            .map(|i| FreeExtent { offset: i * 10 * MIB + 2 * MIB, len: (256 + next(512)) * BLK })
+            .collect();
+        let ops: Vec<TraceOp> = (0..200)
+            .map(|_| TraceOp::Write { offset: next(blocks - 16) * BLK, len: (1 + next(8)) * BLK })
+            .collect();
+        let cfg = DryRunConfig::new(dev);
+        let real = dryrun::dry_run(&cfg, &extents, &ops).unwrap();
+        assert_eq!(real.enospc, None, "seed {seed}");
+        let extra = with_extra_space(&cfg, &extents, &ops, BLK).unwrap();
+        assert_eq!(extra.backup_bytes, real.backup_bytes, "seed {seed}");
+        assert_eq!(extra.backup_entries, real.backup_entries);
+        assert_eq!(extra.relocation_bytes, real.relocation_bytes);
+        assert_eq!(extra.log_sectors, real.log_sectors);
+        assert_eq!(extra.claimed_by_writes, real.claimed_by_writes);
+        assert_eq!(extra.consumed_by_bow, real.consumed_by_bow);
+        relocated += real.relocation_bytes;
+    }
+    assert!(relocated > 0, "the traces should make dm-bow move some backups");
+}
