@@ -287,19 +287,18 @@ pub fn estimate(
 ) -> Result<Estimate, EstimateError> {
     config.validate()?;
     let geometry = Geometry::check(input)?;
-    let free_map = match input.free {
-        FreeSpace::Map(extents) => Some(geometry.free_map(extents)?),
+    let (free_map, free_total) = match input.free {
+        FreeSpace::Map(extents) => {
+            let map = geometry.free_map(extents)?;
+            let total = geometry.usable_free(&map, input.backend);
+            (Some(map), total)
+        }
         FreeSpace::Bytes(n) => {
             if *n > input.device_size {
                 return Err(EstimateError::invalid("free bytes", *n, "more than the device holds"));
             }
-            None
+            (None, *n)
         }
-    };
-    let free_total = match (&free_map, input.free) {
-        (Some(map), _) => geometry.usable_free(map, input.backend),
-        (None, FreeSpace::Bytes(n)) => *n,
-        (None, FreeSpace::Map(_)) => 0,
     };
     let declared = declared_total(input)?;
     let history = history_samples(input)?;
