@@ -23,9 +23,11 @@ use ::bow::device::{BlockDevice, DeviceError, FileDevice};
 use ::bow::restore::{RestoreError, RestoreOutcome as BowOutcome};
 use blockdev::bowctl::{BowControl, BowState, Sysfs};
 use blockdev::dm::target::BowParams;
-use blockdev::dm::{Table, Target};
+use blockdev::dm::{DevRef, DeviceInfo, DeviceMapper, DmName, Table, TableSlot, Target};
 use blockdev::names::Role;
+use blockdev::ErrorKind;
 use blockdev::Sectors;
+use nix::errno::Errno;
 use policy::errno::{EAGAIN, EINVAL, EIO};
 use policy::{
     Action, Backend, BackendError, BackendKind, BackendState, BackendStatus, BackupSpace,
@@ -199,14 +201,22 @@ impl KernelBow {
     fn find(spec: &DeviceSpec, opts: &BowOptions) -> Result<KernelBow, BackendError> {
         let dm = open_dm(NAME)?;
         let n = stack::name(NAME, Role::Bow, spec)?;
-        let Some(info) = lookup(&dm, NAME, &n)? else {
-            return Err(BackendError::NotSetUp { backend: format!("{NAME} ({})", n.name) });
+        let (info, node) = match lookup(&dm, NAME, &n)? {
+            Some(info) => (info, dm.node_path(&n.name)),
+            None => match fs_mgr_bow(&dm, spec)? {
+                Some(found) => found,
+                None => {
+                    return Err(BackendError::NotSetUp {
+                        backend: format!("{NAME} ({}, nor fs_mgr's `{FS_MGR_NAME}`)", n.name),
+                    })
+                }
+            },
         };
         let sysfs = Sysfs::at(&opts.sysfs_root);
         let ctl = sysfs.find_bow(info.dev).map_err(|e| bowctl_err("find dm-bow in sysfs", e))?;
         let Some(ctl) = ctl else {
             return Err(BackendError::NotSetUp {
-                backend: format!("{NAME} ({} has no bow/ in sysfs)", n.name),
+                backend: format!("{NAME} ({} has no bow/ in sysfs)", info.name),
             });
         };
         let block_size = if opts.block_size_4096 {
@@ -219,7 +229,7 @@ impl KernelBow {
                     .map_err(|e| errors::blk("logical block size", e))?,
             )
         };
-        Ok(KernelBow { ctl, node: dm.node_path(&n.name), block_size })
+        Ok(KernelBow { ctl, node, block_size })
     }
 
     fn device(&self) -> Result<FileDevice, BackendError> {
@@ -227,6 +237,34 @@ impl KernelBow {
             .map(FileDevice::with_direct_reads)
             .map_err(|e| errors::io(format!("open {}", self.node.display()), to_io(e)))
     }
+}
+
+/// The name Android's fs_mgr gives the dm-bow device it creates itself at `mount_all` for a
+/// `checkpoint=block` entry; on Android the bow backend drives that device, not one of its own.
+const FS_MGR_NAME: &str = "bow";
+
+/// fs_mgr's `bow` device, if there is one and its table sits on `spec`'s raw device (another
+/// device's dm-bow is never ours to drive).
+fn fs_mgr_bow(
+    dm: &DeviceMapper,
+    spec: &DeviceSpec,
+) -> Result<Option<(DeviceInfo, PathBuf)>, BackendError> {
+    let name = DmName::new(FS_MGR_NAME).map_err(|e| errors::dm(NAME, "device name", e))?;
+    let info = match dm.info(DevRef::Name(&name)) {
+        Ok(info) => info,
+        Err(e) if e.errno() == Some(Errno::ENXIO) || e.kind() == ErrorKind::NotFound => {
+            return Ok(None)
+        }
+        Err(e) => return Err(errors::dm(NAME, format!("status of {FS_MGR_NAME}"), e)),
+    };
+    let (raw, _) = raw_device(spec)?;
+    let deps = dm
+        .deps(DevRef::Name(&name), TableSlot::Active)
+        .map_err(|e| errors::dm(NAME, format!("deps of {FS_MGR_NAME}"), e))?;
+    if deps != [raw] {
+        return Ok(None);
+    }
+    Ok(Some((info, dm.node_path(&name))))
 }
 
 fn to_io(e: DeviceError) -> std::io::Error {

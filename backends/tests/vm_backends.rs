@@ -322,6 +322,51 @@ fn snapshot_rollback(
     Ok(took)
 }
 
+/// On Android fs_mgr creates the dm-bow device itself, named `bow`: the bow backend drives it
+/// when it sits on the backend's raw device, and never one on another device. This kernel has
+/// no dm-bow, so a dm-linear device stands in for fs_mgr's and a directory stands in for its
+/// sysfs `bow/` (state 0): the backend's status reads that state only if it found the device.
+fn fs_mgr_bow_device_is_adopted(
+    dm: &DeviceMapper,
+    spec: &DeviceSpec,
+    records: &Records,
+) -> Result<(), Failed> {
+    use backends::bow::restore::RestoreOptions;
+    use backends::bow::{BowBackend, BowOptions};
+    let (_other_img, other) = loop_file("other.img", 8 * MIB)?;
+    let sysfs = Path::new("/dev/shm/fake-sysfs");
+    let status_over = |raw: &Path| -> Result<BackendState, Failed> {
+        guest::sh(&format!(
+            "dmsetup create bow --table \"0 $(blockdev --getsz {0}) linear {0} 0\"",
+            raw.display()
+        ))?;
+        let dev = dm.info(DevRef::Name(&blockdev::dm::DmName::new("bow")?))?.dev;
+        let dir = sysfs.join("dev/block").join(dev.to_string());
+        fs::create_dir_all(dir.join("bow"))?;
+        fs::create_dir_all(dir.join("dm"))?;
+        fs::write(dir.join("dm/name"), "bow\n")?;
+        fs::write(dir.join("bow/state"), "0\n")?;
+        let opts = BowOptions { sysfs_root: sysfs.to_owned(), ..BowOptions::default() };
+        let backend =
+            BowBackend::new(spec.clone(), opts, RestoreOptions::default(), records.clone())?;
+        let state = backend.status().map(|s| s.state);
+        guest::sh("dmsetup remove bow")?;
+        fs::remove_dir_all(sysfs)?;
+        Ok(state?)
+    };
+    let adopted = status_over(&spec.raw)?;
+    println!("fs_mgr's `bow` over the raw device: {adopted:?}");
+    ensure(adopted == BackendState::Idle, format!("fs_mgr's bow device not adopted: {adopted:?}"))?;
+    let foreign = status_over(other.path());
+    other.detach()?;
+    let foreign = foreign?;
+    println!("fs_mgr's `bow` over another device: {foreign:?}");
+    ensure(
+        foreign == BackendState::Unknown,
+        format!("a foreign bow device was adopted: {foreign:?}"),
+    )
+}
+
 fn guest_snapshot_ext4(_: &[String]) -> Result<(), Failed> {
     let dm = DeviceMapper::open()?;
     let meta = Path::new("/dev/shm/meta");
@@ -333,6 +378,8 @@ fn guest_snapshot_ext4(_: &[String]) -> Result<(), Failed> {
         raw.path().display()
     ))?;
     let spec = spec(raw.path(), "/dev/shm/mnt-ext4", "ext4")?;
+
+    fs_mgr_bow_device_is_adopted(&dm, &spec, &records)?;
 
     // ---- auto: no dm-bow on this kernel ----
     let (chosen, why) = select::choose(&AutoOptions::default());

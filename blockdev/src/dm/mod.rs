@@ -38,7 +38,13 @@ use crate::units::{DevId, Sectors};
 use abi::{off, DmCmd, IoctlBuf};
 pub use target::{Table, TableError, Target, TargetLine};
 
-/// Path of the control node.
+/// Path of the control node: Android's ueventd names it `/dev/device-mapper` (the node AOSP's
+/// libdm opens); udev and devtmpfs elsewhere name it `/dev/mapper/control`.
+#[cfg(target_os = "android")]
+pub const CONTROL_PATH: &str = "/dev/device-mapper";
+/// Path of the control node: Android's ueventd names it `/dev/device-mapper` (the node AOSP's
+/// libdm opens); udev and devtmpfs elsewhere name it `/dev/mapper/control`.
+#[cfg(not(target_os = "android"))]
 pub const CONTROL_PATH: &str = "/dev/mapper/control";
 
 /// Where named device nodes live on this platform.
@@ -439,7 +445,7 @@ pub enum SuspendMode {
     NoFlush,
 }
 
-/// An open `/dev/mapper/control`.
+/// An open device-mapper control node ([`CONTROL_PATH`]).
 #[derive(Debug)]
 pub struct DeviceMapper {
     control: File,
