@@ -225,6 +225,8 @@ fn is_c_space(c: char) -> bool {
 /// base 10 an optional `+` or `-`, then digits up to the end of the string with nothing after
 /// (trailing white space included); a value outside `int` fails. So `-0x10` and `+0x10` fail
 /// (a sign selects base 10, which stops at the `x`), and `0x` needs at least one hex digit.
+/// This is current libbase; releases whose `ParseInt` did not skip the white space itself
+/// chose the base on the raw string, so there ` 0x10` failed (base 10) while ` 16` passed.
 pub fn parse_int(arg: &str) -> Result<i32, IntError> {
     let s = arg.trim_start_matches(is_c_space);
     let (radix, body) = match s.get(..2) {
