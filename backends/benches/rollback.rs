@@ -17,10 +17,15 @@
 //!    interleaved A B B A …: random 4 KiB and sequential 1 MiB O_DIRECT writes, `qd` threads,
 //!    each slice ending with `fdatasync`. The store must then hold exactly the bytes written
 //!    through the origin (else the writes were not first touches and the run fails).
-//! 3. **Backup space of one block trace**: ext4 (populated, then a workload of new files,
-//!    in-place rewrites, replaced and deleted files) on dm-log-writes over snapshot-origin: the
+//! 3. **Backup space of the same block traces**: ext4 (populated to several fill levels, then
+//!    the same workload of new files, in-place rewrites, replaced and deleted files), and raw
+//!    writes half into free space (the seed's claim), on dm-log-writes over snapshot-origin: the
 //!    snapshot's real COW usage, and the dm-log-writes trace replayed through the dm-bow engine
 //!    model (`bow::dryrun`) from the free space at checkpoint start.
+//!
+//! The guest writes every median and ratio of the summary to `rollback.json` in the shared
+//! folder; the host adds the machine and writes it to `target/bench/rollback.json` for
+//! `cargo xtask bench`'s report.
 //!
 //! The host counts the QEMU processes running before and during the boot: another guest on the
 //! two cores ruins every ratio (docs/benchmarks.md).
@@ -222,16 +227,32 @@ fn host(quick: bool) -> Result<(), Failed> {
     let run = run?;
     run.expect_success()?;
     let max = max_seen.load(Ordering::Relaxed);
+    let seconds = started.elapsed().as_secs_f64();
     println!(
         "\nQEMU processes on the host: {before} before the boot, at most {max} during the run \
-         (ours included); boot + run {:.0} s",
-        started.elapsed().as_secs_f64()
+         (ours included); boot + run {seconds:.0} s"
     );
-    if max > 1 || before > 0 {
+    let clean = max <= 1 && before == 0;
+    if !clean {
         println!("WARNING: another guest shared the 2 cores: the ratios above are not clean");
     }
+    let from_guest = run.shared_dir.join(GUEST_JSON);
+    let mut json: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&from_guest).map_err(|e| format!("{}: {e}", from_guest.display()))?,
+    )?;
+    json["machine"] = common::host_machine();
+    json["setup"]["qemu_processes"] =
+        serde_json::json!({ "before": before, "max_during": max, "clean": clean });
+    json["setup"]["boot_and_run_s"] = serde_json::json!(seconds);
+    let out = testbench::paths::target_dir().join("bench").join("rollback.json");
+    std::fs::create_dir_all(out.parent().ok_or("no parent")?)?;
+    std::fs::write(&out, serde_json::to_string_pretty(&json)?)?;
+    println!("wrote {}", out.display());
     Ok(())
 }
+
+/// The guest's results, in the shared folder (the guest's working directory).
+const GUEST_JSON: &str = "rollback.json";
 
 /// The two block devices: the virtio disks, or loop devices over tmpfs files.
 fn devices(cfg: &Config) -> Result<(PathBuf, PathBuf, Vec<LoopDevice>), Failed> {
@@ -278,11 +299,109 @@ fn guest_bench(args: &[String]) -> Result<(), Failed> {
     let (rand, seq) = writes::run(&cfg, &dm, disks.a)?;
     println!("  (part 2: {:.0} s)", t.elapsed().as_secs_f64());
     let t = Instant::now();
-    println!("\n== 3. backup space of one ext4 block trace: dm-snapshot vs dm-bow ==");
-    let sp = space::run(&cfg, &dm, disks.a, disks.b)?;
+    println!("\n== 3. backup space of the same block traces: dm-snapshot vs dm-bow ==");
+    let fills: &[u64] = if cfg.quick { &[45] } else { &[25, 45, 65] };
+    let mut traces: Vec<space::Trace> =
+        fills.iter().map(|&fill_percent| space::Trace::Ext4 { fill_percent }).collect();
+    traces.push(space::Trace::Raw { interleaved: false });
+    traces.push(space::Trace::Raw { interleaved: true });
+    let mut sp = Vec::new();
+    for (i, trace) in traces.iter().enumerate() {
+        let tt = Instant::now();
+        println!("\n -- trace {}/{}: {} --", i + 1, traces.len(), trace.name());
+        sp.push(space::run(&cfg, &dm, disks.a, disks.b, *trace)?);
+        println!("  ({:.0} s)", tt.elapsed().as_secs_f64());
+    }
     println!("  (part 3: {:.0} s)", t.elapsed().as_secs_f64());
     summary(&cfg, &rollback, &rand, &seq, &sp);
+    let json = report_json(&cfg, &rollback, &rand, &seq, &sp);
+    std::fs::write(GUEST_JSON, serde_json::to_string_pretty(&json)?)?;
     Ok(())
+}
+
+/// Every figure of the summary as JSON: `rows` (medians, bytes) and `figures` (ratios with
+/// their inputs); the host adds the machine.
+fn report_json(
+    cfg: &Config,
+    rollback: &[merge::CaseResult],
+    rand: &writes::Throughput,
+    seq: &writes::Throughput,
+    sp: &[space::SpaceResult],
+) -> serde_json::Value {
+    use serde_json::json;
+    let mut figures = Vec::new();
+    let mut rows = Vec::new();
+    for r in rollback {
+        let group = format!("rollback of {:.0} MiB, {}", mib(cfg.changed), r.name);
+        for (method, d) in [
+            ("kernel snapshot-merge", r.kernel),
+            ("userspace merge (snapcow)", r.user),
+            ("dm-bow restore (bow, engine-model log)", r.bow),
+        ] {
+            rows.push(json!({"part": "rollback", "case": r.name, "method": method,
+                "median_ms": ms(d), "mib_s": mib_s(cfg.changed, d)}));
+        }
+        let inputs = json!({"kernel_ms": ms(r.kernel), "userspace_ms": ms(r.user),
+            "bow_ms": ms(r.bow), "bytes": cfg.changed});
+        for (name, ratio) in [
+            (
+                "userspace merge speed / kernel snapshot-merge speed",
+                r.kernel.as_secs_f64() / r.user.as_secs_f64(),
+            ),
+            (
+                "dm-bow restore speed / kernel snapshot-merge speed",
+                r.kernel.as_secs_f64() / r.bow.as_secs_f64(),
+            ),
+            (
+                "userspace merge speed / dm-bow restore speed",
+                r.bow.as_secs_f64() / r.user.as_secs_f64(),
+            ),
+        ] {
+            figures.push(json!({"group": group, "name": name, "ratio": ratio, "inputs": inputs}));
+        }
+    }
+    for (name, t) in [("random 4 KiB", rand), ("sequential 1 MiB", seq)] {
+        let group = format!("/data write throughput during a checkpoint, first touch, {name}");
+        figures.push(json!({"group": group,
+            "name": "snapshot-origin (active snapshot) / dm-linear",
+            "ratio": t.ratio(),
+            "inputs": {"linear_mib_s": mib_s(t.linear.0, t.linear.1),
+                "snapshot_mib_s": mib_s(t.snapshot.0, t.snapshot.1),
+                "linear_bytes": t.linear.0, "snapshot_bytes": t.snapshot.0,
+                "slice_pair_min": t.pair_range.0, "slice_pair_max": t.pair_range.1,
+                "threads": cfg.qd}}));
+    }
+    for s in sp {
+        let bow = &s.bow;
+        let enospc = bow.enospc.map(|e| format!("{e:?}"));
+        rows.push(json!({"part": "space", "trace": s.name, "fill": s.fill, "ops": s.ops,
+            "written_bytes": s.written, "written_free_bytes": s.written_free,
+            "snapshot_bytes": s.snapshot, "snapshot_metadata_bytes": s.snapshot_metadata,
+            "bow_bytes": bow.consumed_by_bow, "bow_backup_bytes": bow.backup_bytes,
+            "bow_relocation_bytes": bow.relocation_bytes, "bow_entries": bow.backup_entries,
+            "bow_enospc": enospc}));
+        figures.push(json!({"group": "backup space, same captured trace",
+            "name": format!("dm-bow (engine model) / dm-snapshot COW: {}{}", s.name,
+                if enospc.is_some() { " (dm-bow ran out of free space)" } else { "" }),
+            "ratio": bow.consumed_by_bow as f64 / s.snapshot.max(1) as f64,
+            "inputs": {"bow_bytes": bow.consumed_by_bow, "snapshot_bytes": s.snapshot,
+                "fill": s.fill,
+                "written_free_share": s.written_free as f64 / s.written.max(1) as f64,
+                "bow_relocation_bytes": bow.relocation_bytes, "bow_enospc": enospc}}));
+    }
+    json!({
+        "bench": "rollback",
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map_or_else(|_| "unknown".to_owned(), |k| k.trim().to_owned()),
+        "mode": if cfg.quick { "quick" } else { "full" },
+        "setup": {"where": "virtual device (QEMU TCG)",
+            "backing": if cfg.shm { "loop over guest tmpfs" } else { "virtio-blk" },
+            "guest_cpus": std::thread::available_parallelism().map_or(0, usize::from),
+            "data_mib": mib(cfg.data), "spare_mib": mib(cfg.spare),
+            "changed_mib": mib(cfg.changed), "rounds": cfg.rounds},
+        "figures": figures,
+        "rows": rows,
+    })
 }
 
 fn summary(
@@ -290,7 +409,7 @@ fn summary(
     rollback: &[merge::CaseResult],
     rand: &writes::Throughput,
     seq: &writes::Throughput,
-    sp: &space::SpaceResult,
+    sp: &[space::SpaceResult],
 ) {
     println!("\n== summary (ratios from this run) ==");
     println!(
@@ -336,32 +455,37 @@ fn summary(
             t.pair_range.1
         );
     }
-    let bow = &sp.bow;
-    let implied = (sp.chunks + 2 + sp.chunks / 256) * common::BLOCK;
-    println!(
-        "backup space, one trace ({} ops, {:.1} MiB in distinct 4 KiB blocks, {:.0} % of them \
-         in space free at checkpoint start):",
-        sp.ops,
-        mib(sp.written),
-        100.0 * sp.written_free as f64 / sp.written.max(1) as f64
-    );
-    println!(
-        "  dm-snapshot COW (status): {:.2} MiB ({:.2} MiB metadata); the trace implies {:.2} MiB",
-        mib(sp.snapshot),
-        mib(sp.snapshot_metadata),
-        mib(implied)
-    );
-    println!(
-        "  dm-bow (engine model): {:.2} MiB = backups {:.2} MiB ({} entries, {:.2} MiB \
-         relocations) + {} log sectors + {} blocks at checkpoint start",
-        mib(bow.consumed_by_bow),
-        mib(bow.backup_bytes),
-        bow.backup_entries,
-        mib(bow.relocation_bytes),
-        bow.log_sectors,
-        bow.checkpoint_blocks
-    );
-    println!("  bow/snapshot = {:.2}", bow.consumed_by_bow as f64 / sp.snapshot.max(1) as f64);
+    for sp in sp {
+        let bow = &sp.bow;
+        let implied = (sp.chunks + 2 + sp.chunks / 256) * common::BLOCK;
+        println!(
+            "backup space, {} (in use at checkpoint start {:.0} %): {} ops, {:.1} MiB in \
+             distinct 4 KiB blocks, {:.0} % of them in space free at checkpoint start:",
+            sp.name,
+            sp.fill * 100.0,
+            sp.ops,
+            mib(sp.written),
+            100.0 * sp.written_free as f64 / sp.written.max(1) as f64
+        );
+        println!(
+            "  dm-snapshot COW (status): {:.2} MiB ({:.2} MiB metadata); the trace implies {:.2} MiB",
+            mib(sp.snapshot),
+            mib(sp.snapshot_metadata),
+            mib(implied)
+        );
+        println!(
+            "  dm-bow (engine model): {:.2} MiB = backups {:.2} MiB ({} entries, {:.2} MiB \
+             relocations) + {} log sectors + {} blocks at checkpoint start{}",
+            mib(bow.consumed_by_bow),
+            mib(bow.backup_bytes),
+            bow.backup_entries,
+            mib(bow.relocation_bytes),
+            bow.log_sectors,
+            bow.checkpoint_blocks,
+            bow.enospc.map_or(String::new(), |e| format!("; RAN OUT OF FREE SPACE: {e:?}"))
+        );
+        println!("  bow/snapshot = {:.2}", bow.consumed_by_bow as f64 / sp.snapshot.max(1) as f64);
+    }
     if cfg.quick {
         println!("quick mode: small sizes and one round; run without --quick for the numbers");
     }

@@ -31,6 +31,10 @@
 //! every saved copy's CRC before it writes anything, so it takes at least copy's read time
 //! plus raw's time.
 //!
+//! A real run (`--bench`) also writes `target/bench/restore.json` for `cargo xtask bench`'s
+//! report: the machine, the kernel, every method's median per case (`rows`) and the ratios
+//! between them (`figures`, each with its inputs).
+//!
 //! Environment: `BOW_BENCH_IMAGE_MIB` (default 512), `BOW_BENCH_RESTORE_MIB` (default 64),
 //! `BOW_BENCH_ROUNDS` (default 3), `BOW_BENCH_QD` (queue depth of ours, raw and copy; default
 //! 8), `BOW_BENCH_DIR` (default: the target's tmp dir).
@@ -277,6 +281,32 @@ fn raw_copy(path: &Path, case: &Case, qd: usize) -> (Duration, Duration) {
     (t.elapsed(), t_read)
 }
 
+/// The host: CPU model, CPUs, memory (for the report; the numbers hold on this machine only).
+fn machine() -> serde_json::Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')))
+        .map_or("unknown", |(_, v)| v.trim());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    serde_json::json!({
+        "cpu": cpu,
+        "cpus": std::thread::available_parallelism().map_or(0, usize::from),
+        "memory_mib": kib / 1024,
+    })
+}
+
+/// The running kernel's release (the host's: this bench runs on the host).
+fn kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or_else(|_| "unknown".into(), |s| s.trim().to_owned())
+}
+
 fn median(v: &mut [Duration]) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -311,6 +341,7 @@ fn main() {
         build("coalesced 256 KiB runs", image_blocks, restore_blocks, 64),
     ];
     let mut dropped_all = true;
+    let (mut rows, mut figures) = (Vec::new(), Vec::new());
     for case in &cases {
         let path =
             dir.join(format!("bow-bench-{}.img", case.name.split(' ').next().unwrap_or("x")));
@@ -396,7 +427,60 @@ fn main() {
              raw / (raw + copy's reads) = {:.2}",
             r.as_secs_f64() / (r + c_read).as_secs_f64()
         );
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        for (method, d) in [
+            ("ours", o),
+            ("ours, budget 0", twice),
+            ("vold algorithm", v),
+            ("raw copy", c),
+            ("raw write alone", r),
+        ] {
+            rows.push(serde_json::json!({
+                "case": case.name, "method": method, "median_ms": ms(d), "mib_s": mib_s(bytes, d),
+            }));
+        }
+        let group = format!("restore, {}", case.name);
+        let inputs = |a: (&str, Duration), b: (&str, Duration)| serde_json::json!({ a.0: ms(a.1), b.0: ms(b.1), "bytes": bytes });
+        figures.push(serde_json::json!({
+            "group": group, "name": "ours speed / vold-algorithm baseline speed",
+            "ratio": v.as_secs_f64() / o.as_secs_f64(),
+            "inputs": inputs(("ours_ms", o), ("vold_ms", v)),
+        }));
+        figures.push(serde_json::json!({
+            "group": group, "name": "ours speed / raw copy of the same blocks",
+            "ratio": c.as_secs_f64() / o.as_secs_f64(),
+            "inputs": inputs(("ours_ms", o), ("raw_copy_ms", c)),
+        }));
+        figures.push(serde_json::json!({
+            "group": group, "name": "ours speed / raw write alone",
+            "ratio": r.as_secs_f64() / o.as_secs_f64(),
+            "inputs": inputs(("ours_ms", o), ("raw_write_ms", r)),
+        }));
+        figures.push(serde_json::json!({
+            "group": group,
+            "name": "ceiling of ours/raw write: raw write / (raw write + reading the copies)",
+            "ratio": r.as_secs_f64() / (r + c_read).as_secs_f64(),
+            "inputs": inputs(("raw_write_ms", r), ("copy_read_ms", c_read)),
+        }));
         let _ = std::fs::remove_file(&path);
+    }
+    if !quick {
+        let json = serde_json::json!({
+            "bench": "restore",
+            "machine": machine(),
+            "kernel": kernel(),
+            "setup": {
+                "where": format!("image file on the host, {}", dir.display()),
+                "image_mib": image_mib, "restored_mib_per_case": restore_mib,
+                "rounds": rounds, "queue_depth": qd, "cold_cache": dropped_all,
+            },
+            "figures": figures,
+            "rows": rows,
+        });
+        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("../bench/restore.json");
+        std::fs::create_dir_all(out.parent().expect("a parent")).expect("target/bench");
+        std::fs::write(&out, serde_json::to_string_pretty(&json).expect("json")).expect("write");
+        println!("\nwrote {}", out.display());
     }
     if quick {
         println!("\nquick mode (not `cargo bench`): tiny sizes, warm caches, numbers meaningless");

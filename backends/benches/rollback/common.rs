@@ -367,3 +367,25 @@ fn write_pattern_zero(path: &Path) -> Result<(), Failed> {
     f.sync_data()?;
     Ok(())
 }
+
+/// The host: CPU model, CPUs, memory (the report notes where its numbers come from).
+pub fn host_machine() -> serde_json::Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')))
+        .map_or("unknown", |(_, v)| v.trim());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    serde_json::json!({
+        "cpu": cpu,
+        "cpus": std::thread::available_parallelism().map_or(0, usize::from),
+        "memory_mib": kib / 1024,
+        "host_kernel": host_kernel.trim(),
+    })
+}
