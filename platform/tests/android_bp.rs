@@ -52,6 +52,16 @@ fn files_of(root: &Path) -> Vec<PathBuf> {
     soong::find_android_bp(root)
 }
 
+/// The newest frozen version of android.system.checkpoint (the tests below break whichever
+/// version is current, so a new freeze needs no change here).
+fn newest_frozen_version(root: &Path) -> u32 {
+    fs::read_dir(root.join("aidl/aidl_api/android.system.checkpoint"))
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .max()
+        .expect("a frozen version")
+}
+
 #[test]
 fn every_android_bp_is_bpfmt_clean() {
     let root = platform_checks::workspace_root();
@@ -164,7 +174,11 @@ fn a_glob_matching_nothing_and_a_path_outside_the_folder_are_reported() {
 #[test]
 fn a_frozen_aidl_version_without_its_hash_is_reported() {
     let tree = copy_of_tree();
-    fs::remove_file(tree.path().join("aidl/aidl_api/android.system.checkpoint/1/.hash")).unwrap();
+    let version = newest_frozen_version(tree.path());
+    fs::remove_file(
+        tree.path().join(format!("aidl/aidl_api/android.system.checkpoint/{version}/.hash")),
+    )
+    .unwrap();
     let problems = soong::all_problems(tree.path());
     assert_reported(&problems, &["aidl/Android.bp", ".hash is missing or empty"]);
     // The genrule names the .hash as an input too.
@@ -320,15 +334,20 @@ fn a_workspace_member_without_modules_must_be_declared_host_only() {
 #[test]
 fn a_vintf_fragment_that_disagrees_with_the_interface_is_reported() {
     let tree = copy_of_tree();
+    let version = newest_frozen_version(tree.path());
+    let unfrozen = version + 1;
     edit(
         tree.path(),
         "android/vintf/checkpointd.xml",
-        "<version>1</version>",
-        "<version>2</version>",
+        &format!("<version>{version}</version>"),
+        &format!("<version>{unfrozen}</version>"),
     );
     edit(tree.path(), "android/vintf/checkpointd.xml", "ICheckpoint/default", "ICheckpoint/other");
     let problems = soong::all_problems(tree.path());
-    assert_reported(&problems, &["checkpointd.xml", "version 2 is not the newest frozen version"]);
+    assert_reported(
+        &problems,
+        &["checkpointd.xml", &format!("version {unfrozen} is not the newest frozen version")],
+    );
     assert_reported(
         &problems,
         &[
@@ -368,17 +387,18 @@ fn a_cargo_variable_soong_does_not_set_is_reported() {
 }
 
 /// Cargo's build-script executable and OUT_DIR for each package folder, from `cargo build
-/// --message-format=json` of `packages` (a no-op when they are built).
+/// --message-format=json` of `packages` (a no-op when they are built). `--keep-going`: the
+/// build scripts are all this needs, and a library that does not compile is another test's
+/// failure.
 fn cargo_build_scripts(packages: &[&str]) -> BTreeMap<PathBuf, (PathBuf, PathBuf)> {
     let root = platform_checks::workspace_root();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut command = Command::new(cargo);
-    command.arg("build").arg("--message-format=json").current_dir(&root);
+    command.args(["build", "--keep-going", "--message-format=json"]).current_dir(&root);
     for package in packages {
         command.arg("-p").arg(package);
     }
     let output = platform_checks::run(&mut command);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let mut executables = BTreeMap::new();
     let mut out_dirs = BTreeMap::new();
     for line in String::from_utf8_lossy(&output.stdout).lines() {
@@ -396,10 +416,18 @@ fn cargo_build_scripts(packages: &[&str]) -> BTreeMap<PathBuf, (PathBuf, PathBuf
             _ => {}
         }
     }
-    executables
+    let scripts: BTreeMap<PathBuf, (PathBuf, PathBuf)> = executables
         .into_iter()
         .filter_map(|(id, (dir, binary))| Some((dir, (binary, out_dirs.get(&id)?.clone()))))
-        .collect()
+        .collect();
+    assert!(
+        scripts.len() >= packages.len(),
+        "cargo ran {} of the {} build scripts: {}",
+        scripts.len(),
+        packages.len(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    scripts
 }
 
 /// Runs every genrule of the tree at `root` whose tools are `build.rs` host tools, with cargo's
@@ -452,10 +480,11 @@ fn a_genrule_missing_an_input_writes_something_else() {
     // Without the frozen version's .hash in the sandbox, build.rs builds the interface
     // unversioned: the code differs from cargo's.
     let tree = copy_of_tree();
+    let version = newest_frozen_version(tree.path());
     edit(
         tree.path(),
         "aidl/Android.bp",
-        "        \"aidl_api/android.system.checkpoint/1/.hash\",\n",
+        &format!("        \"aidl_api/android.system.checkpoint/{version}/.hash\",\n"),
         "",
     );
     let results = run_genrules(tree.path());
