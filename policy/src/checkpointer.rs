@@ -1028,6 +1028,12 @@ impl Checkpointer {
         })
     }
 
+    /// Runs `f` on the state store under the policy's lock: the daemon's learning records
+    /// (estimates, what each checkpoint consumed) live in the same store, one owner.
+    pub fn with_store<T>(&self, f: impl FnOnce(&mut Store) -> T) -> T {
+        f(&mut self.lock().store)
+    }
+
     /// Up to `limit` history events, newest first.
     pub fn history(&self, limit: usize) -> Result<Vec<HistoryEvent>, PolicyError> {
         Ok(self.lock().store.history(limit)?)

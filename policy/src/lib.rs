@@ -32,6 +32,7 @@ pub use checkpointer::{
 };
 pub use error::{errno, ErrorKind, PolicyError};
 pub use store::{
-    bounded, HistoryEvent, HistoryKind, Store, StoreError, HISTORY_LIMIT, MAX_STORED_PATH_BYTES,
+    bounded, Consumption, Ending, EstimateRecord, Finished, HistoryEvent, HistoryKind, Store,
+    StoreError, Tracking, CONSUMPTION_LIMIT, HISTORY_LIMIT, MAX_STORED_PATH_BYTES,
     MAX_STORED_TEXT_BYTES, MAX_STORED_WORD_BYTES, MIGRATIONS, SCHEMA_VERSION,
 };

@@ -69,10 +69,47 @@ pub const MIGRATIONS: &[&str] = &[
     );",
     // 1 -> 2: status() looks up the last event of a kind (the last restore).
     "CREATE INDEX history_event ON history (event, id);",
+    // 2 -> 3: learning (docs/state-machine.md, "Learning"): the last estimate, the checkpoint
+    // being tracked (the estimate made before it, the most backup space seen while it runs),
+    // and what each finished checkpoint consumed.
+    "CREATE TABLE last_estimate (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        at_ms INTEGER NOT NULL,
+        mount_point TEXT NOT NULL,
+        backend TEXT NOT NULL,
+        device_size INTEGER NOT NULL CHECK (device_size > 0),
+        basis TEXT NOT NULL,
+        predicted_bytes INTEGER NOT NULL CHECK (predicted_bytes >= 0),
+        needed_bytes INTEGER NOT NULL CHECK (needed_bytes >= 0)
+    );
+    CREATE TABLE tracking (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        started_at_ms INTEGER NOT NULL,
+        estimate_at_ms INTEGER,
+        estimated_bytes INTEGER CHECK (estimated_bytes IS NULL OR estimated_bytes >= 0),
+        predicted_bytes INTEGER CHECK (predicted_bytes IS NULL OR predicted_bytes >= 0),
+        high_water_bytes INTEGER CHECK (high_water_bytes IS NULL OR high_water_bytes >= 0)
+    );
+    CREATE TABLE consumption (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at_ms INTEGER NOT NULL,
+        history_id INTEGER,
+        outcome TEXT NOT NULL,
+        mount_point TEXT NOT NULL,
+        backend TEXT NOT NULL,
+        device_size INTEGER NOT NULL CHECK (device_size > 0),
+        actual_bytes INTEGER NOT NULL CHECK (actual_bytes >= 0),
+        estimated_bytes INTEGER,
+        predicted_bytes INTEGER
+    );
+    CREATE INDEX consumption_history ON consumption (history_id);",
 ];
 
 /// The schema version this code writes.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
+
+/// Consumption rows kept (the estimator's history); older rows are pruned when one is added.
+pub const CONSUMPTION_LIMIT: i64 = 1_000;
 
 /// History rows kept; older rows are pruned at open.
 pub const HISTORY_LIMIT: i64 = 10_000;
@@ -312,8 +349,11 @@ pub struct HistoryEvent {
     pub outcome: Option<String>,
     /// Free text (abort reason, error message).
     pub message: Option<String>,
-    /// Backup space consumed, as reported by the backends.
+    /// Backup space consumed, as reported by the backends. On the row that ended a tracked
+    /// checkpoint: what it really consumed (the most seen while it ran, [`Consumption`]).
     pub backup_used_bytes: Option<u64>,
+    /// On the row that ended a tracked checkpoint: the estimate made before it (needed bytes).
+    pub estimated_bytes: Option<u64>,
     /// For a row of kind [`HistoryKind::Unrecognised`]: what it holds that this code does not
     /// understand (the stored event name, or the column that has a value of the wrong type).
     pub unrecognised: Option<String>,
@@ -333,9 +373,108 @@ impl HistoryEvent {
             outcome: None,
             message: None,
             backup_used_bytes: None,
+            estimated_bytes: None,
             unrecognised: None,
         }
     }
+}
+
+/// An estimate as the learning records keep it (the last `estimateBackupSpace` answer).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EstimateRecord {
+    /// When it was made (ms since the Unix epoch). Ignored when recording (the store stamps it).
+    pub at_ms: i64,
+    /// The mount point estimated for.
+    pub mount_point: String,
+    /// The backend method (`bow`, `snapshot`, `f2fs`).
+    pub backend: String,
+    /// The device's size.
+    pub device_size: u64,
+    /// What it rested on (`trace`, `history`, ...).
+    pub basis: String,
+    /// The prediction before margin and headroom.
+    pub predicted_bytes: u64,
+    /// What to keep free.
+    pub needed_bytes: u64,
+}
+
+/// The checkpoint being tracked: the estimate made before it and the most backup space seen
+/// while it runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tracking {
+    /// `started_at_ms` of the checkpoint it belongs to.
+    pub started_at_ms: i64,
+    /// The last estimate made before it started: (made at, needed, predicted).
+    pub estimate: Option<(i64, u64, u64)>,
+    /// The most backup space seen in use so far.
+    pub high_water_bytes: Option<u64>,
+}
+
+/// How a tracked checkpoint ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// Committed.
+    Committed,
+    /// Rolled back (the rollback boot acknowledged it).
+    RolledBack,
+}
+
+impl Ending {
+    /// The stored word.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ending::Committed => "committed",
+            Ending::RolledBack => "rolled_back",
+        }
+    }
+
+    /// The history row that ends a checkpoint this way.
+    fn history_kind(self) -> HistoryKind {
+        match self {
+            Ending::Committed => HistoryKind::Commit,
+            Ending::RolledBack => HistoryKind::RollbackAcknowledged,
+        }
+    }
+}
+
+/// What one finished checkpoint consumed, against what was estimated for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Consumption {
+    /// Row id (increasing).
+    pub id: i64,
+    /// When it was recorded (ms since the Unix epoch).
+    pub at_ms: i64,
+    /// The history row that ended it (commit or rollback acknowledged), if found.
+    pub history_id: Option<i64>,
+    /// `committed` or `rolled_back` (other words from a newer version are kept as they are).
+    pub outcome: String,
+    /// The mount point.
+    pub mount_point: String,
+    /// The backend method (`bow`, `snapshot`, `f2fs`).
+    pub backend: String,
+    /// The device's size then.
+    pub device_size: u64,
+    /// Backup space it really consumed: the most seen while it ran, or at its end.
+    pub actual_bytes: u64,
+    /// The estimate made before it started (needed bytes), if any.
+    pub estimated_bytes: Option<u64>,
+    /// That estimate's prediction (before margin and headroom), if any.
+    pub predicted_bytes: Option<u64>,
+}
+
+/// How a finished checkpoint is recorded ([`Store::finish_tracking`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finished<'a> {
+    /// How it ended.
+    pub ending: Ending,
+    /// The mount point.
+    pub mount_point: &'a str,
+    /// The backend method.
+    pub backend: &'a str,
+    /// The device's size.
+    pub device_size: u64,
+    /// Backup space in use at the end (taken with the high-water mark: the larger counts).
+    pub final_used_bytes: Option<u64>,
 }
 
 /// Phase of the current checkpoint row.
@@ -391,6 +530,35 @@ enum Found {
     EmptyNew,
     /// A file with the SQLite header: inspected read-only before use.
     Database,
+}
+
+/// Text columns are read cut to one byte more than their bound (see `query_history`).
+/// (As SQL parameters: rusqlite takes no `usize`; the bounds are small, checked by the test.)
+const TEXT_READ_PATH: i64 = 4096;
+const TEXT_READ_WORD: i64 = 65;
+
+/// Column `idx` as a size: a negative value is an error, not a wrap.
+fn size(r: &rusqlite::Row<'_>, idx: usize) -> rusqlite::Result<u64> {
+    let v: i64 = r.get(idx)?;
+    u64::try_from(v).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(idx, v))
+}
+
+/// Column `idx` as an optional size.
+fn opt_size(r: &rusqlite::Row<'_>, idx: usize) -> rusqlite::Result<Option<u64>> {
+    match r.get::<_, Option<i64>>(idx)? {
+        None => Ok(None),
+        Some(v) => {
+            u64::try_from(v).map(Some).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(idx, v))
+        }
+    }
+}
+
+/// A size as SQLite's signed integer; more than `i64::MAX` bytes is refused, not wrapped.
+fn stored_size(path: &Path, what: &str, bytes: u64) -> Result<i64, StoreError> {
+    i64::try_from(bytes).map_err(|_| StoreError::InvalidData {
+        path: path.to_path_buf(),
+        detail: format!("{what} {bytes} does not fit a signed 64-bit integer"),
+    })
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -731,6 +899,229 @@ impl Store {
         Ok(self.query_history(Some(kind), 1)?.into_iter().next())
     }
 
+    /// Keeps `estimate` as the last estimate (replacing the one before), stamped now.
+    pub fn record_estimate(&mut self, estimate: &EstimateRecord) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO last_estimate (id, at_ms, mount_point, backend,
+                    device_size, basis, predicted_bytes, needed_bytes)
+                 VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    now_ms(),
+                    bounded(&estimate.mount_point, MAX_STORED_PATH_BYTES),
+                    bounded(&estimate.backend, MAX_STORED_WORD_BYTES),
+                    stored_size(&path, "device_size", estimate.device_size)?,
+                    bounded(&estimate.basis, MAX_STORED_WORD_BYTES),
+                    stored_size(&path, "predicted_bytes", estimate.predicted_bytes)?,
+                    stored_size(&path, "needed_bytes", estimate.needed_bytes)?,
+                ],
+            )
+            .map_err(|e| sql_err(&path, "record the estimate", e))?;
+        self.writes += 1;
+        Ok(())
+    }
+
+    /// The last estimate, if one was made.
+    pub fn last_estimate(&self) -> Result<Option<EstimateRecord>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT at_ms, substr(mount_point, 1, ?1), substr(backend, 1, ?2), device_size,
+                    substr(basis, 1, ?2), predicted_bytes, needed_bytes
+                 FROM last_estimate WHERE id = 1",
+                params![TEXT_READ_PATH, TEXT_READ_WORD],
+                |r| {
+                    Ok(EstimateRecord {
+                        at_ms: r.get(0)?,
+                        mount_point: bounded(&r.get::<_, String>(1)?, MAX_STORED_PATH_BYTES)
+                            .into_owned(),
+                        backend: bounded(&r.get::<_, String>(2)?, MAX_STORED_WORD_BYTES)
+                            .into_owned(),
+                        device_size: size(r, 3)?,
+                        basis: bounded(&r.get::<_, String>(4)?, MAX_STORED_WORD_BYTES).into_owned(),
+                        predicted_bytes: size(r, 5)?,
+                        needed_bytes: size(r, 6)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(|e| sql_err(&self.path, "read the last estimate", e))
+    }
+
+    /// Starts tracking the checkpoint requested at `started_at_ms` with the last estimate made
+    /// before it. A checkpoint already tracked (the same `started_at_ms`) keeps its record.
+    pub fn track_checkpoint(&mut self, started_at_ms: i64) -> Result<(), StoreError> {
+        if self.tracking()?.is_some_and(|t| t.started_at_ms == started_at_ms) {
+            return Ok(());
+        }
+        let path = self.path.clone();
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO tracking (id, started_at_ms, estimate_at_ms,
+                    estimated_bytes, predicted_bytes, high_water_bytes)
+                 SELECT 1, ?1, e.at_ms, e.needed_bytes, e.predicted_bytes, NULL
+                 FROM (SELECT 1) LEFT JOIN last_estimate e ON e.id = 1 AND e.at_ms <= ?2",
+                params![started_at_ms, now_ms()],
+            )
+            .map_err(|e| sql_err(&path, "track the checkpoint", e))?;
+        self.writes += 1;
+        Ok(())
+    }
+
+    /// The checkpoint being tracked, if any.
+    pub fn tracking(&self) -> Result<Option<Tracking>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT started_at_ms, estimate_at_ms, estimated_bytes, predicted_bytes,
+                    high_water_bytes FROM tracking WHERE id = 1",
+                [],
+                |r| {
+                    let at: Option<i64> = r.get(1)?;
+                    let needed = opt_size(r, 2)?;
+                    let predicted = opt_size(r, 3)?;
+                    Ok(Tracking {
+                        started_at_ms: r.get(0)?,
+                        estimate: match (at, needed, predicted) {
+                            (Some(at), Some(n), Some(p)) => Some((at, n, p)),
+                            _ => None,
+                        },
+                        high_water_bytes: opt_size(r, 4)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(|e| sql_err(&self.path, "read the tracked checkpoint", e))
+    }
+
+    /// Raises the tracked checkpoint's high-water mark to `used_bytes` if that is more (one
+    /// write, only then). Returns whether it was raised; `false` when nothing is tracked.
+    pub fn note_high_water(&mut self, used_bytes: u64) -> Result<bool, StoreError> {
+        let path = self.path.clone();
+        let changed = self
+            .conn
+            .execute(
+                "UPDATE tracking SET high_water_bytes = ?1
+                 WHERE id = 1 AND (high_water_bytes IS NULL OR high_water_bytes < ?1)",
+                [stored_size(&path, "used bytes", used_bytes)?],
+            )
+            .map_err(|e| sql_err(&path, "note the backup space in use", e))?;
+        if changed > 0 {
+            self.writes += 1;
+        }
+        Ok(changed > 0)
+    }
+
+    /// Records what the tracked checkpoint consumed (the larger of its high-water mark and
+    /// `finished.final_used_bytes`) with the estimate made for it, linked to the newest history
+    /// row of its ending, and stops tracking it: one transaction. Without a tracked checkpoint
+    /// the final value alone is recorded (a checkpoint started by an older version). Nothing is
+    /// recorded when no consumption is known at all. Returns the row written.
+    pub fn finish_tracking(
+        &mut self,
+        finished: &Finished<'_>,
+    ) -> Result<Option<Consumption>, StoreError> {
+        let tracked = self.tracking()?;
+        let high_water = tracked.as_ref().and_then(|t| t.high_water_bytes);
+        let actual = match (high_water, finished.final_used_bytes) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        let history_id = self.last_event(finished.ending.history_kind())?.map(|e| e.id);
+        let estimate = tracked.as_ref().and_then(|t| t.estimate);
+        let path = self.path.clone();
+        let at = now_ms();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| sql_err(&path, "begin a transaction", e))?;
+        let mut written = None;
+        if let Some(actual) = actual {
+            tx.execute(
+                "INSERT INTO consumption (at_ms, history_id, outcome, mount_point, backend,
+                    device_size, actual_bytes, estimated_bytes, predicted_bytes)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    at,
+                    history_id,
+                    finished.ending.as_str(),
+                    bounded(finished.mount_point, MAX_STORED_PATH_BYTES),
+                    bounded(finished.backend, MAX_STORED_WORD_BYTES),
+                    stored_size(&path, "device_size", finished.device_size)?,
+                    stored_size(&path, "actual_bytes", actual)?,
+                    estimate.and_then(|(_, needed, _)| i64::try_from(needed).ok()),
+                    estimate.and_then(|(_, _, predicted)| i64::try_from(predicted).ok()),
+                ],
+            )
+            .map_err(|e| sql_err(&path, "record the consumption", e))?;
+            let id = tx.last_insert_rowid();
+            tx.execute(
+                "DELETE FROM consumption WHERE id <= (SELECT max(id) FROM consumption) - ?1",
+                [CONSUMPTION_LIMIT],
+            )
+            .map_err(|e| sql_err(&path, "prune consumption", e))?;
+            written = Some(Consumption {
+                id,
+                at_ms: at,
+                history_id,
+                outcome: finished.ending.as_str().to_owned(),
+                mount_point: bounded(finished.mount_point, MAX_STORED_PATH_BYTES).into_owned(),
+                backend: bounded(finished.backend, MAX_STORED_WORD_BYTES).into_owned(),
+                device_size: finished.device_size,
+                actual_bytes: actual,
+                estimated_bytes: estimate.map(|(_, needed, _)| needed),
+                predicted_bytes: estimate.map(|(_, _, predicted)| predicted),
+            });
+        }
+        tx.execute("DELETE FROM tracking", []).map_err(|e| sql_err(&path, "stop tracking", e))?;
+        tx.commit().map_err(|e| sql_err(&path, "commit a transaction", e))?;
+        self.writes += 1;
+        Ok(written)
+    }
+
+    /// Up to `limit` consumption rows, newest first: the estimator's history. A row that does
+    /// not read back (a value of the wrong type or sign) is skipped, not an error.
+    pub fn consumption(&self, limit: usize) -> Result<Vec<Consumption>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT id, at_ms, history_id, substr(outcome, 1, ?2), substr(mount_point, 1, ?3),
+                    substr(backend, 1, ?2), device_size, actual_bytes, estimated_bytes,
+                    predicted_bytes
+                 FROM consumption ORDER BY id DESC LIMIT ?1",
+            )
+            .map_err(|e| sql_err(&self.path, "read consumption", e))?;
+        let rows = stmt
+            .query_map(params![limit, TEXT_READ_WORD, TEXT_READ_PATH], |r| {
+                Ok((|| -> rusqlite::Result<Consumption> {
+                    Ok(Consumption {
+                        id: r.get(0)?,
+                        at_ms: r.get(1)?,
+                        history_id: r.get(2)?,
+                        outcome: bounded(&r.get::<_, String>(3)?, MAX_STORED_WORD_BYTES)
+                            .into_owned(),
+                        mount_point: bounded(&r.get::<_, String>(4)?, MAX_STORED_PATH_BYTES)
+                            .into_owned(),
+                        backend: bounded(&r.get::<_, String>(5)?, MAX_STORED_WORD_BYTES)
+                            .into_owned(),
+                        device_size: size(r, 6)?,
+                        actual_bytes: size(r, 7)?,
+                        estimated_bytes: opt_size(r, 8)?,
+                        predicted_bytes: opt_size(r, 9)?,
+                    })
+                })()
+                .ok())
+            })
+            .map_err(|e| sql_err(&self.path, "read consumption", e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            if let Some(c) = row.map_err(|e| sql_err(&self.path, "read consumption", e))? {
+                out.push(c);
+            }
+        }
+        Ok(out)
+    }
+
     fn query_history(
         &self,
         kind: Option<HistoryKind>,
@@ -739,10 +1130,15 @@ impl Store {
         // Text columns are read cut to one byte more than their bound (substr counts
         // characters, which are at least one byte), so an oversized row written by an older
         // version costs little to read; `bounded` then cuts and marks it.
+        // A row that ended a tracked checkpoint shows what it really consumed and what was
+        // estimated for it (the consumption row linked to it).
         let select = format!(
             "SELECT id, at_ms, event, requested_retry, budget_left, slot, \
              substr(device, 1, {}), substr(outcome, 1, {}), substr(message, 1, {}), \
-             backup_used_bytes FROM history",
+             max(coalesce(backup_used_bytes, -1), coalesce((SELECT max(actual_bytes) FROM \
+             consumption WHERE history_id = history.id), -1)), \
+             (SELECT max(estimated_bytes) FROM consumption WHERE history_id = history.id) \
+             FROM history",
             MAX_STORED_PATH_BYTES + 1,
             MAX_STORED_WORD_BYTES + 1,
             MAX_STORED_TEXT_BYTES + 1
@@ -757,7 +1153,7 @@ impl Store {
             self.conn.prepare_cached(&sql).map_err(|e| sql_err(&self.path, "read history", e))?;
         let rows = stmt
             .query_map(params![limit, kind.map(HistoryKind::as_str)], |r| {
-                let mut values: [Value; 10] = std::array::from_fn(|_| Value::Null);
+                let mut values: [Value; 11] = std::array::from_fn(|_| Value::Null);
                 for (i, value) in values.iter_mut().enumerate() {
                     *value = r.get(i)?;
                 }
@@ -782,11 +1178,11 @@ impl Store {
     }
 }
 
-/// One history row from its ten columns (as `query_history` selects them). Never fails: a
+/// One history row from its eleven columns (as `query_history` selects them). Never fails: a
 /// value this code does not understand (an unknown event name, a value of the wrong type)
 /// makes the row [`HistoryKind::Unrecognised`], with what was wrong in `unrecognised`.
-fn history_event_of(values: [Value; 10]) -> HistoryEvent {
-    let [id, at_ms, event, requested_retry, budget_left, slot, device, outcome, message, used] =
+fn history_event_of(values: [Value; 11]) -> HistoryEvent {
+    let [id, at_ms, event, requested_retry, budget_left, slot, device, outcome, message, used, estimated] =
         values;
     let mut problems: Vec<String> = Vec::new();
     let mut int = |name: &str, v: Value| -> Option<i64> {
@@ -804,7 +1200,9 @@ fn history_event_of(values: [Value; 10]) -> HistoryEvent {
     let requested_retry = int("requested_retry", requested_retry);
     let budget_left = int("budget_left", budget_left);
     let slot = int("slot", slot);
-    let backup_used_bytes = int("backup_used_bytes", used);
+    // -1 stands for "none" in the select (max over the history and consumption values).
+    let backup_used_bytes = int("backup_used_bytes", used).filter(|v| *v >= 0);
+    let estimated_bytes = int("estimated_bytes", estimated);
     let mut text = |name: &str, v: Value, max: usize| -> Option<String> {
         match v {
             Value::Null => None,
@@ -838,6 +1236,7 @@ fn history_event_of(values: [Value; 10]) -> HistoryEvent {
         outcome,
         message,
         backup_used_bytes: backup_used_bytes.and_then(|v| u64::try_from(v).ok()),
+        estimated_bytes: estimated_bytes.and_then(|v| u64::try_from(v).ok()),
         unrecognised: (!problems.is_empty()).then(|| problems.join(", ")),
     }
 }
@@ -1005,7 +1404,11 @@ fn inspect_read_only(path: &Path) -> Result<(), StoreError> {
         .query_map([], |r| r.get::<_, String>(0))
         .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
         .map_err(|e| classify(path, e, "list the tables"))?;
-    let expected: &[&str] = if version == 0 { &[] } else { &["checkpoint", "history"] };
+    let expected: &[&str] = match version {
+        0 => &[],
+        1 | 2 => &["checkpoint", "history"],
+        _ => &["checkpoint", "history", "last_estimate", "tracking", "consumption"],
+    };
     let missing: Vec<&str> =
         expected.iter().copied().filter(|t| !tables.iter().any(|have| have == t)).collect();
     if !missing.is_empty() {
@@ -1329,5 +1732,123 @@ mod tests {
         assert_eq!(history[1].outcome.as_deref(), Some("x"));
         assert_eq!(history[2].kind, HistoryKind::Commit);
         assert_eq!(history[2].unrecognised, None);
+    }
+
+    #[test]
+    fn text_read_bounds_are_one_byte_over_the_stored_ones() {
+        assert_eq!(usize::try_from(TEXT_READ_PATH).ok(), Some(MAX_STORED_PATH_BYTES + 1));
+        assert_eq!(usize::try_from(TEXT_READ_WORD).ok(), Some(MAX_STORED_WORD_BYTES + 1));
+    }
+
+    fn estimate_record(needed: u64) -> EstimateRecord {
+        EstimateRecord {
+            at_ms: 0,
+            mount_point: "/data".into(),
+            backend: "bow".into(),
+            device_size: 1 << 30,
+            basis: "trace".into(),
+            predicted_bytes: needed / 2,
+            needed_bytes: needed,
+        }
+    }
+
+    #[test]
+    fn a_version_2_store_upgrades_to_3_keeping_its_state_and_history() {
+        let dir = temp_dir();
+        {
+            let conn = Connection::open(dir.path().join(Store::FILE_NAME)).expect("create");
+            conn.execute_batch(MIGRATIONS[0]).expect("v1");
+            conn.execute_batch(MIGRATIONS[1]).expect("v2");
+            conn.pragma_update(None, "user_version", 2).expect("version 2");
+            conn.execute(
+                "INSERT INTO checkpoint VALUES (1, 2, 3, 0, 0, '_a', 0, 'active', 'bow', 5)",
+                [],
+            )
+            .expect("checkpoint row");
+            conn.execute(
+                "INSERT INTO history (at_ms, event, backup_used_bytes) VALUES (4, 'commit', 7)",
+                [],
+            )
+            .expect("history row");
+        }
+        let mut store = Store::open(dir.path()).expect("upgraded");
+        assert_eq!(store.schema_version(), 3);
+        assert_eq!(store.current().map(|r| r.started_at_ms), Some(5));
+        let history = store.history(10).expect("history");
+        assert_eq!(history.len(), 1);
+        assert_eq!(history[0].backup_used_bytes, Some(7));
+        assert_eq!(history[0].estimated_bytes, None);
+        assert_eq!(store.last_estimate().expect("read"), None);
+        assert_eq!(store.tracking().expect("read"), None);
+        assert!(store.consumption(10).expect("read").is_empty());
+        // The new tables work at once.
+        store.record_estimate(&estimate_record(10)).expect("record");
+        drop(store);
+        // And a version-3 store opens as it is (no second migration).
+        let store = Store::open(dir.path()).expect("reopened");
+        assert_eq!(store.last_estimate().expect("read").map(|e| e.needed_bytes), Some(10));
+    }
+
+    #[test]
+    fn a_finished_checkpoint_records_its_high_water_mark_against_its_estimate() {
+        let dir = temp_dir();
+        let mut store = Store::open(dir.path()).expect("store");
+        store.record_estimate(&estimate_record(3000)).expect("estimate");
+        store.track_checkpoint(77).expect("track");
+        // An estimate made after the start is the next update's, not this checkpoint's.
+        store.record_estimate(&estimate_record(9999)).expect("later estimate");
+        assert!(store.note_high_water(1000).expect("raise"));
+        assert!(store.note_high_water(2500).expect("raise"));
+        assert!(!store.note_high_water(2000).expect("lower: no write"));
+        // Tracking the same checkpoint again keeps its record.
+        store.track_checkpoint(77).expect("again");
+        let tracked = store.tracking().expect("read").expect("tracked");
+        assert_eq!(tracked.high_water_bytes, Some(2500));
+        assert_eq!(
+            tracked.estimate.map(|(_, needed, predicted)| (needed, predicted)),
+            Some((3000, 1500))
+        );
+
+        store.apply(RowChange::Keep, &[HistoryEvent::new(HistoryKind::Commit)]).expect("commit");
+        let finished = Finished {
+            ending: Ending::Committed,
+            mount_point: "/data",
+            backend: "bow",
+            device_size: 1 << 30,
+            final_used_bytes: Some(1800),
+        };
+        let row = store.finish_tracking(&finished).expect("finish").expect("a row");
+        assert_eq!(row.actual_bytes, 2500, "the high-water mark, not the final value");
+        assert_eq!(row.estimated_bytes, Some(3000));
+        assert_eq!(row.predicted_bytes, Some(1500));
+        assert_eq!(store.tracking().expect("read"), None);
+        assert_eq!(store.consumption(10).expect("read"), vec![row.clone()]);
+        // The commit row of the history shows the estimate against the actual.
+        let commit = store.last_event(HistoryKind::Commit).expect("read").expect("commit row");
+        assert_eq!(row.history_id, Some(commit.id));
+        assert_eq!((commit.estimated_bytes, commit.backup_used_bytes), (Some(3000), Some(2500)));
+    }
+
+    #[test]
+    fn a_checkpoint_without_an_estimate_or_tracking_still_records_its_final_use() {
+        let dir = temp_dir();
+        let mut store = Store::open(dir.path()).expect("store");
+        store
+            .apply(RowChange::Keep, &[HistoryEvent::new(HistoryKind::RollbackAcknowledged)])
+            .expect("ack");
+        let finished = Finished {
+            ending: Ending::RolledBack,
+            mount_point: "/data",
+            backend: "snapshot",
+            device_size: 1 << 30,
+            final_used_bytes: Some(4096),
+        };
+        let row = store.finish_tracking(&finished).expect("finish").expect("a row");
+        assert_eq!((row.actual_bytes, row.estimated_bytes), (4096, None));
+        assert_eq!(row.outcome, "rolled_back");
+        // Nothing known at all: nothing recorded.
+        let unknown = Finished { final_used_bytes: None, ..finished };
+        assert_eq!(store.finish_tracking(&unknown).expect("finish"), None);
+        assert_eq!(store.consumption(10).expect("read").len(), 1);
     }
 }

@@ -118,7 +118,7 @@ fn migration_from_schema_1_keeps_data_and_adds_the_index() {
         .unwrap();
     drop(conn);
     let store = Store::open(dir.path()).unwrap();
-    assert_eq!(store.schema_version(), 2);
+    assert_eq!(store.schema_version(), 3);
     let cur = store.current().unwrap();
     assert_eq!((cur.requested_retry, cur.budget_left), (2, Some(3)));
     let last = store.last_event(HistoryKind::Restore).unwrap().unwrap();
