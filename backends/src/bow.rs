@@ -5,7 +5,8 @@
 //! * setup (boot flow): checkpointing → a `bow` target over the raw device (length rounded
 //!   down to 8 sectors, `1 block_size:4096` if configured), state 0; not checkpointing → the
 //!   linear `Base` device;
-//! * prepare: FITRIM of the mounted filesystem (never from sector 0: hazard (c)), then state 1;
+//! * prepare: a backup-space reservation of the device released (so its blocks are free and
+//!   trimmed), FITRIM of the mounted filesystem (never from sector 0: hazard (c)), then state 1;
 //! * commit: freeze, state 2, check block 0 through the device and rewrite it if the kernel
 //!   copied a stale one (hazard (a)), thaw;
 //! * space: `bow/free` corrected for what the kernel's counter never subtracts (hazard (b)).
@@ -36,6 +37,7 @@ use policy::{
 use serde::{Deserialize, Serialize};
 
 use crate::records::Records;
+use crate::reservation::Reservations;
 use crate::stack::{self, ensure_base, lookup, open_dm, raw_device, remove_roles};
 use crate::{errors, BootStack, DeviceSpec, MountPlan};
 
@@ -582,6 +584,10 @@ impl BowBackend {
     fn record(&self) -> Result<Option<BowRecord>, BackendError> {
         self.records.load(NAME, &self.spec.instance)
     }
+
+    fn reservations(&self) -> Reservations {
+        Reservations::new(self.records.clone())
+    }
 }
 
 impl Backend for BowBackend {
@@ -617,6 +623,11 @@ impl Backend for BowBackend {
 
     fn prepare(&self) -> Result<Action, BackendError> {
         let (target, fs) = self.parts()?;
+        if target.state()? == BowState::Trim {
+            // Hand-over: the reservation's blocks become free before FITRIM, so dm-bow counts
+            // them as free space for its backups.
+            self.reservations().release_for(&self.spec, "bow prepare")?;
+        }
         match arm(target.as_ref(), fs.as_ref())? {
             Some(record) => {
                 self.records.save(NAME, &self.spec.instance, &record)?;
@@ -637,6 +648,17 @@ impl Backend for BowBackend {
             }
             None => Action::Identity,
         })
+    }
+
+    fn abort(&self) -> Result<Action, BackendError> {
+        // The log stays for the next boot's restore. The update is abandoned: a reservation
+        // not yet handed over goes.
+        let released = self.reservations().release_for(&self.spec, "bow abort")?;
+        Ok(if released.is_some() { Action::Changed } else { Action::Identity })
+    }
+
+    fn teardown(&self) -> Result<Action, BackendError> {
+        self.reservations().repair_for(&self.spec, "bow teardown")
     }
 
     fn space(&self) -> Result<BackupSpace, BackendError> {

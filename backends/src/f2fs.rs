@@ -4,7 +4,11 @@
 //!   this boot checkpoints ([`crate::mount`] climbs vold's ladder);
 //! * restore: nothing to do: f2fs itself discards everything written since the last
 //!   checkpoint at the next mount if the filesystem was not remounted `checkpoint=enable`;
-//! * prepare: nothing to do (the checkpoint is active from mount);
+//! * prepare: nothing to do (the checkpoint is active from mount) but hand over a backup-space
+//!   reservation still held: released. The boot flow should release it before the
+//!   `checkpoint=disable` mount ([`release_reservation_before_mount`]): a file deleted while
+//!   checkpoints are disabled keeps its blocks unusable until commit (rollback may need them);
+//!   prepare's release is the fallback that keeps nothing behind;
 //! * commit: remount with `checkpoint=enable`, idempotent (it reads `/proc/self/mountinfo` to
 //!   see whether `checkpoint=disable` is still in force);
 //! * space: the filesystem's free space (statvfs): with checkpoints disabled f2fs keeps every
@@ -18,6 +22,7 @@ use serde::Deserialize;
 
 use crate::ladder::split_options;
 use crate::mountinfo::{find_mount, read_mountinfo, MountEntry};
+use crate::reservation::Reservations;
 use crate::{errors, BootStack, DeviceSpec, MountPlan};
 
 const NAME: &str = "f2fs";
@@ -85,11 +90,44 @@ impl BootStack for F2fsStack {
     }
 }
 
+/// The boot flow's f2fs hand-over, to run before [`crate::mount`]: when `plan` asks for
+/// `checkpoint=disable` and `spec` has a reservation recorded, the filesystem is mounted
+/// without the option, the reservation released (unlinked, synced, record cleared) and the
+/// filesystem unmounted, so the checkpointed mount finds those blocks free. f2fs needs it
+/// then: once checkpoints are disabled, the blocks of a deleted file stay unusable until the
+/// checkpoint is re-enabled (the rollback may need them). `Identity` when there is nothing to
+/// release (a reservation of another device is left alone).
+pub fn release_reservation_before_mount(
+    plan: &MountPlan,
+    spec: &DeviceSpec,
+    reservations: &Reservations,
+) -> Result<Action, BackendError> {
+    if plan.checkpoint_disable_max_percent.is_none() {
+        return Ok(Action::Identity);
+    }
+    match reservations.record(spec)? {
+        Some(r) if r.raw == spec.raw && r.mount_point == spec.mount_point => {}
+        _ => return Ok(Action::Identity),
+    }
+    // The plan's own options, without the ladder's checkpoint=disable (added only by mount).
+    let opts = split_options(&plan.options);
+    blockdev::mount::mount(&plan.device, &spec.mount_point, "f2fs", &opts)
+        .map_err(errors::mount)?;
+    let released = reservations.release_for(spec, "f2fs before the checkpoint=disable mount");
+    let unmounted =
+        blockdev::mount::umount(&spec.mount_point, Default::default()).map_err(errors::mount);
+    let released = released?;
+    unmounted?;
+    Ok(if released.is_some() { Action::Changed } else { Action::Identity })
+}
+
 /// The daemon's half for one f2fs filesystem.
 #[derive(Debug)]
 pub struct F2fsBackend {
     spec: DeviceSpec,
     opts: F2fsOptions,
+    /// Backup-space reservations to hand over and clean up (`None`: the daemon gave none).
+    reservations: Option<Reservations>,
 }
 
 impl F2fsBackend {
@@ -98,7 +136,15 @@ impl F2fsBackend {
         opts.validate()
             .map_err(|reason| BackendError::Unsupported { backend: NAME.into(), reason })?;
         check_fs_type(&spec)?;
-        Ok(F2fsBackend { spec, opts })
+        Ok(F2fsBackend { spec, opts, reservations: None })
+    }
+
+    /// Hands over, releases at abort and repairs at teardown the device's backup-space
+    /// reservation, recorded in `reservations` (the bow and snapshot backends use their
+    /// records folder; f2fs has no record of its own).
+    pub fn with_reservations(mut self, reservations: Reservations) -> F2fsBackend {
+        self.reservations = Some(reservations);
+        self
     }
 
     fn mounted(&self) -> Result<Option<MountEntry>, BackendError> {
@@ -165,7 +211,17 @@ impl Backend for F2fsBackend {
     fn prepare(&self) -> Result<Action, BackendError> {
         let m = self.mounted_f2fs("prepare")?;
         if m.checkpoint_disabled() {
-            Ok(Action::Identity)
+            let Some(r) = &self.reservations else { return Ok(Action::Identity) };
+            let Some(bytes) = r.release_for(&self.spec, "f2fs prepare")? else {
+                return Ok(Action::Identity);
+            };
+            log::warn!(
+                "f2fs prepare of {}: the reservation ({bytes} bytes) was still held at the \
+                 checkpoint=disable mount; released now, its blocks are usable only after \
+                 commit (release it before that mount: release_reservation_before_mount)",
+                self.spec.mount_point.display()
+            );
+            Ok(Action::Changed)
         } else {
             Err(BackendError::InvalidState {
                 backend: NAME.into(),
@@ -195,6 +251,20 @@ impl Backend for F2fsBackend {
         }
         log::info!("{}: f2fs checkpoint=enable", self.spec.mount_point.display());
         Ok(Action::Changed)
+    }
+
+    fn abort(&self) -> Result<Action, BackendError> {
+        // The update is abandoned: a reservation not yet handed over goes.
+        let Some(r) = &self.reservations else { return Ok(Action::Identity) };
+        let released = r.release_for(&self.spec, "f2fs abort")?;
+        Ok(if released.is_some() { Action::Changed } else { Action::Identity })
+    }
+
+    fn teardown(&self) -> Result<Action, BackendError> {
+        match &self.reservations {
+            Some(r) => r.repair_for(&self.spec, "f2fs teardown"),
+            None => Ok(Action::Identity),
+        }
     }
 
     fn space(&self) -> Result<BackupSpace, BackendError> {

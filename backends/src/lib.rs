@@ -9,7 +9,10 @@
 //! * [`f2fs`]: f2fs `checkpoint=disable`, committed by remounting `checkpoint=enable`;
 //! * [`select`]: `auto` selection (dm-bow where the kernel has it, else dm-snapshot);
 //! * [`records`]: what a backend must remember across boots (a COW file's extents), kept in
-//!   the metadata directory, outside the rolled-back filesystem.
+//!   the metadata directory, outside the rolled-back filesystem;
+//! * [`reservation`]: backup space reserved before the update's reboot (a preallocated file),
+//!   handed over by each backend's `prepare` (the snapshot's COW store, released for bow and
+//!   f2fs).
 //!
 //! Two halves of one contract (docs/backends.md):
 //! * [`policy::Backend`]: what the daemon drives on a mounted device (restore before mount,
@@ -30,6 +33,7 @@ pub mod f2fs;
 mod ladder;
 mod mountinfo;
 pub mod records;
+pub mod reservation;
 pub mod select;
 pub mod snapshot;
 mod stack;

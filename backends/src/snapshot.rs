@@ -13,6 +13,10 @@
 //! f2fs), mapped by FIEMAP onto the raw device; its extents, chunk size and state are kept in a
 //! [`Records`] file in the metadata directory, so the next boot can merge the store back before
 //! /data is mounted. Step order and crash safety: docs/backends.md.
+//!
+//! A backup-space reservation of the device ([`Reservations`]) becomes the COW file at
+//! prepare: renamed into place (its blocks never move), extended when the configuration asks
+//! for more, then mapped like a new file.
 
 use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsFd;
@@ -36,6 +40,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::mountinfo::{find_mount, read_mountinfo};
 use crate::records::Records;
+use crate::reservation::Reservations;
 use crate::stack::{self, active_target, ensure_base, linear, lookup, open_dm, raw_device};
 use crate::{errors, BootStack, DeviceSpec, MountPlan};
 
@@ -446,6 +451,9 @@ impl SnapshotBackend {
             // armed on it, so start again.
             fs::remove_file(&path).map_err(|e| errors::io(op("remove"), e))?;
         }
+        if let Some(extents) = self.adopt_reservation(&path)? {
+            return Ok(extents);
+        }
         let size = self.wanted_size()?;
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).map_err(|e| errors::io(op("create the folder of"), e))?;
@@ -479,6 +487,71 @@ impl SnapshotBackend {
         );
         log::info!("COW file {}: {size} bytes in {} extents", path.display(), extents.len());
         Ok(extents)
+    }
+
+    /// The hand-over of a backup-space reservation: the reservation file of this device is
+    /// renamed to `path` (the same filesystem, so its blocks stay where they are: no second
+    /// file, no change in free space), extended when `cow_bytes` or `cow_free_percent` (of the
+    /// free space counting the reservation as free) asks for more and the filesystem has it,
+    /// rounded up to whole chunks, then synced and mapped. `None`: no reservation to adopt.
+    fn adopt_reservation(&self, path: &Path) -> Result<Option<Vec<CowExtent>>, BackendError> {
+        let reservations = Reservations::new(self.records.clone());
+        let Some(reserved) = reservations.take_for(&self.spec, path, "snapshot prepare")? else {
+            return Ok(None);
+        };
+        let op = |what: &str| format!("{what} {}", path.display());
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| errors::io(op("open"), e))?;
+        let have = f.metadata().map_err(|e| errors::io(op("stat"), e))?.len();
+        let available = blockdev::fs::statvfs(&self.spec.mount_point)
+            .map_err(|e| errors::fs(format!("statvfs {}", self.spec.mount_point.display()), e))?
+            .available
+            .get();
+        let chunk = self.opts.chunk_bytes();
+        let configured = match self.opts.cow_bytes {
+            Some(b) => b,
+            None => available.saturating_add(have) / 100 * u64::from(self.opts.cow_free_percent),
+        };
+        let whole = |n: u64| n.div_ceil(chunk).saturating_mul(chunk);
+        let mut target = whole(configured.max(have));
+        if target - have > available {
+            log::warn!(
+                "COW file {}: the configuration asks for {target} bytes but only {available}                  more are free; using the reservation's {have} bytes",
+                path.display()
+            );
+            target = whole(have).min(have + available);
+        }
+        if target > have {
+            let (Ok(at), Ok(len)) = (i64::try_from(have), i64::try_from(target - have)) else {
+                return Err(BackendError::NoSpace {
+                    operation: op("extend"),
+                    needed: target,
+                    available,
+                });
+            };
+            nix::fcntl::fallocate(f.as_fd(), nix::fcntl::FallocateFlags::empty(), at, len)
+                .map_err(|e| errors::io(op("extend"), std::io::Error::from(e)))?;
+        }
+        f.sync_all().map_err(|e| errors::io(op("fsync"), e))?;
+        let extents = normalize_extents(
+            &blockdev::fs::mappable_extents(&f).map_err(|e| errors::fs(op("FIEMAP"), e))?,
+        );
+        if !reserved.extents.is_empty() && !is_prefix(&reserved.extents, &extents) {
+            // Harmless for the store (it is mapped now), but worth knowing.
+            log::warn!("COW file {}: the reservation's blocks moved since reserve", path.display());
+        }
+        log::info!(
+            "snapshot prepare of {}: the reservation ({} bytes) became the COW file {} \
+             ({target} bytes in {} extents)",
+            self.spec.mount_point.display(),
+            reserved.bytes,
+            path.display(),
+            extents.len()
+        );
+        Ok(Some(extents))
     }
 
     /// Creates (or reloads) the COW device over `extents` of the raw device.
@@ -803,6 +876,10 @@ impl Backend for SnapshotBackend {
             extents,
         };
         self.save(&rec)?;
+        // The COW file is ours now: a reservation moved into it is forgotten only after the
+        // map above is durable (a crash before leaves a reservation record without a file,
+        // cleared here on the rerun).
+        let _ = Reservations::new(self.records.clone()).forget_moved(&self.spec)?;
         // 2. The COW device, and a store that starts empty.
         let (raw, size) = raw_device(&self.spec)?;
         let cow_dev = self.cow_device(&dm, raw, &rec.extents)?;
@@ -874,13 +951,18 @@ impl Backend for SnapshotBackend {
     }
 
     fn abort(&self) -> Result<Action, BackendError> {
-        // The store stays armed; the next boot's restore merges it back.
-        Ok(Action::Identity)
+        // The store stays armed; the next boot's restore merges it back. The update is
+        // abandoned: a reservation not yet handed over goes.
+        let released =
+            Reservations::new(self.records.clone()).release_for(&self.spec, "snapshot abort")?;
+        Ok(if released.is_some() { Action::Changed } else { Action::Identity })
     }
 
     fn teardown(&self) -> Result<Action, BackendError> {
         let _step = self.lock();
-        let Some(r) = self.record()? else { return Ok(Action::Identity) };
+        let repaired =
+            Reservations::new(self.records.clone()).repair_for(&self.spec, "snapshot teardown")?;
+        let Some(r) = self.record()? else { return Ok(repaired) };
         let dm = open_dm(NAME)?;
         if r.state == CowState::Armed {
             return Err(BackendError::InvalidState {
@@ -895,7 +977,8 @@ impl Backend for SnapshotBackend {
                 operation: "tear down",
             });
         }
-        self.drop_leftovers(&dm)
+        let dropped = self.drop_leftovers(&dm)?;
+        Ok(if repaired == Action::Changed { Action::Changed } else { dropped })
     }
 
     fn grow(&self) -> Result<Action, BackendError> {
