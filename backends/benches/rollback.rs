@@ -389,8 +389,25 @@ fn report_json(
                 "written_free_share": s.written_free as f64 / s.written.max(1) as f64,
                 "bow_relocation_bytes": bow.relocation_bytes, "bow_enospc": enospc}}));
     }
+    let mut checks = Vec::new();
+    if let Some(r) = rollback.first() {
+        let x = r.kernel.as_secs_f64() / r.user.as_secs_f64();
+        checks.push(json!({"claim": format!("issue 9: userspace merge >= 10x the kernel merge on \
+            {}", r.name), "value": x, "holds": x >= 10.0}));
+    }
+    // The seed's claim (dm-bow-format.md §11): about half of dm-snapshot's space when half the
+    // written blocks are free space; "about" read as within 0.40–0.60.
+    for s in sp {
+        let x = s.bow.consumed_by_bow as f64 / s.snapshot.max(1) as f64;
+        let free = s.written_free as f64 / s.written.max(1) as f64;
+        checks.push(json!({"claim": format!("seed: dm-bow needs about half (0.40–0.60) of \
+            dm-snapshot's space when new writes go to free space; trace {}, {:.0} % of the \
+            written blocks free at checkpoint start", s.name, free * 100.0),
+            "value": x, "holds": (0.40..=0.60).contains(&x) && s.bow.enospc.is_none()}));
+    }
     json!({
         "bench": "rollback",
+        "checks": checks,
         "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map_or_else(|_| "unknown".to_owned(), |k| k.trim().to_owned()),
         "mode": if cfg.quick { "quick" } else { "full" },

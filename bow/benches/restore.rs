@@ -341,7 +341,7 @@ fn main() {
         build("coalesced 256 KiB runs", image_blocks, restore_blocks, 64),
     ];
     let mut dropped_all = true;
-    let (mut rows, mut figures) = (Vec::new(), Vec::new());
+    let (mut rows, mut figures, mut checks) = (Vec::new(), Vec::new(), Vec::new());
     for case in &cases {
         let path =
             dir.join(format!("bow-bench-{}.img", case.name.split(' ').next().unwrap_or("x")));
@@ -462,6 +462,14 @@ fn main() {
             "ratio": r.as_secs_f64() / (r + c_read).as_secs_f64(),
             "inputs": inputs(("raw_write_ms", r), ("copy_read_ms", c_read)),
         }));
+        let (vs_raw, vs_vold) =
+            (r.as_secs_f64() / o.as_secs_f64(), v.as_secs_f64() / o.as_secs_f64());
+        checks.push(serde_json::json!({"claim": format!("ours/raw write >= 0.8, {}", case.name),
+            "value": vs_raw, "holds": vs_raw >= 0.8}));
+        checks.push(
+            serde_json::json!({"claim": format!("ours >= 3x the vold algorithm, {}", case.name),
+            "value": vs_vold, "holds": vs_vold >= 3.0}),
+        );
         let _ = std::fs::remove_file(&path);
     }
     if !quick {
@@ -476,6 +484,7 @@ fn main() {
             },
             "figures": figures,
             "rows": rows,
+            "checks": checks,
         });
         let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("../bench/restore.json");
         std::fs::create_dir_all(out.parent().expect("a parent")).expect("target/bench");

@@ -1,6 +1,7 @@
 //! `cargo xtask`: setup, test, vm, demo, bench.
 
 mod demo;
+mod report;
 mod setup;
 mod summary;
 mod test;
@@ -52,10 +53,19 @@ enum Cmd {
     },
     /// Walk an update through the virtual device: checkpoint, failed boots, rollback, commit.
     Demo(demo::DemoArgs),
-    /// Run a workspace bench target by name with the virtual device enabled.
+    /// Every benchmark of the report in one run, then the report (target/bench/report.md,
+    /// report.json, SVG plots); or, given a name, that bench target alone with the virtual
+    /// device enabled.
     Bench {
-        /// The bench target name.
-        name: String,
+        /// Small sizes and one round (checks the whole pipeline; numbers not for conclusions).
+        /// After a name, passed on to that bench as before.
+        #[arg(long)]
+        quick: bool,
+        /// Rebuild the report from the JSON files already in target/bench; run nothing.
+        #[arg(long, conflicts_with_all = ["name", "quick"])]
+        report_only: bool,
+        /// The bench target name (none: all of the report's).
+        name: Option<String>,
         /// Arguments for the bench binary.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -91,7 +101,15 @@ fn try_main() -> Result<ExitCode> {
         }
         Cmd::Demo(args) => demo::host(&args),
         Cmd::GuestDemo => demo::guest(),
-        Cmd::Bench { name, args } => bench(&name, &args),
+        Cmd::Bench { report_only: true, .. } => report::report_only(),
+        Cmd::Bench { name: Some(name), quick, mut args, .. } => {
+            // `bench rollback --quick`: clap takes the flag; it belongs to the bench.
+            if quick {
+                args.insert(0, "--quick".to_owned());
+            }
+            bench(&name, &args)
+        }
+        Cmd::Bench { name: None, quick, .. } => report::run_all(report::RunOptions { quick }),
     }
 }
 
@@ -233,6 +251,30 @@ mod tests {
         assert_eq!(find_bench_package(&meta, "restore").unwrap(), "bow");
         let err = find_bench_package(&meta, "bow").unwrap_err().to_string();
         assert!(err.contains("restore") && err.contains("latency"), "{err}");
+    }
+
+    #[test]
+    fn cli_parses_bench_with_and_without_a_name() {
+        let parse = |args: &[&str]| match Cli::try_parse_from(args).map(|c| c.cmd) {
+            Ok(Cmd::Bench { quick, report_only, name, args }) => {
+                Ok((quick, report_only, name, args))
+            }
+            Ok(other) => panic!("parsed as {other:?}"),
+            Err(e) => Err(e.kind()),
+        };
+        assert_eq!(parse(&["xtask", "bench"]), Ok((false, false, None, vec![])));
+        assert_eq!(parse(&["xtask", "bench", "--quick"]), Ok((true, false, None, vec![])));
+        assert_eq!(parse(&["xtask", "bench", "--report-only"]), Ok((false, true, None, vec![])));
+        // The flag after a name goes to that bench (try_main passes it on).
+        assert_eq!(
+            parse(&["xtask", "bench", "rollback", "--quick"]),
+            Ok((true, false, Some("rollback".into()), vec![]))
+        );
+        assert_eq!(
+            parse(&["xtask", "bench", "binder", "--", "--exact", "binder"]),
+            Ok((false, false, Some("binder".into()), vec!["--exact".into(), "binder".into()]))
+        );
+        assert!(parse(&["xtask", "bench", "--report-only", "rollback"]).is_err());
     }
 
     #[test]
