@@ -113,6 +113,10 @@ struct FakeFs {
     free_blocks: Mutex<u64>,
     frozen: Mutex<bool>,
     trims: Mutex<Vec<(u64, u64)>>,
+    /// A reservation file's blocks `(offset, length)`, used while the file (the path) exists:
+    /// free (trimmed, counted) once it is gone. Whether it still existed at each FITRIM.
+    reservation: Option<(PathBuf, (u64, u64))>,
+    reservation_seen_at_trim: Mutex<Vec<bool>>,
 }
 
 impl FakeFs {
@@ -129,7 +133,29 @@ impl FakeFs {
             free_blocks: Mutex::new(BLOCKS - USED),
             frozen: Mutex::new(false),
             trims: Mutex::new(Vec::new()),
+            reservation: None,
+            reservation_seen_at_trim: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The same filesystem with `blocks` blocks from the start of its free space held by the
+    /// reservation file at `path`.
+    fn with_reservation(mut self, path: PathBuf, blocks: u64) -> FakeFs {
+        self.free_extents = vec![(0, BS), ((USED + blocks) * BS, (BLOCKS - USED - blocks) * BS)];
+        *self.free_blocks.lock().unwrap() -= blocks;
+        self.reservation = Some((path, (USED * BS, blocks * BS)));
+        self
+    }
+
+    /// The free extents now: the reservation's blocks count once its file is gone.
+    fn free_now(&self) -> Vec<(u64, u64)> {
+        let mut free = self.free_extents.clone();
+        if let Some((path, range)) = &self.reservation {
+            if !path.exists() {
+                free.push(*range);
+            }
+        }
+        free
     }
 
     /// The filesystem updates its super block (block 0).
@@ -151,8 +177,11 @@ impl FakeFs {
 
 impl MountedFs for FakeFs {
     fn fitrim_from(&self, start: u64) -> Result<u64, BackendError> {
+        if let Some((path, _)) = &self.reservation {
+            self.reservation_seen_at_trim.lock().unwrap().push(path.exists());
+        }
         let mut total = 0;
-        for &(s, len) in &self.free_extents {
+        for (s, len) in self.free_now() {
             let s2 = s.max(start);
             if s2 >= s + len {
                 continue;
@@ -179,7 +208,11 @@ impl MountedFs for FakeFs {
         Ok(())
     }
     fn free_bytes(&self) -> Result<u64, BackendError> {
-        Ok(*self.free_blocks.lock().unwrap() * BS)
+        let released = match &self.reservation {
+            Some((path, (_, len))) if !path.exists() => *len,
+            _ => 0,
+        };
+        Ok(*self.free_blocks.lock().unwrap() * BS + released)
     }
 }
 
@@ -193,6 +226,16 @@ struct Bench {
 }
 
 fn bench(bufio: BufioModel, rewrites_on_thaw: bool) -> Bench {
+    bench_with(bufio, rewrites_on_thaw, |fs| fs, "/data".as_ref())
+}
+
+/// A bench whose filesystem `make_fs` adjusts, mounted (for the backend) at `mount_point`.
+fn bench_with(
+    bufio: BufioModel,
+    rewrites_on_thaw: bool,
+    make_fs: impl FnOnce(FakeFs) -> FakeFs,
+    mount_point: &std::path::Path,
+) -> Bench {
     let mut cfg = ModelConfig::new(BlockSize::B4096);
     cfg.bufio = bufio;
     let model: Model = Arc::new(Mutex::new(BowModel::new(
@@ -203,12 +246,12 @@ fn bench(bufio: BufioModel, rewrites_on_thaw: bool) -> Bench {
         lock(&model).write(sector(b), &block_data(b)).unwrap();
     }
     let (sys, ctl) = sysfs_tree();
-    let fs = Arc::new(FakeFs::new(model.clone(), rewrites_on_thaw));
+    let fs = Arc::new(make_fs(FakeFs::new(model.clone(), rewrites_on_thaw)));
     let meta = tempfile::tempdir().unwrap();
     let records = Records::open(meta.path()).unwrap();
     let spec = DeviceSpec {
         raw: "/dev/vdb".into(),
-        mount_point: "/data".into(),
+        mount_point: mount_point.to_owned(),
         fs_type: Some("ext4".into()),
         mount_options: String::new(),
         instance: "data".into(),
@@ -237,6 +280,77 @@ fn prepare_never_trims_sector_0_and_arms_once() {
     assert_eq!(b.backend.prepare().unwrap(), Action::Identity, "a second prepare");
     let rec: BowRecord = b.records.load(NAME, "data").unwrap().expect("record of the start");
     assert_eq!(rec.fs_free_at_start, (BLOCKS - USED) * BS);
+}
+
+const RESERVED_BLOCKS: u64 = 512; // 2 MiB
+
+/// A bench with a reservation of `RESERVED_BLOCKS` made on a folder standing for the mount
+/// point, whose blocks the fake filesystem holds while the file exists; `raw` is the device
+/// the reservation is recorded for.
+fn bench_with_reservation(raw: &str) -> (Bench, tempfile::TempDir, Reservations, DeviceSpec) {
+    let mnt = tempfile::tempdir().unwrap();
+    let spec = DeviceSpec {
+        raw: raw.into(),
+        mount_point: mnt.path().to_owned(),
+        fs_type: Some("ext4".into()),
+        mount_options: String::new(),
+        instance: "data".into(),
+    };
+    let path = Reservations::path(&spec);
+    let b = bench_with(
+        BufioModel::Uncached,
+        true,
+        |fs| fs.with_reservation(path, RESERVED_BLOCKS),
+        mnt.path(),
+    );
+    let res = Reservations::new(b.records.clone());
+    let info = res.reserve(&spec, RESERVED_BLOCKS * BS).unwrap();
+    assert_eq!(info.condition, crate::reservation::Condition::Held);
+    (b, mnt, res, spec)
+}
+
+#[test]
+fn prepare_releases_the_reservation_before_fitrim_so_dm_bow_can_use_its_blocks() {
+    let (b, _mnt, res, spec) = bench_with_reservation("/dev/vdb");
+    assert_eq!(b.backend.prepare().unwrap(), Action::Changed);
+    assert_eq!(*b.fs.reservation_seen_at_trim.lock().unwrap(), [false], "released before FITRIM");
+    assert_eq!(res.status(&spec).unwrap(), None, "file and record gone");
+    assert!(!Reservations::path(&spec).exists());
+    let trims = b.fs.trims.lock().unwrap().clone();
+    assert!(trims.contains(&(USED * BS, RESERVED_BLOCKS * BS)), "its blocks trimmed: {trims:?}");
+    // dm-bow counts all of the free space, the reservation's included.
+    let kernel = lock(&b.model).free_bytes();
+    assert_eq!(kernel, (BLOCKS - USED) * BS, "bow/free covers the released blocks");
+    let rec: BowRecord = b.records.load(NAME, "data").unwrap().expect("record of the start");
+    assert_eq!(rec.fs_free_at_start, (BLOCKS - USED) * BS);
+    // New data in the middle of the released blocks during the checkpoint: counted as the
+    // model counts it (as for any free space, free_space_is_corrected_for_what_bow_free_misses).
+    for blk in USED + 100..USED + 200 {
+        b.fs.write_block(blk, blk, true);
+    }
+    let space = b.backend.space().unwrap();
+    assert_eq!(space.free_bytes, Some(lock(&b.model).true_free_bytes()), "{space:?}");
+    assert_eq!(b.backend.prepare().unwrap(), Action::Identity, "a second prepare");
+}
+
+#[test]
+fn prepare_leaves_another_devices_reservation_alone_and_abort_releases_ours() {
+    let (b, _mnt, res, spec) = bench_with_reservation("/dev/vdc");
+    assert_eq!(b.backend.prepare().unwrap(), Action::Changed);
+    assert_eq!(*b.fs.reservation_seen_at_trim.lock().unwrap(), [true], "not released");
+    assert!(res.status(&spec).unwrap().is_some(), "the other device's reservation stays");
+    let kernel = lock(&b.model).free_bytes();
+    assert_eq!(kernel, (BLOCKS - USED - RESERVED_BLOCKS) * BS, "its blocks are not free");
+    assert_eq!(b.backend.abort().unwrap(), Action::Identity, "not ours to release");
+    assert!(Reservations::path(&spec).exists());
+
+    // Abort of an update whose reservation was never handed over releases it.
+    let (b, _mnt, res, spec) = bench_with_reservation("/dev/vdb");
+    assert_eq!(b.backend.teardown().unwrap(), Action::Identity, "teardown keeps a held one");
+    assert!(res.status(&spec).unwrap().is_some());
+    assert_eq!(b.backend.abort().unwrap(), Action::Changed);
+    assert_eq!(res.status(&spec).unwrap(), None);
+    assert_eq!(b.backend.abort().unwrap(), Action::Identity);
 }
 
 #[test]
