@@ -1,0 +1,446 @@
+//! The crash-consistency suite on a real kernel (docs/crash-consistency.md).
+//!
+//! One boot captures dm-log-writes logs of checkpointed /data workloads, with the log **under
+//! the whole device stack**:
+//! * `snapshot` on ext4: raw loop device → log-writes (log on a second loop device) → two
+//!   dm-linear partitions (metadata: the backend records; data: the snapshot backend's whole
+//!   stack and ext4). One log orders both, so a crash state cuts both at the same moment.
+//!   Phases are marked from userspace: `armed` (checkpoint started), the app-data update and
+//!   fsx-like operations, `workload-end`, `commit-begin` / `commit-end`.
+//! * `bow` (no dm-bow in this kernel): the same workload on ext4 directly over log-writes,
+//!   marks `bow-trim` (before fstrim), `bow-checkpoint`, `bow-end`; the host replays it through
+//!   the engine model.
+//!
+//! The host then enumerates the crash states and runs the next boot's recovery on each (the
+//! offline merge; bow's restore), checks exactness, fsck and the record, crashes the recovery
+//! itself for a sample, prints the counts, saves failures as cases, and shows that a merge or
+//! restore broken on purpose (one write skipped, one flush dropped) is caught.
+//! `CPD_CRASH_LONG=1` (`cargo xtask test --long`) runs longer workloads and more subsets.
+
+mod crash;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use backends::records::Records;
+use backends::snapshot::{SnapshotBackend, SnapshotOptions, SnapshotStack};
+use backends::{Action, BootStack, DeviceSpec};
+use blockdev::dm::DeviceMapper;
+use blockdev::loopdev::{LoopDevice, LoopOptions};
+use blockdev::names::{object_name, Role};
+use crash::{CaseSpec, Fault, Tally};
+use policy::Backend;
+use testbench::device::{populate_app_data, update_step, Rng};
+use testbench::vm::Vm;
+use testbench::{guest, vm_trial, Failed};
+
+const MIB: u64 = 1 << 20;
+const META_BYTES: u64 = 16 * MIB;
+const DATA_BYTES: u64 = 128 * MIB;
+const BOW_BYTES: u64 = 48 * MIB;
+const LONG_ENV: &str = "CPD_CRASH_LONG";
+/// The floor of kernel-level crash states in the default run (the CI requirement).
+const MIN_STATES: usize = 500;
+
+fn main() -> std::process::ExitCode {
+    testbench::main(
+        vec![vm_trial("crash_states_of_real_kernel_logs_snapshot_ext4_and_bow", host_crash)],
+        &[("capture", guest_capture)],
+    )
+}
+
+fn long_mode() -> bool {
+    std::env::var(LONG_ENV).is_ok_and(|v| v == "1")
+}
+
+fn ensure(cond: bool, msg: impl Into<String>) -> Result<(), Failed> {
+    if cond {
+        Ok(())
+    } else {
+        Err(msg.into().into())
+    }
+}
+
+fn report(line: &str) {
+    blockcopy::crashdev::report_count(line);
+}
+
+fn tally_line(what: &str, t: &Tally, took: Duration) -> String {
+    format!(
+        "crash suite {what}: {} crash states checked ({} during recovery), {} fsck runs, {} failures, {:.1} s",
+        t.states,
+        t.recovery_states,
+        t.fsck_runs,
+        t.failures.len(),
+        took.as_secs_f64()
+    )
+}
+
+fn failures_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("crash-failures")
+}
+
+fn host_crash() -> Result<(), Failed> {
+    let long = long_mode();
+    let started = Instant::now();
+    let run = Vm::new("crash_capture")
+        .modules(&["loop", "dm-mod", "dm-snapshot", "dm-log-writes"])
+        .memory_mib(2048)
+        .timeout(Duration::from_secs(if long { 1800 } else { 600 }))
+        .env(LONG_ENV, if long { "1" } else { "0" })
+        .run_self("capture", &[])?;
+    run.expect_success()?;
+    print!("{}", run.output);
+    report(&format!("crash suite: capture boot took {:.1} s", run.duration.as_secs_f64()));
+    let failures = failures_dir();
+    let mut all_failures = Vec::new();
+
+    let t0 = Instant::now();
+    let snap_dir = run.shared_dir.join("snapshot-ext4");
+    let snap = crash::run_case(&snap_dir, Fault::None, Some(&failures))?;
+    report(&tally_line("snapshot/ext4 (offline merge)", &snap, t0.elapsed()));
+    all_failures.extend(snap.failures.iter().cloned());
+
+    let t1 = Instant::now();
+    let bow_dir = run.shared_dir.join("bow-ext4");
+    let bow = crash::run_case(&bow_dir, Fault::None, Some(&failures))?;
+    report(&tally_line("bow/ext4 (engine model + restore)", &bow, t1.elapsed()));
+    all_failures.extend(bow.failures.iter().cloned());
+
+    for f in all_failures.iter().take(20) {
+        println!("FAILURE: {f}");
+    }
+    ensure(
+        all_failures.is_empty(),
+        format!("{} crash states failed (saved under {})", all_failures.len(), failures.display()),
+    )?;
+    ensure(
+        snap.states >= MIN_STATES,
+        format!("only {} kernel-level snapshot crash states (want {MIN_STATES})", snap.states),
+    )?;
+    ensure(bow.states >= 100, format!("only {} bow crash states", bow.states))?;
+
+    // The suite fails when recovery is wrong.
+    broken_recovery_is_caught(&snap_dir, &bow_dir)?;
+    report(&format!(
+        "crash suite: total {} crash states, host-side checks {:.1} s, whole test {:.1} s",
+        snap.states + bow.states,
+        t0.elapsed().as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
+
+/// A merge and a restore broken on purpose must each fail the suite: one write skipped, one
+/// flush dropped (caught by the crash states during the recovery).
+fn broken_recovery_is_caught(snap_dir: &Path, bow_dir: &Path) -> Result<(), Failed> {
+    let spec = CaseSpec::load(snap_dir)?;
+    // A few states are enough to show it: the first ones of the rollback window.
+    let quick = CaseSpec { subsets: 0, recovery_every: 1, ..spec };
+    let case = crash::SnapshotCase::load(snap_dir, quick)?;
+    for fault in [Fault::SkipWrite(0), Fault::DropFlush(0)] {
+        let t = crash::run_snapshot(&case, fault, None, true)?;
+        println!("broken merge {fault:?}: {:?}", t.failures.first());
+        ensure(!t.failures.is_empty(), format!("a merge with {fault:?} passed the suite"))?;
+    }
+    let bspec = CaseSpec::load(bow_dir)?;
+    for fault in [Fault::SkipWrite(0), Fault::DropFlush(0)] {
+        let s = CaseSpec { recovery_every: 1, ..bspec.clone() };
+        let t = crash::run_bow(bow_dir, &s, fault, None)?;
+        println!(
+            "broken bow restore {fault:?}: {} failures, first {:?}",
+            t.failures.len(),
+            t.failures.first()
+        );
+        ensure(!t.failures.is_empty(), format!("a bow restore with {fault:?} passed the suite"))?;
+    }
+    report("crash suite: broken merge and broken restore (a write skipped, a flush dropped) all caught");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// guest
+
+fn loop_file(name: &str, size: u64) -> Result<(fs::File, LoopDevice), Failed> {
+    let path = Path::new("/dev/shm").join(name);
+    let file =
+        fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;
+    file.set_len(size)?;
+    let dev = LoopDevice::attach(&file, &LoopOptions::default())?;
+    Ok((file, dev))
+}
+
+fn majmin(dev: &Path) -> Result<String, Failed> {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = fs::metadata(dev)?.rdev();
+    // Linux's dev_t encoding (MAJOR/MINOR in <linux/kdev_t.h>, glibc's gnu_dev_major).
+    let major = ((rdev >> 8) & 0xfff) | ((rdev >> 32) & 0xffff_f000);
+    let minor = (rdev & 0xff) | ((rdev >> 12) & 0xffff_ff00);
+    Ok(format!("{major}:{minor}"))
+}
+
+/// Creates a dm device with `table` by dmsetup (no udev in the guest) and returns its node.
+fn dm_create(name: &str, table: &str) -> Result<PathBuf, Failed> {
+    guest::sh(&format!("dmsetup create --noudevsync {name} --table '{table}'"))?;
+    let minor = guest::sh(&format!("dmsetup info -c --noheadings -o minor {name}"))?;
+    Ok(PathBuf::from(format!("/dev/dm-{}", minor.trim())))
+}
+
+fn mark(log_dev: &str, label: &str) -> Result<(), Failed> {
+    guest::sh(&format!("dmsetup message {log_dev} 0 mark {label}"))?;
+    Ok(())
+}
+
+fn mkfs_ext4(dev: &Path) -> Result<(), Failed> {
+    guest::sh(&format!(
+        "mkfs.ext4 -q -F -b 4096 -E lazy_itable_init=0,lazy_journal_init=0,nodiscard {}",
+        dev.display()
+    ))?;
+    Ok(())
+}
+
+/// fsx/fsstress-like random operations (seeded): writes at random offsets, overwrites,
+/// truncates, renames, unlinks, creates, fsync and fdatasync.
+fn fsx(root: &Path, rng: &mut Rng, ops: usize) -> Result<(), Failed> {
+    use std::os::unix::fs::FileExt;
+    let dir = root.join("fsx");
+    fs::create_dir_all(&dir)?;
+    let name = |i: u64| dir.join(format!("f{i}"));
+    for _ in 0..ops {
+        let i = rng.below(6);
+        match rng.below(10) {
+            0..=3 => {
+                let f = fs::OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .truncate(false)
+                    .open(name(i))?;
+                let at = rng.below(2 * MIB);
+                let len = 1 + usize::try_from(rng.below(192 << 10))?;
+                f.write_all_at(&rng.bytes(len), at)?;
+                if rng.below(3) == 0 {
+                    f.sync_data()?;
+                }
+            }
+            4 => {
+                if let Ok(f) = fs::OpenOptions::new().write(true).open(name(i)) {
+                    f.set_len(rng.below(MIB))?;
+                }
+            }
+            5 => {
+                let _ = fs::rename(name(i), name(rng.below(6)));
+            }
+            6 => {
+                let _ = fs::remove_file(name(i));
+            }
+            7 => {
+                if let Ok(f) = fs::File::open(name(i)) {
+                    f.sync_all()?;
+                }
+            }
+            8 => {
+                let f = fs::File::create(name(i))?;
+                let len = usize::try_from(rng.below(64 << 10))?;
+                f.write_all_at(&rng.bytes(len), 0)?;
+                f.sync_all()?;
+            }
+            _ => {
+                guest::sh(&format!("sync -f {}", root.display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The checkpointed workload: a short version of the demo's update, then fsx-like operations.
+fn workload(root: &Path, log_dev: &str, seed: u64, long: bool) -> Result<(), Failed> {
+    let mut rng = Rng::new(seed);
+    mark(log_dev, "update")?;
+    for _ in 0..if long { 40 } else { 8 } {
+        update_step(root, &mut rng)?;
+    }
+    guest::sh(&format!("sync -f {}", root.display()))?;
+    mark(log_dev, "fsx")?;
+    fsx(root, &mut rng, if long { 400 } else { 60 })?;
+    guest::sh(&format!("sync -f {}", root.display()))?;
+    Ok(())
+}
+
+/// The used part of a log device (every entry), copied into the shared folder.
+fn save_log(log_file: &Path, to: &Path) -> Result<(), Failed> {
+    let mut r = blockdev::logwrites::LogReader::new(fs::File::open(log_file)?)?;
+    let entries = r.entries()?;
+    let s = u64::from(r.super_block().sector_size);
+    let end = entries.last().map_or(s, |e| {
+        let data = if e.is_data_write() { e.nr_sectors * s } else { 0 };
+        e.data_offset + data
+    });
+    let mut src = fs::File::open(log_file)?;
+    let mut dst = fs::File::create(to)?;
+    std::io::copy(&mut std::io::Read::take(&mut src, end), &mut dst)?;
+    println!(
+        "{}: {} entries, {} MiB, summary {:?}",
+        to.display(),
+        entries.len(),
+        end / MIB,
+        blockdev::logwrites::summarize(&entries)
+    );
+    Ok(())
+}
+
+fn guest_capture(_: &[String]) -> Result<(), Failed> {
+    let long = long_mode();
+    let shared = guest::shared_dir();
+    let seed = 0x5eed_0013;
+    capture_snapshot(&shared.join("snapshot-ext4"), seed, long)?;
+    capture_bow(&shared.join("bow-ext4"), seed, long)?;
+    Ok(())
+}
+
+fn capture_snapshot(out: &Path, seed: u64, long: bool) -> Result<(), Failed> {
+    fs::create_dir_all(out)?;
+    let t = Instant::now();
+    let (_raw_f, raw) = loop_file("cw-raw.img", META_BYTES + DATA_BYTES)?;
+    let (_log_f, logd) = loop_file("cw-log.img", 1024 * MIB)?;
+    dm_create(
+        "cw-log",
+        &format!(
+            "0 {} log-writes {} {}",
+            (META_BYTES + DATA_BYTES) / 512,
+            majmin(raw.path())?,
+            majmin(logd.path())?
+        ),
+    )?;
+    let log_node = guest::sh("dmsetup info -c --noheadings -o major,minor cw-log")?;
+    let log_mm = log_node.trim().to_owned();
+    let meta_dev = dm_create("cw-meta", &format!("0 {} linear {log_mm} 0", META_BYTES / 512))?;
+    let data_dev = dm_create(
+        "cw-data",
+        &format!("0 {} linear {log_mm} {}", DATA_BYTES / 512, META_BYTES / 512),
+    )?;
+    mkfs_ext4(&meta_dev)?;
+    mkfs_ext4(&data_dev)?;
+    let meta_mnt = Path::new("/dev/shm/cw-metadata");
+    fs::create_dir_all(meta_mnt)?;
+    guest::sh(&format!("mount -t ext4 {} {}", meta_dev.display(), meta_mnt.display()))?;
+    let records = Records::open(meta_mnt)?;
+    let mnt = PathBuf::from("/dev/shm/cw-data-mnt");
+    fs::create_dir_all(&mnt)?;
+    let spec = DeviceSpec {
+        raw: data_dev.clone(),
+        mount_point: mnt.clone(),
+        fs_type: Some("ext4".into()),
+        mount_options: String::new(),
+        instance: backends::instance_for(&mnt),
+    };
+    let opts = SnapshotOptions { cow_bytes: Some(32 * MIB), ..SnapshotOptions::default() };
+    let stack = SnapshotStack::new(opts.clone());
+    let backend = SnapshotBackend::new(spec.clone(), opts, records)?;
+    let plan = stack.setup(&spec, true)?;
+    backends::mount(&plan, &mnt)?;
+    mark("cw-log", "populate")?;
+    populate_app_data(&mnt, seed)?;
+    guest::sh("sync")?;
+    ensure(backend.prepare()? == Action::Changed, "prepare arms")?;
+    mark("cw-log", "armed")?;
+    // The reference: what the snapshot device shows (the checkpoint's image).
+    let dm = DeviceMapper::open()?;
+    let snap = object_name(Role::Snapshot, &spec.instance)?;
+    guest::sh(&format!(
+        "cp --sparse=always {} {}",
+        dm.node_path(&snap.name).display(),
+        out.join("reference.img").display()
+    ))?;
+    println!("snapshot armed after {:?}; workload", t.elapsed());
+    workload(&mnt, "cw-log", seed ^ 1, long)?;
+    mark("cw-log", "workload-end")?;
+    println!("workload done after {:?}; space {:?}", t.elapsed(), backend.space()?);
+    mark("cw-log", "commit-begin")?;
+    ensure(backend.commit()? == Action::Changed, "commit")?;
+    guest::sh("sync")?;
+    mark("cw-log", "commit-end")?;
+    blockdev::mount::umount(&mnt, Default::default())?;
+    let _ = stack.teardown_stack(&spec)?;
+    guest::sh(&format!("umount {}", meta_mnt.display()))?;
+    guest::sh("dmsetup remove --noudevsync cw-data && dmsetup remove --noudevsync cw-meta")?;
+    guest::sh("dmsetup remove --noudevsync cw-log")?;
+    save_log(&Path::new("/dev/shm/cw-log.img"), &out.join("log.bin"))?;
+    let case = CaseSpec {
+        kind: "snapshot".into(),
+        log: "log.bin".into(),
+        reference: Some("reference.img".into()),
+        meta_bytes: META_BYTES,
+        instance: spec.instance.clone(),
+        device_bytes: META_BYTES + DATA_BYTES,
+        windows: vec![
+            ("armed".into(), "workload-end".into(), "rollback".into()),
+            ("commit-begin".into(), "commit-end".into(), "commit".into()),
+        ],
+        subsets: if long { 12 } else { 3 },
+        seed,
+        only: None,
+        recovery_every: if long { 5 } else { 25 },
+    };
+    fs::write(out.join("case.json"), serde_json::to_string_pretty(&case)?)?;
+    raw.detach()?;
+    logd.detach()?;
+    let _ = fs::remove_file("/dev/shm/cw-log.img");
+    let _ = fs::remove_file("/dev/shm/cw-raw.img");
+    println!("snapshot capture took {:?}", t.elapsed());
+    Ok(())
+}
+
+fn capture_bow(out: &Path, seed: u64, long: bool) -> Result<(), Failed> {
+    fs::create_dir_all(out)?;
+    let t = Instant::now();
+    let (_raw_f, raw) = loop_file("cw-braw.img", BOW_BYTES)?;
+    let (_log_f, logd) = loop_file("cw-blog.img", 512 * MIB)?;
+    let dev = dm_create(
+        "cw-blog",
+        &format!(
+            "0 {} log-writes {} {}",
+            BOW_BYTES / 512,
+            majmin(raw.path())?,
+            majmin(logd.path())?
+        ),
+    )?;
+    mkfs_ext4(&dev)?;
+    let mnt = Path::new("/dev/shm/cw-bow-mnt");
+    fs::create_dir_all(mnt)?;
+    guest::sh(&format!("mount -t ext4 {} {}", dev.display(), mnt.display()))?;
+    populate_app_data(mnt, seed)?;
+    guest::sh("sync")?;
+    // What dm-bow's TRIM state sees: fstrim's discards of the free space.
+    mark("cw-blog", "bow-trim")?;
+    guest::sh(&format!("fstrim {}", mnt.display()))?;
+    mark("cw-blog", "bow-checkpoint")?;
+    workload(mnt, "cw-blog", seed ^ 1, long)?;
+    mark("cw-blog", "bow-end")?;
+    guest::sh(&format!("umount {}", mnt.display()))?;
+    guest::sh("dmsetup remove --noudevsync cw-blog")?;
+    save_log(Path::new("/dev/shm/cw-blog.img"), &out.join("log.bin"))?;
+    let case = CaseSpec {
+        kind: "bow".into(),
+        log: "log.bin".into(),
+        reference: None,
+        meta_bytes: 0,
+        instance: String::new(),
+        device_bytes: BOW_BYTES,
+        windows: vec![("bow-trim".into(), "bow-end".into(), "rollback".into())],
+        subsets: if long { 6 } else { 1 },
+        seed,
+        only: None,
+        recovery_every: if long { 5 } else { 20 },
+    };
+    fs::write(out.join("case.json"), serde_json::to_string_pretty(&case)?)?;
+    raw.detach()?;
+    logd.detach()?;
+    let _ = fs::remove_file("/dev/shm/cw-blog.img");
+    let _ = fs::remove_file("/dev/shm/cw-braw.img");
+    println!("bow capture took {:?}", t.elapsed());
+    Ok(())
+}
