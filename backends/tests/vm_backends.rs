@@ -5,7 +5,10 @@
 //!    (unmount, stack teardown), restore by the userspace merge, files and every block outside
 //!    the COW file back as at checkpoint start, `e2fsck -fn` clean, teardown drops the COW
 //!    file; the same with the kernel merge; then a commit (twice) that keeps the new data and
-//!    leaves no snapshot/COW device, no COW file, no record.
+//!    leaves no snapshot/COW device, no COW file, no record. Then a backup-space reservation:
+//!    refusals (more than free, 0, more than the filesystem, a second one) that leave nothing;
+//!    reserve; prepare adopts the reservation as the COW file (the same extents, no second
+//!    file, free space unchanged by the hand-over); changes; rollback as exact as above.
 //! 2. `f2fs`: the f2fs backend on a virtio disk: checkpoint=disable, commit (twice) by
 //!    remounting, then a checkpointed session ended by a power cut; a second boot with the same
 //!    disk: restore reports nothing to do, the mount rolls the uncommitted file back, the
@@ -23,6 +26,7 @@ use std::time::Instant;
 
 use backends::f2fs::{F2fsBackend, F2fsOptions, F2fsStack};
 use backends::records::Records;
+use backends::reservation::{Condition, ReservationRecord, Reservations};
 use backends::select::{self, AutoOptions, Chosen};
 use backends::snapshot::{
     CowState, RollbackMethod, SnapshotBackend, SnapshotOptions, SnapshotRecord, SnapshotStack,
@@ -240,21 +244,88 @@ fn record(records: &Records, spec: &DeviceSpec) -> Result<Option<SnapshotRecord>
     Ok(records.load::<SnapshotRecord>("snapshot", &spec.instance)?)
 }
 
-/// One checkpointed boot and the rollback at the next one, with `method`. Returns the time the
-/// restore took.
+fn fs_free(spec: &DeviceSpec) -> Result<u64, Failed> {
+    Ok(blockdev::fs::statvfs(&spec.mount_point)?.free.get())
+}
+
+/// Between the download and the reboot: the refusals change nothing, then `bytes` are
+/// reserved. Returns the reservation's record.
+fn reserve_before_update(
+    spec: &DeviceSpec,
+    records: &Records,
+    bytes: u64,
+) -> Result<ReservationRecord, Failed> {
+    let res = Reservations::new(records.clone());
+    let space = blockdev::fs::statvfs(&spec.mount_point)?;
+    let too_much = space.available.get() + 8 * MIB;
+    match res.reserve(spec, too_much) {
+        Err(policy::BackendError::NoSpace { needed, available, .. }) => {
+            println!("reserve {needed} refused: {available} bytes available");
+            ensure(needed == too_much && available < too_much, "NoSpace names the free bytes")?;
+        }
+        other => return Err(format!("reserve more than free: {other:?}").into()),
+    }
+    for bad in [0, space.total.get() + 1] {
+        let e = res.reserve(spec, bad).err().ok_or(format!("reserve {bad} accepted"))?;
+        ensure(e.os_errno() == Some(policy::errno::EINVAL), format!("reserve {bad}: {e}"))?;
+    }
+    ensure(res.status(spec)?.is_none(), "refusals reserved nothing")?;
+    ensure(res.record(spec)?.is_none(), "refusals recorded nothing")?;
+    ensure(!Reservations::path(spec).exists(), "refusals made no file")?;
+    let before = fs_free(spec)?;
+    let info = res.reserve(spec, bytes)?;
+    ensure(info.condition == Condition::Held && info.bytes == bytes, format!("{info:?}"))?;
+    let after = fs_free(spec)?;
+    println!("reserved {bytes} bytes: free {before} -> {after}");
+    ensure(before - after >= bytes, "the reservation takes its bytes out of free space")?;
+    let e = res.reserve(spec, MIB).err().ok_or("a second reservation was accepted")?;
+    ensure(matches!(e, policy::BackendError::InvalidState { .. }), format!("second: {e}"))?;
+    ensure(res.status(spec)? == Some(info), "the held reservation is intact")?;
+    let rec = res.record(spec)?.ok_or("no reservation record")?;
+    ensure(!rec.extents.is_empty(), "ext4 maps the reservation (FIEMAP)")?;
+    Ok(rec)
+}
+
+/// One checkpointed boot and the rollback at the next one, with `method`; with `reserve`, a
+/// reservation of that many bytes is made before the boot and adopted as the COW file.
+/// Returns the time the restore took.
 fn snapshot_rollback(
     dm: &DeviceMapper,
     spec: &DeviceSpec,
     records: &Records,
     opts: &SnapshotOptions,
     seed: u8,
+    reserve: Option<u64>,
 ) -> Result<std::time::Duration, Failed> {
     let stack = SnapshotStack::new(opts.clone());
     let backend = SnapshotBackend::new(spec.clone(), opts.clone(), records.clone())?;
     let mnt = spec.mount_point.clone();
     mount(&stack, spec, true)?;
     let files = seed_files(&mnt, seed)?;
+    let reserved = match reserve {
+        Some(bytes) => Some(reserve_before_update(spec, records, bytes)?),
+        None => None,
+    };
+    let free_before_prepare = fs_free(spec)?;
     ensure(backend.prepare()? == Action::Changed, "prepare arms")?;
+    if let Some(reserved) = &reserved {
+        let free_after = fs_free(spec)?;
+        let cow = record(records, spec)?.ok_or("no record after prepare")?;
+        let res = Reservations::new(records.clone());
+        ensure(res.status(spec)?.is_none(), "the reservation was handed over")?;
+        ensure(res.record(spec)?.is_none(), "its record is cleared")?;
+        let names: Vec<_> = fs::read_dir(mnt.join(".checkpointd"))?
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<Result<_, _>>()?;
+        println!(
+            "hand-over: reservation extents {:?}, COW extents {:?}, free {free_before_prepare} \
+             -> {free_after}, files {names:?}",
+            reserved.extents, cow.extents
+        );
+        ensure(cow.extents == reserved.extents, "the COW file's extents are the reservation's")?;
+        ensure(names == ["cow"], "no second file beside the COW file")?;
+        ensure(free_after == free_before_prepare, "free space unchanged by the hand-over")?;
+    }
     ensure(backend.prepare()? == Action::Identity, "a second prepare is Identity")?;
     ensure(backend.status()?.state == BackendState::Armed, "status says armed")?;
     let rec = record(records, spec)?.ok_or("no record after prepare")?;
@@ -388,9 +459,9 @@ fn guest_snapshot_ext4(_: &[String]) -> Result<(), Failed> {
     ensure(why.contains("no dm-bow"), format!("reason {why:?}"))?;
 
     let opts = SnapshotOptions { cow_bytes: Some(16 * MIB), ..SnapshotOptions::default() };
-    let user = snapshot_rollback(&dm, &spec, &records, &opts, 0x10)?;
+    let user = snapshot_rollback(&dm, &spec, &records, &opts, 0x10, None)?;
     let kopts = SnapshotOptions { rollback: RollbackMethod::KernelMerge, ..opts.clone() };
-    let kernel = snapshot_rollback(&dm, &spec, &records, &kopts, 0x20)?;
+    let kernel = snapshot_rollback(&dm, &spec, &records, &kopts, 0x20, None)?;
     println!("restore time: userspace merge {user:?}, kernel merge {kernel:?}");
 
     // ---- grow while mounted, then commit ----
@@ -447,6 +518,10 @@ fn guest_snapshot_ext4(_: &[String]) -> Result<(), Failed> {
     )?;
     ensure(r.outcome == RestoreOutcome::NothingToRestore, "nothing to restore after commit")?;
     println!("commit ok: new data kept, no snapshot/COW device, file or record");
+
+    // ---- a reservation adopted as the COW store, then a rollback ----
+    let reserved = snapshot_rollback(&dm, &spec, &records, &opts, 0x40, Some(16 * MIB))?;
+    println!("reservation adopted as the COW store; rollback exact (restore took {reserved:?})");
     raw.detach()?;
     nothing_left(&dm)
 }
