@@ -28,6 +28,9 @@ use serde_json::{json, Map, Value};
 
 use crate::{cargo, find_bench_package, metadata, setup};
 
+/// One row of measurements: a flat JSON object.
+type Row = Map<String, Value>;
+
 /// One benchmark of the report.
 #[derive(Debug, Clone, Copy)]
 pub struct BenchSpec {
@@ -92,6 +95,8 @@ pub enum RunStatus {
     Failed(String),
     /// It was not run, and why.
     NotRun(String),
+    /// Not run by this command: the report was rebuilt from an earlier run's JSON.
+    Earlier,
 }
 
 /// One benchmark's part of the report.
@@ -208,6 +213,16 @@ fn plain(v: &Value) -> String {
     }
 }
 
+/// A named value: byte counts (`*bytes`) in MiB, the rest as [`plain`].
+fn field(key: &str, v: &Value) -> String {
+    match v.as_u64() {
+        Some(b) if key.ends_with("bytes") => {
+            format!("{} MiB", number(b as f64 / f64::from(1 << 20)))
+        }
+        _ => plain(v),
+    }
+}
+
 /// A measured number with about three significant digits.
 fn number(f: f64) -> String {
     if !f.is_finite() {
@@ -308,7 +323,11 @@ pub fn report_only() -> Result<ExitCode> {
     let outcomes = BENCHES
         .iter()
         .map(|spec| {
-            let status = RunStatus::NotRun("not run by this command (--report-only)".to_owned());
+            let status = if out_dir.join(format!("{}.json", spec.name)).exists() {
+                RunStatus::Earlier
+            } else {
+                RunStatus::NotRun("no JSON in target/bench (--report-only runs nothing)".to_owned())
+            };
             load(spec, status, 0.0, &out_dir)
         })
         .collect();
@@ -324,6 +343,7 @@ fn status_text(s: &RunStatus) -> String {
         RunStatus::Ok => "ok".to_owned(),
         RunStatus::Failed(why) => format!("FAILED ({why})"),
         RunStatus::NotRun(why) => format!("not run ({why})"),
+        RunStatus::Earlier => "from an earlier run (--report-only)".to_owned(),
     }
 }
 
@@ -448,6 +468,7 @@ impl Report {
                     RunStatus::Ok => ("ok", None),
                     RunStatus::Failed(r) => ("failed", Some(r.clone())),
                     RunStatus::NotRun(r) => ("not run", Some(r.clone())),
+                    RunStatus::Earlier => ("earlier run", None),
                 };
                 json!({
                     "bench": o.spec.name,
@@ -491,13 +512,7 @@ impl Report {
         for o in &self.outcomes {
             let (kernel, machine, setup) = o.data.as_ref().map_or_else(
                 || ("—".to_owned(), "—".to_owned(), "—".to_owned()),
-                |d| {
-                    (
-                        d.kernel(),
-                        d.machine(),
-                        d.raw.get("setup").map_or_else(|| "—".to_owned(), plain),
-                    )
-                },
+                |d| (d.kernel(), d.machine(), setup_text(&d.raw)),
             );
             let _ = writeln!(
                 s,
@@ -543,7 +558,7 @@ impl Report {
                     (_, Some(e)) => format!("its JSON could not be used: {e}"),
                     (RunStatus::NotRun(r), None) => format!("not run: {r}"),
                     (RunStatus::Failed(r), None) => format!("failed, no results: {r}"),
-                    (RunStatus::Ok, None) => format!(
+                    (RunStatus::Ok | RunStatus::Earlier, None) => format!(
                         "ran, but wrote no target/bench/{}.json: nothing to report",
                         o.spec.name
                     ),
@@ -577,11 +592,44 @@ impl Report {
             }
             if !d.rows.is_empty() {
                 let _ = writeln!(s, "\nMeasurements:\n");
-                s.push_str(&rows_table(&d.rows));
+                for table in split_rows(&d.rows) {
+                    s.push_str(&rows_table(&table));
+                    s.push('\n');
+                }
             }
         }
         s
     }
+}
+
+/// The setup column: the bench's `mode` (if any) and its `setup` object.
+fn setup_text(raw: &Value) -> String {
+    let mut parts = Vec::new();
+    if let Some(mode) = raw.get("mode") {
+        parts.push(format!("mode: {}", plain(mode)));
+    }
+    if let Some(setup) = raw.get("setup") {
+        parts.push(plain(setup));
+    }
+    if parts.is_empty() {
+        "—".to_owned()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// Rows split into tables of rows with the same fields, in first-seen order (one bench's
+/// different measurements, e.g. times and space, each get their own table).
+fn split_rows(rows: &[Row]) -> Vec<Vec<Row>> {
+    let mut tables: Vec<(Vec<&String>, Vec<Row>)> = Vec::new();
+    for r in rows {
+        let keys: Vec<&String> = r.keys().collect();
+        match tables.iter_mut().find(|(k, _)| *k == keys) {
+            Some((_, t)) => t.push(r.clone()),
+            None => tables.push((keys, vec![r.clone()])),
+        }
+    }
+    tables.into_iter().map(|(_, t)| t).collect()
 }
 
 /// A Markdown table of flat objects: the columns holding text (what a row is) first, then the
@@ -601,8 +649,10 @@ fn rows_table(rows: &[Map<String, Value>]) -> String {
     let _ = writeln!(s, "| {} |", cols.iter().map(|c| cell(c)).collect::<Vec<_>>().join(" | "));
     let _ = writeln!(s, "|{}", "---|".repeat(cols.len()));
     for r in rows {
-        let cells: Vec<String> =
-            cols.iter().map(|c| r.get(*c).map_or_else(String::new, |v| cell(&plain(v)))).collect();
+        let cells: Vec<String> = cols
+            .iter()
+            .map(|c| r.get(*c).map_or_else(String::new, |v| cell(&field(c, v))))
+            .collect();
         let _ = writeln!(s, "| {} |", cells.join(" | "));
     }
     s
