@@ -464,12 +464,18 @@ fn main() {
         }));
         let (vs_raw, vs_vold) =
             (r.as_secs_f64() / o.as_secs_f64(), v.as_secs_f64() / o.as_secs_f64());
-        checks.push(serde_json::json!({"claim": format!("ours/raw write >= 0.8, {}", case.name),
+        let ceiling = r.as_secs_f64() / (r + c_read).as_secs_f64();
+        let vs_copy = c.as_secs_f64() / o.as_secs_f64();
+        checks.push(serde_json::json!({
+            "claim": format!("{}: ours >= 0.8x the raw write alone (issue target; the ceiling for \
+                any restore that reads the copies before writing is {ceiling:.2} here)", case.name),
             "value": vs_raw, "holds": vs_raw >= 0.8}));
-        checks.push(
-            serde_json::json!({"claim": format!("ours >= 3x the vold algorithm, {}", case.name),
-            "value": vs_vold, "holds": vs_vold >= 3.0}),
-        );
+        checks.push(serde_json::json!({
+            "claim": format!("{}: ours >= 0.8x the raw copy of the same blocks", case.name),
+            "value": vs_copy, "holds": vs_copy >= 0.8}));
+        checks.push(serde_json::json!({
+            "claim": format!("{}: ours >= 3x the vold algorithm", case.name),
+            "value": vs_vold, "holds": vs_vold >= 3.0}));
         let _ = std::fs::remove_file(&path);
     }
     if !quick {
@@ -486,7 +492,8 @@ fn main() {
             "rows": rows,
             "checks": checks,
         });
-        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("../bench/restore.json");
+        let target = Path::new(env!("CARGO_TARGET_TMPDIR")).parent().expect("the target dir");
+        let out = target.join("bench").join("restore.json");
         std::fs::create_dir_all(out.parent().expect("a parent")).expect("target/bench");
         std::fs::write(&out, serde_json::to_string_pretty(&json).expect("json")).expect("write");
         println!("\nwrote {}", out.display());
