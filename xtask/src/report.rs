@@ -180,7 +180,13 @@ impl BenchData {
             Ok(out)
         };
         let rows = objects("rows")?;
-        let checks = objects("checks")?;
+        let mut checks = objects("checks")?;
+        if figures.is_empty() {
+            figures = estimate_figures(&rows);
+        }
+        if checks.is_empty() {
+            checks = estimate_checks(&rows);
+        }
         if figures.is_empty() && rows.is_empty() {
             bail!("neither \"figures\" nor \"rows\"");
         }
@@ -194,6 +200,60 @@ impl BenchData {
     fn machine(&self) -> String {
         self.raw.get("machine").map_or_else(|| "not stated".to_owned(), plain)
     }
+}
+
+/// The estimate bench writes rows only: one per workload and backend, with the estimate
+/// (`predicted_bytes`, `needed_bytes` = predicted + margin) and the space the same workload
+/// really took (`actual_bytes`). Its figures are those two over the actual, from the rows.
+fn estimate_figures(rows: &[Row]) -> Vec<Figure> {
+    let mut out = Vec::new();
+    for r in rows {
+        let (Some(actual), Some(workload), Some(backend)) = (
+            r.get("actual_bytes").and_then(Value::as_u64).filter(|a| *a > 0),
+            r.get("workload").and_then(Value::as_str),
+            r.get("backend").and_then(Value::as_str),
+        ) else {
+            continue;
+        };
+        for (key, what) in
+            [("needed_bytes", "needed (with margin)"), ("predicted_bytes", "predicted")]
+        {
+            if let Some(x) = r.get(key).and_then(Value::as_u64) {
+                let mut inputs = Map::new();
+                inputs.insert(key.to_owned(), json!(x));
+                inputs.insert("actual_bytes".to_owned(), json!(actual));
+                out.push(Figure {
+                    group: format!("estimate / actual space, {backend} (from the rows)"),
+                    name: format!("{workload}: {what} / actual"),
+                    ratio: x as f64 / actual as f64,
+                    inputs,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The estimate bench's target per row (`target_met`, `needed_error_pct`) as checks.
+fn estimate_checks(rows: &[Row]) -> Vec<Row> {
+    rows.iter()
+        .filter_map(|r| {
+            let holds = r.get("target_met")?.as_bool()?;
+            let workload = r.get("workload").map_or_else(String::new, plain);
+            let backend = r.get("backend").map_or_else(String::new, plain);
+            let mut c = Map::new();
+            c.insert(
+                "claim".into(),
+                json!(format!(
+                    "estimate, {workload}, {backend}: needed within -5 % .. +20 % of the actual \
+                     (value: error in %)"
+                )),
+            );
+            c.insert("value".into(), r.get("needed_error_pct").cloned().unwrap_or(Value::Null));
+            c.insert("holds".into(), json!(holds));
+            Some(c)
+        })
+        .collect()
 }
 
 /// A JSON value as short text: strings without quotes, objects as `k: v, ...`.
@@ -815,6 +875,28 @@ mod tests {
         let d = BenchData::parse("binder", flat).unwrap();
         assert_eq!(d.figures[0].name, "p99 loaded / idle");
         assert_eq!(d.figures[0].inputs.len(), 2);
+    }
+
+    #[test]
+    fn the_estimate_rows_give_figures_over_the_actual_and_checks() {
+        let v = json!({"bench": "estimate", "kernel": "k", "rows": [
+            {"workload": "ota", "backend": "bow", "predicted_bytes": 90, "needed_bytes": 110,
+             "actual_bytes": 100, "needed_error_pct": 10.0, "target_met": true},
+            {"workload": "ota", "backend": "snapshot", "predicted_bytes": 90,
+             "needed_bytes": 110, "actual_bytes": null, "needed_error_pct": null,
+             "target_met": false}
+        ]});
+        let d = BenchData::parse("estimate", v).unwrap();
+        let got: Vec<(&str, f64)> = d.figures.iter().map(|f| (f.name.as_str(), f.ratio)).collect();
+        assert_eq!(
+            got,
+            [("ota: needed (with margin) / actual", 1.1), ("ota: predicted / actual", 0.9)]
+        );
+        assert_eq!(d.figures[0].group, "estimate / actual space, bow (from the rows)");
+        assert_eq!(d.checks.len(), 2);
+        assert_eq!(d.checks[0]["holds"], json!(true));
+        assert_eq!(d.checks[1]["holds"], json!(false));
+        assert!(d.checks[1]["claim"].as_str().unwrap().contains("snapshot"));
     }
 
     #[test]
