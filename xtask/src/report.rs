@@ -318,6 +318,7 @@ pub fn run_all(opts: RunOptions) -> Result<ExitCode> {
     setup::ensure()?;
     let out_dir = testbench::paths::target_dir().join("bench");
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    build_all(&meta);
     let mut outcomes = Vec::new();
     for (i, spec) in BENCHES.iter().enumerate() {
         println!(
@@ -375,6 +376,32 @@ pub fn run_all(opts: RunOptions) -> Result<ExitCode> {
     }
     let all_ok = report.outcomes.iter().all(|o| !matches!(o.status, RunStatus::Failed(_)));
     Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Builds every bench target first, in one cargo call, so that build time is not counted in
+/// any benchmark's time. Best effort: if one target does not build, each is built again by its
+/// own run, and only that one fails.
+fn build_all(meta: &Value) {
+    let mut cmd = Command::new(cargo());
+    cmd.args(["bench", "--no-run"]).current_dir(testbench::paths::workspace_root());
+    let mut any = false;
+    for spec in BENCHES {
+        if let Ok(pkg) = find_bench_package(meta, spec.name) {
+            cmd.args(["-p", &pkg, "--bench", spec.name]);
+            any = true;
+        }
+    }
+    if !any {
+        return;
+    }
+    println!("\n=== xtask bench: building the benchmarks ===\n+ {}", setup::show(&cmd));
+    let t = Instant::now();
+    match cmd.status() {
+        Ok(s) if s.success() => println!("=== built in {:.0} s ===", t.elapsed().as_secs_f64()),
+        other => println!(
+            "=== the build together failed ({other:?}); each benchmark builds on its own ==="
+        ),
+    }
 }
 
 /// Rebuilds the report from the JSON files already in `target/bench` (no benchmark runs).
