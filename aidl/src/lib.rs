@@ -9,6 +9,14 @@
 
 rsbinder::include_aidl!("checkpoint_aidl");
 
+/// The frozen version 1 of the interface, compiled from `aidl_api/android.system.checkpoint/1/`
+/// and stamped version 1: what a client built against version 1 runs. For the compatibility
+/// tests (feature `frozen-v1-client`), never for the daemon.
+#[cfg(feature = "frozen-v1-client")]
+pub mod frozen_v1 {
+    rsbinder::include_aidl!("checkpoint_aidl_v1");
+}
+
 /// The service-manager name of the default instance (`<descriptor>/default`).
 pub const SERVICE_NAME: &str = "android.system.checkpoint.ICheckpoint/default";
 

@@ -13,8 +13,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use checkpoint_client::{
-    state_name, CheckpointClient, CheckpointStatus, Connect, Event, HistoryEvent, HistoryEventKind,
-    ICheckpoint,
+    state_name, BackupEstimate, CheckpointClient, CheckpointStatus, Connect, EstimateBasis,
+    EstimateOptions, Event, HistoryEvent, HistoryEventKind, ICheckpoint, ReservationInfo,
 };
 use clap::{Parser, Subcommand};
 
@@ -59,6 +59,34 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Estimate the backup space the next checkpoint needs (docs/estimate.md).
+    Estimate {
+        /// The update's expected write trace (our trace format); opened here and passed to
+        /// the daemon as a descriptor.
+        #[arg(long, value_name = "FILE")]
+        trace: Option<PathBuf>,
+        /// Sizes of the files the update will rewrite: bytes, or with a suffix K, M, G, T
+        /// (powers of 1024; e.g. 512M).
+        #[arg(long, value_name = "BYTES", num_args = 1.., value_parser = parse_size)]
+        declared: Vec<u64>,
+        /// The checkpointed mount point (default: /data, or the only device).
+        #[arg(long, value_name = "PATH")]
+        mount_point: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reserve backup space on /data until the checkpoint starts (a preallocated file).
+    Reserve {
+        /// Bytes, or with a suffix K, M, G, T (powers of 1024; e.g. 512M, 2G).
+        #[arg(value_parser = parse_size)]
+        bytes: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Give the reservation back.
+    Release,
     /// Print listener events until interrupted.
     Watch {
         /// Stop after this many events.
@@ -146,6 +174,7 @@ fn event_json(e: &HistoryEvent) -> serde_json::Value {
         "outcome": (!e.outcome.is_empty()).then_some(&e.outcome),
         "message": (!e.message.is_empty()).then_some(&e.message),
         "backup_bytes": (e.backupBytes >= 0).then_some(e.backupBytes),
+        "estimated_bytes": known(e.estimatedBytes),
     })
 }
 
@@ -169,7 +198,118 @@ fn event_line(e: &HistoryEvent) -> String {
     if e.backupBytes >= 0 {
         line.push_str(&format!(" backup={}", e.backupBytes));
     }
+    if e.estimatedBytes >= 0 {
+        line.push_str(&format!(" estimated={}", e.estimatedBytes));
+    }
     line
+}
+
+/// A size argument: decimal bytes, or with a suffix `K`, `M`, `G`, `T` (powers of 1024, any
+/// case, optionally followed by `iB` or `B`): `4096`, `512M`, `2G`, `1GiB`.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let bad = || format!("`{text}` is not a size (bytes, or a number with K, M, G or T: 512M, 2G)");
+    let lower = text.trim().to_ascii_lowercase();
+    let number_end = lower.find(|c: char| !c.is_ascii_digit()).unwrap_or(lower.len());
+    let (digits, suffix) = lower.split_at(number_end);
+    if digits.is_empty() {
+        return Err(bad());
+    }
+    let unit: u64 = match suffix.trim_end_matches("ib").trim_end_matches('b') {
+        "" if suffix.is_empty() || suffix == "b" => 1,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        "t" => 1 << 40,
+        _ => return Err(bad()),
+    };
+    let number: u64 = digits.parse().map_err(|_| bad())?;
+    number.checked_mul(unit).ok_or_else(|| format!("`{text}` is more than 2^64 bytes"))
+}
+
+fn basis_name(basis: EstimateBasis) -> String {
+    match basis {
+        EstimateBasis::TRACE => "trace".to_owned(),
+        EstimateBasis::HISTORY => "history".to_owned(),
+        EstimateBasis::DECLARED => "declared".to_owned(),
+        EstimateBasis::HISTORY_AND_DECLARED => "history_and_declared".to_owned(),
+        EstimateBasis::DEFAULT => "default".to_owned(),
+        other => format!("other({})", other.0),
+    }
+}
+
+fn known(value: i64) -> Option<i64> {
+    (value >= 0).then_some(value)
+}
+
+fn estimate_json(e: &BackupEstimate) -> serde_json::Value {
+    serde_json::json!({
+        "mount_point": e.mountPoint,
+        "backend": e.backend,
+        "basis": basis_name(e.basis),
+        "predicted_bytes": e.predictedBytes,
+        "needed_bytes": e.neededBytes,
+        "free_bytes": e.freeBytes,
+        "new_data_bytes": known(e.newDataBytes),
+        "shortfall_bytes": e.shortfallBytes,
+        "breakdown": {
+            "data_bytes": e.dataBytes,
+            "overhead_bytes": e.overheadBytes,
+            "margin_bytes": e.marginBytes,
+            "headroom_bytes": e.headroomBytes,
+        },
+        "history_samples": e.historySamples,
+    })
+}
+
+fn print_estimate(e: &BackupEstimate) {
+    println!("mount point:      {}", e.mountPoint);
+    println!("backend:          {}", e.backend);
+    println!("basis:            {}", basis_name(e.basis));
+    println!("needed:           {}", bytes(e.neededBytes));
+    println!(
+        "  predicted:      {} (data {}, log/metadata {})",
+        bytes(e.predictedBytes),
+        e.dataBytes,
+        e.overheadBytes
+    );
+    println!("  margin:         {}", bytes(e.marginBytes));
+    println!("  headroom:       {}", bytes(e.headroomBytes));
+    println!("free:             {}", bytes(e.freeBytes));
+    if e.newDataBytes >= 0 {
+        println!("new data:         {}", bytes(e.newDataBytes));
+    }
+    println!("shortfall:        {}", bytes(e.shortfallBytes));
+    println!("history samples:  {}", e.historySamples);
+}
+
+fn reservation_json(r: &ReservationInfo) -> serde_json::Value {
+    serde_json::json!({
+        "mount_point": r.mountPoint,
+        "path": r.path,
+        "bytes": r.bytes,
+        "created_unix_secs": r.createdUnixSecs,
+    })
+}
+
+fn reservation_line(r: &ReservationInfo) -> String {
+    format!(
+        "{} bytes at {} (since {})",
+        r.bytes,
+        r.path,
+        format_time(r.createdUnixSecs.saturating_mul(1000))
+    )
+}
+
+/// "estimate E, actual A (A/E)" for the learning report; `-` parts when unknown.
+fn estimate_vs_actual(estimated: i64, actual: i64) -> String {
+    let part = |v: i64| if v < 0 { "-".to_owned() } else { format!("{v} bytes") };
+    let mut out = format!("estimated {}, actual {}", part(estimated), part(actual));
+    if estimated > 0 && actual >= 0 {
+        // Integer percent: how much of the estimate was used.
+        let percent = i128::from(actual) * 100 / i128::from(estimated);
+        out.push_str(&format!(" ({percent}% of the estimate)"));
+    }
+    out
 }
 
 fn status_json(s: &CheckpointStatus) -> serde_json::Value {
@@ -187,6 +327,24 @@ fn status_json(s: &CheckpointStatus) -> serde_json::Value {
         "backup_bytes_used": (s.backupBytesUsed >= 0).then_some(s.backupBytesUsed),
         "backup_bytes_free": (s.backupBytesFree >= 0).then_some(s.backupBytesFree),
         "last_restore": s.lastRestore.as_ref().map(event_json),
+        "backends_in_use": s.backendsInUse.iter().map(|b| serde_json::json!({
+            "mount_point": b.mountPoint,
+            "name": b.name,
+            "type": b.r#type,
+            "reason": b.reason,
+        })).collect::<Vec<_>>(),
+        "reservation": s.reservation.as_ref().map(reservation_json),
+        "last_estimate": known(s.lastEstimateNeededBytes).map(|needed| serde_json::json!({
+            "needed_bytes": needed,
+            "predicted_bytes": known(s.lastEstimatePredictedBytes),
+            "timestamp_ms": known(s.lastEstimateTimestampMs),
+        })),
+        "checkpoint_estimated_bytes": known(s.checkpointEstimatedBytes),
+        "backup_bytes_high_water": known(s.backupBytesHighWater),
+        "last_checkpoint": known(s.lastActualBytes).map(|actual| serde_json::json!({
+            "actual_bytes": actual,
+            "estimated_bytes": known(s.lastEstimatedBytes),
+        })),
     })
 }
 
@@ -217,6 +375,35 @@ fn print_status(s: &CheckpointStatus) {
     match &s.lastRestore {
         Some(e) => println!("last restore:     {}", event_line(e)),
         None => println!("last restore:     -"),
+    }
+    for b in &s.backendsInUse {
+        println!("backend in use:   {} -> {} ({}): {}", b.mountPoint, b.name, b.r#type, b.reason);
+    }
+    match &s.reservation {
+        Some(r) => println!("reservation:      {}", reservation_line(r)),
+        None => println!("reservation:      -"),
+    }
+    if s.lastEstimateNeededBytes >= 0 {
+        println!(
+            "last estimate:    {} needed ({} predicted), {}",
+            bytes(s.lastEstimateNeededBytes),
+            bytes(s.lastEstimatePredictedBytes),
+            format_time(s.lastEstimateTimestampMs)
+        );
+    } else {
+        println!("last estimate:    -");
+    }
+    if s.checkpointEstimatedBytes >= 0 || s.backupBytesHighWater >= 0 {
+        println!(
+            "this checkpoint:  {}",
+            estimate_vs_actual(s.checkpointEstimatedBytes, s.backupBytesHighWater)
+        );
+    }
+    if s.lastActualBytes >= 0 {
+        println!(
+            "last checkpoint:  {}",
+            estimate_vs_actual(s.lastEstimatedBytes, s.lastActualBytes)
+        );
     }
 }
 
@@ -374,6 +561,40 @@ fn run_own(cli: &Cli) -> Result<(), String> {
                 }
             }
         }
+        Command::Estimate { trace, declared, mount_point, json } => {
+            let trace = match trace {
+                Some(path) => Some(
+                    std::fs::File::open(path)
+                        .map_err(|e| format!("cannot open the trace {}: {e}", path.display()))?,
+                ),
+                None => None,
+            };
+            let options = EstimateOptions {
+                trace,
+                declared_bytes: declared.clone(),
+                mount_point: mount_point.clone(),
+            };
+            let estimate = connection.estimate(options).map_err(|e| e.to_string())?;
+            if *json {
+                println!("{}", estimate_json(&estimate));
+            } else {
+                print_estimate(&estimate);
+            }
+        }
+        Command::Reserve { bytes, json } => {
+            let bytes = i64::try_from(*bytes)
+                .map_err(|_| format!("{bytes} bytes is more than a reservation can hold"))?;
+            let info = connection.reserve(bytes).map_err(|e| e.to_string())?;
+            if *json {
+                println!("{}", reservation_json(&info));
+            } else {
+                println!("reserved {}", reservation_line(&info));
+            }
+        }
+        Command::Release => {
+            connection.release().map_err(|e| e.to_string())?;
+            println!("reservation released");
+        }
         Command::Watch { count } => {
             let events = connection.subscribe().map_err(|e| e.to_string())?;
             eprintln!("watching checkpointd events (Ctrl-C to stop)");
@@ -417,6 +638,37 @@ mod tests {
         assert_eq!(format_time(0), "1970-01-01 00:00:00 UTC");
         assert_eq!(format_time(951_782_400_000), "2000-02-29 00:00:00 UTC");
         assert_eq!(format_time(1_798_502_400_123), "2026-12-29 00:00:00 UTC");
+    }
+
+    #[test]
+    fn sizes_take_binary_suffixes() {
+        for (text, value) in [
+            ("4096", 4096),
+            ("0", 0),
+            ("512M", 512 << 20),
+            ("2g", 2 << 30),
+            ("1GiB", 1 << 30),
+            ("3KB", 3 << 10),
+            ("1T", 1 << 40),
+            ("7b", 7),
+        ] {
+            assert_eq!(parse_size(text), Ok(value), "{text}");
+        }
+        for text in ["", "-1", "M", "1.5G", "12Q", "1 G", "1Gx"] {
+            let err = parse_size(text).expect_err(text);
+            assert!(err.contains("is not a size"), "{text}: {err}");
+        }
+        assert!(parse_size("16777216T").expect_err("overflow").contains("2^64"));
+    }
+
+    #[test]
+    fn estimate_against_actual_shows_the_share_used() {
+        assert_eq!(
+            estimate_vs_actual(200, 150),
+            "estimated 200 bytes, actual 150 bytes (75% of the estimate)"
+        );
+        assert_eq!(estimate_vs_actual(-1, 150), "estimated -, actual 150 bytes");
+        assert_eq!(estimate_vs_actual(200, -1), "estimated 200 bytes, actual -");
     }
 
     #[test]

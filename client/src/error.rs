@@ -39,6 +39,12 @@ pub enum Error {
     /// The retry budget is spent: /data was rolled back, the update failed.
     #[error("the checkpoint's retry budget is spent: /data is rolled back, the update failed")]
     RolledBack,
+    /// The daemon speaks an older version of the interface than the method needs.
+    #[error("{method} needs checkpointd's interface version {needed}; the daemon speaks {found}")]
+    OlderService { method: &'static str, needed: i32, found: i32 },
+    /// A trace file to send could not be opened or duplicated.
+    #[error("cannot use the trace {}: {detail}", path.display())]
+    Trace { path: PathBuf, detail: String },
 }
 
 /// The classes of [`Error`] a caller branches on.
@@ -66,7 +72,10 @@ impl Error {
             | Error::BinderDriver { .. }
             | Error::ServiceNotFound { .. }
             | Error::Lookup { .. } => ErrorKind::Unavailable,
-            Error::InvalidRetry(_) | Error::EventsNotEnabled => ErrorKind::InvalidArgument,
+            Error::InvalidRetry(_) | Error::EventsNotEnabled | Error::Trace { .. } => {
+                ErrorKind::InvalidArgument
+            }
+            Error::OlderService { .. } => ErrorKind::Unavailable,
             Error::Call { .. } => ErrorKind::Refused,
             Error::CommitTimeout { .. } => ErrorKind::Timeout,
             Error::RolledBack => ErrorKind::RolledBack,

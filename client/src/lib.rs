@@ -32,9 +32,24 @@
 //! # }
 //! ```
 //!
-//! **Not here yet:** estimating the backup space an update needs and reserving it belong to
-//! version 2 of the AIDL interface (issue 11), which is not built; V1 (frozen) has no such
-//! methods, so this crate offers none rather than stubs.
+//! Before the reboot, version 2 of the interface (issue 11) estimates the backup space the
+//! checkpoint will need and keeps it free (docs/update-client.md, docs/estimate.md):
+//!
+//! ```no_run
+//! # use checkpoint_client::{CheckpointClient, Connect, EstimateOptions};
+//! # fn main() -> Result<(), checkpoint_client::Error> {
+//! let client = CheckpointClient::connect(&Connect::socket("/run/checkpointd/checkpointd.sock"))?;
+//! let trace = std::fs::File::open("/data/ota/update.cptrace").ok();
+//! let estimate = client.estimate(EstimateOptions { trace, ..EstimateOptions::default() })?;
+//! if estimate.shortfallBytes > 0 {
+//!     // ask the user to free `shortfallBytes`, then estimate again
+//! }
+//! client.reserve(estimate.neededBytes)?; // kept free until the checkpoint starts
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! A daemon of version 1 answers these with [`Error::OlderService`].
 
 mod error;
 mod events;
@@ -43,8 +58,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub use checkpoint_aidl::android::system::checkpoint::{
-    CheckpointState::CheckpointState, CheckpointStatus::CheckpointStatus,
-    HistoryEvent::HistoryEvent, HistoryEventKind::HistoryEventKind, ICheckpoint::ICheckpoint,
+    BackendInUse::BackendInUse, BackupEstimate::BackupEstimate, CheckpointState::CheckpointState,
+    CheckpointStatus::CheckpointStatus, EstimateBasis::EstimateBasis,
+    EstimateRequest::EstimateRequest, HistoryEvent::HistoryEvent,
+    HistoryEventKind::HistoryEventKind, ICheckpoint::ICheckpoint, ReservationInfo::ReservationInfo,
 };
 pub use error::{Error, ErrorKind};
 pub use events::{Event, Events};
@@ -141,9 +158,27 @@ pub enum CommitWait {
     NoCheckpoint,
 }
 
+/// What [`CheckpointClient::estimate`] estimates from; all optional.
+#[derive(Debug, Default)]
+pub struct EstimateOptions {
+    /// The update's expected write trace (docs/estimate.md, "The trace format"), opened by the
+    /// caller: the daemon reads the descriptor, never a path.
+    pub trace: Option<std::fs::File>,
+    /// Sizes in bytes of the files the update will rewrite.
+    pub declared_bytes: Vec<u64>,
+    /// The checkpointed mount point; `None`: /data (or the only device).
+    pub mount_point: Option<String>,
+}
+
+/// The interface version the estimate and reservation methods need.
+pub const ESTIMATE_VERSION: i32 = 2;
+
 /// A connection to checkpointd.
 pub struct CheckpointClient {
     service: Strong<dyn ICheckpoint>,
+    /// The socket, when connected over one (a trace is sent on a session that passes
+    /// descriptors).
+    socket: Option<PathBuf>,
     /// The RPC session on the socket; closed on drop (its callback threads end with it).
     rpc: Option<Client>,
     events: bool,
@@ -182,20 +217,17 @@ impl CheckpointClient {
                 if !path.exists() {
                     return Err(Error::SocketMissing { path: path.clone() });
                 }
-                let rpc = Client::open_with(checkpoint_aidl::socket_uri(path), |options, _| {
+                let (service, rpc) = open_socket(path, |options| {
                     if how.events {
                         options.incoming_connections = Some(1);
                     }
-                })
-                .map_err(|e| Error::SocketConnect {
-                    path: path.clone(),
-                    detail: format!("{e:?}"),
                 })?;
-                let service = rpc
-                    .try_get::<dyn ICheckpoint>(name)
-                    .map_err(|e| Error::Lookup { name, detail: format!("{e:?}") })?
-                    .ok_or_else(|| Error::NotServed { path: path.clone(), name })?;
-                Ok(CheckpointClient { service, rpc: Some(rpc), events: how.events })
+                Ok(CheckpointClient {
+                    service,
+                    socket: Some(path.clone()),
+                    rpc: Some(rpc),
+                    events: how.events,
+                })
             }
             Transport::Binder { wait } => {
                 rsbinder::ProcessState::init_default().map_err(|e| Error::BinderDriver {
@@ -208,7 +240,12 @@ impl CheckpointClient {
                 loop {
                     match rsbinder::hub::try_get_interface::<dyn ICheckpoint>(name) {
                         Ok(Some(service)) => {
-                            return Ok(CheckpointClient { service, rpc: None, events: how.events })
+                            return Ok(CheckpointClient {
+                                service,
+                                socket: None,
+                                rpc: None,
+                                events: how.events,
+                            })
                         }
                         Ok(None) if Instant::now() < deadline => {
                             std::thread::sleep(LOOKUP_INTERVAL)
@@ -252,6 +289,64 @@ impl CheckpointClient {
     /// The state, budget, devices and backup space.
     pub fn status(&self) -> Result<CheckpointStatus, Error> {
         self.service.getStatus().map_err(call("getStatus"))
+    }
+
+    /// The interface version the daemon speaks (1: no estimate or reservation).
+    pub fn interface_version(&self) -> Result<i32, Error> {
+        self.service.getInterfaceVersion().map_err(call("getInterfaceVersion"))
+    }
+
+    fn needs_version(&self, method: &'static str, needed: i32) -> Result<(), Error> {
+        let found = self.interface_version()?;
+        if found < needed {
+            return Err(Error::OlderService { method, needed, found });
+        }
+        Ok(())
+    }
+
+    /// Estimates the backup space the next checkpoint will need (docs/estimate.md): what to
+    /// keep free (`neededBytes`), how much more must be freed (`shortfallBytes`), and on what
+    /// the prediction rests. Changes nothing; the daemon keeps the answer to compare with what
+    /// the checkpoint really consumes. Call it before `reserve` and `start_checkpoint`.
+    pub fn estimate(&self, options: EstimateOptions) -> Result<BackupEstimate, Error> {
+        self.needs_version("estimateBackupSpace", ESTIMATE_VERSION)?;
+        let declared =
+            options.declared_bytes.iter().map(|&b| i64::try_from(b).unwrap_or(i64::MAX)).collect();
+        let has_trace = options.trace.is_some();
+        let request = EstimateRequest {
+            trace: options.trace.map(rsbinder::ParcelFileDescriptor::from),
+            declaredBytes: declared,
+            mountPoint: options.mount_point.unwrap_or_default(),
+        };
+        match (&self.socket, has_trace) {
+            // Descriptors cross a socket only on a session that asked for it (SCM_RIGHTS); the
+            // main session does not, so that it also works with a daemon that cannot.
+            (Some(path), true) => {
+                let (service, rpc) = open_socket(path, |options| {
+                    options.fd_mode = Some(rsbinder::rpc::FileDescriptorTransportMode::Unix);
+                })?;
+                let answer = service.estimateBackupSpace(&request);
+                if let Some(session) = rpc.session() {
+                    session.close_session();
+                }
+                answer.map_err(call("estimateBackupSpace"))
+            }
+            _ => self.service.estimateBackupSpace(&request).map_err(call("estimateBackupSpace")),
+        }
+    }
+
+    /// Reserves `bytes` on /data with a preallocated file, kept free until the checkpoint
+    /// starts (the backend then takes it over). Refused (nothing reserved) when it is more
+    /// than is free, 0, or while a reservation is held. Needs the change permission.
+    pub fn reserve(&self, bytes: i64) -> Result<ReservationInfo, Error> {
+        self.needs_version("reserveSpace", ESTIMATE_VERSION)?;
+        self.service.reserveSpace(bytes).map_err(call("reserveSpace"))
+    }
+
+    /// Gives the reservation back (the update was abandoned); nothing to do if none is held.
+    pub fn release(&self) -> Result<(), Error> {
+        self.needs_version("releaseReservation", ESTIMATE_VERSION)?;
+        self.service.releaseReservation().map_err(call("releaseReservation"))
     }
 
     /// The newest `limit` history entries, newest first (`0`: all).
@@ -342,6 +437,21 @@ impl CheckpointClient {
             }
         }
     }
+}
+
+/// Opens an RPC session on the socket at `path` with `options` and looks the service up.
+fn open_socket(
+    path: &Path,
+    options: impl FnOnce(&mut rsbinder::ClientOptions),
+) -> Result<(Strong<dyn ICheckpoint>, Client), Error> {
+    let name = checkpoint_aidl::SERVICE_NAME;
+    let rpc = Client::open_with(checkpoint_aidl::socket_uri(path), |o, _| options(o))
+        .map_err(|e| Error::SocketConnect { path: path.to_owned(), detail: format!("{e:?}") })?;
+    let service = rpc
+        .try_get::<dyn ICheckpoint>(name)
+        .map_err(|e| Error::Lookup { name, detail: format!("{e:?}") })?
+        .ok_or_else(|| Error::NotServed { path: path.to_owned(), name })?;
+    Ok((service, rpc))
 }
 
 fn is_service_specific(status: &rsbinder::Status, code: i32) -> bool {

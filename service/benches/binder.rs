@@ -155,6 +155,23 @@ impl ICheckpoint for Empty {
     fn getHistory(&self, _: i32) -> BinderResult<Vec<HistoryEvent>> {
         Ok(Vec::new())
     }
+    fn estimateBackupSpace(
+        &self,
+        _: &checkpoint_aidl::android::system::checkpoint::EstimateRequest::EstimateRequest,
+    ) -> BinderResult<checkpoint_aidl::android::system::checkpoint::BackupEstimate::BackupEstimate>
+    {
+        Ok(Default::default())
+    }
+    fn reserveSpace(
+        &self,
+        _: i64,
+    ) -> BinderResult<checkpoint_aidl::android::system::checkpoint::ReservationInfo::ReservationInfo>
+    {
+        Ok(Default::default())
+    }
+    fn releaseReservation(&self) -> BinderResult<()> {
+        Ok(())
+    }
 }
 
 fn guest_empty_service(_: &[String]) -> Result<(), Failed> {

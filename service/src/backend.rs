@@ -210,7 +210,8 @@ impl Backend for TestNullBackend {
     }
 
     fn space(&self) -> Result<BackupSpace, BackendError> {
-        Ok(BackupSpace { free_bytes: self.free_bytes, ..BackupSpace::default() })
+        // It backs nothing up, so it uses nothing (as its status says): learning records 0.
+        Ok(BackupSpace { free_bytes: self.free_bytes, used_bytes: Some(0), total_bytes: None })
     }
 
     fn status(&self) -> Result<BackendStatus, BackendError> {

@@ -15,6 +15,7 @@ use policy::{
 };
 
 use backends::records::Records;
+use backends::reservation::Reservations;
 
 use crate::backend::{Named, Resolved, TestNullBackend};
 use crate::boot_hal::{BootHalGate, LazyBootControl, LazyHal};
@@ -25,7 +26,8 @@ use crate::listeners::Listeners;
 use crate::notify;
 use crate::plan;
 use crate::reboot::Rebooter;
-use crate::service::{CheckpointService, Daemon};
+use crate::service::{CheckpointService, Daemon, SpacePlanning};
+use crate::space::DeviceBackend;
 use crate::transport;
 
 /// Why the daemon could not start or stopped with an error. `Display` is the whole story.
@@ -221,6 +223,31 @@ fn policy_options(config: &Config) -> PolicyOptions {
     }
 }
 
+/// What AIDL version 2's estimate, reservation and learning work on: each device with the
+/// backend chosen for it, the monitor's action threshold as headroom, the reservation records.
+fn space_planning(
+    config: &Config,
+    planned: Vec<plan::DevicePlan>,
+) -> Result<SpacePlanning, StartError> {
+    let reservations = Reservations::new(
+        Records::open(&config.metadata_dir)
+            .map_err(|source| StartError::Backend { name: "reservation".into(), source })?,
+    );
+    Ok(SpacePlanning {
+        devices: planned
+            .into_iter()
+            .map(|p| DeviceBackend {
+                spec: p.spec,
+                backend_name: p.name,
+                backend: p.backend,
+                reason: p.reason,
+            })
+            .collect(),
+        headroom_bytes: config.monitor.action_free_bytes,
+        reservations: Some(reservations),
+    })
+}
+
 /// The daemon before it serves.
 #[derive(Debug)]
 pub struct Built {
@@ -237,7 +264,7 @@ pub fn build(config: &Config) -> Result<Built, StartError> {
     let devices = plan::devices(config)?;
     // The whole configuration (fstab devices included) is checked before the store creates
     // the metadata directory: a refused configuration leaves nothing behind.
-    plan::plan(config, &devices).map_err(StartError::Plan)?;
+    let planned = plan::plan(config, &devices).map_err(StartError::Plan)?;
     let store = Store::open(&config.metadata_dir)?;
     log::info!("state store {} (schema {})", store.path().display(), store.schema_version());
     let BootControlParts { boot, hal: boot_hal } = boot_control(config)?;
@@ -257,7 +284,8 @@ pub fn build(config: &Config) -> Result<Built, StartError> {
         Rebooter::new(config.reboot.clone()),
         config.restore.clone(),
     )
-    .with_boot_hal(gate);
+    .with_boot_hal(gate)
+    .with_space(space_planning(config, planned)?);
     Ok(Built { daemon: Arc::new(daemon), boot_hal })
 }
 

@@ -4,7 +4,10 @@
 //! - a caller that may not make the call: `EX_SECURITY` (as vold's `CheckUidOrRoot`);
 //! - a malformed restore path: `EX_ILLEGAL_ARGUMENT` with vold's messages;
 //! - a string argument longer than its bound (docs/limits.md): `EX_ILLEGAL_ARGUMENT`;
-//! - everything else: `ServiceSpecificException` with an errno-style code, by error kind.
+//! - everything else: `ServiceSpecificException` with an errno-style code, by error kind;
+//!   for version 2's methods: a trace or size the estimator refuses is `EINVAL`, free space
+//!   that cannot be read `EIO`, a reservation larger than the free space `ENOSPC`, a second
+//!   reservation while one is held `EBUSY`.
 //!
 //! Refused calls (a caller not allowed, a bad argument) are the caller's doing, so any local
 //! UID can cause as many as it likes: their log lines go through a [`RefusalLog`], which lets
@@ -58,6 +61,16 @@ pub enum ServiceError {
     /// The method needs the boot control HAL, which has not been found yet (nothing changed).
     #[error(transparent)]
     BootHalNotReady(#[from] crate::boot_hal::HalNotReady),
+    /// estimateBackupSpace: the estimator refused its input (a trace that does not parse or is
+    /// of another device size, absurd sizes) or could not read the trace.
+    #[error("{0}")]
+    Estimate(#[from] checkpoint_estimate::EstimateError),
+    /// The free space or geometry of a device could not be read.
+    #[error("{0}")]
+    Space(String),
+    /// reserveSpace / releaseReservation failed; nothing was reserved.
+    #[error("{0}")]
+    Reservation(BackendError),
     /// A restore failed; `code` is an ICheckpoint error code.
     #[error("{message}")]
     Restore {
@@ -79,6 +92,15 @@ pub fn code_for_kind(kind: ErrorKind, os_errno: Option<i32>) -> i32 {
 /// The ServiceSpecificException code of a backend error.
 pub fn code_for_backend(e: &BackendError) -> i32 {
     code_for_kind(e.kind(), e.os_errno())
+}
+
+/// The ServiceSpecificException code of a failed reservation: a second one while one is held
+/// is `EBUSY` (the record's state refuses it), the rest by kind (`ENOSPC`, `EINVAL`, errno).
+pub fn code_for_reservation(e: &BackendError) -> i32 {
+    match e {
+        BackendError::InvalidState { .. } => ICheckpoint::EBUSY,
+        other => code_for_backend(other),
+    }
 }
 
 /// Refused-call log lines let through per window.
@@ -197,6 +219,28 @@ pub fn into_binder_status(method: &str, err: ServiceError, refusals: &RefusalLog
             log::warn!("{method}: {err}");
             Status::new_service_specific_error(ICheckpoint::EAGAIN, Some(err.to_string()))
         }
+        ServiceError::Estimate(e) => {
+            if e.kind() == checkpoint_estimate::ErrorKind::Io {
+                log::error!("{method}: {e}");
+                Status::new_service_specific_error(ICheckpoint::EIO, Some(e.to_string()))
+            } else {
+                refusals.log(log::Level::Info, method, e);
+                Status::new_service_specific_error(ICheckpoint::EINVAL, Some(e.to_string()))
+            }
+        }
+        ServiceError::Space(message) => {
+            log::error!("{method}: {message}");
+            Status::new_service_specific_error(ICheckpoint::EIO, Some(message.clone()))
+        }
+        ServiceError::Reservation(e) => {
+            let code = code_for_reservation(e);
+            if [ICheckpoint::EBUSY, ICheckpoint::ENOSPC, ICheckpoint::EINVAL].contains(&code) {
+                refusals.log(log::Level::Info, method, e);
+            } else {
+                log::error!("{method}: {e}");
+            }
+            Status::new_service_specific_error(code, Some(e.to_string()))
+        }
         ServiceError::Restore { code, message } => {
             if *code == ICheckpoint::EAGAIN {
                 log::info!("{method}: {message}");
@@ -309,6 +353,49 @@ mod tests {
         );
         assert_eq!(status.exception_code(), ExceptionCode::IllegalArgument);
         assert_eq!(status.message(), Some("Reason is 5000 bytes long, more than the 4096 allowed"));
+    }
+
+    #[test]
+    fn estimate_refusals_are_einval_and_read_failures_eio() {
+        let refused = checkpoint_estimate::EstimateError::Invalid {
+            what: "free bytes",
+            value: 9,
+            why: "too many",
+        };
+        let status = into_binder_status(
+            "estimateBackupSpace",
+            ServiceError::Estimate(refused),
+            &RefusalLog::default(),
+        );
+        assert_eq!(status.exception_code(), ExceptionCode::ServiceSpecific);
+        assert_eq!(status.service_specific_error(), ICheckpoint::EINVAL);
+        let status = into_binder_status(
+            "estimateBackupSpace",
+            ServiceError::Space("statvfs /data: EIO".into()),
+            &RefusalLog::default(),
+        );
+        assert_eq!(status.service_specific_error(), ICheckpoint::EIO);
+    }
+
+    #[test]
+    fn reservation_errors_map_by_what_refused_them() {
+        let busy = BackendError::InvalidState {
+            backend: "reservation".into(),
+            state: "held".into(),
+            operation: "reserve again (release it first)",
+        };
+        let full = BackendError::NoSpace { operation: "reserve".into(), needed: 9, available: 1 };
+        let zero = BackendError::io("reserve 0 bytes", std::io::Error::from_raw_os_error(22));
+        for (e, code) in [(busy, ICheckpoint::EBUSY), (full, ICheckpoint::ENOSPC), (zero, 22)] {
+            let message = e.to_string();
+            let status = into_binder_status(
+                "reserveSpace",
+                ServiceError::Reservation(e),
+                &RefusalLog::default(),
+            );
+            assert_eq!(status.service_specific_error(), code, "{message}");
+            assert_eq!(status.message(), Some(message.as_str()));
+        }
     }
 
     #[test]

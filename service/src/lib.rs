@@ -14,4 +14,5 @@ pub mod plan;
 pub mod reboot;
 pub mod restore;
 pub mod service;
+pub mod space;
 pub mod transport;

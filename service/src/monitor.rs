@@ -196,7 +196,8 @@ impl Target for DaemonTarget {
     }
 
     fn space(&self) -> Vec<(String, Result<BackupSpace, BackendError>)> {
-        self.0.checkpointer().backend_space()
+        // Through the daemon: it keeps the high-water mark of the checkpoint's use (learning).
+        self.0.backend_space()
     }
 
     fn grow(&self, backend: &str) -> Result<Action, String> {

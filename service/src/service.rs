@@ -3,16 +3,22 @@
 //! Each AIDL method is thin: check the caller, call the snake_case method of [`Daemon`], map
 //! the error with [`crate::error::into_binder_status`]. No logic lives in the trait impl.
 
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use backends::reservation::Reservations;
 use checkpoint_aidl::android::system::checkpoint::{
-    CheckpointStatus::CheckpointStatus, HistoryEvent::HistoryEvent as AidlHistoryEvent,
-    HistoryEventKind::HistoryEventKind, ICheckpoint::ICheckpoint,
-    ICheckpointListener::ICheckpointListener,
+    BackendInUse::BackendInUse, BackupEstimate::BackupEstimate, CheckpointStatus::CheckpointStatus,
+    EstimateBasis::EstimateBasis, EstimateRequest::EstimateRequest,
+    HistoryEvent::HistoryEvent as AidlHistoryEvent, HistoryEventKind::HistoryEventKind,
+    ICheckpoint::ICheckpoint, ICheckpointListener::ICheckpointListener,
+    ReservationInfo::ReservationInfo,
 };
+use checkpoint_estimate::{Basis, Estimate, EstimateInput};
 use policy::{
-    AbortOutcome, Checkpointer, CommitOutcome, HistoryEvent, HistoryKind, MarkOutcome,
-    RestoreRequest, RollbackAction,
+    AbortOutcome, BackendError, BackupSpace, Checkpointer, CommitOutcome, Ending, EstimateRecord,
+    Finished, HistoryEvent, HistoryKind, MarkOutcome, PolicyError, RestoreRequest, RollbackAction,
 };
 use rsbinder::{BinderResult, Strong};
 
@@ -22,6 +28,7 @@ use crate::error::{into_binder_status, RefusalLog, ServiceError};
 use crate::listeners::{aidl_state, ListenerEvent, Listeners, Registered};
 use crate::reboot::Rebooter;
 use crate::restore;
+use crate::space::{self, DeviceBackend};
 
 /// What a method needs from its caller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,7 +63,30 @@ pub struct Daemon {
     boot_hal: BootHalGate,
     /// The rate limit of the log lines of refused calls.
     refusals: RefusalLog,
+    /// Estimation, reservation and learning (AIDL version 2).
+    space: SpacePlanning,
+    /// The most backup space seen in use by the tracked device's backend in this process (the
+    /// store keeps it too, in steps of [`HIGH_WATER_STEP_BYTES`]).
+    high_water: AtomicU64,
+    /// The value last written to the store.
+    high_water_stored: AtomicU64,
 }
+
+/// What estimateBackupSpace, reserveSpace and learning work on.
+#[derive(Debug, Default)]
+pub struct SpacePlanning {
+    /// Every checkpointed device with its backend, in configuration order.
+    pub devices: Vec<DeviceBackend>,
+    /// The estimate's headroom: `monitor.action_free_bytes`.
+    pub headroom_bytes: u64,
+    /// The reservations (their records in the metadata directory); `None`: not available.
+    pub reservations: Option<Reservations>,
+}
+
+/// The high-water mark is written to the store when it grew by this much (or by 1% when more)
+/// since the last write: a checkpoint that writes steadily must not cost an fsync per monitor
+/// poll. The process keeps the exact value; only a daemon restart loses the last step.
+pub const HIGH_WATER_STEP_BYTES: u64 = 1 << 20;
 
 /// Longest path argument (`restoreCheckpoint`, `restoreCheckpointPart`): 4095 bytes, what fits
 /// in Linux's PATH_MAX (4096) with its terminating NUL; no longer path can be opened.
@@ -156,6 +186,56 @@ pub fn aidl_history_event(event: &HistoryEvent) -> AidlHistoryEvent {
             None => event.message.clone().unwrap_or_default(),
         },
         backupBytes: event.backup_used_bytes.map_or(-1, to_i64),
+        estimatedBytes: event.estimated_bytes.map_or(-1, to_i64),
+    }
+}
+
+/// The stored word of a basis (`EstimateRecord::basis`).
+pub fn basis_name(basis: Basis) -> &'static str {
+    match basis {
+        Basis::Trace => "trace",
+        Basis::History => "history",
+        Basis::Declared => "declared",
+        Basis::HistoryAndDeclared => "history_and_declared",
+        Basis::Default => "default",
+    }
+}
+
+/// The AIDL form of an estimate for `mount_point`.
+pub fn aidl_estimate(mount_point: String, e: &Estimate) -> BackupEstimate {
+    BackupEstimate {
+        mountPoint: mount_point,
+        backend: e.backend.name().to_owned(),
+        basis: match e.basis {
+            Basis::Trace => EstimateBasis::TRACE,
+            Basis::History => EstimateBasis::HISTORY,
+            Basis::Declared => EstimateBasis::DECLARED,
+            Basis::HistoryAndDeclared => EstimateBasis::HISTORY_AND_DECLARED,
+            Basis::Default => EstimateBasis::DEFAULT,
+        },
+        predictedBytes: to_i64(e.predicted_bytes),
+        neededBytes: to_i64(e.needed_bytes),
+        freeBytes: to_i64(e.free_bytes),
+        newDataBytes: e.new_data_bytes.map_or(-1, to_i64),
+        shortfallBytes: to_i64(e.shortfall_bytes),
+        dataBytes: to_i64(e.breakdown.data_bytes),
+        overheadBytes: to_i64(e.breakdown.overhead_bytes),
+        marginBytes: to_i64(e.breakdown.margin_bytes),
+        headroomBytes: to_i64(e.breakdown.headroom_bytes),
+        historySamples: to_i32(e.history_samples),
+    }
+}
+
+/// The AIDL form of a reservation on `device`.
+fn aidl_reservation(
+    device: &DeviceBackend,
+    info: &backends::reservation::ReservationInfo,
+) -> ReservationInfo {
+    ReservationInfo {
+        mountPoint: device.spec.mount_point.display().to_string(),
+        path: info.path.display().to_string(),
+        bytes: to_i64(info.bytes),
+        createdUnixSecs: to_i64(info.created_unix_secs),
     }
 }
 
@@ -178,7 +258,16 @@ impl Daemon {
             restore,
             boot_hal: BootHalGate::default(),
             refusals: RefusalLog::default(),
+            space: SpacePlanning::default(),
+            high_water: AtomicU64::new(0),
+            high_water_stored: AtomicU64::new(0),
         }
+    }
+
+    /// Sets what version 2's estimate, reservation and learning work on.
+    pub fn with_space(mut self, space: SpacePlanning) -> Self {
+        self.space = space;
+        self
     }
 
     /// Makes the methods that need the boot control HAL wait for it (bounded) first:
@@ -230,7 +319,28 @@ impl Daemon {
         self.boot_hal.ready_for("startCheckpoint")?;
         let outcome = self.checkpointer.start_checkpoint(retry)?;
         log::info!("checkpoint requested (retry {retry}): {outcome:?}");
+        self.track_checkpoint();
         Ok(())
+    }
+
+    /// Learning: the checkpoint just requested is tracked with the last estimate made before
+    /// it. Advisory: a failure is logged, the call still succeeds.
+    fn track_checkpoint(&self) {
+        let started = match self.checkpointer.status() {
+            Ok(status) => status.started_at_ms,
+            Err(e) => {
+                log::warn!("cannot track the new checkpoint's consumption: {e}");
+                return;
+            }
+        };
+        let Some(started) = started else { return };
+        match self.checkpointer.with_store(|store| store.track_checkpoint(started)) {
+            Ok(()) => {
+                self.high_water.store(0, Ordering::Relaxed);
+                self.high_water_stored.store(0, Ordering::Relaxed);
+            }
+            Err(e) => log::warn!("cannot track the new checkpoint's consumption: {e}"),
+        }
     }
 
     /// needsCheckpoint.
@@ -253,9 +363,16 @@ impl Daemon {
     /// commitChanges.
     pub fn commit_changes(&self) -> Result<(), ServiceError> {
         self.boot_hal.ready_for("commitChanges")?;
+        // What the backups hold just before the commit releases them.
+        let final_used = self.tracked_used();
         match self.checkpointer.commit_changes()? {
             CommitOutcome::Committed { committed, skipped } => {
                 log::info!("checkpoint committed (backends {committed:?}, skipped {skipped:?})");
+                self.finish_tracking(Ending::Committed, final_used);
+            }
+            CommitOutcome::RollbackAcknowledged => {
+                log::info!("rollback acknowledged");
+                self.finish_tracking(Ending::RolledBack, None);
             }
             CommitOutcome::DontCommit => log::warn!("commit skipped: policy.dont_commit is set"),
             other => log::debug!("commitChanges: {other:?}"),
@@ -347,6 +464,251 @@ impl Daemon {
         self.checkpointer.reset_checkpoint();
     }
 
+    /// The device `mount_point` names (empty: /data, else the only device).
+    fn device(&self, mount_point: &str) -> Result<&DeviceBackend, ServiceError> {
+        let devices = &self.space.devices;
+        if devices.is_empty() {
+            return Err(PolicyError::NotSupported.into());
+        }
+        if mount_point.len() > MAX_PATH_BYTES {
+            return Err(ServiceError::TooLong {
+                what: "Mount point",
+                len: mount_point.len(),
+                max: MAX_PATH_BYTES,
+            });
+        }
+        let wanted = if mount_point.is_empty() { "/data" } else { mount_point };
+        if let Some(d) = devices.iter().find(|d| d.spec.mount_point == Path::new(wanted)) {
+            return Ok(d);
+        }
+        match devices.as_slice() {
+            [only] if mount_point.is_empty() => Ok(only),
+            _ => Err(ServiceError::InvalidArgument(format!(
+                "No checkpointed device is mounted at {wanted} (configured: {})",
+                devices
+                    .iter()
+                    .map(|d| d.spec.mount_point.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
+    }
+
+    /// The device learning tracks: the default device of estimateBackupSpace.
+    fn tracked_device(&self) -> Option<&DeviceBackend> {
+        self.device("").ok()
+    }
+
+    /// estimateBackupSpace: the estimator over the daemon's inputs (`space.rs`); the answer is
+    /// kept as the last estimate for learning.
+    pub fn estimate_backup_space(
+        &self,
+        request: EstimateRequest,
+    ) -> Result<BackupEstimate, ServiceError> {
+        let device = self.device(&request.mountPoint)?;
+        let declared = space::declared_sizes(&request.declaredBytes)?;
+        let trace = request.trace.map(|fd| space::read_trace(fd.into())).transpose()?;
+        let measured = space::measure(device)?;
+        let rows = self.checkpointer.with_store(|store| store.consumption(space::HISTORY_ROWS));
+        let rows = rows.map_err(PolicyError::from)?;
+        let history = space::past_checkpoints(&rows, &device.spec.mount_point);
+        let input = EstimateInput {
+            backend: device.estimate_backend(),
+            device_size: measured.device_size,
+            block_size: measured.block_size,
+            free: &measured.free,
+            history: &history,
+            trace: trace.as_ref(),
+            declared_bytes: &declared,
+        };
+        let estimate = checkpoint_estimate::estimate(
+            &input,
+            &device.estimate_config(self.space.headroom_bytes),
+        )?;
+        let mount_point = device.spec.mount_point.display().to_string();
+        log::info!(
+            "estimate for {mount_point} ({}, basis {:?}): {} bytes needed, {} free, shortfall {}",
+            estimate.backend,
+            estimate.basis,
+            estimate.needed_bytes,
+            estimate.free_bytes,
+            estimate.shortfall_bytes
+        );
+        let record = EstimateRecord {
+            at_ms: 0,
+            mount_point: mount_point.clone(),
+            backend: estimate.backend.name().to_owned(),
+            device_size: measured.device_size,
+            basis: basis_name(estimate.basis).to_owned(),
+            predicted_bytes: estimate.predicted_bytes,
+            needed_bytes: estimate.needed_bytes,
+        };
+        if let Err(e) = self.checkpointer.with_store(|store| store.record_estimate(&record)) {
+            log::warn!("cannot keep the estimate for learning: {e}");
+        }
+        Ok(aidl_estimate(mount_point, &estimate))
+    }
+
+    fn reservations(&self) -> Result<(&Reservations, &DeviceBackend), ServiceError> {
+        let device = self.device("")?;
+        let reservations = self.space.reservations.as_ref().ok_or(PolicyError::NotSupported)?;
+        Ok((reservations, device))
+    }
+
+    /// reserveSpace on the default device (/data).
+    pub fn reserve_space(&self, bytes: i64) -> Result<ReservationInfo, ServiceError> {
+        let bytes = u64::try_from(bytes).ok().filter(|b| *b > 0).ok_or_else(|| {
+            ServiceError::InvalidArgument(format!(
+                "Reservation size must be more than 0 bytes (got {bytes})"
+            ))
+        })?;
+        let (reservations, device) = self.reservations()?;
+        let info = reservations.reserve(&device.spec, bytes).map_err(ServiceError::Reservation)?;
+        log::info!("reserved {} bytes at {}", info.bytes, info.path.display());
+        Ok(aidl_reservation(device, &info))
+    }
+
+    /// releaseReservation on the default device.
+    pub fn release_reservation(&self) -> Result<(), ServiceError> {
+        let (reservations, device) = self.reservations()?;
+        let action = reservations.release(&device.spec).map_err(ServiceError::Reservation)?;
+        log::info!("reservation on {} released: {action:?}", device.spec.mount_point.display());
+        Ok(())
+    }
+
+    /// Every backend's backup space (the health monitor's poll), noting the tracked device's
+    /// use for learning.
+    pub fn backend_space(&self) -> Vec<(String, Result<BackupSpace, BackendError>)> {
+        let spaces = self.checkpointer.backend_space();
+        if let Some(device) = self.tracked_device() {
+            let used = spaces
+                .iter()
+                .find(|(name, _)| *name == device.backend_name)
+                .and_then(|(_, space)| space.as_ref().ok()?.used_bytes);
+            if let Some(used) = used {
+                self.note_used(used);
+            }
+        }
+        spaces
+    }
+
+    /// Raises the high-water mark (only while checkpointing); the store is written in steps.
+    fn note_used(&self, used: u64) {
+        if !self.checkpointer.is_checkpointing() {
+            return;
+        }
+        let before = self.high_water.fetch_max(used, Ordering::Relaxed);
+        let stored = self.high_water_stored.load(Ordering::Relaxed);
+        let step = HIGH_WATER_STEP_BYTES.max(stored / 100);
+        if used > before && (stored == 0 || used >= stored.saturating_add(step)) {
+            match self.checkpointer.with_store(|store| store.note_high_water(used)) {
+                Ok(_) => self.high_water_stored.store(used, Ordering::Relaxed),
+                Err(e) => log::warn!("cannot note the backup space in use: {e}"),
+            }
+        }
+    }
+
+    /// The tracked device's backend's use now, raised to this process's high-water mark.
+    fn tracked_used(&self) -> Option<u64> {
+        let device = self.tracked_device()?;
+        let now = self
+            .checkpointer
+            .backend_space()
+            .into_iter()
+            .find(|(name, _)| *name == device.backend_name)
+            .and_then(|(_, space)| space.ok()?.used_bytes);
+        let seen = self.high_water.load(Ordering::Relaxed);
+        match now {
+            Some(n) => Some(n.max(seen)),
+            None => (seen > 0).then_some(seen),
+        }
+    }
+
+    /// Learning: records what the tracked checkpoint consumed against its estimate.
+    fn finish_tracking(&self, ending: Ending, final_used: Option<u64>) {
+        let Some(device) = self.tracked_device() else { return };
+        let device_size = match space::measure(device) {
+            Ok(m) => m.device_size,
+            Err(e) => {
+                log::warn!("cannot record the checkpoint's consumption: {e}");
+                return;
+            }
+        };
+        let mount_point = device.spec.mount_point.display().to_string();
+        let finished = Finished {
+            ending,
+            mount_point: &mount_point,
+            backend: device.estimate_backend().name(),
+            device_size,
+            final_used_bytes: final_used,
+        };
+        match self.checkpointer.with_store(|store| store.finish_tracking(&finished)) {
+            Ok(Some(row)) => log::info!(
+                "checkpoint {}: consumed {} bytes of backup space (estimated: {})",
+                row.outcome,
+                row.actual_bytes,
+                row.estimated_bytes.map_or("none".to_owned(), |b| format!("{b} bytes"))
+            ),
+            Ok(None) => log::info!("checkpoint {}: its consumption is unknown", ending.as_str()),
+            Err(e) => log::warn!("cannot record the checkpoint's consumption: {e}"),
+        }
+        self.high_water.store(0, Ordering::Relaxed);
+        self.high_water_stored.store(0, Ordering::Relaxed);
+    }
+
+    /// Version 2's part of the status.
+    fn add_v2_status(&self, status: &mut CheckpointStatus) {
+        status.backendsInUse = self
+            .space
+            .devices
+            .iter()
+            .map(|d| BackendInUse {
+                mountPoint: d.spec.mount_point.display().to_string(),
+                name: d.backend_name.clone(),
+                r#type: d.backend.type_name().to_owned(),
+                reason: if d.reason.is_empty() {
+                    "configured".to_owned()
+                } else {
+                    d.reason.clone()
+                },
+            })
+            .collect();
+        if let Ok((reservations, device)) = self.reservations() {
+            match reservations.status(&device.spec) {
+                Ok(info) => status.reservation = info.map(|i| aidl_reservation(device, &i)),
+                Err(e) => log::warn!("getStatus: cannot read the reservation: {e}"),
+            }
+        }
+        let learned = self.checkpointer.with_store(|store| {
+            Ok::<_, policy::StoreError>((
+                store.last_estimate()?,
+                store.tracking()?,
+                store.consumption(1)?.into_iter().next(),
+            ))
+        });
+        match learned {
+            Ok((last, tracking, finished)) => {
+                if let Some(e) = last {
+                    status.lastEstimateNeededBytes = to_i64(e.needed_bytes);
+                    status.lastEstimatePredictedBytes = to_i64(e.predicted_bytes);
+                    status.lastEstimateTimestampMs = e.at_ms;
+                }
+                if let Some(t) = tracking {
+                    status.checkpointEstimatedBytes = t.estimate.map_or(-1, |(_, n, _)| to_i64(n));
+                    let seen = self.high_water.load(Ordering::Relaxed);
+                    let high = t.high_water_bytes.map_or(seen, |h| h.max(seen));
+                    status.backupBytesHighWater =
+                        if t.high_water_bytes.is_some() || seen > 0 { to_i64(high) } else { -1 };
+                }
+                if let Some(c) = finished {
+                    status.lastActualBytes = to_i64(c.actual_bytes);
+                    status.lastEstimatedBytes = c.estimated_bytes.map_or(-1, to_i64);
+                }
+            }
+            Err(e) => log::warn!("getStatus: cannot read the learning records: {e}"),
+        }
+    }
+
     /// getStatus.
     pub fn status(&self) -> Result<CheckpointStatus, ServiceError> {
         let status = self.checkpointer.status()?;
@@ -366,7 +728,7 @@ impl Daemon {
                 }
             }
         }
-        Ok(CheckpointStatus {
+        let mut out = CheckpointStatus {
             state: aidl_state(status.state),
             isCheckpointing: status.is_checkpointing,
             needsRollback: status.needs_rollback,
@@ -380,7 +742,10 @@ impl Daemon {
             backupBytesUsed: status.backup_used_bytes.map_or(-1, to_i64),
             backupBytesFree: status.backup_free_bytes.map_or(-1, to_i64),
             lastRestore: status.last_restore.as_ref().map(aidl_history_event),
-        })
+            ..CheckpointStatus::default()
+        };
+        self.add_v2_status(&mut out);
+        Ok(out)
     }
 
     /// registerListener: within the caps of `[listeners]`; the same binder again counts once.
@@ -518,6 +883,33 @@ impl ICheckpoint for CheckpointService {
 
     fn getHistory(&self, limit: i32) -> BinderResult<Vec<AidlHistoryEvent>> {
         self.call(Access::Query, "getHistory", |d| d.history(limit))
+    }
+
+    fn estimateBackupSpace(&self, request: &EstimateRequest) -> BinderResult<BackupEstimate> {
+        // The descriptor is duplicated out of the request (the parcel keeps its own).
+        let request = EstimateRequest {
+            trace: match &request.trace {
+                Some(fd) => Some(fd.try_clone().map_err(|e| {
+                    into_binder_status(
+                        "estimateBackupSpace",
+                        ServiceError::InvalidArgument(format!("Trace: cannot duplicate it: {e:?}")),
+                        &self.daemon.refusals,
+                    )
+                })?),
+                None => None,
+            },
+            declaredBytes: request.declaredBytes.clone(),
+            mountPoint: request.mountPoint.clone(),
+        };
+        self.call(Access::Query, "estimateBackupSpace", |d| d.estimate_backup_space(request))
+    }
+
+    fn reserveSpace(&self, bytes: i64) -> BinderResult<ReservationInfo> {
+        self.call(Access::Change, "reserveSpace", |d| d.reserve_space(bytes))
+    }
+
+    fn releaseReservation(&self) -> BinderResult<()> {
+        self.call(Access::Change, "releaseReservation", Daemon::release_reservation)
     }
 }
 

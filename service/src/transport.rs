@@ -464,6 +464,10 @@ pub fn serve_socket(
     let server = private_rpc_server(path).map_err(error)?;
     server.set_android13plus(WireVersion::MAX.get());
     server.set_handshake_timeout(Some(Duration::from_millis(config.handshake_timeout_ms)));
+    // Descriptors may cross (SCM_RIGHTS) for a client that asks: estimateBackupSpace takes the
+    // trace as a ParcelFileDescriptor the caller opened. A client that does not ask is served
+    // as before.
+    server.set_supported_fd_modes(&[rsbinder::rpc::FileDescriptorTransportMode::Unix]);
     server
         .add_service(checkpoint_aidl::SERVICE_NAME, binder)
         .map_err(|e| error(format!("{e:?}")))?;

@@ -29,4 +29,13 @@ parcelable HistoryEvent {
     @utf8InCpp String message;
     /** Backup space the checkpoint had consumed in bytes; -1 = unknown. */
     long backupBytes = -1;
+
+    // Version 2.
+
+    /**
+     * On the entry that ended a checkpoint (COMMITTED, ROLLBACK_ACKNOWLEDGED, RESTORED): the
+     * estimate made before it started (neededBytes); -1 = none. backupBytes is then what it
+     * really consumed (the most seen while it ran).
+     */
+    long estimatedBytes = -1;
 }

@@ -5,9 +5,12 @@
 
 package android.system.checkpoint;
 
+import android.system.checkpoint.BackupEstimate;
 import android.system.checkpoint.CheckpointStatus;
+import android.system.checkpoint.EstimateRequest;
 import android.system.checkpoint.HistoryEvent;
 import android.system.checkpoint.ICheckpointListener;
+import android.system.checkpoint.ReservationInfo;
 
 /**
  * Userdata checkpoint and rollback for A/B updates.
@@ -89,4 +92,27 @@ interface ICheckpoint {
      * fit in a 256 KiB reply (docs/limits.md).
      */
     HistoryEvent[] getHistory(int limit);
+
+    // Version 2 (a service answers getInterfaceVersion() >= 2). A version-1 service answers
+    // these with UNKNOWN_TRANSACTION.
+
+    /**
+     * Estimates the backup space the next checkpoint will need (docs/estimate.md). A query:
+     * nothing changes, except that the answer is kept to be compared with what the next
+     * checkpoint really consumes. Errors: EINVAL (a trace that does not parse or was captured on
+     * a device of another size, a negative or absurd declared size, an unknown mount point,
+     * a trace that is not a regular file or is larger than 512 MiB); ENOTSUP (no checkpoint
+     * backend); EIO (the free space cannot be read).
+     */
+    BackupEstimate estimateBackupSpace(in EstimateRequest request);
+    /**
+     * Reserves `bytes` on /data (the device of estimateBackupSpace's default) with a
+     * preallocated file, kept free until the checkpoint starts and handed over to the backend
+     * then. Errors: EINVAL (bytes <= 0 or more than the device holds), ENOSPC (more than the
+     * free space), EBUSY (a reservation is already held: release it first), ENOTSUP.
+     * Nothing is reserved when it fails.
+     */
+    ReservationInfo reserveSpace(long bytes);
+    /** Gives the reservation back (nothing to do if none is held). */
+    void releaseReservation();
 }

@@ -3,8 +3,10 @@
 ///////////////////////////////////////////////////////////////////////////////
 // This file is an API dump of android.system.checkpoint (see aidl/tests/api_freeze.rs).
 package android.system.checkpoint;
+import android.system.checkpoint.BackendInUse;
 import android.system.checkpoint.CheckpointState;
 import android.system.checkpoint.HistoryEvent;
+import android.system.checkpoint.ReservationInfo;
 @VintfStability
 parcelable CheckpointStatus {
     CheckpointState state = CheckpointState.NONE;
@@ -20,4 +22,13 @@ parcelable CheckpointStatus {
     long backupBytesUsed = -1;
     long backupBytesFree = -1;
     @nullable HistoryEvent lastRestore;
+    BackendInUse[] backendsInUse;
+    @nullable ReservationInfo reservation;
+    long lastEstimateNeededBytes = -1;
+    long lastEstimatePredictedBytes = -1;
+    long lastEstimateTimestampMs = -1;
+    long checkpointEstimatedBytes = -1;
+    long backupBytesHighWater = -1;
+    long lastActualBytes = -1;
+    long lastEstimatedBytes = -1;
 }

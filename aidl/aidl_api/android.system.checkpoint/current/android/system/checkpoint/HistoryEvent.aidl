@@ -16,4 +16,5 @@ parcelable HistoryEvent {
     @utf8InCpp String outcome;
     @utf8InCpp String message;
     long backupBytes = -1;
+    long estimatedBytes = -1;
 }

@@ -3,9 +3,12 @@
 ///////////////////////////////////////////////////////////////////////////////
 // This file is an API dump of android.system.checkpoint (see aidl/tests/api_freeze.rs).
 package android.system.checkpoint;
+import android.system.checkpoint.BackupEstimate;
 import android.system.checkpoint.CheckpointStatus;
+import android.system.checkpoint.EstimateRequest;
 import android.system.checkpoint.HistoryEvent;
 import android.system.checkpoint.ICheckpointListener;
+import android.system.checkpoint.ReservationInfo;
 @VintfStability
 interface ICheckpoint {
     const int EPERM = 1;
@@ -35,4 +38,7 @@ interface ICheckpoint {
     CheckpointStatus getStatus();
     void registerListener(ICheckpointListener listener);
     HistoryEvent[] getHistory(int limit);
+    BackupEstimate estimateBackupSpace(in EstimateRequest request);
+    ReservationInfo reserveSpace(long bytes);
+    void releaseReservation();
 }

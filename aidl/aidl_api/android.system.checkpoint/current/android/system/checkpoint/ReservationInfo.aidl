@@ -1,0 +1,12 @@
+///////////////////////////////////////////////////////////////////////////////
+// THIS FILE IS IMMUTABLE. DO NOT EDIT IN ANY CASE.                          //
+///////////////////////////////////////////////////////////////////////////////
+// This file is an API dump of android.system.checkpoint (see aidl/tests/api_freeze.rs).
+package android.system.checkpoint;
+@VintfStability
+parcelable ReservationInfo {
+    @utf8InCpp String mountPoint;
+    @utf8InCpp String path;
+    long bytes;
+    long createdUnixSecs;
+}
