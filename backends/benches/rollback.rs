@@ -225,7 +225,11 @@ fn host(quick: bool) -> Result<(), Failed> {
     stop.store(true, Ordering::Relaxed);
     let _ = sampler.join();
     let run = run?;
-    run.expect_success()?;
+    // A guest that failed part way may still have written its results so far: keep them.
+    let guest_ok = run.expect_success().map(|_| ()).map_err(Failed::from);
+    if guest_ok.is_err() && !run.shared_dir.join(GUEST_JSON).exists() {
+        return guest_ok;
+    }
     let max = max_seen.load(Ordering::Relaxed);
     let seconds = started.elapsed().as_secs_f64();
     println!(
@@ -248,7 +252,7 @@ fn host(quick: bool) -> Result<(), Failed> {
     std::fs::create_dir_all(out.parent().ok_or("no parent")?)?;
     std::fs::write(&out, serde_json::to_string_pretty(&json)?)?;
     println!("wrote {}", out.display());
-    Ok(())
+    guest_ok
 }
 
 /// The guest's results, in the shared folder (the guest's working directory).
@@ -300,23 +304,42 @@ fn guest_bench(args: &[String]) -> Result<(), Failed> {
     println!("  (part 2: {:.0} s)", t.elapsed().as_secs_f64());
     let t = Instant::now();
     println!("\n== 3. backup space of the same block traces: dm-snapshot vs dm-bow ==");
+    // The raw traces first, the fullest file system last: a trace that fails leaves devices
+    // behind, so part 3 stops there, and the results so far are still reported.
     let fills: &[u64] = if cfg.quick { &[45] } else { &[25, 45, 65] };
-    let mut traces: Vec<space::Trace> =
-        fills.iter().map(|&fill_percent| space::Trace::Ext4 { fill_percent }).collect();
-    traces.push(space::Trace::Raw { interleaved: false });
-    traces.push(space::Trace::Raw { interleaved: true });
+    let mut traces =
+        vec![space::Trace::Raw { interleaved: false }, space::Trace::Raw { interleaved: true }];
+    traces.extend(fills.iter().map(|&fill_percent| space::Trace::Ext4 { fill_percent }));
     let mut sp = Vec::new();
+    let mut errors = Vec::new();
     for (i, trace) in traces.iter().enumerate() {
         let tt = Instant::now();
         println!("\n -- trace {}/{}: {} --", i + 1, traces.len(), trace.name());
-        sp.push(space::run(&cfg, &dm, disks.a, disks.b, *trace)?);
+        match space::run(&cfg, &dm, disks.a, disks.b, *trace) {
+            Ok(r) => sp.push(r),
+            Err(e) => {
+                let msg = format!(
+                    "backup space, {}: {} (part 3 stopped there)",
+                    trace.name(),
+                    e.message().unwrap_or("(no message)")
+                );
+                println!("  FAILED: {msg}");
+                errors.push(msg);
+                break;
+            }
+        }
         println!("  ({:.0} s)", tt.elapsed().as_secs_f64());
     }
     println!("  (part 3: {:.0} s)", t.elapsed().as_secs_f64());
     summary(&cfg, &rollback, &rand, &seq, &sp);
-    let json = report_json(&cfg, &rollback, &rand, &seq, &sp);
+    let mut json = report_json(&cfg, &rollback, &rand, &seq, &sp);
+    json["errors"] = serde_json::json!(errors);
     std::fs::write(GUEST_JSON, serde_json::to_string_pretty(&json)?)?;
-    Ok(())
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; ").into())
+    }
 }
 
 /// Every figure of the summary as JSON: `rows` (medians, bytes) and `figures` (ratios with

@@ -657,6 +657,17 @@ impl Report {
                 let _ = writeln!(s, "\n**The run failed** ({r}); the results it wrote follow.");
             }
             let _ = writeln!(s, "\nKernel {}; machine {}.", d.kernel(), d.machine());
+            let errors: Vec<String> = d
+                .raw
+                .get("errors")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .map(plain)
+                .collect();
+            for e in errors {
+                let _ = writeln!(s, "\n**Error in this run**: {e}");
+            }
             if !d.figures.is_empty() {
                 let _ = writeln!(s, "\n![{}]({}.svg)\n", o.spec.title, o.spec.name);
                 let _ = writeln!(s, "| figure | ratio | inputs |");
@@ -881,7 +892,8 @@ mod tests {
                  "ratio": 0.5, "inputs": {"ours_ms": 100.0, "raw_write_ms": 50.0}}
             ],
             "rows": [{"case": "scattered 4 KiB", "method": "ours", "median_ms": 100.0}],
-            "checks": [{"claim": "ours >= 3x vold", "value": 4.0, "holds": true}]
+            "checks": [{"claim": "ours >= 3x vold", "value": 4.0, "holds": true}],
+            "errors": ["part 3 stopped"]
         })
     }
 
@@ -978,6 +990,7 @@ mod tests {
         assert!(md.contains("| **restore, scattered 4 KiB** | | |"), "{md}");
         assert!(md.contains("Kernel 6.1.0-test; machine cpu: Test CPU, cpus: 2."), "{md}");
         assert!(md.contains("| restore | ours >= 3x vold | 4.00 | **yes** |"), "{md}");
+        assert!(md.contains("**Error in this run**: part 3 stopped"), "{md}");
         assert!(
             md.contains("**No results in this report**: failed, no results: exited with an error."),
             "{md}"
