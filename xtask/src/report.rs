@@ -266,7 +266,7 @@ fn plain(v: &Value) -> String {
             _ => n.to_string(),
         },
         Value::Object(m) => {
-            m.iter().map(|(k, v)| format!("{k}: {}", plain(v))).collect::<Vec<_>>().join(", ")
+            m.iter().map(|(k, v)| format!("{k}: {}", field(k, v))).collect::<Vec<_>>().join(", ")
         }
         Value::Array(a) => a.iter().map(plain).collect::<Vec<_>>().join(", "),
         Value::Bool(b) => b.to_string(),
@@ -1038,6 +1038,10 @@ mod tests {
         assert_eq!(number(0.0312), "0.031");
         assert_eq!(number(1234.5), "1234");
         assert_eq!(plain(&json!({"a": 1, "b": "x", "c": null})), "a: 1, b: x, c: —");
+        assert_eq!(
+            plain(&json!({"bytes": 3 << 20, "bow_bytes": 1 << 19})),
+            "bow_bytes: 0.500 MiB, bytes: 3.00 MiB"
+        );
         assert_eq!(utc_from_unix(0), "1970-01-01 00:00");
         assert_eq!(utc_from_unix(1_796_547_600), "2026-12-06 09:00");
         assert_eq!(utc_from_unix(951_782_400), "2000-02-29 00:00");
