@@ -508,7 +508,10 @@ impl Daemon {
         let device = self.device(&request.mountPoint)?;
         let declared = space::declared_sizes(&request.declaredBytes)?;
         let trace = request.trace.map(|fd| space::read_trace(fd.into())).transpose()?;
-        let measured = space::measure(device)?;
+        let mut measured = space::measure(device)?;
+        if let Some((bytes, extents)) = self.held_reservation(device) {
+            measured.free = space::count_reservation(measured.free, bytes, &extents);
+        }
         let rows = self.checkpointer.with_store(|store| store.consumption(space::HISTORY_ROWS));
         let rows = rows.map_err(PolicyError::from)?;
         let history = space::past_checkpoints(&rows, &device.spec.mount_point);
@@ -547,6 +550,23 @@ impl Daemon {
             log::warn!("cannot keep the estimate for learning: {e}");
         }
         Ok(aidl_estimate(mount_point, &estimate))
+    }
+
+    /// The reservation held on `device` (bytes, extents on the device), if any: the estimate
+    /// counts it as free, since the backend takes it over at checkpoint start.
+    fn held_reservation(&self, device: &DeviceBackend) -> Option<(u64, Vec<(u64, u64)>)> {
+        let reservations = self.space.reservations.as_ref()?;
+        let held = reservations.status(&device.spec).ok()??;
+        if held.condition != backends::reservation::Condition::Held {
+            return None;
+        }
+        let extents = reservations
+            .record(&device.spec)
+            .ok()
+            .flatten()
+            .map(|r| r.extents.iter().map(|e| (e.physical, e.length)).collect())
+            .unwrap_or_default();
+        Some((held.bytes, extents))
     }
 
     fn reservations(&self) -> Result<(&Reservations, &DeviceBackend), ServiceError> {

@@ -139,6 +139,20 @@ pub fn measure(device: &DeviceBackend) -> Result<Measured, ServiceError> {
     Ok(Measured { free, device_size, block_size })
 }
 
+/// Counts a held reservation of `bytes` (with its extents on the device, when known) as free:
+/// it is handed over to the backend when the checkpoint starts (docs/backends.md,
+/// "Reservation"), so the space it holds is there for the backups. On a free map without the
+/// reservation's extents the map is left as it is (the estimate is then conservative).
+pub fn count_reservation(free: FreeSpace, bytes: u64, extents: &[(u64, u64)]) -> FreeSpace {
+    match free {
+        FreeSpace::Bytes(n) => FreeSpace::Bytes(n.saturating_add(bytes)),
+        FreeSpace::Map(mut map) => {
+            map.extend(extents.iter().map(|&(offset, len)| FreeExtent { offset, len }));
+            FreeSpace::Map(map)
+        }
+    }
+}
+
 fn is_block_device(meta: &std::fs::Metadata) -> bool {
     use std::os::unix::fs::FileTypeExt;
     meta.file_type().is_block_device()
@@ -269,6 +283,21 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_held_reservation_counts_as_free() {
+        assert_eq!(count_reservation(FreeSpace::Bytes(10), 5, &[]), FreeSpace::Bytes(15));
+        let map = FreeSpace::Map(vec![FreeExtent { offset: 0, len: 4096 }]);
+        assert_eq!(
+            count_reservation(map.clone(), 8192, &[(8192, 8192)]),
+            FreeSpace::Map(vec![
+                FreeExtent { offset: 0, len: 4096 },
+                FreeExtent { offset: 8192, len: 8192 }
+            ])
+        );
+        // Without its extents a map cannot place it: unchanged.
+        assert_eq!(count_reservation(map.clone(), 8192, &[]), map);
     }
 
     #[test]

@@ -375,6 +375,7 @@ fn a_reservation_is_held_refused_twice_and_released() {
     let daemon = setup.boot();
     let service = setup.service();
 
+    let before = service.estimateBackupSpace(&request(None, &[])).expect("estimate");
     let info = service.reserveSpace(8 * MIB).expect("reserve 8 MiB");
     assert_eq!(info.bytes, 8 * MIB);
     assert_eq!(Path::new(&info.path), setup.reservation_file());
@@ -385,6 +386,9 @@ fn a_reservation_is_held_refused_twice_and_released() {
     assert!(free_after <= u64::try_from((DEVICE_MIB - 8) * MIB).expect("fits"), "allocated");
     let status = service.getStatus().expect("status");
     assert_eq!(status.reservation.as_ref().map(|r| r.bytes), Some(8 * MIB));
+    // The estimate counts the held reservation as free: the backend takes it over.
+    let after = service.estimateBackupSpace(&request(None, &[])).expect("estimate");
+    assert_eq!(after.freeBytes, before.freeBytes, "{before:?} {after:?}");
 
     // A second reservation while one is held: EBUSY, the first one untouched.
     assert_service_specific(service.reserveSpace(MIB), codes::EBUSY, "release it first");
