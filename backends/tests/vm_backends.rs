@@ -12,7 +12,10 @@
 //! 2. `f2fs`: the f2fs backend on a virtio disk: checkpoint=disable, commit (twice) by
 //!    remounting, then a checkpointed session ended by a power cut; a second boot with the same
 //!    disk: restore reports nothing to do, the mount rolls the uncommitted file back, the
-//!    committed one stays. Then snapshot on f2fs (COW file pinned): the snapshot's view does
+//!    committed one stays. Before that, in the first boot, the reservation on f2fs: released
+//!    by the boot flow's step before the checkpoint=disable mount (its space free in the
+//!    checkpointed mount), and prepare's fallback release (the space only after commit). Then
+//!    snapshot on f2fs (COW file pinned): the snapshot's view does
 //!    not move during the checkpoint, and the userspace and the kernel merge each roll back
 //!    every block outside the COW file exactly (read with O_DIRECT), `fsck.f2fs` clean.
 //!
@@ -24,7 +27,7 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use backends::f2fs::{F2fsBackend, F2fsOptions, F2fsStack};
+use backends::f2fs::{release_reservation_before_mount, F2fsBackend, F2fsOptions, F2fsStack};
 use backends::records::Records;
 use backends::reservation::{Condition, ReservationRecord, Reservations};
 use backends::select::{self, AutoOptions, Chosen};
@@ -531,11 +534,73 @@ fn guest_snapshot_ext4(_: &[String]) -> Result<(), Failed> {
 
 const F2FS_MNT: &str = "/dev/shm/mnt-f2fs";
 
+/// The f2fs hand-over of a reservation made on a normal mount: released before the
+/// checkpoint=disable mount (the boot flow's step), so the checkpointed mount has the space;
+/// then the fallback, released by prepare after that mount, where f2fs gives the blocks back
+/// only at commit.
+fn f2fs_reservation(disk: &Path) -> Result<(), Failed> {
+    const BYTES: u64 = 32 * MIB;
+    guest::sh(&format!("mkfs.f2fs -q -f {}", disk.display()))?;
+    let meta = Path::new("/dev/shm/meta-f2fs");
+    fs::create_dir_all(meta)?;
+    let res = Reservations::new(Records::open(meta)?);
+    let spec_f = spec(disk, F2FS_MNT, "f2fs")?;
+    let stack = F2fsStack::new(F2fsOptions::default());
+    let backend =
+        F2fsBackend::new(spec_f.clone(), F2fsOptions::default())?.with_reservations(res.clone());
+    let avail = || -> Result<u64, Failed> {
+        Ok(blockdev::fs::statvfs(&spec_f.mount_point)?.available.get())
+    };
+    // The download: reserved on the normal mount.
+    mount(&stack, &spec_f, false)?;
+    let before = avail()?;
+    let info = res.reserve(&spec_f, BYTES)?;
+    let flags = guest::sh(&format!("lsattr {} 2>&1 || true", info.path.display()))?;
+    let reserved = avail()?;
+    println!("f2fs reservation: available {before} -> {reserved}; lsattr: {}", flags.trim());
+    ensure(before - reserved >= BYTES, "the reservation takes its bytes")?;
+    umount(&spec_f)?;
+    // The update's boot: the boot flow releases it before the checkpoint=disable mount.
+    let plan = stack.setup(&spec_f, true)?;
+    let released = release_reservation_before_mount(&plan, &spec_f, &res)?;
+    ensure(released == Action::Changed, "released before the checkpoint=disable mount")?;
+    let used = backends::mount(&plan, &spec_f.mount_point)?;
+    ensure(used.contains("checkpoint=disable"), format!("mounted with {used:?}"))?;
+    let freed = avail()?;
+    println!("released before the checkpoint=disable mount: available {freed}");
+    ensure(res.status(&spec_f)?.is_none(), "file and record gone")?;
+    ensure(freed + 4 * MIB >= before, "the checkpointed mount has the reservation's space")?;
+    ensure(backend.prepare()? == Action::Identity, "nothing left for prepare")?;
+    ensure(backend.commit()? == Action::Changed, "commit")?;
+    umount(&spec_f)?;
+    // The fallback: the boot flow did not release it, prepare does.
+    mount(&stack, &spec_f, false)?;
+    let _ = res.reserve(&spec_f, BYTES)?;
+    umount(&spec_f)?;
+    let plan = stack.setup(&spec_f, true)?;
+    let used = backends::mount(&plan, &spec_f.mount_point)?;
+    ensure(used.contains("checkpoint=disable"), format!("mounted with {used:?}"))?;
+    let held = avail()?;
+    ensure(backend.prepare()? == Action::Changed, "prepare releases the reservation")?;
+    ensure(res.status(&spec_f)?.is_none(), "released by prepare")?;
+    let after_prepare = avail()?;
+    ensure(backend.commit()? == Action::Changed, "commit")?;
+    let after_commit = avail()?;
+    println!(
+        "released by prepare under checkpoint=disable: available {held} held, {after_prepare} \
+         after the release, {after_commit} after commit"
+    );
+    ensure(after_prepare < held + BYTES / 2, "released blocks stay unusable until commit")?;
+    ensure(after_commit + 4 * MIB >= held + BYTES, "and usable after commit")?;
+    umount(&spec_f)
+}
+
 fn guest_f2fs_first(_: &[String]) -> Result<(), Failed> {
     let dm = DeviceMapper::open()?;
     ensure(our_devices(&dm)?.is_empty(), "a clean start")?;
-    // ---- the f2fs backend on the virtio disk ----
     let disk = guest::disk(0);
+    f2fs_reservation(&disk)?;
+    // ---- the f2fs backend on the virtio disk ----
     guest::sh(&format!("mkfs.f2fs -q -f {}", disk.display()))?;
     let spec_f = spec(&disk, F2FS_MNT, "f2fs")?;
     let stack = F2fsStack::new(F2fsOptions::default());
