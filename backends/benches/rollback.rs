@@ -17,6 +17,8 @@
 //!    interleaved A B B A …: random 4 KiB and sequential 1 MiB O_DIRECT writes, `qd` threads,
 //!    each slice ending with `fdatasync`. The store must then hold exactly the bytes written
 //!    through the origin (else the writes were not first touches and the run fails).
+//!    The same for f2fs's own checkpoint: O_DIRECT overwrites of a checkpointed file, f2fs
+//!    mounted `checkpoint=disable` against the same file system mounted normally.
 //! 3. **Backup space of the same block traces**: ext4 (populated to several fill levels, then
 //!    the same workload of new files, in-place rewrites, replaced and deleted files), and raw
 //!    writes half into free space (the seed's claim), on dm-log-writes over snapshot-origin: the
@@ -193,7 +195,7 @@ fn host(quick: bool) -> Result<(), Failed> {
     let disk_a = testbench::vm::scratch_image(if cfg.shm { MIB } else { cfg.disk() })?;
     let disk_b = testbench::vm::scratch_image(if cfg.shm { MIB } else { cfg.disk() })?;
     let mut vm = Vm::new(if quick { "bench_rollback_quick" } else { "bench_rollback" })
-        .modules(&["loop", "dm-mod", "dm-snapshot", "dm-log-writes"])
+        .modules(&["loop", "dm-mod", "dm-snapshot", "dm-log-writes", "f2fs"])
         .disk(&disk_a)
         .disk(&disk_b)
         .memory_mib(2048)
@@ -301,6 +303,19 @@ fn guest_bench(args: &[String]) -> Result<(), Failed> {
     let t = Instant::now();
     println!("\n== 2. first-touch write throughput: snapshot-origin vs dm-linear ==");
     let (rand, seq) = writes::run(&cfg, &dm, disks.a)?;
+    println!("\n  f2fs: checkpoint=disable vs a normal mount");
+    let mut errors = Vec::new();
+    // Not fatal: the other parts' results stand without it.
+    let f2fs = match writes::run_f2fs(&cfg, &dm, disks.a) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            let msg = format!("f2fs write throughput: {}", e.message().unwrap_or("(no message)"));
+            println!("  FAILED: {msg}");
+            errors.push(msg);
+            writes::f2fs_cleanup(&dm);
+            None
+        }
+    };
     println!("  (part 2: {:.0} s)", t.elapsed().as_secs_f64());
     let t = Instant::now();
     println!("\n== 3. backup space of the same block traces: dm-snapshot vs dm-bow ==");
@@ -311,7 +326,6 @@ fn guest_bench(args: &[String]) -> Result<(), Failed> {
         vec![space::Trace::Raw { interleaved: false }, space::Trace::Raw { interleaved: true }];
     traces.extend(fills.iter().map(|&fill_percent| space::Trace::Ext4 { fill_percent }));
     let mut sp = Vec::new();
-    let mut errors = Vec::new();
     for (i, trace) in traces.iter().enumerate() {
         let tt = Instant::now();
         println!("\n -- trace {}/{}: {} --", i + 1, traces.len(), trace.name());
@@ -331,8 +345,8 @@ fn guest_bench(args: &[String]) -> Result<(), Failed> {
         println!("  ({:.0} s)", tt.elapsed().as_secs_f64());
     }
     println!("  (part 3: {:.0} s)", t.elapsed().as_secs_f64());
-    summary(&cfg, &rollback, &rand, &seq, &sp);
-    let mut json = report_json(&cfg, &rollback, &rand, &seq, &sp);
+    summary(&cfg, &rollback, &rand, &seq, f2fs.as_ref(), &sp);
+    let mut json = report_json(&cfg, &rollback, &rand, &seq, f2fs.as_ref(), &sp);
     json["errors"] = serde_json::json!(errors);
     std::fs::write(GUEST_JSON, serde_json::to_string_pretty(&json)?)?;
     if errors.is_empty() {
@@ -349,6 +363,7 @@ fn report_json(
     rollback: &[merge::CaseResult],
     rand: &writes::Throughput,
     seq: &writes::Throughput,
+    f2fs: Option<&(writes::Throughput, writes::Throughput)>,
     sp: &[space::SpaceResult],
 ) -> serde_json::Value {
     use serde_json::json;
@@ -391,6 +406,19 @@ fn report_json(
             "inputs": {"linear_mib_s": mib_s(t.linear.0, t.linear.1),
                 "snapshot_mib_s": mib_s(t.snapshot.0, t.snapshot.1),
                 "linear_bytes": t.linear.0, "snapshot_bytes": t.snapshot.0,
+                "slice_pair_min": t.pair_range.0, "slice_pair_max": t.pair_range.1,
+                "threads": cfg.qd}}));
+    }
+    for (name, t) in f2fs.iter().flat_map(|f| [("random 4 KiB", &f.0), ("sequential 1 MiB", &f.1)])
+    {
+        let group =
+            format!("/data write throughput during a checkpoint, f2fs file overwrites, {name}");
+        figures.push(json!({"group": group,
+            "name": "f2fs checkpoint=disable / the same f2fs mounted normally",
+            "ratio": t.ratio(),
+            "inputs": {"normal_mib_s": mib_s(t.linear.0, t.linear.1),
+                "disabled_mib_s": mib_s(t.snapshot.0, t.snapshot.1),
+                "normal_bytes": t.linear.0, "disabled_bytes": t.snapshot.0,
                 "slice_pair_min": t.pair_range.0, "slice_pair_max": t.pair_range.1,
                 "threads": cfg.qd}}));
     }
@@ -449,6 +477,7 @@ fn summary(
     rollback: &[merge::CaseResult],
     rand: &writes::Throughput,
     seq: &writes::Throughput,
+    f2fs: Option<&(writes::Throughput, writes::Throughput)>,
     sp: &[space::SpaceResult],
 ) {
     println!("\n== summary (ratios from this run) ==");
@@ -488,6 +517,18 @@ fn summary(
         println!(
             "write throughput, first touch, {name:<17}: dm-linear {:>7.1} MiB/s, snapshot-origin \
              {:>7.1} MiB/s, snapshot/linear {:.2}x (slice pairs {:.2}–{:.2})",
+            mib_s(t.linear.0, t.linear.1),
+            mib_s(t.snapshot.0, t.snapshot.1),
+            t.ratio(),
+            t.pair_range.0,
+            t.pair_range.1
+        );
+    }
+    for (name, t) in f2fs.iter().flat_map(|f| [("random 4 KiB", &f.0), ("sequential 1 MiB", &f.1)])
+    {
+        println!(
+            "write throughput, f2fs overwrites, {name:<17}: normal mount {:>7.1} MiB/s, \
+             checkpoint=disable {:>7.1} MiB/s, disable/normal {:.2}x (slice pairs {:.2}–{:.2})",
             mib_s(t.linear.0, t.linear.1),
             mib_s(t.snapshot.0, t.snapshot.1),
             t.ratio(),
