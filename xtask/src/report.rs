@@ -64,8 +64,8 @@ pub const BENCHES: &[BenchSpec] = &[
         name: "rollback",
         title: "Rollback, write-path cost and backup space (kernel dm-snapshot vs ours)",
         about: "one boot of the virtual device: kernel snapshot-merge vs userspace merge vs \
-                dm-bow restore, /data throughput through snapshot-origin vs linear, backup \
-                space of captured traces",
+                dm-bow restore, /data throughput through snapshot-origin vs linear and f2fs \
+                checkpoint=disable vs a normal mount, backup space of captured traces",
         quick_args: &["--quick"],
         quick_env: &[],
     },
