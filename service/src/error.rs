@@ -65,6 +65,13 @@ pub enum ServiceError {
     /// of another device size, absurd sizes) or could not read the trace.
     #[error("{0}")]
     Estimate(#[from] checkpoint_estimate::EstimateError),
+    /// Version 2's estimate and reservation need a checkpointed device (`[[device]]` or fstab
+    /// with a backend), and there is none.
+    #[error(
+        "no checkpointed device is configured: estimate and reservation need a [[device]] or \
+         fstab entry with a backend"
+    )]
+    NoDevice,
     /// The free space or geometry of a device could not be read.
     #[error("{0}")]
     Space(String),
@@ -228,6 +235,10 @@ pub fn into_binder_status(method: &str, err: ServiceError, refusals: &RefusalLog
                 Status::new_service_specific_error(ICheckpoint::EINVAL, Some(e.to_string()))
             }
         }
+        ServiceError::NoDevice => {
+            refusals.log(log::Level::Info, method, &err);
+            Status::new_service_specific_error(ICheckpoint::ENOTSUP, Some(err.to_string()))
+        }
         ServiceError::Space(message) => {
             log::error!("{method}: {message}");
             Status::new_service_specific_error(ICheckpoint::EIO, Some(message.clone()))
@@ -375,6 +386,9 @@ mod tests {
             &RefusalLog::default(),
         );
         assert_eq!(status.service_specific_error(), ICheckpoint::EIO);
+        let status =
+            into_binder_status("reserveSpace", ServiceError::NoDevice, &RefusalLog::default());
+        assert_eq!(status.service_specific_error(), ICheckpoint::ENOTSUP);
     }
 
     #[test]

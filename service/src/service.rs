@@ -468,7 +468,7 @@ impl Daemon {
     fn device(&self, mount_point: &str) -> Result<&DeviceBackend, ServiceError> {
         let devices = &self.space.devices;
         if devices.is_empty() {
-            return Err(PolicyError::NotSupported.into());
+            return Err(ServiceError::NoDevice);
         }
         if mount_point.len() > MAX_PATH_BYTES {
             return Err(ServiceError::TooLong {
@@ -571,7 +571,7 @@ impl Daemon {
 
     fn reservations(&self) -> Result<(&Reservations, &DeviceBackend), ServiceError> {
         let device = self.device("")?;
-        let reservations = self.space.reservations.as_ref().ok_or(PolicyError::NotSupported)?;
+        let reservations = self.space.reservations.as_ref().ok_or(ServiceError::NoDevice)?;
         Ok((reservations, device))
     }
 
