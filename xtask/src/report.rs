@@ -40,6 +40,8 @@ pub struct BenchSpec {
     pub title: &'static str,
     /// What it measures and where (boots), for the report and the progress lines.
     pub about: &'static str,
+    /// Arguments for the bench binary.
+    pub args: &'static [&'static str],
     /// Extra arguments in `--quick` mode.
     pub quick_args: &'static [&'static str],
     /// Extra environment in `--quick` mode.
@@ -53,6 +55,7 @@ pub const BENCHES: &[BenchSpec] = &[
         title: "Restore: ours vs the vold-algorithm baseline vs raw copy vs raw write",
         about: "dm-bow restore on an image file on the host (no boot), scattered and coalesced \
                 backups",
+        args: &[],
         quick_args: &[],
         quick_env: &[
             ("BOW_BENCH_IMAGE_MIB", "128"),
@@ -66,6 +69,7 @@ pub const BENCHES: &[BenchSpec] = &[
         about: "one boot of the virtual device: kernel snapshot-merge vs userspace merge vs \
                 dm-bow restore, /data throughput through snapshot-origin vs linear and f2fs \
                 checkpoint=disable vs a normal mount, backup space of captured traces",
+        args: &[],
         quick_args: &["--quick"],
         quick_env: &[],
     },
@@ -73,6 +77,7 @@ pub const BENCHES: &[BenchSpec] = &[
         name: "estimate",
         title: "Estimator accuracy",
         about: "backup-space estimate against the space measured for the same workload",
+        args: &[],
         quick_args: &[],
         quick_env: &[],
     },
@@ -81,6 +86,9 @@ pub const BENCHES: &[BenchSpec] = &[
         title: "Service latency, idle and under hostile load",
         about: "binder call latency in the virtual device (one boot) and root's calls on the \
                 RPC socket idle vs under hostile clients (host)",
+        // libtest-mimic runs trials on as many threads as there are CPUs: the boot of one
+        // would skew the other's latencies.
+        args: &["--test-threads=1"],
         quick_args: &[],
         quick_env: &[],
     },
@@ -463,6 +471,7 @@ fn run_one(pkg: &str, spec: &BenchSpec, opts: RunOptions, log: &Path) -> Result<
         cmd.args(spec.quick_args);
         cmd.envs(spec.quick_env.iter().copied());
     }
+    cmd.args(spec.args);
     println!("+ {}", setup::show(&cmd));
     let file = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
     let file = Mutex::new(file);
