@@ -647,8 +647,8 @@ impl Daemon {
     /// Learning: records what the tracked checkpoint consumed against its estimate.
     fn finish_tracking(&self, ending: Ending, final_used: Option<u64>) {
         let Some(device) = self.tracked_device() else { return };
-        let device_size = match space::measure(device) {
-            Ok(m) => m.device_size,
+        let device_size = match space::device_size(device) {
+            Ok(size) => size,
             Err(e) => {
                 log::warn!("cannot record the checkpoint's consumption: {e}");
                 return;
@@ -970,6 +970,57 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A daemon over a test-null backend and one `[[device]]` at `mount` (not mounted: the
+    /// high-water mark needs no file system).
+    fn daemon_in(dir: &Path) -> Arc<Daemon> {
+        let config = crate::config::Config::parse(&format!(
+            "metadata_dir = \"{}\"\n[[device]]\ndevice = \"/dev/null-raw\"\n\
+             mount_point = \"{}\"\ncheckpoint = \"block\"\n[[backend]]\ntype = \"test-null\"\n\
+             [binder]\nenabled = false\n[socket]\npath = \"{}\"\n",
+            dir.join("metadata").display(),
+            dir.display(),
+            dir.join("s.sock").display()
+        ))
+        .expect("config");
+        crate::daemon::build(&config).expect("daemon").daemon
+    }
+
+    #[test]
+    fn the_high_water_mark_is_kept_while_checkpointing_and_stored_in_steps() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let daemon = daemon_in(dir.path());
+            daemon.note_used(50 << 20);
+            assert_eq!(daemon.high_water.load(Ordering::Relaxed), 0, "not checkpointing");
+            daemon.start_checkpoint(2).expect("start");
+        }
+        // The next boot runs under the checkpoint.
+        let daemon = daemon_in(dir.path());
+        assert!(daemon.needs_checkpoint().expect("needsCheckpoint"));
+        let stored = |d: &Daemon| {
+            d.checkpointer
+                .with_store(|s| s.tracking())
+                .expect("read")
+                .expect("tracked")
+                .high_water_bytes
+        };
+        daemon.note_used(10 << 20);
+        assert_eq!(stored(&daemon), Some(10 << 20), "the first sample is stored");
+        daemon.note_used((10 << 20) + 4096);
+        assert_eq!(stored(&daemon), Some(10 << 20), "less than a step: memory only");
+        daemon.note_used(8 << 20);
+        assert_eq!(daemon.high_water.load(Ordering::Relaxed), (10 << 20) + 4096, "the maximum");
+        daemon.note_used(12 << 20);
+        assert_eq!(stored(&daemon), Some(12 << 20), "a step: stored");
+        // The end takes the in-memory maximum even if it was never stored.
+        daemon.note_used((12 << 20) + 4096);
+        assert_eq!(daemon.tracked_used(), Some((12 << 20) + 4096));
+        daemon.commit_changes().expect("commit");
+        let finished = daemon.checkpointer.with_store(|s| s.consumption(1)).expect("read");
+        assert_eq!(finished[0].actual_bytes, (12 << 20) + 4096);
+        assert_eq!(finished[0].outcome, "committed");
     }
 
     #[test]

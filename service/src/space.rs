@@ -107,23 +107,53 @@ pub struct Measured {
     pub block_size: u32,
 }
 
-/// Measures `device` now: GETFSMAP's free map where the filesystem has it, statvfs otherwise.
-pub fn measure(device: &DeviceBackend) -> Result<Measured, ServiceError> {
+/// The size of `device` as the estimator sees it (see [`measure`]), without reading a free map
+/// (learning needs only this, at commit).
+pub fn device_size(device: &DeviceBackend) -> Result<u64, ServiceError> {
+    geometry(device).map(|g| g.device_size)
+}
+
+/// `BLKGETSIZE64` of the raw device, when it is a block device that can be opened.
+fn raw_device_size(device: &DeviceBackend) -> Option<u64> {
+    File::open(&device.spec.raw)
+        .ok()
+        .filter(|f| f.metadata().is_ok_and(|m| is_block_device(&m)))
+        .and_then(|f| blockdev::blk::size(&f).ok())
+        .map(|b| b.get())
+}
+
+struct Geometry {
+    space: blockdev::fs::FsSpace,
+    block_size: u32,
+    /// Whether the size is the raw block device's.
+    raw: bool,
+    device_size: u64,
+}
+
+/// statvfs, the block size, and the device's size: the raw block device's, else the
+/// filesystem's, in whole blocks.
+fn geometry(device: &DeviceBackend) -> Result<Geometry, ServiceError> {
     let mount = &device.spec.mount_point;
     let space = blockdev::fs::statvfs(mount)
         .map_err(|e| ServiceError::Space(format!("statvfs {}: {e}", mount.display())))?;
     let block_size = device.block_size(space.block_size.get())?;
-    let raw_size = File::open(&device.spec.raw)
-        .ok()
-        .filter(|f| f.metadata().is_ok_and(|m| is_block_device(&m)))
-        .and_then(|f| blockdev::blk::size(&f).ok())
-        .map(|b| b.get());
-    let device_size = raw_size.unwrap_or(space.total.get());
+    let raw_size = raw_device_size(device);
+    let size = raw_size.unwrap_or(space.total.get());
+    // The estimator wants a whole number of blocks.
+    let device_size = size - size % u64::from(block_size);
+    Ok(Geometry { space, block_size, raw: raw_size.is_some(), device_size })
+}
+
+/// Measures `device` now: GETFSMAP's free map where the filesystem has it, statvfs otherwise.
+pub fn measure(device: &DeviceBackend) -> Result<Measured, ServiceError> {
+    let mount = &device.spec.mount_point;
+    let Geometry { space, block_size, raw, device_size } = geometry(device)?;
     // GETFSMAP reports extents on the filesystem's own device; used only with that device's
     // size (the raw device's), never against a filesystem total.
-    let map = match raw_size {
-        Some(_) => File::open(mount).ok().and_then(|dir| blockdev::fs::free_extents(&dir).ok()),
-        None => None,
+    let map = if raw {
+        File::open(mount).ok().and_then(|dir| blockdev::fs::free_extents(&dir).ok())
+    } else {
+        None
     };
     let free = match map {
         Some(extents) => FreeSpace::Map(
@@ -134,8 +164,6 @@ pub fn measure(device: &DeviceBackend) -> Result<Measured, ServiceError> {
         ),
         None => FreeSpace::Bytes(space.available.get()),
     };
-    // The estimator wants a whole number of blocks.
-    let device_size = device_size - device_size % u64::from(block_size);
     Ok(Measured { free, device_size, block_size })
 }
 
