@@ -105,13 +105,13 @@ pub struct EstimateInput<'a> {
     pub declared_bytes: &'a [u64],
 }
 
-/// The safety margin: `percent` of the predicted bytes plus `floor_bytes`, the same for every
-/// workload (docs/estimate.md, "The margin").
+/// The safety margin: `percent` of the predicted bytes, plus `floor_bytes` when the prediction
+/// rests on no trace; the same for every workload (docs/estimate.md, "The margin").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Margin {
     /// Share of the prediction, percent (0 to 100).
     pub percent: u32,
-    /// Fixed bytes added.
+    /// Fixed bytes added to a prediction without a trace (history, declared sizes, default).
     pub floor_bytes: u64,
 }
 
@@ -329,8 +329,12 @@ pub fn estimate(
     };
 
     let predicted = p.total();
-    let margin = mul_percent_ceil(predicted, config.margin.percent)
-        .saturating_add(config.margin.floor_bytes);
+    // The floor stands for writes a prediction without a trace cannot see (journal commits,
+    // superblock and bitmap updates, logs before the update starts); a trace of a comparable
+    // boot holds them, and on a small update the floor alone would ask for far too much
+    // (the accuracy benchmark: docs/benchmarks.md, "Estimator accuracy").
+    let floor = if basis == Basis::Trace { 0 } else { config.margin.floor_bytes };
+    let margin = mul_percent_ceil(predicted, config.margin.percent).saturating_add(floor);
     let needed = predicted.saturating_add(margin).saturating_add(config.headroom_bytes);
     let free = p.free.unwrap_or(free_total);
     let demand = needed.saturating_add(p.new_data.unwrap_or(0));

@@ -447,6 +447,30 @@ fn the_margin_is_ten_percent_plus_eight_mib_and_headroom_is_added() {
     }
 }
 
+/// With a trace the margin is the percentage alone: the trace already holds the per-boot
+/// writes the floor stands for.
+#[test]
+fn with_a_trace_the_margin_has_no_floor() {
+    let dev = 64 * MIB;
+    let fs = map(&[(32 * MIB, 32 * MIB)]);
+    // 150 in-use blocks rewritten and 150 free ones written.
+    let blocks: Vec<u64> = (0..150).chain(8192..8342).collect();
+    let trace = block_writes(dev, &blocks);
+    for backend in [Backend::Bow, Backend::Snapshot, Backend::F2fs] {
+        let inp = EstimateInput { trace: Some(&trace), ..input(backend, dev, &fs) };
+        let est = estimate(&inp, &EstimateConfig::default()).unwrap();
+        assert_eq!(est.basis, Basis::Trace);
+        assert!(est.predicted_bytes > 0, "{backend}");
+        assert_eq!(est.breakdown.margin_bytes, est.predicted_bytes.div_ceil(10), "{backend}");
+        assert_eq!(est.needed_bytes, est.predicted_bytes + est.breakdown.margin_bytes);
+        // The same prediction from history carries the floor.
+        let history = [past(backend, dev, est.predicted_bytes / MIB)];
+        let inp = EstimateInput { history: &history, ..input(backend, dev, &fs) };
+        let h = estimate(&inp, &EstimateConfig::default()).unwrap();
+        assert_eq!(h.breakdown.margin_bytes, h.predicted_bytes.div_ceil(10) + 8 * MIB);
+    }
+}
+
 #[test]
 fn bad_input_is_refused_with_the_field_named() {
     let dev = 64 * MIB;
