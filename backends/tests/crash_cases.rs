@@ -1,7 +1,8 @@
 //! Saved crash cases (docs/crash-consistency.md): every directory under
 //! `backends/tests/crash-cases/` holds a `case.json` and its log; each must pass. A failing
 //! state of the VM suite is saved the same way (under `target/crash-failures/`) and is
-//! replayed by copying its directory here. One synthetic case is always present: a bow trace
+//! replayed by copying its directory here, or in place with
+//! `CPD_CRASH_CASES=<dir>[:<dir>...] cargo test -p backends --test crash_cases`. One synthetic case is always present: a bow trace
 //! written by [`synthetic_bow_log`], checked to be what its generator writes.
 
 mod crash;
@@ -74,6 +75,7 @@ fn synthetic_spec() -> CaseSpec {
         seed: 13,
         only: None,
         recovery_every: 3,
+        max_states: 0,
     }
 }
 
@@ -102,6 +104,11 @@ fn every_saved_case_passes() {
         .collect();
     dirs.sort();
     assert!(dirs.iter().any(|d| d.ends_with(SYNTHETIC)), "the synthetic case is missing");
+    // Cases elsewhere (e.g. target/crash-failures/<case>, or a VM run's captured case), named
+    // by CPD_CRASH_CASES (colon-separated).
+    if let Some(extra) = std::env::var_os("CPD_CRASH_CASES") {
+        dirs.extend(std::env::split_paths(&extra));
+    }
     for dir in dirs {
         let t = crash::run_case(&dir, Fault::None, None).unwrap();
         println!(

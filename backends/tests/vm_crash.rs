@@ -270,6 +270,14 @@ fn workload(root: &Path, log_dev: &str, seed: u64, long: bool) -> Result<(), Fai
     Ok(())
 }
 
+/// A small file written and fsynced: ext4 commits its journal with a flush.
+fn flush_through_journal(root: &Path) -> Result<(), Failed> {
+    let f = fs::File::create(root.join(".flush"))?;
+    std::io::Write::write_all(&mut &f, b"flush")?;
+    f.sync_all()?;
+    Ok(())
+}
+
 /// The used part of a log device (every entry), copied into the shared folder.
 fn save_log(log_file: &Path, to: &Path) -> Result<(), Failed> {
     let mut r = blockdev::logwrites::LogReader::new(fs::File::open(log_file)?)?;
@@ -368,7 +376,7 @@ fn capture_snapshot(out: &Path, seed: u64, long: bool) -> Result<(), Failed> {
     guest::sh(&format!("umount {}", meta_mnt.display()))?;
     guest::sh("dmsetup remove --noudevsync cw-data && dmsetup remove --noudevsync cw-meta")?;
     guest::sh("dmsetup remove --noudevsync cw-log")?;
-    save_log(&Path::new("/dev/shm/cw-log.img"), &out.join("log.bin"))?;
+    save_log(Path::new("/dev/shm/cw-log.img"), &out.join("log.bin"))?;
     let case = CaseSpec {
         kind: "snapshot".into(),
         log: "log.bin".into(),
@@ -384,6 +392,7 @@ fn capture_snapshot(out: &Path, seed: u64, long: bool) -> Result<(), Failed> {
         seed,
         only: None,
         recovery_every: if long { 5 } else { 25 },
+        max_states: 0,
     };
     fs::write(out.join("case.json"), serde_json::to_string_pretty(&case)?)?;
     raw.detach()?;
@@ -417,6 +426,9 @@ fn capture_bow(out: &Path, seed: u64, long: bool) -> Result<(), Failed> {
     // What dm-bow's TRIM state sees: fstrim's discards of the free space.
     mark("cw-blog", "bow-trim")?;
     guest::sh(&format!("fstrim {}", mnt.display()))?;
+    // dm-log-writes logs completed writes and discards only at the next flush, while a mark
+    // goes in at once: a journal commit (a flush) puts the discards before the mark.
+    flush_through_journal(mnt)?;
     mark("cw-blog", "bow-checkpoint")?;
     workload(mnt, "cw-blog", seed ^ 1, long)?;
     mark("cw-blog", "bow-end")?;
@@ -435,6 +447,7 @@ fn capture_bow(out: &Path, seed: u64, long: bool) -> Result<(), Failed> {
         seed,
         only: None,
         recovery_every: if long { 5 } else { 20 },
+        max_states: if long { 0 } else { 300 },
     };
     fs::write(out.join("case.json"), serde_json::to_string_pretty(&case)?)?;
     raw.detach()?;

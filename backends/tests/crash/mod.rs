@@ -249,7 +249,7 @@ impl BlockDevice for UndoImage {
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
         let len = u64::try_from(buf.len()).unwrap_or(u64::MAX);
-        if offset.checked_add(len).map_or(true, |end| end > self.size) {
+        if offset.checked_add(len).is_none_or(|end| end > self.size) {
             return Err(DeviceError::OutOfRange { offset, len: buf.len(), size: self.size });
         }
         let mut old = vec![0u8; buf.len()];
@@ -488,6 +488,10 @@ pub struct CaseSpec {
     /// Crash states during recovery checked for every n-th state (0: none).
     #[serde(default)]
     pub recovery_every: usize,
+    /// Bow: about this many crash states, from flush epochs spread evenly over the run
+    /// (0: every epoch).
+    #[serde(default)]
+    pub max_states: usize,
 }
 
 impl CaseSpec {
@@ -787,6 +791,9 @@ fn touches(op: &Op, region: &Region) -> bool {
         && op.offset + op.len > region.offset
 }
 
+/// What the crashed metadata partition says: the record, none, or why it cannot be read.
+type RecordRead = Result<Option<SnapshotRecord>, String>;
+
 /// Checks every crash state of a snapshot case (or only `spec.only`). `failures_dir`: where
 /// failing states are saved as cases. `stop_at_first`: return at the first failing state.
 pub fn run_snapshot(
@@ -809,7 +816,7 @@ pub fn run_snapshot(
     let mut since: Option<BTreeSet<u64>> = None;
     // The record, read again only when the metadata partition changed.
     let mut meta_version = 0usize;
-    let mut cached: Option<((usize, Vec<usize>), Result<Option<SnapshotRecord>, String>)> = None;
+    let mut cached: Option<((usize, Vec<usize>), RecordRead)> = None;
     for (first, last, expect) in &case.spec.windows {
         let from = log.mark(first)?;
         let to = log.mark(last)?;
@@ -990,53 +997,75 @@ pub fn run_bow(
     }
     let dev = m.into_device();
     let mut tally = Tally::default();
+    // Recorded restores run serially (one order of writes); the others as in production.
     let serial =
         bow::restore::RestoreOptions { queue_depth: 1, memory_budget: 0, ..Default::default() };
+    let parallel = bow::restore::RestoreOptions::default();
     let mut n_state = 0usize;
     let mut result: Result<(), Failed> = Ok(());
+    // About three states per epoch: a stride over the epochs keeps the run near max_states.
+    let epochs = count_flushes(&dev).saturating_sub(first_epoch) + 1;
+    let stride =
+        if spec.max_states == 0 { 1 } else { (epochs * 3).div_ceil(spec.max_states).max(1) };
+    let stop_at_first = fault != Fault::None;
+    let mut stopped = false;
     dev.for_each_epoch(|epoch| {
-        if epoch.index < first_epoch || result.is_err() {
+        if epoch.index < first_epoch || result.is_err() || stopped {
             return;
         }
-        for keep in epoch.standard_states(2, spec.subsets, spec.seed) {
+        let last = !epoch.ends_with_flush;
+        if (epoch.index - first_epoch) % stride != 0 && !last && spec.only.is_none() {
+            return;
+        }
+        for keep in epoch.standard_states(1, spec.subsets, spec.seed) {
             let id = CrashPoint { point: epoch.index, extra: keep_code(&keep) };
             if spec.only.as_ref().is_some_and(|o| *o != id) {
                 continue;
             }
             let what = format!("{} bow epoch {} keep {keep:?}", dir.display(), epoch.index);
-            let faulty_restore = |d: &dyn BlockDevice| -> Result<(), String> {
+            let faulty_restore = |d: &dyn BlockDevice, opts| -> Result<(), String> {
                 let f = FaultyDevice::new(d, fault);
-                bow::restore::restore(&Dyn(&f), &serial, &mut |_| {})
+                bow::restore::restore(&Dyn(&f), opts, &mut |_| {})
                     .map(|_| ())
                     .map_err(|e| e.to_string())
             };
             let mut ok = true;
-            let rec = CrashDevice::new(epoch.image(&keep), BLOCK_USIZE);
-            if let Err(e) = faulty_restore(&rec) {
+            let recovery = (spec.recovery_every > 0 && n_state % spec.recovery_every == 0)
+                || matches!(fault, Fault::DropFlush(_));
+            // The restore's own writes are recorded only when its crashes are checked.
+            let recorded = recovery.then(|| CrashDevice::new(epoch.image(&keep), BLOCK_USIZE));
+            let plain =
+                MemDevice::from_bytes(if recovery { Vec::new() } else { epoch.image(&keep) });
+            let restored: &dyn BlockDevice = match &recorded {
+                Some(r) => r,
+                None => &plain,
+            };
+            let opts = if recovery { &serial } else { &parallel };
+            if let Err(e) = faulty_restore(restored, opts) {
                 tally.fail(format!("{what}: restore failed: {e}"));
                 ok = false;
-            } else if let Some(b) = first_bad(&rec.current(), &pre, &in_use) {
+            } else if let Some(b) = first_bad_dev(restored, &pre, &in_use) {
                 tally.fail(format!(
                     "{what}: block {b} in use at checkpoint start differs after the restore"
                 ));
                 ok = false;
             }
             tally.states += 1;
-            // Crashes during the restore, for every n-th state: restore again.
-            if ok && spec.recovery_every > 0 && n_state % spec.recovery_every == 0 {
+            // Crashes during the restore: each crash state of it, then restore again.
+            if let (true, Some(rec)) = (ok, &recorded) {
                 rec.for_each_epoch(|re| {
-                    for rk in re.standard_states(2, 1, spec.seed ^ 0xA5) {
+                    for rk in re.standard_states(1, 1, spec.seed ^ 0xA5) {
                         if !ok {
                             return;
                         }
                         let again = MemDevice::from_bytes(re.image(&rk));
                         tally.recovery_states += 1;
-                        let r = bow::restore::restore(&again, &serial, &mut |_| {});
+                        let r = bow::restore::restore(&again, &parallel, &mut |_| {});
                         let rwhat = format!("{what}, restore epoch {} keep {rk:?}", re.index);
                         if let Err(e) = r {
                             tally.fail(format!("{rwhat}: restore again failed: {e}"));
                             ok = false;
-                        } else if let Some(b) = first_bad(&again.snapshot(), &pre, &in_use) {
+                        } else if let Some(b) = first_bad_dev(&again, &pre, &in_use) {
                             tally.fail(format!("{rwhat}: block {b} differs after restoring again"));
                             ok = false;
                         }
@@ -1049,6 +1078,10 @@ pub fn run_bow(
                         Ok(saved) => tally.fail(format!("saved as {}", saved.display())),
                         Err(e) => result = Err(e),
                     }
+                }
+                if stop_at_first {
+                    stopped = true;
+                    return;
                 }
             }
             n_state += 1;
@@ -1095,6 +1128,18 @@ fn count_flushes(dev: &CrashDevice) -> usize {
         .iter()
         .filter(|e| matches!(e, blockcopy::crashdev::IoEvent::Flush))
         .count()
+}
+
+fn first_bad_dev(dev: &dyn BlockDevice, pre: &[u8], in_use: &[bool]) -> Option<usize> {
+    let mut buf = vec![0u8; BLOCK_USIZE];
+    in_use.iter().enumerate().find_map(|(b, used)| {
+        if !*used {
+            return None;
+        }
+        let r = b * BLOCK_USIZE..(b + 1) * BLOCK_USIZE;
+        let read = dev.read_at(&mut buf, u64::try_from(r.start).ok()?);
+        (read.is_err() || buf[..] != pre[r]).then_some(b)
+    })
 }
 
 fn first_bad(img: &[u8], pre: &[u8], in_use: &[bool]) -> Option<usize> {
