@@ -32,6 +32,10 @@ enum Cmd {
         /// VM scenario loads first; repeatable.
         #[arg(long = "module")]
         modules: Vec<PathBuf>,
+        /// The deeper crash-consistency run (longer workloads, more crash states per flush;
+        /// sets CPD_CRASH_LONG=1, docs/crash-consistency.md).
+        #[arg(long)]
+        long: bool,
     },
     /// Boot the virtual device and run a command in it, e.g. `cargo xtask vm -- dmesg`.
     Vm {
@@ -92,8 +96,12 @@ fn try_main() -> Result<ExitCode> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Setup => setup::run().map(|_| ExitCode::SUCCESS),
-        Cmd::Test { no_fuzz, modules } => {
+        Cmd::Test { no_fuzz, modules, long } => {
             set_extra_modules(&modules)?;
+            if long {
+                // Set before any thread starts; the test processes inherit it.
+                std::env::set_var("CPD_CRASH_LONG", "1");
+            }
             test::run(!no_fuzz)
         }
         Cmd::Vm { modules, disks, memory, timeout, command } => {
