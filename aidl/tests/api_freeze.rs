@@ -240,6 +240,71 @@ fn frozen_versions_only_add_declarations() {
     }
 }
 
+/// Whether a field line (`type name [= value];`, annotations first) gives the field a useful
+/// default, as AOSP's API checker requires of a field added to an existing parcelable
+/// (`aidl_checkapi.cpp`: a default value, `@nullable`, a primitive type, or an enum with a 0
+/// enumerator), so that a parcel from an older version reads with a meaningful value.
+fn has_useful_default(field: &str, files: &BTreeMap<String, String>) -> bool {
+    let field = field.trim();
+    if field.contains('=') || field.contains("@nullable") {
+        return true;
+    }
+    let words: Vec<&str> = field.split_whitespace().filter(|w| !w.starts_with('@')).collect();
+    let Some(ty) = words.first() else { return false };
+    if ["boolean", "byte", "char", "int", "long", "float", "double"].contains(ty) {
+        return true;
+    }
+    // An enum of this package with a 0 enumerator.
+    files.iter().any(|(rel, text)| {
+        rel.ends_with(&format!("/{ty}.aidl"))
+            && text.contains(&format!("enum {ty}"))
+            && text.lines().any(|l| l.trim_end_matches(',').trim().ends_with("= 0"))
+    })
+}
+
+#[test]
+fn fields_added_to_a_frozen_parcelable_have_a_useful_default() {
+    let versions = frozen_versions();
+    for pair in versions.windows(2) {
+        let old = aidl_files(&api_dir().join(pair[0].to_string()));
+        let new = aidl_files(&api_dir().join(pair[1].to_string()));
+        for (rel, text) in &old {
+            if !text.contains("parcelable ") {
+                continue;
+            }
+            let newer = &new[rel];
+            for line in newer.lines().filter(|l| !text.lines().any(|o| o == *l)) {
+                let field = line.trim();
+                let declaration =
+                    ["import ", "package ", "const "].iter().all(|k| !field.starts_with(k));
+                if field.ends_with(';') && !field.contains('(') && declaration {
+                    assert!(
+                        has_useful_default(field, &new),
+                        "{rel} version {}: `{field}` has no useful default (give it one or mark \
+                         it @nullable, as AOSP's API checker requires)",
+                        pair[1]
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn the_useful_default_rule_refuses_what_aosp_refuses() {
+    let files = BTreeMap::from([
+        ("p/E.aidl".to_owned(), "enum E {\n    A = 0,\n}\n".to_owned()),
+        ("p/F.aidl".to_owned(), "enum F {\n    A = 1,\n}\n".to_owned()),
+    ]);
+    for ok in ["long x;", "long x = -1;", "@nullable P p;", "P[] list = {};", "E e;", "boolean b;"]
+    {
+        assert!(has_useful_default(ok, &files), "{ok}");
+    }
+    for bad in ["P[] list;", "@utf8InCpp String s;", "P p;", "F f;"] {
+        assert!(!has_useful_default(bad, &files), "{bad}");
+    }
+}
+
 #[test]
 fn hash_matches_aosp_hash_gen_known_answer() {
     // Known answer from running hash_gen.sh's pipeline on a directory holding `a.aidl` ("x\n")

@@ -42,7 +42,7 @@ parcelable CheckpointStatus {
     // Version 2. A version-1 reader skips these (a stable parcelable carries its size).
 
     /** The backend checkpointing each device, and why it was chosen. */
-    BackendInUse[] backendsInUse;
+    BackendInUse[] backendsInUse = {};
     /** The space reserved for the next checkpoint, if any. */
     @nullable ReservationInfo reservation;
     /** neededBytes of the last estimateBackupSpace() answer; -1 = none. */

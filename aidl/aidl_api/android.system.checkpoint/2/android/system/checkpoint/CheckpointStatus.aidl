@@ -22,7 +22,7 @@ parcelable CheckpointStatus {
     long backupBytesUsed = -1;
     long backupBytesFree = -1;
     @nullable HistoryEvent lastRestore;
-    BackendInUse[] backendsInUse;
+    BackendInUse[] backendsInUse = {};
     @nullable ReservationInfo reservation;
     long lastEstimateNeededBytes = -1;
     long lastEstimatePredictedBytes = -1;
