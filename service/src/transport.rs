@@ -251,7 +251,8 @@ struct AdmittedTransport {
     phase: AtomicU8,
     first_call_timeout: Duration,
     write_timeout: Duration,
-    _ticket: Ticket,
+    /// The admission slot, freed when rsbinder drops the transport.
+    ticket: Ticket,
 }
 
 impl AdmittedTransport {
@@ -272,11 +273,15 @@ impl AdmittedTransport {
         if self.phase.load(Ordering::SeqCst) == PHASE_WAITING_FOR_CALL
             && matches!(read, Err(RpcError::Timeout))
         {
-            log::info!(
-                "closing an RPC session of {:?}: no call within {} ms of its handshake",
-                self.inner.peer_identity(),
-                self.first_call_timeout.as_millis()
-            );
+            // Logged at most once a minute per UID, with the refusals: a client can repeat it.
+            if self.ticket.admission.should_log_refusal(self.ticket.uid) {
+                log::info!(
+                    "closing an RPC session of {:?}: no call within {} ms of its handshake \
+                     (logged once a minute per UID)",
+                    self.inner.peer_identity(),
+                    self.first_call_timeout.as_millis()
+                );
+            }
             let _ = self.inner.shutdown();
             return Err(RpcError::EndOfStream);
         }
@@ -595,7 +600,7 @@ impl AcceptLoop {
             phase: AtomicU8::new(PHASE_HANDSHAKE),
             first_call_timeout: self.first_call_timeout,
             write_timeout: self.write_timeout,
-            _ticket: ticket,
+            ticket,
         };
         self.server.serve_connection(Box::new(transport));
     }
