@@ -23,6 +23,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use backends::f2fs::{F2fsBackend, F2fsOptions, F2fsStack};
 use backends::records::Records;
 use backends::snapshot::{SnapshotBackend, SnapshotOptions, SnapshotStack};
 use backends::{Action, BootStack, DeviceSpec};
@@ -31,7 +32,7 @@ use blockdev::loopdev::{LoopDevice, LoopOptions};
 use blockdev::names::{object_name, Role};
 use crash::{CaseSpec, Fault, Tally};
 use policy::Backend;
-use testbench::device::{populate_app_data, update_step, Rng};
+use testbench::device::{compare_manifests, manifest, populate_app_data, update_step, Rng};
 use testbench::vm::Vm;
 use testbench::{guest, vm_trial, Failed};
 
@@ -39,6 +40,7 @@ const MIB: u64 = 1 << 20;
 const META_BYTES: u64 = 16 * MIB;
 const DATA_BYTES: u64 = 128 * MIB;
 const BOW_BYTES: u64 = 48 * MIB;
+const F2FS_BYTES: u64 = 160 * MIB;
 const LONG_ENV: &str = "CPD_CRASH_LONG";
 /// The floor of kernel-level crash states in the default run (the CI requirement).
 const MIN_STATES: usize = 500;
@@ -88,7 +90,7 @@ fn host_crash() -> Result<(), Failed> {
     let long = long_mode();
     let started = Instant::now();
     let run = Vm::new("crash_capture")
-        .modules(&["loop", "dm-mod", "dm-snapshot", "dm-log-writes"])
+        .modules(&["loop", "dm-mod", "dm-snapshot", "dm-log-writes", "f2fs"])
         .memory_mib(2048)
         .timeout(Duration::from_secs(if long { 1800 } else { 600 }))
         .env(LONG_ENV, if long { "1" } else { "0" })
@@ -96,6 +98,14 @@ fn host_crash() -> Result<(), Failed> {
     run.expect_success()?;
     print!("{}", run.output);
     report(&format!("crash suite: capture boot took {:.1} s", run.duration.as_secs_f64()));
+    // The f2fs states were checked in the guest (the kernel's mount is the recovery).
+    let f2fs_states: usize = run
+        .output
+        .lines()
+        .find_map(|l| l.strip_prefix("f2fs crash states checked in the guest: "))
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or("the guest did not report its f2fs crash states")?;
+    report(&format!("crash suite f2fs checkpoint=disable (kernel mount): {f2fs_states} crash states, 0 failures"));
     let failures = failures_dir();
     let mut all_failures = Vec::new();
 
@@ -128,7 +138,7 @@ fn host_crash() -> Result<(), Failed> {
     broken_recovery_is_caught(&snap_dir, &bow_dir)?;
     report(&format!(
         "crash suite: total {} crash states, host-side checks {:.1} s, whole test {:.1} s",
-        snap.states + bow.states,
+        snap.states + bow.states + f2fs_states,
         t0.elapsed().as_secs_f64(),
         started.elapsed().as_secs_f64()
     ));
@@ -306,6 +316,7 @@ fn guest_capture(_: &[String]) -> Result<(), Failed> {
     let seed = 0x5eed_0013;
     capture_snapshot(&shared.join("snapshot-ext4"), seed, long)?;
     capture_bow(&shared.join("bow-ext4"), seed, long)?;
+    f2fs_capture_and_check(seed, long)?;
     Ok(())
 }
 
@@ -455,5 +466,128 @@ fn capture_bow(out: &Path, seed: u64, long: bool) -> Result<(), Failed> {
     let _ = fs::remove_file("/dev/shm/cw-blog.img");
     let _ = fs::remove_file("/dev/shm/cw-braw.img");
     println!("bow capture took {:?}", t.elapsed());
+    Ok(())
+}
+
+/// The f2fs backend (`checkpoint=disable`): its recovery is the kernel's own mount, so the
+/// crash states are checked here, one mount per state: the app data written and unmounted
+/// (a checkpoint on disk), then a checkpointed mount (mark `armed`), the workload, the commit
+/// (remount with checkpoint=enable). After a crash in the workload, a plain mount must show
+/// exactly the files of checkpoint start; during the commit, exactly those or exactly the
+/// new ones; `fsck.f2fs` clean either way. Each state is mounted on a copy of its image
+/// (the mount writes).
+fn f2fs_capture_and_check(seed: u64, long: bool) -> Result<(), Failed> {
+    let t = Instant::now();
+    let (_raw_f, raw) = loop_file("cw-fraw.img", F2FS_BYTES)?;
+    let (_log_f, logd) = loop_file("cw-flog.img", 768 * MIB)?;
+    let dev = dm_create(
+        "cw-flog",
+        &format!(
+            "0 {} log-writes {} {}",
+            F2FS_BYTES / 512,
+            majmin(raw.path())?,
+            majmin(logd.path())?
+        ),
+    )?;
+    guest::sh(&format!("mkfs.f2fs -q -f {}", dev.display()))?;
+    let mnt = PathBuf::from("/dev/shm/cw-f2fs-mnt");
+    fs::create_dir_all(&mnt)?;
+    let spec = DeviceSpec {
+        raw: dev.clone(),
+        mount_point: mnt.clone(),
+        fs_type: Some("f2fs".into()),
+        mount_options: String::new(),
+        instance: backends::instance_for(&mnt),
+    };
+    let stack = F2fsStack::new(F2fsOptions::default());
+    backends::mount(&stack.setup(&spec, false)?, &mnt)?;
+    populate_app_data(&mnt, seed)?;
+    let before = manifest(&mnt)?;
+    blockdev::mount::umount(&mnt, Default::default())?;
+    let used = backends::mount(&stack.setup(&spec, true)?, &mnt)?;
+    ensure(used.contains("checkpoint=disable"), format!("checkpointed mount used {used:?}"))?;
+    let backend = F2fsBackend::new(spec.clone(), F2fsOptions::default())?;
+    mark("cw-flog", "armed")?;
+    workload(&mnt, "cw-flog", seed ^ 1, long)?;
+    mark("cw-flog", "workload-end")?;
+    let after = manifest(&mnt)?;
+    mark("cw-flog", "commit-begin")?;
+    ensure(backend.commit()? == Action::Changed, "f2fs commit")?;
+    guest::sh("sync")?;
+    mark("cw-flog", "commit-end")?;
+    blockdev::mount::umount(&mnt, Default::default())?;
+    guest::sh("dmsetup remove --noudevsync cw-flog")?;
+    raw.detach()?;
+    let log_path = Path::new("/dev/shm/cw-flog.img");
+    let log = crash::OpLog::load(log_path)?;
+    logd.detach()?;
+    println!("f2fs capture took {:?}: {} log entries", t.elapsed(), log.ops.len());
+
+    // The states: spread evenly over each window.
+    let per_window = if long { [120, 40] } else { [16, 8] };
+    let windows = [("armed", "workload-end", false), ("commit-begin", "commit-end", true)];
+    let mut picked = Vec::new();
+    for ((first, last, commit), want) in windows.iter().zip(per_window) {
+        let all = crash::enumerate(&log, log.mark(first)?, log.mark(last)?, 1, seed);
+        let step = all.len().div_ceil(want).max(1);
+        picked.extend(all.into_iter().step_by(step).map(|s| (s, *commit)));
+    }
+    let region = crash::Region { offset: 0, len: F2FS_BYTES };
+    let image = crash::UndoImage::create(Path::new("/dev/shm/cw-fstate.img"), F2FS_BYTES)?;
+    let copy = Path::new("/dev/shm/cw-fcopy.img");
+    let check_mnt = Path::new("/dev/shm/cw-f2fs-check");
+    fs::create_dir_all(check_mnt)?;
+    let mut applied = 0usize;
+    let mut failures = Vec::new();
+    let mut checked = 0usize;
+    for (st, commit) in &picked {
+        while applied <= st.point {
+            crash::apply_op(&log, &log.ops[applied], &[(&region, &image)])?;
+            applied += 1;
+        }
+        image.forget_undo();
+        let mark_undo = image.mark();
+        for &i in &st.extra {
+            crash::apply_op(&log, &log.ops[i], &[(&region, &image)])?;
+        }
+        guest::sh(&format!("cp --sparse=always {} {}", image.path.display(), copy.display()))?;
+        image.undo_to(mark_undo)?;
+        let file = fs::OpenOptions::new().read(true).write(true).open(copy)?;
+        let lo = LoopDevice::attach(&file, &LoopOptions::default())?;
+        let what = format!("f2fs state at entry {} + {} later writes", st.point, st.extra.len());
+        let result = (|| -> Result<(), Failed> {
+            guest::sh(&format!("mount -t f2fs {} {}", lo.path().display(), check_mnt.display()))?;
+            let got = manifest(check_mnt);
+            guest::sh(&format!("umount {}", check_mnt.display()))?;
+            let got = got?;
+            let old = compare_manifests(&before, &got);
+            if *commit {
+                if old.is_err() && compare_manifests(&after, &got).is_err() {
+                    return Err(
+                        "neither the old nor the new files after a crash in the commit".into()
+                    );
+                }
+            } else {
+                old.map_err(|e| format!("not the files of checkpoint start: {e:?}"))?;
+            }
+            guest::sh(&format!("fsck.f2fs {} >/dev/null", lo.path().display()))?;
+            Ok(())
+        })();
+        lo.detach()?;
+        checked += 1;
+        if let Err(e) = result {
+            println!("FAILURE {what}: {e:?}");
+            failures.push(what);
+        }
+    }
+    let _ = fs::remove_file(copy);
+    let _ = fs::remove_file(log_path);
+    let _ = fs::remove_file(&image.path);
+    println!("f2fs crash checks took {:?} in all", t.elapsed());
+    ensure(
+        failures.is_empty(),
+        format!("{} f2fs crash states failed: {failures:?}", failures.len()),
+    )?;
+    println!("f2fs crash states checked in the guest: {checked}");
     Ok(())
 }

@@ -270,7 +270,7 @@ impl BlockDevice for UndoImage {
 }
 
 /// Applies one log entry to the partitions it falls in.
-fn apply_op(log: &OpLog, op: &Op, parts: &[(&Region, &UndoImage)]) -> Result<(), Failed> {
+pub fn apply_op(log: &OpLog, op: &Op, parts: &[(&Region, &UndoImage)]) -> Result<(), Failed> {
     if !op.changes_data() {
         return Ok(());
     }
