@@ -63,26 +63,40 @@ fn check_fs_type(spec: &DeviceSpec) -> Result<(), BackendError> {
 #[derive(Clone, Debug, Default)]
 pub struct F2fsStack {
     opts: F2fsOptions,
+    /// Where a backup-space reservation of the device is recorded (`None`: not looked for).
+    reservations: Option<Reservations>,
 }
 
 impl F2fsStack {
     /// A stack with these options.
     pub fn new(opts: F2fsOptions) -> F2fsStack {
-        F2fsStack { opts }
+        F2fsStack { opts, reservations: None }
+    }
+
+    /// A checkpointing setup first releases the device's reservation recorded in
+    /// `reservations` ([`release_reservation_before_mount`]): after the `checkpoint=disable`
+    /// mount its blocks would stay unusable until the commit.
+    pub fn with_reservations(mut self, reservations: Reservations) -> F2fsStack {
+        self.reservations = Some(reservations);
+        self
     }
 }
 
 impl BootStack for F2fsStack {
     fn setup(&self, device: &DeviceSpec, checkpointing: bool) -> Result<MountPlan, BackendError> {
         check_fs_type(device)?;
-        Ok(MountPlan {
+        let mut plan = MountPlan {
             device: device.raw.clone(),
             fs_type: Some("f2fs".into()),
             options: device.mount_options.clone(),
             checkpointed: checkpointing,
             action: Action::Identity,
             checkpoint_disable_max_percent: checkpointing.then(|| self.opts.ladder_max()),
-        })
+        };
+        if let Some(reservations) = &self.reservations {
+            plan.action = release_reservation_before_mount(&plan, device, reservations)?;
+        }
+        Ok(plan)
     }
 
     fn teardown_stack(&self, _device: &DeviceSpec) -> Result<Action, BackendError> {

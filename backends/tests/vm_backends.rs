@@ -560,10 +560,15 @@ fn f2fs_reservation(disk: &Path) -> Result<(), Failed> {
     println!("f2fs reservation: available {before} -> {reserved}; lsattr: {}", flags.trim());
     ensure(before - reserved >= BYTES, "the reservation takes its bytes")?;
     umount(&spec_f)?;
-    // The update's boot: the boot flow releases it before the checkpoint=disable mount.
-    let plan = stack.setup(&spec_f, true)?;
-    let released = release_reservation_before_mount(&plan, &spec_f, &res)?;
-    ensure(released == Action::Changed, "released before the checkpoint=disable mount")?;
+    // The update's boot: the boot flow's stack (as `checkpointctl boot mount` builds it, with
+    // the metadata dir's records) releases it before the checkpoint=disable mount.
+    let boot_flow_stack = F2fsStack::new(F2fsOptions::default()).with_reservations(res.clone());
+    let plan = boot_flow_stack.setup(&spec_f, true)?;
+    ensure(plan.action == Action::Changed, "released before the checkpoint=disable mount")?;
+    ensure(
+        release_reservation_before_mount(&plan, &spec_f, &res)? == Action::Identity,
+        "a second release finds nothing",
+    )?;
     let used = backends::mount(&plan, &spec_f.mount_point)?;
     ensure(used.contains("checkpoint=disable"), format!("mounted with {used:?}"))?;
     let freed = avail()?;

@@ -278,7 +278,28 @@ pub fn teardown_all(
 
 /// The real machine: the backends crate's stacks and mount, `/proc/self/mountinfo`.
 #[derive(Debug)]
-pub struct Kernel;
+pub struct Kernel {
+    /// The metadata dir's backend records (a reservation to hand over before an f2fs mount);
+    /// `None` when they could not be opened: the mount goes on without the hand-over.
+    records: Option<backends::records::Records>,
+}
+
+impl Kernel {
+    /// The machine, with the backend records of `metadata_dir` if it can be opened.
+    pub fn new(metadata_dir: &Path, log: &mut dyn FnMut(String)) -> Kernel {
+        let records = match backends::records::Records::open(metadata_dir) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                log(format!(
+                    "backend records in {} unavailable ({e}): no reservation hand-over",
+                    metadata_dir.display()
+                ));
+                None
+            }
+        };
+        Kernel { records }
+    }
+}
 
 impl Machine for Kernel {
     fn is_mounted(&self, mount_point: &Path) -> Result<bool, String> {
@@ -288,7 +309,7 @@ impl Machine for Kernel {
     }
 
     fn setup(&self, plan: &DevicePlan, checkpointing: bool) -> Result<Option<MountPlan>, String> {
-        match boot_stack(&plan.backend) {
+        match boot_stack(&plan.backend, self.records.as_ref()) {
             Some(stack) => {
                 stack.setup(&plan.spec, checkpointing).map(Some).map_err(|e| e.to_string())
             }
@@ -301,7 +322,7 @@ impl Machine for Kernel {
     }
 
     fn teardown(&self, plan: &DevicePlan) -> Result<(), String> {
-        match boot_stack(&plan.backend) {
+        match boot_stack(&plan.backend, self.records.as_ref()) {
             Some(stack) => stack.teardown_stack(&plan.spec).map(|_| ()).map_err(|e| e.to_string()),
             None => Ok(()),
         }

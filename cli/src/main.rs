@@ -481,8 +481,8 @@ fn run_boot(cli: &Cli, cmd: &boot::BootCommand) -> u8 {
         };
         match cmd {
             boot::BootCommand::Mount { config } => {
-                let (_, plans) = checkpointd::plan::load(config).map_err(config_error)?;
-                let machine = boot::Kernel;
+                let (config, plans) = checkpointd::plan::load(config).map_err(config_error)?;
+                let machine = boot::Kernel::new(&config.metadata_dir, &mut log);
                 if plans.is_empty() {
                     log("no checkpointed device configured: nothing to mount".into());
                     return Ok(());
@@ -492,8 +492,8 @@ fn run_boot(cli: &Cli, cmd: &boot::BootCommand) -> u8 {
                 boot::mount_all(&plans, &service, &machine, &mut log)?;
             }
             boot::BootCommand::Teardown { config } => {
-                let (_, plans) = checkpointd::plan::load(config).map_err(config_error)?;
-                let machine = boot::Kernel;
+                let (config, plans) = checkpointd::plan::load(config).map_err(config_error)?;
+                let machine = boot::Kernel::new(&config.metadata_dir, &mut log);
                 boot::teardown_all(&plans, &machine, &mut log)?;
             }
             boot::BootCommand::Commit => {
@@ -502,8 +502,8 @@ fn run_boot(cli: &Cli, cmd: &boot::BootCommand) -> u8 {
                 log("boot declared good: commitChanges done".into());
             }
             boot::BootCommand::Status { config } => {
-                let (_, plans) = checkpointd::plan::load(config).map_err(config_error)?;
-                let machine = boot::Kernel;
+                let (config, plans) = checkpointd::plan::load(config).map_err(config_error)?;
+                let machine = boot::Kernel::new(&config.metadata_dir, &mut log);
                 for line in boot::status_lines(&plans, &machine) {
                     println!("{line}");
                 }

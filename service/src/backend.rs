@@ -5,6 +5,7 @@
 use std::sync::Mutex;
 
 use backends::records::Records;
+use backends::reservation::Reservations;
 use backends::{BootStack, DeviceSpec};
 use policy::{
     Action, Backend, BackendError, BackendKind, BackendState, BackendStatus, BackupSpace,
@@ -68,7 +69,10 @@ pub fn daemon_backend(
             o.clone(),
             records.clone(),
         )?),
-        Resolved::F2fs(o) => Box::new(backends::f2fs::F2fsBackend::new(spec.clone(), o.clone())?),
+        Resolved::F2fs(o) => Box::new(
+            backends::f2fs::F2fsBackend::new(spec.clone(), o.clone())?
+                .with_reservations(Reservations::new(records.clone())),
+        ),
         Resolved::TestNull(o) => Box::new(TestNullBackend::new(
             "test-null",
             o.kind.unwrap_or(CheckpointMethod::Block),
@@ -79,12 +83,19 @@ pub fn daemon_backend(
 }
 
 /// The boot flow's half for one device; `None` for test-null (the raw device is mounted as
-/// it is).
-pub fn boot_stack(resolved: &Resolved) -> Option<Box<dyn BootStack>> {
+/// it is). `records` (the metadata dir's) lets f2fs hand a backup-space reservation over
+/// before its `checkpoint=disable` mount.
+pub fn boot_stack(resolved: &Resolved, records: Option<&Records>) -> Option<Box<dyn BootStack>> {
     match resolved {
         Resolved::Bow(o) => Some(Box::new(backends::bow::BowStack::new(o.clone()))),
         Resolved::Snapshot(o) => Some(Box::new(backends::snapshot::SnapshotStack::new(o.clone()))),
-        Resolved::F2fs(o) => Some(Box::new(backends::f2fs::F2fsStack::new(o.clone()))),
+        Resolved::F2fs(o) => {
+            let stack = backends::f2fs::F2fsStack::new(o.clone());
+            Some(Box::new(match records {
+                Some(r) => stack.with_reservations(Reservations::new(r.clone())),
+                None => stack,
+            }))
+        }
         Resolved::TestNull(_) => None,
     }
 }
