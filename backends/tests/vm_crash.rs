@@ -267,16 +267,36 @@ fn fsx(root: &Path, rng: &mut Rng, ops: usize) -> Result<(), Failed> {
 }
 
 /// The checkpointed workload: a short version of the demo's update, then fsx-like operations.
-fn workload(root: &Path, log_dev: &str, seed: u64, long: bool) -> Result<(), Failed> {
+/// `flush_dev`: a block device to flush (fsync of its node) every few operations. f2fs with
+/// `checkpoint=disable` issues almost no flushes, and dm-log-writes logs completed writes
+/// only at a flush: without these the whole workload would be logged at the commit.
+fn workload(
+    root: &Path,
+    log_dev: &str,
+    seed: u64,
+    long: bool,
+    flush_dev: Option<&Path>,
+) -> Result<(), Failed> {
+    let flush = || -> Result<(), Failed> {
+        if let Some(dev) = flush_dev {
+            fs::File::open(dev)?.sync_all()?;
+        }
+        Ok(())
+    };
     let mut rng = Rng::new(seed);
     mark(log_dev, "update")?;
     for _ in 0..if long { 40 } else { 8 } {
         update_step(root, &mut rng)?;
+        flush()?;
     }
     guest::sh(&format!("sync -f {}", root.display()))?;
     mark(log_dev, "fsx")?;
-    fsx(root, &mut rng, if long { 400 } else { 60 })?;
+    for _ in 0..if long { 40 } else { 6 } {
+        fsx(root, &mut rng, 10)?;
+        flush()?;
+    }
     guest::sh(&format!("sync -f {}", root.display()))?;
+    flush()?;
     Ok(())
 }
 
@@ -375,7 +395,7 @@ fn capture_snapshot(out: &Path, seed: u64, long: bool) -> Result<(), Failed> {
         out.join("reference.img").display()
     ))?;
     println!("snapshot armed after {:?}; workload", t.elapsed());
-    workload(&mnt, "cw-log", seed ^ 1, long)?;
+    workload(&mnt, "cw-log", seed ^ 1, long, None)?;
     mark("cw-log", "workload-end")?;
     println!("workload done after {:?}; space {:?}", t.elapsed(), backend.space()?);
     mark("cw-log", "commit-begin")?;
@@ -441,7 +461,7 @@ fn capture_bow(out: &Path, seed: u64, long: bool) -> Result<(), Failed> {
     // goes in at once: a journal commit (a flush) puts the discards before the mark.
     flush_through_journal(mnt)?;
     mark("cw-blog", "bow-checkpoint")?;
-    workload(mnt, "cw-blog", seed ^ 1, long)?;
+    workload(mnt, "cw-blog", seed ^ 1, long, None)?;
     mark("cw-blog", "bow-end")?;
     guest::sh(&format!("umount {}", mnt.display()))?;
     guest::sh("dmsetup remove --noudevsync cw-blog")?;
@@ -458,7 +478,7 @@ fn capture_bow(out: &Path, seed: u64, long: bool) -> Result<(), Failed> {
         seed,
         only: None,
         recovery_every: if long { 5 } else { 20 },
-        max_states: if long { 0 } else { 300 },
+        max_states: if long { 0 } else { 200 },
     };
     fs::write(out.join("case.json"), serde_json::to_string_pretty(&case)?)?;
     raw.detach()?;
@@ -508,7 +528,7 @@ fn f2fs_capture_and_check(seed: u64, long: bool) -> Result<(), Failed> {
     ensure(used.contains("checkpoint=disable"), format!("checkpointed mount used {used:?}"))?;
     let backend = F2fsBackend::new(spec.clone(), F2fsOptions::default())?;
     mark("cw-flog", "armed")?;
-    workload(&mnt, "cw-flog", seed ^ 1, long)?;
+    workload(&mnt, "cw-flog", seed ^ 1, long, Some(&dev))?;
     mark("cw-flog", "workload-end")?;
     let after = manifest(&mnt)?;
     mark("cw-flog", "commit-begin")?;
@@ -524,23 +544,34 @@ fn f2fs_capture_and_check(seed: u64, long: bool) -> Result<(), Failed> {
     println!("f2fs capture took {:?}: {} log entries", t.elapsed(), log.ops.len());
 
     // The states: spread evenly over each window.
-    let per_window = if long { [120, 40] } else { [16, 8] };
+    let per_window = if long { [120, 40] } else { [5, 2] };
     let windows = [("armed", "workload-end", false), ("commit-begin", "commit-end", true)];
     let mut picked = Vec::new();
     for ((first, last, commit), want) in windows.iter().zip(per_window) {
-        let all = crash::enumerate(&log, log.mark(first)?, log.mark(last)?, 1, seed);
+        let all = crash::enumerate(&log, log.mark(first)?, log.mark(last)?, 4, seed);
         let step = all.len().div_ceil(want).max(1);
         picked.extend(all.into_iter().step_by(step).map(|s| (s, *commit)));
     }
     let region = crash::Region { offset: 0, len: F2FS_BYTES };
     let image = crash::UndoImage::create(Path::new("/dev/shm/cw-fstate.img"), F2FS_BYTES)?;
-    let copy = Path::new("/dev/shm/cw-fcopy.img");
+    // The mount writes: each state is mounted through a non-persistent dm-snapshot of the
+    // image, so its writes go to a scratch COW device and the image stays the crash state.
+    let state_file = fs::OpenOptions::new().read(true).write(true).open(&image.path)?;
+    let state_lo = LoopDevice::attach(&state_file, &LoopOptions::default())?;
+    let (_cow_f, cow_lo) = loop_file("cw-fcow.img", 64 * MIB)?;
+    let snap_table = format!(
+        "0 {} snapshot {} {} N 8",
+        F2FS_BYTES / 512,
+        majmin(state_lo.path())?,
+        majmin(cow_lo.path())?
+    );
     let check_mnt = Path::new("/dev/shm/cw-f2fs-check");
     fs::create_dir_all(check_mnt)?;
     let mut applied = 0usize;
     let mut failures = Vec::new();
     let mut checked = 0usize;
     for (st, commit) in &picked {
+        let t_state = Instant::now();
         while applied <= st.point {
             crash::apply_op(&log, &log.ops[applied], &[(&region, &image)])?;
             applied += 1;
@@ -550,13 +581,10 @@ fn f2fs_capture_and_check(seed: u64, long: bool) -> Result<(), Failed> {
         for &i in &st.extra {
             crash::apply_op(&log, &log.ops[i], &[(&region, &image)])?;
         }
-        guest::sh(&format!("cp --sparse=always {} {}", image.path.display(), copy.display()))?;
-        image.undo_to(mark_undo)?;
-        let file = fs::OpenOptions::new().read(true).write(true).open(copy)?;
-        let lo = LoopDevice::attach(&file, &LoopOptions::default())?;
         let what = format!("f2fs state at entry {} + {} later writes", st.point, st.extra.len());
+        let node = dm_create("cw-fcheck", &snap_table)?;
         let result = (|| -> Result<(), Failed> {
-            guest::sh(&format!("mount -t f2fs {} {}", lo.path().display(), check_mnt.display()))?;
+            guest::sh(&format!("mount -t f2fs {} {}", node.display(), check_mnt.display()))?;
             let got = manifest(check_mnt);
             guest::sh(&format!("umount {}", check_mnt.display()))?;
             let got = got?;
@@ -570,17 +598,21 @@ fn f2fs_capture_and_check(seed: u64, long: bool) -> Result<(), Failed> {
             } else {
                 old.map_err(|e| format!("not the files of checkpoint start: {e:?}"))?;
             }
-            guest::sh(&format!("fsck.f2fs {} >/dev/null", lo.path().display()))?;
+            guest::sh(&format!("fsck.f2fs {} >/dev/null", node.display()))?;
             Ok(())
         })();
-        lo.detach()?;
+        guest::sh("dmsetup remove --noudevsync cw-fcheck")?;
+        image.undo_to(mark_undo)?;
         checked += 1;
+        println!("{what}: checked in {:?}", t_state.elapsed());
         if let Err(e) = result {
             println!("FAILURE {what}: {e:?}");
             failures.push(what);
         }
     }
-    let _ = fs::remove_file(copy);
+    state_lo.detach()?;
+    cow_lo.detach()?;
+    let _ = fs::remove_file("/dev/shm/cw-fcow.img");
     let _ = fs::remove_file(log_path);
     let _ = fs::remove_file(&image.path);
     println!("f2fs crash checks took {:?} in all", t.elapsed());
