@@ -87,7 +87,7 @@ impl Range {
 }
 
 /// Index of a node in the slab. Only valid while the node lives.
-pub(crate) type NodeId = usize;
+pub type NodeId = usize;
 
 #[derive(Debug, Clone)]
 struct Node {
@@ -170,7 +170,7 @@ impl RangeMap {
         self.unsubtracted
     }
 
-    pub(crate) fn settle_unsubtracted(&mut self, bytes: u64) {
+    pub fn settle_unsubtracted(&mut self, bytes: u64) {
         self.unsubtracted = self.unsubtracted.wrapping_sub(bytes);
     }
 
@@ -249,31 +249,31 @@ impl RangeMap {
     }
 
     /// Whether `id` names a live node.
-    pub(crate) fn alive(&self, id: NodeId) -> bool {
+    pub fn alive(&self, id: NodeId) -> bool {
         self.slab.get(id).is_some_and(Option::is_some)
     }
 
-    pub(crate) fn sector(&self, id: NodeId) -> u64 {
+    pub fn sector(&self, id: NodeId) -> u64 {
         self.node(id).sector
     }
 
-    pub(crate) fn kind(&self, id: NodeId) -> RangeType {
+    pub fn kind(&self, id: NodeId) -> RangeType {
         self.node(id).kind
     }
 
     /// `range_top`: the next node's sector.
-    pub(crate) fn top(&self, id: NodeId) -> u64 {
+    pub fn top(&self, id: NodeId) -> u64 {
         let s = self.sector(id);
         self.index.range(s.saturating_add(1)..).next().map_or(self.len, |(&k, _)| k)
     }
 
     /// Size in sectors.
-    pub(crate) fn size(&self, id: NodeId) -> u64 {
+    pub fn size(&self, id: NodeId) -> u64 {
         self.top(id) - self.sector(id)
     }
 
     /// The node containing `sector` (`find_first_overlapping_range` without the clipping).
-    pub(crate) fn find(&self, sector: u64) -> Option<NodeId> {
+    pub fn find(&self, sector: u64) -> Option<NodeId> {
         if sector >= self.len {
             return None;
         }
@@ -281,7 +281,7 @@ impl RangeMap {
     }
 
     /// `rb_first`.
-    pub(crate) fn first(&self) -> Option<NodeId> {
+    pub fn first(&self) -> Option<NodeId> {
         self.index.values().next().copied()
     }
 
@@ -294,7 +294,7 @@ impl RangeMap {
     }
 
     /// `find_free_range`: the head of the trimmed list.
-    pub(crate) fn free_head(&self) -> Option<NodeId> {
+    pub fn free_head(&self) -> Option<NodeId> {
         self.head
     }
 
@@ -323,7 +323,7 @@ impl RangeMap {
 
     /// `list_del`. Unlinking a node that is not on the list is a no-op (the kernel never does
     /// it; TRIMMED ⇔ listed is an invariant the tests check).
-    pub(crate) fn list_del(&mut self, id: NodeId) {
+    pub fn list_del(&mut self, id: NodeId) {
         let (listed, prev, next) = {
             let n = self.node(id);
             (n.listed, n.prev, n.next)
@@ -381,7 +381,7 @@ impl RangeMap {
     /// `split_range(br, [start, start + len))`. Returns the node that now covers the carved
     /// piece and the piece's length, truncated to the range end. `None` when `start` is before
     /// the node (the kernel's WARN + `BLK_STS_IOERR`).
-    pub(crate) fn split(&mut self, id: NodeId, start: u64, len: u64) -> Option<(NodeId, u64)> {
+    pub fn split(&mut self, id: NodeId, start: u64, len: u64) -> Option<(NodeId, u64)> {
         let node_start = self.sector(id);
         if start < node_start {
             return None;
@@ -416,20 +416,20 @@ impl RangeMap {
     }
 
     /// The kernel's direct `br->type = kind` (no merge, no list, no counter).
-    pub(crate) fn set_kind_raw(&mut self, id: NodeId, kind: RangeType) {
+    pub fn set_kind_raw(&mut self, id: NodeId, kind: RangeType) {
         if let Some(n) = self.node_mut(id) {
             n.kind = kind;
         }
     }
 
     /// Subtracts from `trims_total` as the kernel's u64 arithmetic does.
-    pub(crate) fn sub_trims(&mut self, bytes: u64) {
+    pub fn sub_trims(&mut self, bytes: u64) {
         self.trims_total = self.trims_total.wrapping_sub(bytes);
     }
 
     /// `set_type(br, kind)`. The node may be erased (merged into its predecessor); callers must
     /// not use `id` afterwards, as the kernel sets `*br = NULL`.
-    pub(crate) fn set_type(&mut self, id: NodeId, kind: RangeType) {
+    pub fn set_type(&mut self, id: NodeId, kind: RangeType) {
         let prev = self.prev_of(id);
         let next = self.next_of(id);
         if self.kind(id) == RangeType::Trimmed {

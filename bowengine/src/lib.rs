@@ -1,0 +1,34 @@
+//! The userspace backup-on-write engine: dm-bow's semantics and on-disk log over a
+//! [`BlockDevice`](blockcopy::device::BlockDevice) (the raw /data device), for the ublk backend
+//! of issue 16 (docs/userspace-bow.md).
+//!
+//! * The same log as the kernel target, byte for byte (header, entries, chained log sectors,
+//!   SECTOR0 / SECTOR0_CURRENT), so `bow::restore` and vold restore it unchanged. The range
+//!   bookkeeping is `bow::model`'s [`RangeMap`](bow::model::RangeMap), the kernel's own node
+//!   and trimmed-list behaviour; this crate owns the I/O, the ordering, the allocator choice,
+//!   the accounting and the trace.
+//! * **Batched, crash-safe backups** ([`Engine::submit`] → [`Batch::commit`]): many user I/Os,
+//!   their backups copied, then one ordered commit: backup data → flush → block 0 (the log) →
+//!   flush → user writes. The order is enforced by proof tokens in [`order`].
+//! * **Allocators**: [`Allocator::DmBow`] (the head of the trimmed list, the kernel's) and
+//!   [`Allocator::FarEnd`] (the far end of the largest free range, where a filesystem that
+//!   allocates from the start of free space rarely writes during a checkpoint).
+//! * **Exact accounting** ([`SpaceReport`]) from the range map, and the checkpoint's **write
+//!   trace** in the estimator's format ([`checkpoint_estimate::Trace`]).
+//!
+//! It implements [`bow::model::BowEngine`], each call a batch of one, so the model-level
+//! harnesses can drive it.
+
+#![forbid(unsafe_code)]
+
+mod engine;
+pub mod order;
+
+pub use bow::model::EngineError;
+pub use engine::{
+    Allocator, Batch, BatchReport, Engine, EngineConfig, EngineStats, IoOutcome, SpaceReport,
+    UserIo,
+};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,219 @@
+//! The write order of a batch, enforced by proof tokens.
+//!
+//! A batch stages three kinds of writes: backup data (copies of old contents, saved log
+//! sectors), the log (block 0, the newest in-memory log sector) and the user's writes. They
+//! reach the device in exactly this order:
+//!
+//! 1. every backup data write, then one flush → [`BackupsDurable`];
+//! 2. block 0 (the log whose entries point at those backups), then one flush → [`LogDurable`];
+//! 3. the user writes (no flush of ours; the user's own flushes follow as they come).
+//!
+//! So at any crash point either a log entry is absent and its source has not been overwritten,
+//! or the entry is durable and so is the copy it points at (dm-bow-format.md §4.7, with many
+//! backups sharing the two flushes instead of two flushes per backup). Block 0 is one block
+//! write, never torn (the crash model's atomic unit). Each step takes the previous step's token
+//! by value and the tokens have private constructors, so skipping or reordering a step does not
+//! compile. A batch with no backup and no log change has nothing to make durable:
+//! [`LogDurable::nothing_staged`] only exists for it.
+
+use std::collections::HashMap;
+
+use blockcopy::device::{BlockDevice, DeviceError};
+
+/// Proof that every staged backup write of the batch is durable.
+#[derive(Debug)]
+pub struct BackupsDurable(());
+
+/// Proof that the log sector referring to the batch's backups is durable.
+#[derive(Debug)]
+pub struct LogDurable(());
+
+/// A deliberately broken ordering, for the tests that show the crash suite catches it.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fault {
+    /// User writes issued before the flush that makes their backups durable.
+    UserWriteBeforeFlush,
+    /// The log written before (and flushed with) the backup data it points at.
+    LogBeforeData,
+}
+
+/// The writes a batch has planned, not yet issued. Reads during planning see them.
+#[derive(Debug, Default)]
+pub(crate) struct Staged {
+    /// Backup data (block index, block), in planning order.
+    backups: Vec<(u64, Vec<u8>)>,
+    /// The newest block 0, if the log changed.
+    log: Option<Vec<u8>>,
+    /// User writes (byte offset, bytes), in submission order.
+    user: Vec<(u64, Vec<u8>)>,
+    /// The newest staged contents of each block (any kind), for reads during planning.
+    overlay: HashMap<u64, Vec<u8>>,
+}
+
+impl Staged {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.backups.is_empty() && self.log.is_none() && self.user.is_empty()
+    }
+
+    pub(crate) fn backup_blocks(&self) -> usize {
+        self.backups.len()
+    }
+
+    /// Reads block `block` (`buf` is one block) as the device will hold it after the batch.
+    pub(crate) fn read_block(
+        &self,
+        dev: &impl BlockDevice,
+        block: u64,
+        buf: &mut [u8],
+        block_bytes: u64,
+    ) -> Result<(), DeviceError> {
+        match self.overlay.get(&block) {
+            Some(b) => {
+                buf.copy_from_slice(b);
+                Ok(())
+            }
+            None => dev.read_at(buf, block * block_bytes),
+        }
+    }
+
+    pub(crate) fn stage_backup(&mut self, block: u64, data: Vec<u8>) {
+        self.overlay.insert(block, data.clone());
+        self.backups.push((block, data));
+    }
+
+    pub(crate) fn stage_log(&mut self, block0: &[u8]) {
+        self.overlay.insert(0, block0.to_vec());
+        self.log = Some(block0.to_vec());
+    }
+
+    /// A user write of whole blocks at byte `offset`.
+    pub(crate) fn stage_user(&mut self, offset: u64, data: &[u8], block_bytes: usize) {
+        let bb = u64::try_from(block_bytes).unwrap_or(u64::MAX);
+        for (i, chunk) in (0u64..).zip(data.chunks(block_bytes)) {
+            self.overlay.insert(offset / bb + i, chunk.to_vec());
+        }
+        self.user.push((offset, data.to_vec()));
+    }
+
+    /// Issues the staged writes in the documented order. `fault` breaks it (tests only).
+    pub(crate) fn commit(
+        self,
+        dev: &impl BlockDevice,
+        #[cfg(test)] fault: Option<Fault>,
+    ) -> Result<IssuedCounts, DeviceError> {
+        let Staged { backups, log, user, .. } = self;
+        let mut counts = IssuedCounts::default();
+        #[cfg(test)]
+        if let Some(f) = fault {
+            return commit_broken(dev, f, backups, log, user);
+        }
+        let log_durable = if backups.is_empty() && log.is_none() {
+            LogDurable::nothing_staged()
+        } else {
+            counts.flushes += 2;
+            counts.backup_writes = backups.len();
+            let backups_durable = write_backups(dev, &backups)?;
+            match log {
+                Some(block0) => write_log(dev, backups_durable, &block0)?,
+                // Backups without a log change cannot happen (every copy is logged); the
+                // flush above still makes them durable before the user writes.
+                None => LogDurable(()),
+            }
+        };
+        counts.user_writes = user.len();
+        release_user_writes(dev, log_durable, &user)?;
+        Ok(counts)
+    }
+}
+
+/// What a commit issued.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct IssuedCounts {
+    pub(crate) backup_writes: usize,
+    pub(crate) user_writes: usize,
+    pub(crate) flushes: usize,
+}
+
+impl LogDurable {
+    /// For a batch that staged no backup and no log change: nothing needs to be durable first.
+    fn nothing_staged() -> LogDurable {
+        LogDurable(())
+    }
+}
+
+/// Step 1: the backup data, then one flush.
+fn write_backups(
+    dev: &impl BlockDevice,
+    backups: &[(u64, Vec<u8>)],
+) -> Result<BackupsDurable, DeviceError> {
+    for (block, data) in backups {
+        let bytes = u64::try_from(data.len()).unwrap_or(u64::MAX);
+        dev.write_at(data, block * bytes)?;
+    }
+    dev.flush()?;
+    Ok(BackupsDurable(()))
+}
+
+/// Step 2: block 0, then one flush. Needs the backups durable.
+fn write_log(
+    dev: &impl BlockDevice,
+    _backups: BackupsDurable,
+    block0: &[u8],
+) -> Result<LogDurable, DeviceError> {
+    dev.write_at(block0, 0)?;
+    dev.flush()?;
+    Ok(LogDurable(()))
+}
+
+/// Step 3: the user writes. Needs the log durable.
+fn release_user_writes(
+    dev: &impl BlockDevice,
+    _log: LogDurable,
+    user: &[(u64, Vec<u8>)],
+) -> Result<(), DeviceError> {
+    for (offset, data) in user {
+        dev.write_at(data, *offset)?;
+    }
+    Ok(())
+}
+
+/// The broken orders of [`Fault`], bypassing the tokens on purpose.
+#[cfg(test)]
+fn commit_broken(
+    dev: &impl BlockDevice,
+    fault: Fault,
+    backups: Vec<(u64, Vec<u8>)>,
+    log: Option<Vec<u8>>,
+    user: Vec<(u64, Vec<u8>)>,
+) -> Result<IssuedCounts, DeviceError> {
+    let counts = IssuedCounts { backup_writes: backups.len(), user_writes: user.len(), flushes: 2 };
+    let write_all = |list: &[(u64, Vec<u8>)], block: bool| -> Result<(), DeviceError> {
+        for (at, data) in list {
+            let bytes = u64::try_from(data.len()).unwrap_or(u64::MAX);
+            dev.write_at(data, if block { at * bytes } else { *at })?;
+        }
+        Ok(())
+    };
+    match fault {
+        Fault::UserWriteBeforeFlush => {
+            write_all(&backups, true)?;
+            write_all(&user, false)?;
+            dev.flush()?;
+            if let Some(l) = &log {
+                dev.write_at(l, 0)?;
+            }
+            dev.flush()?;
+        }
+        Fault::LogBeforeData => {
+            if let Some(l) = &log {
+                dev.write_at(l, 0)?;
+            }
+            write_all(&backups, true)?;
+            dev.flush()?;
+            write_all(&user, false)?;
+            dev.flush()?;
+        }
+    }
+    Ok(counts)
+}
