@@ -14,7 +14,7 @@
 //! write, never torn (the crash model's atomic unit). Each step takes the previous step's token
 //! by value and the tokens have private constructors, so skipping or reordering a step does not
 //! compile. A batch with no backup and no log change has nothing to make durable:
-//! [`LogDurable::nothing_staged`] only exists for it.
+//! `LogDurable::nothing_staged` only exists for it.
 
 use std::collections::HashMap;
 

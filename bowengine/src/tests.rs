@@ -573,3 +573,38 @@ fn a_dropped_batch_poisons_the_engine() {
     let e = engine.write(Sectors(16), &[2; 4096]).unwrap_err();
     assert_eq!(e.kind(), bow::model::EngineErrorKind::Io);
 }
+
+/// The point of batches: the ordering flushes are shared. 256 writes to blocks in use, one
+/// per batch and 32 per batch; the restore still gives the pre-checkpoint image back.
+#[test]
+fn a_batch_shares_two_flushes_among_all_its_backups() {
+    let bs = BlockSize::B4096;
+    let blocks = 1024u64;
+    let mut flushes = Vec::new();
+    for per_batch in [1usize, 32] {
+        let w = Workload {
+            bs,
+            blocks,
+            trim: vec![Op::Discard { block: 512, blocks: 512 }],
+            batches: (1..257u64)
+                .map(|b| Op::Write { block: b, blocks: 1, seed: b })
+                .collect::<Vec<_>>()
+                .chunks(per_batch)
+                .map(<[Op]>::to_vec)
+                .collect(),
+        };
+        let mut engine =
+            Engine::new(MemDevice::from_bytes(base_image(blocks, bs)), EngineConfig::new(bs));
+        let pre = start_checkpoint(&mut engine, &w, MemDevice::snapshot);
+        let before = engine.stats().flushes;
+        run_batches(&mut engine, &w);
+        assert_eq!(engine.stats().backups, 256 + 1 + 1, "256 writes, block 0, one rollover");
+        flushes.push(engine.stats().flushes - before);
+        restored_matches(engine.device().snapshot(), &pre, bs).unwrap();
+    }
+    println!(
+        "ordering flushes for 256 backups: one per batch {}, 32 per batch {}",
+        flushes[0], flushes[1]
+    );
+    assert_eq!(flushes, [2 * 256, 2 * 8]);
+}
