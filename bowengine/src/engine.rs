@@ -21,7 +21,10 @@ pub enum Allocator {
     DmBow,
     /// The far end of the largest free range (ties: the highest one). A filesystem allocates
     /// from the start of free space and near its recent writes, so it rarely writes there
-    /// during a checkpoint, and backups are rarely backed up again.
+    /// during a checkpoint, and backups are rarely backed up again. The chosen range is kept
+    /// (carved downwards from its end) until it is gone or has shrunk below half its size
+    /// when chosen; only then is the largest range looked up again, so the search over all
+    /// free ranges is paid once per half a large range, not once per backup.
     #[default]
     FarEnd,
 }
@@ -157,6 +160,14 @@ impl<D: BlockDevice> Drop for Batch<'_, D> {
     }
 }
 
+/// The range FarEnd carves from: `end` is one past its next free sector; it is given up when
+/// the free range ending there is smaller than `floor` sectors.
+#[derive(Debug, Clone, Copy)]
+struct FarEndCursor {
+    end: u64,
+    floor: u64,
+}
+
 /// Why an internal step failed.
 #[derive(Debug)]
 enum Fail {
@@ -183,6 +194,8 @@ pub struct Engine<D: BlockDevice> {
     log: Vec<u8>,
     header: LogHeader,
     staged: Staged,
+    /// FarEnd: the free range being carved from its end.
+    far_end: Option<FarEndCursor>,
     stats: EngineStats,
     trace: Option<Trace>,
     trace_overflowed: bool,
@@ -209,6 +222,7 @@ impl<D: BlockDevice> Engine<D> {
             log: vec![0; bs.as_usize()],
             header: LogHeader { count: 0, ..LogHeader::new(bs, 0, Sectors(0)) },
             staged: Staged::default(),
+            far_end: None,
             stats: EngineStats::default(),
             trace,
             trace_overflowed: false,
@@ -419,6 +433,16 @@ impl<D: BlockDevice> Engine<D> {
                 self.ranges.split(free, start, len).ok_or(Fail::Status(BlkStatus::IoError, "split"))
             }
             Allocator::FarEnd => {
+                let split = Fail::Status(BlkStatus::IoError, "split");
+                if let Some(free) = self.far_end_range() {
+                    let top = self.ranges.top(free);
+                    let len = self.ranges.size(free).min(want);
+                    let carved = self.ranges.split(free, top - len, len).ok_or(split)?;
+                    if let Some(c) = self.far_end.as_mut() {
+                        c.end = top - len;
+                    }
+                    return Ok(carved);
+                }
                 let largest = self
                     .ranges
                     .trimmed_list()
@@ -430,11 +454,25 @@ impl<D: BlockDevice> Engine<D> {
                     .ranges
                     .find(largest.start)
                     .ok_or(Fail::Status(BlkStatus::IoError, "free range not found"))?;
-                self.ranges
-                    .split(free, largest.end - len, len)
-                    .ok_or(Fail::Status(BlkStatus::IoError, "split"))
+                let carved = self.ranges.split(free, largest.end - len, len).ok_or(split)?;
+                self.far_end = Some(FarEndCursor {
+                    end: largest.end - len,
+                    floor: (largest.len() / 2).max(self.bss),
+                });
+                Ok(carved)
             }
         }
+    }
+
+    /// The free range FarEnd is carving, if it still ends where the cursor says and has not
+    /// shrunk below its floor (the filesystem may have written into it).
+    fn far_end_range(&self) -> Option<usize> {
+        let c = self.far_end?;
+        let id = self.ranges.find(c.end.checked_sub(1)?)?;
+        let usable = self.ranges.kind(id) == RangeType::Trimmed
+            && self.ranges.top(id) == c.end
+            && self.ranges.size(id) >= c.floor;
+        usable.then_some(id)
     }
 
     // ---- CHECKPOINT: the worker ----

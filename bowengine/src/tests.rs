@@ -608,3 +608,39 @@ fn a_batch_shares_two_flushes_among_all_its_backups() {
     );
     assert_eq!(flushes, [2 * 256, 2 * 8]);
 }
+
+/// FarEnd carves the largest free range downwards from its end, and looks again when the
+/// filesystem has cut that range below half its size.
+#[test]
+fn far_end_carves_from_the_end_and_moves_when_its_range_is_cut() {
+    let bs = BlockSize::B4096;
+    let mut engine = Engine::new(MemDevice::new(400 * 4096), EngineConfig::new(bs));
+    engine.discard(Sectors(100 * 8), 100 * 4096).unwrap();
+    engine.discard(Sectors(300 * 8), 50 * 4096).unwrap();
+    let change = engine.set_state(BowState::Checkpoint).unwrap();
+    assert_eq!(
+        change,
+        bow::model::StateChange::CheckpointStarted {
+            sector0: Sectors(199 * 8),
+            backup: Sectors(198 * 8)
+        }
+    );
+    let dest = |engine: &mut Engine<MemDevice>, block: u64| -> u64 {
+        match engine.write(Sectors(block * 8), &[7; 4096]).unwrap() {
+            WriteAction::Checkpointed { pieces, .. } => match pieces[..] {
+                [bow::model::Piece { action: PieceAction::BackedUp { entry, .. }, .. }] => {
+                    entry.dest.0 / 8
+                }
+                _ => panic!("{pieces:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(dest(&mut engine, 1), 197);
+    // The filesystem writes into the middle of the range: [151, 197) is under half of 100.
+    engine.write(Sectors(150 * 8), &[8; 4096]).unwrap();
+    // Largest now: [100, 150) and [300, 350), 50 blocks each; the higher one wins.
+    assert_eq!(dest(&mut engine, 2), 349);
+    assert_eq!(dest(&mut engine, 3), 348);
+    assert_eq!(engine.stats().rebackups, 0);
+}
