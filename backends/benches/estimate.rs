@@ -60,8 +60,8 @@ const DEVICE_BYTES: u64 = 512 * MIB;
 const LOG_BYTES: u64 = 1024 * MIB;
 const WORK: &str = "/dev/shm/est";
 const SETUP_SEED: &str = "1000";
-const TRACE_SEED: &str = "1";
-const ACTUAL_SEED: &str = "2";
+/// Seeds of the traced and the measured update (`ESTIMATE_BENCH_SEEDS=T,M` overrides).
+const DEFAULT_SEEDS: (&str, &str) = ("1", "2");
 /// The target of issue 11 on `needed_bytes` against the actual.
 const UNDER_LIMIT: f64 = -5.0;
 const OVER_LIMIT: f64 = 20.0;
@@ -75,6 +75,9 @@ struct Case {
     name: String,
     script: PathBuf,
     env: Vec<(String, String)>,
+    /// `SEED` of the traced update and of the measured ones.
+    traced_seed: String,
+    measured_seed: String,
 }
 
 /// One table row (JSON `rows[]`).
@@ -152,7 +155,7 @@ fn workloads_dir(args: &[String]) -> Result<PathBuf, Failed> {
 }
 
 /// The workloads of `dir`: every `*.sh`, by name, once per declared variant.
-fn cases(dir: &Path) -> Result<Vec<Case>, Failed> {
+fn cases(dir: &Path, (traced, measured): (&str, &str)) -> Result<Vec<Case>, Failed> {
     let mut scripts: Vec<PathBuf> = fs::read_dir(dir)
         .map_err(|e| format!("{}: {e}", dir.display()))?
         .filter_map(Result::ok)
@@ -169,7 +172,13 @@ fn cases(dir: &Path) -> Result<Vec<Case>, Failed> {
         let stem = script.file_stem().unwrap_or_default().to_string_lossy().into_owned();
         let variants = parse_variants(&text).map_err(|e| format!("{}: {e}", script.display()))?;
         if variants.is_empty() {
-            out.push(Case { name: stem.clone(), script: script.clone(), env: Vec::new() });
+            out.push(Case {
+                name: stem.clone(),
+                script: script.clone(),
+                env: Vec::new(),
+                traced_seed: traced.into(),
+                measured_seed: measured.into(),
+            });
         }
         for env in variants {
             let label: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -177,6 +186,8 @@ fn cases(dir: &Path) -> Result<Vec<Case>, Failed> {
                 name: format!("{stem}[{}]", label.join(",")),
                 script: script.clone(),
                 env,
+                traced_seed: traced.into(),
+                measured_seed: measured.into(),
             });
         }
     }
@@ -243,7 +254,17 @@ fn kernel() -> String {
 
 fn host(args: &[String]) -> Result<bool, Failed> {
     let dir = workloads_dir(args)?;
-    let cases = cases(&dir)?;
+    let seeds_env = std::env::var("ESTIMATE_BENCH_SEEDS").ok();
+    let seeds = match seeds_env.as_deref().map(|v| v.split_once(',')) {
+        None => DEFAULT_SEEDS,
+        Some(Some((t, m)))
+            if [t, m].iter().all(|x| !x.is_empty() && x.bytes().all(|b| b.is_ascii_digit())) =>
+        {
+            (t, m)
+        }
+        Some(_) => return Err("ESTIMATE_BENCH_SEEDS: two seeds, `TRACED,MEASURED`".into()),
+    };
+    let cases = cases(&dir, seeds)?;
     println!(
         "estimate benchmark: {} runs from {} ({}); QEMU processes before the boot: {}",
         cases.len(),
@@ -280,7 +301,7 @@ fn host(args: &[String]) -> Result<bool, Failed> {
         "kernel": guest_kernel,
         "setup": {
             "device_mib": DEVICE_BYTES / MIB, "fs": "ext4, 4 KiB blocks, loop over guest tmpfs",
-            "seeds": { "setup": SETUP_SEED, "traced_update": TRACE_SEED, "measured_update": ACTUAL_SEED },
+            "seeds": { "setup": SETUP_SEED, "traced_update": seeds.0, "measured_update": seeds.1 },
             "config": format!("{:?}", EstimateConfig::default()),
             "target": "needed_bytes within -5% .. +20% of the actual",
             "bow_actual": "the real run's dm-log-writes trace replayed through bow::dryrun (no dm-bow in this kernel)",
@@ -446,7 +467,7 @@ fn run_case(dm: &DeviceMapper, case: &Case) -> Result<Vec<Row>, Failed> {
 
     // 2. The comparable earlier run, traced. The estimate's map is the before-image's, read
     //    right after mounting it (the state the checkpoint starts from).
-    let (trace, free) = logged_update(dm, case, TRACE_SEED, &before)?;
+    let (trace, free) = logged_update(dm, case, &case.traced_seed, &before)?;
     let free_bytes: u64 = free.iter().map(|f| f.len).sum();
     println!(
         "  setup: {:.0} s; free {:.1} MiB of {:.0} MiB in {} extents ({:.1} MiB while the setup's \
@@ -458,7 +479,8 @@ fn run_case(dm: &DeviceMapper, case: &Case) -> Result<Vec<Row>, Failed> {
         mib(live_map.iter().map(|f| f.len).sum())
     );
     println!(
-        "  traced update (SEED={TRACE_SEED}): {} records, {:.1} MiB written, trace file {} bytes",
+        "  traced update (SEED={}): {} records, {:.1} MiB written, trace file {} bytes",
+        case.traced_seed,
         trace.records().len(),
         mib(trace.written_bytes()),
         trace.to_bytes().len()
@@ -486,7 +508,7 @@ fn run_case(dm: &DeviceMapper, case: &Case) -> Result<Vec<Row>, Failed> {
     // 4. The real snapshot checkpoint.
     let (snap_actual, snap_note) = snapshot_update(case, &before, &snap_est)?;
     // 5. dm-bow: the real run's writes through the engine model.
-    let (actual_trace, at_start) = logged_update(dm, case, ACTUAL_SEED, &before)?;
+    let (actual_trace, at_start) = logged_update(dm, case, &case.measured_seed, &before)?;
     save_trace(case, "traced", &trace, &free)?;
     save_trace(case, "measured", &actual_trace, &at_start)?;
     let ops: Vec<TraceOp> = actual_trace
@@ -514,8 +536,9 @@ fn run_case(dm: &DeviceMapper, case: &Case) -> Result<Vec<Row>, Failed> {
         Some(at) => (None, Some(format!("dm-bow would run out of space: {at:?}"))),
     };
     println!(
-        "  measured update (SEED={ACTUAL_SEED}): {} records, {:.1} MiB written; bow model: \
+        "  measured update (SEED={}): {} records, {:.1} MiB written; bow model: \
          {} backups ({:.1} MiB relocations), {} log sectors",
+        case.measured_seed,
         actual_trace.records().len(),
         mib(actual_trace.written_bytes()),
         report.backup_entries,
@@ -662,7 +685,7 @@ fn snapshot_update(
     if backend.prepare()? != backends::Action::Changed {
         return Err("the snapshot backend's prepare did not arm a checkpoint".into());
     }
-    let took = workload(case, "update", ACTUAL_SEED, &mnt);
+    let took = workload(case, "update", &case.measured_seed, &mnt);
     let synced = took.is_ok() && syncfs(&mnt).is_ok();
     let space = backend.space();
     mount::umount(&mnt, Default::default())?;
@@ -672,7 +695,8 @@ fn snapshot_update(
     fs::remove_dir_all(&meta)?;
     let took = took?;
     println!(
-        "  update (SEED={ACTUAL_SEED}) on the snapshot backend, COW store {:.0} MiB: {:.0} s",
+        "  update (SEED={}) on the snapshot backend, COW store {:.0} MiB: {:.0} s",
+        case.measured_seed,
         mib(cow),
         took.as_secs_f64()
     );
