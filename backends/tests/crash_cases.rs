@@ -67,6 +67,7 @@ fn synthetic_spec() -> CaseSpec {
         kind: "bow".into(),
         log: "log.bin".into(),
         reference: None,
+        kernel_merge_reference: None,
         meta_bytes: 0,
         instance: String::new(),
         device_bytes: DEVICE,

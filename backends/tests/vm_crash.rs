@@ -25,13 +25,13 @@ use std::time::{Duration, Instant};
 
 use backends::f2fs::{F2fsBackend, F2fsOptions, F2fsStack};
 use backends::records::Records;
-use backends::snapshot::{SnapshotBackend, SnapshotOptions, SnapshotStack};
+use backends::snapshot::{RollbackMethod, SnapshotBackend, SnapshotOptions, SnapshotStack};
 use backends::{Action, BootStack, DeviceSpec};
 use blockdev::dm::DeviceMapper;
 use blockdev::loopdev::{LoopDevice, LoopOptions};
 use blockdev::names::{object_name, Role};
 use crash::{CaseSpec, Fault, Tally};
-use policy::Backend;
+use policy::{Backend, RestoreOutcome, RestoreRequest};
 use testbench::device::{compare_manifests, manifest, populate_app_data, update_step, Rng};
 use testbench::vm::Vm;
 use testbench::{guest, vm_trial, Failed};
@@ -378,7 +378,7 @@ fn capture_snapshot(out: &Path, seed: u64, long: bool) -> Result<(), Failed> {
     };
     let opts = SnapshotOptions { cow_bytes: Some(32 * MIB), ..SnapshotOptions::default() };
     let stack = SnapshotStack::new(opts.clone());
-    let backend = SnapshotBackend::new(spec.clone(), opts, records)?;
+    let backend = SnapshotBackend::new(spec.clone(), opts.clone(), records.clone())?;
     let plan = stack.setup(&spec, true)?;
     backends::mount(&plan, &mnt)?;
     mark("cw-log", "populate")?;
@@ -402,7 +402,32 @@ fn capture_snapshot(out: &Path, seed: u64, long: bool) -> Result<(), Failed> {
     ensure(backend.commit()? == Action::Changed, "commit")?;
     guest::sh("sync")?;
     mark("cw-log", "commit-end")?;
+    // A second checkpoint, rolled back by the kernel's snapshot-merge, logged too: a crash
+    // during the kernel's merge leaves the record armed, and the next boot's offline merge
+    // must finish the rollback.
+    let kopts = SnapshotOptions { rollback: RollbackMethod::KernelMerge, ..opts };
+    let kbackend = SnapshotBackend::new(spec.clone(), kopts, records)?;
+    ensure(kbackend.prepare()? == Action::Changed, "prepare (kernel merge)")?;
+    mark("cw-log", "armed-2")?;
+    guest::sh(&format!(
+        "cp --sparse=always {} {}",
+        dm.node_path(&snap.name).display(),
+        out.join("reference-kernel-merge.img").display()
+    ))?;
+    fsx(&mnt, &mut Rng::new(seed ^ 2), if long { 200 } else { 40 })?;
+    guest::sh(&format!("sync -f {}", mnt.display()))?;
     blockdev::mount::umount(&mnt, Default::default())?;
+    ensure(stack.teardown_stack(&spec)? == Action::Changed, "stack torn down")?;
+    mark("cw-log", "kernel-merge-begin")?;
+    let raw_path = spec.raw.to_str().ok_or("raw path")?;
+    let restored = kbackend.restore(raw_path, &RestoreRequest::default(), &|_, _| {})?;
+    ensure(
+        matches!(restored.outcome, RestoreOutcome::Restored { .. }),
+        format!("kernel merge: {:?}", restored.outcome),
+    )?;
+    guest::sh("sync")?;
+    mark("cw-log", "kernel-merge-end")?;
+    println!("kernel merge done after {:?}", t.elapsed());
     let _ = stack.teardown_stack(&spec)?;
     guest::sh(&format!("umount {}", meta_mnt.display()))?;
     guest::sh("dmsetup remove --noudevsync cw-data && dmsetup remove --noudevsync cw-meta")?;
@@ -412,12 +437,14 @@ fn capture_snapshot(out: &Path, seed: u64, long: bool) -> Result<(), Failed> {
         kind: "snapshot".into(),
         log: "log.bin".into(),
         reference: Some("reference.img".into()),
+        kernel_merge_reference: Some("reference-kernel-merge.img".into()),
         meta_bytes: META_BYTES,
         instance: spec.instance.clone(),
         device_bytes: META_BYTES + DATA_BYTES,
         windows: vec![
             ("armed".into(), "workload-end".into(), "rollback".into()),
             ("commit-begin".into(), "commit-end".into(), "commit".into()),
+            ("kernel-merge-begin".into(), "kernel-merge-end".into(), "kernel-merge".into()),
         ],
         subsets: if long { 12 } else { 3 },
         seed,
@@ -470,6 +497,7 @@ fn capture_bow(out: &Path, seed: u64, long: bool) -> Result<(), Failed> {
         kind: "bow".into(),
         log: "log.bin".into(),
         reference: None,
+        kernel_merge_reference: None,
         meta_bytes: 0,
         instance: String::new(),
         device_bytes: BOW_BYTES,

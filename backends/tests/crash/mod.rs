@@ -468,6 +468,10 @@ pub struct CaseSpec {
     /// Snapshot: the image of the snapshot device when the checkpoint was armed.
     #[serde(default)]
     pub reference: Option<String>,
+    /// Snapshot: the same for the checkpoint that the kernel's snapshot-merge rolls back
+    /// (windows of kind `kernel-merge`).
+    #[serde(default)]
+    pub kernel_merge_reference: Option<String>,
     /// Snapshot: the metadata partition (bytes at the start of the logged device).
     #[serde(default)]
     pub meta_bytes: u64,
@@ -511,7 +515,8 @@ pub fn save_failure(
 ) -> Result<PathBuf, Failed> {
     let dir = root.join(format!("{}-{}-{n}", spec.kind, point.point));
     fs::create_dir_all(&dir)?;
-    for name in [Some(&spec.log), spec.reference.as_ref()].into_iter().flatten() {
+    let files = [Some(&spec.log), spec.reference.as_ref(), spec.kernel_merge_reference.as_ref()];
+    for name in files.into_iter().flatten() {
         let to = dir.join(name);
         if !to.exists() && fs::hard_link(case_dir.join(name), &to).is_err() {
             fs::copy(case_dir.join(name), &to)?;
@@ -602,6 +607,8 @@ pub struct SnapshotCase {
     pub dir: PathBuf,
     pub log: OpLog,
     pub reference: Vec<u8>,
+    /// The reference of the `kernel-merge` windows (empty without one).
+    pub kernel_merge_reference: Vec<u8>,
     meta_region: Region,
     data_region: Region,
 }
@@ -610,9 +617,21 @@ impl SnapshotCase {
     pub fn load(dir: &Path, spec: CaseSpec) -> Result<SnapshotCase, Failed> {
         let log = OpLog::load(&dir.join(&spec.log))?;
         let reference = fs::read(dir.join(spec.reference.as_deref().ok_or("no reference image")?))?;
+        let kernel_merge_reference = match &spec.kernel_merge_reference {
+            Some(name) => fs::read(dir.join(name))?,
+            None => Vec::new(),
+        };
         let meta_region = Region { offset: 0, len: spec.meta_bytes };
         let data_region = Region { offset: spec.meta_bytes, len: u64::try_from(reference.len())? };
-        Ok(SnapshotCase { spec, dir: dir.to_owned(), log, reference, meta_region, data_region })
+        Ok(SnapshotCase {
+            spec,
+            dir: dir.to_owned(),
+            log,
+            reference,
+            kernel_merge_reference,
+            meta_region,
+            data_region,
+        })
     }
 }
 
@@ -646,7 +665,7 @@ fn differing(
 /// `record` is what the crashed metadata partition holds.
 #[allow(clippy::too_many_arguments)]
 fn check_snapshot_state(
-    case: &SnapshotCase,
+    reference: &[u8],
     expect: &str,
     data: &UndoImage,
     record: Result<Option<SnapshotRecord>, String>,
@@ -665,7 +684,31 @@ fn check_snapshot_state(
         }
     };
     let armed = record.as_ref().is_some_and(|r| r.state == CowState::Armed);
-    if expect == "rollback" && !armed {
+    if let (false, "kernel-merge", Some(rec)) = (armed, expect, &record) {
+        // After the kernel's merge finished, the record says merged: the next boot merges
+        // nothing, and the data must already be the checkpoint's.
+        if rec.state != CowState::Merged {
+            tally.fail(format!("{what}: the record says {:?} during a rollback", rec.state));
+            return Ok(false);
+        }
+        let diff = differing(data, reference, since_armed, rec)?;
+        if !diff.is_empty() {
+            tally.fail(format!(
+                "{what}: merged, yet {} blocks outside the COW file differ from checkpoint \
+                 start (first {:?})",
+                diff.len(),
+                &diff[..diff.len().min(8)]
+            ));
+            return Ok(false);
+        }
+        tally.fsck_runs += 1;
+        if let Err(e) = fsck_clean(&data.path) {
+            tally.fail(format!("{what}: merged by the kernel: {e}"));
+            return Ok(false);
+        }
+        return Ok(true);
+    }
+    if expect != "commit" && !armed {
         tally.fail(format!(
             "{what}: the record says {:?}, not armed: no rollback would run",
             record.map(|r| r.state)
@@ -713,7 +756,7 @@ fn check_snapshot_state(
     if ok {
         let mut blocks = since_armed.clone();
         blocks.extend(data.touched());
-        let diff = differing(data, &case.reference, &blocks, &rec)?;
+        let diff = differing(data, reference, &blocks, &rec)?;
         if !diff.is_empty() {
             tally.fail(format!(
                 "{what}: {} blocks outside the COW file differ from checkpoint start after the \
@@ -753,7 +796,7 @@ fn check_snapshot_state(
                 Ok(_) => {
                     let mut blocks = since_armed.clone();
                     blocks.extend(data.touched());
-                    let diff = differing(data, &case.reference, &blocks, &rec)?;
+                    let diff = differing(data, reference, &blocks, &rec)?;
                     if !diff.is_empty() {
                         tally.fail(format!(
                             "{rwhat}: {} blocks differ after the second merge (first {:?})",
@@ -820,11 +863,17 @@ pub fn run_snapshot(
     for (first, last, expect) in &case.spec.windows {
         let from = log.mark(first)?;
         let to = log.mark(last)?;
+        let reference: &[u8] =
+            if expect == "kernel-merge" { &case.kernel_merge_reference } else { &case.reference };
+        if reference.is_empty() {
+            return Err(format!("window {first}..{last}: no reference image").into());
+        }
         let mut states =
             enumerate(log, from, to, case.spec.subsets, case.spec.seed ^ u64::try_from(from)?);
         if let Some(only) = &case.spec.only {
             states.retain(|s| s == only);
         }
+        println!("window {first}..{last} ({expect}): {} crash states", states.len());
         for st in states {
             while applied <= st.point {
                 let op = &log.ops[applied];
@@ -835,14 +884,16 @@ pub fn run_snapshot(
                     meta_version += 1;
                 }
                 apply_op(log, op, &parts)?;
-                if applied == from && since.is_none() {
+                if applied == from {
+                    // The window's start: from here on only the blocks that differ from its
+                    // reference now, or are written later, can differ.
                     let rec = read_record(&meta, &meta_copy, &case.spec.instance)?
                         .ok_or("no record at the checkpoint's start")?;
                     let all: BTreeSet<u64> = (0..case.data_region.len / BLOCK).collect();
-                    let diff = differing(&data, &case.reference, &all, &rec)?;
+                    let diff = differing(&data, reference, &all, &rec)?;
                     println!(
                         "at mark {first}: {} blocks outside the COW file differ from the \
-                         snapshot's view (written after the snapshot was made)",
+                         checkpoint's image",
                         diff.len()
                     );
                     since = Some(diff.into_iter().collect());
@@ -879,7 +930,7 @@ pub fn run_snapshot(
             );
             let recovery = case.spec.recovery_every > 0 && n_state % case.spec.recovery_every == 0;
             let ok = check_snapshot_state(
-                case,
+                reference,
                 expect,
                 &data,
                 record,
