@@ -174,3 +174,27 @@ fn enumeration_keeps_flushed_writes_and_fua() {
     }
     assert!(states.iter().any(|s| s.point == 2 && !s.extra.is_empty()), "random subsets");
 }
+
+/// A failing state is saved as a case that replays that one state: it fails again with the
+/// same broken restore and passes with the real one.
+#[test]
+fn a_saved_failure_replays_its_one_state() {
+    let dir = cases_dir().join(SYNTHETIC);
+    let saved_root = tempfile::tempdir().unwrap();
+    let spec = CaseSpec { recovery_every: 0, ..CaseSpec::load(&dir).unwrap() };
+    let t = crash::run_bow(&dir, &spec, Fault::SkipWrite(0), Some(saved_root.path())).unwrap();
+    assert!(!t.failures.is_empty(), "the broken restore was not caught");
+    let saved: Vec<PathBuf> = fs::read_dir(saved_root.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("case.json").is_file())
+        .collect();
+    assert!(!saved.is_empty(), "no case saved");
+    let case = &saved[0];
+    assert!(CaseSpec::load(case).unwrap().only.is_some(), "the saved case names its state");
+    let again = crash::run_case(case, Fault::SkipWrite(0), None).unwrap();
+    assert_eq!(again.states, 1, "one state replayed");
+    assert!(!again.failures.is_empty(), "the saved state fails again");
+    let fixed = crash::run_case(case, Fault::None, None).unwrap();
+    assert_eq!((fixed.states, fixed.failures.len()), (1, 0), "{:?}", fixed.failures);
+}
