@@ -39,7 +39,14 @@ use testbench::{guest, vm_trial, Failed};
 const MIB: u64 = 1 << 20;
 const META_BYTES: u64 = 16 * MIB;
 const DATA_BYTES: u64 = 128 * MIB;
-const BOW_BYTES: u64 = 48 * MIB;
+/// The bow capture's device; the long run writes about three times as much.
+fn bow_bytes(long: bool) -> u64 {
+    if long {
+        96 * MIB
+    } else {
+        48 * MIB
+    }
+}
 const F2FS_BYTES: u64 = 160 * MIB;
 const LONG_ENV: &str = "CPD_CRASH_LONG";
 /// The floor of kernel-level crash states in the default run (the CI requirement).
@@ -47,7 +54,7 @@ const MIN_STATES: usize = 500;
 
 fn main() -> std::process::ExitCode {
     testbench::main(
-        vec![vm_trial("crash_states_of_real_kernel_logs_snapshot_ext4_and_bow", host_crash)],
+        vec![vm_trial("crash_states_of_real_kernel_logs_snapshot_bow_f2fs", host_crash)],
         &[("capture", guest_capture)],
     )
 }
@@ -376,7 +383,8 @@ fn capture_snapshot(out: &Path, seed: u64, long: bool) -> Result<(), Failed> {
         mount_options: String::new(),
         instance: backends::instance_for(&mnt),
     };
-    let opts = SnapshotOptions { cow_bytes: Some(32 * MIB), ..SnapshotOptions::default() };
+    let cow = if long { 56 * MIB } else { 32 * MIB };
+    let opts = SnapshotOptions { cow_bytes: Some(cow), ..SnapshotOptions::default() };
     let stack = SnapshotStack::new(opts.clone());
     let backend = SnapshotBackend::new(spec.clone(), opts.clone(), records.clone())?;
     let plan = stack.setup(&spec, true)?;
@@ -464,13 +472,14 @@ fn capture_snapshot(out: &Path, seed: u64, long: bool) -> Result<(), Failed> {
 fn capture_bow(out: &Path, seed: u64, long: bool) -> Result<(), Failed> {
     fs::create_dir_all(out)?;
     let t = Instant::now();
-    let (_raw_f, raw) = loop_file("cw-braw.img", BOW_BYTES)?;
+    let bow_bytes = bow_bytes(long);
+    let (_raw_f, raw) = loop_file("cw-braw.img", bow_bytes)?;
     let (_log_f, logd) = loop_file("cw-blog.img", 512 * MIB)?;
     let dev = dm_create(
         "cw-blog",
         &format!(
             "0 {} log-writes {} {}",
-            BOW_BYTES / 512,
+            bow_bytes / 512,
             majmin(raw.path())?,
             majmin(logd.path())?
         ),
@@ -500,7 +509,7 @@ fn capture_bow(out: &Path, seed: u64, long: bool) -> Result<(), Failed> {
         kernel_merge_reference: None,
         meta_bytes: 0,
         instance: String::new(),
-        device_bytes: BOW_BYTES,
+        device_bytes: bow_bytes,
         windows: vec![("bow-trim".into(), "bow-end".into(), "rollback".into())],
         subsets: if long { 6 } else { 1 },
         seed,
