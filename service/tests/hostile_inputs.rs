@@ -7,80 +7,24 @@
 //! `CHECKPOINTD_BIN` / `CHECKPOINTCTL_BIN` run the suite against other builds (how the closing
 //! note of issue 10 shows that each test fails on the code before the fix).
 
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use checkpoint_aidl::android::system::checkpoint::ICheckpoint as codes;
 use checkpoint_aidl::android::system::checkpoint::{
-    CheckpointState::CheckpointState, HistoryEventKind::HistoryEventKind, ICheckpoint::ICheckpoint,
+    CheckpointState::CheckpointState, HistoryEventKind::HistoryEventKind,
 };
-use rsbinder::{ExceptionCode, Strong};
+use rsbinder::ExceptionCode;
+use testbench::daemon::{as_uid, checkpointctl, run_within, Setup, NOBODY, TEST_BACKEND};
 
-const NOBODY: u32 = 65534;
-const TEST_BACKEND: &str = "[[backend]]\ntype = \"test-null\"\n";
 /// Makes a run of this binary the refused-call client (see `refused_caller`).
 const CALLER_ENV: &str = "HOSTILE_INPUTS_CALL_SOCKET";
 
-fn daemon_bin() -> PathBuf {
-    std::env::var_os("CHECKPOINTD_BIN")
-        .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_checkpointd")), PathBuf::from)
-}
-
-/// checkpointctl: `CHECKPOINTCTL_BIN`, else beside the daemon, else built once into a target
-/// dir of its own (the running `cargo test` holds the lock of ours).
-fn checkpointctl() -> &'static Path {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        if let Some(path) = std::env::var_os("CHECKPOINTCTL_BIN") {
-            return PathBuf::from(path);
-        }
-        let daemon = PathBuf::from(env!("CARGO_BIN_EXE_checkpointd"));
-        let sibling = daemon.with_file_name("checkpointctl");
-        if sibling.exists() {
-            return sibling;
-        }
-        let profile_dir = daemon.parent().expect("the daemon has a folder");
-        let target_dir = profile_dir.with_file_name("checkpointctl-for-tests");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "checkpointctl", "--target-dir"])
-            .arg(&target_dir)
-            .status()
-            .expect("run cargo build -p checkpointctl");
-        assert!(status.success(), "cargo build -p checkpointctl failed");
-        target_dir.join("debug").join("checkpointctl")
-    })
-}
-
 fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "these tests switch clients to UID {NOBODY} and mount a tmpfs: run them as root"
-    );
-}
-
-/// Runs `command`, killing it after `limit`: `None` if it had to be killed.
-fn run_within(mut command: Command, limit: Duration) -> Option<Output> {
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let deadline = Instant::now() + limit;
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Some(child.wait_with_output().expect("output"))
+    testbench::daemon::require_root(&format!(
+        "these tests switch clients to UID {NOBODY} and mount a tmpfs"
+    ));
 }
 
 /// At most 200 characters of `err`: a failure must not print a 16 MiB message.
@@ -88,142 +32,9 @@ fn short(err: &impl std::fmt::Display) -> String {
     err.to_string().chars().take(200).collect()
 }
 
-/// A temp folder (readable by UID 65534) with a config, the metadata dir and the socket.
-struct Setup {
-    dir: tempfile::TempDir,
-}
-
-impl Setup {
-    /// `extra` is appended to a config that serves only the socket.
-    fn new(extra: &str) -> Setup {
-        let dir = tempfile::tempdir().expect("temp dir");
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
-            .expect("chmod");
-        let setup = Setup { dir };
-        setup.write_config(extra);
-        setup
-    }
-
-    fn write_config(&self, extra: &str) {
-        let config = format!(
-            "metadata_dir = \"{}\"\n{extra}\n\
-             [binder]\nenabled = false\n[socket]\npath = \"{}\"\n[monitor]\ninterval_ms = 0\n",
-            self.metadata().display(),
-            self.socket().display()
-        );
-        std::fs::write(self.config(), config).expect("write config");
-    }
-
-    fn config(&self) -> PathBuf {
-        self.dir.path().join("checkpointd.toml")
-    }
-
-    fn metadata(&self) -> PathBuf {
-        self.dir.path().join("metadata")
-    }
-
-    fn db(&self) -> PathBuf {
-        self.metadata().join(policy::Store::FILE_NAME)
-    }
-
-    fn log(&self) -> PathBuf {
-        self.dir.path().join("checkpointd.log")
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(self.log()).unwrap_or_default()
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("checkpointd.sock")
-    }
-
-    /// Starts the daemon and waits until the socket answers.
-    fn boot(&self) -> Daemon {
-        let _ = std::fs::remove_file(self.socket());
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log())
-            .expect("daemon log file");
-        let child = Command::new(daemon_bin())
-            .arg("--config")
-            .arg(self.config())
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn checkpointd");
-        let mut daemon = Daemon { child: Some(child) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if self.socket().exists() && self.client().is_ok() {
-                return daemon;
-            }
-            if let Some(status) = daemon.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                daemon.child = None;
-                panic!("checkpointd exited with {status}: {}", self.log_text());
-            }
-            assert!(Instant::now() < deadline, "no answer in 20 s; log:\n{}", self.log_text());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Runs the daemon expecting it to refuse to start (within 10 s); returns its stderr.
-    fn start_fails(&self) -> String {
-        let mut command = Command::new(daemon_bin());
-        command.arg("--config").arg(self.config());
-        let out = run_within(command, Duration::from_secs(10)).unwrap_or_else(|| {
-            panic!("checkpointd started (it was still running after 10 s); it must refuse")
-        });
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert_eq!(out.status.code(), Some(1), "checkpointd should refuse to start: {stderr}");
-        stderr
-    }
-
-    fn client(&self) -> Result<Strong<dyn ICheckpoint>, rsbinder::StatusCode> {
-        let uri = checkpoint_aidl::socket_uri(&self.socket());
-        rsbinder::connect::<dyn ICheckpoint>(uri.with_service(checkpoint_aidl::SERVICE_NAME))
-    }
-
-    /// `checkpointctl <args>` as `uid`: (exit code, stdout, stderr).
-    fn ctl_as(&self, uid: u32, args: &[&str]) -> (i32, String, String) {
-        let mut command = Command::new(checkpointctl());
-        command.arg("--socket").arg(self.socket()).args(args).uid(uid).gid(uid);
-        let out = run_within(command, Duration::from_secs(20)).expect("checkpointctl hung");
-        (
-            out.status.code().expect("exit code"),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-}
-
-struct Daemon {
-    child: Option<Child>,
-}
-
-impl Daemon {
-    /// SIGTERM, then wait: the clean shutdown of one "boot".
-    fn stop(mut self) {
-        if let Some(mut child) = self.child.take() {
-            let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while child.try_wait().expect("wait").is_none() {
-                assert!(Instant::now() < deadline, "checkpointd did not stop on SIGTERM");
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
+/// The state store in `setup`'s metadata dir.
+fn db(setup: &Setup) -> PathBuf {
+    setup.metadata().join(policy::Store::FILE_NAME)
 }
 
 /// Obs. 4: one oversized argument broke getStatus and getHistory for everyone, for good.
@@ -290,7 +101,7 @@ fn history_rows_the_daemon_does_not_understand_are_reported_not_fatal() {
     setup.client().expect("client").startCheckpoint(2).expect("start");
     daemon.stop();
     {
-        let conn = rusqlite::Connection::open(setup.db()).expect("open the store");
+        let conn = rusqlite::Connection::open(db(&setup)).expect("open the store");
         conn.execute(
             "INSERT INTO history (at_ms, event, outcome, message) \
              VALUES (1, 'from_a_newer_version', 'odd', 'hello')",
@@ -339,10 +150,10 @@ fn an_emptied_store_is_refused_not_recreated() {
     let daemon = setup.boot();
     setup.client().expect("client").startCheckpoint(2).expect("start");
     daemon.stop();
-    std::fs::write(setup.db(), b"").expect("truncate the store");
+    std::fs::write(db(&setup), b"").expect("truncate the store");
     let err = setup.start_fails();
     assert!(err.contains("may be lost") && err.contains("empty"), "{err}");
-    assert_eq!(std::fs::metadata(setup.db()).expect("store").len(), 0, "left as it was");
+    assert_eq!(std::fs::metadata(db(&setup)).expect("store").len(), 0, "left as it was");
     // A second attempt says the same: nothing was created in its place.
     assert!(setup.start_fails().contains("may be lost"));
 }
@@ -354,13 +165,13 @@ fn a_refused_store_is_byte_identical_afterwards() {
     let setup = Setup::new(TEST_BACKEND);
     std::fs::create_dir_all(setup.metadata()).expect("mkdir");
     {
-        let conn = rusqlite::Connection::open(setup.db()).expect("create");
+        let conn = rusqlite::Connection::open(db(&setup)).expect("create");
         conn.pragma_update(None, "user_version", policy::SCHEMA_VERSION).expect("version");
     }
-    let before = std::fs::read(setup.db()).expect("store");
+    let before = std::fs::read(db(&setup)).expect("store");
     let err = setup.start_fails();
-    assert!(err.contains(&setup.db().display().to_string()), "{err}");
-    let after = std::fs::read(setup.db()).expect("store");
+    assert!(err.contains(&db(&setup).display().to_string()), "{err}");
+    let after = std::fs::read(db(&setup)).expect("store");
     assert!(
         after == before,
         "the refused store changed: header bytes 18-19 (1 1: rollback journal, 2 2: WAL) {:?} -> \
@@ -534,14 +345,12 @@ fn refused_calls_from_an_unprivileged_uid_do_not_flood_the_log() {
     let daemon = setup.boot();
     let calls = 2000;
     let started = Instant::now();
-    let out = Command::new(std::env::current_exe().expect("test binary"))
+    let mut caller = Command::new(std::env::current_exe().expect("test binary"));
+    caller
         .args(["--exact", "refused_caller", "--ignored", "--nocapture", "--test-threads=1"])
         .env(CALLER_ENV, setup.socket())
-        .env("HOSTILE_INPUTS_CALLS", calls.to_string())
-        .uid(NOBODY)
-        .gid(NOBODY)
-        .output()
-        .expect("run the refused caller");
+        .env("HOSTILE_INPUTS_CALLS", calls.to_string());
+    let out = as_uid(&mut caller, NOBODY).output().expect("run the refused caller");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains(&format!("refused {calls}")), "{stdout}");
@@ -566,10 +375,8 @@ fn refused_calls_from_an_unprivileged_uid_do_not_flood_the_log() {
 fn refused_caller() {
     let socket = std::env::var_os(CALLER_ENV).expect("run by the flood test");
     let calls: usize = std::env::var("HOSTILE_INPUTS_CALLS").expect("count").parse().expect("n");
-    let uri = checkpoint_aidl::socket_uri(Path::new(&socket));
     let service =
-        rsbinder::connect::<dyn ICheckpoint>(uri.with_service(checkpoint_aidl::SERVICE_NAME))
-            .expect("connect as an unprivileged UID");
+        testbench::daemon::connect(Path::new(&socket)).expect("connect as an unprivileged UID");
     let mut refused = 0;
     for _ in 0..calls {
         let err = service.markBootAttempt().expect_err("UID 65534 may not change state");

@@ -1,11 +1,8 @@
 //! checkpointd as a process, driven over its binder RPC Unix socket by checkpointctl (exit
 //! codes!) and by a Rust client. No kernel binder needed: these run on any Linux host.
 
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use checkpoint_aidl::android::system::checkpoint::ICheckpoint as codes;
@@ -13,190 +10,7 @@ use checkpoint_aidl::android::system::checkpoint::{
     CheckpointState::CheckpointState, HistoryEventKind::HistoryEventKind, ICheckpoint::ICheckpoint,
 };
 use rsbinder::{ExceptionCode, Strong};
-
-const DAEMON: &str = env!("CARGO_BIN_EXE_checkpointd");
-
-/// checkpointctl from the same target directory (`cargo build --workspace --bins`, as `cargo
-/// xtask test` does); if it is not there, built once into a target dir of its own (the running
-/// `cargo test` holds the lock of ours).
-fn checkpointctl() -> &'static Path {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let sibling = Path::new(DAEMON).with_file_name("checkpointctl");
-        if sibling.exists() {
-            return sibling;
-        }
-        let profile_dir = Path::new(DAEMON).parent().expect("the daemon has a folder");
-        let target_dir = profile_dir.with_file_name("checkpointctl-for-tests");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "checkpointctl", "--target-dir"])
-            .arg(&target_dir)
-            .status()
-            .expect("run cargo build -p checkpointctl");
-        assert!(status.success(), "cargo build -p checkpointctl failed");
-        let built = target_dir.join("debug").join("checkpointctl");
-        assert!(built.exists(), "{} missing after the build", built.display());
-        built
-    })
-}
-
-/// A temp folder with a config, the metadata dir and the socket.
-struct Setup {
-    dir: tempfile::TempDir,
-}
-
-impl Setup {
-    /// `extra` is appended to a config that serves only the socket.
-    fn new(extra: &str) -> Setup {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let setup = Setup { dir };
-        let config = format!(
-            "metadata_dir = \"{}\"\n{extra}\n\
-             [binder]\nenabled = false\n[socket]\npath = \"{}\"\n[monitor]\ninterval_ms = 0\n",
-            setup.metadata().display(),
-            setup.socket().display()
-        );
-        std::fs::write(setup.config(), config).expect("write config");
-        setup
-    }
-
-    fn config(&self) -> PathBuf {
-        self.dir.path().join("checkpointd.toml")
-    }
-
-    fn metadata(&self) -> PathBuf {
-        self.dir.path().join("metadata")
-    }
-
-    fn log(&self) -> PathBuf {
-        self.dir.path().join("checkpointd.log")
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(self.log()).unwrap_or_default()
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("checkpointd.sock")
-    }
-
-    /// Starts the daemon (one "boot") and waits until the socket answers.
-    fn boot(&self) -> Daemon {
-        let _ = std::fs::remove_file(self.socket());
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log())
-            .expect("daemon log file");
-        let child = Command::new(DAEMON)
-            .arg("--config")
-            .arg(self.config())
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn checkpointd");
-        let mut daemon = Daemon { child: Some(child) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut last = None;
-        loop {
-            if self.socket().exists() {
-                match self.client() {
-                    Ok(_) => return daemon,
-                    Err(e) => last = Some(e),
-                }
-            }
-            if let Some(status) = daemon.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                daemon.child = None;
-                panic!("checkpointd exited with {status}: {}", self.log_text());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "checkpointd did not answer on its socket in 20 s (last error: {last:?}); log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Runs the daemon expecting it to refuse to start; returns its stderr.
-    fn start_fails(&self) -> String {
-        let out = Command::new(DAEMON)
-            .arg("--config")
-            .arg(self.config())
-            .output()
-            .expect("run checkpointd");
-        assert_eq!(out.status.code(), Some(1), "checkpointd should refuse to start");
-        assert!(!self.socket().exists(), "no socket may be created");
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    }
-
-    fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(checkpointctl())
-            .arg("--socket")
-            .arg(self.socket())
-            .args(args)
-            .output()
-            .expect("run checkpointctl")
-    }
-
-    /// `checkpointctl checkpoint <args>`: (exit code, stderr).
-    fn vdc(&self, args: &[&str]) -> (i32, String) {
-        let mut all = vec!["checkpoint"];
-        all.extend_from_slice(args);
-        let out = self.ctl(&all);
-        (out.status.code().expect("exit code"), String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-
-    fn status_json(&self) -> serde_json::Value {
-        let out = self.ctl(&["status", "--json"]);
-        assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout).expect("status JSON")
-    }
-
-    fn client(&self) -> Result<Strong<dyn ICheckpoint>, rsbinder::StatusCode> {
-        let uri = checkpoint_aidl::socket_uri(&self.socket());
-        rsbinder::connect::<dyn ICheckpoint>(uri.with_service(checkpoint_aidl::SERVICE_NAME))
-    }
-}
-
-struct Daemon {
-    child: Option<Child>,
-}
-
-impl Daemon {
-    /// SIGTERM, then wait: the clean shutdown of one "boot".
-    fn stop(mut self) {
-        self.terminate();
-    }
-
-    fn terminate(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while child.try_wait().expect("wait").is_none() {
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!("checkpointd did not stop on SIGTERM");
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-const TEST_BACKEND: &str = "[[backend]]\ntype = \"test-null\"\n";
+use testbench::daemon::{checkpointctl, require_root, Setup, NOBODY, TEST_BACKEND};
 
 #[test]
 fn without_backend_it_answers_like_vold_without_checkpoint_support() {
@@ -233,7 +47,7 @@ fn three_boot_attempts_then_rollback_across_daemon_restarts() {
     assert_eq!(setup.vdc(&["supportsCheckpoint"]).0, 1);
     assert_eq!(setup.vdc(&["supportsBlockCheckpoint"]).0, 1);
     assert_eq!(setup.vdc(&["startCheckpoint", "2"]), (0, String::new()));
-    let status = setup.status_json();
+    let status = setup.ctl_json(&["status", "--json"]);
     assert_eq!(status["state"], "pending");
     assert_eq!(status["budget"], 3);
     daemon.stop();
@@ -244,7 +58,7 @@ fn three_boot_attempts_then_rollback_across_daemon_restarts() {
         assert_eq!(setup.vdc(&["needsRollback"]).0, 0, "boot {boot}: no rollback yet");
         assert_eq!(setup.vdc(&["markBootAttempt"]).0, 0, "boot {boot}");
         let (needs, _) = setup.vdc(&["needsCheckpoint"]);
-        let status = setup.status_json();
+        let status = setup.ctl_json(&["status", "--json"]);
         if boot < 3 {
             assert_eq!(needs, 1, "boot {boot} runs under the checkpoint");
             assert_eq!(status["attempts_left"], 3 - boot, "boot {boot}: {status}");
@@ -257,7 +71,7 @@ fn three_boot_attempts_then_rollback_across_daemon_restarts() {
 
     let daemon = setup.boot();
     assert_eq!(setup.vdc(&["needsRollback"]).0, 1, "still rolling back after the budget");
-    let status = setup.status_json();
+    let status = setup.ctl_json(&["status", "--json"]);
     assert_eq!(status["state"], "rollback-needed", "{status}");
     assert_eq!(status["needs_rollback"], true);
 
@@ -283,11 +97,11 @@ fn commit_ends_the_checkpoint() {
     assert_eq!(setup.vdc(&["markBootAttempt"]).0, 0);
     assert_eq!(setup.vdc(&["needsCheckpoint"]).0, 1);
     assert_eq!(setup.vdc(&["prepareCheckpoint"]).0, 0);
-    assert_eq!(setup.status_json()["state"], "checkpointing");
+    assert_eq!(setup.ctl_json(&["status", "--json"])["state"], "checkpointing");
     assert_eq!(setup.vdc(&["commitChanges"]).0, 0);
     // The latch answers false after a commit; nothing is pending any more.
     assert_eq!(setup.vdc(&["needsCheckpoint"]).0, 0);
-    assert_eq!(setup.status_json()["state"], "none");
+    assert_eq!(setup.ctl_json(&["status", "--json"])["state"], "none");
     daemon.stop();
     let daemon = setup.boot();
     assert_eq!(setup.vdc(&["needsCheckpoint"]).0, 0);
@@ -332,7 +146,7 @@ fn abort_runs_the_reboot_command_with_the_message() {
 fn bad_input_is_refused_with_clear_errors_and_no_state_change() {
     let setup = Setup::new(TEST_BACKEND);
     let daemon = setup.boot();
-    let before = setup.status_json();
+    let before = setup.ctl_json(&["status", "--json"]);
 
     let (code, err) = setup.vdc(&["startCheckpoint", "-2"]);
     assert_eq!(code, 25, "{err}");
@@ -367,7 +181,7 @@ fn bad_input_is_refused_with_clear_errors_and_no_state_change() {
     assert!(err.contains("Raw commands are no longer supported"), "{err}");
     assert_eq!(setup.vdc(&[]).0, 5);
 
-    let after = setup.status_json();
+    let after = setup.ctl_json(&["status", "--json"]);
     assert_eq!(before, after, "bad input changed the state");
     let history = service.getHistory(0).expect("history");
     assert!(history.iter().all(|e| e.kind != HistoryEventKind::CHECKPOINT_STARTED), "{history:?}");
@@ -387,31 +201,19 @@ fn callers_outside_the_allowed_uids_may_query_but_not_change_state() {
     let service = setup.client().expect("client");
     let err = service.markBootAttempt().unwrap_err();
     assert_eq!(err.exception_code(), ExceptionCode::Security);
-    assert_eq!(setup.status_json()["state"], "none");
+    assert_eq!(setup.ctl_json(&["status", "--json"])["state"], "none");
     daemon.stop();
 }
 
 #[test]
 fn an_unprivileged_uid_is_refused_state_changes() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this test switches the client to another UID and needs root"
-    );
+    require_root("this test switches the client to another UID");
+    // The setup's folder lets the other UID reach the socket.
     let setup = Setup::new(TEST_BACKEND);
-    // Let the other UID reach the socket inside the temp dir.
-    std::fs::set_permissions(setup.dir.path(), std::fs::Permissions::from_mode(0o755))
-        .expect("chmod");
     let daemon = setup.boot();
     let as_nobody = |args: &[&str]| {
-        let out = Command::new(checkpointctl())
-            .arg("--socket")
-            .arg(setup.socket())
-            .args(args)
-            .uid(65534)
-            .gid(65534)
-            .output()
-            .expect("run checkpointctl as nobody");
-        (out.status.code().expect("code"), String::from_utf8_lossy(&out.stderr).into_owned())
+        let (code, _, stderr) = setup.ctl_as(NOBODY, args);
+        (code, stderr)
     };
     assert_eq!(as_nobody(&["checkpoint", "supportsCheckpoint"]).0, 1);
     assert_eq!(as_nobody(&["checkpoint", "needsRollback"]).0, 0);
@@ -428,7 +230,7 @@ fn an_unprivileged_uid_is_refused_state_changes() {
         assert_eq!(code, 25, "{method:?}: {err}");
         assert!(err.contains("UID 65534 is not allowed"), "{method:?}: {err}");
     }
-    assert_eq!(setup.status_json()["state"], "none");
+    assert_eq!(setup.ctl_json(&["status", "--json"])["state"], "none");
     // Root (allowed by default) still can.
     assert_eq!(setup.vdc(&["startCheckpoint", "2"]).0, 0);
     daemon.stop();
@@ -575,7 +377,7 @@ fn restore_checkpoint_restores_an_image_and_records_it() {
     assert_eq!(code, 25);
     assert!(err.contains("No magic"), "{err}");
 
-    let status = setup.status_json();
+    let status = setup.ctl_json(&["status", "--json"]);
     assert_eq!(status["last_restore"]["kind"], "restore", "{status}");
     assert_eq!(status["last_restore"]["device"], image_arg, "{status}");
     let history = service.getHistory(0).expect("history");
@@ -611,7 +413,7 @@ fn boot_control_hal_marks_the_slot_on_commit() {
     let daemon = setup.boot();
     // vold's implicit A/B checkpoint: an unmarked slot is checkpointed without startCheckpoint.
     assert_eq!(setup.vdc(&["needsCheckpoint"]).0, 1);
-    let status = setup.status_json();
+    let status = setup.ctl_json(&["status", "--json"]);
     assert_eq!(status["current_slot_suffix"], "_b", "{status}");
     assert_eq!(status["state"], "checkpointing", "{status}");
     assert!(!hal.state().slots[1].successful);
