@@ -9,9 +9,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use checkpoint_aidl::android::system::checkpoint::ICheckpoint as codes;
 use checkpoint_aidl::android::system::checkpoint::{
@@ -20,35 +18,13 @@ use checkpoint_aidl::android::system::checkpoint::{
 };
 use checkpoint_estimate::{Record, Trace};
 use rsbinder::{ExceptionCode, ParcelFileDescriptor, Status, Strong};
+use testbench::daemon::TEST_BACKEND;
 
-const DAEMON: &str = env!("CARGO_BIN_EXE_checkpointd");
 const MIB: i64 = 1 << 20;
 /// The tmpfs "device": 64 MiB.
 const DEVICE_MIB: i64 = 64;
 /// `monitor.action_free_bytes` in these configs: the estimate's headroom.
 const HEADROOM: i64 = MIB;
-
-/// checkpointctl from the same target directory, else built once into a target dir of its
-/// own (as socket_daemon.rs does).
-fn checkpointctl() -> &'static Path {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let sibling = Path::new(DAEMON).with_file_name("checkpointctl");
-        if sibling.exists() {
-            return sibling;
-        }
-        let profile_dir = Path::new(DAEMON).parent().expect("the daemon has a folder");
-        let target_dir = profile_dir.with_file_name("checkpointctl-for-tests");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "checkpointctl", "--target-dir"])
-            .arg(&target_dir)
-            .status()
-            .expect("run cargo build -p checkpointctl");
-        assert!(status.success(), "cargo build -p checkpointctl failed");
-        target_dir.join("debug").join("checkpointctl")
-    })
-}
 
 /// A tmpfs mounted for one test, unmounted when dropped.
 struct Tmpfs {
@@ -82,81 +58,45 @@ impl Drop for Tmpfs {
     }
 }
 
+/// The harness's setup with a tmpfs "device" in its folder.
 struct Setup {
-    dir: tempfile::TempDir,
+    /// Declared first: unmounted before the folder is removed.
     data: Tmpfs,
+    daemon: testbench::daemon::Setup,
+}
+
+impl std::ops::Deref for Setup {
+    type Target = testbench::daemon::Setup;
+    fn deref(&self) -> &Self::Target {
+        &self.daemon
+    }
 }
 
 impl Setup {
     /// A config with one `[[device]]` on a fresh tmpfs, the test-null backend and `access`.
     fn new(access: &str) -> Setup {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let data = Tmpfs::mount(dir.path().join("data"), DEVICE_MIB);
-        let setup = Setup { dir, data };
-        let config = format!(
-            "metadata_dir = \"{metadata}\"\n\
-             [[device]]\ndevice = \"{raw}\"\nmount_point = \"{mount}\"\ncheckpoint = \"block\"\n\
-             [[backend]]\ntype = \"test-null\"\n\
-             {access}\n\
-             [binder]\nenabled = false\n[socket]\npath = \"{socket}\"\n\
-             [monitor]\ninterval_ms = 0\naction_free_bytes = {HEADROOM}\nwarn_free_bytes = {warn}\n",
-            metadata = setup.dir.path().join("metadata").display(),
-            raw = setup.dir.path().join("raw-device").display(),
-            mount = setup.mount().display(),
-            socket = setup.socket().display(),
-            warn = 2 * HEADROOM,
+        let daemon = testbench::daemon::Setup::new("");
+        let data = Tmpfs::mount(daemon.path("data"), DEVICE_MIB);
+        let top = format!(
+            "[[device]]\ndevice = \"{raw}\"\nmount_point = \"{mount}\"\ncheckpoint = \"block\"\n\
+             {TEST_BACKEND}{access}",
+            raw = daemon.path("raw-device").display(),
+            mount = data.path.display(),
         );
-        std::fs::write(setup.config(), config).expect("write config");
-        setup
+        let monitor = format!(
+            "action_free_bytes = {HEADROOM}\nwarn_free_bytes = {warn}\n",
+            warn = 2 * HEADROOM
+        );
+        daemon.write_config(&top, "", &monitor);
+        Setup { data, daemon }
     }
 
     fn mount(&self) -> &Path {
         &self.data.path
     }
 
-    fn config(&self) -> PathBuf {
-        self.dir.path().join("checkpointd.toml")
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("checkpointd.sock")
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("checkpointd.log")).unwrap_or_default()
-    }
-
     fn reservation_file(&self) -> PathBuf {
         self.mount().join(".checkpointd/reserved")
-    }
-
-    fn boot(&self) -> Daemon {
-        let _ = std::fs::remove_file(self.socket());
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("checkpointd.log"))
-            .expect("daemon log file");
-        let child = Command::new(DAEMON)
-            .arg("--config")
-            .arg(self.config())
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn checkpointd");
-        let mut daemon = Daemon { child: Some(child) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if self.socket().exists() && self.client().is_ok() {
-                return daemon;
-            }
-            if let Some(status) = daemon.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                daemon.child = None;
-                panic!("checkpointd exited with {status}: {}", self.log_text());
-            }
-            assert!(Instant::now() < deadline, "no answer in 20 s:\n{}", self.log_text());
-            std::thread::sleep(Duration::from_millis(20));
-        }
     }
 
     /// A version-2 client whose session may pass descriptors (the trace).
@@ -178,56 +118,6 @@ impl Setup {
         // The session lives as long as the process; the daemon ends it at its stop.
         std::mem::forget(client);
         service
-    }
-
-    fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(checkpointctl())
-            .arg("--socket")
-            .arg(self.socket())
-            .args(args)
-            .output()
-            .expect("run checkpointctl")
-    }
-
-    fn ctl_ok(&self, args: &[&str]) -> String {
-        let out = self.ctl(args);
-        assert!(
-            out.status.success(),
-            "checkpointctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("UTF-8")
-    }
-
-    fn ctl_json(&self, args: &[&str]) -> serde_json::Value {
-        serde_json::from_str(&self.ctl_ok(args)).expect("JSON")
-    }
-}
-
-struct Daemon {
-    child: Option<Child>,
-}
-
-impl Daemon {
-    fn stop(mut self) {
-        if let Some(mut child) = self.child.take() {
-            let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while child.try_wait().expect("wait").is_none() {
-                assert!(Instant::now() < deadline, "checkpointd did not stop on SIGTERM");
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 
@@ -295,7 +185,7 @@ fn estimates_answer_from_trace_declared_sizes_or_the_default() {
     assert_eq!(big.shortfallBytes, big.neededBytes - big.freeBytes);
 
     // checkpointctl estimate, with --trace and --declared (suffixes), text and JSON.
-    let path = setup.dir.path().join("update.cptrace");
+    let path = setup.path("update.cptrace");
     let mut file = trace_file(device_size, 10);
     std::io::Seek::rewind(&mut file).expect("rewind");
     std::io::copy(&mut file, &mut std::fs::File::create(&path).expect("create")).expect("copy");

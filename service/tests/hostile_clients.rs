@@ -9,12 +9,10 @@
 //! daemon of another test running beside it on a 2-core machine would disturb.
 
 use std::io::{BufRead, BufReader};
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use checkpoint_aidl::android::system::checkpoint::ICheckpoint as codes;
@@ -23,12 +21,13 @@ use checkpoint_aidl::android::system::checkpoint::{
     CheckpointState::CheckpointState, ICheckpoint::ICheckpoint,
     ICheckpointListener::ICheckpointListener,
 };
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use rsbinder::Strong;
+use testbench::daemon::{
+    as_uid, percentile, ClientProcess as Proc, DaemonProcess as Daemon, Launch, PeakSampler,
+    NOBODY, TEST_BACKEND,
+};
 
-const NOBODY: u32 = 65534;
-const TEST_BACKEND: &str = "[[backend]]\ntype = \"test-null\"\n";
 /// The environment variable that makes a run of this binary the connection holder.
 const HOLDER_ENV: &str = "HOSTILE_HOLD_SOCKET";
 
@@ -37,47 +36,14 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn daemon_bin() -> PathBuf {
-    std::env::var_os("CHECKPOINTD_BIN")
-        .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_checkpointd")), PathBuf::from)
-}
+/// The harness's setup with the test-null backend, as root (clients switch UIDs).
+struct Setup(testbench::daemon::Setup);
 
-/// checkpointctl: `CHECKPOINTCTL_BIN`, else beside the daemon, else built once into a target
-/// dir of its own (the running `cargo test` holds the lock of ours).
-fn checkpointctl() -> &'static Path {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        if let Some(path) = std::env::var_os("CHECKPOINTCTL_BIN") {
-            return PathBuf::from(path);
-        }
-        let daemon = PathBuf::from(env!("CARGO_BIN_EXE_checkpointd"));
-        let sibling = daemon.with_file_name("checkpointctl");
-        if sibling.exists() {
-            return sibling;
-        }
-        let profile_dir = daemon.parent().expect("the daemon has a folder");
-        let target_dir = profile_dir.with_file_name("checkpointctl-for-tests");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "checkpointctl", "--target-dir"])
-            .arg(&target_dir)
-            .status()
-            .expect("run cargo build -p checkpointctl");
-        assert!(status.success(), "cargo build -p checkpointctl failed");
-        target_dir.join("debug").join("checkpointctl")
-    })
-}
-
-fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "the hostile-client tests switch clients to other UIDs and need root (as CI runs them)"
-    );
-}
-
-/// A temp folder (readable by other UIDs) with a config, the metadata dir and the socket.
-struct Setup {
-    dir: tempfile::TempDir,
+impl std::ops::Deref for Setup {
+    type Target = testbench::daemon::Setup;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl Setup {
@@ -87,66 +53,16 @@ impl Setup {
 
     /// `extra` goes at the top of the config, `socket` into its `[socket]` table.
     fn with_socket(extra: &str, socket: &str) -> Setup {
-        require_root();
-        let dir = tempfile::tempdir().expect("temp dir");
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
-            .expect("chmod");
-        let setup = Setup { dir };
-        let config = format!(
-            "metadata_dir = \"{}\"\n{TEST_BACKEND}{extra}\n\
-             [binder]\nenabled = false\n[socket]\npath = \"{}\"\n{socket}\n\
-             [monitor]\ninterval_ms = 0\n",
-            setup.path("metadata").display(),
-            setup.socket().display()
+        testbench::daemon::require_root(
+            "the hostile-client tests switch clients to other UIDs and need root",
         );
-        std::fs::write(setup.path("checkpointd.toml"), config).expect("write config");
-        setup
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.path("checkpointd.sock")
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(self.path("checkpointd.log")).unwrap_or_default()
+        Setup(testbench::daemon::Setup::with_tables(&format!("{TEST_BACKEND}{extra}"), socket, ""))
     }
 
     /// Starts the daemon with an open-file limit of `nofile` (as a unit without LimitNOFILE
     /// gets from systemd) and waits until the socket answers.
     fn boot(&self, nofile: u32) -> Daemon {
-        let log = std::fs::File::create(self.path("checkpointd.log")).expect("daemon log");
-        let child = Command::new("/bin/sh")
-            .arg("-c")
-            .arg(format!("ulimit -n {nofile} && exec \"$0\" --config \"$1\""))
-            .arg(daemon_bin())
-            .arg(self.path("checkpointd.toml"))
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn checkpointd");
-        let mut daemon = Daemon { child: Some(child) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if self.socket().exists() && self.client().is_ok() {
-                return daemon;
-            }
-            if let Some(status) = daemon.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                daemon.child = None;
-                panic!("checkpointd exited with {status}: {}", self.log_text());
-            }
-            assert!(Instant::now() < deadline, "no answer in 20 s; log:\n{}", self.log_text());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// A root client with a session of its own.
-    fn client(&self) -> Result<Strong<dyn ICheckpoint>, rsbinder::StatusCode> {
-        let uri = checkpoint_aidl::socket_uri(&self.socket());
-        rsbinder::connect::<dyn ICheckpoint>(uri.with_service(checkpoint_aidl::SERVICE_NAME))
+        self.0.boot_with(&Launch { nofile: Some(nofile), ..Launch::default() })
     }
 
     /// A root client whose session can receive listener calls.
@@ -159,96 +75,6 @@ impl Setup {
         let service =
             client.try_get(checkpoint_aidl::SERVICE_NAME).expect("lookup").expect("registered");
         (client, service)
-    }
-
-    /// `checkpointctl watch` as `uid`; returns it once it has registered its listener, or
-    /// `Err(message)` if the daemon refused it.
-    fn watch_as(&self, uid: u32) -> Result<Proc, String> {
-        let mut child = Command::new(checkpointctl())
-            .arg("--socket")
-            .arg(self.socket())
-            .args(["--timeout", "10", "watch"])
-            .uid(uid)
-            .gid(uid)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run checkpointctl watch");
-        let stderr = child.stderr.take().expect("stderr");
-        let proc = Proc(child);
-        // Bounded: a daemon whose registerListener hangs must fail the test, not hang it.
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stderr).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(line) if line.starts_with("watching") => Ok(proc),
-            Ok(line) => Err(line),
-            Err(_) => Err("checkpointctl watch got no answer in 20 s".to_owned()),
-        }
-    }
-}
-
-/// The daemon; killed if the test ends early.
-struct Daemon {
-    child: Option<Child>,
-}
-
-impl Daemon {
-    fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
-    }
-
-    /// (threads, open fds) of the daemon now.
-    fn usage(&self) -> (usize, usize) {
-        let count = |what: &str| {
-            std::fs::read_dir(format!("/proc/{}/{what}", self.pid()))
-                .map_or(0, |entries| entries.count())
-        };
-        (count("task"), count("fd"))
-    }
-
-    /// Waits until the daemon's threads and fds are back within `slack` of `baseline`.
-    fn back_to(&self, baseline: (usize, usize), slack: usize, within: Duration) -> (usize, usize) {
-        let deadline = Instant::now() + within;
-        loop {
-            let now = self.usage();
-            if now.0 <= baseline.0 + slack && now.1 <= baseline.1 + slack {
-                return now;
-            }
-            if Instant::now() > deadline {
-                return now;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// A client process; SIGKILLed when dropped.
-#[derive(Debug)]
-struct Proc(Child);
-
-impl Proc {
-    fn signal(&self, signal: Signal) {
-        let _ = kill(Pid::from_raw(i32::try_from(self.0.id()).expect("pid")), signal);
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -394,7 +220,7 @@ fn unprivileged_sessions_and_stopped_listeners_do_not_lock_out_root() {
     let baseline = daemon.usage();
 
     let started = Instant::now();
-    let sampler = Sampler::start(daemon.pid());
+    let sampler = PeakSampler::start(daemon.pid());
     let mut watchers = Vec::new();
     let mut refused = 0;
     for _ in 0..100 {
@@ -411,7 +237,7 @@ fn unprivileged_sessions_and_stopped_listeners_do_not_lock_out_root() {
     let holder = hold_connections(&setup, NOBODY, 2000);
     eprintln!("holder ready after {:?}", started.elapsed());
     // Sampled all through the load (the holder keeps re-opening what the daemon closes).
-    let sampler = Sampler::start(daemon.pid());
+    let sampler = PeakSampler::start(daemon.pid());
     let loaded = root_call_latencies(&setup, SAMPLES);
     let peak = sampler.stop();
     let peak = (peak.0.max(peak_watchers.0), peak.1.max(peak_watchers.1));
@@ -637,55 +463,19 @@ fn root_call_latencies(setup: &Setup, n: usize) -> Vec<Duration> {
         .collect()
 }
 
-/// The most threads and fds the daemon had while it ran.
-struct Sampler {
-    stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<(usize, usize)>,
-}
-
-impl Sampler {
-    fn start(pid: u32) -> Sampler {
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopped = Arc::clone(&stop);
-        let thread = std::thread::spawn(move || {
-            let count = |what: &str| {
-                std::fs::read_dir(format!("/proc/{pid}/{what}")).map_or(0, |e| e.count())
-            };
-            let mut peak = (0, 0);
-            while !stopped.load(Ordering::SeqCst) {
-                peak = (peak.0.max(count("task")), peak.1.max(count("fd")));
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            peak
-        });
-        Sampler { stop, thread }
-    }
-
-    fn stop(self) -> (usize, usize) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.thread.join().expect("sampler")
-    }
-}
-
-fn percentile(samples: &[Duration], p: usize) -> Duration {
-    let mut sorted = samples.to_vec();
-    sorted.sort();
-    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
-}
-
 /// This test binary run as `uid`, holding `n` connections to the socket (re-opening those the
 /// daemon closes, 200 a second) until killed. Returns once they are open.
 fn hold_connections(setup: &Setup, uid: u32, n: usize) -> Proc {
     // Through sh for `ulimit -n`: the holder needs more than 1024 fds.
-    let mut child = Command::new("/bin/sh")
+    let mut holder = Command::new("/bin/sh");
+    holder
         .arg("-c")
         .arg(format!("ulimit -n {} && exec \"$0\" \"$@\"", n + 64))
         .arg(std::env::current_exe().expect("test binary"))
         .args(["--exact", "connection_holder", "--ignored", "--nocapture", "--test-threads=1"])
         .env(HOLDER_ENV, setup.socket())
-        .env("HOSTILE_HOLD_COUNT", n.to_string())
-        .uid(uid)
-        .gid(uid)
+        .env("HOSTILE_HOLD_COUNT", n.to_string());
+    let mut child = as_uid(&mut holder, uid)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -710,48 +500,7 @@ fn hold_connections(setup: &Setup, uid: u32, n: usize) -> Proc {
 #[test]
 #[ignore = "a helper process of the other tests, run by them"]
 fn connection_holder() {
-    use nix::sys::socket::{
-        connect, recv, socket, AddressFamily, MsgFlags, SockFlag, SockType, UnixAddr,
-    };
-    use std::os::fd::{AsRawFd, OwnedFd};
-
     let socket_path = std::env::var_os(HOLDER_ENV).expect("run by hold_connections");
     let count: usize = std::env::var("HOSTILE_HOLD_COUNT").expect("count").parse().expect("n");
-    let address = UnixAddr::new(Path::new(&socket_path)).expect("socket address");
-    let open = || -> Option<OwnedFd> {
-        let fd = socket(
-            AddressFamily::Unix,
-            SockType::Stream,
-            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .ok()?;
-        // A full backlog (EAGAIN) is retried on the next round.
-        connect(fd.as_raw_fd(), &address).ok().map(|()| fd)
-    };
-    let mut held: Vec<Option<OwnedFd>> = (0..count).map(|_| open()).collect();
-    println!("holding {}", held.iter().flatten().count());
-    let stop = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < stop {
-        std::thread::sleep(Duration::from_millis(250));
-        // Re-open the connections the daemon closed (or that never opened): a peek that
-        // does not say "nothing yet" (EAGAIN) is an end of stream or an error.
-        let closed: Vec<usize> = held
-            .iter()
-            .enumerate()
-            .filter(|(_, fd)| {
-                fd.as_ref().is_none_or(|fd| {
-                    let mut byte = [0u8; 1];
-                    let peek = recv(fd.as_raw_fd(), &mut byte, MsgFlags::MSG_PEEK);
-                    peek != Err(nix::errno::Errno::EAGAIN)
-                })
-            })
-            .map(|(i, _)| i)
-            .collect();
-        // A steady retry (200 a second), not a flood: a CPU-burning client slows everyone on
-        // a 2-core machine whatever the daemon does; holding its resources is what is tested.
-        for i in closed.into_iter().take(50) {
-            held[i] = open();
-        }
-    }
+    testbench::daemon::hold_connections(Path::new(&socket_path), count, Duration::from_secs(120));
 }

@@ -6,7 +6,6 @@
 
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bootctl_hal::fake::{FakeBootControl, FakeState};
@@ -15,51 +14,40 @@ use checkpoint_aidl::android::system::checkpoint::{
     HistoryEventKind::HistoryEventKind, ICheckpoint::ICheckpoint,
 };
 use rsbinder::Strong;
-
-const DAEMON: &str = env!("CARGO_BIN_EXE_checkpointd");
+use testbench::daemon::{DaemonProcess, Launch, TEST_BACKEND};
 
 /// How long a HAL-dependent call waits for the HAL (`boot_control.wait_secs`).
 const HAL_WAIT: Duration = Duration::from_secs(2);
 
-struct Setup {
-    dir: tempfile::TempDir,
+/// The harness's setup, its daemon expecting the boot HAL on a socket of its own.
+struct Setup(testbench::daemon::Setup);
+
+impl std::ops::Deref for Setup {
+    type Target = testbench::daemon::Setup;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl Setup {
     /// A socket-only daemon with the test-null backend and the boot HAL expected on a socket
-    /// that does not exist yet; `extra` is appended.
+    /// that does not exist yet; `extra` is added.
     fn new(extra: &str) -> Setup {
-        let setup = Setup { dir: tempfile::tempdir().expect("temp dir") };
-        let config = format!(
-            "metadata_dir = \"{}\"\n{extra}\n\
-             [[backend]]\ntype = \"test-null\"\n\
+        let setup = testbench::daemon::Setup::new("");
+        let top = format!(
+            "{extra}\n{TEST_BACKEND}\
              [boot_control]\ntype = \"hal\"\nwait_secs = {}\n\
-             hal_uri = \"unix://{}?profile=android13plus#{}\"\n\
-             [binder]\nenabled = false\n[socket]\npath = \"{}\"\n[monitor]\ninterval_ms = 0\n",
-            setup.path("metadata").display(),
+             hal_uri = \"unix://{}?profile=android13plus#{}\"\n",
             HAL_WAIT.as_secs(),
-            setup.hal_socket().display(),
+            setup.path("bootctl.sock").display(),
             bootctl_hal::INSTANCE,
-            setup.socket().display(),
         );
-        std::fs::write(setup.path("checkpointd.toml"), config).expect("write config");
-        setup
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.path("checkpointd.sock")
+        setup.write_config(&top, "", "");
+        Setup(setup)
     }
 
     fn hal_socket(&self) -> PathBuf {
         self.path("bootctl.sock")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.path("checkpointd.log")).unwrap_or_default()
     }
 
     /// Starts the daemon with a notify socket of ours and waits for its `READY=1`; returns it
@@ -68,29 +56,23 @@ impl Setup {
         let notify_path = self.path("notify");
         let notify = UnixDatagram::bind(&notify_path).expect("bind the notify socket");
         notify.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
-        let log = std::fs::File::create(self.path("checkpointd.log")).expect("log file");
         let started = Instant::now();
-        let child = Command::new(DAEMON)
-            .arg("--config")
-            .arg(self.path("checkpointd.toml"))
-            .env("RUST_LOG", "info")
-            .env("NOTIFY_SOCKET", &notify_path)
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn checkpointd");
+        let launch =
+            Launch { env: vec![("NOTIFY_SOCKET".to_owned(), notify_path)], ..Launch::default() };
+        let process = self.spawn(&launch);
         let mut buf = [0u8; 256];
         let n = notify.recv(&mut buf).unwrap_or_else(|e| {
-            panic!("no sd_notify datagram in 20 s ({e}); log:\n{}", self.log())
+            panic!("no sd_notify datagram in 20 s ({e}); log:\n{}", self.log_text())
         });
         let message = String::from_utf8_lossy(&buf[..n]).into_owned();
         assert!(message.lines().any(|l| l == "READY=1"), "{message:?}");
-        (Daemon { child: Some(child), notify }, started.elapsed())
+        (Daemon { process, notify }, started.elapsed())
     }
 
     fn client(&self) -> Strong<dyn ICheckpoint> {
-        let uri = checkpoint_aidl::socket_uri(&self.socket());
-        rsbinder::connect::<dyn ICheckpoint>(uri.with_service(checkpoint_aidl::SERVICE_NAME))
-            .unwrap_or_else(|e| panic!("connect after READY=1: {e:?}; log:\n{}", self.log()))
+        self.0
+            .client()
+            .unwrap_or_else(|e| panic!("connect after READY=1: {e:?}; log:\n{}", self.log_text()))
     }
 
     fn serve_hal(&self, fake: &FakeBootControl) -> rsbinder::entry::ServerGuard {
@@ -99,7 +81,7 @@ impl Setup {
 }
 
 struct Daemon {
-    child: Option<Child>,
+    process: DaemonProcess,
     /// Its `$NOTIFY_SOCKET`.
     notify: UnixDatagram,
 }
@@ -111,15 +93,6 @@ impl Daemon {
         let mut buf = [0u8; 256];
         let n = self.notify.recv(&mut buf).ok()?;
         Some(String::from_utf8_lossy(&buf[..n]).into_owned())
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 
@@ -182,7 +155,7 @@ fn serves_before_the_boot_hal_and_waits_for_it_only_where_the_answer_needs_it() 
     assert!(fake.state().slots[1].successful, "the commit marked the slot through the HAL");
     // The commit signal on Linux: a status line to systemd.
     assert_eq!(daemon.next_notification().as_deref(), Some("STATUS=checkpoint committed"));
-    assert!(setup.log().contains("boot control HAL"), "{}", setup.log());
+    assert!(setup.log_text().contains("boot control HAL"), "{}", setup.log_text());
 }
 
 #[test]
@@ -235,19 +208,13 @@ fn a_rollback_slot_switch_waits_for_the_hal_then_switches() {
 fn stops_cleanly_while_still_looking_for_the_hal() {
     let setup = Setup::new("");
     let (mut daemon, _) = setup.start();
-    let mut child = daemon.child.take().expect("running");
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    daemon.process.signal(nix::sys::signal::Signal::SIGTERM);
     let mut buf = [0u8; 64];
     let n = daemon.notify.recv(&mut buf).expect("STOPPING=1");
     assert_eq!(&buf[..n], b"STOPPING=1");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "checkpointd did not stop; log:\n{}", setup.log());
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(status.success(), "{status}; log:\n{}", setup.log());
+    let status = daemon
+        .process
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("checkpointd did not stop; log:\n{}", setup.log_text()));
+    assert!(status.success(), "{status}; log:\n{}", setup.log_text());
 }

@@ -394,20 +394,34 @@ impl DaemonProcess {
     }
 
     /// SIGTERM, then wait up to [`STOP_TIMEOUT`]: the clean shutdown of one "boot". Fails the
-    /// test (after a SIGKILL) if the daemon does not stop.
+    /// test (after a SIGKILL, by the drop) if the daemon does not stop.
     pub fn stop(mut self) {
-        if let Some(mut child) = self.child.take() {
-            let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid"));
-            let _ = kill(pid, Signal::SIGTERM);
-            let deadline = Instant::now() + STOP_TIMEOUT;
-            while child.try_wait().expect("wait").is_none() {
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!("checkpointd did not stop on SIGTERM");
-                }
-                std::thread::sleep(Duration::from_millis(10));
+        if self.child.is_some() {
+            self.signal(Signal::SIGTERM);
+            assert!(self.wait_exit(STOP_TIMEOUT).is_some(), "checkpointd did not stop on SIGTERM");
+        }
+    }
+
+    /// Sends `signal` to the daemon (if it still runs).
+    pub fn signal(&self, signal: Signal) {
+        if let Some(child) = &self.child {
+            let _ = kill(Pid::from_raw(i32::try_from(child.id()).expect("pid")), signal);
+        }
+    }
+
+    /// Waits up to `within` for the daemon to exit: its exit status, or `None` if it still runs.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                self.child = None;
+                return Some(status);
             }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
