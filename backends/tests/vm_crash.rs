@@ -581,7 +581,7 @@ fn f2fs_capture_and_check(seed: u64, long: bool) -> Result<(), Failed> {
     println!("f2fs capture took {:?}: {} log entries", t.elapsed(), log.ops.len());
 
     // The states: spread evenly over each window.
-    let per_window = if long { [120, 40] } else { [8, 3] };
+    let per_window = if long { [40, 15] } else { [8, 3] };
     let windows = [("armed", "workload-end", false), ("commit-begin", "commit-end", true)];
     let mut picked = Vec::new();
     for ((first, last, commit), want) in windows.iter().zip(per_window) {
