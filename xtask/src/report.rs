@@ -454,7 +454,11 @@ fn load(spec: &BenchSpec, status: RunStatus, seconds: f64, out_dir: &Path) -> Be
         Err(_) if spec.name == "binder" && ran => match std::fs::read_to_string(&log) {
             Ok(text) => match binder_from_output(&text) {
                 Some(v) => match BenchData::parse(spec.name, v) {
-                    Ok(d) => (Some(d), None),
+                    Ok(d) => {
+                        // Kept as the bench's JSON, so every bench of the run has one.
+                        let _ = std::fs::write(&path, format!("{:#}", d.raw));
+                        (Some(d), None)
+                    }
                     Err(e) => (None, Some(format!("{}: {e:#}", log.display()))),
                 },
                 None => (None, None),
@@ -1104,6 +1108,21 @@ bench: hostile ratio loaded/idle (session): p50 0.90x p99 1.20x
         assert_eq!(d.rows.len(), 8, "{:?}", d.rows);
         assert_eq!(d.rows[2]["value"], json!(1.0));
         assert!(binder_from_output("no results here\n").is_none());
+
+        // A run that left only its output: the report reads it and keeps it as binder.json;
+        // a stale output of a bench that did not run this time is not read.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("binder.log"), out).unwrap();
+        let spec = &BENCHES[3];
+        let stale = load(spec, RunStatus::NotRun("x".into()), 0.0, dir.path());
+        assert!(stale.data.is_none() && !dir.path().join("binder.json").exists());
+        let o = load(spec, RunStatus::Ok, 1.0, dir.path());
+        assert_eq!(o.data.unwrap().figures.len(), 6);
+        let kept: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("binder.json")).unwrap())
+                .unwrap();
+        assert_eq!(kept["bench"], json!("binder"));
+        assert!(kept["source"].as_str().unwrap().contains("binder.log"));
     }
 
     #[test]
