@@ -158,21 +158,14 @@ fn a_refused_call_carries_the_daemons_status() {
 fn updater() -> &'static Path {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
-        let exe = std::env::current_exe().expect("test executable");
-        let profile = exe.parent().and_then(Path::parent).expect("profile dir");
-        let sibling = profile.join("examples").join("updater");
+        let sibling = testbench::paths::profile_dir().join("examples").join("updater");
         if sibling.exists() {
             return sibling;
         }
-        let target_dir = profile.with_file_name("client-tests-updater");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "checkpoint-client", "--example", "updater", "--target-dir"])
-            .arg(&target_dir)
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "cargo build --example updater failed");
-        target_dir.join("debug").join("examples").join("updater")
+        testbench::daemon::build_once(
+            &["-p", "checkpoint-client", "--example", "updater"],
+            Path::new("examples/updater"),
+        )
     })
 }
 

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use checkpoint_client::{CheckpointState, HistoryEventKind};
-use common::{workspace_bin, Setup};
+use common::Setup;
+use testbench::daemon::checkpointctl;
 
 fn hooks_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).with_file_name("hooks")
@@ -35,7 +36,7 @@ impl Hooks {
         let dir = tempfile::tempdir().expect("temp dir");
         let defaults = format!(
             "CHECKPOINTCTL={}\nCHECKPOINTCTL_ARGS=\"--socket {}\"\n{extra}",
-            workspace_bin("checkpointctl").display(),
+            checkpointctl().display(),
             setup.socket().display()
         );
         std::fs::write(dir.path().join("checkpointd.defaults"), defaults).expect("defaults");
