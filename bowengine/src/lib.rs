@@ -3,10 +3,9 @@
 //! of issue 16 (docs/userspace-bow.md).
 //!
 //! * The same log as the kernel target, byte for byte (header, entries, chained log sectors,
-//!   SECTOR0 / SECTOR0_CURRENT), so `bow::restore` and vold restore it unchanged. The range
-//!   bookkeeping is `bow::model`'s [`RangeMap`](bow::model::RangeMap), the kernel's own node
-//!   and trimmed-list behaviour; this crate owns the I/O, the ordering, the allocator choice,
-//!   the accounting and the trace.
+//!   SECTOR0 / SECTOR0_CURRENT), so `bow::restore` and vold restore it unchanged. The decisions
+//!   are `bow`'s [`Worker`](bow::model::Worker), the code `BowModel` runs; this crate owns the
+//!   I/O, the ordering, the allocator choice, the accounting and the trace.
 //! * **Batched, crash-safe backups** ([`Engine::submit`] → [`Batch::commit`]): many user I/Os,
 //!   their backups copied, then one ordered commit: backup data → flush → block 0 (the log) →
 //!   flush → user writes. The order is enforced by proof tokens in [`order`].

@@ -232,6 +232,17 @@ mod tests {
         }
     }
 
+    /// The flags are the kernel's ABI, written out again here so this pure crate need not depend
+    /// on the OS crate's reader; this keeps the two copies equal.
+    #[test]
+    fn flags_are_the_same_as_blockdevs_reader() {
+        use blockdev::logwrites::flags as reader;
+        assert_eq!(
+            [flags::FLUSH, flags::FUA, flags::DISCARD, flags::MARK, flags::METADATA],
+            [reader::FLUSH, reader::FUA, reader::DISCARD, reader::MARK, reader::METADATA]
+        );
+    }
+
     #[test]
     fn a_device_size_off_the_sector_size_is_refused() {
         let e = from_log_writes(4096, sample(), &ConvertOptions::whole_log(5000)).unwrap_err();

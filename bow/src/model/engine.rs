@@ -4,10 +4,11 @@
 use std::fmt;
 
 use super::io::{BufioModel, DataMode, Io, IoStats};
-use super::ranges::{NodeId, Range, RangeMap, RangeType};
+use super::ranges::{Range, RangeMap, RangeType};
+use super::worker::{StepError, Worker, WorkerIo};
 use super::BowEngine;
 use crate::device::{BlockDevice, DeviceError};
-use crate::format::{write_entry, LogEntry, LogHeader, ENTRY_SIZE, HEADER_SIZE_V1_0};
+use crate::format::{LogEntry, LogHeader};
 use crate::units::{BlockSize, Sectors, SECTOR_SIZE};
 
 /// The target's state (`/sys/.../bow/state`, dm-bow-format.md §1.4).
@@ -268,36 +269,14 @@ pub struct LoggedEntry {
     pub entry: LogEntry,
 }
 
-/// The pure dm-bow model over a block device.
+/// The pure dm-bow model over a block device: the shared [`Worker`] doing its I/O at once, in
+/// the kernel's order, through the dm-bufio model.
 #[derive(Debug)]
 pub struct BowModel<D: BlockDevice> {
     io: Io<D>,
-    bs: BlockSize,
-    bss: u64,
-    state: BowState,
-    ranges: RangeMap,
-    /// The in-memory log block (`bc->log_sector`), zeroed at construction.
-    log: Vec<u8>,
-    header: LogHeader,
+    worker: Worker,
     forward_trims: bool,
-    history: Vec<LoggedEntry>,
-    warnings: Vec<KernelWarning>,
 }
-
-/// Why an internal step failed: a status the kernel completes the bio with, or the device.
-#[derive(Debug)]
-enum Fail {
-    Status(BlkStatus, &'static str),
-    Device(DeviceError),
-}
-
-impl From<DeviceError> for Fail {
-    fn from(e: DeviceError) -> Fail {
-        Fail::Device(e)
-    }
-}
-
-type PieceResult = Result<Piece, Fail>;
 
 impl<D: BlockDevice> BowModel<D> {
     /// The constructor: a target covering the whole device (its size rounded down to whole
@@ -308,15 +287,8 @@ impl<D: BlockDevice> BowModel<D> {
         let len = dev.size() / SECTOR_SIZE / bss * bss;
         BowModel {
             io: Io::new(dev, bs, config.data, config.bufio),
-            bs,
-            bss,
-            state: BowState::Trim,
-            ranges: RangeMap::new(len),
-            log: vec![0; bs.as_usize()],
-            header: LogHeader { count: 0, ..LogHeader::new(bs, 0, Sectors(0)) },
+            worker: Worker::new(bs, len, true),
             forward_trims: config.forward_trims,
-            history: Vec::new(),
-            warnings: Vec::new(),
         }
     }
 
@@ -332,61 +304,61 @@ impl<D: BlockDevice> BowModel<D> {
 
     /// The block size.
     pub fn block_size(&self) -> BlockSize {
-        self.bs
+        self.worker.block_size()
     }
 
     /// Target length in sectors.
     pub fn len_sectors(&self) -> u64 {
-        self.ranges.len_sectors()
+        self.worker.ranges().len_sectors()
     }
 
     /// The range map.
     pub fn range_map(&self) -> &RangeMap {
-        &self.ranges
+        self.worker.ranges()
     }
 
     /// The ranges in order (without TOP).
     pub fn ranges(&self) -> Vec<Range> {
-        self.ranges.ranges()
+        self.worker.ranges().ranges()
     }
 
     /// The trimmed list, head first.
     pub fn trimmed_list(&self) -> Vec<Range> {
-        self.ranges.trimmed_list()
+        self.worker.ranges().trimmed_list()
     }
 
     /// The kernel's table status text.
     pub fn table_status(&self) -> String {
-        self.ranges.table_status()
+        self.worker.ranges().table_status()
     }
 
     /// The in-memory log header (`sector0` may be newer than the one on disk, §10.2).
     pub fn header(&self) -> LogHeader {
-        self.header
+        self.worker.header()
     }
 
     /// The in-memory log block, including stale entries past `count`.
     pub fn log_block(&self) -> &[u8] {
-        &self.log
+        self.worker.log_block()
     }
 
     /// Every log entry added, in order (entry 0 of each sequence included).
     pub fn log_history(&self) -> &[LoggedEntry] {
-        &self.history
+        self.worker.history()
     }
 
     /// Log sectors written so far (`sequence + 1` once the checkpoint started, else 0).
     pub fn log_sectors(&self) -> u32 {
-        if self.history.is_empty() {
+        if self.worker.history().is_empty() {
             0
         } else {
-            self.header.sequence + 1
+            self.worker.header().sequence + 1
         }
     }
 
     /// What the model had to tolerate (see [`KernelWarning`]).
     pub fn warnings(&self) -> &[KernelWarning] {
-        &self.warnings
+        self.worker.warnings()
     }
 
     /// I/O counters.
@@ -396,341 +368,21 @@ impl<D: BlockDevice> BowModel<D> {
 
     /// Bytes actually in TRIMMED ranges (`free_bytes` over-reports, §2.2).
     pub fn true_free_bytes(&self) -> u64 {
-        self.ranges.trimmed_bytes()
+        self.worker.ranges().trimmed_bytes()
     }
 
     /// Where logical block 0 lives now (block 0 outside CHECKPOINT).
     pub fn sector0_location(&self) -> Sectors {
-        match self.state {
-            BowState::Checkpoint => self.header.sector0,
-            _ => Sectors(0),
-        }
-    }
-
-    // ---- argument checks ----
-
-    fn check_io(&self, sector: u64, len: u64) -> Result<(), EngineError> {
-        let bsb = u64::from(self.bs.bytes());
-        if sector % self.bss != 0 || len % bsb != 0 {
-            return Err(EngineError::Misaligned { sector, len, block_size: self.bs.bytes() });
-        }
-        let end = len.checked_div(SECTOR_SIZE).and_then(|s| s.checked_add(sector));
-        match end {
-            Some(end) if end <= self.len_sectors() && u32::try_from(len).is_ok() => Ok(()),
-            _ => Err(EngineError::OutOfRange { sector, len }),
-        }
-    }
-
-    // ---- TRIM state ----
-
-    /// `add_trim`.
-    fn add_trim(&mut self, sector: u64, len: u64) {
-        let end = sector + len;
-        let mut cur = sector;
-        while cur < end {
-            let Some(id) = self.ranges.find(cur) else { break };
-            let clip = (end - cur).min(self.ranges.top(id) - cur);
-            match self.ranges.kind(id) {
-                RangeType::Unchanged => {
-                    if let Some((piece, _)) = self.ranges.split(id, cur, clip) {
-                        self.set_type(piece, RangeType::Trimmed);
-                    }
-                }
-                RangeType::Trimmed => {}
-                kind => self
-                    .warnings
-                    .push(KernelWarning::UnexpectedTypeInTrimState { sector: cur, kind }),
-            }
-            cur += clip;
-        }
-    }
-
-    /// `remove_trim`. Returns the sectors that were TRIMMED.
-    fn remove_trim(&mut self, sector: u64, len: u64) -> u64 {
-        let end = sector + len;
-        let mut cur = sector;
-        let mut reclaimed = 0;
-        while cur < end {
-            let Some(id) = self.ranges.find(cur) else { break };
-            let clip = (end - cur).min(self.ranges.top(id) - cur);
-            match self.ranges.kind(id) {
-                RangeType::Unchanged => {}
-                RangeType::Trimmed => {
-                    if let Some((piece, _)) = self.ranges.split(id, cur, clip) {
-                        self.set_type(piece, RangeType::Unchanged);
-                        reclaimed += clip;
-                    }
-                }
-                kind => self
-                    .warnings
-                    .push(KernelWarning::UnexpectedTypeInTrimState { sector: cur, kind }),
-            }
-            cur += clip;
-        }
-        reclaimed
-    }
-
-    fn set_type(&mut self, id: NodeId, kind: RangeType) {
-        let before = self.ranges.missing_prev_hits();
-        let sector = self.ranges.sector(id);
-        self.ranges.set_type(id, kind);
-        if self.ranges.missing_prev_hits() != before {
-            self.warnings.push(KernelWarning::NullPrevDereference { sector });
-        }
-    }
-
-    // ---- CHECKPOINT state: the worker ----
-
-    /// `bow_write` over `[sector, sector + len)`: piece by piece until done or an error.
-    fn bow_write(&mut self, sector: u64, len_sectors: u64) -> Result<Vec<Piece>, EngineError> {
-        let end = sector + len_sectors;
-        let mut cur = sector;
-        let mut pieces = Vec::new();
-        while cur < end {
-            let Some(id) = self.ranges.find(cur) else {
-                return Err(EngineError::OutOfRange { sector: cur, len: 0 });
-            };
-            let clip = (end - cur).min(self.ranges.top(id) - cur);
-            match self.prepare_one_range(id, cur, clip) {
-                Ok(piece) => {
-                    cur += piece.sectors;
-                    pieces.push(piece);
-                }
-                Err(Fail::Device(e)) => return Err(EngineError::Device(e)),
-                Err(Fail::Status(status, reason)) => {
-                    return Err(EngineError::Bio {
-                        sector: cur,
-                        status,
-                        reason,
-                        progress: Progress { pieces, sector0_written: false },
-                    });
-                }
-            }
-        }
-        Ok(pieces)
-    }
-
-    fn prepare_one_range(&mut self, id: NodeId, cur: u64, clip: u64) -> PieceResult {
-        match self.ranges.kind(id) {
-            RangeType::Changed => {
-                Ok(Piece { sector: cur, sectors: clip, action: PieceAction::AlreadyChanged })
-            }
-            RangeType::Trimmed => {
-                let (piece, len) = self
-                    .ranges
-                    .split(id, cur, clip)
-                    .ok_or(Fail::Status(BlkStatus::IoError, "split"))?;
-                self.set_type(piece, RangeType::Changed);
-                Ok(Piece { sector: cur, sectors: len, action: PieceAction::FreeClaimed })
-            }
-            RangeType::Unchanged | RangeType::Backup => {
-                self.prepare_unchanged_range(id, cur, clip, true)
-            }
-            RangeType::Sector0Current => self.prepare_unchanged_range(id, cur, clip, false),
-            kind @ (RangeType::Sector0 | RangeType::Top | RangeType::Invalid) => {
-                self.warnings.push(KernelWarning::WriteToIllegalRange { sector: cur, kind });
-                Err(Fail::Status(BlkStatus::IoError, "write to a SECTOR0, TOP or INVALID range"))
-            }
-        }
-    }
-
-    /// `prepare_unchanged_range`: back up one piece into the head free range.
-    fn prepare_unchanged_range(
-        &mut self,
-        br: NodeId,
-        cur: u64,
-        clip: u64,
-        record_checksum: bool,
-    ) -> PieceResult {
-        let was = self.ranges.kind(br);
-        let free = self
-            .ranges
-            .free_head()
-            .ok_or(Fail::Status(BlkStatus::NoSpace, "no free space to back up to"))?;
-        let free_start = self.ranges.sector(free);
-        let want = self.ranges.size(free).min(clip);
-        let (backup, blen) = self
-            .ranges
-            .split(free, free_start, want)
-            .ok_or(Fail::Status(BlkStatus::IoError, "split"))?;
-        let (br, plen) =
-            self.ranges.split(br, cur, blen).ok_or(Fail::Status(BlkStatus::IoError, "split"))?;
-        if plen != blen {
-            return Err(Fail::Status(BlkStatus::IoError, "backup and source sizes differ"));
-        }
-        let src = self.ranges.sector(br);
-        let dst = self.ranges.sector(backup);
-        let blocks = plen / self.bss;
-        let seed = record_checksum.then_some(src / self.bss);
-        let checksum = self.io.copy_blocks(src / self.bss, dst / self.bss, blocks, seed)?;
-        let size = u32::try_from(plen * SECTOR_SIZE)
-            .map_err(|_| Fail::Status(BlkStatus::IoError, "piece larger than a bio"))?;
-        // The kernel reads the type after the split: a piece carved from inside a range is a
-        // fresh INVALID node, so on a log failure the piece is left INVALID (reproduced).
-        let original = self.ranges.kind(br);
-        // Types first, then set_type on the backup, as the kernel does (both must be final
-        // before either merges).
-        self.ranges.sub_trims(plen * SECTOR_SIZE);
-        match self.ranges.kind(backup) {
-            RangeType::Trimmed => self.ranges.list_del(backup),
-            // A fresh node carved from inside the free range: its bytes were counted as
-            // unsubtracted by the split and are subtracted now.
-            _ => self.ranges.settle_unsubtracted(plen * SECTOR_SIZE),
-        }
-        let backup_kind = if original == RangeType::Sector0Current {
-            RangeType::Sector0Current
-        } else {
-            RangeType::Backup
-        };
-        self.ranges.set_kind_raw(backup, backup_kind);
-        self.ranges.set_kind_raw(br, RangeType::Changed);
-        self.set_type(backup, backup_kind);
-        let entry = LogEntry { source: Sectors(src), dest: Sectors(dst), size, checksum };
-        let rolled_over = match self.add_log_entry(entry) {
-            Ok(r) => r,
-            Err(e) => {
-                self.ranges.set_kind_raw(br, original);
-                self.warnings.push(KernelWarning::OrphanBackup { dest: dst, sectors: plen });
-                return Err(e);
-            }
-        };
-        if original == RangeType::Sector0Current {
-            self.header.sector0 = Sectors(dst);
-        }
-        if self.ranges.alive(br) {
-            self.set_type(br, RangeType::Changed);
-        }
-        Ok(Piece {
-            sector: src,
-            sectors: plen,
-            action: PieceAction::BackedUp { was, entry, rolled_over },
-        })
-    }
-
-    // ---- the log ----
-
-    /// `add_log_entry`; returns whether a rollover happened first.
-    fn add_log_entry(&mut self, entry: LogEntry) -> Result<bool, Fail> {
-        let needed = usize::from(HEADER_SIZE_V1_0) + ENTRY_SIZE * (self.header.count as usize + 1);
-        let mut rolled = false;
-        if needed > self.bs.as_usize() {
-            self.backup_log_sector()?;
-            rolled = true;
-        }
-        self.append_entry(entry)?;
-        Ok(rolled)
-    }
-
-    fn append_entry(&mut self, entry: LogEntry) -> Result<(), Fail> {
-        let index = self.header.count;
-        write_entry(&mut self.log, HEADER_SIZE_V1_0, index, &entry);
-        self.header.count += 1;
-        self.header.encode_into(&mut self.log);
-        self.history.push(LoggedEntry { sequence: self.header.sequence, index, entry });
-        Ok(self.io.write_log(&self.log)?)
-    }
-
-    /// `backup_log_sector`: save block 0 in a free block, start the next log sector with it.
-    fn backup_log_sector(&mut self) -> Result<(), Fail> {
-        let first = self.ranges.first().ok_or(Fail::Status(BlkStatus::IoError, "no ranges"))?;
-        if self.ranges.kind(first) != RangeType::Sector0 || self.ranges.size(first) != self.bss {
-            return Err(Fail::Status(BlkStatus::IoError, "first range is not a one-block SECTOR0"));
-        }
-        let free = self
-            .ranges
-            .free_head()
-            .ok_or(Fail::Status(BlkStatus::NoSpace, "no free block for the log"))?;
-        let start = self.ranges.sector(free);
-        let (l, len) = self
-            .ranges
-            .split(free, start, self.bss)
-            .ok_or(Fail::Status(BlkStatus::IoError, "split"))?;
-        if len != self.bss {
-            return Err(Fail::Status(BlkStatus::IoError, "free range smaller than a block"));
-        }
-        let checksum = self.io.copy_blocks(0, start / self.bss, 1, Some(0))?;
-        self.header.count = 0;
-        self.header.sequence = self.header.sequence.wrapping_add(1);
-        self.append_entry(LogEntry {
-            source: Sectors(0),
-            dest: Sectors(start),
-            size: self.bs.bytes(),
-            checksum,
-        })?;
-        self.set_type(l, RangeType::Backup);
-        Ok(())
-    }
-
-    /// `prepare_log` (K66: SECTOR0_CURRENT through `set_type`).
-    fn prepare_log(&mut self) -> Result<StateChange, Fail> {
-        let first = self.ranges.first().ok_or(Fail::Status(BlkStatus::IoError, "no ranges"))?;
-        if self.ranges.kind(first) != RangeType::Unchanged {
-            return Err(Fail::Status(BlkStatus::IoError, "first range is not UNCHANGED"));
-        }
-        if self.ranges.size(first) < self.bss {
-            return Err(Fail::Status(BlkStatus::IoError, "first range smaller than a block"));
-        }
-        let (first, _) = self
-            .ranges
-            .split(first, 0, self.bss)
-            .ok_or(Fail::Status(BlkStatus::IoError, "split"))?;
-        self.ranges.set_kind_raw(first, RangeType::Sector0);
-        if self.ranges.size(first) != self.bss {
-            return Err(Fail::Status(BlkStatus::IoError, "SECTOR0 is not one block"));
-        }
-        let sector0 = self.carve_free_block()?;
-        self.io.copy_blocks(0, sector0 / self.bss, 1, None)?;
-        self.header.sector0 = Sectors(sector0);
-        if let Some(id) = self.ranges.find(sector0) {
-            self.set_type(id, RangeType::Sector0Current);
-        }
-        let backup = self.carve_free_block()?;
-        let checksum = self.io.copy_blocks(0, backup / self.bss, 1, Some(0))?;
-        self.header = LogHeader::new(self.bs, 0, Sectors(sector0));
-        self.append_entry(LogEntry {
-            source: Sectors(0),
-            dest: Sectors(backup),
-            size: self.bs.bytes(),
-            checksum,
-        })?;
-        if let Some(id) = self.ranges.find(backup) {
-            self.set_type(id, RangeType::Backup);
-        }
-        Ok(StateChange::CheckpointStarted { sector0: Sectors(sector0), backup: Sectors(backup) })
-    }
-
-    /// Carves one block from the start of the head free range; returns its sector.
-    fn carve_free_block(&mut self) -> Result<u64, Fail> {
-        let free =
-            self.ranges.free_head().ok_or(Fail::Status(BlkStatus::NoSpace, "no free block"))?;
-        let start = self.ranges.sector(free);
-        let (id, _) = self
-            .ranges
-            .split(free, start, self.bss)
-            .ok_or(Fail::Status(BlkStatus::IoError, "split"))?;
-        Ok(self.ranges.sector(id))
+        self.worker.sector0_location()
     }
 
     /// The commit copy: SECTOR0_CURRENT (the whole range holding `sector0`) onto block 0.
-    fn commit(&mut self) -> Result<StateChange, Fail> {
-        let cur = self
-            .ranges
-            .find(self.header.sector0.0)
-            .ok_or(Fail::Status(BlkStatus::IoError, "sector0"))?;
-        let first = self.ranges.first().ok_or(Fail::Status(BlkStatus::IoError, "no ranges"))?;
-        let size = self.ranges.size(cur);
-        if size != self.ranges.size(first) {
-            return Err(Fail::Status(
-                BlkStatus::IoError,
-                "SECTOR0_CURRENT and SECTOR0 sizes differ",
-            ));
-        }
-        let from = self.ranges.sector(cur);
-        self.io.copy_blocks(from / self.bss, 0, size / self.bss, None)?;
+    fn commit(worker: &mut Worker, io: &mut Io<D>) -> Result<StateChange, StepError> {
+        let (from, size) = worker.sector0_current()?;
+        let bss = worker.block_size().sectors();
+        io.copy_blocks(from / bss, 0, size / bss, None)?;
         Ok(StateChange::Committed { from: Sectors(from) })
     }
-
-    // ---- bios ----
 
     fn write_impl(
         &mut self,
@@ -738,57 +390,13 @@ impl<D: BlockDevice> BowModel<D> {
         len: u64,
         data: Option<&[u8]>,
     ) -> Result<WriteAction, EngineError> {
-        self.check_io(sector, len)?;
-        let sectors = len / SECTOR_SIZE;
-        if sectors == 0 {
-            return Ok(WriteAction::PassedThrough);
-        }
-        let submit = |io: &mut Io<D>, at: u64, from: usize, to: usize| -> Result<(), EngineError> {
-            match data {
-                Some(d) => io.direct_write(at, &d[from..to])?,
-                None => io.count_write(u64::try_from(to - from).unwrap_or(u64::MAX)),
+        self.worker.write(&mut self.io, sector, len, |io, at, bytes| match data {
+            Some(d) => io.direct_write(at, &d[bytes]),
+            None => {
+                io.count_write(u64::try_from(bytes.len()).unwrap_or(u64::MAX));
+                Ok(())
             }
-            Ok(())
-        };
-        let all = usize::try_from(len).unwrap_or(usize::MAX);
-        match self.state {
-            BowState::Committed => {
-                submit(&mut self.io, sector, 0, all)?;
-                Ok(WriteAction::PassedThrough)
-            }
-            BowState::Trim => {
-                let reclaimed = self.remove_trim(sector, sectors);
-                submit(&mut self.io, sector, 0, all)?;
-                Ok(WriteAction::Untrimmed { reclaimed })
-            }
-            BowState::Checkpoint if sector == 0 => {
-                let to = self.header.sector0;
-                if sectors <= self.bss {
-                    submit(&mut self.io, to.0, 0, all)?;
-                    return Ok(WriteAction::Redirected { to });
-                }
-                // handle_sector0: the first block is chained to SECTOR0_CURRENT at once, the
-                // rest goes through the worker.
-                let bsz = self.bs.as_usize();
-                submit(&mut self.io, to.0, 0, bsz)?;
-                match self.bow_write(self.bss, sectors - self.bss) {
-                    Ok(pieces) => {
-                        submit(&mut self.io, self.bss, bsz, all)?;
-                        Ok(WriteAction::Checkpointed { pieces, sector0_to: Some(to) })
-                    }
-                    Err(EngineError::Bio { sector, status, reason, mut progress }) => {
-                        progress.sector0_written = true;
-                        Err(EngineError::Bio { sector, status, reason, progress })
-                    }
-                    Err(e) => Err(e),
-                }
-            }
-            BowState::Checkpoint => {
-                let pieces = self.bow_write(sector, sectors)?;
-                submit(&mut self.io, sector, 0, all)?;
-                Ok(WriteAction::Checkpointed { pieces, sector0_to: None })
-            }
-        }
+        })
     }
 
     /// A write of `len` bytes without data, for [`DataMode::RangesOnly`].
@@ -802,35 +410,22 @@ impl<D: BlockDevice> BowModel<D> {
 
 impl<D: BlockDevice> BowEngine for BowModel<D> {
     fn state(&self) -> BowState {
-        self.state
+        self.worker.state()
     }
 
     fn set_state(&mut self, to: BowState) -> Result<StateChange, EngineError> {
-        let from = self.state;
-        if to.value() != from.value() + 1 {
-            return Err(EngineError::InvalidStateChange { from, to });
-        }
-        let done = match to {
-            BowState::Checkpoint => self.prepare_log(),
-            BowState::Committed => self.commit(),
+        let io = &mut self.io;
+        self.worker.set_state(to, |worker| match to {
+            BowState::Checkpoint => worker.prepare_log(io),
+            BowState::Committed => Self::commit(worker, io),
             BowState::Trim => {
-                Err(Fail::Status(BlkStatus::IoError, "unreachable: TRIM is never next"))
+                Err(StepError::Status(BlkStatus::IoError, "unreachable: TRIM is never next"))
             }
-        };
-        match done {
-            Ok(change) => {
-                self.state = to;
-                Ok(change)
-            }
-            Err(Fail::Status(status, reason)) => {
-                Err(EngineError::StateChangeFailed { to, status, reason })
-            }
-            Err(Fail::Device(e)) => Err(EngineError::Device(e)),
-        }
+        })
     }
 
     fn free_bytes(&self) -> u64 {
-        self.ranges.trims_total()
+        self.worker.ranges().trims_total()
     }
 
     fn write(&mut self, sector: Sectors, data: &[u8]) -> Result<WriteAction, EngineError> {
@@ -839,66 +434,12 @@ impl<D: BlockDevice> BowEngine for BowModel<D> {
     }
 
     fn discard(&mut self, sector: Sectors, len: u64) -> Result<DiscardAction, EngineError> {
-        let sector = sector.0;
-        self.check_io(sector, len)?;
-        let sectors = len / SECTOR_SIZE;
-        let not_supported = |sector| EngineError::Bio {
-            sector,
-            status: BlkStatus::NotSupported,
-            reason: "the underlying device takes no discards",
-            progress: Progress::default(),
-        };
-        match self.state {
-            BowState::Trim => {
-                if sectors > 0 {
-                    self.add_trim(sector, sectors);
-                }
-                Ok(DiscardAction::RecordedAsFree)
-            }
-            BowState::Committed => {
-                if self.forward_trims {
-                    Ok(DiscardAction::Forwarded { pieces: Vec::new() })
-                } else {
-                    Err(not_supported(sector))
-                }
-            }
-            BowState::Checkpoint if sector == 0 => {
-                if sectors <= self.bss {
-                    // Retargeted to SECTOR0_CURRENT, then remap_unless_illegal_trim.
-                    return if self.forward_trims {
-                        Ok(DiscardAction::Forwarded { pieces: Vec::new() })
-                    } else {
-                        Err(not_supported(sector))
-                    };
-                }
-                // The split first block is submitted directly; the rest goes through the worker
-                // and is then submitted directly too (forward_trims is not consulted).
-                let pieces = self.bow_write(self.bss, sectors - self.bss)?;
-                Ok(DiscardAction::Forwarded { pieces })
-            }
-            BowState::Checkpoint => {
-                let pieces = self.bow_write(sector, sectors)?;
-                Ok(DiscardAction::Forwarded { pieces })
-            }
-        }
+        self.worker.discard(&mut self.io, sector.0, len, self.forward_trims)
     }
 
     fn read(&mut self, sector: Sectors, buf: &mut [u8]) -> Result<ReadAction, EngineError> {
-        let sector = sector.0;
-        let len = u64::try_from(buf.len()).unwrap_or(u64::MAX);
-        self.check_io(sector, len)?;
-        if self.state == BowState::Checkpoint && sector == 0 && !buf.is_empty() {
-            let from = self.header.sector0;
-            let bsz = self.bs.as_usize();
-            let (head, rest) = buf.split_at_mut(bsz.min(buf.len()));
-            self.io.direct_read(from.0, head)?;
-            if !rest.is_empty() {
-                self.io.direct_read(self.bss, rest)?;
-            }
-            return Ok(ReadAction::Sector0Redirected { from });
-        }
-        self.io.direct_read(sector, buf)?;
-        Ok(ReadAction::Direct)
+        let io = &mut self.io;
+        self.worker.read(sector.0, buf, |at, part| io.direct_read(at, part))
     }
 
     fn flush(&mut self) -> Result<(), EngineError> {

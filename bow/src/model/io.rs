@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use crate::crc::{seed_for, BowCrc};
+use super::worker::{read_sources, WorkerIo};
 use crate::device::{BlockDevice, DeviceError};
 use crate::units::BlockSize;
 
@@ -126,50 +126,6 @@ impl<D: BlockDevice> Io<D> {
         Ok(())
     }
 
-    /// `copy_data`: bufio-read each source block (folding it into the CRC when `seed` is
-    /// given), bufio-new the destination, then `dm_bufio_write_dirty_buffers`: all writes, then
-    /// one flush. Returns the checksum (0 when not requested).
-    pub(crate) fn copy_blocks(
-        &mut self,
-        src: u64,
-        dst: u64,
-        blocks: u64,
-        seed: Option<u64>,
-    ) -> Result<u32, DeviceError> {
-        if self.mode == DataMode::RangesOnly {
-            self.stats.bufio_read_blocks += blocks;
-            self.stats.bufio_write_blocks += blocks;
-            self.stats.flushes += 1;
-            return Ok(0);
-        }
-        let mut crc = seed.map(|s| BowCrc::new(seed_for(s)));
-        let mut copies = Vec::new();
-        for i in 0..blocks {
-            let data = self.bufio_read(src + i)?;
-            if let Some(c) = crc.as_mut() {
-                c.update(&data);
-            }
-            copies.push(data);
-        }
-        for (i, data) in (0u64..).zip(copies.iter()) {
-            self.bufio_write(dst + i, data)?;
-        }
-        self.flush()?;
-        Ok(crc.map_or(0, BowCrc::finish))
-    }
-
-    /// The log write of `add_log_entry`: block 0 through bufio, then the flush.
-    pub(crate) fn write_log(&mut self, log: &[u8]) -> Result<(), DeviceError> {
-        self.stats.log_writes += 1;
-        if self.mode == DataMode::RangesOnly {
-            self.stats.bufio_write_blocks += 1;
-            self.stats.flushes += 1;
-            return Ok(());
-        }
-        self.bufio_write(0, log)?;
-        self.flush()
-    }
-
     /// A user write submitted to the underlying device (no flush, bypasses bufio).
     pub(crate) fn direct_write(&mut self, sector: u64, data: &[u8]) -> Result<(), DeviceError> {
         self.stats.user_write_bytes += u64::try_from(data.len()).unwrap_or(u64::MAX);
@@ -200,5 +156,43 @@ impl<D: BlockDevice> Io<D> {
             return Ok(());
         }
         self.dev.flush()
+    }
+}
+
+impl<D: BlockDevice> WorkerIo for Io<D> {
+    /// `copy_data`: bufio-read each source block (folding it into the CRC when `seed` is
+    /// given), bufio-new the destination, then `dm_bufio_write_dirty_buffers`: all writes, then
+    /// one flush. Returns the checksum (0 when not requested).
+    fn copy_blocks(
+        &mut self,
+        src: u64,
+        dst: u64,
+        blocks: u64,
+        seed: Option<u64>,
+    ) -> Result<u32, DeviceError> {
+        if self.mode == DataMode::RangesOnly {
+            self.stats.bufio_read_blocks += blocks;
+            self.stats.bufio_write_blocks += blocks;
+            self.stats.flushes += 1;
+            return Ok(0);
+        }
+        let (copies, checksum) = read_sources(src, blocks, seed, |b| self.bufio_read(b))?;
+        for (i, data) in (0u64..).zip(copies.iter()) {
+            self.bufio_write(dst + i, data)?;
+        }
+        self.flush()?;
+        Ok(checksum)
+    }
+
+    /// The log write of `add_log_entry`: block 0 through bufio, then the flush.
+    fn write_log(&mut self, log: &[u8]) -> Result<(), DeviceError> {
+        self.stats.log_writes += 1;
+        if self.mode == DataMode::RangesOnly {
+            self.stats.bufio_write_blocks += 1;
+            self.stats.flushes += 1;
+            return Ok(());
+        }
+        self.bufio_write(0, log)?;
+        self.flush()
     }
 }

@@ -5,10 +5,15 @@
 //! crate. [`BowModel`] runs the kernel's algorithm over any [`BlockDevice`](crate::device::BlockDevice)
 //! and leaves the same bytes on it, in the same order of writes and flushes, as the kernel does
 //! on its underlying device. See `docs/engine-model.md` for the quirks it reproduces on purpose.
+//!
+//! The algorithm itself is [`Worker`] (the state, the range map, the log and the CHECKPOINT
+//! worker), written once: [`BowModel`] and `bow-engine`'s userspace engine both run it, each
+//! with its own [`WorkerIo`] (who does the I/O and when, and where copies go).
 
 mod engine;
 mod io;
 pub mod ranges;
+pub mod worker;
 
 pub use engine::{
     BlkStatus, BowModel, BowState, DiscardAction, EngineError, EngineErrorKind, KernelWarning,
@@ -16,6 +21,7 @@ pub use engine::{
 };
 pub use io::{BufioModel, DataMode, IoStats, SizeOnlyDevice};
 pub use ranges::{Range, RangeMap, RangeType};
+pub use worker::{Worker, WorkerIo};
 
 use crate::units::Sectors;
 
