@@ -435,57 +435,22 @@ fn guest_bench(_: &[String]) -> Result<(), Failed> {
 
 mod hostile {
     use std::io::{BufRead, BufReader};
-    use std::os::unix::fs::PermissionsExt;
-    use std::os::unix::process::CommandExt;
-    use std::path::{Path, PathBuf};
-    use std::process::{Child, Command, Stdio};
+    use std::path::Path;
+    use std::process::{Command, Stdio};
     use std::time::{Duration, Instant};
 
     use checkpoint_aidl::android::system::checkpoint::ICheckpoint::ICheckpoint;
-    use nix::sys::signal::{kill, Signal};
-    use nix::unistd::Pid;
+    use nix::sys::signal::Signal;
     use rsbinder::Strong;
+    use testbench::daemon::{as_uid, ClientProcess, Launch, Setup, NOBODY, TEST_BACKEND};
     use testbench::Failed;
 
     use super::{nanos, summary};
 
-    const NOBODY: u32 = 65534;
     const SAMPLES: usize = 1000;
 
-    /// A child process, SIGKILLed when dropped.
-    struct Proc(Child);
-
-    impl Drop for Proc {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-
-    /// checkpointctl beside the daemon, else built once into a target dir of its own (the
-    /// running `cargo bench` holds the lock of ours).
-    fn checkpointctl() -> Result<PathBuf, Failed> {
-        let daemon = Path::new(env!("CARGO_BIN_EXE_checkpointd"));
-        let sibling = daemon.with_file_name("checkpointctl");
-        if sibling.exists() {
-            return Ok(sibling);
-        }
-        let profile_dir = daemon.parent().ok_or("the daemon has no folder")?;
-        let target_dir = profile_dir.with_file_name("checkpointctl-for-bench");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-        let status = Command::new(cargo)
-            .args(["build", "--release", "-p", "checkpointctl", "--target-dir"])
-            .arg(&target_dir)
-            .status()?;
-        if !status.success() {
-            return Err("cargo build --release -p checkpointctl failed".into());
-        }
-        Ok(target_dir.join("release").join("checkpointctl"))
-    }
-
     fn connect(socket: &Path) -> Result<Strong<dyn ICheckpoint>, Failed> {
-        let uri = checkpoint_aidl::socket_uri(socket).with_service(checkpoint_aidl::SERVICE_NAME);
-        rsbinder::connect::<dyn ICheckpoint>(uri).map_err(|e| format!("connect: {e:?}").into())
+        testbench::daemon::connect(socket).map_err(|e| format!("connect: {e:?}").into())
     }
 
     /// p50/p99 (ns) of `n` markBootAttempt calls on one session, then of `n` each on a new
@@ -519,73 +484,34 @@ mod hostile {
         if !nix::unistd::geteuid().is_root() {
             return Err("binder_hostile switches clients to UID 65534: run it as root".into());
         }
-        let dir = tempfile::tempdir()?;
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
-        let socket = dir.path().join("checkpointd.sock");
-        let config = dir.path().join("checkpointd.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "metadata_dir = \"{}\"\n[[backend]]\ntype = \"test-null\"\n[binder]\n\
-                 enabled = false\n[socket]\npath = \"{}\"\n[monitor]\ninterval_ms = 0\n",
-                dir.path().join("metadata").display(),
-                socket.display()
-            ),
-        )?;
-        let log = std::fs::File::create(dir.path().join("checkpointd.log"))?;
-        let _daemon = Proc(
-            Command::new("/bin/sh")
-                .arg("-c")
-                .arg("ulimit -n 1024 && exec \"$0\" --config \"$1\"")
-                .arg(env!("CARGO_BIN_EXE_checkpointd"))
-                .arg(&config)
-                .env("RUST_LOG", "warn")
-                .stderr(log)
-                .spawn()?,
-        );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while connect(&socket).is_err() {
-            if Instant::now() > deadline {
-                return Err("checkpointd did not answer in 20 s".into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        // The daemon at the open-file limit systemd gives a unit without LimitNOFILE, logging
+        // little (the log is not what is measured).
+        let setup = Setup::new(TEST_BACKEND);
+        let launch =
+            Launch { nofile: Some(1024), log_level: Some("warn".to_owned()), ..Launch::default() };
+        let _daemon = setup.boot_with(&launch);
+        let socket = setup.socket();
         latencies(&socket, "warm-up")?;
         let idle = latencies(&socket, "idle")?;
 
-        let checkpointctl = checkpointctl()?;
         let mut watchers = Vec::new();
         for _ in 0..100 {
-            let mut child = Command::new(&checkpointctl)
-                .arg("--socket")
-                .arg(&socket)
-                .args(["--timeout", "10", "watch"])
-                .uid(NOBODY)
-                .gid(NOBODY)
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()?;
-            let mut line = String::new();
-            let _ = BufReader::new(child.stderr.take().ok_or("stderr")?).read_line(&mut line);
-            let watcher = Proc(child);
-            if line.starts_with("watching") {
-                let pid = Pid::from_raw(i32::try_from(watcher.0.id())?);
-                kill(pid, Signal::SIGSTOP)?;
+            // Those the daemon refuses (its listener caps) are not load; they are counted.
+            if let Ok(watcher) = setup.watch_as(NOBODY) {
+                watcher.signal(Signal::SIGSTOP);
                 watchers.push(watcher);
             }
         }
-        let mut holder = Command::new("/bin/sh")
+        let mut holder = Command::new("/bin/sh");
+        holder
             .arg("-c")
             .arg("ulimit -n 2100 && exec \"$0\" --guest hold_connections \"$1\" 2000")
             .arg(std::env::current_exe()?)
-            .arg(&socket)
-            .uid(NOBODY)
-            .gid(NOBODY)
-            .stdout(Stdio::piped())
-            .spawn()?;
+            .arg(&socket);
+        let mut holder = as_uid(&mut holder, NOBODY).stdout(Stdio::piped()).spawn()?;
         let mut ready = String::new();
         BufReader::new(holder.stdout.take().ok_or("stdout")?).read_line(&mut ready)?;
-        let _holder = Proc(holder);
+        let _holder = ClientProcess(holder);
         println!(
             "bench: hostile load: {} of 100 stopped watchers registered, holder: {}",
             watchers.len(),
@@ -606,45 +532,14 @@ mod hostile {
     /// `--guest hold_connections SOCKET N` (run as UID 65534): holds N connections, re-opening
     /// up to 200 a second of those the daemon closes, until killed (or 10 minutes).
     pub(super) fn hold_connections(args: &[String]) -> Result<(), Failed> {
-        use nix::sys::socket::{
-            connect, recv, socket, AddressFamily, MsgFlags, SockFlag, SockType, UnixAddr,
-        };
-        use std::os::fd::{AsRawFd, OwnedFd};
         let [path, count] = args else {
             return Err("usage: --guest hold_connections SOCKET N".into());
         };
-        let address = UnixAddr::new(Path::new(path))?;
-        let open = || -> Option<OwnedFd> {
-            let fd = socket(
-                AddressFamily::Unix,
-                SockType::Stream,
-                SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-                None,
-            )
-            .ok()?;
-            connect(fd.as_raw_fd(), &address).ok().map(|()| fd)
-        };
-        let mut held: Vec<Option<OwnedFd>> = (0..count.parse::<usize>()?).map(|_| open()).collect();
-        println!("holding {}", held.iter().flatten().count());
-        let stop = Instant::now() + Duration::from_secs(600);
-        while Instant::now() < stop {
-            std::thread::sleep(Duration::from_millis(250));
-            let closed: Vec<usize> = held
-                .iter()
-                .enumerate()
-                .filter(|(_, fd)| {
-                    fd.as_ref().is_none_or(|fd| {
-                        let mut byte = [0u8; 1];
-                        recv(fd.as_raw_fd(), &mut byte, MsgFlags::MSG_PEEK)
-                            != Err(nix::errno::Errno::EAGAIN)
-                    })
-                })
-                .map(|(i, _)| i)
-                .collect();
-            for i in closed.into_iter().take(50) {
-                held[i] = open();
-            }
-        }
+        testbench::daemon::hold_connections(
+            Path::new(path),
+            count.parse::<usize>()?,
+            Duration::from_secs(600),
+        );
         Ok(())
     }
 }
