@@ -16,7 +16,6 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use checkpoint_aidl::android::system::checkpoint::ICheckpoint as codes;
-use checkpoint_aidl::android::system::checkpoint::ICheckpointListener::BnCheckpointListener;
 use checkpoint_aidl::android::system::checkpoint::{
     CheckpointState::CheckpointState, ICheckpoint::ICheckpoint,
     ICheckpointListener::ICheckpointListener,
@@ -24,8 +23,8 @@ use checkpoint_aidl::android::system::checkpoint::{
 use nix::sys::signal::Signal;
 use rsbinder::Strong;
 use testbench::daemon::{
-    as_uid, percentile, ClientProcess as Proc, DaemonProcess as Daemon, Launch, PeakSampler,
-    NOBODY, TEST_BACKEND,
+    as_uid, event_listener, percentile, ClientProcess as Proc, DaemonProcess as Daemon, Launch,
+    PeakSampler, Setup, NOBODY, TEST_BACKEND,
 };
 
 /// The environment variable that makes a run of this binary the connection holder.
@@ -36,72 +35,23 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The harness's setup with the test-null backend, as root (clients switch UIDs).
-struct Setup(testbench::daemon::Setup);
-
-impl std::ops::Deref for Setup {
-    type Target = testbench::daemon::Setup;
-    fn deref(&self) -> &Self::Target {
-        &self.0
-    }
+/// The harness's setup with the test-null backend (as root: clients switch UIDs); `extra`
+/// goes at the top of the config, `socket` into its `[socket]` table.
+fn setup_with_socket(extra: &str, socket: &str) -> Setup {
+    testbench::daemon::require_root(
+        "the hostile-client tests switch clients to other UIDs and need root",
+    );
+    Setup::with_tables(&format!("{TEST_BACKEND}{extra}"), socket, "")
 }
 
-impl Setup {
-    fn new(extra: &str) -> Setup {
-        Setup::with_socket(extra, "")
-    }
-
-    /// `extra` goes at the top of the config, `socket` into its `[socket]` table.
-    fn with_socket(extra: &str, socket: &str) -> Setup {
-        testbench::daemon::require_root(
-            "the hostile-client tests switch clients to other UIDs and need root",
-        );
-        Setup(testbench::daemon::Setup::with_tables(&format!("{TEST_BACKEND}{extra}"), socket, ""))
-    }
-
-    /// Starts the daemon with an open-file limit of `nofile` (as a unit without LimitNOFILE
-    /// gets from systemd) and waits until the socket answers.
-    fn boot(&self, nofile: u32) -> Daemon {
-        self.0.boot_with(&Launch { nofile: Some(nofile), ..Launch::default() })
-    }
-
-    /// A root client whose session can receive listener calls.
-    fn callback_client(&self) -> (rsbinder::Client, Strong<dyn ICheckpoint>) {
-        let client =
-            rsbinder::Client::open_with(checkpoint_aidl::socket_uri(&self.socket()), |o, _| {
-                o.incoming_connections = Some(1);
-            })
-            .expect("client with a callback connection");
-        let service =
-            client.try_get(checkpoint_aidl::SERVICE_NAME).expect("lookup").expect("registered");
-        (client, service)
-    }
+fn setup(extra: &str) -> Setup {
+    setup_with_socket(extra, "")
 }
 
-/// Records listener events.
-struct Events(Mutex<mpsc::Sender<String>>);
-
-impl rsbinder::Interface for Events {}
-
-#[allow(non_snake_case, reason = "AIDL names")]
-impl ICheckpointListener for Events {
-    fn onStateChanged(&self, state: CheckpointState) -> rsbinder::BinderResult<()> {
-        let _ = self.0.lock().expect("lock").send(format!("state {}", state.0));
-        Ok(())
-    }
-    fn onRestoreProgress(&self, done: i64, total: i64) -> rsbinder::BinderResult<()> {
-        let _ = self.0.lock().expect("lock").send(format!("progress {done}/{total}"));
-        Ok(())
-    }
-    fn onLowSpace(&self, free: i64) -> rsbinder::BinderResult<()> {
-        let _ = self.0.lock().expect("lock").send(format!("low-space {free}"));
-        Ok(())
-    }
-}
-
-fn listener() -> (Strong<dyn ICheckpointListener>, mpsc::Receiver<String>) {
-    let (tx, rx) = mpsc::channel();
-    (BnCheckpointListener::new_binder(Events(Mutex::new(tx))), rx)
+/// Starts the daemon with an open-file limit of `nofile` (as a unit without LimitNOFILE gets
+/// from systemd) and waits until the socket answers.
+fn boot(setup: &Setup, nofile: u32) -> Daemon {
+    setup.boot_with(&Launch { nofile: Some(nofile), ..Launch::default() })
 }
 
 /// Runs `f` on a thread and waits at most `limit` for it: a call that hangs fails the test
@@ -138,16 +88,16 @@ fn image_with_log(path: &Path) {
 #[test]
 fn a_stopped_listener_neither_hangs_a_restore_nor_silences_other_listeners() {
     let _serial = serial();
-    let setup = Setup::new("");
+    let setup = setup("");
     let image = setup.path("userdata.img");
     image_with_log(&image);
-    let daemon = setup.boot(4096);
+    let daemon = boot(&setup, 4096);
 
     // Registered first, so that a daemon notifying listeners in order meets it first.
     let stuck = setup.watch_as(NOBODY).expect("the watcher registers");
     stuck.signal(Signal::SIGSTOP);
     let (client, service) = setup.callback_client();
-    let (live, events) = listener();
+    let (live, events) = event_listener();
     service.registerListener(&live).expect("register");
 
     // State changes until the stopped watcher is dropped: its socket buffer takes a few hundred
@@ -210,8 +160,8 @@ fn a_stopped_listener_neither_hangs_a_restore_nor_silences_other_listeners() {
 #[test]
 fn unprivileged_sessions_and_stopped_listeners_do_not_lock_out_root() {
     let _serial = serial();
-    let setup = Setup::new("");
-    let daemon = setup.boot(1024);
+    let setup = setup("");
+    let daemon = boot(&setup, 1024);
     const SAMPLES: usize = 400;
     // Warm up (first connection, store pages), then half the idle samples; the other half
     // after the load, so that the machine's own noise weighs on both sides alike.
@@ -275,8 +225,8 @@ fn unprivileged_sessions_and_stopped_listeners_do_not_lock_out_root() {
 #[test]
 fn killed_watchers_free_their_threads_and_fds() {
     let _serial = serial();
-    let setup = Setup::new("");
-    let daemon = setup.boot(4096);
+    let setup = setup("");
+    let daemon = boot(&setup, 4096);
     let baseline = daemon.usage();
     let mut watchers = Vec::new();
     // 400 watchers, 50 from each of 8 UIDs: each UID gets its share (16 watchers, 32
@@ -314,10 +264,10 @@ fn killed_watchers_free_their_threads_and_fds() {
 #[test]
 fn a_listener_registered_twice_counts_once() {
     let _serial = serial();
-    let setup = Setup::new("");
-    let daemon = setup.boot(4096);
+    let setup = setup("");
+    let daemon = boot(&setup, 4096);
     let (client, service) = setup.callback_client();
-    let (one, events) = listener();
+    let (one, events) = event_listener();
     within(Duration::from_secs(60), "2,000 registrations", {
         let service = service.clone();
         let one = one.clone();
@@ -346,7 +296,7 @@ fn register_many(
 ) -> Vec<(Strong<dyn ICheckpointListener>, mpsc::Receiver<String>)> {
     (0..n)
         .map(|i| {
-            let (binder, rx) = listener();
+            let (binder, rx) = event_listener();
             service.registerListener(&binder).unwrap_or_else(|e| panic!("listener {i}: {e}"));
             (binder, rx)
         })
@@ -358,11 +308,11 @@ fn register_many(
 #[test]
 fn listeners_are_capped_per_uid() {
     let _serial = serial();
-    let setup = Setup::new("");
-    let daemon = setup.boot(4096);
+    let setup = setup("");
+    let daemon = boot(&setup, 4096);
     let (client, service) = setup.callback_client();
     let registered = register_many(&service, 16);
-    let (extra, _rx) = listener();
+    let (extra, _rx) = event_listener();
     let err = service.registerListener(&extra).expect_err("root's 17th listener");
     assert_eq!(err.service_specific_error(), codes::EBUSY, "{err}");
     setup.client().expect("root").startCheckpoint(2).expect("start");
@@ -379,8 +329,8 @@ fn listeners_are_capped_per_uid() {
 #[test]
 fn listeners_are_capped_overall() {
     let _serial = serial();
-    let setup = Setup::new("[listeners]\nmax = 18\n");
-    let daemon = setup.boot(4096);
+    let setup = setup("[listeners]\nmax = 18\n");
+    let daemon = boot(&setup, 4096);
     let (client, service) = setup.callback_client();
     let _registered = register_many(&service, 16);
     // Two more from another UID fit under max = 18; the third does not.
@@ -401,8 +351,8 @@ fn listeners_are_capped_overall() {
 fn a_silent_connection_is_closed_at_the_handshake_deadline() {
     use std::io::Read;
     let _serial = serial();
-    let setup = Setup::new("");
-    let daemon = setup.boot(4096);
+    let setup = setup("");
+    let daemon = boot(&setup, 4096);
     let mut silent = std::os::unix::net::UnixStream::connect(setup.socket()).expect("connect");
     silent.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
     let started = Instant::now();
@@ -423,8 +373,8 @@ fn a_silent_connection_is_closed_at_the_handshake_deadline() {
 #[test]
 fn a_session_that_never_calls_is_closed_at_the_first_call_deadline() {
     let _serial = serial();
-    let setup = Setup::with_socket("", "first_call_timeout_ms = 1000");
-    let daemon = setup.boot(4096);
+    let setup = setup_with_socket("", "first_call_timeout_ms = 1000");
+    let daemon = boot(&setup, 4096);
     let uri = checkpoint_aidl::socket_uri(&setup.socket());
     let idle = rsbinder::Client::open(uri.clone()).expect("handshake");
     let busy = rsbinder::Client::open(uri).expect("handshake");

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use checkpoint_aidl::android::system::checkpoint::ICheckpoint as codes;
 use checkpoint_aidl::android::system::checkpoint::{
-    CheckpointState::CheckpointState, HistoryEventKind::HistoryEventKind, ICheckpoint::ICheckpoint,
+    CheckpointState::CheckpointState, HistoryEventKind::HistoryEventKind,
 };
-use rsbinder::{ExceptionCode, Strong};
-use testbench::daemon::{checkpointctl, require_root, Setup, NOBODY, TEST_BACKEND};
+use rsbinder::ExceptionCode;
+use testbench::daemon::{checkpointctl, event_listener, require_root, Setup, NOBODY, TEST_BACKEND};
 
 #[test]
 fn without_backend_it_answers_like_vold_without_checkpoint_support() {
@@ -281,45 +281,12 @@ fn store_from_a_future_schema_is_refused() {
     assert!(err.contains(&format!("schema version {}", policy::SCHEMA_VERSION + 1)), "{err}");
 }
 
-/// Listener events as strings.
-struct Events(std::sync::Mutex<std::sync::mpsc::Sender<String>>);
-
-impl rsbinder::Interface for Events {}
-
-#[allow(non_snake_case, reason = "AIDL names")]
-impl checkpoint_aidl::android::system::checkpoint::ICheckpointListener::ICheckpointListener
-    for Events
-{
-    fn onStateChanged(&self, state: CheckpointState) -> rsbinder::BinderResult<()> {
-        let _ = self.0.lock().expect("lock").send(format!("state {}", state.0));
-        Ok(())
-    }
-    fn onRestoreProgress(&self, done: i64, total: i64) -> rsbinder::BinderResult<()> {
-        let _ = self.0.lock().expect("lock").send(format!("progress {done}/{total}"));
-        Ok(())
-    }
-    fn onLowSpace(&self, free: i64) -> rsbinder::BinderResult<()> {
-        let _ = self.0.lock().expect("lock").send(format!("low-space {free}"));
-        Ok(())
-    }
-}
-
 #[test]
 fn listeners_hear_state_changes_over_the_socket() {
-    use checkpoint_aidl::android::system::checkpoint::ICheckpointListener::BnCheckpointListener;
     let setup = Setup::new(TEST_BACKEND);
     let daemon = setup.boot();
-    let client =
-        rsbinder::Client::open_with(checkpoint_aidl::socket_uri(&setup.socket()), |o, _| {
-            o.incoming_connections = Some(1);
-        })
-        .expect("client with a callback connection");
-    let service: Strong<dyn ICheckpoint> = client
-        .try_get(checkpoint_aidl::SERVICE_NAME)
-        .expect("lookup")
-        .expect("the service is registered");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let listener = BnCheckpointListener::new_binder(Events(std::sync::Mutex::new(tx)));
+    let (client, service) = setup.callback_client();
+    let (listener, rx) = event_listener();
     service.registerListener(&listener).expect("register");
     service.startCheckpoint(2).expect("start");
     let event = rx.recv_timeout(Duration::from_secs(10)).expect("an event within 10 s");

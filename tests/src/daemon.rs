@@ -16,10 +16,14 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, OnceLock};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use checkpoint_aidl::android::system::checkpoint::CheckpointState::CheckpointState;
 use checkpoint_aidl::android::system::checkpoint::ICheckpoint::ICheckpoint;
+use checkpoint_aidl::android::system::checkpoint::ICheckpointListener::{
+    BnCheckpointListener, ICheckpointListener,
+};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use rsbinder::Strong;
@@ -308,6 +312,21 @@ impl Setup {
         connect(&self.socket())
     }
 
+    /// A root client whose session can receive listener calls; keep the `rsbinder::Client`
+    /// for as long as the listener must hear.
+    pub fn callback_client(&self) -> (rsbinder::Client, Strong<dyn ICheckpoint>) {
+        let client =
+            rsbinder::Client::open_with(checkpoint_aidl::socket_uri(&self.socket()), |o, _| {
+                o.incoming_connections = Some(1);
+            })
+            .expect("client with a callback connection");
+        let service = client
+            .try_get(checkpoint_aidl::SERVICE_NAME)
+            .expect("lookup")
+            .expect("the service is registered");
+        (client, service)
+    }
+
     fn ctl_command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(checkpointctl());
         command.arg("--socket").arg(self.socket()).args(args);
@@ -573,5 +592,32 @@ pub fn hold_connections(socket_path: &Path, count: usize, for_at_most: Duration)
         for i in closed.into_iter().take(50) {
             held[i] = open();
         }
+    }
+}
+
+/// A listener that sends each event it hears as a line: `state N`, `progress DONE/TOTAL`,
+/// `low-space FREE`.
+pub fn event_listener() -> (Strong<dyn ICheckpointListener>, mpsc::Receiver<String>) {
+    let (tx, rx) = mpsc::channel();
+    (BnCheckpointListener::new_binder(EventLines(Mutex::new(tx))), rx)
+}
+
+struct EventLines(Mutex<mpsc::Sender<String>>);
+
+impl rsbinder::Interface for EventLines {}
+
+#[allow(non_snake_case, reason = "AIDL names")]
+impl ICheckpointListener for EventLines {
+    fn onStateChanged(&self, state: CheckpointState) -> rsbinder::BinderResult<()> {
+        let _ = self.0.lock().expect("lock").send(format!("state {}", state.0));
+        Ok(())
+    }
+    fn onRestoreProgress(&self, done: i64, total: i64) -> rsbinder::BinderResult<()> {
+        let _ = self.0.lock().expect("lock").send(format!("progress {done}/{total}"));
+        Ok(())
+    }
+    fn onLowSpace(&self, free: i64) -> rsbinder::BinderResult<()> {
+        let _ = self.0.lock().expect("lock").send(format!("low-space {free}"));
+        Ok(())
     }
 }
