@@ -942,6 +942,14 @@ pub fn run_snapshot(
                 &what,
             )?;
             tally.states += 1;
+            if tally.states % 1000 == 0 {
+                println!(
+                    "  {} states checked ({} during the merge), {} failures so far",
+                    tally.states,
+                    tally.recovery_states,
+                    tally.failures.len()
+                );
+            }
             data.undo_to(dmark)?;
             meta.undo_to(mmark)?;
             if !ok {
