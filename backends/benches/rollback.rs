@@ -432,7 +432,8 @@ fn report_json(
             "bow_relocation_bytes": bow.relocation_bytes, "bow_entries": bow.backup_entries,
             "bow_enospc": enospc}));
         figures.push(json!({"group": "backup space, same captured trace",
-            "name": format!("dm-bow (engine model) / dm-snapshot COW: {}{}", s.name,
+            "name": format!("dm-bow (engine model) / dm-snapshot COW: {} ({:.0} % in use){}",
+                s.name, s.fill * 100.0,
                 if enospc.is_some() { " (dm-bow ran out of free space)" } else { "" }),
             "ratio": bow.consumed_by_bow as f64 / s.snapshot.max(1) as f64,
             "inputs": {"bow_bytes": bow.consumed_by_bow, "snapshot_bytes": s.snapshot,
@@ -452,8 +453,9 @@ fn report_json(
         let x = s.bow.consumed_by_bow as f64 / s.snapshot.max(1) as f64;
         let free = s.written_free as f64 / s.written.max(1) as f64;
         checks.push(json!({"claim": format!("seed: dm-bow needs about half (0.40–0.60) of \
-            dm-snapshot's space when new writes go to free space; trace {}, {:.0} % of the \
-            written blocks free at checkpoint start", s.name, free * 100.0),
+            dm-snapshot's space when new writes go to free space; trace {} ({:.0} % in use), \
+            {:.0} % of the written blocks free at checkpoint start", s.name, s.fill * 100.0,
+            free * 100.0),
             "value": x, "holds": (0.40..=0.60).contains(&x) && s.bow.enospc.is_none()}));
     }
     json!({

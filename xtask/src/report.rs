@@ -481,7 +481,9 @@ pub fn binder_from_output(text: &str) -> Option<Value> {
     let mut rows = Vec::new();
     let mut lat: Vec<(String, u64, u64)> = Vec::new();
     for line in text.lines() {
-        let Some(rest) = line.trim().strip_prefix("bench: ") else { continue };
+        // libtest-mimic prints `test binder ... ` before a trial's first output line.
+        let Some(at) = line.find("bench: ") else { continue };
+        let rest = line[at + "bench: ".len()..].trim();
         if let Some((what, nums)) = rest.split_once(" p50_ns=") {
             let mut it = nums.split_whitespace();
             let p50 = it.next().and_then(|v| v.parse::<u64>().ok());
@@ -1074,7 +1076,7 @@ mod tests {
     fn the_binder_output_gives_latency_figures_and_checks() {
         let out = "\
 running 2 tests
-bench: needsRollback checkpointd p50_ns=110000 p99_ns=300000 n=2000
+test binder         ... bench: needsRollback checkpointd p50_ns=110000 p99_ns=300000 n=2000
 bench: needsRollback empty-service p50_ns=100000 p99_ns=200000 n=2000
 bench: needsRollback ratio p50=1.10 p99=1.50
 bench: fsync per markBootAttempt=1.00 (12 total)
