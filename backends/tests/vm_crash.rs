@@ -515,7 +515,7 @@ fn capture_bow(out: &Path, seed: u64, long: bool) -> Result<(), Failed> {
         seed,
         only: None,
         recovery_every: if long { 5 } else { 20 },
-        max_states: if long { 0 } else { 200 },
+        max_states: if long { 2000 } else { 200 },
     };
     fs::write(out.join("case.json"), serde_json::to_string_pretty(&case)?)?;
     raw.detach()?;
