@@ -117,8 +117,8 @@ pub struct Reservations {
     records: Records,
 }
 
-fn invalid(operation: String) -> BackendError {
-    BackendError::io(operation, std::io::Error::from_raw_os_error(policy::errno::EINVAL))
+fn invalid(operation: String, reason: &str) -> BackendError {
+    BackendError::InvalidArgument { operation, reason: reason.to_owned() }
 }
 
 fn now_unix_secs() -> u64 {
@@ -237,7 +237,7 @@ impl Reservations {
         let path = Self::path(spec);
         let op = |what: &str| format!("{what} {}", path.display());
         if bytes == 0 {
-            return Err(invalid(op("reserve 0 bytes: nothing to reserve at")));
+            return Err(invalid(op("reserve 0 bytes at"), "nothing to reserve"));
         }
         let space = |what: &str| {
             blockdev::fs::statvfs(&spec.mount_point).map_err(|e| {
@@ -246,10 +246,10 @@ impl Reservations {
         };
         let total = space("reserve")?.total.get();
         if bytes > total || i64::try_from(bytes).is_err() {
-            return Err(invalid(format!(
-                "reserve {bytes} bytes at {}: more than the whole filesystem ({total} bytes)",
-                path.display()
-            )));
+            return Err(invalid(
+                format!("reserve {bytes} bytes at {}", path.display()),
+                &format!("more than the whole filesystem ({total} bytes)"),
+            ));
         }
         let rec = self.own_record(spec, "reserve")?;
         if let Some(found) = Self::inspect(spec, rec.as_ref())? {
@@ -355,7 +355,8 @@ impl Reservations {
             // Before fallocate, as for the COW file: the snapshot backend may map it by FIEMAP.
             blockdev::fs::f2fs_pin_file(&f, true).map_err(|e| errors::fs(op("pin"), e))?;
         }
-        let len = i64::try_from(bytes).map_err(|_| invalid(op("reserve")))?;
+        let len = i64::try_from(bytes)
+            .map_err(|_| invalid(op("reserve"), "larger than a file can be"))?;
         nix::fcntl::fallocate(f.as_fd(), nix::fcntl::FallocateFlags::empty(), 0, len).map_err(
             |e| {
                 let available = blockdev::fs::statvfs(&spec.mount_point)
@@ -550,8 +551,9 @@ mod tests {
         Bench { _mnt: mnt, _meta: meta, spec, records, res }
     }
 
+    /// The code the daemon answers for `e` (policy's one errno table).
     fn errno(e: &BackendError) -> Option<i32> {
-        e.os_errno()
+        Some(policy::errno::code(e.kind(), e.os_errno()))
     }
 
     #[test]

@@ -117,6 +117,15 @@ pub enum BackendError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The caller asked for something no device state could satisfy (a size of 0, more than
+    /// the whole filesystem): refused before anything is changed.
+    #[error("{operation}: {reason}")]
+    InvalidArgument {
+        /// What was asked, e.g. "reserve 0 bytes at /data/.checkpointd/reserved".
+        operation: String,
+        /// Why it is refused.
+        reason: String,
+    },
     /// Not enough space for the backups.
     #[error("{operation}: needs {needed} bytes, {available} available")]
     NoSpace {
@@ -145,6 +154,7 @@ impl BackendError {
             BackendError::InvalidState { .. } | BackendError::NotSetUp { .. } => ErrorKind::Backend,
             BackendError::Unsupported { .. } => ErrorKind::NotSupported,
             BackendError::Corrupt { .. } => ErrorKind::Corrupt,
+            BackendError::InvalidArgument { .. } => ErrorKind::InvalidArgument,
             BackendError::NoSpace { .. } => ErrorKind::NoSpace,
         }
     }
