@@ -131,15 +131,16 @@ fn bootloader_env(
     Ok(Box::new(boot))
 }
 
-/// One backend object per (backend, covered device), with its records in the metadata
-/// directory; `test-null` is one object over all its devices (it touches none).
+/// One backend object per (backend, covered device) of `plan`, with its records in the
+/// metadata directory (`records`: opened when `plan` has a device); `test-null` is one object
+/// over all its devices (it touches none).
 fn backends(
     config: &Config,
     devices: &[DeviceConfig],
+    plan: &[plan::DevicePlan],
+    records: Option<&Records>,
 ) -> Result<Vec<Box<dyn Backend>>, StartError> {
-    let plan = plan::plan(config, devices).map_err(StartError::Plan)?;
     let mut out: Vec<Box<dyn Backend>> = Vec::new();
-    let mut records = None;
     for backend in &config.backends {
         let name = config.backend_name(backend);
         if let BackendType::TestNull(options) = &backend.backend {
@@ -183,13 +184,10 @@ fn backends(
                     p.reason
                 );
             }
-            let records = match &records {
-                Some(r) => r,
-                None => records.insert(
-                    Records::open(&config.metadata_dir)
-                        .map_err(|source| StartError::Backend { name: p.name.clone(), source })?,
-                ),
-            };
+            let records = records.ok_or_else(|| StartError::Backend {
+                name: p.name.clone(),
+                source: policy::BackendError::NotSetUp { backend: "records".into() },
+            })?;
             let inner =
                 crate::backend::daemon_backend(&p.backend, &p.spec, records, &config.restore)
                     .map_err(|source| StartError::Backend { name: p.name.clone(), source })?;
@@ -228,12 +226,9 @@ fn policy_options(config: &Config) -> PolicyOptions {
 fn space_planning(
     config: &Config,
     planned: Vec<plan::DevicePlan>,
-) -> Result<SpacePlanning, StartError> {
-    let reservations = Reservations::new(
-        Records::open(&config.metadata_dir)
-            .map_err(|source| StartError::Backend { name: "reservation".into(), source })?,
-    );
-    Ok(SpacePlanning {
+    records: Option<Records>,
+) -> SpacePlanning {
+    SpacePlanning {
         devices: planned
             .into_iter()
             .map(|p| DeviceBackend {
@@ -244,8 +239,8 @@ fn space_planning(
             })
             .collect(),
         headroom_bytes: config.monitor.action_free_bytes,
-        reservations: Some(reservations),
-    })
+        reservations: records.map(Reservations::new),
+    }
 }
 
 /// The daemon before it serves.
@@ -268,8 +263,16 @@ pub fn build(config: &Config) -> Result<Built, StartError> {
     let store = Store::open(&config.metadata_dir)?;
     log::info!("state store {} (schema {})", store.path().display(), store.schema_version());
     let BootControlParts { boot, hal: boot_hal } = boot_control(config)?;
-    let checkpointer =
-        Checkpointer::new(store, boot, backends(config, &devices)?, policy_options(config))?;
+    // Opened once, for the backends and the reservations, and only when a device is checkpointed.
+    let records = match planned.is_empty() {
+        true => None,
+        false => Some(
+            Records::open(&config.metadata_dir)
+                .map_err(|source| StartError::Backend { name: "backend records".into(), source })?,
+        ),
+    };
+    let backends = backends(config, &devices, &planned, records.as_ref())?;
+    let checkpointer = Checkpointer::new(store, boot, backends, policy_options(config))?;
     let gate = match &boot_hal {
         Some(hal) => {
             BootHalGate::new(Arc::clone(hal), Duration::from_secs(config.boot_control.wait_secs))
@@ -285,7 +288,7 @@ pub fn build(config: &Config) -> Result<Built, StartError> {
         config.restore.clone(),
     )
     .with_boot_hal(gate)
-    .with_space(space_planning(config, planned)?);
+    .with_space(space_planning(config, planned, records));
     Ok(Built { daemon: Arc::new(daemon), boot_hal })
 }
 
