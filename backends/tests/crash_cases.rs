@@ -77,6 +77,7 @@ fn synthetic_spec() -> CaseSpec {
         only: None,
         recovery_every: 3,
         max_states: 0,
+        store: None,
     }
 }
 

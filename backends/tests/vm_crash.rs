@@ -21,6 +21,7 @@ mod crash;
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backends::f2fs::{F2fsBackend, F2fsOptions, F2fsStack};
@@ -30,8 +31,11 @@ use backends::{Action, BootStack, DeviceSpec};
 use blockdev::dm::DeviceMapper;
 use blockdev::loopdev::{LoopDevice, LoopOptions};
 use blockdev::names::{object_name, Role};
-use crash::{CaseSpec, Fault, Tally};
-use policy::{Backend, RestoreOutcome, RestoreRequest};
+use crash::{CaseSpec, Fault, StoreSpec, Tally};
+use policy::{
+    Backend, BackendState, Checkpointer, CommitOutcome, MarkOutcome, NoBootControl, PolicyOptions,
+    RestoreOutcome, RestoreRecord, RestoreRequest, Store,
+};
 use testbench::device::{compare_manifests, manifest, populate_app_data, update_step, Rng};
 use testbench::vm::Vm;
 use testbench::{guest, vm_trial, Failed};
@@ -51,6 +55,13 @@ const F2FS_BYTES: u64 = 160 * MIB;
 const LONG_ENV: &str = "CPD_CRASH_LONG";
 /// The floor of kernel-level crash states in the default run (the CI requirement).
 const MIN_STATES: usize = 500;
+/// `startCheckpoint(retry)` of the committed checkpoint (budget 3; one boot attempt used).
+const STORE_RETRY: i32 = 2;
+/// `startCheckpoint(retry)` of the checkpoint rolled back by the kernel's merge (budget 1,
+/// spent by its one boot attempt).
+const KERNEL_MERGE_RETRY: i32 = 0;
+/// Written and fsynced at the end of the snapshot workload: the new data's witness.
+const UPDATE_FILE: &str = "update-done";
 
 fn main() -> std::process::ExitCode {
     testbench::main(
@@ -77,10 +88,12 @@ fn report(line: &str) {
 
 fn tally_line(what: &str, t: &Tally, took: Duration) -> String {
     format!(
-        "crash suite {what}: {} crash states checked ({} during recovery), {} fsck runs, {} failures, {:.1} s",
+        "crash suite {what}: {} crash states checked ({} during recovery), {} fsck runs, {} store checks ({} store opens), {} failures, {:.1} s",
         t.states,
         t.recovery_states,
         t.fsck_runs,
+        t.store_checks,
+        t.store_opens,
         t.failures.len(),
         took.as_secs_f64()
     )
@@ -140,6 +153,22 @@ fn host_crash() -> Result<(), Failed> {
         format!("only {} kernel-level snapshot crash states (want {MIN_STATES})", snap.states),
     )?;
     ensure(bow.states >= 100, format!("only {} bow crash states", bow.states))?;
+    // Every snapshot state has the daemon's store on its metadata partition, and the commit
+    // window reaches each of its store states: before the row went `committing`, between the
+    // record leaving `armed` and the row being cleared, and after.
+    ensure(
+        snap.store_checks == snap.states,
+        format!("{} store checks for {} snapshot crash states", snap.store_checks, snap.states),
+    )?;
+    for (seen, n) in &snap.store_seen {
+        println!("store checks passed: {seen}: {n} crash states");
+    }
+    for want in ["record armed, store pending", "store committing", "store cleared"] {
+        ensure(
+            snap.store_seen.keys().any(|k| k.starts_with("commit:") && k.contains(want)),
+            format!("no crash state of the commit window with {want}: {:?}", snap.store_seen),
+        )?;
+    }
 
     // The suite fails when recovery is wrong.
     broken_recovery_is_caught(&snap_dir, &bow_dir)?;
@@ -164,6 +193,21 @@ fn broken_recovery_is_caught(snap_dir: &Path, bow_dir: &Path) -> Result<(), Fail
         println!("broken merge {fault:?}: {:?}", t.failures.first());
         ensure(!t.failures.is_empty(), format!("a merge with {fault:?} passed the suite"))?;
     }
+    // A daemon that clears its store before the backend's commit: checked over the commit
+    // window only (with the correct merge), it must fail on the store.
+    let commit_only = CaseSpec {
+        windows: spec_commit_window(snap_dir)?,
+        subsets: 0,
+        recovery_every: 0,
+        ..CaseSpec::load(snap_dir)?
+    };
+    let case = crash::SnapshotCase::load(snap_dir, commit_only)?;
+    let t = crash::run_snapshot(&case, Fault::StoreClearedFirst, None, true)?;
+    println!("store cleared before the backend's commit: {:?}", t.failures.first());
+    ensure(
+        t.failures.first().is_some_and(|f| f.contains("state store")),
+        format!("a store cleared before the backend's commit passed the suite: {:?}", t.failures),
+    )?;
     let bspec = CaseSpec::load(bow_dir)?;
     for fault in [Fault::SkipWrite(0), Fault::DropFlush(0)] {
         let s = CaseSpec { recovery_every: 1, ..bspec.clone() };
@@ -175,8 +219,16 @@ fn broken_recovery_is_caught(snap_dir: &Path, bow_dir: &Path) -> Result<(), Fail
         );
         ensure(!t.failures.is_empty(), format!("a bow restore with {fault:?} passed the suite"))?;
     }
-    report("crash suite: broken merge and broken restore (a write skipped, a flush dropped) all caught");
+    report("crash suite: broken merge and broken restore (a write skipped, a flush dropped), store cleared before the backend's commit: all caught");
     Ok(())
+}
+
+/// The snapshot case's `commit` window alone.
+fn spec_commit_window(snap_dir: &Path) -> Result<Vec<(String, String, String)>, Failed> {
+    let windows: Vec<_> =
+        CaseSpec::load(snap_dir)?.windows.into_iter().filter(|w| w.2 == "commit").collect();
+    ensure(windows.len() == 1, "the snapshot case has one commit window")?;
+    Ok(windows)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -347,6 +399,23 @@ fn guest_capture(_: &[String]) -> Result<(), Failed> {
     Ok(())
 }
 
+/// The daemon's policy as `checkpointd` builds it (service/src/daemon.rs): the store in the
+/// metadata directory, no boot control (the virtual device has none here), one backend.
+/// Dropping it and calling again is the next boot's daemon.
+fn daemon(metadata: &Path, backend: &Arc<SnapshotBackend>) -> Result<Checkpointer, Failed> {
+    let store = Store::open(metadata)?;
+    let backends: Vec<Box<dyn Backend>> = vec![Box::new(Arc::clone(backend))];
+    Ok(Checkpointer::new(store, Box::new(NoBootControl), backends, PolicyOptions::default())?)
+}
+
+/// Writes `bytes` to `path` and fsyncs the file and its directory.
+fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), Failed> {
+    fs::write(path, bytes)?;
+    fs::File::open(path)?.sync_all()?;
+    fs::File::open(path.parent().ok_or("no parent")?)?.sync_all()?;
+    Ok(())
+}
+
 fn capture_snapshot(out: &Path, seed: u64, long: bool) -> Result<(), Failed> {
     fs::create_dir_all(out)?;
     let t = Instant::now();
@@ -386,13 +455,25 @@ fn capture_snapshot(out: &Path, seed: u64, long: bool) -> Result<(), Failed> {
     let cow = if long { 56 * MIB } else { 32 * MIB };
     let opts = SnapshotOptions { cow_bytes: Some(cow), ..SnapshotOptions::default() };
     let stack = SnapshotStack::new(opts.clone());
-    let backend = SnapshotBackend::new(spec.clone(), opts.clone(), records.clone())?;
+    let backend = Arc::new(SnapshotBackend::new(spec.clone(), opts.clone(), records.clone())?);
     let plan = stack.setup(&spec, true)?;
     backends::mount(&plan, &mnt)?;
     mark("cw-log", "populate")?;
     populate_app_data(&mnt, seed)?;
     guest::sh("sync")?;
-    ensure(backend.prepare()? == Action::Changed, "prepare arms")?;
+    // The checkpoint as the daemon drives it, its store on the logged metadata partition:
+    // the update client's startCheckpoint, then (the checkpointed boot) the latch, the boot
+    // attempt and prepareCheckpoint.
+    daemon(meta_mnt, &backend)?.start_checkpoint(STORE_RETRY)?;
+    let cp = daemon(meta_mnt, &backend)?;
+    ensure(cp.needs_checkpoint()?, "needsCheckpoint after startCheckpoint")?;
+    let attempt = cp.mark_boot_attempt()?;
+    ensure(
+        attempt == MarkOutcome::Decremented { left: STORE_RETRY.unsigned_abs() },
+        format!("markBootAttempt: {attempt:?}"),
+    )?;
+    cp.prepare_checkpoint()?;
+    ensure(backend.status()?.state == BackendState::Armed, "prepareCheckpoint arms")?;
     mark("cw-log", "armed")?;
     // The reference: what the snapshot device shows (the checkpoint's image).
     let dm = DeviceMapper::open()?;
@@ -404,18 +485,34 @@ fn capture_snapshot(out: &Path, seed: u64, long: bool) -> Result<(), Failed> {
     ))?;
     println!("snapshot armed after {:?}; workload", t.elapsed());
     workload(&mnt, "cw-log", seed ^ 1, long, None)?;
+    let update_text = format!("update of seed {seed:#x} done\n");
+    write_durably(&mnt.join(UPDATE_FILE), update_text.as_bytes())?;
     mark("cw-log", "workload-end")?;
     println!("workload done after {:?}; space {:?}", t.elapsed(), backend.space()?);
     mark("cw-log", "commit-begin")?;
-    ensure(backend.commit()? == Action::Changed, "commit")?;
+    let committed = cp.commit_changes()?;
+    ensure(
+        matches!(&committed, CommitOutcome::Committed { committed, .. } if committed.len() == 1),
+        format!("commitChanges: {committed:?}"),
+    )?;
     guest::sh("sync")?;
     mark("cw-log", "commit-end")?;
+    drop(cp);
     // A second checkpoint, rolled back by the kernel's snapshot-merge, logged too: a crash
     // during the kernel's merge leaves the record armed, and the next boot's offline merge
     // must finish the rollback.
+    // Through the daemon too: its one boot attempt spends the budget, so the boot after is
+    // the rollback boot (needsRollback), whose restoreCheckpoint runs the kernel's merge.
     let kopts = SnapshotOptions { rollback: RollbackMethod::KernelMerge, ..opts };
-    let kbackend = SnapshotBackend::new(spec.clone(), kopts, records)?;
-    ensure(kbackend.prepare()? == Action::Changed, "prepare (kernel merge)")?;
+    let kbackend = Arc::new(SnapshotBackend::new(spec.clone(), kopts, records)?);
+    daemon(meta_mnt, &kbackend)?.start_checkpoint(KERNEL_MERGE_RETRY)?;
+    let cp = daemon(meta_mnt, &kbackend)?;
+    ensure(cp.needs_checkpoint()?, "needsCheckpoint (kernel merge)")?;
+    let attempt = cp.mark_boot_attempt()?;
+    ensure(attempt == MarkOutcome::BudgetSpent, format!("markBootAttempt: {attempt:?}"))?;
+    cp.prepare_checkpoint()?;
+    ensure(kbackend.status()?.state == BackendState::Armed, "prepareCheckpoint arms (kernel)")?;
+    drop(cp);
     mark("cw-log", "armed-2")?;
     guest::sh(&format!(
         "cp --sparse=always {} {}",
@@ -426,15 +523,35 @@ fn capture_snapshot(out: &Path, seed: u64, long: bool) -> Result<(), Failed> {
     guest::sh(&format!("sync -f {}", mnt.display()))?;
     blockdev::mount::umount(&mnt, Default::default())?;
     ensure(stack.teardown_stack(&spec)? == Action::Changed, "stack torn down")?;
+    // The rollback boot.
+    let cp = daemon(meta_mnt, &kbackend)?;
+    ensure(!cp.needs_checkpoint()? && cp.needs_rollback()?, "the rollback boot")?;
     mark("cw-log", "kernel-merge-begin")?;
     let raw_path = spec.raw.to_str().ok_or("raw path")?;
-    let restored = kbackend.restore(raw_path, &RestoreRequest::default(), &|_, _| {})?;
+    let no_fallback = |d: &str, _: &RestoreRequest, _: &dyn Fn(u64, u64)| {
+        Err(policy::BackendError::Unsupported {
+            backend: "none".into(),
+            reason: format!("the snapshot backend does not cover {d}"),
+        })
+    };
+    let run = cp.restore_device(raw_path, &RestoreRequest::default(), &|_, _| {}, &no_fallback);
+    let restored = run.result?;
     ensure(
         matches!(restored.outcome, RestoreOutcome::Restored { .. }),
         format!("kernel merge: {:?}", restored.outcome),
     )?;
+    let record = RestoreRecord {
+        outcome: restored.outcome,
+        duration_ms: run.duration_ms,
+        backend: run.backend,
+    };
+    cp.record_restore(raw_path, record)?;
     guest::sh("sync")?;
     mark("cw-log", "kernel-merge-end")?;
+    // The rollback boot completes: the spent checkpoint is acknowledged.
+    let ack = cp.commit_changes()?;
+    ensure(ack == CommitOutcome::RollbackAcknowledged, format!("commitChanges: {ack:?}"))?;
+    drop(cp);
     println!("kernel merge done after {:?}", t.elapsed());
     let _ = stack.teardown_stack(&spec)?;
     guest::sh(&format!("umount {}", meta_mnt.display()))?;
@@ -459,6 +576,12 @@ fn capture_snapshot(out: &Path, seed: u64, long: bool) -> Result<(), Failed> {
         only: None,
         recovery_every: if long { 5 } else { 25 },
         max_states: 0,
+        store: Some(StoreSpec {
+            retry: STORE_RETRY,
+            kernel_merge_retry: KERNEL_MERGE_RETRY,
+            update_file: UPDATE_FILE.into(),
+            update_text,
+        }),
     };
     fs::write(out.join("case.json"), serde_json::to_string_pretty(&case)?)?;
     raw.detach()?;
@@ -516,6 +639,7 @@ fn capture_bow(out: &Path, seed: u64, long: bool) -> Result<(), Failed> {
         only: None,
         recovery_every: if long { 5 } else { 20 },
         max_states: if long { 2000 } else { 200 },
+        store: None,
     };
     fs::write(out.join("case.json"), serde_json::to_string_pretty(&case)?)?;
     raw.detach()?;

@@ -16,7 +16,7 @@
 
 #![allow(dead_code)] // Each test binary uses its own part.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -30,6 +30,7 @@ use blockcopy::device::{BlockDevice, DeviceError, MemDevice};
 use blockdev::logwrites::{flags, LogReader};
 use bow::model::{BowEngine, BowModel, BowState, EngineError, ModelConfig, RangeType};
 use bow::units::{BlockSize, Sectors};
+use policy::{Checkpointer, HistoryKind, NoBootControl, PolicyOptions, Store};
 use serde::{Deserialize, Serialize};
 
 pub type Failed = Box<dyn std::error::Error + Send + Sync>;
@@ -304,6 +305,10 @@ pub enum Fault {
     SkipWrite(usize),
     /// The `n`-th flush of the recovery is dropped (reported as done).
     DropFlush(usize),
+    /// The daemon's store cleared before the backend's commit (the wrong order): every crash
+    /// state of a `commit` window sees the store as it is at the window's last mark (cleared,
+    /// history `commit`), whatever the record says. The I/O of the recovery is not touched.
+    StoreClearedFirst,
 }
 
 /// A [`BlockDevice`] that injects a [`Fault`] into the recovery running over it.
@@ -447,6 +452,14 @@ pub struct Tally {
     pub states: usize,
     pub recovery_states: usize,
     pub fsck_runs: usize,
+    /// Crash states whose state store was checked against the record (and the data).
+    pub store_checks: usize,
+    /// Times the store was read out of a crashed metadata image and opened (only when the
+    /// metadata partition changed).
+    pub store_opens: usize,
+    /// Crash states that passed the store checks, by window, record and store state (which
+    /// cases the checks met).
+    pub store_seen: BTreeMap<String, usize>,
     pub failures: Vec<String>,
 }
 
@@ -496,6 +509,26 @@ pub struct CaseSpec {
     /// (0: every epoch).
     #[serde(default)]
     pub max_states: usize,
+    /// Snapshot: the daemon's state store is on the metadata partition (the capture drove the
+    /// checkpoint through `policy::Checkpointer`); `None`: no store checks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<StoreSpec>,
+}
+
+/// What the capture asked of the daemon, so the host knows what its store must say.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreSpec {
+    /// `startCheckpoint(retry)` of the checkpoint that is committed (windows `rollback`,
+    /// `commit`); one boot attempt was marked before `armed`.
+    pub retry: i32,
+    /// `startCheckpoint(retry)` of the checkpoint rolled back by the kernel's merge; its
+    /// budget was spent (boot attempts marked) before `armed-2`.
+    pub kernel_merge_retry: i32,
+    /// A file written and fsynced at the end of the workload (path in the data file system):
+    /// once the commit began and the record left `armed`, it must be there (the new data).
+    pub update_file: String,
+    /// Its contents.
+    pub update_text: String,
 }
 
 impl CaseSpec {
@@ -601,6 +634,208 @@ pub fn read_record(
         .map_err(|e| format!("record {path} does not parse ({e}): {text}"))
 }
 
+/// What the daemon's state store in a crashed metadata partition says, once the next boot's
+/// daemon opened it (`Store::open`: its file checks, integrity check and crash recovery) and
+/// evaluated it (`Checkpointer`, no boot control, no backends).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreView {
+    /// The requested checkpoint: (retry, attempts left, attempts used); `None`: none.
+    pub pending: Option<(Option<i32>, Option<u32>, u32)>,
+    /// The open rolled back an interrupted commit: the row was in phase `committing`.
+    pub commit_interrupted: bool,
+    /// The next boot's `needsCheckpoint` (the latch).
+    pub needs_checkpoint: bool,
+    /// Its `needsRollback`.
+    pub needs_rollback: bool,
+    /// The newest history event the capture wrote (not the open's recovery) and its outcome.
+    pub last_event: Option<(HistoryKind, Option<String>)>,
+}
+
+/// The store read from a crashed metadata image, or why it did not open.
+pub type StoreRead = Result<StoreView, String>;
+
+/// The store files the daemon keeps in its metadata directory (the WAL beside the database;
+/// `locking_mode=EXCLUSIVE` keeps no `-shm` file).
+fn store_files() -> [String; 3] {
+    [
+        Store::FILE_NAME.to_owned(),
+        format!("{}-wal", Store::FILE_NAME),
+        Store::MARKER_FILE_NAME.to_owned(),
+    ]
+}
+
+/// Reads the daemon's store out of `replayed_meta` (a metadata image whose journal was
+/// replayed) into `dir` with debugfs, and opens it with the daemon's own code.
+pub fn read_store(replayed_meta: &Path, dir: &Path) -> StoreRead {
+    if dir.exists() {
+        fs::remove_dir_all(dir).map_err(|e| format!("clear {}: {e}", dir.display()))?;
+    }
+    fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    // One debugfs run dumps all three (a missing file is reported and skipped).
+    let script = dir.with_extension("debugfs");
+    let commands: String = store_files()
+        .iter()
+        .map(|name| format!("dump /{name} {}\n", dir.join(name).display()))
+        .collect();
+    fs::write(&script, commands).map_err(|e| format!("write {}: {e}", script.display()))?;
+    let out = Command::new(tool("debugfs"))
+        .arg("-f")
+        .arg(&script)
+        .arg(replayed_meta)
+        .output()
+        .map_err(|e| format!("run debugfs: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("debugfs dump failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    let store = Store::open(dir).map_err(|e| format!("the state store does not open: {e}"))?;
+    let daemon =
+        Checkpointer::new(store, Box::new(NoBootControl), Vec::new(), PolicyOptions::default())
+            .map_err(|e| format!("the policy refuses the store: {e}"))?;
+    let needs_checkpoint =
+        daemon.needs_checkpoint().map_err(|e| format!("needsCheckpoint: {e}"))?;
+    let needs_rollback = daemon.needs_rollback().map_err(|e| format!("needsRollback: {e}"))?;
+    let status = daemon.status().map_err(|e| format!("status: {e}"))?;
+    let history = daemon.history(64).map_err(|e| format!("history: {e}"))?;
+    let recovery = |e: &policy::HistoryEvent| {
+        e.kind == HistoryKind::Recovery && e.outcome.as_deref() == Some("commit_interrupted")
+    };
+    Ok(StoreView {
+        pending: status.budget.is_some().then_some((
+            status.requested_retry,
+            status.attempts_left,
+            status.attempts_used,
+        )),
+        commit_interrupted: history.iter().any(recovery),
+        needs_checkpoint,
+        needs_rollback,
+        last_event: history
+            .iter()
+            .find(|e| e.kind != HistoryKind::Recovery)
+            .map(|e| (e.kind, e.outcome.clone())),
+    })
+}
+
+/// The store against the record, for a crash state of a window of kind `expect`
+/// (docs/crash-consistency.md, "The state store"). `record`: the record's state (`None`: no
+/// record).
+pub fn store_agrees(
+    spec: &StoreSpec,
+    expect: &str,
+    record: Option<CowState>,
+    view: &StoreView,
+) -> Result<(), String> {
+    let armed = record == Some(CowState::Armed);
+    // The checkpoint being committed: requested with `retry`, one boot attempt used.
+    let requested = |view: &StoreView| -> Result<(), String> {
+        let budget_left = u32::try_from(spec.retry).ok();
+        let want = (Some(spec.retry), budget_left, 1);
+        if view.pending != Some(want) {
+            return Err(format!(
+                "the store holds {:?} (retry, attempts left, used), the capture requested {want:?}",
+                view.pending
+            ));
+        }
+        if !view.needs_checkpoint || view.needs_rollback {
+            return Err(format!(
+                "the next boot would answer needsCheckpoint {} / needsRollback {} for a pending \
+                 checkpoint",
+                view.needs_checkpoint, view.needs_rollback
+            ));
+        }
+        Ok(())
+    };
+    match expect {
+        "rollback" => {
+            if view.pending.is_none() {
+                return Err(format!(
+                    "the record is {record:?} but the store holds no checkpoint (last event \
+                     {:?}): the next boot would not say the data is checkpointed",
+                    view.last_event
+                ));
+            }
+            requested(view)?;
+            if view.commit_interrupted {
+                return Err("the store was committing before the commit began".into());
+            }
+            Ok(())
+        }
+        "commit" => match &view.pending {
+            Some(_) => {
+                requested(view)?;
+                if !armed && !view.commit_interrupted {
+                    return Err(format!(
+                        "the record is {record:?} (no longer armed) while the store's checkpoint \
+                         is not marked committing: the backend committed before the daemon \
+                         recorded the commit"
+                    ));
+                }
+                Ok(())
+            }
+            None => {
+                if armed {
+                    return Err(
+                        "the store says committed (no checkpoint) but the record is still armed: \
+                         the next boot would roll the committed update back"
+                            .into(),
+                    );
+                }
+                match &view.last_event {
+                    Some((HistoryKind::Commit, Some(outcome))) if outcome == "ok" => {}
+                    other => {
+                        return Err(format!(
+                            "the store holds no checkpoint and its last event is {other:?}, not \
+                             the commit"
+                        ))
+                    }
+                }
+                if view.needs_checkpoint {
+                    return Err("no checkpoint in the store, yet needsCheckpoint".into());
+                }
+                Ok(())
+            }
+        },
+        "kernel-merge" => {
+            // Spent: every attempt of its budget used, so the next boot rolls back.
+            let spent = view
+                .pending
+                .is_some_and(|p| p.0 == Some(spec.kernel_merge_retry) && p.1 == Some(0));
+            if !spent || !view.needs_rollback || view.needs_checkpoint {
+                return Err(format!(
+                    "during the rollback the store holds {:?} (retry, attempts left, used), \
+                     needsRollback {}, needsCheckpoint {}: want the spent checkpoint of retry {}",
+                    view.pending,
+                    view.needs_rollback,
+                    view.needs_checkpoint,
+                    spec.kernel_merge_retry
+                ));
+            }
+            if view.commit_interrupted {
+                return Err("the store was committing during the rollback".into());
+            }
+            Ok(())
+        }
+        other => Err(format!("unknown window kind {other:?}")),
+    }
+}
+
+/// The update's file in a data image (its journal replayed): `Err` unless it holds `text`.
+fn update_is_there(image: &Path, file: &str, text: &str) -> Result<(), String> {
+    let out = Command::new(tool("debugfs"))
+        .args(["-R", &format!("cat /{file}")])
+        .arg(image)
+        .output()
+        .map_err(|e| format!("run debugfs: {e}"))?;
+    if out.stdout == text.as_bytes() {
+        Ok(())
+    } else {
+        Err(format!(
+            "the update's file /{file} holds {:?} after the commit began, not the update ({})",
+            String::from_utf8_lossy(&out.stdout).chars().take(80).collect::<String>(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
 /// The snapshot case, loaded.
 pub struct SnapshotCase {
     pub spec: CaseSpec,
@@ -671,6 +906,7 @@ fn check_snapshot_state(
     record: Result<Option<SnapshotRecord>, String>,
     scratch: &Path,
     since_armed: &BTreeSet<u64>,
+    store: Option<(&StoreSpec, &StoreRead)>,
     fault: Fault,
     recovery: bool,
     tally: &mut Tally,
@@ -683,6 +919,34 @@ fn check_snapshot_state(
             return Ok(false);
         }
     };
+    if let Some((spec, read)) = store {
+        tally.store_checks += 1;
+        let verdict = read
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(|view| store_agrees(spec, expect, record.as_ref().map(|r| r.state), view));
+        match verdict {
+            Err(e) => {
+                tally.fail(format!("{what}: state store: {e}"));
+                return Ok(false);
+            }
+            Ok(()) => {
+                let view = read.as_ref().map_err(Clone::clone)?;
+                let store = match view.pending {
+                    None => "cleared",
+                    Some(_) if view.commit_interrupted => "committing (rolled back at open)",
+                    Some(_) => "pending",
+                };
+                let rec = record
+                    .as_ref()
+                    .map_or_else(|| "none".to_owned(), |r| format!("{:?}", r.state).to_lowercase());
+                *tally
+                    .store_seen
+                    .entry(format!("{expect}: record {rec}, store {store}"))
+                    .or_default() += 1;
+            }
+        }
+    }
     let armed = record.as_ref().is_some_and(|r| r.state == CowState::Armed);
     if let (false, "kernel-merge", Some(rec)) = (armed, expect, &record) {
         // After the kernel's merge finished, the record says merged: the next boot merges
@@ -725,6 +989,13 @@ fn check_snapshot_state(
         if let Err(e) = fsck_clean(&copy) {
             tally.fail(format!("{what}: committed state: {e}"));
             return Ok(false);
+        }
+        // The record left `armed` after the update was durable: the data is the new data.
+        if let Some((spec, _)) = store {
+            if let Err(e) = update_is_there(&copy, &spec.update_file, &spec.update_text) {
+                tally.fail(format!("{what}: {e}"));
+                return Ok(false);
+            }
         }
         return Ok(true);
     }
@@ -837,6 +1108,23 @@ fn touches(op: &Op, region: &Region) -> bool {
 /// What the crashed metadata partition says: the record, none, or why it cannot be read.
 type RecordRead = Result<Option<SnapshotRecord>, String>;
 
+/// A cached read of the metadata partition: (its version, the later entries kept in it), the
+/// record, the store (when the case has one).
+type MetaRead = ((usize, Vec<usize>), RecordRead, Option<StoreRead>);
+
+/// The store as it is at the mark `name`: the metadata partition replayed up to it (alone) and
+/// read as in a crash state. For [`Fault::StoreClearedFirst`].
+fn store_at_mark(case: &SnapshotCase, name: &str, scratch: &Path) -> Result<StoreRead, Failed> {
+    let at = case.log.mark(name)?;
+    let meta = UndoImage::create(&scratch.join("meta-at-mark.img"), case.meta_region.len)?;
+    for op in &case.log.ops[..=at] {
+        apply_op(&case.log, op, &[(&case.meta_region, &meta)])?;
+    }
+    let replayed = scratch.join("meta-at-mark-replayed.img");
+    read_record(&meta, &replayed, &case.spec.instance)?;
+    Ok(read_store(&replayed, &scratch.join("store-at-mark")))
+}
+
 /// Checks every crash state of a snapshot case (or only `spec.only`). `failures_dir`: where
 /// failing states are saved as cases. `stop_at_first`: return at the first failing state.
 pub fn run_snapshot(
@@ -859,7 +1147,14 @@ pub fn run_snapshot(
     let mut since: Option<BTreeSet<u64>> = None;
     // The record, read again only when the metadata partition changed.
     let mut meta_version = 0usize;
-    let mut cached: Option<((usize, Vec<usize>), RecordRead)> = None;
+    let mut cached: Option<MetaRead> = None;
+    let store_dir = scratch.path().join("store");
+    let spec_store = case.spec.store.as_ref();
+    // The broken order: from the commit's start the store is already the cleared one.
+    let cleared_first = match (fault, &case.spec.windows.iter().find(|w| w.2 == "commit")) {
+        (Fault::StoreClearedFirst, Some(w)) => Some(store_at_mark(case, &w.1, scratch.path())?),
+        _ => None,
+    };
     for (first, last, expect) in &case.spec.windows {
         let from = log.mark(first)?;
         let to = log.mark(last)?;
@@ -914,13 +1209,27 @@ pub fn run_snapshot(
                 }
             }
             let key = (meta_version, meta_extra);
-            let record = match &cached {
-                Some((k, r)) if *k == key => r.clone(),
+            let (record, store_read) = match &cached {
+                Some((k, r, s)) if *k == key => (r.clone(), s.clone()),
                 _ => {
                     let r = read_record(&meta, &meta_copy, &case.spec.instance);
-                    cached = Some((key, r.clone()));
-                    r
+                    // The store lives on the same partition: read it from the same replayed
+                    // copy (only when the record's read got that far).
+                    let s = match (&r, spec_store) {
+                        (Ok(_), Some(_)) => {
+                            tally.store_opens += 1;
+                            Some(read_store(&meta_copy, &store_dir))
+                        }
+                        (Err(e), Some(_)) => Some(Err(format!("metadata unreadable: {e}"))),
+                        (_, None) => None,
+                    };
+                    cached = Some((key, r.clone(), s.clone()));
+                    (r, s)
                 }
+            };
+            let store_read = match (&cleared_first, expect.as_str()) {
+                (Some(late), "commit") => Some(late.clone()),
+                _ => store_read,
             };
             let what = format!(
                 "{} state {n_state} (entry {} + {} later writes)",
@@ -936,6 +1245,7 @@ pub fn run_snapshot(
                 record,
                 scratch.path(),
                 &blocks,
+                spec_store.zip(store_read.as_ref()),
                 fault,
                 recovery,
                 &mut tally,
