@@ -114,12 +114,19 @@ fn every_saved_case_passes() {
     for dir in dirs {
         let t = crash::run_case(&dir, Fault::None, None).unwrap();
         println!(
-            "{}: {} crash states, {} during recovery, {} failures",
+            "{}: {} crash states, {} during recovery, {} store checks ({} opens, {:.1} s), {} \
+             failures",
             dir.display(),
             t.states,
             t.recovery_states,
+            t.store_checks,
+            t.store_opens,
+            t.store_time.as_secs_f64(),
             t.failures.len()
         );
+        for (seen, n) in &t.store_seen {
+            println!("  store checks passed: {seen}: {n} crash states");
+        }
         assert!(t.failures.is_empty(), "{}: {:#?}", dir.display(), t.failures);
         assert!(t.states > 0, "{}: no crash state checked", dir.display());
     }

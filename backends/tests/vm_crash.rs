@@ -88,12 +88,13 @@ fn report(line: &str) {
 
 fn tally_line(what: &str, t: &Tally, took: Duration) -> String {
     format!(
-        "crash suite {what}: {} crash states checked ({} during recovery), {} fsck runs, {} store checks ({} store opens), {} failures, {:.1} s",
+        "crash suite {what}: {} crash states checked ({} during recovery), {} fsck runs, {} store checks ({} store opens, {:.1} s), {} failures, {:.1} s",
         t.states,
         t.recovery_states,
         t.fsck_runs,
         t.store_checks,
         t.store_opens,
+        t.store_time.as_secs_f64(),
         t.failures.len(),
         took.as_secs_f64()
     )

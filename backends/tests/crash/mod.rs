@@ -457,6 +457,8 @@ pub struct Tally {
     /// Times the store was read out of a crashed metadata image and opened (only when the
     /// metadata partition changed).
     pub store_opens: usize,
+    /// Time spent reading the store out of images and opening it.
+    pub store_time: std::time::Duration,
     /// Crash states that passed the store checks, by window, record and store state (which
     /// cases the checks met).
     pub store_seen: BTreeMap<String, usize>,
@@ -934,6 +936,7 @@ fn check_snapshot_state(
                 let view = read.as_ref().map_err(Clone::clone)?;
                 let store = match view.pending {
                     None => "cleared",
+                    Some((_, Some(0), _)) => "spent (rollback pending)",
                     Some(_) if view.commit_interrupted => "committing (rolled back at open)",
                     Some(_) => "pending",
                 };
@@ -1217,8 +1220,11 @@ pub fn run_snapshot(
                     // copy (only when the record's read got that far).
                     let s = match (&r, spec_store) {
                         (Ok(_), Some(_)) => {
+                            let started = std::time::Instant::now();
+                            let read = read_store(&meta_copy, &store_dir);
                             tally.store_opens += 1;
-                            Some(read_store(&meta_copy, &store_dir))
+                            tally.store_time += started.elapsed();
+                            Some(read)
                         }
                         (Err(e), Some(_)) => Some(Err(format!("metadata unreadable: {e}"))),
                         (_, None) => None,
