@@ -3,18 +3,21 @@
 //! One boot captures dm-log-writes logs of checkpointed /data workloads, with the log **under
 //! the whole device stack**:
 //! * `snapshot` on ext4: raw loop device → log-writes (log on a second loop device) → two
-//!   dm-linear partitions (metadata: the backend records; data: the snapshot backend's whole
-//!   stack and ext4). One log orders both, so a crash state cuts both at the same moment.
-//!   Phases are marked from userspace: `armed` (checkpoint started), the app-data update and
-//!   fsx-like operations, `workload-end`, `commit-begin` / `commit-end`.
+//!   dm-linear partitions (metadata: the backend records and the daemon's state store; data:
+//!   the snapshot backend's whole stack and ext4). One log orders both, so a crash state cuts
+//!   both at the same moment. The checkpoints are driven through `policy::Checkpointer`, as
+//!   the daemon drives them. Phases are marked from userspace: `armed` (checkpoint started),
+//!   the app-data update and fsx-like operations, `workload-end`, `commit-begin` /
+//!   `commit-end`.
 //! * `bow` (no dm-bow in this kernel): the same workload on ext4 directly over log-writes,
 //!   marks `bow-trim` (before fstrim), `bow-checkpoint`, `bow-end`; the host replays it through
 //!   the engine model.
 //!
 //! The host then enumerates the crash states and runs the next boot's recovery on each (the
-//! offline merge; bow's restore), checks exactness, fsck and the record, crashes the recovery
-//! itself for a sample, prints the counts, saves failures as cases, and shows that a merge or
-//! restore broken on purpose (one write skipped, one flush dropped) is caught.
+//! offline merge; bow's restore), checks exactness, fsck, the record and the state store,
+//! crashes the recovery itself for a sample, prints the counts, saves failures as cases, and
+//! shows that a merge or restore broken on purpose (one write skipped, one flush dropped) and
+//! a store cleared before the backend's commit are caught.
 //! `CPD_CRASH_LONG=1` (`cargo xtask test --long`) runs longer workloads and more subsets.
 
 mod crash;
