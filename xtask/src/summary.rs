@@ -77,6 +77,56 @@ pub fn summary_line(passed: u64, failed: u64, skipped: u64) -> String {
     }
 }
 
+/// The `---- NAME stdout ----` (libtest) or `---- NAME ----` (libtest-mimic) sections of a run:
+/// what each failed test printed. Fed line by line; a section ends at the next header, at the
+/// `failures:` list that follows the sections, or at the result line.
+#[derive(Debug, Default)]
+pub struct FailureSections {
+    done: Vec<(String, Vec<String>)>,
+    open: Option<(String, Vec<String>)>,
+}
+
+impl FailureSections {
+    pub fn feed(&mut self, line: &str) {
+        if let Some(name) = section_header(line) {
+            self.close();
+            self.open = Some((name, Vec::new()));
+        } else if line.trim_end() == "failures:" || parse_result_line(line).is_some() {
+            self.close();
+        } else if let Some((_, lines)) = &mut self.open {
+            lines.push(line.to_owned());
+        }
+    }
+
+    fn close(&mut self) {
+        if let Some(section) = self.open.take() {
+            self.done.push(section);
+        }
+    }
+
+    /// Every section read, each cut to its first `head` and last `tail` lines: the start says
+    /// what failed, the end why (a VM error ends with the console's last lines).
+    pub fn finish(mut self, head: usize, tail: usize) -> Vec<(String, Vec<String>)> {
+        self.close();
+        for (_, lines) in &mut self.done {
+            while lines.last().is_some_and(|l| l.trim().is_empty()) {
+                lines.pop();
+            }
+            if lines.len() > head + tail {
+                let cut = lines.len() - head - tail;
+                lines.splice(head..head + cut, [format!("[... {cut} lines ...]")]);
+            }
+        }
+        self.done
+    }
+}
+
+fn section_header(line: &str) -> Option<String> {
+    let inner = line.strip_prefix("---- ")?.strip_suffix(" ----")?;
+    let name = inner.strip_suffix(" stdout").unwrap_or(inner).trim();
+    (!name.is_empty() && !name.contains(" ---- ")).then(|| name.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,5 +182,32 @@ mod tests {
     fn summary_mentions_skipped_only_when_there_are_some() {
         assert_eq!(summary_line(3, 0, 0), "3 passed, 0 failed");
         assert_eq!(summary_line(3, 1, 2), "3 passed, 1 failed, 2 skipped");
+    }
+
+    #[test]
+    fn failure_sections_keep_each_failed_tests_output_tail() {
+        let out = "running 2 tests\ntest a ... FAILED\ntest b ... FAILED\n\nfailures:\n\n\
+                   ---- a stdout ----\nline 1\nline 2\nline 3\n\n\
+                   ---- b ----\nVM `b`: expected exit status 0, got TimedOut\n\n\
+                   failures:\n    a\n    b\n\ntest result: FAILED. 0 passed; 2 failed; 0 ignored";
+        let mut sections = FailureSections::default();
+        for line in out.lines() {
+            sections.feed(line);
+        }
+        let got = sections.finish(1, 1);
+        assert_eq!(
+            got,
+            vec![
+                (
+                    "a".to_owned(),
+                    vec!["line 1".to_owned(), "[... 1 lines ...]".to_owned(), "line 3".to_owned()]
+                ),
+                ("b".to_owned(), vec!["VM `b`: expected exit status 0, got TimedOut".to_owned()]),
+            ]
+        );
+        let mut none = FailureSections::default();
+        none.feed("---- not a header");
+        none.feed("test result: ok. 1 passed; 0 failed; 0 ignored");
+        assert!(none.finish(5, 5).is_empty());
     }
 }

@@ -12,6 +12,9 @@ use crate::{cargo, setup};
 
 /// Seconds each fuzz target runs in the smoke run.
 const FUZZ_SECONDS: u32 = 15;
+/// Lines of each failed test's output repeated before the summary: its first and its last.
+const FAILURE_HEAD_LINES: usize = 20;
+const FAILURE_TAIL_LINES: usize = 30;
 
 #[derive(Debug)]
 struct Phase {
@@ -28,6 +31,8 @@ struct Report {
     checks: Tally,
     skipped: Vec<(String, Option<String>)>,
     failed: Vec<String>,
+    /// What each failed test printed (its last lines), shown again at the end.
+    failure_output: Vec<(String, Vec<String>)>,
 }
 
 impl Report {
@@ -103,6 +108,13 @@ pub fn run(fuzz: bool) -> Result<ExitCode> {
         fuzz_smoke(&mut r, &root)?;
     }
 
+    // Again at the end, where a CI log's tail shows it (the fuzz phases print after the tests).
+    for (name, lines) in &r.failure_output {
+        println!("\n=== what the failed test {name} printed (its start and end) ===");
+        for line in lines {
+            println!("{line}");
+        }
+    }
     println!("\n=== summary ===");
     for p in &r.phases {
         println!("  {:<30} {:>8.1} s  {}", p.name, p.seconds, if p.ok { "ok" } else { "FAILED" });
@@ -142,6 +154,7 @@ struct TestRun {
     tally: Tally,
     skipped: Vec<(String, Option<String>)>,
     failed: Vec<String>,
+    failure_output: Vec<(String, Vec<String>)>,
 }
 
 impl Report {
@@ -149,6 +162,7 @@ impl Report {
         self.tests.add(run.tally);
         self.skipped.extend(run.skipped);
         self.failed.extend(run.failed);
+        self.failure_output.extend(run.failure_output);
         if !run.ok && run.tally.failed == 0 {
             // A crate did not compile, or a test binary crashed without a result line.
             self.tests.failed += 1;
@@ -163,9 +177,11 @@ fn run_tests(mut cmd: Command) -> Result<TestRun> {
     let mut child = cmd.stdout(Stdio::piped()).spawn().context("starting cargo test")?;
     let stdout = child.stdout.take().context("no stdout")?;
     let mut run = TestRun::default();
+    let mut sections = summary::FailureSections::default();
     for line in BufReader::new(stdout).lines() {
         let line = line?;
         println!("{line}");
+        sections.feed(&line);
         if let Some(t) = summary::parse_result_line(&line) {
             run.tally.add(t);
         }
@@ -176,6 +192,7 @@ fn run_tests(mut cmd: Command) -> Result<TestRun> {
         }
     }
     run.ok = child.wait()?.success();
+    run.failure_output = sections.finish(FAILURE_HEAD_LINES, FAILURE_TAIL_LINES);
     Ok(run)
 }
 
@@ -251,10 +268,12 @@ mod tests {
             tally,
             skipped: vec![("vm".into(), Some("needs the virtual device".into()))],
             failed: vec!["t".into()],
+            failure_output: vec![("t".into(), vec!["assertion failed".into()])],
         };
         r.record(run, "cargo test");
         assert_eq!(r.tests, tally);
         assert_eq!(r.failed, ["t"]);
+        assert_eq!(r.failure_output, [("t".to_owned(), vec!["assertion failed".to_owned()])]);
         assert_eq!(r.skipped.len(), 1);
     }
 }
