@@ -37,6 +37,32 @@ pub fn target_dir() -> PathBuf {
     profile.parent().map(Path::to_path_buf).unwrap_or(profile)
 }
 
+/// Which of the installed kernels a VM boots. `cargo xtask setup` installs both; each one's
+/// release name is in its own file under `<cache>/kernel/`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// Debian 12's own kernel (6.1, `linux-image-amd64`): the default, and the one the
+    /// out-of-tree dm-bow module is built for.
+    #[default]
+    Debian61,
+    /// Debian 12's 6.12 kernel (`linux-image-6.12-amd64`): ublk with `UBLK_F_USER_RECOVERY`
+    /// and the rest of a recent mainline block layer.
+    Mainline612,
+}
+
+impl Kernel {
+    /// Every kernel setup installs, the default first.
+    pub const ALL: [Kernel; 2] = [Kernel::Debian61, Kernel::Mainline612];
+
+    /// The file under `<cache>/kernel/` that holds this kernel's release name.
+    pub fn version_file(self) -> &'static str {
+        match self {
+            Kernel::Debian61 => "VERSION",
+            Kernel::Mainline612 => "VERSION-6.12",
+        }
+    }
+}
+
 /// The installed bench: a kernel and virtme-ng, as `cargo xtask setup` leaves them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bench {
@@ -67,15 +93,25 @@ impl fmt::Display for NotInstalled {
 impl std::error::Error for NotInstalled {}
 
 impl Bench {
-    /// Finds the kernel and virtme-ng in [`cache_dir`].
+    /// Finds the default kernel and virtme-ng in [`cache_dir`].
     pub fn locate() -> Result<Self, NotInstalled> {
-        Self::locate_in(&cache_dir())
+        Self::locate_kernel(Kernel::default())
     }
 
-    /// Finds the kernel and virtme-ng in `cache`.
+    /// Finds `kernel` and virtme-ng in [`cache_dir`].
+    pub fn locate_kernel(kernel: Kernel) -> Result<Self, NotInstalled> {
+        Self::locate_kernel_in(&cache_dir(), kernel)
+    }
+
+    /// Finds the default kernel and virtme-ng in `cache`.
     pub fn locate_in(cache: &Path) -> Result<Self, NotInstalled> {
+        Self::locate_kernel_in(cache, Kernel::default())
+    }
+
+    /// Finds `kernel` and virtme-ng in `cache`.
+    pub fn locate_kernel_in(cache: &Path, kernel: Kernel) -> Result<Self, NotInstalled> {
         let must = |p: PathBuf| if p.exists() { Ok(p) } else { Err(NotInstalled { missing: p }) };
-        let version_file = must(cache.join("kernel").join("VERSION"))?;
+        let version_file = must(cache.join("kernel").join(kernel.version_file()))?;
         let kernel_version = std::fs::read_to_string(&version_file)
             .map_err(|_| NotInstalled { missing: version_file.clone() })?
             .trim()
@@ -121,6 +157,34 @@ mod tests {
         let bench = Bench::locate_in(dir.path()).unwrap();
         assert_eq!(bench.kernel_version, "6.1.0-9-amd64");
         assert!(bench.kernel_image.ends_with("boot/vmlinuz-6.1.0-9-amd64"));
+    }
+
+    #[test]
+    fn each_kernel_is_found_through_its_own_version_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let kdir = dir.path().join("kernel");
+        for (file, version) in
+            [("VERSION", "6.1.0-9-amd64"), ("VERSION-6.12", "6.12.1+deb12-amd64")]
+        {
+            let modules = kdir.join(version).join("lib/modules").join(version);
+            std::fs::create_dir_all(&modules).unwrap();
+            std::fs::write(modules.join("modules.dep"), "").unwrap();
+            std::fs::create_dir_all(kdir.join(version).join("boot")).unwrap();
+            std::fs::write(kdir.join(version).join(format!("boot/vmlinuz-{version}")), "").unwrap();
+            std::fs::write(kdir.join(file), format!("{version}\n")).unwrap();
+        }
+        std::fs::create_dir_all(dir.path().join("venv/bin")).unwrap();
+        std::fs::write(dir.path().join("venv/bin/vng"), "").unwrap();
+        let default = Bench::locate_in(dir.path()).unwrap();
+        assert_eq!(default.kernel_version, "6.1.0-9-amd64");
+        let new = Bench::locate_kernel_in(dir.path(), Kernel::Mainline612).unwrap();
+        assert_eq!(new.kernel_version, "6.12.1+deb12-amd64");
+        assert!(new.kernel_image.ends_with("boot/vmlinuz-6.12.1+deb12-amd64"));
+
+        std::fs::remove_file(kdir.join("VERSION-6.12")).unwrap();
+        let err = Bench::locate_kernel_in(dir.path(), Kernel::Mainline612).unwrap_err();
+        assert!(err.to_string().contains("kernel/VERSION-6.12"), "{err}");
+        assert!(Bench::locate_in(dir.path()).is_ok());
     }
 
     #[test]

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
+pub use crate::paths::Kernel;
 use crate::paths::{self, Bench, NotInstalled};
 pub use crate::status::GuestExit;
 use crate::status::{self, Anomaly, Evidence, ScriptSpec};
@@ -44,6 +45,7 @@ pub struct Vm {
     disks: Vec<PathBuf>,
     env: Vec<(String, String)>,
     stream: bool,
+    kernel: Kernel,
 }
 
 /// How waiting for vng ended.
@@ -151,7 +153,15 @@ impl Vm {
             disks: Vec::new(),
             env: Vec::new(),
             stream: false,
+            kernel: Kernel::default(),
         }
+    }
+
+    /// The kernel to boot (default [`Kernel::Debian61`]). Scenarios that load the out-of-tree
+    /// dm-bow module keep the default: that port targets the 6.1 kernel API.
+    pub fn kernel(mut self, kernel: Kernel) -> Self {
+        self.kernel = kernel;
+        self
     }
 
     /// Guest memory in MiB (default 1024).
@@ -182,7 +192,7 @@ impl Vm {
     /// modprobe command lines run before the program, in order, e.g. `"loop"`,
     /// `"binder_linux devices=binder,hwbinder"`; a line that is an absolute path to a `.ko`
     /// file is loaded with `insmod` (an out-of-tree module). Modules named in
-    /// [`MODULES_ENV`] are added to every VM.
+    /// [`MODULES_ENV`] are added to every VM that boots the default kernel.
     ///
     /// `"binder_linux devices=binder,hwbinder"`. A failure ends the run with
     /// [`VmError::ModuleLoad`].
@@ -230,7 +240,7 @@ impl Vm {
     /// Boots the VM and runs `program` (any host path: the host's root is visible read-only) with
     /// `args` as root in the guest.
     pub fn run(&self, program: &Path, args: &[&str]) -> Result<GuestRun, VmError> {
-        let bench = Bench::locate()?;
+        let bench = Bench::locate_kernel(self.kernel)?;
         self.check_config()?;
         let program = fs::canonicalize(program)
             .map_err(|e| self.io(format!("finding program {}", program.display()), e))?;
@@ -250,7 +260,8 @@ impl Vm {
         modules.extend(self.modules.iter().cloned());
         // Out-of-tree modules (`--module PATH` of cargo xtask test/demo), after dm-mod so that a
         // device-mapper target module (an out-of-tree dm-bow) finds the core it builds on.
-        let extra = extra_modules();
+        // They are built for the default kernel only: another kernel would refuse them.
+        let extra = if self.kernel == Kernel::default() { extra_modules() } else { Vec::new() };
         if !extra.is_empty() {
             modules.push("dm-mod".to_owned());
             modules.extend(extra.iter().map(|p| p.to_string_lossy().into_owned()));

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, ensure as check, Context, Result};
-use testbench::paths::cache_dir;
+use testbench::paths::{cache_dir, Kernel};
 
 /// Debian packages the bench and the tests use.
 pub const APT_PACKAGES: &[&str] = &[
@@ -33,21 +33,30 @@ pub const APT_PACKAGES: &[&str] = &[
     "grub-common",      // grub-editenv: the grubenv boot control
     "grub-emu",         // GRUB in userspace: runs the documented grub.cfg A/B snippet
     "systemd",          // systemd-analyze verify for the shipped units
+    // bindgen (the `libublk` crate, behind bowengine's/ublk-server's `ublk` feature) loads
+    // libclang.so at build time; Debian 12 ships it in libclang-dev (clang 14).
+    "libclang-dev",
 ];
 /// virtme-ng version installed into the venv (the one checked on these machines).
 pub const VIRTME_NG: &str = "virtme-ng==1.42";
 /// Tools installed with `cargo install --locked --root <cache>/tools`: (binary, crate spec).
 pub const TOOLS: &[(&str, &str)] =
     &[("rsb_hub", "rsbinder-tools@0.12.0"), ("cargo-fuzz", "cargo-fuzz@0.13.2")];
-/// The meta package whose dependency names the kernel to unpack.
-const KERNEL_META: &str = "linux-image-amd64";
+/// The kernels of the virtual device: which one, the meta package whose dependency names its
+/// current package, and the suffix to add to that name (the 6.12 kernel comes unsigned: the same
+/// image and modules, without the Secure Boot signature QEMU does not need).
+const KERNELS: &[(Kernel, &str, &str)] = &[
+    (Kernel::Debian61, "linux-image-amd64", ""),
+    (Kernel::Mainline612, "linux-image-6.12-amd64", "-unsigned"),
+];
 
 /// What is missing.
 #[derive(Debug, Default)]
 pub struct Missing {
     pub packages: Vec<&'static str>,
     pub venv: bool,
-    pub kernel: bool,
+    /// Kernels not (fully) unpacked in the cache.
+    pub kernels: Vec<Kernel>,
     pub tools: Vec<(&'static str, &'static str)>,
     /// rustup components (`rustfmt`, `clippy`) whose cargo subcommand does not run.
     pub components: Vec<&'static str>,
@@ -57,7 +66,7 @@ impl Missing {
     pub fn nothing(&self) -> bool {
         self.packages.is_empty()
             && !self.venv
-            && !self.kernel
+            && self.kernels.is_empty()
             && self.tools.is_empty()
             && self.components.is_empty()
     }
@@ -74,7 +83,7 @@ pub fn missing() -> Result<Missing> {
             .filter(|p| !installed.iter().any(|i| i == p))
             .collect(),
         venv: !cache.join("venv/bin/vng").is_file(),
-        kernel: kernel_missing(&cache),
+        kernels: Kernel::ALL.into_iter().filter(|k| kernel_missing(&cache, *k)).collect(),
         tools: TOOLS
             .iter()
             .copied()
@@ -93,8 +102,10 @@ pub fn missing() -> Result<Missing> {
     })
 }
 
-fn kernel_missing(cache: &Path) -> bool {
-    let Ok(version) = fs::read_to_string(cache.join("kernel/VERSION")) else { return true };
+fn kernel_missing(cache: &Path, kernel: Kernel) -> bool {
+    let Ok(version) = fs::read_to_string(cache.join("kernel").join(kernel.version_file())) else {
+        return true;
+    };
     let version = version.trim();
     let root = cache.join("kernel").join(version);
     !(root.join(format!("boot/vmlinuz-{version}")).is_file()
@@ -131,8 +142,8 @@ pub fn run() -> Result<bool> {
     if todo.venv {
         install_venv(&cache)?;
     }
-    if todo.kernel {
-        install_kernel(&cache, apt_updated)?;
+    for kernel in &todo.kernels {
+        install_kernel(&cache, *kernel, apt_updated)?;
     }
     if !todo.components.is_empty() {
         println!("setup: adding rustup components: {}", todo.components.join(" "));
@@ -165,17 +176,23 @@ fn install_venv(cache: &Path) -> Result<()> {
     ]))
 }
 
-fn install_kernel(cache: &Path, apt_updated: bool) -> Result<()> {
-    let package = match kernel_package() {
+fn install_kernel(cache: &Path, kernel: Kernel, apt_updated: bool) -> Result<()> {
+    let (_, meta, suffix) = KERNELS
+        .iter()
+        .find(|(k, _, _)| *k == kernel)
+        .with_context(|| format!("no package source for {kernel:?}"))?;
+    let package = match kernel_package(meta) {
         Ok(p) => p,
         Err(e) if !apt_updated => {
             println!("setup: {e:#}; refreshing the package lists");
             apt(&["update"])?;
-            kernel_package()?
+            kernel_package(meta)?
         }
         Err(e) => return Err(e),
     };
+    // The release name (`uname -r`, the modules folder) is the signed package's name.
     let version = package.strip_prefix("linux-image-").unwrap_or(&package).to_owned();
+    let package = format!("{package}{suffix}");
     println!("setup: installing kernel {version} (package {package}) into the cache");
     let debs = cache.join("debs");
     fs::create_dir_all(&debs)?;
@@ -202,23 +219,22 @@ fn install_kernel(cache: &Path, apt_updated: bool) -> Result<()> {
     run_cmd(Command::new("dpkg").arg("-x").arg(&deb).arg(&partial))?;
     fs::rename(&partial, &dest)?;
     run_cmd(Command::new(sbin("depmod")).arg("-b").arg(&dest).arg(&version))?;
-    let tmp = kernels.join("VERSION.tmp");
+    let version_file = kernels.join(kernel.version_file());
+    let tmp = version_file.with_extension("tmp");
     fs::write(&tmp, format!("{version}\n"))?;
-    fs::rename(&tmp, kernels.join("VERSION"))?;
+    fs::rename(&tmp, &version_file)?;
     fs::remove_file(&deb)?;
     println!("setup: kernel {version} unpacked in {}", dest.display());
     Ok(())
 }
 
-/// The kernel package that `linux-image-amd64` depends on today.
-fn kernel_package() -> Result<String> {
-    let out = Command::new("apt-cache")
-        .args(["depends", KERNEL_META])
-        .output()
-        .context("running apt-cache")?;
+/// The kernel package that the meta package `meta` depends on today (one exact name).
+fn kernel_package(meta: &str) -> Result<String> {
+    let out =
+        Command::new("apt-cache").args(["depends", meta]).output().context("running apt-cache")?;
     let text = String::from_utf8_lossy(&out.stdout);
     parse_kernel_depends(&text)
-        .with_context(|| format!("apt-cache depends {KERNEL_META} names no kernel package"))
+        .with_context(|| format!("apt-cache depends {meta} names no kernel package"))
 }
 
 /// Finds `Depends: linux-image-<version>` in `apt-cache depends` output.
@@ -310,6 +326,21 @@ mod tests {
         let virtual_only = "linux-image-amd64\n  Depends: <linux-image-6.1.0-9-amd64-unsigned>\n";
         assert_eq!(parse_kernel_depends(virtual_only), None);
         assert_eq!(parse_kernel_depends(""), None);
+    }
+
+    #[test]
+    fn the_612_kernel_comes_from_its_own_meta_package() {
+        // `apt-cache depends linux-image-6.12-amd64` on Debian 12 (bookworm-security).
+        let text = "linux-image-6.12-amd64\n  Depends: linux-image-6.12.118+deb12-amd64\n";
+        assert_eq!(parse_kernel_depends(text).as_deref(), Some("linux-image-6.12.118+deb12-amd64"));
+        let (_, meta, suffix) = KERNELS.iter().find(|(k, _, _)| *k == Kernel::Mainline612).unwrap();
+        assert_eq!((*meta, *suffix), ("linux-image-6.12-amd64", "-unsigned"));
+        // The two kernels record their release names in different files, the default in the
+        // file older caches already have.
+        assert_eq!(KERNELS[0].0, Kernel::default());
+        assert_eq!(Kernel::default().version_file(), "VERSION");
+        assert_ne!(Kernel::Mainline612.version_file(), Kernel::Debian61.version_file());
+        assert_eq!(KERNELS.len(), Kernel::ALL.len());
     }
 
     #[test]
