@@ -1,0 +1,109 @@
+//! The server's control channel: one line in, one line out, on the abstract unix socket
+//! `bow-ublk-<dev id>` (abstract, so that it needs no file system path and works across the
+//! server's private mount namespace).
+
+use std::fmt;
+use std::io::{BufRead, BufReader, Write};
+
+/// A request to the running server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Engine: TRIM → CHECKPOINT (the caller ran FITRIM first).
+    Checkpoint,
+    /// Engine: CHECKPOINT → COMMITTED.
+    Commit,
+    /// State and space.
+    Status,
+    /// Stop serving and delete the device (the file system on it must be unmounted).
+    Stop,
+}
+
+impl Command {
+    /// The word on the wire.
+    pub fn word(self) -> &'static str {
+        match self {
+            Command::Checkpoint => "checkpoint",
+            Command::Commit => "commit",
+            Command::Status => "status",
+            Command::Stop => "stop",
+        }
+    }
+
+    /// Parses one line (surrounding white space ignored).
+    pub fn parse(line: &str) -> Option<Command> {
+        [Command::Checkpoint, Command::Commit, Command::Status, Command::Stop]
+            .into_iter()
+            .find(|c| c.word() == line.trim())
+    }
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.word())
+    }
+}
+
+/// The abstract socket name of device `dev_id`'s server.
+pub fn socket_name(dev_id: u32) -> String {
+    format!("bow-ublk-{dev_id}")
+}
+
+/// What went wrong talking to a server.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("no bow-ublk server answers for device {dev_id}: {source}")]
+    Connect { dev_id: u32, source: std::io::Error },
+    #[error("talking to the bow-ublk server of device {dev_id}: {source}")]
+    Io { dev_id: u32, source: std::io::Error },
+    #[error("the bow-ublk server of device {dev_id} refused `{command}`: {message}")]
+    Refused { dev_id: u32, command: Command, message: String },
+}
+
+/// Sends `command` to device `dev_id`'s server; returns its `ok` line's text.
+pub fn send(dev_id: u32, command: Command) -> Result<String, ControlError> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixStream};
+    let addr = SocketAddr::from_abstract_name(socket_name(dev_id))
+        .map_err(|source| ControlError::Connect { dev_id, source })?;
+    let mut stream = UnixStream::connect_addr(&addr)
+        .map_err(|source| ControlError::Connect { dev_id, source })?;
+    let io = |source| ControlError::Io { dev_id, source };
+    writeln!(stream, "{command}").map_err(io)?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line).map_err(io)?;
+    parse_reply(&line).map_err(|message| ControlError::Refused { dev_id, command, message })
+}
+
+/// `ok <text>` → `Ok(text)`, `error <text>` (or anything else) → `Err(text)`.
+pub fn parse_reply(line: &str) -> Result<String, String> {
+    let line = line.trim_end();
+    match line.split_once(' ').unwrap_or((line, "")) {
+        ("ok", rest) => Ok(rest.to_owned()),
+        ("error", rest) => Err(rest.to_owned()),
+        _ if line.is_empty() => Err("the server closed the connection without a reply".into()),
+        _ => Err(format!("unexpected reply {line:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_round_trip_and_unknown_words_are_refused() {
+        for c in [Command::Checkpoint, Command::Commit, Command::Status, Command::Stop] {
+            assert_eq!(Command::parse(&format!("{c}\n")), Some(c));
+        }
+        assert_eq!(Command::parse("rollback"), None);
+        assert_eq!(Command::parse(""), None);
+    }
+
+    #[test]
+    fn replies_say_ok_or_why_not() {
+        assert_eq!(parse_reply("ok state=1 free=4096\n"), Ok("state=1 free=4096".into()));
+        assert_eq!(parse_reply("ok\n"), Ok(String::new()));
+        assert_eq!(parse_reply("error not an engine\n"), Err("not an engine".into()));
+        assert!(parse_reply("").unwrap_err().contains("without a reply"));
+        assert!(parse_reply("hello").unwrap_err().contains("unexpected"));
+    }
+}

@@ -1,0 +1,385 @@
+//! The ublk server (feature `ublk`): libublk, one queue, the [`Target`] behind a mutex shared
+//! with the control thread.
+//!
+//! * It runs in its own mount namespace (`unshare(CLONE_NEWNS)`, `/` made private first): a
+//!   server that shares the namespace of its device's users can deadlock on exit (it would hold
+//!   a reference to a mount that needs its own I/O to go away).
+//! * `UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE`: when the server dies the kernel keeps
+//!   /dev/ublkbN, queues new requests and requeues those the dead server had taken; `recover`
+//!   re-attaches and they are all issued again. A write is never failed back to the file system
+//!   because the server crashed. (Without REISSUE the kernel fails the requests the dead server
+//!   had taken.) Writes may be issued twice; both backings tolerate that (same data, same place).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+
+use blockcopy::device::{BlockDevice, FileDevice};
+use bow::format::LogHeader;
+use bow::model::{BowEngine, BowState};
+use bow::units::BlockSize;
+use bow_engine::{Engine, EngineConfig};
+use clap::{Parser, Subcommand};
+use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
+use libublk::helpers::IoBuf;
+use libublk::io::{UblkDev, UblkQueue};
+use libublk::{BufDesc, UblkError, UblkFlags};
+
+use crate::control::{self, Command};
+use crate::target::{Backing, Request, Target};
+
+/// Bytes one request may carry.
+const IO_BUF_BYTES: u32 = 512 << 10;
+/// The engine's block, and the device's logical block (so every request is whole blocks).
+const BLOCK_SHIFT: u8 = 12;
+
+/// Why the server did not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("entering a private mount namespace: {0}")]
+    Namespace(nix::Error),
+    #[error("opening {path}: {source}")]
+    Open { path: PathBuf, source: blockcopy::device::DeviceError },
+    #[error("ublk: {what}: {source:?} (is ublk_drv loaded and /dev/ublk-control there?)")]
+    Ublk { what: &'static str, source: UblkError },
+    #[error(
+        "device {dev_id}: {path} holds a running checkpoint's log, and the engine's range map \
+         died with the old server (docs/userspace-bow.md, \"Resuming\"); refusing to recover"
+    )]
+    CheckpointLost { dev_id: u32, path: PathBuf },
+    #[error("reading block 0 of {path}: {source}")]
+    ReadBlock0 { path: PathBuf, source: blockcopy::device::DeviceError },
+    #[error("the control socket {name}: {source}")]
+    Control { name: String, source: std::io::Error },
+    #[error(transparent)]
+    Command(#[from] control::ControlError),
+}
+
+fn ublk(what: &'static str) -> impl FnOnce(UblkError) -> ServeError {
+    move |source| ServeError::Ublk { what, source }
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bow-ublk",
+    about = "Serve a device through the backup-on-write engine as /dev/ublkbN"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Add a ublk device over DEVICE and serve it until `stop` (prints "serving /dev/ublkbN").
+    Serve {
+        #[arg(long)]
+        device: PathBuf,
+        /// A plain pass-through instead of the engine (the baseline).
+        #[arg(long)]
+        passthrough: bool,
+        /// The ublk device id to ask for (default: the next free one).
+        #[arg(long)]
+        id: Option<u32>,
+        #[arg(long, default_value_t = 64)]
+        queue_depth: u16,
+    },
+    /// Re-attach to device ID after its server died; its queued requests are issued again.
+    Recover {
+        #[arg(long)]
+        id: u32,
+        #[arg(long)]
+        device: PathBuf,
+        #[arg(long)]
+        passthrough: bool,
+        #[arg(long, default_value_t = 64)]
+        queue_depth: u16,
+    },
+    /// Ask the server of device ID to start the checkpoint (after FITRIM).
+    Checkpoint {
+        #[arg(long)]
+        id: u32,
+    },
+    /// Ask the server of device ID to commit the checkpoint.
+    Commit {
+        #[arg(long)]
+        id: u32,
+    },
+    /// Print the state and space of device ID's server.
+    Status {
+        #[arg(long)]
+        id: u32,
+    },
+    /// Stop the server of device ID and delete the device.
+    Stop {
+        #[arg(long)]
+        id: u32,
+    },
+}
+
+/// The `bow-ublk` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Serve { device, passthrough, id, queue_depth } => {
+            serve(&device, backing(passthrough), id, queue_depth, false)
+        }
+        Cmd::Recover { id, device, passthrough, queue_depth } => {
+            serve(&device, backing(passthrough), Some(id), queue_depth, true)
+        }
+        Cmd::Checkpoint { id } => ask(id, Command::Checkpoint),
+        Cmd::Commit { id } => ask(id, Command::Commit),
+        Cmd::Status { id } => ask(id, Command::Status),
+        Cmd::Stop { id } => ask(id, Command::Stop),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bow-ublk: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn backing(passthrough: bool) -> Backing {
+    if passthrough {
+        Backing::Passthrough
+    } else {
+        Backing::Engine
+    }
+}
+
+fn ask(id: u32, command: Command) -> Result<(), ServeError> {
+    println!("{}", control::send(id, command)?);
+    Ok(())
+}
+
+/// A mount namespace of our own, with nothing propagating back to the one we came from.
+fn enter_own_mount_namespace() -> Result<(), ServeError> {
+    use nix::mount::{mount, MsFlags};
+    use nix::sched::{unshare, CloneFlags};
+    unshare(CloneFlags::CLONE_NEWNS).map_err(ServeError::Namespace)?;
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .map_err(ServeError::Namespace)
+}
+
+fn open_target(
+    path: &Path,
+    backing: Backing,
+    recover: Option<u32>,
+) -> Result<Target<FileDevice>, ServeError> {
+    let dev = FileDevice::open(path)
+        .map_err(|source| ServeError::Open { path: path.to_owned(), source })?;
+    Ok(match backing {
+        Backing::Passthrough => Target::Passthrough(dev),
+        Backing::Engine => {
+            if let Some(dev_id) = recover {
+                // In TRIM nothing is lost with the old server but the free-space record (a
+                // FITRIM before the checkpoint makes it again); in CHECKPOINT the range map is.
+                let mut block0 = vec![0; 1 << BLOCK_SHIFT];
+                dev.read_at(&mut block0, 0)
+                    .map_err(|source| ServeError::ReadBlock0 { path: path.to_owned(), source })?;
+                if LogHeader::decode(&block0).is_ok() {
+                    return Err(ServeError::CheckpointLost { dev_id, path: path.to_owned() });
+                }
+            }
+            Target::Engine(Box::new(Engine::new(dev, EngineConfig::new(BlockSize::B4096))))
+        }
+    })
+}
+
+fn serve(
+    path: &Path,
+    backing: Backing,
+    id: Option<u32>,
+    queue_depth: u16,
+    recover: bool,
+) -> Result<(), ServeError> {
+    enter_own_mount_namespace()?;
+    let target = open_target(path, backing, if recover { id } else { None })?;
+    let size = target.size();
+    let target = Arc::new(Mutex::new(target));
+    let id = id.map_or(-1, |i| i32::try_from(i).unwrap_or(i32::MAX));
+    if recover {
+        let old = UblkCtrl::new_simple(id).map_err(ublk("opening the device to recover"))?;
+        old.start_user_recover().map_err(ublk("START_USER_RECOVERY"))?;
+    }
+    let flags = libublk::sys::UBLK_F_USER_RECOVERY | libublk::sys::UBLK_F_USER_RECOVERY_REISSUE;
+    let ctrl = Arc::new(
+        UblkCtrlBuilder::default()
+            .name("bow-ublk")
+            .id(id)
+            .nr_queues(1)
+            .depth(queue_depth)
+            .io_buf_bytes(IO_BUF_BYTES)
+            .ctrl_flags(u64::from(flags))
+            .dev_flags(if recover {
+                UblkFlags::UBLK_DEV_F_RECOVER_DEV
+            } else {
+                UblkFlags::UBLK_DEV_F_ADD_DEV
+            })
+            .build()
+            .map_err(ublk(if recover { "re-attaching the device" } else { "adding the device" }))?,
+    );
+    let dev_id = ctrl.dev_info().dev_id;
+    let name = control::socket_name(dev_id);
+    let addr = SocketAddr::from_abstract_name(&name)
+        .map_err(|source| ServeError::Control { name: name.clone(), source })?;
+    let listener = UnixListener::bind_addr(&addr)
+        .map_err(|source| ServeError::Control { name: name.clone(), source })?;
+    {
+        let target = target.clone();
+        let id = i32::try_from(dev_id).unwrap_or(i32::MAX);
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                if let Err(e) = answer(stream, &target, id) {
+                    eprintln!("bow-ublk: control connection: {e}");
+                }
+            }
+        });
+    }
+    let queue_target = target.clone();
+    ctrl.run_target(
+        |dev: &mut UblkDev| {
+            set_params(dev, size);
+            Ok(())
+        },
+        move |qid, dev| serve_queue(qid, dev, &queue_target),
+        move |ctrl: &UblkCtrl| {
+            println!("bow-ublk: serving /dev/ublkb{} ({} bytes)", ctrl.dev_info().dev_id, size);
+            let _ = std::io::stdout().flush();
+        },
+    )
+    .map_err(ublk("serving"))?;
+    // Only a `stop` ends run_target (a dead server never gets here): delete the device.
+    let _ = ctrl.del_dev();
+    Ok(())
+}
+
+/// 4 KiB logical blocks (the engine's block), a volatile cache (so flushes reach us), discard.
+fn set_params(dev: &mut UblkDev, size: u64) {
+    dev.set_default_params(size);
+    let params = &mut dev.tgt.params;
+    params.types |= libublk::sys::UBLK_PARAM_TYPE_DISCARD;
+    params.basic.logical_bs_shift = BLOCK_SHIFT;
+    params.basic.physical_bs_shift = BLOCK_SHIFT;
+    params.discard.discard_granularity = 1 << BLOCK_SHIFT;
+    params.discard.max_discard_sectors = 1 << 22; // 2 GiB: the engine records it in one step
+    params.discard.max_discard_segments = 1;
+}
+
+fn serve_queue(qid: u16, dev: &UblkDev, target: &Arc<Mutex<Target<FileDevice>>>) {
+    let queue = match UblkQueue::new(qid, dev) {
+        Ok(q) => Rc::new(q),
+        Err(e) => {
+            eprintln!("bow-ublk: queue {qid}: {e:?}");
+            return;
+        }
+    };
+    let exe_rc = Rc::new(smol::LocalExecutor::new());
+    let exe = exe_rc.clone();
+    let mut tasks = Vec::new();
+    for tag in 0..dev.dev_info.queue_depth {
+        let (q, t) = (queue.clone(), target.clone());
+        tasks.push(exe.spawn(async move { io_task(&q, tag, &t).await }));
+    }
+    smol::block_on(exe_rc.run(async move {
+        let run_ops = || while exe.try_tick() {};
+        let done = || tasks.iter().all(|task| task.is_finished());
+        if let Err(e) = libublk::wait_and_handle_io_events(&queue, Some(20), run_ops, done).await {
+            eprintln!("bow-ublk: queue {qid}: {e:?}");
+        }
+    }));
+}
+
+async fn io_task(
+    q: &UblkQueue<'_>,
+    tag: u16,
+    target: &Mutex<Target<FileDevice>>,
+) -> Result<(), UblkError> {
+    let len = usize::try_from(q.dev.dev_info.max_io_buf_bytes).unwrap_or(IO_BUF_BYTES as usize);
+    let mut buf = IoBuf::<u8>::new(len);
+    q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf)).await?;
+    loop {
+        let iod = q.get_iod(tag);
+        let req = request(iod.op_flags & 0xff, iod.start_sector, iod.nr_sectors);
+        let res = match target.lock() {
+            Ok(mut t) => match t.handle(req, buf.as_mut_slice()) {
+                Ok(done) => i32::try_from(done).unwrap_or(-libc::EIO),
+                Err(errno) => -errno,
+            },
+            Err(_) => -libc::EIO,
+        };
+        q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res).await?;
+    }
+}
+
+fn request(op: u32, sector: u64, sectors: u32) -> Request {
+    match op {
+        libublk::sys::UBLK_IO_OP_READ => Request::Read { sector, sectors },
+        libublk::sys::UBLK_IO_OP_WRITE => Request::Write { sector, sectors },
+        libublk::sys::UBLK_IO_OP_FLUSH => Request::Flush,
+        libublk::sys::UBLK_IO_OP_DISCARD => Request::Discard { sector, sectors },
+        op => Request::Unsupported { op },
+    }
+}
+
+fn answer(
+    stream: UnixStream,
+    target: &Mutex<Target<FileDevice>>,
+    dev_id: i32,
+) -> std::io::Result<()> {
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    let reply = match Command::parse(&line) {
+        None => Err(format!("unknown command {:?}", line.trim())),
+        // libublk's control ring is per thread: this thread opens its own handle.
+        Some(Command::Stop) => match UblkCtrl::new_simple(dev_id).and_then(|c| c.kill_dev()) {
+            Ok(_) => Ok("stopping".to_owned()),
+            Err(e) => Err(format!("{e:?}")),
+        },
+        Some(command) => match target.lock() {
+            Ok(mut t) => run(&mut t, command),
+            Err(_) => Err("the target's lock is poisoned".to_owned()),
+        },
+    };
+    let mut stream = stream;
+    match reply {
+        Ok(text) => writeln!(stream, "ok {text}"),
+        Err(text) => writeln!(stream, "error {text}"),
+    }
+}
+
+fn run(target: &mut Target<FileDevice>, command: Command) -> Result<String, String> {
+    let Target::Engine(engine) = target else {
+        return match command {
+            Command::Status => Ok("passthrough".to_owned()),
+            _ => Err(format!("`{command}` needs the engine; this server is a pass-through")),
+        };
+    };
+    match command {
+        Command::Checkpoint => engine.set_state(BowState::Checkpoint).map_err(|e| e.to_string())?,
+        Command::Commit => engine.set_state(BowState::Committed).map_err(|e| e.to_string())?,
+        Command::Status | Command::Stop => return Ok(status(engine)),
+    };
+    Ok(status(engine))
+}
+
+fn status(engine: &Engine<FileDevice>) -> String {
+    let (space, stats) = (engine.space(), engine.stats());
+    format!(
+        "state={} free={} used={} held={} backups={} rebackups={} batches={} flushes={}",
+        engine.state().value(),
+        space.free_bytes,
+        space.used_bytes,
+        space.held_bytes,
+        stats.backups,
+        stats.rebackups,
+        stats.batches,
+        stats.flushes,
+    )
+}

@@ -1,0 +1,224 @@
+//! One ublk request against the backing device: the engine, or a pass-through.
+
+use blockcopy::device::BlockDevice;
+use bow::model::{BowEngine, EngineErrorKind};
+use bow::units::Sectors;
+use bow_engine::{Engine, EngineError, IoOutcome, UserIo};
+
+/// What the device is served through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backing {
+    /// Every request straight to the device: the baseline the engine is measured against.
+    Passthrough,
+    /// The backup-on-write engine (TRIM state at start).
+    Engine,
+}
+
+/// One request, as the ublk descriptor gives it (positions in 512-byte sectors).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    Read {
+        sector: u64,
+        sectors: u32,
+    },
+    Write {
+        sector: u64,
+        sectors: u32,
+    },
+    Flush,
+    Discard {
+        sector: u64,
+        sectors: u32,
+    },
+    /// Anything else (write-zeroes and zoned operations are not advertised).
+    Unsupported {
+        op: u32,
+    },
+}
+
+/// The served device: a pass-through or the engine over `D`.
+#[derive(Debug)]
+pub enum Target<D: BlockDevice> {
+    Passthrough(D),
+    // Boxed: the engine's state is large, the pass-through's a file handle.
+    Engine(Box<Engine<D>>),
+}
+
+impl<D: BlockDevice> Target<D> {
+    /// Size in bytes the ublk device shows (the engine's whole blocks).
+    pub fn size(&self) -> u64 {
+        match self {
+            Target::Passthrough(d) => d.size(),
+            Target::Engine(e) => e.device().size() / 4096 * 4096,
+        }
+    }
+
+    /// Carries out `req` with `buf` as the request's data buffer (read into, written from).
+    /// Returns the bytes done, or the errno the kernel completes the request with.
+    pub fn handle(&mut self, req: Request, buf: &mut [u8]) -> Result<u32, i32> {
+        let data = |sectors: u32| -> Result<usize, i32> {
+            let len = usize::try_from(u64::from(sectors) * 512).map_err(|_| libc::EINVAL)?;
+            if len > buf.len() {
+                return Err(libc::EINVAL);
+            }
+            Ok(len)
+        };
+        match (self, req) {
+            (_, Request::Unsupported { .. }) => Err(libc::EOPNOTSUPP),
+            (Target::Passthrough(d), Request::Read { sector, sectors }) => {
+                let len = data(sectors)?;
+                d.read_at(&mut buf[..len], sector * 512).map_err(|_| libc::EIO)?;
+                Ok(sectors * 512)
+            }
+            (Target::Passthrough(d), Request::Write { sector, sectors }) => {
+                let len = data(sectors)?;
+                d.write_at(&buf[..len], sector * 512).map_err(|_| libc::EIO)?;
+                Ok(sectors * 512)
+            }
+            (Target::Passthrough(d), Request::Flush) => {
+                d.flush().map_err(|_| libc::EIO)?;
+                Ok(0)
+            }
+            // BlockDevice has no discard; a discard is advice, and dropping it loses nothing.
+            (Target::Passthrough(_), Request::Discard { .. }) => Ok(0),
+            (Target::Engine(e), Request::Read { sector, sectors }) => {
+                let len = data(sectors)?;
+                e.read(Sectors(sector), &mut buf[..len]).map_err(|err| errno(&err))?;
+                Ok(sectors * 512)
+            }
+            (Target::Engine(e), Request::Write { sector, sectors }) => {
+                let len = data(sectors)?;
+                let io = UserIo::Write { sector: Sectors(sector), data: buf[..len].to_vec() };
+                one(e, io)?;
+                Ok(sectors * 512)
+            }
+            (Target::Engine(e), Request::Discard { sector, sectors }) => {
+                let io = UserIo::Discard { sector: Sectors(sector), len: u64::from(sectors) * 512 };
+                one(e, io)?;
+                Ok(0)
+            }
+            (Target::Engine(e), Request::Flush) => {
+                e.flush().map_err(|err| errno(&err))?;
+                Ok(0)
+            }
+        }
+    }
+}
+
+/// One I/O as a batch of its own: planned, then committed in the crash-safe order.
+fn one<D: BlockDevice>(e: &mut Engine<D>, io: UserIo) -> Result<IoOutcome, i32> {
+    let batch = e.submit(vec![io]).map_err(|err| errno(&err))?;
+    let mut report = batch.commit().map_err(|err| errno(&err))?;
+    match report.results.pop() {
+        Some(r) => r.map_err(|err| errno(&err)),
+        None => Err(libc::EIO),
+    }
+}
+
+/// The errno a failed engine call completes its request with (the kernel target's choices).
+pub fn errno(err: &EngineError) -> i32 {
+    match err.kind() {
+        EngineErrorKind::Invalid => libc::EINVAL,
+        EngineErrorKind::NoSpace => libc::ENOSPC,
+        EngineErrorKind::NotSupported => libc::EOPNOTSUPP,
+        EngineErrorKind::Io => libc::EIO,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use blockcopy::device::MemDevice;
+    use bow::model::BowState;
+    use bow::restore::{restore, RestoreOptions};
+    use bow::units::BlockSize;
+    use bow_engine::EngineConfig;
+
+    use super::*;
+
+    const BLOCK: usize = 4096;
+
+    fn pattern(seed: u8, len: usize) -> Vec<u8> {
+        (0..len).map(|i| seed ^ u8::try_from(i % 253).unwrap_or(0)).collect()
+    }
+
+    fn image(blocks: usize) -> Vec<u8> {
+        (0..blocks).flat_map(|b| pattern(u8::try_from(b % 200).unwrap_or(0), BLOCK)).collect()
+    }
+
+    #[test]
+    fn passthrough_reads_what_was_written_and_refuses_what_it_does_not_serve() {
+        let mut t = Target::Passthrough(MemDevice::new(16 * BLOCK));
+        let mut buf = pattern(7, 2 * BLOCK);
+        assert_eq!(t.handle(Request::Write { sector: 8, sectors: 16 }, &mut buf), Ok(8192));
+        assert_eq!(t.handle(Request::Flush, &mut buf), Ok(0));
+        let mut back = vec![0; 2 * BLOCK];
+        assert_eq!(t.handle(Request::Read { sector: 8, sectors: 16 }, &mut back), Ok(8192));
+        assert_eq!(back, pattern(7, 2 * BLOCK));
+        assert_eq!(t.handle(Request::Unsupported { op: 5 }, &mut back), Err(libc::EOPNOTSUPP));
+        // A request larger than its buffer, or past the end, fails without touching anything.
+        assert_eq!(
+            t.handle(Request::Read { sector: 0, sectors: 24 }, &mut back),
+            Err(libc::EINVAL)
+        );
+        assert_eq!(
+            t.handle(Request::Write { sector: 120, sectors: 16 }, &mut back),
+            Err(libc::EIO)
+        );
+    }
+
+    #[test]
+    fn engine_target_backs_up_and_the_log_restores_the_checkpoint_image() {
+        let blocks = 64;
+        let before = image(blocks);
+        let engine =
+            Engine::new(MemDevice::from_bytes(before.clone()), EngineConfig::new(BlockSize::B4096));
+        let mut t = Target::Engine(Box::new(engine));
+        assert_eq!(t.size(), u64::try_from(blocks * BLOCK).unwrap());
+        // TRIM: the second half is free (a FITRIM), then the checkpoint starts.
+        let mut none = Vec::new();
+        let half = u32::try_from(blocks / 2 * BLOCK / 512).unwrap();
+        assert_eq!(
+            t.handle(Request::Discard { sector: u64::from(half), sectors: half }, &mut none),
+            Ok(0)
+        );
+        let Target::Engine(e) = &mut t else { unreachable!() };
+        e.set_state(BowState::Checkpoint).unwrap();
+        // Writes to used blocks (block 0 included) and to free ones, reads see the new data.
+        for (block, seed) in [(0u64, 1u8), (3, 2), (40, 3), (3, 4)] {
+            let mut buf = pattern(seed, BLOCK);
+            assert_eq!(
+                t.handle(Request::Write { sector: block * 8, sectors: 8 }, &mut buf),
+                Ok(4096)
+            );
+            let mut back = vec![0; BLOCK];
+            assert_eq!(
+                t.handle(Request::Read { sector: block * 8, sectors: 8 }, &mut back),
+                Ok(4096)
+            );
+            assert_eq!(back, pattern(seed, BLOCK), "block {block}");
+        }
+        assert_eq!(t.handle(Request::Flush, &mut none), Ok(0));
+        let Target::Engine(e) = t else { unreachable!() };
+        assert!(e.stats().backups >= 2, "{:?}", e.stats());
+        let dev = (*e).into_device();
+        restore(&dev, &RestoreOptions::default(), &mut |_| {}).unwrap();
+        let mut after = vec![0; blocks * BLOCK];
+        dev.read_at(&mut after, 0).unwrap();
+        let used = blocks / 2 * BLOCK;
+        assert!(after[..used] == before[..used], "the blocks in use at checkpoint start differ");
+    }
+
+    #[test]
+    fn engine_errors_map_to_the_kernel_errnos() {
+        let mut t = Target::Engine(Box::new(Engine::new(
+            MemDevice::new(8 * BLOCK),
+            EngineConfig::new(BlockSize::B4096),
+        )));
+        let Target::Engine(e) = &mut t else { unreachable!() };
+        // No free space recorded: the checkpoint cannot even place its copies of block 0.
+        assert!(e.set_state(BowState::Checkpoint).is_err());
+        let mut buf = vec![0; 512];
+        // Half a block: the engine refuses what the block layer would never send it.
+        assert_eq!(t.handle(Request::Write { sector: 0, sectors: 1 }, &mut buf), Err(libc::EINVAL));
+    }
+}

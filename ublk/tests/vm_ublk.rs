@@ -1,0 +1,273 @@
+//! The ublk front end in the virtual device (6.12 kernel), one boot: ublk_drv loads; a
+//! pass-through server and then the engine carry ext4 through mkfs, writes, fsck and remount;
+//! the server is SIGKILLed under a running writer and re-attached with `UBLK_F_USER_RECOVERY`
+//! (the writer sees no error, fsck is clean, every file is as written); the engine's log
+//! restores the pre-checkpoint file system with `bow::restore`; and the throughput of 4 KiB
+//! direct overwrites through the engine (backing up) against the pass-through.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use blockcopy::device::FileDevice;
+use bow::restore::{restore, RestoreOptions, RestoreOutcome};
+use testbench::vm::{scratch_image, Kernel, Vm};
+use testbench::{cargo_bin, guest, vm_trial, Failed};
+
+const MNT: &str = "/dev/shm/mnt-ublk";
+const UBLK: &str = "/dev/ublkb0";
+/// Size of the measured overwrite, in 4 KiB direct writes.
+const BENCH_BLOCKS: u32 = 2048;
+
+fn main() -> std::process::ExitCode {
+    testbench::main(
+        vec![vm_trial("ublk_serves_ext4_survives_a_server_kill_and_restores", host_ublk)],
+        &[("ublk", guest_ublk)],
+    )
+}
+
+fn host_ublk() -> Result<(), Failed> {
+    let disk = scratch_image(128 << 20)?;
+    let run = Vm::new("ublk")
+        .kernel(Kernel::Mainline612)
+        .modules(&["ublk_drv"])
+        .disk(&disk)
+        .timeout(Duration::from_secs(240))
+        .run_self("ublk", &[])?;
+    run.expect_success()?;
+    for want in [
+        "ublk-control present",
+        "passthrough: ext4 clean, files as written",
+        "kill: writer saw no error, fsck clean, files as written",
+        "engine: ext4 clean, files as written",
+        "restore: pre-checkpoint files back, checkpoint files gone, fsck clean",
+    ] {
+        if !run.output.contains(want) {
+            return Err(format!("guest output lacks {want:?}:\n{}", run.output).into());
+        }
+    }
+    let line = run.output.lines().find(|l| l.starts_with("bench:")).unwrap_or("(no bench line)");
+    println!("{line} (VM {:.0} s)", run.duration.as_secs_f64());
+    Ok(())
+}
+
+/// A running `bow-ublk serve`/`recover`, once it has printed that it serves.
+struct Server {
+    child: Child,
+    _stdout: BufReader<ChildStdout>,
+}
+
+fn start(args: &[&str]) -> Result<Server, Failed> {
+    let mut child = Command::new(cargo_bin("bow-ublk"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("starting bow-ublk {args:?}: {e}"))?;
+    let mut stdout = BufReader::new(child.stdout.take().ok_or("bow-ublk has no stdout")?);
+    let mut line = String::new();
+    stdout.read_line(&mut line)?;
+    if !line.contains("serving /dev/ublkb0") {
+        let status = child.wait()?;
+        return Err(format!("bow-ublk {args:?} did not come up ({status}): {line:?}").into());
+    }
+    print!("{line}");
+    Ok(Server { child, _stdout: stdout })
+}
+
+fn ctl(command: &str) -> Result<String, Failed> {
+    let out = Command::new(cargo_bin("bow-ublk")).args([command, "--id", "0"]).output()?;
+    if !out.status.success() {
+        return Err(
+            format!("bow-ublk {command}: {}", String::from_utf8_lossy(&out.stderr).trim()).into()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn stop(mut server: Server) -> Result<(), Failed> {
+    ctl("stop")?;
+    let status = server.child.wait()?;
+    if !status.success() {
+        return Err(format!("bow-ublk exited with {status} after stop").into());
+    }
+    // The device goes away with its server.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(UBLK).exists() {
+        if Instant::now() > deadline {
+            return Err(format!("{UBLK} still there 10 s after stop").into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Files of random data in tmpfs (the reference copies), `count` of them, `kib` KiB each.
+fn make_sources(prefix: &str, count: u32, kib: u32) -> Result<(), Failed> {
+    guest::sh(&format!(
+        "mkdir -p /dev/shm/src && for i in $(seq 1 {count}); do \
+         head -c {}K /dev/urandom > /dev/shm/src/{prefix}$i; done",
+        kib
+    ))?;
+    Ok(())
+}
+
+/// The SHA-256 of every file named `prefix*` in `dir`, as `name hash` lines, sorted.
+fn hashes(dir: &str, prefix: &str) -> Result<String, Failed> {
+    let out = guest::sh(&format!("cd {dir} && sha256sum {prefix}* | sort -k2"))?;
+    Ok(out)
+}
+
+fn check_same(dir: &str, prefix: &str, what: &str) -> Result<(), Failed> {
+    let want = hashes("/dev/shm/src", prefix)?;
+    let got = hashes(dir, prefix)?;
+    if want != got || want.is_empty() {
+        return Err(format!(
+            "{what}: files differ from what was written\nwant:\n{want}got:\n{got}"
+        )
+        .into());
+    }
+    Ok(())
+}
+
+fn fsck_clean(dev: &str) -> Result<(), Failed> {
+    guest::sh(&format!("fsck.ext4 -fn {dev}"))
+        .map(|_| ())
+        .map_err(|e| format!("fsck: {e:?}").into())
+}
+
+fn mount(dev: &str) -> Result<(), Failed> {
+    guest::sh(&format!("mkdir -p {MNT} && mount -t ext4 {dev} {MNT}"))?;
+    Ok(())
+}
+
+fn umount() -> Result<(), Failed> {
+    guest::sh(&format!("umount {MNT}"))?;
+    Ok(())
+}
+
+/// Seconds to overwrite the first BENCH_BLOCKS blocks of `file` with 4 KiB direct writes.
+fn overwrite_seconds(file: &str) -> Result<f64, Failed> {
+    let t = Instant::now();
+    guest::sh(&format!(
+        "dd if=/dev/urandom of={file} bs=4k count={BENCH_BLOCKS} oflag=direct conv=notrunc,fsync 2>/dev/null"
+    ))?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+fn io_errors_in_dmesg() -> Result<String, Failed> {
+    let log = guest::sh("dmesg")?;
+    Ok(log
+        .lines()
+        .filter(|l| {
+            l.contains("I/O error") || l.contains("EXT4-fs error") || l.contains("Buffer I/O")
+        })
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
+fn guest_ublk(_: &[String]) -> Result<(), Failed> {
+    if !Path::new("/dev/ublk-control").exists() {
+        return Err("ublk_drv loaded but /dev/ublk-control is missing".into());
+    }
+    println!("ublk-control present ({})", guest::sh("uname -r")?.trim());
+    let disk = guest::disk(0);
+    let disk = disk.to_str().ok_or("disk path")?.to_owned();
+
+    // ---- pass-through: mkfs, files, fsck, remount ----
+    let server = start(&["serve", "--device", &disk, "--passthrough", "--id", "0"])?;
+    guest::sh(&format!("mkfs.ext4 -q -F {UBLK}"))?;
+    mount(UBLK)?;
+    make_sources("a", 8, 512)?;
+    guest::sh(&format!(
+        "cp /dev/shm/src/a* {MNT}/ && head -c {}K /dev/zero > {MNT}/bench && sync",
+        BENCH_BLOCKS * 4
+    ))?;
+    let passthrough_s = overwrite_seconds(&format!("{MNT}/bench"))?;
+    umount()?;
+    fsck_clean(UBLK)?;
+    mount(UBLK)?;
+    check_same(MNT, "a", "passthrough")?;
+    println!("passthrough: ext4 clean, files as written");
+
+    // ---- SIGKILL under a running writer, then recovery ----
+    make_sources("k", 24, 256)?;
+    let mut writer = Command::new("/bin/sh")
+        .args(["-c", &format!("for f in /dev/shm/src/k*; do cp $f {MNT}/ && sync || exit 1; done")])
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let mut server = server;
+    server.child.kill()?;
+    server.child.wait()?;
+    let writer_done_early = writer.try_wait()?.is_some();
+    // The kernel holds the requests while no server runs; the writer waits.
+    std::thread::sleep(Duration::from_millis(500));
+    let server = start(&["recover", "--id", "0", "--device", &disk, "--passthrough"])?;
+    let status = writer.wait()?;
+    if !status.success() {
+        return Err(format!("the writer failed across the server kill: {status}").into());
+    }
+    umount()?;
+    fsck_clean(UBLK)?;
+    mount(UBLK)?;
+    check_same(MNT, "k", "after the kill")?;
+    check_same(MNT, "a", "after the kill")?;
+    let errors = io_errors_in_dmesg()?;
+    if !errors.is_empty() {
+        return Err(format!("the kernel logged I/O errors:\n{errors}").into());
+    }
+    println!(
+        "kill: writer saw no error, fsck clean, files as written (writer {} when the server died)",
+        if writer_done_early { "had finished" } else { "was running" }
+    );
+    umount()?;
+    stop(server)?;
+
+    // ---- the engine: TRIM (FITRIM records free space) → CHECKPOINT ----
+    let server = start(&["serve", "--device", &disk, "--id", "0"])?;
+    mount(UBLK)?;
+    guest::sh(&format!("fstrim {MNT}"))?;
+    umount()?;
+    println!("engine before the checkpoint: {}", ctl("status")?);
+    println!("engine checkpoint: {}", ctl("checkpoint")?);
+    mount(UBLK)?;
+    let engine_s = overwrite_seconds(&format!("{MNT}/bench"))?;
+    make_sources("c", 8, 256)?;
+    guest::sh(&format!("cp /dev/shm/src/c* {MNT}/ && cp /dev/shm/src/c1 {MNT}/a1.new && mv {MNT}/a1.new {MNT}/a2 && rm {MNT}/a3 && sync"))?;
+    umount()?;
+    fsck_clean(UBLK)?;
+    mount(UBLK)?;
+    check_same(MNT, "c", "engine")?;
+    println!("engine: ext4 clean, files as written");
+    umount()?;
+    let status = ctl("status")?;
+    println!("engine after the checkpoint's writes: {status}");
+    stop(server)?;
+    println!(
+        "bench: {BENCH_BLOCKS} x 4 KiB direct overwrites: pass-through {passthrough_s:.2} s, \
+         engine in CHECKPOINT {engine_s:.2} s: engine/pass-through throughput {:.2}x",
+        passthrough_s / engine_s
+    );
+
+    // ---- roll back from the engine's log with bow::restore ----
+    let dev = FileDevice::open(Path::new(&disk))?;
+    let report = restore(&dev, &RestoreOptions::default(), &mut |_| {})?;
+    drop(dev);
+    if matches!(report.outcome, RestoreOutcome::NoLog) {
+        return Err("the engine left no log on the device".into());
+    }
+    println!("restore: {:?}", report.outcome);
+    fsck_clean(&disk)?;
+    mount(&disk)?;
+    check_same(MNT, "a", "after the restore")?;
+    check_same(MNT, "k", "after the restore")?;
+    let left = guest::sh(&format!("ls {MNT}"))?;
+    if left.lines().any(|l| l.starts_with('c')) {
+        return Err(
+            format!("files written during the checkpoint survived the restore:\n{left}").into()
+        );
+    }
+    umount()?;
+    println!("restore: pre-checkpoint files back, checkpoint files gone, fsck clean");
+    Ok(())
+}
