@@ -13,6 +13,7 @@
 //! feature; without it this crate builds with no C toolchain beyond Rust's.
 
 pub mod control;
+pub mod mounts;
 #[cfg(feature = "ublk")]
 pub mod server;
 pub mod target;

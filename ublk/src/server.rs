@@ -164,7 +164,14 @@ fn enter_own_mount_namespace() -> Result<(), ServeError> {
     use nix::sched::{unshare, CloneFlags};
     unshare(CloneFlags::CLONE_NEWNS).map_err(ServeError::Namespace)?;
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .map_err(ServeError::Namespace)
+        .map_err(ServeError::Namespace)?;
+    // Our copies of file systems on ublk devices would keep those devices open (crate::mounts).
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for point in crate::mounts::ublk_mount_points(&info) {
+        nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH)
+            .map_err(ServeError::Namespace)?;
+    }
+    Ok(())
 }
 
 fn open_target(
