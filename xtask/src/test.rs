@@ -64,6 +64,9 @@ impl Report {
     }
 }
 
+/// The ublk server, its binary and its VM test (libclang from setup's libclang-dev).
+const UBLK: &str = "bow-ublk/ublk";
+
 pub fn run(fuzz: bool) -> Result<ExitCode> {
     let root = testbench::paths::workspace_root();
     let mut r = Report::default();
@@ -72,18 +75,22 @@ pub fn run(fuzz: bool) -> Result<ExitCode> {
     r.check("clippy", || {
         status(cargo_cmd(
             &root,
-            &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"],
+            &["clippy", "--workspace", "--all-targets", "--features", UBLK, "--", "-D", "warnings"],
         ))
     });
     // Examples too: the scenarios' update client is client/examples/updater.rs.
     r.check("build", || {
-        status(cargo_cmd(&root, &["build", "--workspace", "--bins", "--examples"]))
+        status(cargo_cmd(
+            &root,
+            &["build", "--workspace", "--bins", "--examples", "--features", UBLK],
+        ))
     });
     // Counts the crash tests measure (libtest hides the output of passing tests).
     let counts_file = root.join("target").join("test-counts.txt");
     let _ = std::fs::remove_file(&counts_file);
     r.phase("cargo test", |r| {
-        let mut cmd = cargo_cmd(&root, &["test", "--workspace", "--no-fail-fast"]);
+        let mut cmd =
+            cargo_cmd(&root, &["test", "--workspace", "--no-fail-fast", "--features", UBLK]);
         cmd.env(testbench::VM_ENV, "1").env(bow::crashdev::COUNTS_FILE_ENV, &counts_file);
         let run = run_tests(cmd)?;
         if run.ok || run.tally != Tally::default() {
