@@ -10,6 +10,7 @@
 //!   because the server crashed. (Without REISSUE the kernel fails the requests the dead server
 //!   had taken.) Writes may be issued twice; both backings tolerate that (same data, same place).
 
+use std::cell::RefCell;
 use std::io::{BufRead, BufReader, Write};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
@@ -279,6 +280,15 @@ fn set_params(dev: &mut UblkDev, size: u64) {
     params.discard.max_discard_segments = 1;
 }
 
+/// A write, discard or flush waiting for its queue round, and where its result goes.
+struct Pending {
+    req: Request,
+    data: Vec<u8>,
+    reply: smol::channel::Sender<i32>,
+}
+
+type Round = Rc<RefCell<Vec<Pending>>>;
+
 fn serve_queue(qid: u16, dev: &UblkDev, target: &Arc<Mutex<Target<FileDevice>>>) {
     let queue = match UblkQueue::new(qid, dev) {
         Ok(q) => Rc::new(q),
@@ -287,15 +297,38 @@ fn serve_queue(qid: u16, dev: &UblkDev, target: &Arc<Mutex<Target<FileDevice>>>)
             return;
         }
     };
+    let round: Round = Rc::new(RefCell::new(Vec::new()));
     let exe_rc = Rc::new(smol::LocalExecutor::new());
     let exe = exe_rc.clone();
     let mut tasks = Vec::new();
     for tag in 0..dev.dev_info.queue_depth {
-        let (q, t) = (queue.clone(), target.clone());
-        tasks.push(exe.spawn(async move { io_task(&q, tag, &t).await }));
+        let (q, t, r) = (queue.clone(), target.clone(), round.clone());
+        tasks.push(exe.spawn(async move { io_task(&q, tag, &t, &r).await }));
     }
+    let target = target.clone();
     smol::block_on(exe_rc.run(async move {
-        let run_ops = || while exe.try_tick() {};
+        // Every request the kernel has handed over runs until it reads or waits for its
+        // round; then the round is one engine batch, and its results wake the waiting tasks.
+        let run_ops = || loop {
+            while exe.try_tick() {}
+            let pending: Vec<Pending> = round.borrow_mut().drain(..).collect();
+            if pending.is_empty() {
+                break;
+            }
+            let (reqs, replies): (Vec<_>, Vec<_>) =
+                pending.into_iter().map(|p| ((p.req, p.data), p.reply)).unzip();
+            let results = match target.lock() {
+                Ok(mut t) => t.handle_batch(reqs),
+                Err(_) => vec![Err(libc::EIO); replies.len()],
+            };
+            for (reply, result) in replies.into_iter().zip(results) {
+                let res = match result {
+                    Ok(done) => i32::try_from(done).unwrap_or(-libc::EIO),
+                    Err(errno) => -errno,
+                };
+                let _ = reply.try_send(res);
+            }
+        };
         let done = || tasks.iter().all(|task| task.is_finished());
         if let Err(e) = libublk::wait_and_handle_io_events(&queue, Some(20), run_ops, done).await {
             eprintln!("bow-ublk: queue {qid}: {e:?}");
@@ -307,6 +340,7 @@ async fn io_task(
     q: &UblkQueue<'_>,
     tag: u16,
     target: &Mutex<Target<FileDevice>>,
+    round: &Round,
 ) -> Result<(), UblkError> {
     let len = usize::try_from(q.dev.dev_info.max_io_buf_bytes).unwrap_or(IO_BUF_BYTES as usize);
     let mut buf = IoBuf::<u8>::new(len);
@@ -314,15 +348,33 @@ async fn io_task(
     loop {
         let iod = q.get_iod(tag);
         let req = request(iod.op_flags & 0xff, iod.start_sector, iod.nr_sectors);
-        let res = match target.lock() {
-            Ok(mut t) => match t.handle(req, buf.as_mut_slice()) {
-                Ok(done) => i32::try_from(done).unwrap_or(-libc::EIO),
-                Err(errno) => -errno,
+        let res = match req {
+            // Reads are served at once: a write still waiting for its round has not completed,
+            // so a read may see the old data.
+            Request::Read { .. } | Request::Unsupported { .. } => match target.lock() {
+                Ok(mut t) => match t.handle(req, buf.as_mut_slice()) {
+                    Ok(done) => i32::try_from(done).unwrap_or(-libc::EIO),
+                    Err(errno) => -errno,
+                },
+                Err(_) => -libc::EIO,
             },
-            Err(_) => -libc::EIO,
+            Request::Write { sectors, .. } => {
+                let bytes = usize::try_from(u64::from(sectors) * 512).unwrap_or(usize::MAX);
+                let data = buf.as_slice().get(..bytes).map(<[u8]>::to_vec).unwrap_or_default();
+                wait_for_round(round, req, data).await
+            }
+            Request::Discard { .. } | Request::Flush => {
+                wait_for_round(round, req, Vec::new()).await
+            }
         };
         q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res).await?;
     }
+}
+
+async fn wait_for_round(round: &Round, req: Request, data: Vec<u8>) -> i32 {
+    let (reply, result) = smol::channel::bounded(1);
+    round.borrow_mut().push(Pending { req, data, reply });
+    result.recv().await.unwrap_or(-libc::EIO)
 }
 
 fn request(op: u32, sector: u64, sectors: u32) -> Request {
