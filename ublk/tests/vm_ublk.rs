@@ -60,6 +60,17 @@ struct Server {
     _stdout: BufReader<ChildStdout>,
 }
 
+impl Drop for Server {
+    /// A test that fails half-way must not leave a server that keeps the guest up until the
+    /// harness's timeout.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 fn start(args: &[&str]) -> Result<Server, Failed> {
     let mut child = Command::new(cargo_bin("bow-ublk"))
         .args(args)
