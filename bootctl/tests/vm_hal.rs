@@ -109,7 +109,14 @@ fn guest_kernel_binder(_: &[String]) -> Result<(), Failed> {
     println!("measured: HAL found after {:?}", start.elapsed());
     check(boot.hal().binder().as_binder().is_remote(), "the HAL is not a remote proxy")?;
     println!("remote proxy from {}", boot.hal().origin());
-    check(ready.exists(), "the fake registered before writing its ready file")?;
+    // The client may find the default instance before the fake has registered its second one
+    // and written the file (one guest CPU makes that common): wait for it before the faulty
+    // instance is used below.
+    let deadline = Instant::now() + CONNECT_TIMEOUT;
+    while !ready.exists() {
+        check(Instant::now() < deadline, "the fake never registered both instances")?;
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     // Slots, suffixes, successful bits: the fake starts as the first boot of updated slot _b.
     check(boot.slot_count()? == 2, "slot count")?;
