@@ -29,6 +29,7 @@ mod kmsg;
 pub mod logwrites;
 pub mod loopdev;
 pub mod mount;
+pub mod mountinfo;
 pub mod names;
 pub mod units;
 

@@ -8,41 +8,18 @@
 
 use std::path::PathBuf;
 
+use blockdev::mountinfo::parse_mountinfo;
+
 /// The mount points of `/proc/self/mountinfo` whose source is a ublk block device, deepest
 /// (last mounted) first.
 pub fn ublk_mount_points(mountinfo: &str) -> Vec<PathBuf> {
-    let mut points: Vec<PathBuf> = mountinfo
-        .lines()
-        .filter_map(|line| {
-            let (fields, after) = line.split_once(" - ")?;
-            let mount_point = fields.split(' ').nth(4)?;
-            let source = after.split(' ').nth(1)?;
-            source.starts_with("/dev/ublkb").then(|| PathBuf::from(unescape(mount_point)))
-        })
+    let mut points: Vec<PathBuf> = parse_mountinfo(mountinfo)
+        .into_iter()
+        .filter(|m| m.source.starts_with("/dev/ublkb"))
+        .map(|m| m.mount_point)
         .collect();
     points.reverse();
     points
-}
-
-/// The kernel writes space, tab, newline and backslash in mountinfo as `\ooo` octal escapes.
-fn unescape(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match (bytes[i], octal) {
-            (b'\\', Some(d)) => {
-                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
-                i += 4;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]

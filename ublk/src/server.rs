@@ -43,6 +43,10 @@ const BLOCK_SHIFT: u8 = 12;
 pub enum ServeError {
     #[error("entering a private mount namespace: {0}")]
     Namespace(nix::Error),
+    #[error("reading /proc/self/mountinfo (to drop the namespace's ublk mounts): {0}")]
+    MountInfo(std::io::Error),
+    #[error("device id {0} is out of range (at most {max})", max = i32::MAX)]
+    BadId(u32),
     #[error("opening {path}: {source}")]
     Open { path: PathBuf, source: blockcopy::device::DeviceError },
     #[error("ublk: {what}: {source:?} (is ublk_drv loaded and /dev/ublk-control there?)")]
@@ -167,7 +171,7 @@ fn enter_own_mount_namespace() -> Result<(), ServeError> {
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
         .map_err(ServeError::Namespace)?;
     // Our copies of file systems on ublk devices would keep those devices open (crate::mounts).
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(ServeError::MountInfo)?;
     for point in crate::mounts::ublk_mount_points(&info) {
         nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH)
             .map_err(ServeError::Namespace)?;
@@ -207,11 +211,16 @@ fn serve(
     queue_depth: u16,
     recover: bool,
 ) -> Result<(), ServeError> {
+    // libublk takes an i32 (-1: the next free id); refused before anything is touched.
+    let ublk_id = match id {
+        None => -1,
+        Some(i) => i32::try_from(i).map_err(|_| ServeError::BadId(i))?,
+    };
     enter_own_mount_namespace()?;
     let target = open_target(path, backing, if recover { id } else { None })?;
     let size = target.size();
     let target = Arc::new(Mutex::new(target));
-    let id = id.map_or(-1, |i| i32::try_from(i).unwrap_or(i32::MAX));
+    let id = ublk_id;
     if recover {
         let old = UblkCtrl::new_simple(id).map_err(ublk("opening the device to recover"))?;
         old.start_user_recover().map_err(ublk("START_USER_RECOVERY"))?;

@@ -33,8 +33,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "grub-common",      // grub-editenv: the grubenv boot control
     "grub-emu",         // GRUB in userspace: runs the documented grub.cfg A/B snippet
     "systemd",          // systemd-analyze verify for the shipped units
-    // bindgen (the `libublk` crate, behind bowengine's/ublk-server's `ublk` feature) loads
-    // libclang.so at build time; Debian 12 ships it in libclang-dev (clang 14).
+    // bindgen (the `libublk` crate, behind bow-ublk's `ublk` feature) loads libclang.so at
+    // build time; Debian 12 ships it in libclang-dev (clang 14).
     "libclang-dev",
 ];
 /// virtme-ng version installed into the venv (the one checked on these machines).
@@ -42,13 +42,15 @@ pub const VIRTME_NG: &str = "virtme-ng==1.42";
 /// Tools installed with `cargo install --locked --root <cache>/tools`: (binary, crate spec).
 pub const TOOLS: &[(&str, &str)] =
     &[("rsb_hub", "rsbinder-tools@0.12.0"), ("cargo-fuzz", "cargo-fuzz@0.13.2")];
-/// The kernels of the virtual device: which one, the meta package whose dependency names its
+/// Where a kernel of the virtual device comes from: the meta package whose dependency names its
 /// current package, and the suffix to add to that name (the 6.12 kernel comes unsigned: the same
 /// image and modules, without the Secure Boot signature QEMU does not need).
-const KERNELS: &[(Kernel, &str, &str)] = &[
-    (Kernel::Debian61, "linux-image-amd64", ""),
-    (Kernel::Mainline612, "linux-image-6.12-amd64", "-unsigned"),
-];
+fn package_source(kernel: Kernel) -> (&'static str, &'static str) {
+    match kernel {
+        Kernel::Debian61 => ("linux-image-amd64", ""),
+        Kernel::Mainline612 => ("linux-image-6.12-amd64", "-unsigned"),
+    }
+}
 
 /// What is missing.
 #[derive(Debug, Default)]
@@ -177,10 +179,7 @@ fn install_venv(cache: &Path) -> Result<()> {
 }
 
 fn install_kernel(cache: &Path, kernel: Kernel, apt_updated: bool) -> Result<()> {
-    let (_, meta, suffix) = KERNELS
-        .iter()
-        .find(|(k, _, _)| *k == kernel)
-        .with_context(|| format!("no package source for {kernel:?}"))?;
+    let (meta, suffix) = package_source(kernel);
     let package = match kernel_package(meta) {
         Ok(p) => p,
         Err(e) if !apt_updated => {
@@ -333,14 +332,12 @@ mod tests {
         // `apt-cache depends linux-image-6.12-amd64` on Debian 12 (bookworm-security).
         let text = "linux-image-6.12-amd64\n  Depends: linux-image-6.12.118+deb12-amd64\n";
         assert_eq!(parse_kernel_depends(text).as_deref(), Some("linux-image-6.12.118+deb12-amd64"));
-        let (_, meta, suffix) = KERNELS.iter().find(|(k, _, _)| *k == Kernel::Mainline612).unwrap();
-        assert_eq!((*meta, *suffix), ("linux-image-6.12-amd64", "-unsigned"));
+        assert_eq!(package_source(Kernel::Mainline612), ("linux-image-6.12-amd64", "-unsigned"));
+        assert_eq!(package_source(Kernel::Debian61), ("linux-image-amd64", ""));
         // The two kernels record their release names in different files, the default in the
         // file older caches already have.
-        assert_eq!(KERNELS[0].0, Kernel::default());
         assert_eq!(Kernel::default().version_file(), "VERSION");
         assert_ne!(Kernel::Mainline612.version_file(), Kernel::Debian61.version_file());
-        assert_eq!(KERNELS.len(), Kernel::ALL.len());
     }
 
     #[test]
