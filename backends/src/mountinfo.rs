@@ -22,17 +22,15 @@ pub(crate) fn read_mountinfo() -> Result<Vec<MountEntry>, policy::BackendError> 
 mod tests {
     use super::*;
 
-    const SAMPLE: &str = "\
-22 1 0:21 / /proc rw,nosuid,nodev,noexec,relatime shared:12 - proc proc rw
-36 22 254:0 / /data rw,nosuid,nodev,noatime shared:20 - f2fs /dev/dm-0 rw,lazytime,background_gc=on,checkpoint=disable:10%,active_logs=6
-37 22 7:1 / /mnt/with\\040space rw,relatime - ext4 /dev/loop1 rw,errors=remount-ro
-38 22 254:0 / /data rw,relatime - f2fs /dev/dm-0 rw,lazytime,background_gc=on,active_logs=6
-garbage line
+    /// /data mounted twice: with checkpoint=disable, then a plain mount on top of it.
+    const STACKED: &str = "\
+36 22 254:0 / /data rw,noatime - f2fs /dev/dm-0 rw,checkpoint=disable:10%
+38 22 254:0 / /data rw,relatime - f2fs /dev/dm-0 rw,lazytime
 ";
 
     #[test]
     fn the_topmost_mount_wins() {
-        let all = parse_mountinfo(SAMPLE);
+        let all = parse_mountinfo(STACKED);
         let top = find_mount(&all, Path::new("/data")).unwrap();
         assert!(!top.checkpoint_disabled(), "the later /data entry is on top");
         assert!(find_mount(&all, Path::new("/nope")).is_none());
