@@ -1,0 +1,865 @@
+//! The userspace backup-on-write engine behind ublk, in the virtual device (6.12 kernel), issue
+//! 16's benchmarks: `cargo xtask bench ublk [--quick]`.
+//!
+//! One boot, two vCPUs, three virtio disks (`a`: the speed part's device, `b`: dm-snapshot's COW
+//! stores, `c`: the space part's device):
+//! 1. **Speed**, raw block I/O with fio on disk `a` (O_DIRECT, 4 KiB, random, every block of a
+//!    region written once, libaio at queue depth 1 and 16, a final fsync; wall time of the fio
+//!    process): the engine in CHECKPOINT (`bow-ublk serve`) against a ublk pass-through of the
+//!    same disk (`--passthrough`), a kernel dm-linear over it and a snapshot-origin over it with
+//!    an active persistent snapshot (4 KiB chunks, COW on disk `b`). All four live at once over
+//!    the same disk; every round runs each workload on every variant, the order rotated per
+//!    round, on regions no variant has written through itself before (first touch):
+//!    * first-touch writes into blocks in use (the engine backs each up; dm-snapshot copies it);
+//!    * rewrites of the blocks the engine just backed up (engine vs pass-through);
+//!    * writes into free space: regions discarded with `blkdiscard` on the engine's device in
+//!      TRIM state, so the engine recorded them free (engine vs pass-through).
+//!
+//!    Each engine run is bracketed by `bow-ublk status`: its backups, batches and flushes per
+//!    write are reported beside the times. Result: the median over rounds of each round's ratio,
+//!    and the smallest and largest.
+//! 2. **Space**: disk `c`, half in use (a known pattern), half free; writer A overwrites random
+//!    blocks in use, writer B fills free blocks as two files (one from the start of the free
+//!    range, one from its middle, the file chosen at random per block); A and B interleaved one
+//!    block at a time (dm-bow-format.md §11's workload, as the engine's unit test runs it). The
+//!    engine with `--allocator far-end` (the default) and `--allocator dm-bow` (when the server
+//!    has the flag): `used=` from its status; dm-snapshot (persistent, 4 KiB chunks, COW on disk
+//!    `b`): its allocated COW bytes for the same writes.
+//! 3. **Rollback**: after each engine run of part 2 the server stops and `bow::restore` replays
+//!    its log on the raw disk, timed from a cold page cache; the half in use must then hold its
+//!    pattern again (checked), so every allocator run starts from the same bytes.
+//!
+//! The guest writes `ublk.json` in the shared folder; the host adds the machine and the QEMU
+//! count (another guest on the two cores ruins ratios) and writes `target/bench/ublk.json` for
+//! `cargo xtask bench`'s report.
+//!
+//! `--quick` (or `UBLK_BENCH_QUICK=1`): small sizes, one round. Environment:
+//! `UBLK_BENCH_BLOCKS` (4 KiB writes per timed run), `UBLK_BENCH_ROUNDS`.
+
+#![allow(clippy::cast_precision_loss, clippy::cast_possible_truncation)] // Benchmark arithmetic.
+
+// The rollback bench's guest helpers (direct I/O patterns, the snapshot stack); this bench uses
+// part of them.
+#[allow(dead_code)]
+#[path = "../../backends/benches/rollback/common.rs"]
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use blockcopy::device::FileDevice;
+use blockdev::dm::target::SnapshotStatus;
+use blockdev::dm::DeviceMapper;
+use blockdev::DevId;
+use bow::restore::{restore, RestoreOptions, RestoreOutcome};
+use serde_json::{json, Value};
+use testbench::vm::{Kernel, Vm};
+use testbench::{cargo_bin, guest, Failed};
+
+use common::{mib, Rng, BLOCK, MIB};
+
+const ENV_KEYS: &[&str] = &["UBLK_BENCH_BLOCKS", "UBLK_BENCH_ROUNDS"];
+/// The guest's results, in the shared folder (the guest's working directory).
+const GUEST_JSON: &str = "ublk.json";
+const QDS: [u32; 2] = [1, 16];
+
+/// Sizes of one run.
+#[derive(Debug, Clone)]
+struct Config {
+    quick: bool,
+    /// 4 KiB writes per timed run.
+    blocks: u64,
+    rounds: usize,
+    /// Disk `c`: half in use, half free.
+    space_dev: u64,
+    /// Blocks each writer of part 2 writes.
+    space_writes: u64,
+}
+
+fn env_u64(key: &str) -> Option<u64> {
+    std::env::var(key).ok().and_then(|v| v.parse().ok())
+}
+
+impl Config {
+    fn new(quick: bool) -> Config {
+        let mut c = if quick {
+            Config { quick, blocks: 256, rounds: 1, space_dev: 32 * MIB, space_writes: 512 }
+        } else {
+            Config { quick, blocks: 2048, rounds: 3, space_dev: 64 * MIB, space_writes: 2048 }
+        };
+        if let Some(v) = env_u64("UBLK_BENCH_BLOCKS") {
+            c.blocks = v.max(16);
+        }
+        if let Some(v) = env_u64("UBLK_BENCH_ROUNDS") {
+            c.rounds = usize::try_from(v).unwrap_or(1).max(1);
+        }
+        c
+    }
+
+    /// Bytes of one timed run's region.
+    fn region(&self) -> u64 {
+        self.blocks * BLOCK
+    }
+
+    /// Regions of one kind: one per round and queue depth.
+    fn regions(&self) -> u64 {
+        (self.rounds * QDS.len()) as u64
+    }
+
+    /// Disk `a`: 1 MiB head (block 0), the regions in use, 1 MiB in use, the free-space
+    /// regions, 1 MiB in use, then the backup pool, free and larger than the free-space
+    /// regions together (so the far-end allocator takes its backups there, not from the
+    /// regions the free-space writes go to).
+    fn used_at(&self, i: u64) -> u64 {
+        MIB + i * self.region()
+    }
+    fn free_at(&self, i: u64) -> u64 {
+        2 * MIB + self.regions() * self.region() + i * self.region()
+    }
+    fn pool_at(&self) -> u64 {
+        self.free_at(self.regions()) + MIB
+    }
+    fn pool_len(&self) -> u64 {
+        // Every first-touch write's backup, the log sectors (about one per 169 entries), and
+        // room to spare.
+        self.regions() * self.region() + 8 * MIB
+    }
+    fn disk_a(&self) -> u64 {
+        self.pool_at() + self.pool_len()
+    }
+    /// Disk `b`: the larger of the two COW stores (every write, 1/256 metadata, the header).
+    fn disk_b(&self) -> u64 {
+        let speed = self.regions() * self.region();
+        let space = 2 * self.space_writes * BLOCK;
+        let data = speed.max(space);
+        (data + data / 128 + 4 * MIB).div_ceil(MIB) * MIB
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--guest") {
+        return testbench::main(Vec::new(), &[("bench", guest_bench)]);
+    }
+    let quick = args.iter().any(|a| a == "--quick")
+        || std::env::var("UBLK_BENCH_QUICK").is_ok_and(|v| v == "1");
+    if !testbench::vm_requested() {
+        eprintln!(
+            "the ublk benchmark needs the virtual device: run `cargo xtask bench ublk [--quick]`"
+        );
+        return ExitCode::FAILURE;
+    }
+    match host(quick) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ublk benchmark failed: {}", e.message().unwrap_or("(no message)"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// QEMU processes on this machine (`/proc/*/comm` starting with `qemu-system`).
+fn qemu_processes() -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
+    dir.filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("comm"))
+                .is_ok_and(|c| c.starts_with("qemu-system"))
+        })
+        .count()
+}
+
+fn host(quick: bool) -> Result<(), Failed> {
+    let cfg = Config::new(quick);
+    let before = qemu_processes();
+    let disk_a = testbench::vm::scratch_image(cfg.disk_a())?;
+    let disk_b = testbench::vm::scratch_image(cfg.disk_b())?;
+    let disk_c = testbench::vm::scratch_image(cfg.space_dev)?;
+    let mut vm = Vm::new(if quick { "bench_ublk_quick" } else { "bench_ublk" })
+        .kernel(Kernel::Mainline612)
+        .modules(&["ublk_drv", "dm-mod", "dm-snapshot"])
+        .disk(&disk_a)
+        .disk(&disk_b)
+        .disk(&disk_c)
+        .memory_mib(2048)
+        // Two vCPUs, as the other benchmarks: the ublk server and fio each get one.
+        .cpus(2)
+        .timeout(Duration::from_secs(if quick { 600 } else { 2400 }))
+        .stream_output(true);
+    for key in ENV_KEYS {
+        if let Ok(v) = std::env::var(key) {
+            vm = vm.env(*key, v);
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let max_seen = Arc::new(AtomicUsize::new(before));
+    let sampler = {
+        let (stop, max_seen) = (Arc::clone(&stop), Arc::clone(&max_seen));
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                max_seen.fetch_max(qemu_processes(), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })
+    };
+    println!(
+        "ublk benchmark ({} mode): QEMU processes on the host before the boot: {before}",
+        if quick { "quick" } else { "full" }
+    );
+    let started = Instant::now();
+    let run = vm.run_self("bench", if quick { &["quick"] } else { &[] });
+    stop.store(true, Ordering::Relaxed);
+    let _ = sampler.join();
+    let run = run?;
+    let guest_ok = run.expect_success().map(|_| ()).map_err(Failed::from);
+    if guest_ok.is_err() && !run.shared_dir.join(GUEST_JSON).exists() {
+        return guest_ok;
+    }
+    let max = max_seen.load(Ordering::Relaxed);
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "\nQEMU processes on the host: {before} before the boot, at most {max} during the run \
+         (ours included); boot + run {seconds:.0} s"
+    );
+    let clean = max <= 1 && before == 0;
+    if !clean {
+        println!("WARNING: another guest shared the 2 cores: the ratios above are not clean");
+    }
+    let from_guest = run.shared_dir.join(GUEST_JSON);
+    let mut json: Value = serde_json::from_slice(
+        &std::fs::read(&from_guest).map_err(|e| format!("{}: {e}", from_guest.display()))?,
+    )?;
+    json["machine"] = common::host_machine();
+    json["setup"]["qemu_processes"] =
+        json!({ "before": before, "max_during": max, "clean": clean });
+    json["setup"]["boot_and_run_s"] = json!(seconds);
+    let out = testbench::paths::target_dir().join("bench").join("ublk.json");
+    std::fs::create_dir_all(out.parent().ok_or("no parent")?)?;
+    std::fs::write(&out, serde_json::to_string_pretty(&json)?)?;
+    println!("wrote {}", out.display());
+    guest_ok
+}
+
+// ---------------------------------------------------------------- the guest: servers, fio
+
+/// A running `bow-ublk serve`, once it has printed that it serves.
+struct Server {
+    id: u32,
+    child: Child,
+    _stdout: BufReader<ChildStdout>,
+}
+
+impl Server {
+    fn start(device: &Path, id: u32, extra: &[&str]) -> Result<Server, Failed> {
+        let id_arg = id.to_string();
+        let mut args = vec!["serve", "--device", device.to_str().ok_or("device path")?];
+        args.extend(["--id", &id_arg]);
+        args.extend(extra);
+        let mut child = Command::new(cargo_bin("bow-ublk"))
+            .args(&args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("starting bow-ublk {args:?}: {e}"))?;
+        let mut stdout = BufReader::new(child.stdout.take().ok_or("bow-ublk has no stdout")?);
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        if !line.contains(&format!("serving /dev/ublkb{id}")) {
+            let status = child.wait()?;
+            return Err(format!("bow-ublk {args:?} did not come up ({status}): {line:?}").into());
+        }
+        print!("  {line}");
+        Ok(Server { id, child, _stdout: stdout })
+    }
+
+    fn node(&self) -> PathBuf {
+        PathBuf::from(format!("/dev/ublkb{}", self.id))
+    }
+
+    fn ctl(&self, command: &str) -> Result<String, Failed> {
+        let out = Command::new(cargo_bin("bow-ublk"))
+            .args([command, "--id", &self.id.to_string()])
+            .output()?;
+        if !out.status.success() {
+            return Err(format!(
+                "bow-ublk {command}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+            .into());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// The engine's `key=value` status numbers.
+    fn status(&self) -> Result<BTreeMap<String, u64>, Failed> {
+        let line = self.ctl("status")?;
+        Ok(line
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
+            .collect())
+    }
+
+    fn stop(mut self) -> Result<(), Failed> {
+        self.ctl("stop")?;
+        let status = self.child.wait()?;
+        if !status.success() {
+            return Err(format!("bow-ublk exited with {status} after stop").into());
+        }
+        let node = self.node();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while node.exists() {
+            if Instant::now() > deadline {
+                return Err(format!("{} still there 10 s after stop", node.display()).into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Server {
+    /// A run that fails half-way must not leave a server that keeps the guest up.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Random 4 KiB O_DIRECT writes over `len` bytes of `dev` from `offset`, each block once (fio's
+/// random map), at queue depth `qd`, then an fsync; the fio process's wall time.
+fn fio(dev: &Path, offset: u64, len: u64, qd: u32) -> Result<Duration, Failed> {
+    let t = Instant::now();
+    let out = Command::new("fio")
+        .arg("--name=w")
+        .arg(format!("--filename={}", dev.display()))
+        .args(["--rw=randwrite", "--bs=4k", "--ioengine=libaio", "--direct=1", "--end_fsync=1"])
+        .arg(format!("--iodepth={qd}"))
+        .arg(format!("--offset={offset}"))
+        .arg(format!("--size={len}"))
+        .arg("--output=/dev/null")
+        .output()
+        .map_err(|e| format!("running fio: {e} (is fio installed? cargo xtask setup)"))?;
+    let took = t.elapsed();
+    if !out.status.success() {
+        return Err(format!(
+            "fio on {} failed ({}): {}",
+            dev.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    Ok(took)
+}
+
+fn blkdiscard(dev: &Path, offset: u64, len: u64) -> Result<(), Failed> {
+    guest::sh(&format!("blkdiscard -o {offset} -l {len} {}", dev.display()))?;
+    Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Median, smallest and largest.
+fn spread(v: &[f64]) -> (f64, f64, f64) {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    (s[s.len() / 2], s[0], s[s.len() - 1])
+}
+
+/// Whether this `bow-ublk` has `serve --allocator` (being added alongside this bench).
+fn server_has_allocator_flag() -> Result<bool, Failed> {
+    let out = Command::new(cargo_bin("bow-ublk")).args(["serve", "--help"]).output()?;
+    let help = String::from_utf8_lossy(&out.stdout);
+    Ok(help.contains("--allocator") && help.contains("dm-bow"))
+}
+
+fn guest_bench(args: &[String]) -> Result<(), Failed> {
+    let cfg = Config::new(args.iter().any(|a| a == "quick"));
+    let (a, b, c) = (guest::disk(0), guest::disk(1), guest::disk(2));
+    let allocator_flag = server_has_allocator_flag()?;
+    println!(
+        "disks: a {} ({:.0} MiB), b {} ({:.0} MiB), c {} ({:.0} MiB), virtio-blk; {} x 4 KiB per \
+         timed run, {} rounds; kernel {}; guest CPUs: {}; serve --allocator: {}",
+        a.display(),
+        mib(cfg.disk_a()),
+        b.display(),
+        mib(cfg.disk_b()),
+        c.display(),
+        mib(cfg.space_dev),
+        cfg.blocks,
+        cfg.rounds,
+        guest::sh("uname -r")?.trim(),
+        std::thread::available_parallelism().map_or(0, usize::from),
+        if allocator_flag { "yes" } else { "no (far-end only)" }
+    );
+    let dm = DeviceMapper::open()?;
+    let t = Instant::now();
+    println!("\n== 1. speed: engine vs ublk pass-through, dm-linear, dm-snapshot (disk a) ==");
+    let speed = speed(&cfg, &dm, &a, &b)?;
+    println!("  (part 1: {:.0} s)", t.elapsed().as_secs_f64());
+    let t = Instant::now();
+    println!("\n== 2. space and 3. rollback: two interleaved writers, half into free space ==");
+    let mut allocators = vec!["far-end"];
+    if allocator_flag {
+        allocators.push("dm-bow");
+    }
+    let space = space(&cfg, &dm, &b, &c, &allocators, allocator_flag)?;
+    println!("  (parts 2 and 3: {:.0} s)", t.elapsed().as_secs_f64());
+    let json = report_json(&cfg, &speed, &space, allocator_flag);
+    summary(&json);
+    std::fs::write(GUEST_JSON, serde_json::to_string_pretty(&json)?)?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- part 1: speed
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Workload {
+    FirstTouch,
+    Rewrite,
+    FreeSpace,
+}
+
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Workload::FirstTouch => "first-touch writes into blocks in use",
+            Workload::Rewrite => "rewrites of blocks already backed up",
+            Workload::FreeSpace => "writes into free space (discarded in TRIM)",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Variant {
+    Passthrough,
+    Engine,
+    Linear,
+    Snapshot,
+}
+
+impl Variant {
+    fn name(self) -> &'static str {
+        match self {
+            Variant::Passthrough => "ublk pass-through",
+            Variant::Engine => "engine (CHECKPOINT)",
+            Variant::Linear => "dm-linear",
+            Variant::Snapshot => "dm-snapshot",
+        }
+    }
+}
+
+/// One timed run.
+#[derive(Debug, Clone)]
+struct Run {
+    workload: Workload,
+    qd: u32,
+    round: usize,
+    variant: Variant,
+    took: Duration,
+    /// For the engine: the status counters' change over the run.
+    engine: Option<BTreeMap<String, u64>>,
+}
+
+fn speed(cfg: &Config, dm: &DeviceMapper, a: &Path, b: &Path) -> Result<Vec<Run>, Failed> {
+    let (a_id, b_id) = (DevId::of_path(a)?, DevId::of_path(b)?);
+    let passthrough = Server::start(a, 0, &["--passthrough"])?;
+    let engine = Server::start(a, 1, &[])?;
+    // TRIM state: the free-space regions and the backup pool are recorded free.
+    let free_len = cfg.regions() * cfg.region();
+    blkdiscard(&engine.node(), cfg.free_at(0), free_len)?;
+    blkdiscard(&engine.node(), cfg.pool_at(), cfg.pool_len())?;
+    println!("  engine in TRIM: {}", engine.ctl("status")?);
+    println!("  engine checkpoint: {}", engine.ctl("checkpoint")?);
+    let lin_name = common::dm_name("ub-linear")?;
+    let (_, lin) = common::linear(dm, &lin_name, a_id, 0, cfg.disk_a())?;
+    let snap =
+        common::SnapStack::create(dm, "ub-w", (a_id, cfg.disk_a()), (b_id, 0, cfg.disk_b()), true)?;
+    println!(
+        "  disk a: {} regions in use of {:.1} MiB from 1 MiB, {} free from {:.1} MiB, backup \
+         pool {:.1} MiB from {:.1} MiB",
+        cfg.regions(),
+        mib(cfg.region()),
+        cfg.regions(),
+        mib(cfg.free_at(0)),
+        mib(cfg.pool_len()),
+        mib(cfg.pool_at())
+    );
+    let mut runs = Vec::new();
+    let mut timed = |workload: Workload,
+                     qd: u32,
+                     round: usize,
+                     variant: Variant,
+                     offset: u64|
+     -> Result<(), Failed> {
+        let dev = match variant {
+            Variant::Passthrough => passthrough.node(),
+            Variant::Engine => engine.node(),
+            Variant::Linear => lin.clone(),
+            Variant::Snapshot => snap.origin_node.clone(),
+        };
+        let before = if variant == Variant::Engine { Some(engine.status()?) } else { None };
+        let took = fio(&dev, offset, cfg.region(), qd)?;
+        let engine_delta = match before {
+            Some(before) => {
+                let after = engine.status()?;
+                Some(
+                    after
+                        .iter()
+                        .filter(|(k, _)| before.contains_key(*k))
+                        .map(|(k, v)| (k.clone(), v.saturating_sub(before[k])))
+                        .collect::<BTreeMap<_, _>>(),
+                )
+            }
+            None => None,
+        };
+        println!(
+            "    round {} qd {qd:>2} {:<44} {:<20} {:>8.0} ms{}",
+            round + 1,
+            workload.name(),
+            variant.name(),
+            ms(took),
+            engine_delta.as_ref().map_or(String::new(), |d| format!(
+                "  (backups {} batches {} flushes {})",
+                d.get("backups").copied().unwrap_or(0),
+                d.get("batches").copied().unwrap_or(0),
+                d.get("flushes").copied().unwrap_or(0)
+            ))
+        );
+        runs.push(Run { workload, qd, round, variant, took, engine: engine_delta });
+        Ok(())
+    };
+    let all = [Variant::Passthrough, Variant::Engine, Variant::Linear, Variant::Snapshot];
+    for round in 0..cfg.rounds {
+        for (q, &qd) in QDS.iter().enumerate() {
+            let region = (round * QDS.len() + q) as u64;
+            // First touch: every variant, the order rotated per round.
+            for k in 0..all.len() {
+                let v = all[(k + round + q) % all.len()];
+                timed(Workload::FirstTouch, qd, round, v, cfg.used_at(region))?;
+            }
+            // The engine has now backed the region up: rewrites, A B / B A by round.
+            let pair = if (round + q) % 2 == 0 {
+                [Variant::Passthrough, Variant::Engine]
+            } else {
+                [Variant::Engine, Variant::Passthrough]
+            };
+            for v in pair {
+                timed(Workload::Rewrite, qd, round, v, cfg.used_at(region))?;
+            }
+            for v in pair.iter().rev() {
+                timed(Workload::FreeSpace, qd, round, *v, cfg.free_at(region))?;
+            }
+        }
+    }
+    println!("  engine after the runs: {}", engine.ctl("status")?);
+    // dm-snapshot must have copied exactly what was written through it (else not first touch).
+    let st = snap.status(dm)?;
+    let SnapshotStatus::Active { allocated, metadata, .. } = st else {
+        return Err(format!("snapshot status after the writes: {st:?}").into());
+    };
+    let saved = (allocated.get() - metadata.get()) * 512;
+    let written = cfg.regions() * cfg.region();
+    if saved != written {
+        return Err(format!(
+            "the snapshot store saved {saved} bytes for {written} first-touch bytes"
+        )
+        .into());
+    }
+    snap.teardown(dm)?;
+    dm.remove_device(&lin_name)?;
+    engine.stop()?;
+    passthrough.stop()?;
+    Ok(runs)
+}
+
+// ---------------------------------------------------------------- parts 2 and 3: space, rollback
+
+#[derive(Debug, Clone)]
+struct SpaceRun {
+    /// `far-end`, `dm-bow` or `dm-snapshot`.
+    method: String,
+    used_bytes: u64,
+    /// Engine status at the end (backups, re-backups, ...); empty for dm-snapshot.
+    status: BTreeMap<String, u64>,
+    restore: Option<(Duration, u64, u64)>,
+}
+
+/// The two writers' operations, interleaved one block at a time: A overwrites random blocks of
+/// the half in use (past the first MiB), B fills the free half as two files, one from its start
+/// and one from its middle, the file chosen at random per block.
+fn space_ops(cfg: &Config) -> Vec<(u64, u64)> {
+    let half = cfg.space_dev / 2;
+    let mut rng = Rng(0x5EED_0B0E);
+    let a: Vec<u64> = rng
+        .distinct((half - MIB) / BLOCK, cfg.space_writes)
+        .into_iter()
+        .map(|s| MIB + s * BLOCK)
+        .collect();
+    let mut files = [half, half + half / 2];
+    let mut ops = Vec::new();
+    for a_off in a {
+        ops.push((a_off, BLOCK));
+        let f = (rng.next() % 2) as usize;
+        ops.push((files[f], BLOCK));
+        files[f] += BLOCK;
+    }
+    ops
+}
+
+fn space(
+    cfg: &Config,
+    dm: &DeviceMapper,
+    b: &Path,
+    c: &Path,
+    allocators: &[&str],
+    allocator_flag: bool,
+) -> Result<Vec<SpaceRun>, Failed> {
+    let half = cfg.space_dev / 2;
+    let ops = space_ops(cfg);
+    common::write_pattern(c, &[(0, half)], common::ORIGINAL)?;
+    println!(
+        "  disk c: {:.0} MiB in use (pattern), {:.0} MiB free; writers A and B {} x 4 KiB each, \
+         interleaved",
+        mib(half),
+        mib(half),
+        cfg.space_writes
+    );
+    let mut out = Vec::new();
+    for allocator in allocators {
+        // Without the flag the server has far-end only (its default).
+        let flag: &[&str] = if allocator_flag { &["--allocator", allocator] } else { &[] };
+        let server = Server::start(c, 2, flag)?;
+        blkdiscard(&server.node(), half, half)?;
+        server.ctl("checkpoint")?;
+        common::write_ranges(&server.node(), &ops, None, 1)?;
+        let status = server.status()?;
+        println!("  engine, --allocator {allocator}: {}", server.ctl("status")?);
+        server.stop()?;
+        common::drop_caches()?;
+        let t = Instant::now();
+        let dev = FileDevice::open(c)?;
+        let report = restore(&dev, &RestoreOptions::default(), &mut |_| {})?;
+        drop(dev);
+        let took = t.elapsed();
+        let RestoreOutcome::Restored { entries, blocks_written, .. } = report.outcome else {
+            return Err(format!("restore of the {allocator} log: {:?}", report.outcome).into());
+        };
+        common::check_pattern(c, &[(0, half)], common::ORIGINAL, "after the restore")?;
+        println!(
+            "  restore of the {allocator} log: {:.0} ms, {entries} entries, {blocks_written} \
+             blocks written; the half in use is as before the checkpoint",
+            ms(took)
+        );
+        out.push(SpaceRun {
+            method: (*allocator).to_owned(),
+            used_bytes: status.get("used").copied().ok_or("no used= in the engine status")?,
+            status,
+            restore: Some((took, entries, blocks_written)),
+        });
+    }
+    let c_id = DevId::of_path(c)?;
+    let b_id = DevId::of_path(b)?;
+    let snap = common::SnapStack::create(
+        dm,
+        "ub-s",
+        (c_id, cfg.space_dev),
+        (b_id, 0, cfg.disk_b()),
+        true,
+    )?;
+    common::write_ranges(&snap.origin_node, &ops, None, 1)?;
+    let st = snap.status(dm)?;
+    snap.teardown(dm)?;
+    let SnapshotStatus::Active { allocated, metadata, .. } = st else {
+        return Err(format!("snapshot status after the writes: {st:?}").into());
+    };
+    println!(
+        "  dm-snapshot: {:.2} MiB allocated ({:.2} MiB metadata)",
+        mib(allocated.get() * 512),
+        mib(metadata.get() * 512)
+    );
+    let mut status = BTreeMap::new();
+    status.insert("metadata".to_owned(), metadata.get() * 512);
+    out.push(SpaceRun {
+        method: "dm-snapshot".to_owned(),
+        used_bytes: allocated.get() * 512,
+        status,
+        restore: None,
+    });
+    Ok(out)
+}
+
+// ---------------------------------------------------------------- results
+
+fn report_json(cfg: &Config, runs: &[Run], space: &[SpaceRun], allocator_flag: bool) -> Value {
+    let mut rows = Vec::new();
+    let mut figures = Vec::new();
+    let mut checks = Vec::new();
+    for r in runs {
+        let mut row = json!({"part": "speed", "workload": r.workload.name(), "qd": r.qd,
+            "round": r.round + 1, "variant": r.variant.name(), "ms": ms(r.took),
+            "mib_s": mib(cfg.region()) / r.took.as_secs_f64()});
+        if let Some(d) = &r.engine {
+            for key in ["backups", "rebackups", "batches", "flushes"] {
+                row[format!("engine_{key}")] = json!(d.get(key).copied().unwrap_or(0));
+            }
+        }
+        rows.push(row);
+    }
+    let time = |w: Workload, qd: u32, round: usize, v: Variant| {
+        runs.iter()
+            .find(|r| r.workload == w && r.qd == qd && r.round == round && r.variant == v)
+            .map(|r| r.took.as_secs_f64())
+    };
+    // (workload, baseline, variant, goal): throughput variant / baseline = time base / variant.
+    let pairs: &[(Workload, Variant, Variant, Option<f64>)] = &[
+        (Workload::FirstTouch, Variant::Passthrough, Variant::Engine, Some(0.5)),
+        (Workload::FirstTouch, Variant::Linear, Variant::Engine, None),
+        (Workload::FirstTouch, Variant::Snapshot, Variant::Engine, None),
+        (Workload::FirstTouch, Variant::Linear, Variant::Snapshot, None),
+        (Workload::FirstTouch, Variant::Linear, Variant::Passthrough, None),
+        (Workload::Rewrite, Variant::Passthrough, Variant::Engine, Some(0.95)),
+        (Workload::FreeSpace, Variant::Passthrough, Variant::Engine, Some(0.95)),
+    ];
+    for &(w, base, v, goal) in pairs {
+        for qd in QDS {
+            let ratios: Vec<f64> = (0..cfg.rounds)
+                .filter_map(|round| Some(time(w, qd, round, base)? / time(w, qd, round, v)?))
+                .collect();
+            if ratios.is_empty() {
+                continue;
+            }
+            let (med, lo, hi) = spread(&ratios);
+            let med_ms = |variant| {
+                let t: Vec<f64> = (0..cfg.rounds).filter_map(|r| time(w, qd, r, variant)).collect();
+                spread(&t).0 * 1e3
+            };
+            let mut inputs = json!({"rounds": ratios.len(), "round_min": lo, "round_max": hi,
+                "writes_per_run": cfg.blocks});
+            inputs[format!("{}_median_ms", v.name())] = json!(med_ms(v));
+            inputs[format!("{}_median_ms", base.name())] = json!(med_ms(base));
+            if v == Variant::Engine {
+                let per_write = |key: &str| {
+                    let n: u64 = runs
+                        .iter()
+                        .filter(|r| r.workload == w && r.qd == qd && r.variant == v)
+                        .filter_map(|r| r.engine.as_ref()?.get(key).copied())
+                        .sum();
+                    n as f64 / (cfg.blocks * cfg.rounds as u64) as f64
+                };
+                for key in ["backups", "batches", "flushes"] {
+                    inputs[format!("engine_{key}_per_write")] = json!(per_write(key));
+                }
+            }
+            figures.push(json!({"group": format!("raw 4 KiB random O_DIRECT writes, queue depth \
+                {qd}, {} (median of {} rounds)", w.name(), ratios.len()),
+                "name": format!("{} / {} throughput", v.name(), base.name()),
+                "ratio": med, "inputs": inputs}));
+            if let Some(goal) = goal {
+                checks.push(json!({"claim": format!("issue 16: engine >= {goal}x the ublk \
+                    pass-through, {}, queue depth {qd} (median of {} rounds; rounds {lo:.2}–\
+                    {hi:.2})", w.name(), ratios.len()),
+                    "value": med, "holds": med >= goal}));
+            }
+        }
+    }
+    let snapshot = space.iter().find(|s| s.method == "dm-snapshot");
+    for s in space {
+        let mut row = json!({"part": "space", "method": s.method, "used_bytes": s.used_bytes,
+            "written_bytes": 2 * cfg.space_writes * BLOCK,
+            "written_free_bytes": cfg.space_writes * BLOCK});
+        for (k, v) in &s.status {
+            row[k] = json!(v);
+        }
+        if let Some((took, entries, blocks)) = s.restore {
+            row["restore_ms"] = json!(ms(took));
+            row["restore_entries"] = json!(entries);
+            row["restore_blocks_written"] = json!(blocks);
+        }
+        rows.push(row);
+        let Some(snap) = snapshot.filter(|_| s.method != "dm-snapshot") else { continue };
+        let ratio = s.used_bytes as f64 / snap.used_bytes.max(1) as f64;
+        figures.push(json!({"group": "backup space, half the written blocks in free space, two \
+            writers interleaved (dm-bow-format.md §11)",
+            "name": format!("engine --allocator {} used / dm-snapshot COW allocated", s.method),
+            "ratio": ratio,
+            "inputs": {"engine_used_bytes": s.used_bytes, "snapshot_cow_bytes": snap.used_bytes,
+                "backups": s.status.get("backups"), "rebackups": s.status.get("rebackups")}}));
+        if s.method == "far-end" {
+            checks.push(json!({"claim": "issue 16: engine (far-end allocator) backup space <= \
+                0.55x dm-snapshot's COW, half the writes into free space, two interleaved writers",
+                "value": ratio, "holds": ratio <= 0.55}));
+        }
+    }
+    let far = space.iter().find(|s| s.method == "far-end").and_then(|s| s.restore);
+    let dmbow = space.iter().find(|s| s.method == "dm-bow").and_then(|s| s.restore);
+    if let (Some(far), Some(dmbow)) = (far, dmbow) {
+        figures.push(
+            json!({"group": "rollback (bow::restore, cold cache) of the space workload's log",
+            "name": "far-end log restore speed / dm-bow-allocator log restore speed",
+            "ratio": dmbow.0.as_secs_f64() / far.0.as_secs_f64(),
+            "inputs": {"far_end_ms": ms(far.0), "dm_bow_ms": ms(dmbow.0),
+                "far_end_entries": far.1, "dm_bow_entries": dmbow.1,
+                "far_end_blocks_written": far.2, "dm_bow_blocks_written": dmbow.2}}),
+        );
+    }
+    let mut errors = Vec::new();
+    if !allocator_flag {
+        errors.push(
+            "bow-ublk serve has no --allocator flag in this build: the dm-bow allocator \
+            was not measured (space and rollback report far-end only)",
+        );
+    }
+    json!({
+        "bench": "ublk",
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map_or_else(|_| "unknown".to_owned(), |k| k.trim().to_owned()),
+        "mode": if cfg.quick { "quick" } else { "full" },
+        "setup": {"where": "virtual device (QEMU TCG), 6.12 kernel",
+            "backing": "virtio-blk disk a for every variant of part 1; disk c for parts 2-3; \
+                dm-snapshot COW on disk b",
+            "guest_cpus": std::thread::available_parallelism().map_or(0, usize::from),
+            "writes_per_run": cfg.blocks, "rounds": cfg.rounds,
+            "space_device_mib": mib(cfg.space_dev), "space_writes_per_writer": cfg.space_writes,
+            "timing": "wall time of the fio process (start-up and the final fsync included)"},
+        "figures": figures,
+        "rows": rows,
+        "checks": checks,
+        "errors": errors,
+    })
+}
+
+fn summary(json: &Value) {
+    println!("\n== summary (ratios from this run) ==");
+    for f in json["figures"].as_array().into_iter().flatten() {
+        let i = &f["inputs"];
+        let range = match (i["round_min"].as_f64(), i["round_max"].as_f64()) {
+            (Some(lo), Some(hi)) => format!(" (rounds {lo:.2}–{hi:.2})"),
+            _ => String::new(),
+        };
+        println!(
+            "  {}: {}: {:.2}x{range}",
+            f["group"].as_str().unwrap_or(""),
+            f["name"].as_str().unwrap_or(""),
+            f["ratio"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    for c in json["checks"].as_array().into_iter().flatten() {
+        println!(
+            "  {} {}: {:.2}",
+            if c["holds"].as_bool() == Some(true) { "MET    " } else { "NOT MET" },
+            c["claim"].as_str().unwrap_or(""),
+            c["value"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+}
