@@ -34,12 +34,15 @@ use backends::{Action, BootStack, DeviceSpec};
 use blockdev::dm::DeviceMapper;
 use blockdev::loopdev::{LoopDevice, LoopOptions};
 use blockdev::names::{object_name, Role};
+use crash::capture::{
+    dm_create, flush_through_journal, fsx, loop_file, majmin, mark, mkfs_ext4, save_log, workload,
+};
 use crash::{CaseSpec, Fault, StoreSpec, Tally};
 use policy::{
     Backend, BackendState, Checkpointer, CommitOutcome, MarkOutcome, NoBootControl, PolicyOptions,
     RestoreOutcome, RestoreRecord, RestoreRequest, Store,
 };
-use testbench::device::{compare_manifests, manifest, populate_app_data, update_step, Rng};
+use testbench::device::{compare_manifests, manifest, populate_app_data, Rng};
 use testbench::vm::Vm;
 use testbench::{guest, vm_trial, Failed};
 
@@ -237,161 +240,6 @@ fn spec_commit_window(snap_dir: &Path) -> Result<Vec<(String, String, String)>, 
 
 // ---------------------------------------------------------------------------------------------
 // guest
-
-fn loop_file(name: &str, size: u64) -> Result<(fs::File, LoopDevice), Failed> {
-    let path = Path::new("/dev/shm").join(name);
-    let file =
-        fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;
-    file.set_len(size)?;
-    let dev = LoopDevice::attach(&file, &LoopOptions::default())?;
-    Ok((file, dev))
-}
-
-fn majmin(dev: &Path) -> Result<String, Failed> {
-    use std::os::unix::fs::MetadataExt;
-    let rdev = fs::metadata(dev)?.rdev();
-    // Linux's dev_t encoding (MAJOR/MINOR in <linux/kdev_t.h>, glibc's gnu_dev_major).
-    let major = ((rdev >> 8) & 0xfff) | ((rdev >> 32) & 0xffff_f000);
-    let minor = (rdev & 0xff) | ((rdev >> 12) & 0xffff_ff00);
-    Ok(format!("{major}:{minor}"))
-}
-
-/// Creates a dm device with `table` by dmsetup (no udev in the guest) and returns its node.
-fn dm_create(name: &str, table: &str) -> Result<PathBuf, Failed> {
-    guest::sh(&format!("dmsetup create --noudevsync {name} --table '{table}'"))?;
-    let minor = guest::sh(&format!("dmsetup info -c --noheadings -o minor {name}"))?;
-    Ok(PathBuf::from(format!("/dev/dm-{}", minor.trim())))
-}
-
-fn mark(log_dev: &str, label: &str) -> Result<(), Failed> {
-    guest::sh(&format!("dmsetup message {log_dev} 0 mark {label}"))?;
-    Ok(())
-}
-
-fn mkfs_ext4(dev: &Path) -> Result<(), Failed> {
-    guest::sh(&format!(
-        "mkfs.ext4 -q -F -b 4096 -E lazy_itable_init=0,lazy_journal_init=0,nodiscard {}",
-        dev.display()
-    ))?;
-    Ok(())
-}
-
-/// fsx/fsstress-like random operations (seeded): writes at random offsets, overwrites,
-/// truncates, renames, unlinks, creates, fsync and fdatasync.
-fn fsx(root: &Path, rng: &mut Rng, ops: usize) -> Result<(), Failed> {
-    use std::os::unix::fs::FileExt;
-    let dir = root.join("fsx");
-    fs::create_dir_all(&dir)?;
-    let name = |i: u64| dir.join(format!("f{i}"));
-    for _ in 0..ops {
-        let i = rng.below(6);
-        match rng.below(10) {
-            0..=3 => {
-                let f = fs::OpenOptions::new()
-                    .create(true)
-                    .write(true)
-                    .truncate(false)
-                    .open(name(i))?;
-                let at = rng.below(2 * MIB);
-                let len = 1 + usize::try_from(rng.below(192 << 10))?;
-                f.write_all_at(&rng.bytes(len), at)?;
-                if rng.below(3) == 0 {
-                    f.sync_data()?;
-                }
-            }
-            4 => {
-                if let Ok(f) = fs::OpenOptions::new().write(true).open(name(i)) {
-                    f.set_len(rng.below(MIB))?;
-                }
-            }
-            5 => {
-                let _ = fs::rename(name(i), name(rng.below(6)));
-            }
-            6 => {
-                let _ = fs::remove_file(name(i));
-            }
-            7 => {
-                if let Ok(f) = fs::File::open(name(i)) {
-                    f.sync_all()?;
-                }
-            }
-            8 => {
-                let f = fs::File::create(name(i))?;
-                let len = usize::try_from(rng.below(64 << 10))?;
-                f.write_all_at(&rng.bytes(len), 0)?;
-                f.sync_all()?;
-            }
-            _ => {
-                guest::sh(&format!("sync -f {}", root.display()))?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The checkpointed workload: a short version of the demo's update, then fsx-like operations.
-/// `flush_dev`: a block device to flush (fsync of its node) every few operations. f2fs with
-/// `checkpoint=disable` issues almost no flushes, and dm-log-writes logs completed writes
-/// only at a flush: without these the whole workload would be logged at the commit.
-fn workload(
-    root: &Path,
-    log_dev: &str,
-    seed: u64,
-    long: bool,
-    flush_dev: Option<&Path>,
-) -> Result<(), Failed> {
-    let flush = || -> Result<(), Failed> {
-        if let Some(dev) = flush_dev {
-            fs::File::open(dev)?.sync_all()?;
-        }
-        Ok(())
-    };
-    let mut rng = Rng::new(seed);
-    mark(log_dev, "update")?;
-    for _ in 0..if long { 40 } else { 8 } {
-        update_step(root, &mut rng)?;
-        flush()?;
-    }
-    guest::sh(&format!("sync -f {}", root.display()))?;
-    mark(log_dev, "fsx")?;
-    for _ in 0..if long { 40 } else { 6 } {
-        fsx(root, &mut rng, 10)?;
-        flush()?;
-    }
-    guest::sh(&format!("sync -f {}", root.display()))?;
-    flush()?;
-    Ok(())
-}
-
-/// A small file written and fsynced: ext4 commits its journal with a flush.
-fn flush_through_journal(root: &Path) -> Result<(), Failed> {
-    let f = fs::File::create(root.join(".flush"))?;
-    std::io::Write::write_all(&mut &f, b"flush")?;
-    f.sync_all()?;
-    Ok(())
-}
-
-/// The used part of a log device (every entry), copied into the shared folder.
-fn save_log(log_file: &Path, to: &Path) -> Result<(), Failed> {
-    let mut r = blockdev::logwrites::LogReader::new(fs::File::open(log_file)?)?;
-    let entries = r.entries()?;
-    let s = u64::from(r.super_block().sector_size);
-    let end = entries.last().map_or(s, |e| {
-        let data = if e.is_data_write() { e.nr_sectors * s } else { 0 };
-        e.data_offset + data
-    });
-    let mut src = fs::File::open(log_file)?;
-    let mut dst = fs::File::create(to)?;
-    std::io::copy(&mut std::io::Read::take(&mut src, end), &mut dst)?;
-    println!(
-        "{}: {} entries, {} MiB, summary {:?}",
-        to.display(),
-        entries.len(),
-        end / MIB,
-        blockdev::logwrites::summarize(&entries)
-    );
-    Ok(())
-}
 
 fn guest_capture(_: &[String]) -> Result<(), Failed> {
     let long = long_mode();

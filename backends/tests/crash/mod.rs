@@ -16,6 +16,9 @@
 
 #![allow(dead_code)] // Each test binary uses its own part.
 
+pub mod capture;
+pub mod ublk;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -476,7 +479,7 @@ impl Tally {
 /// A saved case: everything needed to replay one failing crash state (or a whole run).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CaseSpec {
-    /// `snapshot` or `bow`.
+    /// `snapshot`, `bow` or `ublk`.
     pub kind: String,
     /// The log, relative to the case directory.
     pub log: String,
@@ -1533,6 +1536,12 @@ pub fn run_case(dir: &Path, fault: Fault, failures_dir: Option<&Path>) -> Result
             run_snapshot(&case, fault, failures_dir, false)
         }
         "bow" => run_bow(dir, &spec, fault, failures_dir),
+        // The engine's broken orders are in the capture (`bow-ublk serve --fault`), not here.
+        "ublk" if fault != Fault::None => {
+            Err(format!("{}: a ublk case takes no recovery fault ({fault:?})", dir.display())
+                .into())
+        }
+        "ublk" => ublk::run_ublk(dir, &spec, failures_dir, false).map(|u| u.tally),
         other => Err(format!("{}: unknown case kind {other:?}", dir.display()).into()),
     }
 }
