@@ -208,9 +208,19 @@ fn bench(name: &str, args: &[String]) -> Result<ExitCode> {
     let meta = metadata()?;
     let pkg = find_bench_package(&meta, name)?;
     setup::ensure()?;
-    println!("xtask bench: cargo bench -p {pkg} --bench {name} (TESTBENCH_VM=1)");
+    // The report's benches that need cargo features (the ublk server) get them here too.
+    let features = report::BENCHES
+        .iter()
+        .find(|s| s.name == name)
+        .map_or_else(Vec::new, |s| report::feature_args(s.features));
+    println!(
+        "xtask bench: cargo bench -p {pkg} --bench {name} {} (TESTBENCH_VM=1)",
+        features.join(" ")
+    );
     let status = Command::new(cargo())
-        .args(["bench", "-p", &pkg, "--bench", name, "--"])
+        .args(["bench", "-p", &pkg, "--bench", name])
+        .args(&features)
+        .arg("--")
         .args(args)
         .env(testbench::VM_ENV, "1")
         .current_dir(testbench::paths::workspace_root())

@@ -46,6 +46,8 @@ pub struct BenchSpec {
     pub quick_args: &'static [&'static str],
     /// Extra environment in `--quick` mode.
     pub quick_env: &'static [(&'static str, &'static str)],
+    /// Cargo features the bench target needs (`--features`, for its build and its run).
+    pub features: &'static [&'static str],
 }
 
 /// The benchmarks of the report, in report order.
@@ -62,6 +64,7 @@ pub const BENCHES: &[BenchSpec] = &[
             ("BOW_BENCH_RESTORE_MIB", "16"),
             ("BOW_BENCH_ROUNDS", "1"),
         ],
+        features: &[],
     },
     BenchSpec {
         name: "rollback",
@@ -72,6 +75,7 @@ pub const BENCHES: &[BenchSpec] = &[
         args: &[],
         quick_args: &["--quick"],
         quick_env: &[],
+        features: &[],
     },
     BenchSpec {
         name: "estimate",
@@ -80,6 +84,7 @@ pub const BENCHES: &[BenchSpec] = &[
         args: &[],
         quick_args: &[],
         quick_env: &[],
+        features: &[],
     },
     BenchSpec {
         name: "binder",
@@ -91,6 +96,18 @@ pub const BENCHES: &[BenchSpec] = &[
         args: &["--test-threads=1"],
         quick_args: &[],
         quick_env: &[],
+        features: &[],
+    },
+    BenchSpec {
+        name: "ublk",
+        title: "The userspace backup-on-write engine behind ublk (speed, space, rollback)",
+        about: "one boot of the virtual device on the 6.12 kernel: raw 4 KiB writes through the \
+                engine vs a ublk pass-through, dm-linear and dm-snapshot; backup space of two \
+                interleaved writers per allocator vs dm-snapshot's COW; restore time of each log",
+        args: &[],
+        quick_args: &["--quick"],
+        quick_env: &[],
+        features: &["bow-ublk/ublk"],
     },
 ];
 
@@ -397,6 +414,7 @@ fn build_all(meta: &Value) {
         let Ok(pkg) = find_bench_package(meta, spec.name) else { continue };
         let mut cmd = Command::new(cargo());
         cmd.args(["bench", "--no-run", "-p", &pkg, "--bench", spec.name])
+            .args(feature_args(spec.features))
             .current_dir(testbench::paths::workspace_root());
         println!("+ {}", setup::show(&cmd));
         match cmd.status() {
@@ -405,6 +423,15 @@ fn build_all(meta: &Value) {
         }
     }
     println!("=== built in {:.0} s ===", t.elapsed().as_secs_f64());
+}
+
+/// `--features a,b` for cargo, or nothing.
+pub fn feature_args(features: &[&str]) -> Vec<String> {
+    if features.is_empty() {
+        Vec::new()
+    } else {
+        vec!["--features".to_owned(), features.join(",")]
+    }
 }
 
 /// Rebuilds the report from the JSON files already in `target/bench` (no benchmark runs).
@@ -584,7 +611,9 @@ fn host_machine() -> Value {
 /// `log`; a line every minute says how long it has been running. Returns whether it succeeded.
 fn run_one(pkg: &str, spec: &BenchSpec, opts: RunOptions, log: &Path) -> Result<bool> {
     let mut cmd = Command::new(cargo());
-    cmd.args(["bench", "-p", pkg, "--bench", spec.name, "--"])
+    cmd.args(["bench", "-p", pkg, "--bench", spec.name])
+        .args(feature_args(spec.features))
+        .arg("--")
         .env(testbench::VM_ENV, "1")
         .current_dir(testbench::paths::workspace_root())
         .stdout(Stdio::piped())
@@ -1156,6 +1185,7 @@ bench: hostile ratio loaded/idle (session): p50 0.90x p99 1.20x
                 dir.path(),
             ),
             load(&BENCHES[3], RunStatus::Ok, 30.0, dir.path()),
+            load(&BENCHES[4], RunStatus::NotRun("no bench target `ublk`".into()), 0.0, dir.path()),
         ];
         let report = Report {
             outcomes,
@@ -1193,6 +1223,7 @@ bench: hostile ratio loaded/idle (session): p50 0.90x p99 1.20x
         assert_eq!(benches[1]["status"], json!("failed"));
         assert_eq!(benches[2]["status"], json!("not run"));
         assert!(benches[3]["data"].is_null() && benches[3]["data_error"].is_string());
+        assert_eq!(benches[4]["status"], json!("not run"));
     }
 
     #[test]
