@@ -31,8 +31,15 @@ use testbench::vm::{Kernel, Vm};
 use testbench::{cargo_bin, guest, vm_trial, Failed};
 
 const MIB: u64 = 1 << 20;
-/// The engine's raw device (the bow capture's size: the workload fits with its backups).
-const UBLK_BYTES: u64 = 48 * MIB;
+/// The engine's raw device (the bow capture's sizes: the workload fits with its backups; the
+/// long run writes about three times as much).
+fn ublk_bytes(long: bool) -> u64 {
+    if long {
+        96 * MIB
+    } else {
+        48 * MIB
+    }
+}
 const UBLK: &str = "/dev/ublkb0";
 const LONG_ENV: &str = "CPD_CRASH_LONG";
 /// The broken engines: `bow-ublk serve --fault <name>` (feature `bow-ublk/fault`).
@@ -264,15 +271,16 @@ fn capture(
     long: bool,
 ) -> Result<(), Failed> {
     let t = Instant::now();
+    let ublk_bytes = ublk_bytes(long);
     let out = shared.join(name);
     std::fs::create_dir_all(&out)?;
-    let (_raw_f, raw) = loop_file("cu-raw.img", UBLK_BYTES)?;
+    let (_raw_f, raw) = loop_file("cu-raw.img", ublk_bytes)?;
     let (_log_f, logd) = loop_file("cu-log.img", 768 * MIB)?;
     let dev = dm_create(
         "cu-log",
         &format!(
             "0 {} log-writes {} {}",
-            UBLK_BYTES / 512,
+            ublk_bytes / 512,
             majmin(raw.path())?,
             majmin(logd.path())?
         ),
@@ -309,7 +317,7 @@ fn capture(
         kernel_merge_reference: None,
         meta_bytes: 0,
         instance: String::new(),
-        device_bytes: UBLK_BYTES,
+        device_bytes: ublk_bytes,
         windows: vec![("ublk-checkpoint".into(), "ublk-end".into(), "rollback".into())],
         subsets: if long { 12 } else { 3 },
         seed,
