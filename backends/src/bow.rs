@@ -320,11 +320,16 @@ impl BowTarget for KernelBow {
 
 /// The real mounted filesystem.
 #[derive(Debug)]
-struct KernelFs {
+pub(crate) struct KernelFs {
     mount_point: PathBuf,
 }
 
 impl KernelFs {
+    /// The filesystem mounted at `mount_point`.
+    pub(crate) fn at(mount_point: &Path) -> KernelFs {
+        KernelFs { mount_point: mount_point.to_owned() }
+    }
+
     fn open(&self) -> Result<std::fs::File, BackendError> {
         std::fs::File::open(&self.mount_point)
             .map_err(|e| errors::io(format!("open {}", self.mount_point.display()), e))

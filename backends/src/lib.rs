@@ -7,7 +7,10 @@
 //!   the filesystem itself; rollback by the kernel's snapshot-merge or by the offline merge of
 //!   the `snapcow` crate;
 //! * [`f2fs`]: f2fs `checkpoint=disable`, committed by remounting `checkpoint=enable`;
-//! * [`select`]: `auto` selection (dm-bow where the kernel has it, else dm-snapshot);
+//! * [`userspace_bow`]: the userspace backup-on-write engine served over ublk by `bow-ublk`,
+//!   /data mounted through a dm-linear device that commit switches onto the raw partition;
+//! * [`select`]: `auto` selection (dm-bow where the kernel has it, else userspace-bow where it
+//!   has ublk, else dm-snapshot);
 //! * [`records`]: what a backend must remember across boots (a COW file's extents), kept in
 //!   the metadata directory, outside the rolled-back filesystem;
 //! * [`reservation`]: backup space reserved before the update's reboot (a preallocated file),
@@ -37,6 +40,7 @@ pub mod reservation;
 pub mod select;
 pub mod snapshot;
 mod stack;
+pub mod userspace_bow;
 
 pub use ladder::{mount, mount_with, MountAttempt};
 pub use mountinfo::{parse_mountinfo, MountEntry};
