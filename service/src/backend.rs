@@ -1,5 +1,5 @@
 //! The one place that constructs backends: the real ones of the `backends` crate (bow,
-//! snapshot, f2fs, `auto`'s choice), their boot-flow halves, and the `test-null` backend below
+//! snapshot, f2fs, userspace-bow, `auto`'s choice), their boot-flow halves, and the `test-null` backend below
 //! (test configurations only). The daemon and `checkpointctl boot` both build through here.
 
 use std::sync::Mutex;
@@ -23,6 +23,14 @@ pub enum Resolved {
     Snapshot(backends::snapshot::SnapshotOptions),
     /// f2fs `checkpoint=disable`.
     F2fs(backends::f2fs::F2fsOptions),
+    /// The userspace engine over ublk; `fallback` (set when `auto` chose it) is the snapshot
+    /// a boot falls back to when the engine cannot be set up before the mount.
+    UserspaceBow {
+        /// Its options.
+        options: backends::userspace_bow::UserspaceBowOptions,
+        /// `auto`'s snapshot options for the fallback.
+        fallback: Option<backends::snapshot::SnapshotOptions>,
+    },
     /// Protects nothing (tests).
     TestNull(TestNullOptions),
 }
@@ -34,16 +42,21 @@ impl Resolved {
             Resolved::Bow(_) => "bow",
             Resolved::Snapshot(_) => "snapshot",
             Resolved::F2fs(_) => "f2fs",
+            Resolved::UserspaceBow { .. } => "userspace-bow",
             Resolved::TestNull(_) => "test-null",
         }
     }
 }
 
-/// `auto`: dm-bow where the kernel has the target, else dm-snapshot, and why.
+/// `auto`: dm-bow where the kernel has the target, else userspace-bow where it has ublk (with
+/// snapshot as the fallback of a boot whose engine cannot start), else dm-snapshot, and why.
 pub fn resolve_auto(options: &backends::select::AutoOptions) -> (Resolved, String) {
     let (chosen, reason) = backends::select::choose(options);
     let resolved = match chosen {
         backends::select::Chosen::Bow(o) => Resolved::Bow(o),
+        backends::select::Chosen::UserspaceBow(options, snapshot) => {
+            Resolved::UserspaceBow { options, fallback: Some(snapshot) }
+        }
         backends::select::Chosen::Snapshot(o) => Resolved::Snapshot(o),
     };
     (resolved, reason)
@@ -73,6 +86,18 @@ pub fn daemon_backend(
             backends::f2fs::F2fsBackend::new(spec.clone(), o.clone())?
                 .with_reservations(Reservations::new(records.clone())),
         ),
+        Resolved::UserspaceBow { options, fallback } => {
+            let backend = backends::userspace_bow::UserspaceBowBackend::new(
+                spec.clone(),
+                options.clone(),
+                restore.options(0),
+                records.clone(),
+            )?;
+            Box::new(match fallback {
+                Some(snapshot) => backend.with_fallback(snapshot.clone())?,
+                None => backend,
+            })
+        }
         Resolved::TestNull(o) => Box::new(TestNullBackend::new(
             "test-null",
             o.kind.unwrap_or(CheckpointMethod::Block),
@@ -84,7 +109,8 @@ pub fn daemon_backend(
 
 /// The boot flow's half for one device; `None` for test-null (the raw device is mounted as
 /// it is). `records` (the metadata dir's) lets f2fs hand a backup-space reservation over
-/// before its `checkpoint=disable` mount.
+/// before its `checkpoint=disable` mount, and lets `auto`'s userspace-bow record a fallback to
+/// snapshot for the daemon (without records it cannot, so it does not fall back).
 pub fn boot_stack(resolved: &Resolved, records: Option<&Records>) -> Option<Box<dyn BootStack>> {
     match resolved {
         Resolved::Bow(o) => Some(Box::new(backends::bow::BowStack::new(o.clone()))),
@@ -94,6 +120,16 @@ pub fn boot_stack(resolved: &Resolved, records: Option<&Records>) -> Option<Box<
             Some(Box::new(match records {
                 Some(r) => stack.with_reservations(Reservations::new(r.clone())),
                 None => stack,
+            }))
+        }
+        Resolved::UserspaceBow { options, fallback } => {
+            let stack = backends::userspace_bow::UserspaceBowStack::new(options.clone());
+            Some(Box::new(match (fallback, records) {
+                (Some(snapshot), Some(r)) => stack.with_fallback(
+                    backends::snapshot::SnapshotStack::new(snapshot.clone()),
+                    r.clone(),
+                ),
+                _ => stack,
             }))
         }
         Resolved::TestNull(_) => None,
@@ -123,7 +159,12 @@ impl Backend for Named {
         &self.name
     }
     fn selection_reason(&self) -> &str {
-        &self.reason
+        // A reason the backend found at run time (auto's userspace-bow fell back to snapshot
+        // in this boot) is newer than the plan's.
+        match self.inner.selection_reason() {
+            "" => &self.reason,
+            newer => newer,
+        }
     }
     fn covers(&self, device: &str) -> bool {
         self.inner.covers(device)
@@ -248,6 +289,77 @@ mod tests {
         let named = Named::new("snapshot@data".into(), why.clone(), Box::new(inner));
         assert_eq!(named.name(), "snapshot@data");
         assert_eq!(named.selection_reason(), why);
+    }
+
+    #[test]
+    fn userspace_bow_is_configured_with_its_keys_and_without_a_fallback() {
+        let text = r#"
+            [[device]]
+            device = "/dev/vdb"
+            mount_point = "/data"
+            checkpoint = "block"
+            [[backend]]
+            type = "userspace-bow"
+            server = "/usr/libexec/bow-ublk"
+            start_timeout_ms = 2500
+            "#;
+        let config = crate::config::Config::parse(text).expect("parses");
+        config.validate().expect("valid");
+        let plan = crate::plan::plan(&config, &config.devices).expect("plan");
+        match &plan[0].backend {
+            Resolved::UserspaceBow { options, fallback } => {
+                assert_eq!(options.start_timeout_ms, 2500);
+                assert_eq!(options.server.as_deref(), Some("/usr/libexec/bow-ublk".as_ref()));
+                assert_eq!(*fallback, None, "only auto falls back");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(plan[0].backend.type_name(), "userspace-bow");
+        // A relative server path and an unknown key are refused, naming the key.
+        let bad = crate::config::Config::parse(&text.replace("/usr/libexec/bow-ublk", "bow-ublk"))
+            .expect("parses");
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("server"), "{e}");
+        let e = crate::config::Config::parse(&text.replace("start_timeout_ms", "start_timeout"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("start_timeout"), "{e}");
+    }
+
+    #[test]
+    fn named_prefers_the_backends_own_newer_reason() {
+        #[derive(Debug)]
+        struct FellBack(TestNullBackend);
+        impl Backend for FellBack {
+            fn kind(&self) -> BackendKind {
+                self.0.kind()
+            }
+            fn name(&self) -> &str {
+                self.0.name()
+            }
+            fn selection_reason(&self) -> &str {
+                "auto: userspace-bow could not be set up (x), using snapshot"
+            }
+            fn prepare(&self) -> Result<Action, BackendError> {
+                self.0.prepare()
+            }
+            fn commit(&self) -> Result<Action, BackendError> {
+                self.0.commit()
+            }
+            fn space(&self) -> Result<BackupSpace, BackendError> {
+                self.0.space()
+            }
+            fn status(&self) -> Result<BackendStatus, BackendError> {
+                self.0.status()
+            }
+        }
+        let inner = TestNullBackend::new("t", CheckpointMethod::Block, None, vec![]);
+        let named = Named::new(
+            "auto".into(),
+            "auto: ... using userspace-bow".into(),
+            Box::new(FellBack(inner)),
+        );
+        assert!(named.selection_reason().contains("could not be set up"));
     }
 
     #[test]

@@ -126,7 +126,10 @@ pub enum BackendType {
     Snapshot(backends::snapshot::SnapshotOptions),
     /// f2fs `checkpoint=disable` (`type = "f2fs"`).
     F2fs(backends::f2fs::F2fsOptions),
-    /// dm-bow where the kernel has it, else dm-snapshot (`type = "auto"`).
+    /// The userspace backup-on-write engine over ublk (`type = "userspace-bow"`).
+    UserspaceBow(backends::userspace_bow::UserspaceBowOptions),
+    /// dm-bow where the kernel has it, else userspace-bow where it has ublk, else dm-snapshot
+    /// (`type = "auto"`).
     Auto(backends::select::AutoOptions),
     /// A backend that protects no data: prepare and commit only move the state machine. For
     /// test configurations only (the daemon warns at start).
@@ -140,6 +143,7 @@ impl BackendType {
             BackendType::Bow(_) => "bow",
             BackendType::Snapshot(_) => "snapshot",
             BackendType::F2fs(_) => "f2fs",
+            BackendType::UserspaceBow(_) => "userspace-bow",
             BackendType::Auto(_) => "auto",
             BackendType::TestNull(_) => "test-null",
         }
@@ -149,9 +153,10 @@ impl BackendType {
     /// for f2fs, test-null's `kind`.
     pub fn method(&self) -> CheckpointMethod {
         match self {
-            BackendType::Bow(_) | BackendType::Snapshot(_) | BackendType::Auto(_) => {
-                CheckpointMethod::Block
-            }
+            BackendType::Bow(_)
+            | BackendType::Snapshot(_)
+            | BackendType::UserspaceBow(_)
+            | BackendType::Auto(_) => CheckpointMethod::Block,
             BackendType::F2fs(_) => CheckpointMethod::Fs,
             BackendType::TestNull(o) => o.kind.unwrap_or(CheckpointMethod::Block),
         }
@@ -169,7 +174,7 @@ pub struct BackendConfig {
 }
 
 /// The `type` words, for the error of an unknown one.
-const BACKEND_TYPES: &[&str] = &["bow", "snapshot", "f2fs", "auto", "test-null"];
+const BACKEND_TYPES: &[&str] = &["bow", "snapshot", "f2fs", "userspace-bow", "auto", "test-null"];
 
 impl<'de> Deserialize<'de> for BackendConfig {
     /// serde's internally tagged enums cannot refuse unknown keys of a variant that embeds
@@ -210,6 +215,7 @@ impl<'de> Deserialize<'de> for BackendConfig {
             "bow" => BackendType::Bow(options(&type_name, table)?),
             "snapshot" => BackendType::Snapshot(options(&type_name, table)?),
             "f2fs" => BackendType::F2fs(options(&type_name, table)?),
+            "userspace-bow" => BackendType::UserspaceBow(options(&type_name, table)?),
             "auto" => BackendType::Auto(options(&type_name, table)?),
             "test-null" => BackendType::TestNull(options(&type_name, table)?),
             other => return Err(D::Error::unknown_variant(other, BACKEND_TYPES)),
@@ -679,6 +685,7 @@ fn validate_backend_options(i: usize, backend: &BackendType) -> Result<(), Confi
         BackendType::Bow(o) => named(o.validate()),
         BackendType::Snapshot(o) => named(o.validate()),
         BackendType::F2fs(o) => named(o.validate()),
+        BackendType::UserspaceBow(o) => named(o.validate()),
         BackendType::Auto(o) => named(o.validate()),
         BackendType::TestNull(_) => Ok(()),
     }

@@ -53,7 +53,8 @@ impl DeviceBackend {
     /// The estimator's method for this backend.
     pub fn estimate_backend(&self) -> EstimateBackend {
         match &self.backend {
-            Resolved::Bow(_) => EstimateBackend::Bow,
+            // The engine backs up as dm-bow does (its log, its free-space economy).
+            Resolved::Bow(_) | Resolved::UserspaceBow { .. } => EstimateBackend::Bow,
             Resolved::Snapshot(_) => EstimateBackend::Snapshot,
             Resolved::F2fs(_) => EstimateBackend::F2fs,
             Resolved::TestNull(o) => match o.kind.unwrap_or(CheckpointMethod::Block) {
@@ -84,6 +85,7 @@ impl DeviceBackend {
         })?;
         Ok(match &self.backend {
             Resolved::Bow(o) if o.block_size_4096 => 4096,
+            Resolved::UserspaceBow { .. } => 4096,
             Resolved::Bow(_) => File::open(&self.spec.raw)
                 .ok()
                 .and_then(|f| blockdev::blk::logical_block_size(&f).ok())
