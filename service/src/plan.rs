@@ -56,10 +56,9 @@ pub fn plan(config: &Config, devices: &[DeviceConfig]) -> Result<Vec<DevicePlan>
             BackendType::Bow(o) => (Resolved::Bow(o.clone()), String::new()),
             BackendType::Snapshot(o) => (Resolved::Snapshot(o.clone()), String::new()),
             BackendType::F2fs(o) => (Resolved::F2fs(o.clone()), String::new()),
-            BackendType::UserspaceBow(o) => (
-                Resolved::UserspaceBow { options: o.clone(), fallback: None },
-                String::new(),
-            ),
+            BackendType::UserspaceBow(o) => {
+                (Resolved::UserspaceBow { options: o.clone(), fallback: None }, String::new())
+            }
             BackendType::TestNull(o) => (Resolved::TestNull(o.clone()), String::new()),
             BackendType::Auto(o) => resolve_auto(o),
         };
