@@ -3,17 +3,20 @@
 //!
 //! One boot, two vCPUs, three virtio disks (`a`: the speed part's device, `b`: dm-snapshot's COW
 //! stores, `c`: the space part's device):
-//! 1. **Speed**, raw block I/O with fio on disk `a` (O_DIRECT, 4 KiB, random, every block of a
-//!    region written once, libaio at queue depth 1 and 16, a final fsync; wall time of the fio
-//!    process): the engine in CHECKPOINT (`bow-ublk serve`) against a ublk pass-through of the
+//! 1. **Speed**, raw block I/O on disk `a` (O_DIRECT, 4 KiB, random order, every block of a
+//!    region written once, queue depth 1 and 16 as 1 and 16 writer threads, a final
+//!    `fdatasync`, timed in this process): the engine in CHECKPOINT (`bow-ublk serve`) against a ublk pass-through of the
 //!    same disk (`--passthrough`), a kernel dm-linear over it and a snapshot-origin over it with
 //!    an active persistent snapshot (4 KiB chunks, COW on disk `b`). All four live at once over
-//!    the same disk; every round runs each workload on every variant, the order rotated per
-//!    round, on regions no variant has written through itself before (first touch):
-//!    * first-touch writes into blocks in use (the engine backs each up; dm-snapshot copies it);
-//!    * rewrites of the blocks the engine just backed up (engine vs pass-through);
+//!    the same disk. After an untimed warm-up write through each, every round runs each
+//!    workload on every variant, on regions no variant has written through itself before:
+//!    * first-touch writes into blocks in use (the engine backs each up; dm-snapshot copies
+//!      it), all four variants, the order rotated per round;
+//!    * rewrites of the blocks the engine just backed up, engine vs pass-through, A B B A (each
+//!      twice per round, so that neither always goes first; a round's time is the sum);
 //!    * writes into free space: regions discarded with `blkdiscard` on the engine's device in
-//!      TRIM state, so the engine recorded them free (engine vs pass-through).
+//!      TRIM state, so the engine recorded them free; B A A B, each variant's second run on a
+//!      second region.
 //!
 //!    Each engine run is bracketed by `bow-ublk status`: its backups, batches and flushes per
 //!    write are reported beside the times. Result: the median over rounds of each round's ratio,
@@ -67,6 +70,9 @@ const ENV_KEYS: &[&str] = &["UBLK_BENCH_BLOCKS", "UBLK_BENCH_ROUNDS"];
 /// The guest's results, in the shared folder (the guest's working directory).
 const GUEST_JSON: &str = "ublk.json";
 const QDS: [u32; 2] = [1, 16];
+/// Bytes each variant writes once, untimed, before the rounds (half at each queue depth): the
+/// first runs after the boot paid for warming up (seen in trial runs).
+const WARM_UP: u64 = MIB;
 
 /// Sizes of one run.
 #[derive(Debug, Clone)]
@@ -111,30 +117,31 @@ impl Config {
         (self.rounds * QDS.len()) as u64
     }
 
-    /// Disk `a`: 1 MiB head (block 0), the regions in use, 1 MiB in use, the free-space
-    /// regions, 1 MiB in use, then the backup pool, free and larger than the free-space
-    /// regions together (so the far-end allocator takes its backups there, not from the
-    /// regions the free-space writes go to).
+    /// Disk `a`: 1 MiB head (block 0), the warm-up region (in use), the regions in use, 1 MiB
+    /// in use, the free-space regions (two per round and queue depth: each variant writes
+    /// free space twice per round, A B B A), 1 MiB in use, then the backup pool, free and
+    /// larger than the free-space regions together (so the far-end allocator takes its backups
+    /// there, not from the regions the free-space writes go to).
     fn used_at(&self, i: u64) -> u64 {
-        MIB + i * self.region()
+        MIB + WARM_UP + i * self.region()
     }
     fn free_at(&self, i: u64) -> u64 {
-        2 * MIB + self.regions() * self.region() + i * self.region()
+        self.used_at(self.regions()) + MIB + i * self.region()
     }
     fn pool_at(&self) -> u64 {
-        self.free_at(self.regions()) + MIB
+        self.free_at(2 * self.regions()) + MIB
     }
     fn pool_len(&self) -> u64 {
-        // Every first-touch write's backup, the log sectors (about one per 169 entries), and
-        // room to spare.
-        self.regions() * self.region() + 8 * MIB
+        // Larger than the free-space regions; that holds every first-touch write's backup and
+        // the log sectors (about one per 169 entries) too.
+        2 * self.regions() * self.region() + 8 * MIB
     }
     fn disk_a(&self) -> u64 {
         self.pool_at() + self.pool_len()
     }
     /// Disk `b`: the larger of the two COW stores (every write, 1/256 metadata, the header).
     fn disk_b(&self) -> u64 {
-        let speed = self.regions() * self.region();
+        let speed = self.regions() * self.region() + WARM_UP;
         let space = 2 * self.space_writes * BLOCK;
         let data = speed.max(space);
         (data + data / 128 + 4 * MIB).div_ceil(MIB) * MIB
@@ -188,7 +195,7 @@ fn host(quick: bool) -> Result<(), Failed> {
         .disk(&disk_b)
         .disk(&disk_c)
         .memory_mib(2048)
-        // Two vCPUs, as the other benchmarks: the ublk server and fio each get one.
+        // Two vCPUs, as the other benchmarks: the ublk server and the writers each get one.
         .cpus(2)
         .timeout(Duration::from_secs(if quick { 600 } else { 2400 }))
         .stream_output(true);
@@ -246,7 +253,7 @@ fn host(quick: bool) -> Result<(), Failed> {
     guest_ok
 }
 
-// ---------------------------------------------------------------- the guest: servers, fio
+// ---------------------------------------------------------------- the guest: servers, writers
 
 /// A running `bow-ublk serve`, once it has printed that it serves.
 struct Server {
@@ -333,31 +340,22 @@ impl Drop for Server {
     }
 }
 
-/// Random 4 KiB O_DIRECT writes over `len` bytes of `dev` from `offset`, each block once (fio's
-/// random map), at queue depth `qd`, then an fsync; the fio process's wall time.
-fn fio(dev: &Path, offset: u64, len: u64, qd: u32) -> Result<Duration, Failed> {
-    let t = Instant::now();
-    let out = Command::new("fio")
-        .arg("--name=w")
-        .arg(format!("--filename={}", dev.display()))
-        .args(["--rw=randwrite", "--bs=4k", "--ioengine=libaio", "--direct=1", "--end_fsync=1"])
-        .arg(format!("--iodepth={qd}"))
-        .arg(format!("--offset={offset}"))
-        .arg(format!("--size={len}"))
-        .arg("--output=/dev/null")
-        .output()
-        .map_err(|e| format!("running fio: {e} (is fio installed? cargo xtask setup)"))?;
-    let took = t.elapsed();
-    if !out.status.success() {
-        return Err(format!(
-            "fio on {} failed ({}): {}",
-            dev.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        )
-        .into());
-    }
-    Ok(took)
+/// Random 4 KiB O_DIRECT writes over `len` bytes of `dev` from `offset`, each block once in
+/// the order `seed` gives, from `qd` threads (so `qd` writes in flight), then one `fdatasync`;
+/// the elapsed time. The writes are issued in this process, not by fio: under TCG fio's start-up
+/// alone took 2-3 s, longer than a run's writes.
+fn random_writes(
+    dev: &Path,
+    offset: u64,
+    len: u64,
+    qd: u32,
+    seed: u64,
+) -> Result<Duration, Failed> {
+    let mut rng = Rng(seed | 1);
+    let blocks = len / BLOCK;
+    let ops: Vec<(u64, u64)> =
+        rng.distinct(blocks, blocks).into_iter().map(|b| (offset + b * BLOCK, BLOCK)).collect();
+    common::write_ranges(dev, &ops, None, qd as usize)
 }
 
 fn blkdiscard(dev: &Path, offset: u64, len: u64) -> Result<(), Failed> {
@@ -476,7 +474,7 @@ fn speed(cfg: &Config, dm: &DeviceMapper, a: &Path, b: &Path) -> Result<Vec<Run>
     let passthrough = Server::start(a, 0, &["--passthrough"])?;
     let engine = Server::start(a, 1, &[])?;
     // TRIM state: the free-space regions and the backup pool are recorded free.
-    let free_len = cfg.regions() * cfg.region();
+    let free_len = 2 * cfg.regions() * cfg.region();
     blkdiscard(&engine.node(), cfg.free_at(0), free_len)?;
     blkdiscard(&engine.node(), cfg.pool_at(), cfg.pool_len())?;
     println!("  engine in TRIM: {}", engine.ctl("status")?);
@@ -495,6 +493,12 @@ fn speed(cfg: &Config, dm: &DeviceMapper, a: &Path, b: &Path) -> Result<Vec<Run>
         mib(cfg.pool_len()),
         mib(cfg.pool_at())
     );
+    let device = |variant: Variant| match variant {
+        Variant::Passthrough => passthrough.node(),
+        Variant::Engine => engine.node(),
+        Variant::Linear => lin.clone(),
+        Variant::Snapshot => snap.origin_node.clone(),
+    };
     let mut runs = Vec::new();
     let mut timed = |workload: Workload,
                      qd: u32,
@@ -502,14 +506,10 @@ fn speed(cfg: &Config, dm: &DeviceMapper, a: &Path, b: &Path) -> Result<Vec<Run>
                      variant: Variant,
                      offset: u64|
      -> Result<(), Failed> {
-        let dev = match variant {
-            Variant::Passthrough => passthrough.node(),
-            Variant::Engine => engine.node(),
-            Variant::Linear => lin.clone(),
-            Variant::Snapshot => snap.origin_node.clone(),
-        };
+        let dev = device(variant);
         let before = if variant == Variant::Engine { Some(engine.status()?) } else { None };
-        let took = fio(&dev, offset, cfg.region(), qd)?;
+        // The same order on every variant for the same region.
+        let took = random_writes(&dev, offset, cfg.region(), qd, 0xB10C_0000 ^ offset)?;
         let engine_delta = match before {
             Some(before) => {
                 let after = engine.status()?;
@@ -540,6 +540,14 @@ fn speed(cfg: &Config, dm: &DeviceMapper, a: &Path, b: &Path) -> Result<Vec<Run>
         Ok(())
     };
     let all = [Variant::Passthrough, Variant::Engine, Variant::Linear, Variant::Snapshot];
+    for v in all {
+        for (q, qd) in QDS.into_iter().enumerate() {
+            let at = MIB + q as u64 * WARM_UP / 2;
+            let dev = device(v);
+            random_writes(&dev, at, WARM_UP / 2, qd, 0x3A7B)?;
+        }
+    }
+    println!("  warm-up: every variant wrote {:.1} MiB (untimed)", mib(WARM_UP));
     for round in 0..cfg.rounds {
         for (q, &qd) in QDS.iter().enumerate() {
             let region = (round * QDS.len() + q) as u64;
@@ -548,17 +556,18 @@ fn speed(cfg: &Config, dm: &DeviceMapper, a: &Path, b: &Path) -> Result<Vec<Run>
                 let v = all[(k + round + q) % all.len()];
                 timed(Workload::FirstTouch, qd, round, v, cfg.used_at(region))?;
             }
-            // The engine has now backed the region up: rewrites, A B / B A by round.
-            let pair = if (round + q) % 2 == 0 {
-                [Variant::Passthrough, Variant::Engine]
-            } else {
-                [Variant::Engine, Variant::Passthrough]
-            };
-            for v in pair {
+            // The engine has now backed the region up: rewrites, A B B A (each variant twice,
+            // so that neither always goes first).
+            let abba =
+                [Variant::Passthrough, Variant::Engine, Variant::Engine, Variant::Passthrough];
+            for v in abba {
                 timed(Workload::Rewrite, qd, round, v, cfg.used_at(region))?;
             }
-            for v in pair.iter().rev() {
-                timed(Workload::FreeSpace, qd, round, *v, cfg.free_at(region))?;
+            // Free space, B A A B; each variant's second run goes to a second region (the first
+            // is no longer free for the engine).
+            for (k, v) in abba.iter().rev().enumerate() {
+                let nth = u64::from(k >= 2);
+                timed(Workload::FreeSpace, qd, round, *v, cfg.free_at(2 * region + nth))?;
             }
         }
     }
@@ -569,7 +578,7 @@ fn speed(cfg: &Config, dm: &DeviceMapper, a: &Path, b: &Path) -> Result<Vec<Run>
         return Err(format!("snapshot status after the writes: {st:?}").into());
     };
     let saved = (allocated.get() - metadata.get()) * 512;
-    let written = cfg.regions() * cfg.region();
+    let written = cfg.regions() * cfg.region() + WARM_UP;
     if saved != written {
         return Err(format!(
             "the snapshot store saved {saved} bytes for {written} first-touch bytes"
@@ -716,10 +725,14 @@ fn report_json(cfg: &Config, runs: &[Run], space: &[SpaceRun], allocator_flag: b
         }
         rows.push(row);
     }
+    // A variant's time in a round: the sum of its runs (two for rewrites and free space).
     let time = |w: Workload, qd: u32, round: usize, v: Variant| {
-        runs.iter()
-            .find(|r| r.workload == w && r.qd == qd && r.round == round && r.variant == v)
+        let mine: Vec<f64> = runs
+            .iter()
+            .filter(|r| r.workload == w && r.qd == qd && r.round == round && r.variant == v)
             .map(|r| r.took.as_secs_f64())
+            .collect();
+        (!mine.is_empty()).then(|| mine.iter().sum::<f64>())
     };
     // (workload, baseline, variant, goal): throughput variant / baseline = time base / variant.
     let pairs: &[(Workload, Variant, Variant, Option<f64>)] = &[
@@ -755,7 +768,12 @@ fn report_json(cfg: &Config, runs: &[Run], space: &[SpaceRun], allocator_flag: b
                         .filter(|r| r.workload == w && r.qd == qd && r.variant == v)
                         .filter_map(|r| r.engine.as_ref()?.get(key).copied())
                         .sum();
-                    n as f64 / (cfg.blocks * cfg.rounds as u64) as f64
+                    let writes = runs
+                        .iter()
+                        .filter(|r| r.workload == w && r.qd == qd && r.variant == v)
+                        .count() as u64
+                        * cfg.blocks;
+                    n as f64 / writes.max(1) as f64
                 };
                 for key in ["backups", "batches", "flushes"] {
                     inputs[format!("engine_{key}_per_write")] = json!(per_write(key));
@@ -831,7 +849,7 @@ fn report_json(cfg: &Config, runs: &[Run], space: &[SpaceRun], allocator_flag: b
             "guest_cpus": std::thread::available_parallelism().map_or(0, usize::from),
             "writes_per_run": cfg.blocks, "rounds": cfg.rounds,
             "space_device_mib": mib(cfg.space_dev), "space_writes_per_writer": cfg.space_writes,
-            "timing": "wall time of the fio process (start-up and the final fsync included)"},
+            "timing": "in-process O_DIRECT pwrite from 1 or 16 threads, the final fdatasync included"},
         "figures": figures,
         "rows": rows,
         "checks": checks,
