@@ -134,7 +134,7 @@ impl<D: BlockDevice> Batch<'_, D> {
         let backup_blocks = staged.backup_blocks();
         let issued = staged.commit(
             &self.engine.io.dev,
-            #[cfg(test)]
+            #[cfg(any(test, feature = "fault"))]
             self.engine.fault,
         );
         let issued = match issued {
@@ -270,7 +270,7 @@ pub struct Engine<D: BlockDevice> {
     trace: Option<Trace>,
     trace_overflowed: bool,
     poisoned: bool,
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fault"))]
     pub(crate) fault: Option<crate::order::Fault>,
 }
 
@@ -297,9 +297,16 @@ impl<D: BlockDevice> Engine<D> {
             trace,
             trace_overflowed: false,
             poisoned: false,
-            #[cfg(test)]
+            #[cfg(any(test, feature = "fault"))]
             fault: None,
         }
+    }
+
+    /// Breaks the write order of every later batch on purpose (feature `fault`: the VM crash
+    /// suite's broken servers; never in a production build).
+    #[cfg(any(test, feature = "fault"))]
+    pub fn set_fault(&mut self, fault: Option<crate::order::Fault>) {
+        self.fault = fault;
     }
 
     /// The device.
@@ -471,7 +478,7 @@ impl<D: BlockDevice> BowEngine for Engine<D> {
                 let staged = std::mem::take(&mut io.staged);
                 let issued = staged.commit(
                     &io.dev,
-                    #[cfg(test)]
+                    #[cfg(any(test, feature = "fault"))]
                     None,
                 );
                 match (change, issued) {

@@ -28,10 +28,12 @@ pub struct BackupsDurable(());
 #[derive(Debug)]
 pub struct LogDurable(());
 
-/// A deliberately broken ordering, for the tests that show the crash suite catches it.
-#[cfg(test)]
+/// A deliberately broken ordering, for the tests that show the crash suite catches it. Only in
+/// test builds and under the cargo feature `fault` (the VM crash suite's broken servers);
+/// production builds never enable it.
+#[cfg(any(test, feature = "fault"))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Fault {
+pub enum Fault {
     /// User writes issued before the flush that makes their backups durable.
     UserWriteBeforeFlush,
     /// The log written before (and flushed with) the backup data it points at.
@@ -100,11 +102,11 @@ impl Staged {
     pub(crate) fn commit(
         self,
         dev: &impl BlockDevice,
-        #[cfg(test)] fault: Option<Fault>,
+        #[cfg(any(test, feature = "fault"))] fault: Option<Fault>,
     ) -> Result<IssuedCounts, DeviceError> {
         let Staged { backups, log, user, .. } = self;
         let mut counts = IssuedCounts::default();
-        #[cfg(test)]
+        #[cfg(any(test, feature = "fault"))]
         if let Some(f) = fault {
             return commit_broken(dev, f, backups, log, user);
         }
@@ -179,7 +181,7 @@ fn release_user_writes(
 }
 
 /// The broken orders of [`Fault`], bypassing the tokens on purpose.
-#[cfg(test)]
+#[cfg(any(test, feature = "fault"))]
 fn commit_broken(
     dev: &impl BlockDevice,
     fault: Fault,

@@ -23,7 +23,7 @@ use blockcopy::device::{BlockDevice, FileDevice};
 use bow::format::LogHeader;
 use bow::model::{BowEngine, BowState};
 use bow::units::BlockSize;
-use bow_engine::{Engine, EngineConfig};
+use bow_engine::{Allocator, Engine, EngineConfig};
 use clap::{Parser, Subcommand};
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::helpers::IoBuf;
@@ -32,6 +32,9 @@ use libublk::{BufDesc, UblkError, UblkFlags};
 
 use crate::control::{self, Command};
 use crate::target::{Backing, Request, Target};
+
+/// The default `--state-dir`: a tmpfs on every system with systemd (and Android's /dev is one).
+pub const DEFAULT_STATE_DIR: &str = "/run/bow-ublk";
 
 /// Bytes one request may carry.
 const IO_BUF_BYTES: u32 = 512 << 10;
@@ -78,20 +81,76 @@ struct Cli {
     command: Cmd,
 }
 
+/// Where backup blocks come from (`EngineConfig::allocator`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum AllocatorArg {
+    /// The far end of the largest free range (the default; few re-backups).
+    FarEnd,
+    /// dm-bow's own: the head of the trimmed list.
+    DmBow,
+}
+
+impl From<AllocatorArg> for Allocator {
+    fn from(a: AllocatorArg) -> Allocator {
+        match a {
+            AllocatorArg::FarEnd => Allocator::FarEnd,
+            AllocatorArg::DmBow => Allocator::DmBow,
+        }
+    }
+}
+
+/// A deliberately broken write order (feature `fault`, for the VM crash suite only).
+#[cfg(feature = "fault")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum FaultArg {
+    /// User writes issued before the flush that makes their backups durable.
+    UserWriteBeforeFlush,
+    /// Block 0 (the log) written before the backup data it points at.
+    LogBeforeData,
+}
+
+#[cfg(feature = "fault")]
+impl From<FaultArg> for bow_engine::order::Fault {
+    fn from(f: FaultArg) -> bow_engine::order::Fault {
+        match f {
+            FaultArg::UserWriteBeforeFlush => bow_engine::order::Fault::UserWriteBeforeFlush,
+            FaultArg::LogBeforeData => bow_engine::order::Fault::LogBeforeData,
+        }
+    }
+}
+
+/// What `serve` and `recover` share.
+#[derive(Debug, clap::Args)]
+struct EngineArgs {
+    /// A plain pass-through instead of the engine (the baseline).
+    #[arg(long)]
+    passthrough: bool,
+    #[arg(long, default_value_t = 64)]
+    queue_depth: u16,
+    /// Where backups go.
+    #[arg(long, value_enum, default_value_t = AllocatorArg::FarEnd)]
+    allocator: AllocatorArg,
+    /// Where the engine's op journal lives (`<id>.journal`; a tmpfs: it must outlive the
+    /// server, not the machine).
+    #[arg(long, default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// Break the engine's write order on purpose (crash-suite builds only).
+    #[cfg(feature = "fault")]
+    #[arg(long, value_enum, hide = true)]
+    fault: Option<FaultArg>,
+}
+
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Add a ublk device over DEVICE and serve it until `stop` (prints "serving /dev/ublkbN").
     Serve {
         #[arg(long)]
         device: PathBuf,
-        /// A plain pass-through instead of the engine (the baseline).
-        #[arg(long)]
-        passthrough: bool,
         /// The ublk device id to ask for (default: the next free one).
         #[arg(long)]
         id: Option<u32>,
-        #[arg(long, default_value_t = 64)]
-        queue_depth: u16,
+        #[command(flatten)]
+        opts: EngineArgs,
     },
     /// Re-attach to device ID after its server died; its queued requests are issued again.
     Recover {
@@ -99,10 +158,8 @@ enum Cmd {
         id: u32,
         #[arg(long)]
         device: PathBuf,
-        #[arg(long)]
-        passthrough: bool,
-        #[arg(long, default_value_t = 64)]
-        queue_depth: u16,
+        #[command(flatten)]
+        opts: EngineArgs,
     },
     /// Ask the server of device ID to start the checkpoint (after FITRIM).
     Checkpoint {
@@ -130,12 +187,8 @@ enum Cmd {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Cmd::Serve { device, passthrough, id, queue_depth } => {
-            serve(&device, backing(passthrough), id, queue_depth, false)
-        }
-        Cmd::Recover { id, device, passthrough, queue_depth } => {
-            serve(&device, backing(passthrough), Some(id), queue_depth, true)
-        }
+        Cmd::Serve { device, id, opts } => serve(&device, id, &opts, false),
+        Cmd::Recover { id, device, opts } => serve(&device, Some(id), &opts, true),
         Cmd::Checkpoint { id } => ask(id, Command::Checkpoint),
         Cmd::Commit { id } => ask(id, Command::Commit),
         Cmd::Status { id } => ask(id, Command::Status),
@@ -181,12 +234,12 @@ fn enter_own_mount_namespace() -> Result<(), ServeError> {
 
 fn open_target(
     path: &Path,
-    backing: Backing,
+    opts: &EngineArgs,
     recover: Option<u32>,
 ) -> Result<Target<FileDevice>, ServeError> {
     let dev = FileDevice::open(path)
         .map_err(|source| ServeError::Open { path: path.to_owned(), source })?;
-    Ok(match backing {
+    Ok(match backing(opts.passthrough) {
         Backing::Passthrough => Target::Passthrough(dev),
         Backing::Engine => {
             if let Some(dev_id) = recover {
@@ -199,25 +252,26 @@ fn open_target(
                     return Err(ServeError::CheckpointLost { dev_id, path: path.to_owned() });
                 }
             }
-            Target::Engine(Box::new(Engine::new(dev, EngineConfig::new(BlockSize::B4096))))
+            let config =
+                EngineConfig { block_size: BlockSize::B4096, allocator: opts.allocator.into() };
+            #[allow(unused_mut)] // mutated only with the `fault` feature
+            let mut engine = Engine::new(dev, config);
+            #[cfg(feature = "fault")]
+            engine.set_fault(opts.fault.map(Into::into));
+            Target::Engine(Box::new(engine))
         }
     })
 }
 
-fn serve(
-    path: &Path,
-    backing: Backing,
-    id: Option<u32>,
-    queue_depth: u16,
-    recover: bool,
-) -> Result<(), ServeError> {
+fn serve(path: &Path, id: Option<u32>, opts: &EngineArgs, recover: bool) -> Result<(), ServeError> {
+    let queue_depth = opts.queue_depth;
     // libublk takes an i32 (-1: the next free id); refused before anything is touched.
     let ublk_id = match id {
         None => -1,
         Some(i) => i32::try_from(i).map_err(|_| ServeError::BadId(i))?,
     };
     enter_own_mount_namespace()?;
-    let target = open_target(path, backing, if recover { id } else { None })?;
+    let target = open_target(path, opts, if recover { id } else { None })?;
     let size = target.size();
     let target = Arc::new(Mutex::new(target));
     let id = ublk_id;

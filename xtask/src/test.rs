@@ -65,7 +65,7 @@ impl Report {
 }
 
 /// The ublk server, its binary and its VM test (libclang from setup's libclang-dev).
-const UBLK: &str = "bow-ublk/ublk";
+const UBLK: &str = "bow-ublk/ublk,bow-ublk/fault";
 
 pub fn run(fuzz: bool) -> Result<ExitCode> {
     let root = testbench::paths::workspace_root();
