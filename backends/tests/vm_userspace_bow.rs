@@ -1,1 +1,356 @@
-fn main() {}
+//! The userspace-bow backend on the virtual device's 6.12 kernel, one boot, one ext4 disk:
+//!
+//! 1. Faults before the mount, each refused with a clear error, with /data not mounted, no
+//!    device-mapper or ublk device left, no server process left, and the raw device's bytes
+//!    unchanged (hashed before and after):
+//!    * no ublk module (`ublk_drv` not loaded, an empty module folder bound over the kernel's
+//!      so that `modprobe` fails): refused; `auto` chooses snapshot and says why; `auto`'s
+//!      stack, when its setup fails anyway, falls back to snapshot, records it, and the daemon's
+//!      backend reports that reason;
+//!    * the server binary missing: refused; `auto` chooses snapshot;
+//!    * a server that never says it serves: killed after `start_timeout_ms`, refused;
+//! 2. the real `bow-ublk`: setup (and again: the same stack found), mount, prepare (twice),
+//!    changes, abort; the next "boot" (unmount, teardown, restore of the engine's log) has the
+//!    files of checkpoint start back and the checkpoint's gone;
+//! 3. commit: the engine commits, the dm-linear table is switched to the raw partition, the
+//!    server stops: /data stays mounted and writable, no ublk device is left, a second commit
+//!    changes nothing; after unmount, nothing to restore, `e2fsck -fn` clean, every file kept.
+//!
+//! The guest needs `bow-ublk` built with `--features bow-ublk/ublk`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use backends::records::Records;
+use backends::select::{self, AutoOptions, Chosen};
+use backends::snapshot::{SnapshotOptions, SnapshotStack};
+use backends::userspace_bow::{
+    UserspaceBowBackend, UserspaceBowOptions, UserspaceBowStack, UBLK_CONTROL,
+};
+use backends::{Action, BootStack, DeviceSpec};
+use bow::restore::RestoreOptions;
+use policy::{Backend, BackendError, BackendState, RestoreOutcome, RestoreRequest};
+use testbench::vm::{scratch_image, Kernel, Vm};
+use testbench::{cargo_bin, guest, vm_trial, Failed};
+
+const MNT: &str = "/dev/shm/data";
+const META: &str = "/dev/shm/meta";
+const SERVER: &str = "/dev/shm/bow-ublk";
+
+fn main() -> std::process::ExitCode {
+    testbench::main(
+        vec![vm_trial("userspace_bow_early_faults_abort_and_commit_table_switch", host)],
+        &[("ubow", guest_main)],
+    )
+}
+
+fn host() -> Result<(), Failed> {
+    let disk = scratch_image(128 << 20)?;
+    let out = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-b", "4096"])
+        .arg(&disk)
+        .output()?;
+    if !out.status.success() {
+        return Err(format!("mkfs.ext4: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    let run = Vm::new("userspace_bow")
+        .kernel(Kernel::Mainline612)
+        .modules(&["loop", "dm-mod", "dm-snapshot"])
+        .memory_mib(1024)
+        .disk(&disk)
+        .timeout(Duration::from_secs(400))
+        .run_self("ubow", &[])?;
+    run.expect_success()?;
+    print!("{}", run.output);
+    println!("VM {:.0} s", run.duration.as_secs_f64());
+    Ok(())
+}
+
+fn ensure(cond: bool, msg: impl Into<String>) -> Result<(), Failed> {
+    if cond {
+        println!("  ok: {}", msg.into());
+        Ok(())
+    } else {
+        Err(msg.into().into())
+    }
+}
+
+fn spec(raw: &Path) -> DeviceSpec {
+    DeviceSpec {
+        raw: raw.to_owned(),
+        mount_point: PathBuf::from(MNT),
+        fs_type: Some("ext4".into()),
+        mount_options: String::new(),
+        instance: "data".into(),
+    }
+}
+
+fn options(server: &str, timeout_ms: u64) -> UserspaceBowOptions {
+    UserspaceBowOptions {
+        server: Some(PathBuf::from(server)),
+        start_timeout_ms: timeout_ms,
+        run_dir: PathBuf::from("/dev/shm/run"),
+        ..UserspaceBowOptions::default()
+    }
+}
+
+fn raw_hash(raw: &Path) -> Result<String, Failed> {
+    Ok(guest::sh(&format!("sha256sum {} | cut -d' ' -f1", raw.display()))?.trim().to_owned())
+}
+
+fn mounted() -> bool {
+    std::fs::read_to_string("/proc/self/mounts")
+        .is_ok_and(|m| m.lines().any(|l| l.split(' ').nth(1) == Some(MNT)))
+}
+
+/// Device-mapper and ublk devices, and bow-ublk processes, present now.
+fn leftovers() -> Result<Vec<String>, Failed> {
+    let mut out = Vec::new();
+    let dm = guest::sh("dmsetup ls 2>&1")?;
+    out.extend(
+        dm.lines()
+            .filter(|l| !l.contains("No devices found") && !l.trim().is_empty())
+            .map(|l| format!("dm: {}", l.trim())),
+    );
+    for entry in std::fs::read_dir("/sys/block")? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if name.starts_with("ublkb") {
+            out.push(format!("ublk: {name}"));
+        }
+    }
+    let procs = guest::sh("pgrep -a -f 'bow-ublk|fake-server' || true")?;
+    out.extend(procs.lines().filter(|l| !l.trim().is_empty()).map(|l| format!("process: {l}")));
+    Ok(out)
+}
+
+/// After a refused setup: not mounted, nothing left, the raw device's bytes as they were.
+fn nothing_touched(raw: &Path, hash: &str, what: &str) -> Result<(), Failed> {
+    ensure(!mounted(), format!("{what}: /data not mounted"))?;
+    let left = leftovers()?;
+    ensure(left.is_empty(), format!("{what}: no dm/ublk device or server left {left:?}"))?;
+    ensure(raw_hash(raw)? == hash, format!("{what}: the raw device's bytes unchanged"))
+}
+
+fn refused(
+    result: Result<backends::MountPlan, BackendError>,
+    want: &str,
+) -> Result<String, Failed> {
+    match result {
+        Ok(plan) => Err(format!("setup succeeded ({plan:?}), expected a refusal ({want})").into()),
+        Err(e @ BackendError::Unsupported { .. }) if e.to_string().contains(want) => {
+            println!("  refused: {e}");
+            Ok(e.to_string())
+        }
+        Err(e) => Err(format!("setup failed otherwise than expected ({want}): {e}").into()),
+    }
+}
+
+fn files_hashes() -> Result<String, Failed> {
+    guest::sh(&format!("cd {MNT} && find . -name lost+found -prune -o -type f -print0 | sort -z | xargs -0 sha256sum"))
+}
+
+fn guest_main(_: &[String]) -> Result<(), Failed> {
+    let raw = guest::disk(0);
+    let spec = spec(&raw);
+    std::fs::create_dir_all(MNT)?;
+    std::fs::create_dir_all(META)?;
+    let records = Records::open(Path::new(META))?;
+    std::fs::copy(cargo_bin("bow-ublk"), SERVER)?;
+    println!("kernel {}", guest::sh("uname -r")?.trim());
+
+    // Files from before any checkpoint.
+    guest::sh(&format!(
+        "mount -t ext4 {} {MNT} && for i in 1 2 3 4 5 6; do head -c 512K /dev/urandom > {MNT}/old$i; done \
+         && sync && umount {MNT}",
+        raw.display()
+    ))?;
+    let hash = raw_hash(&raw)?;
+
+    // ---- 1a. no ublk module ----
+    ensure(!Path::new(UBLK_CONTROL).exists(), "ublk_drv not loaded yet")?;
+    let release = guest::sh("uname -r")?.trim().to_owned();
+    guest::sh(&format!(
+        "mkdir -p /dev/shm/empty && mount --bind /dev/shm/empty /lib/modules/{release}"
+    ))?;
+    let stack = UserspaceBowStack::new(options(SERVER, 10_000));
+    refused(stack.setup(&spec, true), "modprobe")?;
+    nothing_touched(&raw, &hash, "no ublk module")?;
+    let auto = AutoOptions { userspace_bow: options(SERVER, 10_000), ..AutoOptions::default() };
+    let (chosen, why) = select::choose(&auto);
+    ensure(
+        matches!(chosen, Chosen::Snapshot(_)) && why.contains("userspace-bow cannot run"),
+        format!("auto without ublk: {why}"),
+    )?;
+    // auto chose userspace-bow (the probe passed earlier, say) but its setup fails: snapshot.
+    let fallback = UserspaceBowStack::new(options(SERVER, 10_000))
+        .with_fallback(SnapshotStack::new(SnapshotOptions::default()), records.clone());
+    let plan = fallback.setup(&spec, true)?;
+    ensure(
+        plan.device.to_string_lossy().contains("cpd-data-base"),
+        format!("fallback stack {plan:?}"),
+    )?;
+    let daemon_view = UserspaceBowBackend::new(
+        spec.clone(),
+        options(SERVER, 10_000),
+        RestoreOptions::default(),
+        records.clone(),
+    )?
+    .with_fallback(SnapshotOptions::default())?;
+    let reason = daemon_view.selection_reason().to_owned();
+    ensure(
+        reason.contains("could not be set up") && reason.contains("using snapshot"),
+        format!("the daemon sees the boot's fallback: {reason}"),
+    )?;
+    ensure(
+        fallback.setup(&spec, true)?.action == Action::Identity,
+        "the fallback rerun finds its stack",
+    )?;
+    let _ = fallback.teardown_stack(&spec)?;
+    std::fs::remove_file(records.path("userspace_bow_fallback", "data"))?;
+    nothing_touched(&raw, &hash, "auto's fallback, torn down")?;
+    guest::sh(&format!("umount /lib/modules/{release}"))?;
+
+    // ---- 1b. the server binary missing ----
+    let stack = UserspaceBowStack::new(options("/dev/shm/no-such-bow-ublk", 10_000));
+    refused(stack.setup(&spec, true), "does not exist")?;
+    nothing_touched(&raw, &hash, "no server binary")?;
+    let auto = AutoOptions {
+        userspace_bow: options("/dev/shm/no-such-bow-ublk", 10_000),
+        ..AutoOptions::default()
+    };
+    let (chosen, why) = select::choose(&auto);
+    ensure(
+        matches!(chosen, Chosen::Snapshot(_)) && why.contains("does not exist"),
+        format!("auto without the server: {why}"),
+    )?;
+
+    // ---- 1c. a server that never comes up (ublk_drv is loaded by this setup) ----
+    std::fs::write("/dev/shm/fake-server", "#!/bin/sh\necho starting >&2\nexec sleep 120\n")?;
+    guest::sh("chmod 755 /dev/shm/fake-server")?;
+    let stack = UserspaceBowStack::new(options("/dev/shm/fake-server", 1500));
+    let started = Instant::now();
+    refused(stack.setup(&spec, true), "did not report serving within 1500 ms")?;
+    ensure(
+        started.elapsed() < Duration::from_secs(30),
+        format!("refused after {:?}", started.elapsed()),
+    )?;
+    ensure(Path::new(UBLK_CONTROL).exists(), "the setup loaded ublk_drv")?;
+    nothing_touched(&raw, &hash, "server not up in time")?;
+    let auto = AutoOptions { userspace_bow: options(SERVER, 10_000), ..AutoOptions::default() };
+    let (chosen, why) = select::choose(&auto);
+    ensure(matches!(chosen, Chosen::UserspaceBow(..)), format!("auto with ublk: {why}"))?;
+
+    // ---- 2. the real server: setup, prepare, changes, abort, rollback ----
+    let stack = UserspaceBowStack::new(options(SERVER, 20_000));
+    let backend = || -> Result<UserspaceBowBackend, Failed> {
+        Ok(UserspaceBowBackend::new(
+            spec.clone(),
+            options(SERVER, 20_000),
+            RestoreOptions::default(),
+            records.clone(),
+        )?)
+    };
+    let before = checkpointed_session(&stack, &spec, &backend()?)?;
+    println!("  abort: {:?}", backend()?.abort()?);
+    next_boot(&stack, &spec, &backend()?, &raw)?;
+    match backend()?
+        .restore(&raw.to_string_lossy(), &RestoreRequest::default(), &|_, _| {})?
+        .outcome
+    {
+        RestoreOutcome::Restored { entries } => {
+            ensure(entries > 0, format!("restored {entries} log entries"))?
+        }
+        other => return Err(format!("restore after abort: {other:?}").into()),
+    }
+    guest::sh(&format!("e2fsck -fn {} >/dev/null", raw.display()))?;
+    guest::sh(&format!("mount -t ext4 {} {MNT}", raw.display()))?;
+    ensure(
+        files_hashes()? == before,
+        "after abort and restore: every file as at checkpoint start",
+    )?;
+    guest::sh(&format!("umount {MNT}"))?;
+
+    // ---- 3. commit: the table switch ----
+    checkpointed_session(&stack, &spec, &backend()?)?;
+    let b = backend()?;
+    ensure(b.commit()? == Action::Changed, "commit")?;
+    ensure(mounted(), "/data still mounted after the commit")?;
+    let ublk: Vec<String> = leftovers()?.into_iter().filter(|l| !l.starts_with("dm:")).collect();
+    ensure(ublk.is_empty(), format!("no ublk device and no server after the commit {ublk:?}"))?;
+    let deps = guest::sh("dmsetup deps -o devname cpd-data-base")?;
+    let raw_name = raw.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    ensure(
+        deps.contains(&format!("({raw_name})")),
+        format!("the linear device maps {raw_name}: {}", deps.trim()),
+    )?;
+    guest::sh(&format!("head -c 1M /dev/urandom > {MNT}/after-commit && sync -f {MNT}"))?;
+    ensure(true, "/data writable on the raw partition")?;
+    ensure(b.commit()? == Action::Identity, "a second commit changes nothing")?;
+    ensure(b.status()?.state == BackendState::Idle, "status after commit: idle")?;
+    let kept = files_hashes()?;
+    next_boot(&stack, &spec, &b, &raw)?;
+    let report = b.restore(&raw.to_string_lossy(), &RestoreRequest::default(), &|_, _| {})?;
+    ensure(
+        report.outcome == RestoreOutcome::NothingToRestore,
+        format!("nothing to restore after commit ({:?})", report.outcome),
+    )?;
+    guest::sh(&format!("e2fsck -fn {} >/dev/null", raw.display()))?;
+    ensure(true, "e2fsck -fn clean")?;
+    guest::sh(&format!("mount -t ext4 {} {MNT}", raw.display()))?;
+    ensure(files_hashes()? == kept, "every file kept after the commit")?;
+    guest::sh(&format!("umount {MNT}"))?;
+    let left = leftovers()?;
+    ensure(left.is_empty(), format!("nothing left at the end {left:?}"))?;
+    Ok(())
+}
+
+/// setup (twice), mount, prepare (twice), changes through the engine; returns the files'
+/// hashes at checkpoint start.
+fn checkpointed_session(
+    stack: &UserspaceBowStack,
+    spec: &DeviceSpec,
+    backend: &UserspaceBowBackend,
+) -> Result<String, Failed> {
+    let t = Instant::now();
+    let plan = stack.setup(spec, true)?;
+    ensure(
+        plan.action == Action::Changed,
+        format!("setup: {} in {:?}", plan.device.display(), t.elapsed()),
+    )?;
+    ensure(stack.setup(spec, true)?.action == Action::Identity, "a second setup finds the stack")?;
+    backends::mount(&plan, Path::new(MNT))?;
+    let before = files_hashes()?;
+    ensure(backend.prepare()? == Action::Changed, "prepare")?;
+    ensure(backend.prepare()? == Action::Identity, "a second prepare changes nothing")?;
+    let armed = backend.status()?;
+    ensure(
+        armed.state == BackendState::Armed,
+        format!("armed, {:?} bytes free", armed.free_bytes),
+    )?;
+    guest::sh(&format!(
+        "head -c 1M /dev/urandom | dd of={MNT}/old1 conv=notrunc 2>/dev/null && rm {MNT}/old2 \
+         && head -c 2M /dev/urandom > {MNT}/new1 && sync -f {MNT}"
+    ))?;
+    let space = backend.space()?;
+    ensure(
+        space.used_bytes.unwrap_or(0) > 0 && space.free_bytes.unwrap_or(0) > 0,
+        format!(
+            "exact space from the engine: used {:?}, free {:?}",
+            space.used_bytes, space.free_bytes
+        ),
+    )?;
+    Ok(before)
+}
+
+/// A clean shutdown's part: unmount, the stack torn down (server stopped, devices removed).
+fn next_boot(
+    stack: &UserspaceBowStack,
+    spec: &DeviceSpec,
+    _backend: &UserspaceBowBackend,
+    _raw: &Path,
+) -> Result<(), Failed> {
+    guest::sh(&format!("umount {MNT}"))?;
+    ensure(stack.teardown_stack(spec)? == Action::Changed, "teardown removed the stack")?;
+    let left = leftovers()?;
+    ensure(left.is_empty(), format!("teardown leaves nothing {left:?}"))
+}

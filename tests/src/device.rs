@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::vm::Kernel;
 use crate::{guest, Failed};
 
 /// Where the metadata and data partitions are mounted in the guest (the host root is
@@ -30,6 +31,8 @@ pub const SOCKET: &str = "/dev/shm/checkpointd.sock";
 const CTL: &str = "/dev/shm/checkpointctl";
 const DAEMON: &str = "/dev/shm/checkpointd";
 const CONFIG: &str = "/dev/shm/checkpointd.toml";
+/// The userspace-bow server, next to the daemon and checkpointctl (where they look for it).
+const BOW_UBLK: &str = "/dev/shm/bow-ublk";
 
 /// The filesystem on /data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,12 +113,15 @@ pub enum Transport {
     Binder,
 }
 
-/// What a scenario boots: the backend, the file system on /data, the transport, and extra
-/// configuration lines.
+/// What a scenario boots: the backend, the file system on /data, the transport, the kernel,
+/// and extra configuration lines.
 #[derive(Debug, Clone)]
 pub struct Profile {
-    /// `[[backend]] type` (`snapshot`, `f2fs`, `auto`, `bow`).
+    /// `[[backend]] type` (`snapshot`, `f2fs`, `auto`, `bow`, `userspace-bow`).
     pub backend: String,
+    /// The kernel the host boots (host side only): the backend's own by default
+    /// ([`Profile::kernel_for`]).
+    pub kernel: Kernel,
     /// The file system on /data.
     pub fs: Fs,
     /// How checkpointctl reaches the daemon.
@@ -137,16 +143,31 @@ const ENV_EXTRA: &str = "CPD_DEVICE_EXTRA_CONFIG";
 const ENV_REBOOT: &str = "CPD_DEVICE_REBOOT_CUTS_POWER";
 
 impl Profile {
-    /// A profile with the socket transport and no extra options.
+    /// A profile with the socket transport, the backend's kernel and no extra options.
     pub fn new(backend: &str, fs: Fs) -> Profile {
         Profile {
             backend: backend.to_owned(),
+            kernel: Profile::kernel_for(backend),
             fs,
             transport: Transport::Socket,
             backend_options: String::new(),
             extra_config: String::new(),
             reboot_cuts_power: false,
         }
+    }
+
+    /// The kernel a backend needs: 6.12 for `userspace-bow` (ublk with user recovery), the
+    /// default (6.1, the out-of-tree dm-bow module's) otherwise.
+    pub fn kernel_for(backend: &str) -> Kernel {
+        match backend {
+            "userspace-bow" => Kernel::Mainline612,
+            _ => Kernel::default(),
+        }
+    }
+
+    /// Whether the guest needs the `bow-ublk` server binary.
+    pub fn needs_bow_ublk(&self) -> bool {
+        self.backend == "userspace-bow"
     }
 
     /// The environment variables that carry this profile into the guest.
@@ -168,8 +189,10 @@ impl Profile {
     /// The profile the host passed (guest side).
     pub fn from_env() -> Result<Profile, Failed> {
         let var = |k: &str| std::env::var(k).map_err(|_| format!("{k} is not set"));
+        let backend = var(ENV_BACKEND)?;
         Ok(Profile {
-            backend: var(ENV_BACKEND)?,
+            kernel: Profile::kernel_for(&backend),
+            backend,
             fs: Fs::parse(&var(ENV_FS)?)?,
             transport: match var(ENV_TRANSPORT)?.as_str() {
                 "binder" => Transport::Binder,
@@ -256,6 +279,10 @@ impl Device {
         let slot = bootctl.bootloader_select().map_err(|e| format!("bootloader: {e}"))?;
         fs::copy(crate::cargo_bin("checkpointctl"), CTL)?;
         fs::copy(crate::cargo_bin("checkpointd"), DAEMON)?;
+        if profile.needs_bow_ublk() {
+            // Built with `--features bow-ublk/ublk`; found next to the daemon's executable.
+            fs::copy(crate::cargo_bin("bow-ublk"), BOW_UBLK)?;
+        }
         fs::write(CONFIG, profile.config(&meta_dir, &data_dev))?;
         let hub = match profile.transport {
             Transport::Binder => {
@@ -418,7 +445,7 @@ impl Device {
     }
 }
 
-/// Device-mapper and loop devices present in the guest (leftovers after a scenario).
+/// Device-mapper, loop and ublk devices present in the guest (leftovers after a scenario).
 pub fn kernel_objects() -> Result<Vec<String>, Failed> {
     let mut out = Vec::new();
     let dm = guest::sh("dmsetup ls 2>&1")?;
@@ -429,16 +456,22 @@ pub fn kernel_objects() -> Result<Vec<String>, Failed> {
     );
     let loops = guest::sh("losetup -a 2>&1")?;
     out.extend(loops.lines().filter(|l| !l.trim().is_empty()).map(|l| format!("loop: {l}")));
+    for entry in fs::read_dir("/sys/block")? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if name.starts_with("ublkb") {
+            out.push(format!("ublk: {name}"));
+        }
+    }
     Ok(out)
 }
 
-/// Fails when any device-mapper or loop device is left.
+/// Fails when any device-mapper, loop or ublk device is left.
 pub fn expect_no_kernel_objects() -> Result<(), Failed> {
     let left = kernel_objects()?;
     if !left.is_empty() {
         return Err(format!("kernel objects left behind: {left:?}").into());
     }
-    println!("  check: no device-mapper or loop device left");
+    println!("  check: no device-mapper, loop or ublk device left");
     Ok(())
 }
 

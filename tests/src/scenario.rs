@@ -98,6 +98,7 @@ impl<'a> Chain<'a> {
             println!("\n==== boot {}: {}", self.boots, title(step));
         }
         let mut vm = Vm::new(format!("{}-{:02}-{step}", self.name, self.boots))
+            .kernel(self.profile.kernel)
             .modules(MODULES)
             .modules(match self.profile.transport {
                 Transport::Binder => &["binder_linux devices=binder,hwbinder"],
@@ -524,6 +525,35 @@ fn finish_with_fsck(dev: Device) -> Result<(), Failed> {
     device::expect_no_kernel_objects()
 }
 
+/// userspace-bow after its commit: no ublk device left, /data's linear device over the raw
+/// partition itself, and /data writable (a file written, synced and removed again).
+fn check_off_the_engine(dev: &Device) -> Result<(), Failed> {
+    let ublk = guest::sh("ls /sys/block | grep '^ublkb' || true")?;
+    check(ublk.trim().is_empty(), "no ublk device left after the commit")?;
+    let raw = guest::sh(&format!("stat -L -c '%t:%T' {}", dev.data_dev.display()))?;
+    let (major, minor) = raw.trim().split_once(':').ok_or("stat of the raw device")?;
+    let raw = format!(
+        "{}:{}",
+        u32::from_str_radix(major, 16).map_err(|e| e.to_string())?,
+        u32::from_str_radix(minor, 16).map_err(|e| e.to_string())?
+    );
+    let source = guest::sh(&format!("findmnt -n -o MAJ:MIN {DATA_MOUNT}"))?;
+    let deps = guest::sh(&format!(
+        "dmsetup deps -o devno -j {} -m {} 2>&1",
+        source.trim().split(':').next().unwrap_or_default(),
+        source.trim().split(':').nth(1).unwrap_or_default()
+    ))?;
+    check(
+        deps.contains(&format!("({})", raw.replace(':', ", "))),
+        &format!("/data's device now maps the raw partition {raw} ({})", deps.trim()),
+    )?;
+    guest::sh(&format!(
+        "head -c 1M /dev/urandom > {DATA_MOUNT}/.after-commit && sync -f {DATA_MOUNT} \
+         && rm {DATA_MOUNT}/.after-commit && sync -f {DATA_MOUNT}"
+    ))?;
+    check(true, "/data writable on the raw partition")
+}
+
 fn cow_file_exists(dev: &Device) -> bool {
     dev.profile.backend == "snapshot" && Path::new(DATA_MOUNT).join(".checkpointd/cow").exists()
 }
@@ -574,6 +604,9 @@ fn second_update(dev: Device, seed: u64, cut_commit: bool) -> Result<(), Failed>
     dev.ctl_expect(&["checkpoint", "needsRollback"], 0)?;
     check(dev.status()?["state"] == "none", "no checkpoint after commitChanges")?;
     check(!cow_file_exists(&dev), "the COW file is gone")?;
+    if dev.profile.backend == "userspace-bow" {
+        check_off_the_engine(&dev)?;
+    }
     finish_with_fsck(dev)
 }
 

@@ -18,6 +18,10 @@
 //! 5. `second-update`: new data written, committed (optionally cut by a power cut during
 //!    the commit: then /data must be exactly the old or exactly the new data).
 //! 6. `after-commit`: the new data is kept; no COW file, no DM or loop device left; fsck clean.
+//!
+//! The chains run with snapshot (ext4, f2fs), f2fs `checkpoint=disable`, and userspace-bow
+//! (ext4 with the commit cut by a power cut, f2fs with a clean commit that must leave /data
+//! writable on the raw partition with no ublk device), on the backend's kernel.
 
 use testbench::device::{Fs, Profile};
 use testbench::scenario::{abort_chain, chain, fill_chain, guest_step, Commit, Fill, Launcher};
@@ -37,6 +41,16 @@ fn main() -> std::process::ExitCode {
             vm_trial("f2fs_checkpoint_disable_rolls_back_power_cut_boots_and_commits", || {
                 let profile = Profile::new("f2fs", Fs::F2fs);
                 chain("f2fs", &profile, Commit::Clean, &Launcher::SelfEntry, false)
+            }),
+            // The userspace engine behind ublk (6.12 kernel, `Profile::kernel_for`): the
+            // guest needs `bow-ublk`, built with `--features bow-ublk/ublk`.
+            vm_trial("userspace_bow_on_ext4_rolls_back_power_cut_boots_and_commits", || {
+                let profile = Profile::new("userspace-bow", Fs::Ext4);
+                chain("ubow-ext4", &profile, Commit::PowerCutDuring, &Launcher::SelfEntry, false)
+            }),
+            vm_trial("userspace_bow_on_f2fs_rolls_back_power_cut_boots_and_commits", || {
+                let profile = Profile::new("userspace-bow", Fs::F2fs);
+                chain("ubow-f2fs", &profile, Commit::Clean, &Launcher::SelfEntry, false)
             }),
             vm_trial("snapshot_on_ext4_abort_with_and_without_retry_rolls_back", || {
                 let profile = Profile::new("snapshot", Fs::Ext4);
