@@ -9,7 +9,7 @@
 //!    same disk (`--passthrough`), a kernel dm-linear over it and a snapshot-origin over it with
 //!    an active persistent snapshot (4 KiB chunks, COW on disk `b`). All four live at once over
 //!    the same disk. After an untimed warm-up write through each, every round runs each
-//!    workload on every variant, on regions no variant has written through itself before:
+//!    workload on every variant:
 //!    * first-touch writes into blocks in use (the engine backs each up; dm-snapshot copies
 //!      it), all four variants, the order rotated per round;
 //!    * rewrites of the blocks the engine just backed up, engine vs pass-through, A B B A (each
@@ -36,8 +36,13 @@
 //! count (another guest on the two cores ruins ratios) and writes `target/bench/ublk.json` for
 //! `cargo xtask bench`'s report.
 //!
+//! The guest pins itself (so its writer threads and the servers it starts) to vCPU 0: a ublk
+//! round trip across vCPUs is an inter-processor wake-up, which under TCG cost milliseconds and
+//! varied with the host's load far more than anything measured here (`UBLK_BENCH_PIN=0`: not
+//! pinned).
+//!
 //! `--quick` (or `UBLK_BENCH_QUICK=1`): small sizes, one round. Environment:
-//! `UBLK_BENCH_BLOCKS` (4 KiB writes per timed run), `UBLK_BENCH_ROUNDS`.
+//! `UBLK_BENCH_BLOCKS` (4 KiB writes per timed run), `UBLK_BENCH_ROUNDS`, `UBLK_BENCH_PIN`.
 
 #![allow(clippy::cast_precision_loss, clippy::cast_possible_truncation)] // Benchmark arithmetic.
 
@@ -66,7 +71,7 @@ use testbench::{cargo_bin, guest, Failed};
 
 use common::{mib, Rng, BLOCK, MIB};
 
-const ENV_KEYS: &[&str] = &["UBLK_BENCH_BLOCKS", "UBLK_BENCH_ROUNDS"];
+const ENV_KEYS: &[&str] = &["UBLK_BENCH_BLOCKS", "UBLK_BENCH_ROUNDS", "UBLK_BENCH_PIN"];
 /// The guest's results, in the shared folder (the guest's working directory).
 const GUEST_JSON: &str = "ublk.json";
 const QDS: [u32; 2] = [1, 16];
@@ -96,7 +101,7 @@ impl Config {
         let mut c = if quick {
             Config { quick, blocks: 256, rounds: 1, space_dev: 32 * MIB, space_writes: 512 }
         } else {
-            Config { quick, blocks: 2048, rounds: 3, space_dev: 64 * MIB, space_writes: 2048 }
+            Config { quick, blocks: 2048, rounds: 5, space_dev: 64 * MIB, space_writes: 2048 }
         };
         if let Some(v) = env_u64("UBLK_BENCH_BLOCKS") {
             c.blocks = v.max(16);
@@ -400,6 +405,17 @@ fn guest_bench(args: &[String]) -> Result<(), Failed> {
         std::thread::available_parallelism().map_or(0, usize::from),
         if allocator_flag { "yes" } else { "no (far-end only)" }
     );
+    // Pinned by default: a ublk round trip between two vCPUs costs an inter-processor wake-up,
+    // which under TCG took 1.5-7 ms and varied with the host's load (the pass-through was then
+    // 0.1x of dm-linear at queue depth 1 and its runs varied 4x); on one vCPU it is 0.3-0.5 ms.
+    let pinned = std::env::var("UBLK_BENCH_PIN").map_or(true, |v| v != "0");
+    if pinned {
+        // The servers started later and the writer threads inherit it.
+        let mut one = nix::sched::CpuSet::new();
+        one.set(0)?;
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one)?;
+        println!("pinned: this process, its writer threads and the servers run on vCPU 0");
+    }
     let dm = DeviceMapper::open()?;
     let t = Instant::now();
     println!("\n== 1. speed: engine vs ublk pass-through, dm-linear, dm-snapshot (disk a) ==");
@@ -413,7 +429,8 @@ fn guest_bench(args: &[String]) -> Result<(), Failed> {
     }
     let space = space(&cfg, &dm, &b, &c, &allocators, allocator_flag)?;
     println!("  (parts 2 and 3: {:.0} s)", t.elapsed().as_secs_f64());
-    let json = report_json(&cfg, &speed, &space, allocator_flag);
+    let mut json = report_json(&cfg, &speed, &space, allocator_flag);
+    json["setup"]["pinned_to_vcpu0"] = json!(pinned);
     summary(&json);
     std::fs::write(GUEST_JSON, serde_json::to_string_pretty(&json)?)?;
     Ok(())
