@@ -118,8 +118,15 @@ fn leftovers() -> Result<Vec<String>, Failed> {
             out.push(format!("ublk: {name}"));
         }
     }
-    let procs = guest::sh("pgrep -a -f 'bow-ublk|fake-server' || true")?;
-    out.extend(procs.lines().filter(|l| !l.trim().is_empty()).map(|l| format!("process: {l}")));
+    // Servers (the real one, and the stand-in that execs `sleep 120`), from /proc.
+    for entry in std::fs::read_dir("/proc")? {
+        let path = entry?.path();
+        let Ok(cmdline) = std::fs::read(path.join("cmdline")) else { continue };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains("bow-ublk") || cmdline.starts_with("sleep 120") {
+            out.push(format!("process {}: {}", path.display(), cmdline.trim()));
+        }
+    }
     Ok(out)
 }
 
