@@ -524,6 +524,7 @@ impl BootStack for BowStack {
             checkpointed: checkpointing,
             action,
             checkpoint_disable_max_percent: None,
+            note: None,
         })
     }
 

@@ -92,6 +92,7 @@ impl BootStack for F2fsStack {
             checkpointed: checkpointing,
             action: Action::Identity,
             checkpoint_disable_max_percent: checkpointing.then(|| self.opts.ladder_max()),
+            note: None,
         };
         if let Some(reservations) = &self.reservations {
             plan.action = release_reservation_before_mount(&plan, device, reservations)?;

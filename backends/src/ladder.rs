@@ -175,6 +175,7 @@ mod tests {
             checkpointed: ladder.is_some(),
             action: Action::Changed,
             checkpoint_disable_max_percent: ladder,
+            note: None,
         }
     }
 

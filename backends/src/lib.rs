@@ -109,6 +109,9 @@ pub struct MountPlan {
     /// ladder (`checkpoint=disable:<n>%` from 0 up to this percentage in steps of 10, then the
     /// plain option, then none). `None`: mount with `options` as they are.
     pub checkpoint_disable_max_percent: Option<u8>,
+    /// Something the boot flow should say about this plan (`auto`'s userspace-bow fell back to
+    /// snapshot, and why).
+    pub note: Option<String>,
 }
 
 /// The boot flow's half of a backend: runs before the filesystem is mounted.

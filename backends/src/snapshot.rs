@@ -263,6 +263,7 @@ impl BootStack for SnapshotStack {
             checkpointed: checkpointing,
             action,
             checkpoint_disable_max_percent: None,
+            note: None,
         })
     }
 

@@ -875,6 +875,7 @@ impl UserspaceBowStack {
             checkpointed: checkpointing,
             action,
             checkpoint_disable_max_percent: None,
+            note: None,
         })
     }
 }
@@ -884,8 +885,9 @@ impl BootStack for UserspaceBowStack {
         let Some((snapshot, records)) = &self.fallback else {
             return self.own_setup(device, checkpointing);
         };
-        if fallback_of_this_boot(records, device).is_some() {
-            return snapshot.setup(device, checkpointing);
+        if let Some(record) = fallback_of_this_boot(records, device) {
+            let plan = snapshot.setup(device, checkpointing)?;
+            return Ok(MountPlan { note: Some(record.reason), ..plan });
         }
         if !checkpointing {
             return self.own_setup(device, false);
@@ -903,9 +905,10 @@ impl BootStack for UserspaceBowStack {
                 records.save(
                     FALLBACK_KIND,
                     &device.instance,
-                    &FallbackRecord { boot_id: boot_id(), reason },
+                    &FallbackRecord { boot_id: boot_id(), reason: reason.clone() },
                 )?;
-                snapshot.setup(device, true)
+                let plan = snapshot.setup(device, true)?;
+                Ok(MountPlan { note: Some(reason), ..plan })
             }
         }
     }

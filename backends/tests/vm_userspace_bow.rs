@@ -193,6 +193,10 @@ fn guest_main(_: &[String]) -> Result<(), Failed> {
         .with_fallback(SnapshotStack::new(SnapshotOptions::default()), records.clone());
     let plan = fallback.setup(&spec, true)?;
     ensure(
+        plan.note.as_deref().is_some_and(|n| n.contains("using snapshot")),
+        format!("the boot flow is told why: {:?}", plan.note),
+    )?;
+    ensure(
         plan.device.to_string_lossy().contains("cpd-data-base"),
         format!("fallback stack {plan:?}"),
     )?;
@@ -246,6 +250,17 @@ fn guest_main(_: &[String]) -> Result<(), Failed> {
     let auto = AutoOptions { userspace_bow: options(SERVER, 10_000), ..AutoOptions::default() };
     let (chosen, why) = select::choose(&auto);
     ensure(matches!(chosen, Chosen::UserspaceBow(..)), format!("auto with ublk: {why}"))?;
+    // auto's choice, but the server does not come up: this boot falls back to snapshot.
+    let fallback = UserspaceBowStack::new(options("/dev/shm/fake-server", 1500))
+        .with_fallback(SnapshotStack::new(SnapshotOptions::default()), records.clone());
+    let plan = fallback.setup(&spec, true)?;
+    ensure(
+        plan.note.as_deref().is_some_and(|n| n.contains("did not report serving")),
+        format!("auto falls back when the server is late: {:?}", plan.note),
+    )?;
+    let _ = fallback.teardown_stack(&spec)?;
+    std::fs::remove_file(records.path("userspace_bow_fallback", "data"))?;
+    nothing_touched(&raw, &hash, "auto's fallback after a late server, torn down")?;
 
     // ---- 2. the real server: setup, prepare, changes, abort, rollback ----
     let stack = UserspaceBowStack::new(options(SERVER, 20_000));

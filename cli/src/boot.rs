@@ -197,12 +197,16 @@ pub fn mount_all(
                 checkpointed: false,
                 action: policy::Action::Identity,
                 checkpoint_disable_max_percent: None,
+                note: None,
             },
             Err(e) => {
                 let what = format!("backend {} could not build the device stack: {e}", p.name);
                 return Err(remove_stack(machine, p, what));
             }
         };
+        if let Some(note) = &plan.note {
+            log(format!("{}: {note}", mp.display()));
+        }
         log(format!(
             "{}: backend {} ({}{}): mount {} ({:?} stack{})",
             mp.display(),
@@ -438,6 +442,7 @@ mod tests {
                 checkpointed: checkpointing,
                 action: policy::Action::Changed,
                 checkpoint_disable_max_percent: None,
+                note: None,
             }))
         }
         fn mount(&self, plan: &MountPlan, mount_point: &Path) -> Result<String, String> {
