@@ -6,6 +6,7 @@
 //! into the batch) and its allocator, and keeps the batch, the accounting and the trace.
 
 use blockcopy::device::{BlockDevice, DeviceError};
+use bow::format::{LogEntry, LogHeader, ENTRY_SIZE, HEADER_SIZE_V1_0};
 use bow::model::worker::{head_of_free_list, read_sources, FreePiece, StepError, Worker, WorkerIo};
 use bow::model::{
     BlkStatus, BowEngine, BowState, DiscardAction, EngineError, Progress, RangeMap, RangeType,
@@ -14,7 +15,8 @@ use bow::model::{
 use bow::units::{BlockSize, Sectors, SECTOR_SIZE};
 use checkpoint_estimate::{Record, Trace};
 
-use crate::order::Staged;
+use crate::journal::{self, Entry, JournalError, JournalIo};
+use crate::order::{append_journal, JournalSink, Staged};
 
 /// Where backup blocks come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -123,6 +125,8 @@ pub enum IoOutcome {
 pub struct Batch<'a, D: BlockDevice> {
     engine: &'a mut Engine<D>,
     results: Vec<Result<IoOutcome, EngineError>>,
+    /// The batch's journal frame, appended before anything is issued.
+    frame: Vec<u8>,
     committed: bool,
 }
 
@@ -132,11 +136,19 @@ impl<D: BlockDevice> Batch<'_, D> {
         self.committed = true;
         let staged = std::mem::take(&mut self.engine.io.staged);
         let backup_blocks = staged.backup_blocks();
-        let issued = staged.commit(
-            &self.engine.io.dev,
-            #[cfg(any(test, feature = "fault"))]
-            self.engine.fault,
-        );
+        let issued = if self.engine.io.replay {
+            Ok(staged.replay_commit())
+        } else {
+            match append_journal(self.engine.journal.as_mut(), &self.frame) {
+                Ok(journaled) => staged.commit(
+                    &self.engine.io.dev,
+                    journaled,
+                    #[cfg(any(test, feature = "fault"))]
+                    self.engine.fault,
+                ),
+                Err(source) => Err(DeviceError::Io { offset: 0, source }),
+            }
+        };
         let issued = match issued {
             Ok(i) => i,
             Err(e) => {
@@ -163,6 +175,48 @@ impl<D: BlockDevice> Drop for Batch<'_, D> {
     }
 }
 
+/// Why an engine could not be resumed from its journal and its device. Nothing was written.
+#[derive(Debug, thiserror::Error)]
+pub enum RecoverError {
+    #[error("the op journal: {0}")]
+    Journal(#[from] JournalError),
+    #[error("reading block 0: {0}")]
+    ReadBlock0(DeviceError),
+    #[error(
+        "block 0 on the device is neither the log after the journal's last step ({after}) nor \
+         the log before it ({before}): the journal and the device do not belong together"
+    )]
+    Block0Mismatch { after: String, before: String },
+    #[error("redoing the interrupted commit copy: {0}")]
+    CommitCopy(String),
+}
+
+/// A deliberately broken recovery, for the test that shows the kill-point suite catches it.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RecoverFault {
+    /// Replay the whole journal and never look at block 0: a batch that died before its
+    /// block 0 is kept as if it had landed.
+    SkipBlock0Check,
+}
+
+/// An engine resumed by [`Engine::recover`].
+#[derive(Debug)]
+pub struct Recovered<D: BlockDevice> {
+    /// The engine, exactly as the dead server's after its last step that reached the device.
+    pub engine: Engine<D>,
+    /// Journal steps replayed into it.
+    pub steps: usize,
+    /// Whether the journal's last step was left out: its batch stopped before block 0 (its
+    /// user writes were never issued; the kernel issues them again).
+    pub dropped_last: bool,
+    /// Bytes of a frame cut short by the process's death (its batch never started).
+    pub torn_tail: usize,
+    /// The journal's bytes that describe `engine`: the journal must be cut to this length
+    /// before it is appended to again ([`Engine::resume_journal`]).
+    pub journal_len: usize,
+}
+
 /// The range FarEnd carves from: `end` is one past its next free sector; it is given up when
 /// the free range ending there is smaller than `floor` sectors.
 #[derive(Debug, Clone, Copy)]
@@ -181,6 +235,8 @@ struct EngineIo<D: BlockDevice> {
     /// FarEnd: the free range being carved from its end.
     far_end: Option<FarEndCursor>,
     staged: Staged,
+    /// Replaying a journal: decisions only, no device I/O (copies are counted, not read).
+    replay: bool,
 }
 
 impl<D: BlockDevice> EngineIo<D> {
@@ -243,6 +299,14 @@ impl<D: BlockDevice> WorkerIo for EngineIo<D> {
         blocks: u64,
         seed: Option<u64>,
     ) -> Result<u32, DeviceError> {
+        if self.replay {
+            // The checksum needs the source data; the resumed engine takes the log's
+            // checksums from block 0 on disk (Engine::recover).
+            for i in 0..blocks {
+                self.staged.count_backup(dst + i);
+            }
+            return Ok(0);
+        }
         let (copies, checksum) = read_sources(src, blocks, seed, |b| self.read_block(b))?;
         for (i, data) in (0u64..).zip(copies) {
             self.staged.stage_backup(dst + i, data);
@@ -270,6 +334,8 @@ pub struct Engine<D: BlockDevice> {
     trace: Option<Trace>,
     trace_overflowed: bool,
     poisoned: bool,
+    /// The op journal, when kept ([`Engine::with_journal`]).
+    journal: Option<JournalSink>,
     #[cfg(any(test, feature = "fault"))]
     pub(crate) fault: Option<crate::order::Fault>,
 }
@@ -289,6 +355,7 @@ impl<D: BlockDevice> Engine<D> {
                 allocator: config.allocator,
                 far_end: None,
                 staged: Staged::default(),
+                replay: false,
             },
             // No entry history: the engine runs for a whole checkpoint.
             worker: Worker::new(bs, len, false),
@@ -297,9 +364,238 @@ impl<D: BlockDevice> Engine<D> {
             trace,
             trace_overflowed: false,
             poisoned: false,
+            journal: None,
             #[cfg(any(test, feature = "fault"))]
             fault: None,
         }
+    }
+
+    /// An engine that journals every step ([`crate::journal`]) to `out`, which gets the
+    /// journal's header now. A server killed at any point is resumed by [`Engine::recover`]
+    /// from the journal and the device.
+    pub fn with_journal(
+        dev: D,
+        config: EngineConfig,
+        mut out: Box<dyn std::io::Write + Send>,
+    ) -> std::io::Result<Engine<D>> {
+        let engine = Engine::new(dev, config);
+        let header = journal::header(config.block_size, engine.len_bytes(), config.allocator);
+        out.write_all(&header)?;
+        out.flush()?;
+        Ok(Engine { journal: Some(JournalSink::new(out)), ..engine })
+    }
+
+    /// Goes on journaling to `out`, which holds the first [`Recovered::journal_len`] bytes of
+    /// the journal this engine was recovered from.
+    pub fn resume_journal(&mut self, out: Box<dyn std::io::Write + Send>) {
+        self.journal = Some(JournalSink::new(out));
+    }
+
+    /// Resumes the engine of a server that died: replays `journal` with no device I/O (the
+    /// decisions: range map, allocator, log positions, counters, trace), then checks it against
+    /// block 0 on `dev`, the batch's commit point (one atomic block write, after the batch's
+    /// backups and before its user writes):
+    ///
+    /// * block 0 holds the log after the last step: that state;
+    /// * else, if it holds the log before the last step, the state without it (its backups went
+    ///   to blocks still free; its user writes were never issued; the kernel reissues them);
+    /// * else refused, nothing written.
+    ///
+    /// A last step that left the log as it was (writes into free space or CHANGED blocks only,
+    /// TRIM-state I/O) is kept: its writes may have reached the disk, and a map that called
+    /// those blocks free could later place a backup over them. In CHECKPOINT the log sector
+    /// (with the checksums a replay cannot compute) is then taken from block 0. A commit that
+    /// was the last step has its copy of block 0 redone (SECTOR0_CURRENT is still intact: no
+    /// write came after it).
+    pub fn recover(
+        dev: D,
+        config: EngineConfig,
+        journal: &[u8],
+    ) -> Result<Recovered<D>, RecoverError> {
+        Self::recover_with(
+            dev,
+            config,
+            journal,
+            #[cfg(test)]
+            None,
+        )
+    }
+
+    pub(crate) fn recover_with(
+        dev: D,
+        config: EngineConfig,
+        journal: &[u8],
+        #[cfg(test)] fault: Option<RecoverFault>,
+    ) -> Result<Recovered<D>, RecoverError> {
+        let probe = Engine::new(dev, config);
+        let len_bytes = probe.len_bytes();
+        let dev = probe.into_device();
+        let read = journal::read(journal, config.block_size, len_bytes, config.allocator)?;
+        let mut block0 = vec![0; config.block_size.as_usize()];
+        dev.read_at(&mut block0, 0).map_err(RecoverError::ReadBlock0)?;
+        let n = read.entries.len();
+        let after = Self::replay(dev, config, &read.entries);
+        #[cfg(test)]
+        if fault == Some(RecoverFault::SkipBlock0Check) {
+            let mut engine = after;
+            engine.io.replay = false;
+            engine.adopt_matching_checksums(&block0);
+            return Ok(Recovered {
+                engine,
+                steps: n,
+                dropped_last: false,
+                torn_tail: read.torn_tail,
+                journal_len: read.ends.last().copied().unwrap_or(journal::HEADER_BYTES),
+            });
+        }
+        let (mut engine, kept) = match after.matches_block0(&block0) {
+            Ok(()) => (after, n),
+            Err(why_after) => {
+                let Some(without_last) = n.checked_sub(1) else {
+                    return Err(RecoverError::Block0Mismatch {
+                        after: why_after,
+                        before: "the journal has no step".into(),
+                    });
+                };
+                let before =
+                    Self::replay(after.into_device(), config, &read.entries[..without_last]);
+                match before.matches_block0(&block0) {
+                    Ok(()) => (before, without_last),
+                    Err(why_before) => {
+                        return Err(RecoverError::Block0Mismatch {
+                            after: why_after,
+                            before: why_before,
+                        })
+                    }
+                }
+            }
+        };
+        engine.io.replay = false;
+        match engine.state() {
+            BowState::Checkpoint => {
+                // Same header and entries (checked above); the checksums come from the disk.
+                engine.worker.replace_log_block(&block0);
+            }
+            BowState::Committed
+                if kept == n
+                    && read.entries.last() == Some(&Entry::State(BowState::Committed.value())) =>
+            {
+                Self::commit_copy(&engine.worker, &mut engine.io)
+                    .map_err(|e| RecoverError::CommitCopy(format!("{e:?}")))?;
+                engine.flushes += 1;
+            }
+            _ => {}
+        }
+        let journal_len = match kept.checked_sub(1) {
+            Some(last) => read.ends[last],
+            None => journal::HEADER_BYTES,
+        };
+        Ok(Recovered {
+            engine,
+            steps: kept,
+            dropped_last: kept < n,
+            torn_tail: read.torn_tail,
+            journal_len,
+        })
+    }
+
+    /// Everything a decision depends on (tests): state, range map, the log block's bytes and
+    /// header, the allocator's remembered range, the counters of backups and space.
+    #[cfg(test)]
+    pub(crate) fn decision_state(&self) -> String {
+        let stats = self.worker.stats();
+        format!(
+            "{:?}\n{}{:?}\nlog crc {:08x}\n{:?}\n{:?}\n{:?}",
+            self.worker.state(),
+            self.worker.ranges().table_status(),
+            self.worker.header(),
+            crc32fast::hash(self.worker.log_block()),
+            self.io.far_end,
+            stats,
+            self.space(),
+        )
+    }
+
+    /// A broken recovery's log (tests): the replayed log, with each entry's checksum taken
+    /// from block 0 where block 0 has the same entry, 0 elsewhere.
+    #[cfg(test)]
+    fn adopt_matching_checksums(&mut self, block0: &[u8]) {
+        let mut log = self.worker.log_block().to_vec();
+        let count = self.worker.header().count;
+        for i in 0..count {
+            let at = usize::from(HEADER_SIZE_V1_0) + usize::try_from(i).unwrap_or(0) * ENTRY_SIZE;
+            let (Some(m), Some(d)) = (log.get(at..at + 20), block0.get(at..at + 20)) else {
+                break;
+            };
+            if m == d {
+                log[at + 20..at + 24].copy_from_slice(&block0[at + 20..at + 24]);
+            }
+        }
+        self.worker.replace_log_block(&log);
+    }
+
+    /// The engine after `entries`, decisions only.
+    fn replay(dev: D, config: EngineConfig, entries: &[Entry]) -> Engine<D> {
+        let mut engine = Engine::new(dev, config);
+        engine.io.replay = true;
+        for entry in entries {
+            // Each step fails (or not) exactly as it did in the live engine: same state,
+            // same decisions. Its outcome was already reported then.
+            match entry {
+                Entry::Batch(ios) => {
+                    let planned = ios.iter().map(|io| (*io, None)).collect();
+                    if let Ok(batch) = engine.plan(planned, Vec::new()) {
+                        let _ = batch.commit();
+                    }
+                }
+                Entry::State(value) => {
+                    if let Some(to) = BowState::from_value(*value) {
+                        let _ = engine.set_state(to);
+                    }
+                }
+                Entry::Flush => {
+                    let _ = engine.flush();
+                }
+            }
+        }
+        engine
+    }
+
+    /// Whether block 0 on disk is this engine's log: in CHECKPOINT the same header and the
+    /// same entries (source, dest, size; the checksums need data a replay does not have).
+    /// Outside CHECKPOINT block 0 holds the user's data, which says nothing.
+    fn matches_block0(&self, block0: &[u8]) -> Result<(), String> {
+        if self.state() != BowState::Checkpoint {
+            return Ok(());
+        }
+        let mine = self.worker.header();
+        let disk = LogHeader::decode(block0).map_err(|e| {
+            format!("state CHECKPOINT with log {mine:?}, block 0 holds no log: {e}")
+        })?;
+        if disk != mine {
+            return Err(format!("log header {mine:?}, block 0 has {disk:?}"));
+        }
+        let entry = |block: &[u8], i: u32| -> Option<LogEntry> {
+            let at = usize::from(HEADER_SIZE_V1_0) + usize::try_from(i).ok()? * ENTRY_SIZE;
+            let bytes: &[u8; ENTRY_SIZE] = block.get(at..at + ENTRY_SIZE)?.try_into().ok()?;
+            Some(LogEntry::decode(bytes))
+        };
+        for i in 0..mine.count {
+            let (m, d) = (entry(self.worker.log_block(), i), entry(block0, i));
+            let same = match (m, d) {
+                (Some(m), Some(d)) => (m.source, m.dest, m.size) == (d.source, d.dest, d.size),
+                _ => false,
+            };
+            if !same {
+                return Err(format!("log entry {i}: {m:?}, block 0 has {d:?}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The device's size in whole blocks, in bytes.
+    fn len_bytes(&self) -> u64 {
+        self.worker.ranges().len_sectors() * SECTOR_SIZE
     }
 
     /// Breaks the write order of every later batch on purpose (feature `fault`: the VM crash
@@ -393,6 +689,39 @@ impl<D: BlockDevice> Engine<D> {
 
     /// Plans `ios` in order (range map, log, staged copies) and returns the batch to commit.
     pub fn submit(&mut self, ios: Vec<UserIo>) -> Result<Batch<'_, D>, EngineError> {
+        let journaled: Vec<JournalIo> = ios
+            .iter()
+            .map(|io| match io {
+                UserIo::Write { sector, data } => JournalIo::Write {
+                    sector: *sector,
+                    len: u64::try_from(data.len()).unwrap_or(u64::MAX),
+                },
+                UserIo::Discard { sector, len } => {
+                    JournalIo::Discard { sector: *sector, len: *len }
+                }
+            })
+            .collect();
+        let frame = if self.journal.is_some() {
+            journal::frame(&Entry::Batch(journaled))
+        } else {
+            Vec::new()
+        };
+        let planned = ios.into_iter().map(|io| match io {
+            UserIo::Write { sector, data } => (
+                JournalIo::Write { sector, len: u64::try_from(data.len()).unwrap_or(u64::MAX) },
+                Some(data),
+            ),
+            UserIo::Discard { sector, len } => (JournalIo::Discard { sector, len }, None),
+        });
+        self.plan(planned.collect(), frame)
+    }
+
+    /// Plans a batch: `data` is `None` only in a replay (and for discards).
+    fn plan(
+        &mut self,
+        ios: Vec<(JournalIo, Option<Vec<u8>>)>,
+        frame: Vec<u8>,
+    ) -> Result<Batch<'_, D>, EngineError> {
         self.check_usable()?;
         if !self.io.staged.is_empty() {
             // Only a failed commit leaves writes staged, and it poisons the engine first.
@@ -400,13 +729,12 @@ impl<D: BlockDevice> Engine<D> {
             self.check_usable()?;
         }
         let mut results = Vec::with_capacity(ios.len());
-        for io in ios {
+        for (io, data) in ios {
             let outcome = match io {
-                UserIo::Write { sector, data } => {
-                    let len = u64::try_from(data.len()).unwrap_or(u64::MAX);
-                    self.plan_write(sector.0, len, &data).map(IoOutcome::Write)
+                JournalIo::Write { sector, len } => {
+                    self.plan_write(sector.0, len, data.as_deref()).map(IoOutcome::Write)
                 }
-                UserIo::Discard { sector, len } => {
+                JournalIo::Discard { sector, len } => {
                     self.plan_discard(sector.0, len).map(IoOutcome::Discard)
                 }
             };
@@ -416,12 +744,15 @@ impl<D: BlockDevice> Engine<D> {
             }
             results.push(outcome);
         }
-        Ok(Batch { engine: self, results, committed: false })
+        Ok(Batch { engine: self, results, frame, committed: false })
     }
 
     /// The commit copy: SECTOR0_CURRENT back onto block 0 (one block write, then a flush).
     fn commit_copy(worker: &Worker, io: &mut EngineIo<D>) -> Result<StateChange, StepError> {
         let (from, _) = worker.sector0_current()?;
+        if io.replay {
+            return Ok(StateChange::Committed { from: Sectors(from) });
+        }
         let data = io.read_block(from / worker.block_size().sectors())?;
         io.dev.write_at(&data, 0)?;
         io.dev.flush()?;
@@ -430,19 +761,25 @@ impl<D: BlockDevice> Engine<D> {
 
     // ---- bios: the worker decides, the batch stages ----
 
+    /// `data` is `None` in a replay (nothing is staged then).
     fn plan_write(
         &mut self,
         sector: u64,
         len: u64,
-        data: &[u8],
+        data: Option<&[u8]>,
     ) -> Result<WriteAction, EngineError> {
         self.worker.check_io(sector, len)?;
         let sectors = len / SECTOR_SIZE;
         if sectors > 0 {
             self.record(Record::write(sector, sectors));
         }
+        if data.is_some_and(|d| u64::try_from(d.len()).ok() != Some(len)) {
+            return Err(EngineError::OutOfRange { sector, len });
+        }
         self.worker.write(&mut self.io, sector, len, |io, at, bytes| {
-            io.stage_user(at, &data[bytes]);
+            if let Some(d) = data {
+                io.stage_user(at, &d[bytes]);
+            }
             Ok(())
         })
     }
@@ -470,17 +807,33 @@ impl<D: BlockDevice> BowEngine for Engine<D> {
 
     fn set_state(&mut self, to: BowState) -> Result<StateChange, EngineError> {
         self.check_usable()?;
+        // The state change's frame goes to the journal before it touches the device.
+        let journaled = if self.io.replay {
+            None
+        } else {
+            let frame = journal::frame(&Entry::State(to.value()));
+            match append_journal(self.journal.as_mut(), &frame) {
+                Ok(j) => Some(j),
+                Err(source) => {
+                    return Err(EngineError::Device(DeviceError::Io { offset: 0, source }))
+                }
+            }
+        };
         let (io, flushes, poisoned) = (&mut self.io, &mut self.flushes, &mut self.poisoned);
         self.worker.set_state(to, |worker| match to {
             BowState::Checkpoint => {
                 let change = worker.prepare_log(io);
                 // Both copies of block 0 durable before the magic appears in block 0.
                 let staged = std::mem::take(&mut io.staged);
-                let issued = staged.commit(
-                    &io.dev,
-                    #[cfg(any(test, feature = "fault"))]
-                    None,
-                );
+                let issued = match journaled {
+                    None => Ok(staged.replay_commit()),
+                    Some(journaled) => staged.commit(
+                        &io.dev,
+                        journaled,
+                        #[cfg(any(test, feature = "fault"))]
+                        None,
+                    ),
+                };
                 match (change, issued) {
                     (Ok(c), Ok(i)) => {
                         *flushes += u64::try_from(i.flushes).unwrap_or(u64::MAX);
@@ -528,7 +881,12 @@ impl<D: BlockDevice> BowEngine for Engine<D> {
 
     fn flush(&mut self) -> Result<(), EngineError> {
         self.record(Record::Flush);
-        self.io.dev.flush()?;
+        if !self.io.replay {
+            let frame = journal::frame(&Entry::Flush);
+            append_journal(self.journal.as_mut(), &frame)
+                .map_err(|source| DeviceError::Io { offset: 0, source })?;
+            self.io.dev.flush()?;
+        }
         self.flushes += 1;
         Ok(())
     }

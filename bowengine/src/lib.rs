@@ -21,12 +21,13 @@
 #![forbid(unsafe_code)]
 
 mod engine;
+pub mod journal;
 pub mod order;
 
 pub use bow::model::EngineError;
 pub use engine::{
-    Allocator, Batch, BatchReport, Engine, EngineConfig, EngineStats, IoOutcome, SpaceReport,
-    UserIo,
+    Allocator, Batch, BatchReport, Engine, EngineConfig, EngineStats, IoOutcome, RecoverError,
+    Recovered, SpaceReport, UserIo,
 };
 
 #[cfg(test)]

@@ -1,9 +1,10 @@
 //! The write order of a batch, enforced by proof tokens.
 //!
 //! A batch stages three kinds of writes: backup data (copies of old contents, saved log
-//! sectors), the log (block 0, the newest in-memory log sector) and the user's writes. They
-//! reach the device in exactly this order:
+//! sectors), the log (block 0, the newest in-memory log sector) and the user's writes. Its
+//! journal frame ([`crate::journal`]: what the batch was asked to do, no data) comes first:
 //!
+//! 0. the journal frame appended → [`Journaled`] (or the engine keeps no journal);
 //! 1. every backup data write, then one flush → [`BackupsDurable`];
 //! 2. block 0 (the log whose entries point at those backups), then one flush → [`LogDurable`];
 //! 3. the user writes (no flush of ours; the user's own flushes follow as they come).
@@ -17,8 +18,44 @@
 //! `LogDurable::nothing_staged` only exists for it.
 
 use std::collections::HashMap;
+use std::fmt;
+use std::io::Write;
 
 use blockcopy::device::{BlockDevice, DeviceError};
+
+/// Proof that the batch's journal frame is in the journal (so a restarted server replays it
+/// before looking at what the batch left on the device), or that the engine keeps no journal.
+#[derive(Debug)]
+pub struct Journaled(());
+
+/// Where the engine appends its journal frames: a file on a tmpfs in the server (plain
+/// `write()`s, no sync: it must survive the process, not the machine), a buffer in tests.
+pub struct JournalSink(Box<dyn Write + Send>);
+
+impl JournalSink {
+    /// A sink over `out`; every frame is one `write_all`.
+    pub fn new(out: Box<dyn Write + Send>) -> JournalSink {
+        JournalSink(out)
+    }
+}
+
+impl fmt::Debug for JournalSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("JournalSink")
+    }
+}
+
+/// Step 0: appends `frame` to the journal, if one is kept.
+pub(crate) fn append_journal(
+    sink: Option<&mut JournalSink>,
+    frame: &[u8],
+) -> std::io::Result<Journaled> {
+    if let Some(s) = sink {
+        s.0.write_all(frame)?;
+        s.0.flush()?;
+    }
+    Ok(Journaled(()))
+}
 
 /// Proof that every staged backup write of the batch is durable.
 #[derive(Debug)]
@@ -79,6 +116,22 @@ impl Staged {
         }
     }
 
+    /// A decisions-only replay: a backup the batch would write, without its data (only
+    /// counted; nothing reads it).
+    pub(crate) fn count_backup(&mut self, block: u64) {
+        self.backups.push((block, Vec::new()));
+    }
+
+    /// A decisions-only replay's commit: what the batch would have issued, nothing issued.
+    pub(crate) fn replay_commit(self) -> IssuedCounts {
+        let logged = !self.backups.is_empty() || self.log.is_some();
+        IssuedCounts {
+            backup_writes: self.backups.len(),
+            user_writes: self.user.len(),
+            flushes: if logged { 2 } else { 0 },
+        }
+    }
+
     pub(crate) fn stage_backup(&mut self, block: u64, data: Vec<u8>) {
         self.overlay.insert(block, data.clone());
         self.backups.push((block, data));
@@ -99,9 +152,11 @@ impl Staged {
     }
 
     /// Issues the staged writes in the documented order. `fault` breaks it (tests only).
+    /// Needs the batch's journal frame appended first.
     pub(crate) fn commit(
         self,
         dev: &impl BlockDevice,
+        journaled: Journaled,
         #[cfg(any(test, feature = "fault"))] fault: Option<Fault>,
     ) -> Result<IssuedCounts, DeviceError> {
         let Staged { backups, log, user, .. } = self;
@@ -111,11 +166,11 @@ impl Staged {
             return commit_broken(dev, f, backups, log, user);
         }
         let log_durable = if backups.is_empty() && log.is_none() {
-            LogDurable::nothing_staged()
+            LogDurable::nothing_staged(journaled)
         } else {
             counts.flushes += 2;
             counts.backup_writes = backups.len();
-            let backups_durable = write_backups(dev, &backups)?;
+            let backups_durable = write_backups(dev, journaled, &backups)?;
             match log {
                 Some(block0) => write_log(dev, backups_durable, &block0)?,
                 // Backups without a log change cannot happen (every copy is logged); the
@@ -139,14 +194,15 @@ pub(crate) struct IssuedCounts {
 
 impl LogDurable {
     /// For a batch that staged no backup and no log change: nothing needs to be durable first.
-    fn nothing_staged() -> LogDurable {
+    fn nothing_staged(_journaled: Journaled) -> LogDurable {
         LogDurable(())
     }
 }
 
-/// Step 1: the backup data, then one flush.
+/// Step 1: the backup data, then one flush. Needs the journal frame appended.
 fn write_backups(
     dev: &impl BlockDevice,
+    _journaled: Journaled,
     backups: &[(u64, Vec<u8>)],
 ) -> Result<BackupsDurable, DeviceError> {
     for (block, data) in backups {

@@ -644,3 +644,5 @@ fn far_end_carves_from_the_end_and_moves_when_its_range_is_cut() {
     assert_eq!(dest(&mut engine, 3), 348);
     assert_eq!(engine.stats().rebackups, 0);
 }
+
+mod resume;

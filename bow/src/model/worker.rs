@@ -177,6 +177,18 @@ impl Worker {
         &self.log
     }
 
+    /// Replaces the in-memory log block with `block` (one block), for an engine resumed by
+    /// replaying its decisions: the replay has every entry but not its checksum (that needs the
+    /// source data), which the block 0 on disk has. The caller checks that `block` holds the
+    /// same header and entries. Returns false (nothing changed) for a wrong length.
+    pub fn replace_log_block(&mut self, block: &[u8]) -> bool {
+        if block.len() != self.log.len() {
+            return false;
+        }
+        self.log.copy_from_slice(block);
+        true
+    }
+
     /// Every log entry added, when kept.
     pub fn history(&self) -> &[LoggedEntry] {
         self.history.as_deref().unwrap_or(&[])
