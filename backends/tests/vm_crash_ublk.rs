@@ -5,10 +5,11 @@
 //!
 //! One boot, three captures of the same seeded workload: the correct engine, and the engine
 //! broken on purpose (`bow-ublk serve --fault user-write-before-flush|log-before-data`, the
-//! `bow-ublk/fault` feature). Each: ext4 made on /dev/ublkb0 (TRIM state passes it through),
-//! the demo's app data, `fstrim` (the engine records the free space), unmount, a flush of the
-//! log device, the mark `ublk-checkpoint`, `bow-ublk checkpoint`, the demo's update steps and
-//! fsx-like operations, a sync, the mark `ublk-end`.
+//! `bow-ublk/fault` feature). Each: the raw device filled with old (random) data, ext4 made on
+//! /dev/ublkb0 (TRIM state passes it through), the demo's app data, `fstrim` (the engine
+//! records the free space), unmount, a flush of the log device, the mark `ublk-checkpoint`,
+//! `bow-ublk checkpoint`, the demo's update steps and fsx-like operations, a sync, the mark
+//! `ublk-end`.
 //!
 //! On the host, every crash state of the window (every flush and FUA prefix, seeded subsets of
 //! the writes after each flush) is restored with `bow::restore`, and every block ext4 had
@@ -26,7 +27,7 @@ use std::time::{Duration, Instant};
 use crash::capture::{dm_create, loop_file, majmin, mark, mkfs_ext4, save_log, workload};
 use crash::ublk::{run_ublk, UblkTally};
 use crash::CaseSpec;
-use testbench::device::populate_app_data;
+use testbench::device::{populate_app_data, Rng};
 use testbench::vm::{Kernel, Vm};
 use testbench::{cargo_bin, guest, vm_trial, Failed};
 
@@ -43,9 +44,7 @@ fn ublk_bytes(long: bool) -> u64 {
 const UBLK: &str = "/dev/ublkb0";
 const LONG_ENV: &str = "CPD_CRASH_LONG";
 /// The broken engines: `bow-ublk serve --fault <name>` (feature `bow-ublk/fault`).
-/// Not yet in this commit: the feature has not landed; the loop below runs over them once it
-/// does (user-write-before-flush, log-before-data).
-const FAULTS: [&str; 0] = [];
+const FAULTS: [&str; 2] = ["user-write-before-flush", "log-before-data"];
 /// The floor of crash states of the correct engine in the default run.
 const MIN_STATES: usize = 200;
 
@@ -262,6 +261,21 @@ fn guest_capture(_: &[String]) -> Result<(), Failed> {
     Ok(())
 }
 
+/// Fills `dev` with seeded random bytes and flushes: old data everywhere, as on a used /data.
+/// On a zeroed device a backup block whose copy never became durable still holds zeros, which
+/// is exactly the old content of many blocks (an unused journal block), so a broken engine's
+/// torn backup would often restore correctly by accident.
+fn fill_with_old_data(dev: &Path, size: u64, seed: u64) -> Result<(), Failed> {
+    use std::io::Write;
+    let mut rng = Rng::new(seed ^ 0x01d);
+    let mut f = std::fs::OpenOptions::new().write(true).open(dev)?;
+    for _ in 0..size / MIB {
+        f.write_all(&rng.bytes(usize::try_from(MIB)?))?;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
 /// One capture: the engine (broken with `fault`, if any) over log-writes over a loop device.
 fn capture(
     shared: &Path,
@@ -285,6 +299,7 @@ fn capture(
             majmin(logd.path())?
         ),
     )?;
+    fill_with_old_data(&dev, ublk_bytes, seed)?;
     let server = serve(&dev, fault)?;
     mkfs_ext4(Path::new(UBLK))?;
     let mnt = Path::new("/dev/shm/cu-mnt");

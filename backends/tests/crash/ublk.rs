@@ -93,16 +93,22 @@ fn first_bad(
     Ok(None)
 }
 
-/// Restores `dev` with `bow::restore`; the outcome says whether a log was found.
+/// Restores `dev` with `bow::restore` (vold's policy: a corrupt log rolls forward). `Ok(true)`:
+/// the log was replayed; `Ok(false)`: there was no log. Any other outcome is an error: a log
+/// that rolls forward (a backup whose CRC does not match, a broken chain) keeps the new data,
+/// which is no rollback.
 fn restore(dev: &impl BlockDevice, serial: bool) -> Result<bool, String> {
+    use bow::restore::RestoreOutcome;
     let opts = if serial {
         bow::restore::RestoreOptions { queue_depth: 1, memory_budget: 0, ..Default::default() }
     } else {
         bow::restore::RestoreOptions::default()
     };
-    bow::restore::restore(dev, &opts, &mut |_| {})
-        .map(|r| !matches!(r.outcome, bow::restore::RestoreOutcome::NoLog))
-        .map_err(|e| e.to_string())
+    match bow::restore::restore(dev, &opts, &mut |_| {}).map_err(|e| e.to_string())?.outcome {
+        RestoreOutcome::NoLog => Ok(false),
+        RestoreOutcome::Restored { .. } => Ok(true),
+        other => Err(format!("the restore did not roll back: {other:?}")),
+    }
 }
 
 /// Checks the crash states of a ublk case (or only `spec.only`). `stop_at_first`: return at
