@@ -6,6 +6,8 @@
 //!   either backing, and which errno the kernel gets back. Pure, tested on the host.
 //! * [`control`]: the line protocol on the server's abstract unix socket (checkpoint, commit,
 //!   status, stop).
+//! * [`journal`]: the engine's op journal file on a tmpfs, from which a restarted server
+//!   rebuilds the engine of a server that died (`bow_engine::Engine::recover`).
 //! * `server` (feature `ublk`): the libublk server itself, its own mount namespace, and
 //!   `UBLK_F_USER_RECOVERY` re-attachment after a crash.
 //!
@@ -13,6 +15,7 @@
 //! feature; without it this crate builds with no C toolchain beyond Rust's.
 
 pub mod control;
+pub mod journal;
 pub mod mounts;
 #[cfg(feature = "ublk")]
 pub mod server;

@@ -31,7 +31,8 @@ use libublk::io::{UblkDev, UblkQueue};
 use libublk::{BufDesc, UblkError, UblkFlags};
 
 use crate::control::{self, Command};
-use crate::target::{Backing, Request, Target};
+use crate::journal;
+use crate::target::{Request, Target};
 
 /// The default `--state-dir`: a tmpfs on every system with systemd (and Android's /dev is one).
 pub const DEFAULT_STATE_DIR: &str = "/run/bow-ublk";
@@ -55,10 +56,19 @@ pub enum ServeError {
     #[error("ublk: {what}: {source:?} (is ublk_drv loaded and /dev/ublk-control there?)")]
     Ublk { what: &'static str, source: UblkError },
     #[error(
-        "device {dev_id}: {path} holds a running checkpoint's log, and the engine's range map \
-         died with the old server (docs/userspace-bow.md, \"Resuming\"); refusing to recover"
+        "device {dev_id}: {path} holds a running checkpoint's log, and there is no journal \
+         {journal} to rebuild the engine from (another --state-dir?); refusing to recover"
     )]
-    CheckpointLost { dev_id: u32, path: PathBuf },
+    CheckpointLost { dev_id: u32, path: PathBuf, journal: PathBuf },
+    #[error(
+        "device {dev_id}: cannot resume the engine from {journal}: {source}; refusing to recover \
+         (the device stays quiesced, nothing was written)"
+    )]
+    Resume { dev_id: u32, journal: PathBuf, source: bow_engine::RecoverError },
+    #[error("the journal {path}: {source}")]
+    Journal { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    JournalFile(#[from] journal::JournalFileError),
     #[error("reading block 0 of {path}: {source}")]
     ReadBlock0 { path: PathBuf, source: blockcopy::device::DeviceError },
     #[error("the control socket {name}: {source}")]
@@ -203,14 +213,6 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn backing(passthrough: bool) -> Backing {
-    if passthrough {
-        Backing::Passthrough
-    } else {
-        Backing::Engine
-    }
-}
-
 fn ask(id: u32, command: Command) -> Result<(), ServeError> {
     println!("{}", control::send(id, command)?);
     Ok(())
@@ -232,35 +234,84 @@ fn enter_own_mount_namespace() -> Result<(), ServeError> {
     Ok(())
 }
 
-fn open_target(
+fn open_device(path: &Path) -> Result<FileDevice, ServeError> {
+    FileDevice::open(path).map_err(|source| ServeError::Open { path: path.to_owned(), source })
+}
+
+fn engine_config(opts: &EngineArgs) -> EngineConfig {
+    EngineConfig { block_size: BlockSize::B4096, allocator: opts.allocator.into() }
+}
+
+#[cfg_attr(not(feature = "fault"), allow(clippy::needless_pass_by_ref_mut))]
+fn apply_fault(engine: &mut Engine<FileDevice>, opts: &EngineArgs) {
+    #[cfg(feature = "fault")]
+    engine.set_fault(opts.fault.map(Into::into));
+    let _ = (engine, opts);
+}
+
+/// A new server's target: the pass-through, or a fresh engine (TRIM) journaling to a fresh
+/// `<dev_id>.journal` in the state directory.
+fn new_target(
     path: &Path,
     opts: &EngineArgs,
-    recover: Option<u32>,
+    dev_id: u32,
 ) -> Result<Target<FileDevice>, ServeError> {
-    let dev = FileDevice::open(path)
-        .map_err(|source| ServeError::Open { path: path.to_owned(), source })?;
-    Ok(match backing(opts.passthrough) {
-        Backing::Passthrough => Target::Passthrough(dev),
-        Backing::Engine => {
-            if let Some(dev_id) = recover {
-                // In TRIM nothing is lost with the old server but the free-space record (a
-                // FITRIM before the checkpoint makes it again); in CHECKPOINT the range map is.
-                let mut block0 = vec![0; 1 << BLOCK_SHIFT];
-                dev.read_at(&mut block0, 0)
-                    .map_err(|source| ServeError::ReadBlock0 { path: path.to_owned(), source })?;
-                if LogHeader::decode(&block0).is_ok() {
-                    return Err(ServeError::CheckpointLost { dev_id, path: path.to_owned() });
-                }
-            }
-            let config =
-                EngineConfig { block_size: BlockSize::B4096, allocator: opts.allocator.into() };
-            #[allow(unused_mut)] // mutated only with the `fault` feature
-            let mut engine = Engine::new(dev, config);
-            #[cfg(feature = "fault")]
-            engine.set_fault(opts.fault.map(Into::into));
-            Target::Engine(Box::new(engine))
+    let dev = open_device(path)?;
+    if opts.passthrough {
+        return Ok(Target::Passthrough(dev));
+    }
+    let journal = journal::create(&opts.state_dir, dev_id)?;
+    let mut engine = Engine::with_journal(dev, engine_config(opts), Box::new(journal.file))
+        .map_err(|source| ServeError::Journal { path: journal.path, source })?;
+    apply_fault(&mut engine, opts);
+    Ok(Target::Engine(Box::new(engine)))
+}
+
+/// A restarted server's target, before the device is touched: the engine rebuilt from its
+/// journal and checked against block 0 ([`Engine::recover`]); refused with nothing written
+/// when they do not agree. Without a journal: a fresh engine if block 0 holds no log (TRIM:
+/// only the FITRIM record is lost, and the backend runs FITRIM again), else refused.
+fn recovered_target(
+    path: &Path,
+    opts: &EngineArgs,
+    dev_id: u32,
+) -> Result<Target<FileDevice>, ServeError> {
+    let dev = open_device(path)?;
+    if opts.passthrough {
+        return Ok(Target::Passthrough(dev));
+    }
+    let Some(old) = journal::read(&opts.state_dir, dev_id)? else {
+        let mut block0 = vec![0; 1 << BLOCK_SHIFT];
+        dev.read_at(&mut block0, 0)
+            .map_err(|source| ServeError::ReadBlock0 { path: path.to_owned(), source })?;
+        if LogHeader::decode(&block0).is_ok() {
+            return Err(ServeError::CheckpointLost {
+                dev_id,
+                path: path.to_owned(),
+                journal: journal::path(&opts.state_dir, dev_id),
+            });
         }
-    })
+        return new_target(path, opts, dev_id);
+    };
+    let recovered = Engine::recover(dev, engine_config(opts), &old.bytes)
+        .map_err(|source| ServeError::Resume { dev_id, journal: old.path.clone(), source })?;
+    eprintln!(
+        "bow-ublk: device {dev_id}: engine rebuilt from {} ({} steps{}{}), state {}",
+        old.path.display(),
+        recovered.steps,
+        if recovered.dropped_last {
+            "; the last batch stopped before its log and is left to the kernel's reissue"
+        } else {
+            ""
+        },
+        if recovered.torn_tail > 0 { "; a torn last frame dropped" } else { "" },
+        recovered.engine.state().value(),
+    );
+    let file = journal::cut(&old, recovered.journal_len)?;
+    let mut engine = recovered.engine;
+    engine.resume_journal(Box::new(file));
+    apply_fault(&mut engine, opts);
+    Ok(Target::Engine(Box::new(engine)))
 }
 
 fn serve(path: &Path, id: Option<u32>, opts: &EngineArgs, recover: bool) -> Result<(), ServeError> {
@@ -271,9 +322,24 @@ fn serve(path: &Path, id: Option<u32>, opts: &EngineArgs, recover: bool) -> Resu
         Some(i) => i32::try_from(i).map_err(|_| ServeError::BadId(i))?,
     };
     enter_own_mount_namespace()?;
-    let target = open_target(path, opts, if recover { id } else { None })?;
-    let size = target.size();
-    let target = Arc::new(Mutex::new(target));
+    // A restarted server rebuilds its engine before it touches the device: a refusal leaves
+    // the device quiesced, its requests held, nothing written.
+    let recovered = match id {
+        Some(dev_id) if recover => Some(recovered_target(path, opts, dev_id)?),
+        _ => None,
+    };
+    // The size the device is added with (a recovered device keeps its own).
+    let size = match &recovered {
+        Some(t) => t.size(),
+        None => {
+            let bytes = open_device(path)?.size();
+            if opts.passthrough {
+                bytes
+            } else {
+                bytes / 4096 * 4096
+            }
+        }
+    };
     let id = ublk_id;
     if recover {
         let old = UblkCtrl::new_simple(id).map_err(ublk("opening the device to recover"))?;
@@ -297,6 +363,17 @@ fn serve(path: &Path, id: Option<u32>, opts: &EngineArgs, recover: bool) -> Resu
             .map_err(ublk(if recover { "re-attaching the device" } else { "adding the device" }))?,
     );
     let dev_id = ctrl.dev_info().dev_id;
+    let target = match recovered {
+        Some(t) => t,
+        None => match new_target(path, opts, dev_id) {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = ctrl.del_dev();
+                return Err(e);
+            }
+        },
+    };
+    let target = Arc::new(Mutex::new(target));
     let name = control::socket_name(dev_id);
     let addr = SocketAddr::from_abstract_name(&name)
         .map_err(|source| ServeError::Control { name: name.clone(), source })?;
@@ -326,8 +403,12 @@ fn serve(path: &Path, id: Option<u32>, opts: &EngineArgs, recover: bool) -> Resu
         },
     )
     .map_err(ublk("serving"))?;
-    // Only a `stop` ends run_target (a dead server never gets here): delete the device.
+    // Only a `stop` ends run_target (a dead server never gets here): delete the device, and
+    // its journal with it (nothing is left to resume).
     let _ = ctrl.del_dev();
+    if !opts.passthrough {
+        let _ = std::fs::remove_file(journal::path(&opts.state_dir, dev_id));
+    }
     Ok(())
 }
 
