@@ -117,6 +117,12 @@ impl Config {
         self.blocks * BLOCK
     }
 
+    /// Writes per slice: a region is written in 8 slices, the variants alternating slice by
+    /// slice, so that a change in the host's load hits all of them alike.
+    fn slice(&self) -> usize {
+        usize::try_from((self.blocks / 8).max(16)).unwrap_or(16)
+    }
+
     /// Regions of one kind: one per round and queue depth.
     fn regions(&self) -> u64 {
         (self.rounds * QDS.len()) as u64
@@ -345,22 +351,52 @@ impl Drop for Server {
     }
 }
 
-/// Random 4 KiB O_DIRECT writes over `len` bytes of `dev` from `offset`, each block once in
-/// the order `seed` gives, from `qd` threads (so `qd` writes in flight), then one `fdatasync`;
-/// the elapsed time. The writes are issued in this process, not by fio: under TCG fio's start-up
-/// alone took 2-3 s, longer than a run's writes.
-fn random_writes(
-    dev: &Path,
-    offset: u64,
-    len: u64,
-    qd: u32,
-    seed: u64,
-) -> Result<Duration, Failed> {
-    let mut rng = Rng(seed | 1);
+/// Every 4 KiB block of `len` bytes from `offset` once, in a random order (`seed`). The timed
+/// runs write them with O_DIRECT from `qd` threads (so `qd` writes in flight) and end with one
+/// `fdatasync` ([`common::write_ranges`]), timed in this process, not by fio: under TCG fio's
+/// start-up alone took 2-3 s, longer than a run's writes.
+fn random_order(offset: u64, len: u64, seed: u64) -> Vec<(u64, u64)> {
+    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let blocks = len / BLOCK;
-    let ops: Vec<(u64, u64)> =
-        rng.distinct(blocks, blocks).into_iter().map(|b| (offset + b * BLOCK, BLOCK)).collect();
-    common::write_ranges(dev, &ops, None, qd as usize)
+    rng.distinct(blocks, blocks).into_iter().map(|b| (offset + b * BLOCK, BLOCK)).collect()
+}
+
+/// One line per workload and variant of `round` at `qd`: the time summed over its slices.
+fn print_round(runs: &[Run], round: usize, qd: u32) {
+    let mut seen = Vec::new();
+    for r in runs.iter().filter(|r| r.round == round && r.qd == qd) {
+        if seen.contains(&(r.workload, r.variant)) {
+            continue;
+        }
+        seen.push((r.workload, r.variant));
+        let mine: Vec<&Run> = runs
+            .iter()
+            .filter(|x| x.round == round && x.qd == qd && x.workload == r.workload)
+            .filter(|x| x.variant == r.variant)
+            .collect();
+        let took: Duration = mine.iter().map(|x| x.took).sum();
+        let sum = |key: &str| -> u64 {
+            mine.iter().filter_map(|x| x.engine.as_ref()?.get(key).copied()).sum()
+        };
+        println!(
+            "    round {} qd {qd:>2} {:<44} {:<20} {:>8.0} ms in {} slices{}",
+            round + 1,
+            r.workload.name(),
+            r.variant.name(),
+            ms(took),
+            mine.len(),
+            if r.variant == Variant::Engine {
+                format!(
+                    "  (backups {} batches {} flushes {})",
+                    sum("backups"),
+                    sum("batches"),
+                    sum("flushes")
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
 }
 
 fn blkdiscard(dev: &Path, offset: u64, len: u64) -> Result<(), Failed> {
@@ -482,6 +518,7 @@ struct Run {
     round: usize,
     variant: Variant,
     took: Duration,
+    writes: u64,
     /// For the engine: the status counters' change over the run.
     engine: Option<BTreeMap<String, u64>>,
 }
@@ -517,16 +554,15 @@ fn speed(cfg: &Config, dm: &DeviceMapper, a: &Path, b: &Path) -> Result<Vec<Run>
         Variant::Snapshot => snap.origin_node.clone(),
     };
     let mut runs = Vec::new();
-    let mut timed = |workload: Workload,
-                     qd: u32,
-                     round: usize,
-                     variant: Variant,
-                     offset: u64|
+    let timed = |runs: &mut Vec<Run>,
+                 workload: Workload,
+                 qd: u32,
+                 round: usize,
+                 variant: Variant,
+                 ops: &[(u64, u64)]|
      -> Result<(), Failed> {
-        let dev = device(variant);
         let before = if variant == Variant::Engine { Some(engine.status()?) } else { None };
-        // The same order on every variant for the same region.
-        let took = random_writes(&dev, offset, cfg.region(), qd, 0xB10C_0000 ^ offset)?;
+        let took = common::write_ranges(&device(variant), ops, None, qd as usize)?;
         let engine_delta = match before {
             Some(before) => {
                 let after = engine.status()?;
@@ -540,52 +576,56 @@ fn speed(cfg: &Config, dm: &DeviceMapper, a: &Path, b: &Path) -> Result<Vec<Run>
             }
             None => None,
         };
-        println!(
-            "    round {} qd {qd:>2} {:<44} {:<20} {:>8.0} ms{}",
-            round + 1,
-            workload.name(),
-            variant.name(),
-            ms(took),
-            engine_delta.as_ref().map_or(String::new(), |d| format!(
-                "  (backups {} batches {} flushes {})",
-                d.get("backups").copied().unwrap_or(0),
-                d.get("batches").copied().unwrap_or(0),
-                d.get("flushes").copied().unwrap_or(0)
-            ))
-        );
-        runs.push(Run { workload, qd, round, variant, took, engine: engine_delta });
+        let writes = ops.len() as u64;
+        runs.push(Run { workload, qd, round, variant, took, writes, engine: engine_delta });
         Ok(())
     };
     let all = [Variant::Passthrough, Variant::Engine, Variant::Linear, Variant::Snapshot];
     for v in all {
         for (q, qd) in QDS.into_iter().enumerate() {
-            let at = MIB + q as u64 * WARM_UP / 2;
-            let dev = device(v);
-            random_writes(&dev, at, WARM_UP / 2, qd, 0x3A7B)?;
+            let ops = random_order(MIB + q as u64 * WARM_UP / 2, WARM_UP / 2, 0x3A7B);
+            common::write_ranges(&device(v), &ops, None, qd as usize)?;
         }
     }
     println!("  warm-up: every variant wrote {:.1} MiB (untimed)", mib(WARM_UP));
+    let slice = cfg.slice();
     for round in 0..cfg.rounds {
         for (q, &qd) in QDS.iter().enumerate() {
             let region = (round * QDS.len() + q) as u64;
-            // First touch: every variant, the order rotated per round.
-            for k in 0..all.len() {
-                let v = all[(k + round + q) % all.len()];
-                timed(Workload::FirstTouch, qd, round, v, cfg.used_at(region))?;
+            // First touch: slice by slice, every variant writes the slice's blocks in the same
+            // order, the order of the variants rotated per slice and round.
+            let used = random_order(cfg.used_at(region), cfg.region(), region);
+            for (k, ops) in used.chunks(slice).enumerate() {
+                for j in 0..all.len() {
+                    let v = all[(j + k + round + q) % all.len()];
+                    timed(&mut runs, Workload::FirstTouch, qd, round, v, ops)?;
+                }
             }
-            // The engine has now backed the region up: rewrites, A B B A (each variant twice,
-            // so that neither always goes first).
-            let abba =
-                [Variant::Passthrough, Variant::Engine, Variant::Engine, Variant::Passthrough];
-            for v in abba {
-                timed(Workload::Rewrite, qd, round, v, cfg.used_at(region))?;
+            // The engine has now backed the region up: rewrites, engine and pass-through
+            // alternating which goes first per slice.
+            for (k, ops) in used.chunks(slice).enumerate() {
+                let pair = if k % 2 == 0 {
+                    [Variant::Passthrough, Variant::Engine]
+                } else {
+                    [Variant::Engine, Variant::Passthrough]
+                };
+                for v in pair {
+                    timed(&mut runs, Workload::Rewrite, qd, round, v, ops)?;
+                }
             }
-            // Free space, B A A B; each variant's second run goes to a second region (the first
-            // is no longer free for the engine).
-            for (k, v) in abba.iter().rev().enumerate() {
-                let nth = u64::from(k >= 2);
-                timed(Workload::FreeSpace, qd, round, *v, cfg.free_at(2 * region + nth))?;
+            // Free space (recorded free in TRIM), the same way.
+            let free = random_order(cfg.free_at(2 * region), cfg.region(), region ^ 0xF4EE);
+            for (k, ops) in free.chunks(slice).enumerate() {
+                let pair = if k % 2 == 0 {
+                    [Variant::Engine, Variant::Passthrough]
+                } else {
+                    [Variant::Passthrough, Variant::Engine]
+                };
+                for v in pair {
+                    timed(&mut runs, Workload::FreeSpace, qd, round, v, ops)?;
+                }
             }
+            print_round(&runs, round, qd);
         }
     }
     println!("  engine after the runs: {}", engine.ctl("status")?);
@@ -785,11 +825,11 @@ fn report_json(cfg: &Config, runs: &[Run], space: &[SpaceRun], allocator_flag: b
                         .filter(|r| r.workload == w && r.qd == qd && r.variant == v)
                         .filter_map(|r| r.engine.as_ref()?.get(key).copied())
                         .sum();
-                    let writes = runs
+                    let writes: u64 = runs
                         .iter()
                         .filter(|r| r.workload == w && r.qd == qd && r.variant == v)
-                        .count() as u64
-                        * cfg.blocks;
+                        .map(|r| r.writes)
+                        .sum();
                     n as f64 / writes.max(1) as f64
                 };
                 for key in ["backups", "batches", "flushes"] {
