@@ -1,9 +1,11 @@
 //! The ublk front end in the virtual device (6.12 kernel), one boot: ublk_drv loads; a
 //! pass-through server and then the engine carry ext4 through mkfs, writes, fsck and remount;
 //! the server is SIGKILLed under a running writer and re-attached with `UBLK_F_USER_RECOVERY`
-//! (the writer sees no error, fsck is clean, every file is as written); the engine's log
-//! restores the pre-checkpoint file system with `bow::restore`; and the throughput of 4 KiB
-//! direct overwrites through the engine (backing up) against the pass-through.
+//! (the writer sees no error, fsck is clean, every file is as written); the engine in
+//! CHECKPOINT is SIGKILLed twice under a running writer and resumed from its op journal
+//! (the same checks); the engine's log restores the pre-checkpoint file system with
+//! `bow::restore`; and the throughput of 4 KiB direct overwrites through the engine (backing
+//! up) against the pass-through.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -16,6 +18,9 @@ use testbench::vm::{scratch_image, Kernel, Vm};
 use testbench::{cargo_bin, guest, vm_trial, Failed};
 
 const MNT: &str = "/dev/shm/mnt-ublk";
+/// The server binary, copied to tmpfs at boot: the host's target/ is shared with other
+/// builds, and a binary rebuilt under a running guest crashed its loader once.
+const SERVER: &str = "/dev/shm/bow-ublk";
 const UBLK: &str = "/dev/ublkb0";
 /// Size of the measured overwrite, in 4 KiB direct writes.
 const BENCH_BLOCKS: u32 = 2048;
@@ -33,7 +38,7 @@ fn host_ublk() -> Result<(), Failed> {
         .kernel(Kernel::Mainline612)
         .modules(&["ublk_drv"])
         .disk(&disk)
-        .timeout(Duration::from_secs(240))
+        .timeout(Duration::from_secs(300))
         .run_self("ublk", &[])?;
     run.expect_success()?;
     for want in [
@@ -41,6 +46,7 @@ fn host_ublk() -> Result<(), Failed> {
         "passthrough: ext4 clean, files as written",
         "kill: writer saw no error, fsck clean, files as written",
         "engine: ext4 clean, files as written",
+        "engine kill: writer saw no error, fsck clean, files as written",
         "restore: pre-checkpoint files back, checkpoint files gone, fsck clean",
     ] {
         if !run.output.contains(want) {
@@ -72,7 +78,7 @@ impl Drop for Server {
 }
 
 fn start(args: &[&str]) -> Result<Server, Failed> {
-    let mut child = Command::new(cargo_bin("bow-ublk"))
+    let mut child = Command::new(SERVER)
         .args(args)
         .stdout(Stdio::piped())
         .spawn()
@@ -89,7 +95,7 @@ fn start(args: &[&str]) -> Result<Server, Failed> {
 }
 
 fn ctl(command: &str) -> Result<String, Failed> {
-    let out = Command::new(cargo_bin("bow-ublk")).args([command, "--id", "0"]).output()?;
+    let out = Command::new(SERVER).args([command, "--id", "0"]).output()?;
     if !out.status.success() {
         return Err(
             format!("bow-ublk {command}: {}", String::from_utf8_lossy(&out.stderr).trim()).into()
@@ -207,6 +213,7 @@ fn guest_ublk(_: &[String]) -> Result<(), Failed> {
         return Err("ublk_drv loaded but /dev/ublk-control is missing".into());
     }
     println!("ublk-control present ({})", guest::sh("uname -r")?.trim());
+    std::fs::copy(cargo_bin("bow-ublk"), SERVER)?;
     let disk = guest::disk(0);
     let disk = disk.to_str().ok_or("disk path")?.to_owned();
 
@@ -285,6 +292,47 @@ fn guest_ublk(_: &[String]) -> Result<(), Failed> {
     mount(UBLK)?;
     check_same(MNT, "c", "engine")?;
     println!("engine: ext4 clean, files as written");
+
+    // ---- the engine in CHECKPOINT SIGKILLed under a running writer, twice, and resumed ----
+    make_sources("e", 24, 256)?;
+    let mut writer = Command::new("/bin/sh")
+        .args(["-c", &format!("for f in /dev/shm/src/e*; do cp $f {MNT}/ && sync || exit 1; done")])
+        .spawn()?;
+    let mut server = server;
+    let mut kills = Vec::new();
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_millis(300));
+        server.child.kill()?;
+        server.child.wait()?;
+        let running = writer.try_wait()?.is_none();
+        std::thread::sleep(Duration::from_millis(500));
+        let t = Instant::now();
+        server = start(&["recover", "--id", "0", "--device", &disk])?;
+        kills.push(format!(
+            "writer {}, recover {:.2} s",
+            if running { "running" } else { "finished" },
+            t.elapsed().as_secs_f64()
+        ));
+    }
+    let status = writer.wait()?;
+    if !status.success() {
+        return Err(format!("the writer failed across the engine's kills: {status}").into());
+    }
+    println!("engine after the kills: {}", ctl("status")?);
+    umount()?;
+    fsck_clean(UBLK)?;
+    mount(UBLK)?;
+    for prefix in ["e", "c", "k"] {
+        check_same(MNT, prefix, "after the engine's kills")?;
+    }
+    let errors = io_errors_in_dmesg()?;
+    if !errors.is_empty() {
+        return Err(format!("the kernel logged I/O errors:\n{errors}").into());
+    }
+    println!(
+        "engine kill: writer saw no error, fsck clean, files as written ({})",
+        kills.join("; ")
+    );
     umount()?;
     let status = ctl("status")?;
     println!("engine after the checkpoint's writes: {status}");
@@ -326,7 +374,7 @@ fn guest_ublk(_: &[String]) -> Result<(), Failed> {
     check_same(MNT, "a", "after the restore")?;
     check_same(MNT, "k", "after the restore")?;
     let left = guest::sh(&format!("ls {MNT}"))?;
-    if left.lines().any(|l| l.starts_with('c') || l == "fresh") {
+    if left.lines().any(|l| l.starts_with('c') || l.starts_with('e') || l == "fresh") {
         return Err(
             format!("files written during the checkpoint survived the restore:\n{left}").into()
         );
