@@ -53,7 +53,10 @@ fn host_ublk() -> Result<(), Failed> {
             return Err(format!("guest output lacks {want:?}:\n{}", run.output).into());
         }
     }
-    for line in run.output.lines().filter(|l| l.starts_with("bench:") || l.starts_with("engine")) {
+    let shown = |l: &&str| {
+        l.starts_with("bench:") || l.starts_with("engine") || l.starts_with("bow-ublk: device")
+    };
+    for line in run.output.lines().filter(shown) {
         println!("{line}");
     }
     println!("VM {:.0} s", run.duration.as_secs_f64());
