@@ -14,6 +14,10 @@
 //!   allocates from the start of free space rarely writes during a checkpoint).
 //! * **Exact accounting** ([`SpaceReport`]) from the range map, and the checkpoint's **write
 //!   trace** in the estimator's format ([`checkpoint_estimate::Trace`]).
+//! * **Resuming after the server's death** ([`Engine::with_journal`], [`Engine::recover`]): every
+//!   step is appended to an op [`journal`] before it touches the device; a restarted server
+//!   replays it with no I/O and takes block 0 (the batch's commit point) as the judge of the
+//!   last, possibly half-done, batch.
 //!
 //! It implements [`bow::model::BowEngine`], each call a batch of one, so the model-level
 //! harnesses can drive it.
