@@ -635,6 +635,101 @@ impl LinearDevice for KernelLinear {
 }
 
 // ---------------------------------------------------------------------------------------------
+// f2fs: free space the engine can see
+
+/// f2fs's `f_type`.
+const F2FS_MAGIC: i64 = 0xF2F5_2010;
+
+/// f2fs never discards a block twice: it remembers (across mounts) which free blocks it has
+/// discarded, so FITRIM on a filesystem whose free space was discarded once (by mkfs, or an
+/// earlier FITRIM) trims nothing, and the engine, which learns free space only from discards in
+/// TRIM, would have none (measured on the virtual device: FITRIM 0 bytes on a 256 MiB f2fs
+/// through the ublk device; and freeing a pinned file first did not make f2fs discard it
+/// before the checkpoint either). So on f2fs the backend tells the engine itself: a pinned
+/// file (pinned, so f2fs gives it real blocks at fallocate; unpinned it only reserves
+/// addresses) is fallocated over most of the free space, its extents (FIEMAP) are discarded
+/// through `device` (the engine, in TRIM, records them as free; the file's content is nobody's),
+/// then it is unlinked and the filesystem synced, so those blocks are free for f2fs too.
+/// Nothing but f2fs's metadata is written. Returns the bytes discarded (0 when not f2fs).
+fn expose_f2fs_free_space(mount_point: &Path, device: &Path) -> Result<u64, BackendError> {
+    use std::os::fd::AsFd;
+    let magic = nix::sys::statfs::statfs(mount_point)
+        .map_err(|e| errors::io(format!("statfs {}", mount_point.display()), e.into()))?
+        .filesystem_type()
+        .0;
+    #[allow(clippy::useless_conversion)] // the field's width varies by target
+    if i64::from(magic) != F2FS_MAGIC {
+        return Ok(0);
+    }
+    let dir = mount_point.join(".checkpointd");
+    let path = dir.join("userspace-bow-free");
+    let op = |what: &str| format!("{what} {}", path.display());
+    std::fs::create_dir_all(&dir).map_err(|e| errors::io(op("create the folder of"), e))?;
+    let _ = std::fs::remove_file(&path);
+    let available = blockdev::fs::statvfs(mount_point)
+        .map_err(|e| errors::fs(format!("statvfs {}", mount_point.display()), e))?
+        .available
+        .get();
+    // Pinned files take whole sections; leave room for f2fs's own writes.
+    let mut len = available / 10 * 9 / (2 << 20) * (2 << 20);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| errors::io(op("create"), e))?;
+    let result = (|| -> Result<u64, BackendError> {
+        blockdev::fs::f2fs_pin_file(&file, true).map_err(|e| errors::fs(op("pin"), e))?;
+        loop {
+            if len < 4 << 20 {
+                return Ok(0);
+            }
+            let bytes = i64::try_from(len).unwrap_or(i64::MAX);
+            match nix::fcntl::fallocate(file.as_fd(), nix::fcntl::FallocateFlags::empty(), 0, bytes)
+            {
+                Ok(()) => break,
+                Err(nix::errno::Errno::ENOSPC) => len /= 2,
+                Err(e) => return Err(errors::io(op("fallocate"), e.into())),
+            }
+        }
+        file.sync_all().map_err(|e| errors::io(op("fsync"), e))?;
+        let extents = blockdev::fs::fiemap(&file, true).map_err(|e| errors::fs(op("FIEMAP"), e))?;
+        let dev = std::fs::OpenOptions::new()
+            .write(true)
+            .open(device)
+            .map_err(|e| errors::io(format!("open {}", device.display()), e))?;
+        let mut discarded = 0;
+        for e in &extents {
+            // Only whole, known blocks, never block 0.
+            if blockdev::fs::check_extent(e).is_err() || e.physical.get() < BLOCK {
+                continue;
+            }
+            let start = e.physical.get().div_ceil(BLOCK) * BLOCK;
+            let end = (e.physical.get() + e.length.get()) / BLOCK * BLOCK;
+            if end <= start {
+                continue;
+            }
+            blockdev::blk::discard(
+                &dev,
+                blockdev::Bytes::new(start),
+                blockdev::Bytes::new(end - start),
+            )
+            .map_err(|err| errors::blk(format!("discard of {}", device.display()), err))?;
+            discarded += end - start;
+        }
+        Ok(discarded)
+    })();
+    drop(file);
+    let removed = std::fs::remove_file(&path).map_err(|e| errors::io(op("remove"), e));
+    let dir_file =
+        std::fs::File::open(&dir).map_err(|e| errors::io(op("open the folder of"), e))?;
+    nix::unistd::syncfs(dir_file.as_fd()).map_err(|e| errors::io(op("syncfs after"), e.into()))?;
+    removed?;
+    let discarded = result?;
+    log::info!("f2fs: {discarded} bytes of free space discarded for the engine");
+    Ok(discarded)
+}
+
+// ---------------------------------------------------------------------------------------------
 // The steps, over the seams
 
 /// Arms the checkpoint: FITRIM from the second block (the engine records the discards as free
@@ -652,6 +747,17 @@ fn arm(server: &dyn EngineServer, fs: &dyn MountedFs) -> Result<Option<u64>, Bac
         BowState::Trim => {}
     }
     let trimmed = fs.fitrim_from(BLOCK)?;
+    let before = server.status()?;
+    if before.free == 0 {
+        return Err(BackendError::NoSpace {
+            operation: format!(
+                "start the engine's checkpoint (FITRIM trimmed {trimmed} bytes, the engine \
+                 knows no free block)"
+            ),
+            needed: 2 * BLOCK,
+            available: 0,
+        });
+    }
     let after = EngineStatus::parse(&server.send(ControlCommand::Checkpoint)?)?;
     log::info!(
         "userspace-bow checkpoint started: {trimmed} bytes trimmed, {} bytes free for backups",
@@ -1098,6 +1204,11 @@ impl Backend for UserspaceBowBackend {
             // Hand-over: the reservation's blocks become free before FITRIM, so the engine
             // records them as free space for its backups.
             self.reservations().release_for(&self.spec, "userspace-bow prepare")?;
+            if self.parts.is_none() {
+                let base = stack::name(NAME, Role::Base, &self.spec)?;
+                let node = open_dm(NAME)?.node_path(&base.name);
+                expose_f2fs_free_space(&self.spec.mount_point, &node)?;
+            }
         }
         Ok(match arm(server.as_ref(), fs.as_ref())? {
             Some(_) => Action::Changed,

@@ -427,3 +427,32 @@ fn the_fallback_of_this_boot_is_what_the_daemon_drives_and_reports() {
     let _ = b.space();
     assert!(events(&log).is_empty(), "the engine was driven: {:?}", events(&log));
 }
+
+#[test]
+fn prepare_refuses_an_engine_that_knows_no_free_block_after_fitrim() {
+    let meta = tempfile::tempdir().unwrap();
+    let log: Events = Arc::default();
+    let server = Arc::new(FakeServer {
+        events: log.clone(),
+        state: Mutex::new((BowState::Trim, true)),
+        free: 0,
+        used: 0,
+    });
+    let backend = UserspaceBowBackend::new(
+        spec(meta.path()),
+        UserspaceBowOptions::default(),
+        RestoreOptions::default(),
+        Records::open(meta.path()).unwrap(),
+    )
+    .unwrap()
+    .with_parts(
+        server.clone(),
+        FakeLinear::new(&log, Lower::Ublk),
+        Arc::new(FakeFs { events: log.clone() }),
+    );
+    let e = backend.prepare().unwrap_err();
+    assert!(matches!(e, BackendError::NoSpace { .. }), "{e}");
+    assert!(e.to_string().contains("FITRIM trimmed 1048576 bytes"), "{e}");
+    assert_eq!(events(&log), ["fitrim 4096"], "no checkpoint asked");
+    assert_eq!(server.state().0, BowState::Trim);
+}
