@@ -12,7 +12,8 @@
 //! 2. the real `bow-ublk`: setup (and again: the same stack found), mount, prepare (twice),
 //!    changes, abort; the next "boot" (unmount, teardown, restore of the engine's log) has the
 //!    files of checkpoint start back and the checkpoint's gone;
-//! 3. commit: the engine commits, the dm-linear table is switched to the raw partition, the
+//! 3. the server SIGKILLed while /data is mounted on it: the daemon's prepare finds it dead
+//!    and re-attaches one with `bow-ublk recover`; then commit: the engine commits, the dm-linear table is switched to the raw partition, the
 //!    server stops: /data stays mounted and writable, no ublk device is left, a second commit
 //!    changes nothing; after unmount, nothing to restore, `e2fsck -fn` clean, every file kept.
 //!
@@ -272,7 +273,7 @@ fn guest_main(_: &[String]) -> Result<(), Failed> {
             records.clone(),
         )?)
     };
-    let before = checkpointed_session(&stack, &spec, &backend()?)?;
+    let before = checkpointed_session(&stack, &spec, &backend()?, false)?;
     println!("  abort: {:?}", backend()?.abort()?);
     next_boot(&stack, &spec, &backend()?, &raw)?;
     match backend()?
@@ -293,7 +294,7 @@ fn guest_main(_: &[String]) -> Result<(), Failed> {
     guest::sh(&format!("umount {MNT}"))?;
 
     // ---- 3. commit: the table switch ----
-    checkpointed_session(&stack, &spec, &backend()?)?;
+    checkpointed_session(&stack, &spec, &backend()?, true)?;
     let b = backend()?;
     ensure(b.commit()? == Action::Changed, "commit")?;
     ensure(mounted(), "/data still mounted after the commit")?;
@@ -332,6 +333,7 @@ fn checkpointed_session(
     stack: &UserspaceBowStack,
     spec: &DeviceSpec,
     backend: &UserspaceBowBackend,
+    kill_server: bool,
 ) -> Result<String, Failed> {
     let t = Instant::now();
     let plan = stack.setup(spec, true)?;
@@ -342,7 +344,21 @@ fn checkpointed_session(
     ensure(stack.setup(spec, true)?.action == Action::Identity, "a second setup finds the stack")?;
     backends::mount(&plan, Path::new(MNT))?;
     let before = files_hashes()?;
-    ensure(backend.prepare()? == Action::Changed, "prepare")?;
+    if kill_server {
+        // The daemon finds the server dead (the device holds its I/O) and re-attaches one.
+        let serving = server_pids("serve")?;
+        ensure(serving.len() == 1, format!("one server {serving:?}"))?;
+        guest::sh(&format!(
+            "kill -9 {} && while kill -0 {} 2>/dev/null; do sleep 0.05; done",
+            serving[0], serving[0]
+        ))?;
+        ensure(server_pids("")?.is_empty(), "the server was SIGKILLed, its device stays")?;
+        ensure(backend.prepare()? == Action::Changed, "prepare, after re-attaching a server")?;
+        let recovered = server_pids("recover")?;
+        ensure(recovered.len() == 1, format!("the daemon ran `bow-ublk recover` {recovered:?}"))?;
+    } else {
+        ensure(backend.prepare()? == Action::Changed, "prepare")?;
+    }
     ensure(backend.prepare()? == Action::Identity, "a second prepare changes nothing")?;
     let armed = backend.status()?;
     ensure(
@@ -362,6 +378,20 @@ fn checkpointed_session(
         ),
     )?;
     Ok(before)
+}
+
+/// The pids of bow-ublk processes whose command line has `word` (any with "").
+fn server_pids(word: &str) -> Result<Vec<String>, Failed> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let path = entry?.path();
+        let Ok(cmdline) = std::fs::read(path.join("cmdline")) else { continue };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains("bow-ublk") && cmdline.contains(word) {
+            out.push(path.file_name().unwrap_or_default().to_string_lossy().into_owned());
+        }
+    }
+    Ok(out)
 }
 
 /// A clean shutdown's part: unmount, the stack torn down (server stopped, devices removed).
