@@ -321,7 +321,11 @@ fn guest_ublk(_: &[String]) -> Result<(), Failed> {
     if !status.success() {
         return Err(format!("the writer failed across the engine's kills: {status}").into());
     }
-    println!("engine after the kills: {}", ctl("status")?);
+    let resumed = ctl("status")?;
+    println!("engine after the kills: {resumed}");
+    if !resumed.starts_with("state=1 ") {
+        return Err(format!("the resumed engine is not in CHECKPOINT: {resumed}").into());
+    }
     umount()?;
     fsck_clean(UBLK)?;
     mount(UBLK)?;
