@@ -352,7 +352,11 @@ fn checkpointed_session(
             "kill -9 {} && while kill -0 {} 2>/dev/null; do sleep 0.05; done",
             serving[0], serving[0]
         ))?;
-        ensure(server_pids("")?.is_empty(), "the server was SIGKILLed, its device stays")?;
+        let ublk = guest::sh("ls /sys/block | grep '^ublkb' || true")?;
+        ensure(
+            server_pids("")?.is_empty() && !ublk.trim().is_empty(),
+            format!("the server was SIGKILLed, its device {} stays", ublk.trim()),
+        )?;
         ensure(backend.prepare()? == Action::Changed, "prepare, after re-attaching a server")?;
         let recovered = server_pids("recover")?;
         ensure(recovered.len() == 1, format!("the daemon ran `bow-ublk recover` {recovered:?}"))?;
