@@ -295,6 +295,16 @@ impl Server {
         Ok(Server { id, child, _stdout: stdout })
     }
 
+    /// CPU time the server's threads have used, in ns (`/proc/PID/task/*/schedstat`).
+    fn cpu_ns(&self) -> Result<u64, Failed> {
+        let mut sum = 0;
+        for task in std::fs::read_dir(format!("/proc/{}/task", self.child.id()))? {
+            let stat = std::fs::read_to_string(task?.path().join("schedstat"))?;
+            sum += stat.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+        Ok(sum)
+    }
+
     fn node(&self) -> PathBuf {
         PathBuf::from(format!("/dev/ublkb{}", self.id))
     }
@@ -375,16 +385,21 @@ fn print_round(runs: &[Run], round: usize, qd: u32) {
             .filter(|x| x.variant == r.variant)
             .collect();
         let took: Duration = mine.iter().map(|x| x.took).sum();
+        let cpu: Option<Duration> = mine.iter().map(|x| x.server_cpu).sum();
         let sum = |key: &str| -> u64 {
             mine.iter().filter_map(|x| x.engine.as_ref()?.get(key).copied()).sum()
         };
         println!(
-            "    round {} qd {qd:>2} {:<44} {:<20} {:>8.0} ms in {} slices{}",
+            "    round {} qd {qd:>2} {:<44} {:<20} {:>8.0} ms in {} slices{}{}",
             round + 1,
             r.workload.name(),
             r.variant.name(),
             ms(took),
             mine.len(),
+            cpu.map_or(String::new(), |c| format!(
+                ", server CPU {:.0} us per write",
+                c.as_secs_f64() * 1e6 / mine.iter().map(|x| x.writes).sum::<u64>().max(1) as f64
+            )),
             if r.variant == Variant::Engine {
                 format!(
                     "  (backups {} batches {} flushes {})",
@@ -500,6 +515,16 @@ enum Variant {
 }
 
 impl Variant {
+    /// Short name for JSON keys.
+    fn key(self) -> &'static str {
+        match self {
+            Variant::Passthrough => "passthrough",
+            Variant::Engine => "engine",
+            Variant::Linear => "linear",
+            Variant::Snapshot => "snapshot",
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Variant::Passthrough => "ublk pass-through",
@@ -519,6 +544,8 @@ struct Run {
     variant: Variant,
     took: Duration,
     writes: u64,
+    /// For the ublk variants: CPU time the server used during the run.
+    server_cpu: Option<Duration>,
     /// For the engine: the status counters' change over the run.
     engine: Option<BTreeMap<String, u64>>,
 }
@@ -562,7 +589,19 @@ fn speed(cfg: &Config, dm: &DeviceMapper, a: &Path, b: &Path) -> Result<Vec<Run>
                  ops: &[(u64, u64)]|
      -> Result<(), Failed> {
         let before = if variant == Variant::Engine { Some(engine.status()?) } else { None };
+        let server = match variant {
+            Variant::Passthrough => Some(&passthrough),
+            Variant::Engine => Some(&engine),
+            _ => None,
+        };
+        let cpu_before = server.map(Server::cpu_ns).transpose()?;
         let took = common::write_ranges(&device(variant), ops, None, qd as usize)?;
+        let server_cpu = match (server, cpu_before) {
+            (Some(server), Some(b)) => {
+                Some(Duration::from_nanos(server.cpu_ns()?.saturating_sub(b)))
+            }
+            _ => None,
+        };
         let engine_delta = match before {
             Some(before) => {
                 let after = engine.status()?;
@@ -577,7 +616,16 @@ fn speed(cfg: &Config, dm: &DeviceMapper, a: &Path, b: &Path) -> Result<Vec<Run>
             None => None,
         };
         let writes = ops.len() as u64;
-        runs.push(Run { workload, qd, round, variant, took, writes, engine: engine_delta });
+        runs.push(Run {
+            workload,
+            qd,
+            round,
+            variant,
+            took,
+            writes,
+            server_cpu,
+            engine: engine_delta,
+        });
         Ok(())
     };
     let all = [Variant::Passthrough, Variant::Engine, Variant::Linear, Variant::Snapshot];
@@ -775,6 +823,9 @@ fn report_json(cfg: &Config, runs: &[Run], space: &[SpaceRun], allocator_flag: b
         let mut row = json!({"part": "speed", "workload": r.workload.name(), "qd": r.qd,
             "round": r.round + 1, "variant": r.variant.name(), "ms": ms(r.took),
             "mib_s": mib(cfg.region()) / r.took.as_secs_f64()});
+        if let Some(c) = r.server_cpu {
+            row["server_cpu_ms"] = json!(ms(c));
+        }
         if let Some(d) = &r.engine {
             for key in ["backups", "rebackups", "batches", "flushes"] {
                 row[format!("engine_{key}")] = json!(d.get(key).copied().unwrap_or(0));
@@ -816,8 +867,20 @@ fn report_json(cfg: &Config, runs: &[Run], space: &[SpaceRun], allocator_flag: b
             };
             let mut inputs = json!({"rounds": ratios.len(), "round_min": lo, "round_max": hi,
                 "writes_per_run": cfg.blocks});
-            inputs[format!("{}_median_ms", v.name())] = json!(med_ms(v));
-            inputs[format!("{}_median_ms", base.name())] = json!(med_ms(base));
+            inputs[format!("{}_median_ms", v.key())] = json!(med_ms(v));
+            inputs[format!("{}_median_ms", base.key())] = json!(med_ms(base));
+            for variant in [base, v] {
+                let mine: Vec<&Run> = runs
+                    .iter()
+                    .filter(|r| r.workload == w && r.qd == qd && r.variant == variant)
+                    .collect();
+                let cpu: Option<Duration> = mine.iter().map(|r| r.server_cpu).sum();
+                let writes: u64 = mine.iter().map(|r| r.writes).sum();
+                if let Some(cpu) = cpu {
+                    inputs[format!("{}_server_cpu_us_per_write", variant.key())] =
+                        json!(cpu.as_secs_f64() * 1e6 / writes.max(1) as f64);
+                }
+            }
             if v == Variant::Engine {
                 let per_write = |key: &str| {
                     let n: u64 = runs
