@@ -1020,11 +1020,13 @@ impl BootStack for UserspaceBowStack {
     }
 
     fn teardown_stack(&self, device: &DeviceSpec) -> Result<Action, BackendError> {
-        let mut action = self.teardown_own(device)?;
+        // A fallback's snapshot devices first (stack tops first; they share the `base` name).
+        let mut action = Action::Identity;
         if let Some((snapshot, _)) = &self.fallback {
-            if snapshot.teardown_stack(device)? == Action::Changed {
-                action = Action::Changed;
-            }
+            action = snapshot.teardown_stack(device)?;
+        }
+        if self.teardown_own(device)? == Action::Changed {
+            action = Action::Changed;
         }
         Ok(action)
     }
