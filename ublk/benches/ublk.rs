@@ -460,6 +460,8 @@ fn guest_bench(args: &[String]) -> Result<(), Failed> {
     // which under TCG took 1.5-7 ms and varied with the host's load (the pass-through was then
     // 0.1x of dm-linear at queue depth 1 and its runs varied 4x); on one vCPU it is 0.3-0.5 ms.
     let pinned = std::env::var("UBLK_BENCH_PIN").map_or(true, |v| v != "0");
+    // Before pinning: afterwards the process sees one CPU.
+    let guest_cpus = std::thread::available_parallelism().map_or(0, usize::from);
     if pinned {
         // The servers started later and the writer threads inherit it.
         let mut one = nix::sched::CpuSet::new();
@@ -482,6 +484,7 @@ fn guest_bench(args: &[String]) -> Result<(), Failed> {
     println!("  (parts 2 and 3: {:.0} s)", t.elapsed().as_secs_f64());
     let mut json = report_json(&cfg, &speed, &space, allocator_flag);
     json["setup"]["pinned_to_vcpu0"] = json!(pinned);
+    json["setup"]["guest_cpus"] = json!(guest_cpus);
     summary(&json);
     std::fs::write(GUEST_JSON, serde_json::to_string_pretty(&json)?)?;
     Ok(())
