@@ -17,6 +17,10 @@
 //!    server stops: /data stays mounted and writable, no ublk device is left, a second commit
 //!    changes nothing; after unmount, nothing to restore, `e2fsck -fn` clean, every file kept.
 //!
+//! A second trial cuts the power in the commit after the engine's commit and the table switch
+//! (a file already written through the new table), before the server is stopped: the next boot
+//! restores nothing, every file synced before the cut is there, `e2fsck -fn` is clean.
+//!
 //! The guest needs `bow-ublk` built with `--features bow-ublk/ublk`.
 
 use std::path::{Path, PathBuf};
@@ -40,8 +44,11 @@ const SERVER: &str = "/dev/shm/bow-ublk";
 
 fn main() -> std::process::ExitCode {
     testbench::main(
-        vec![vm_trial("userspace_bow_early_faults_abort_and_commit_table_switch", host)],
-        &[("ubow", guest_main)],
+        vec![
+            vm_trial("userspace_bow_early_faults_abort_and_commit_table_switch", host),
+            vm_trial("userspace_bow_power_cut_between_table_switch_and_stop", host_cut),
+        ],
+        &[("ubow", guest_main), ("cut-after-switch", guest_cut), ("after-cut", guest_after_cut)],
     )
 }
 
@@ -65,6 +72,110 @@ fn host() -> Result<(), Failed> {
     print!("{}", run.output);
     println!("VM {:.0} s", run.duration.as_secs_f64());
     Ok(())
+}
+
+/// Two boots on one disk: the commit cut by a power cut after the engine's commit and the
+/// table switch, before the server is stopped (a write already went through the new table);
+/// the next boot has nothing to restore and every file of both sides of the switch.
+fn host_cut() -> Result<(), Failed> {
+    let disk = scratch_image(128 << 20)?;
+    let out = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-b", "4096"])
+        .arg(&disk)
+        .output()?;
+    if !out.status.success() {
+        return Err(format!("mkfs.ext4: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    let vm = |name: &str| {
+        Vm::new(name)
+            .kernel(Kernel::Mainline612)
+            .modules(&["loop", "dm-mod"])
+            .memory_mib(1024)
+            .disk(&disk)
+            .timeout(Duration::from_secs(300))
+    };
+    let first = vm("userspace_bow_cut").run_self("cut-after-switch", &[])?;
+    print!("{}", first.output);
+    first.expect_power_cut()?;
+    // What the first boot synced, read by the second from the host's tree (the guest's root).
+    let hashes = first.shared_dir.join("hashes");
+    let second = vm("userspace_bow_after_cut")
+        .env("UBOW_HASHES", hashes.to_string_lossy())
+        .run_self("after-cut", &[])?;
+    print!("{}", second.output);
+    second.expect_success()?;
+    println!("VMs {:.0} s + {:.0} s", first.duration.as_secs_f64(), second.duration.as_secs_f64());
+    Ok(())
+}
+
+fn guest_cut(_: &[String]) -> Result<(), Failed> {
+    let raw = guest::disk(0);
+    let spec = spec(&raw);
+    std::fs::create_dir_all(MNT)?;
+    std::fs::create_dir_all(META)?;
+    let records = Records::open(Path::new(META))?;
+    std::fs::copy(cargo_bin("bow-ublk"), SERVER)?;
+    guest::sh(&format!(
+        "mount -t ext4 {} {MNT} && head -c 1M /dev/urandom > {MNT}/old && sync && umount {MNT}",
+        raw.display()
+    ))?;
+    let opts = options(SERVER, 20_000);
+    let stack = UserspaceBowStack::new(opts.clone());
+    let plan = stack.setup(&spec, true)?;
+    backends::mount(&plan, Path::new(MNT))?;
+    let backend =
+        UserspaceBowBackend::new(spec.clone(), opts.clone(), RestoreOptions::default(), records)?;
+    ensure(backend.prepare()? == Action::Changed, "prepare")?;
+    guest::sh(&format!(
+        "head -c 1M /dev/urandom | dd of={MNT}/old conv=notrunc 2>/dev/null \
+         && head -c 1M /dev/urandom > {MNT}/before-switch && sync -f {MNT}"
+    ))?;
+    // The commit's first two steps by hand: the engine's commit, the table switch.
+    let id = opts.id_for(&spec);
+    bow_ublk::control::send(id, bow_ublk::control::Command::Commit)
+        .map_err(|e| format!("engine commit: {e}"))?;
+    let sectors = guest::sh(&format!("blockdev --getsz /dev/ublkb{id}"))?;
+    let raw_dev = guest::sh(&format!("stat -L -c '%t %T' {}", raw.display()))?;
+    let mut it = raw_dev.split_whitespace().map(|h| u32::from_str_radix(h, 16).unwrap_or(0));
+    let (major, minor) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+    guest::sh(&format!(
+        "dmsetup suspend cpd-data-base && dmsetup reload cpd-data-base --table \
+         '0 {} linear {major}:{minor} 0' && dmsetup resume cpd-data-base",
+        sectors.trim()
+    ))?;
+    guest::sh(&format!("head -c 1M /dev/urandom > {MNT}/after-switch && sync -f {MNT}"))?;
+    let hashes = files_hashes()?;
+    std::fs::write(guest::shared_dir().join("hashes"), &hashes)?;
+    // The server still runs and its device exists: the power goes now.
+    ensure(Path::new(&format!("/sys/block/ublkb{id}")).exists(), "switched, not stopped")?;
+    guest::power_cut()
+}
+
+fn guest_after_cut(_: &[String]) -> Result<(), Failed> {
+    let raw = guest::disk(0);
+    std::fs::create_dir_all(MNT)?;
+    std::fs::create_dir_all(META)?;
+    let backend = UserspaceBowBackend::new(
+        spec(&raw),
+        options(SERVER, 20_000),
+        RestoreOptions::default(),
+        Records::open(Path::new(META))?,
+    )?;
+    let report = backend.restore(&raw.to_string_lossy(), &RestoreRequest::default(), &|_, _| {})?;
+    ensure(
+        report.outcome == RestoreOutcome::NothingToRestore,
+        format!("nothing to restore after the cut ({:?})", report.outcome),
+    )?;
+    guest::sh(&format!("mount -t ext4 {} {MNT}", raw.display()))?;
+    let want = std::fs::read_to_string(std::env::var("UBOW_HASHES")?)?;
+    let got = files_hashes()?;
+    ensure(
+        got.contains("before-switch") && got.contains("after-switch"),
+        "the files written before and after the switch are there",
+    )?;
+    ensure(!want.is_empty() && got == want, "every file as synced before the cut")?;
+    guest::sh(&format!("umount {MNT} && e2fsck -fn {} >/dev/null", raw.display()))?;
+    ensure(true, "e2fsck -fn clean")
 }
 
 fn ensure(cond: bool, msg: impl Into<String>) -> Result<(), Failed> {
