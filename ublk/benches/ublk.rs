@@ -28,9 +28,11 @@
 //!    engine with `--allocator far-end` (the default) and `--allocator dm-bow` (when the server
 //!    has the flag): `used=` from its status; dm-snapshot (persistent, 4 KiB chunks, COW on disk
 //!    `b`): its allocated COW bytes for the same writes.
-//! 3. **Rollback**: after each engine run of part 2 the server stops and `bow::restore` replays
-//!    its log on the raw disk, timed from a cold page cache; the half in use must then hold its
-//!    pattern again (checked), so every allocator run starts from the same bytes.
+//! 3. **Rollback**: after each engine run of part 2 the server stops, the disk's bytes are saved
+//!    and `bow::restore` replays its log on the raw disk, timed from a cold page cache; the half
+//!    in use must then hold its pattern again (checked), so every allocator run starts from the
+//!    same bytes. Then each allocator's bytes are written back and restored twice more, the
+//!    allocators alternating; the median of the three is reported.
 //!
 //! The guest writes `ublk.json` in the shared folder; the host adds the machine and the QEMU
 //! count (another guest on the two cores ruins ratios) and writes `target/bench/ublk.json` for
@@ -75,6 +77,8 @@ const ENV_KEYS: &[&str] = &["UBLK_BENCH_BLOCKS", "UBLK_BENCH_ROUNDS", "UBLK_BENC
 /// The guest's results, in the shared folder (the guest's working directory).
 const GUEST_JSON: &str = "ublk.json";
 const QDS: [u32; 2] = [1, 16];
+/// Restores of each allocator's log (its bytes written back before each).
+const RESTORE_ROUNDS: usize = 3;
 /// Bytes each variant writes once, untimed, before the rounds (half at each queue depth): the
 /// first runs after the boot paid for warming up (seen in trial runs).
 const WARM_UP: u64 = MIB;
@@ -709,7 +713,8 @@ struct SpaceRun {
     used_bytes: u64,
     /// Engine status at the end (backups, re-backups, ...); empty for dm-snapshot.
     status: BTreeMap<String, u64>,
-    restore: Option<(Duration, u64, u64)>,
+    /// Restore times (one per round), entries, blocks written.
+    restore: Option<(Vec<Duration>, u64, u64)>,
 }
 
 /// The two writers' operations, interleaved one block at a time: A overwrites random blocks of
@@ -752,7 +757,8 @@ fn space(
         mib(half),
         cfg.space_writes
     );
-    let mut out = Vec::new();
+    let mut out: Vec<SpaceRun> = Vec::new();
+    let mut images = Vec::new();
     for allocator in allocators {
         // Without the flag the server has far-end only (its default).
         let flag: &[&str] = if allocator_flag { &["--allocator", allocator] } else { &[] };
@@ -763,27 +769,33 @@ fn space(
         let status = server.status()?;
         println!("  engine, --allocator {allocator}: {}", server.ctl("status")?);
         server.stop()?;
-        common::drop_caches()?;
-        let t = Instant::now();
-        let dev = FileDevice::open(c)?;
-        let report = restore(&dev, &RestoreOptions::default(), &mut |_| {})?;
-        drop(dev);
-        let took = t.elapsed();
-        let RestoreOutcome::Restored { entries, blocks_written, .. } = report.outcome else {
-            return Err(format!("restore of the {allocator} log: {:?}", report.outcome).into());
-        };
-        common::check_pattern(c, &[(0, half)], common::ORIGINAL, "after the restore")?;
-        println!(
-            "  restore of the {allocator} log: {:.0} ms, {entries} entries, {blocks_written} \
-             blocks written; the half in use is as before the checkpoint",
-            ms(took)
-        );
+        // The checkpoint's bytes, to restore again in the later rounds.
+        images.push(common::Saved::read(c, &[(0, cfg.space_dev)])?);
+        let (took, entries, blocks_written) = timed_restore(c, half, allocator)?;
         out.push(SpaceRun {
             method: (*allocator).to_owned(),
             used_bytes: status.get("used").copied().ok_or("no used= in the engine status")?,
             status,
-            restore: Some((took, entries, blocks_written)),
+            restore: Some((vec![took], entries, blocks_written)),
         });
+    }
+    // More restores of each log, the allocators alternating which goes first.
+    for round in 1..RESTORE_ROUNDS {
+        let mut order: Vec<usize> = (0..images.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            images[i].write_back(c)?;
+            let method = out[i].method.clone();
+            let (took, entries, _) = timed_restore(c, half, &method)?;
+            if let Some(r) = out[i].restore.as_mut() {
+                if r.1 != entries {
+                    return Err(format!("{method}: {entries} entries, first {}", r.1).into());
+                }
+                r.0.push(took);
+            }
+        }
     }
     let c_id = DevId::of_path(c)?;
     let b_id = DevId::of_path(b)?;
@@ -814,6 +826,27 @@ fn space(
         restore: None,
     });
     Ok(out)
+}
+
+/// `bow::restore` of the log on `c` from a cold page cache, timed; then the half in use must hold
+/// its pattern again. Returns the time, the log's entries and the blocks written.
+fn timed_restore(c: &Path, half: u64, allocator: &str) -> Result<(Duration, u64, u64), Failed> {
+    common::drop_caches()?;
+    let t = Instant::now();
+    let dev = FileDevice::open(c)?;
+    let report = restore(&dev, &RestoreOptions::default(), &mut |_| {})?;
+    drop(dev);
+    let took = t.elapsed();
+    let RestoreOutcome::Restored { entries, blocks_written, .. } = report.outcome else {
+        return Err(format!("restore of the {allocator} log: {:?}", report.outcome).into());
+    };
+    common::check_pattern(c, &[(0, half)], common::ORIGINAL, "after the restore")?;
+    println!(
+        "  restore of the {allocator} log: {:.0} ms, {entries} entries, {blocks_written} blocks \
+         written; the half in use is as before the checkpoint",
+        ms(took)
+    );
+    Ok((took, entries, blocks_written))
 }
 
 // ---------------------------------------------------------------- results
@@ -922,8 +955,12 @@ fn report_json(cfg: &Config, runs: &[Run], space: &[SpaceRun], allocator_flag: b
         for (k, v) in &s.status {
             row[k] = json!(v);
         }
-        if let Some((took, entries, blocks)) = s.restore {
-            row["restore_ms"] = json!(ms(took));
+        if let Some((took, entries, blocks)) = &s.restore {
+            let t: Vec<f64> = took.iter().map(|d| ms(*d)).collect();
+            let (med, lo, hi) = spread(&t);
+            row["restore_ms"] = json!(med);
+            row["restore_ms_min"] = json!(lo);
+            row["restore_ms_max"] = json!(hi);
             row["restore_entries"] = json!(entries);
             row["restore_blocks_written"] = json!(blocks);
         }
@@ -942,17 +979,22 @@ fn report_json(cfg: &Config, runs: &[Run], space: &[SpaceRun], allocator_flag: b
                 "value": ratio, "holds": ratio <= 0.55}));
         }
     }
-    let far = space.iter().find(|s| s.method == "far-end").and_then(|s| s.restore);
-    let dmbow = space.iter().find(|s| s.method == "dm-bow").and_then(|s| s.restore);
-    if let (Some(far), Some(dmbow)) = (far, dmbow) {
-        figures.push(
-            json!({"group": "rollback (bow::restore, cold cache) of the space workload's log",
+    let restore_of = |method: &str| {
+        let (took, entries, blocks) =
+            space.iter().find(|s| s.method == method)?.restore.as_ref()?;
+        let t: Vec<f64> = took.iter().map(|d| ms(*d)).collect();
+        Some((spread(&t), t.len(), *entries, *blocks))
+    };
+    if let (Some(far), Some(dmbow)) = (restore_of("far-end"), restore_of("dm-bow")) {
+        figures.push(json!({"group": format!("rollback (bow::restore, cold cache) of the space \
+            workload's log, median of {} restores each", far.1),
             "name": "far-end log restore speed / dm-bow-allocator log restore speed",
-            "ratio": dmbow.0.as_secs_f64() / far.0.as_secs_f64(),
-            "inputs": {"far_end_ms": ms(far.0), "dm_bow_ms": ms(dmbow.0),
-                "far_end_entries": far.1, "dm_bow_entries": dmbow.1,
-                "far_end_blocks_written": far.2, "dm_bow_blocks_written": dmbow.2}}),
-        );
+            "ratio": dmbow.0 .0 / far.0 .0,
+            "inputs": {"far_end_ms": far.0 .0, "far_end_ms_min": far.0 .1,
+                "far_end_ms_max": far.0 .2, "dm_bow_ms": dmbow.0 .0,
+                "dm_bow_ms_min": dmbow.0 .1, "dm_bow_ms_max": dmbow.0 .2,
+                "far_end_entries": far.2, "dm_bow_entries": dmbow.2,
+                "far_end_blocks_written": far.3, "dm_bow_blocks_written": dmbow.3}}));
     }
     let mut errors = Vec::new();
     if !allocator_flag {
