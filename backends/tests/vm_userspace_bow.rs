@@ -13,7 +13,8 @@
 //!    changes, abort; the next "boot" (unmount, teardown, restore of the engine's log) has the
 //!    files of checkpoint start back and the checkpoint's gone;
 //! 3. the server SIGKILLed while /data is mounted on it: the daemon's prepare finds it dead
-//!    and re-attaches one with `bow-ublk recover`; then commit: the engine commits, the dm-linear table is switched to the raw partition, the
+//!    and re-attaches one with `bow-ublk recover`; SIGKILLed again in CHECKPOINT: `space()`
+//!    resumes it (the engine's journal) with the same used bytes; then commit: the engine commits, the dm-linear table is switched to the raw partition, the
 //!    server stops: /data stays mounted and writable, no ublk device is left, a second commit
 //!    changes nothing; after unmount, nothing to restore, `e2fsck -fn` clean, every file kept.
 //!
@@ -407,6 +408,23 @@ fn guest_main(_: &[String]) -> Result<(), Failed> {
     // ---- 3. commit: the table switch ----
     checkpointed_session(&stack, &spec, &backend()?, true)?;
     let b = backend()?;
+    // In CHECKPOINT too: the monitor's space() finds the server dead and resumes the engine.
+    let used = b.space()?.used_bytes;
+    let pids = server_pids("")?;
+    ensure(pids.len() == 1, format!("one server {pids:?}"))?;
+    guest::sh(&format!(
+        "kill -9 {p} && while kill -0 {p} 2>/dev/null; do sleep 0.05; done",
+        p = pids[0]
+    ))?;
+    let resumed = b.space()?;
+    ensure(
+        resumed.used_bytes == used && server_pids("recover")?.len() == 1,
+        format!(
+            "space() after a SIGKILL in CHECKPOINT: recovered, used {:?} as before",
+            resumed.used_bytes
+        ),
+    )?;
+    guest::sh(&format!("head -c 1M /dev/urandom > {MNT}/after-recover && sync -f {MNT}"))?;
     ensure(b.commit()? == Action::Changed, "commit")?;
     ensure(mounted(), "/data still mounted after the commit")?;
     let ublk: Vec<String> = leftovers()?.into_iter().filter(|l| !l.starts_with("dm:")).collect();
