@@ -10,6 +10,7 @@ pub mod device;
 pub mod guest;
 pub mod paths;
 pub mod scenario;
+pub mod slots;
 pub mod status;
 pub mod vm;
 
@@ -24,8 +25,18 @@ pub type GuestFn = fn(&[String]) -> Result<(), Failed>;
 /// The reason printed for VM trials when the virtual device is not requested.
 pub const VM_SKIP_REASON: &str = "needs the virtual device: run cargo xtask test";
 
-/// Environment variable that makes [`vm_trial`]s run for real (`cargo xtask test` sets it).
+/// Environment variable that makes [`vm_trial`]s run for real: `1`. `cargo xtask test` sets
+/// it to [`VM_DEFER`] for its `cargo test` of the whole workspace, then runs the VM test binaries
+/// side by side with `1` (docs/testing.md).
 pub const VM_ENV: &str = "TESTBENCH_VM";
+
+/// [`VM_ENV`]'s value for "a later phase runs the VM trials": a VM trial in a binary named
+/// `vm_*` is reported ignored with [`VM_DEFERRED_REASON`]; anywhere else it fails, because that
+/// phase only runs binaries named `vm_*`.
+pub const VM_DEFER: &str = "defer";
+
+/// The reason printed for VM trials deferred to `cargo xtask test`'s VM phase.
+pub const VM_DEFERRED_REASON: &str = "runs in cargo xtask test's VM phase";
 
 /// Entry point of every VM test binary.
 ///
@@ -68,12 +79,28 @@ where
     F: FnOnce() -> Result<(), Failed> + Send + 'static,
 {
     Trial::ignorable_test(name, move || {
+        if vm_deferred() {
+            let binary = vm::binary_name();
+            if !binary.starts_with("vm_") {
+                return Err(format!(
+                    "VM trial in test binary `{binary}`: cargo xtask test's VM phase runs only \
+                     binaries named vm_*, so this one would never run; rename the target"
+                )
+                .into());
+            }
+            return Ok(libtest_mimic::Completion::ignored_with(VM_DEFERRED_REASON));
+        }
         if !vm_requested() {
             return Ok(libtest_mimic::Completion::ignored_with(VM_SKIP_REASON));
         }
         paths::Bench::locate()?;
         test().map(|()| libtest_mimic::Completion::Completed)
     })
+}
+
+/// Whether VM trials are left to a later phase (`TESTBENCH_VM=defer`).
+pub fn vm_deferred() -> bool {
+    std::env::var(VM_ENV).is_ok_and(|v| v == VM_DEFER)
 }
 
 /// Whether VM trials run for real (`TESTBENCH_VM=1`).

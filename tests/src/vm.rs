@@ -296,6 +296,8 @@ impl Vm {
         let console = results.join("console.log");
         let mut cmd = self.vng_command(&bench, &shared, &disks, &script_path);
 
+        // Held until this guest is gone (crate::slots: guests across every test process).
+        let _slot = crate::slots::acquire().map_err(|e| self.io("taking a guest slot", e))?;
         let start = Instant::now();
         let mut attempt = 1;
         let timed_out = loop {
@@ -568,9 +570,9 @@ pub fn tail(text: &str, lines: usize) -> String {
     all[from..].iter().map(|l| format!("{l}\n")).collect()
 }
 
-/// The running binary's name without cargo's hash (`bench_is_real-0123abcd` -> `bench_is_real`),
+/// The running binary's name without cargo's hash (`vm_rollback-0123abcd` -> `vm_rollback`),
 /// so scenarios of different test binaries keep separate results.
-fn binary_name() -> String {
+pub(crate) fn binary_name() -> String {
     let exe = std::env::current_exe().unwrap_or_default();
     let stem = exe.file_stem().and_then(|s| s.to_str()).unwrap_or("vm");
     sanitize(strip_cargo_hash(stem))

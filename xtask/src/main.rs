@@ -5,6 +5,7 @@ mod report;
 mod setup;
 mod summary;
 mod test;
+mod vm_tests;
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};

@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 
 use crate::summary::{self, Tally, TestLine};
-use crate::{cargo, setup};
+use crate::{cargo, setup, vm_tests};
 
 /// Seconds each fuzz target runs in the smoke run.
 const FUZZ_SECONDS: u32 = 15;
@@ -88,13 +88,17 @@ pub fn run(fuzz: bool) -> Result<ExitCode> {
     // Counts the crash tests measure (libtest hides the output of passing tests).
     let counts_file = root.join("target").join("test-counts.txt");
     let _ = std::fs::remove_file(&counts_file);
+    // VM trials are deferred here and run by the VM phase below (crate::vm_tests).
+    let mut deferred = 0;
     r.phase("cargo test", |r| {
         let mut cmd =
             cargo_cmd(&root, &["test", "--workspace", "--no-fail-fast", "--features", UBLK]);
-        cmd.env(testbench::VM_ENV, "1").env(bow::crashdev::COUNTS_FILE_ENV, &counts_file);
+        cmd.env(testbench::VM_ENV, testbench::VM_DEFER)
+            .env(bow::crashdev::COUNTS_FILE_ENV, &counts_file);
         let run = run_tests(cmd)?;
         if run.ok || run.tally != Tally::default() {
             let ok = run.ok;
+            deferred += run.deferred;
             r.record(run, "cargo test");
             return Ok(ok);
         }
@@ -104,13 +108,16 @@ pub fn run(fuzz: bool) -> Result<ExitCode> {
         let mut all_ok = true;
         for pkg in crate::workspace_packages()? {
             let mut cmd = cargo_cmd(&root, &["test", "-p", &pkg, "--no-fail-fast"]);
-            cmd.env(testbench::VM_ENV, "1").env(bow::crashdev::COUNTS_FILE_ENV, &counts_file);
+            cmd.env(testbench::VM_ENV, testbench::VM_DEFER)
+                .env(bow::crashdev::COUNTS_FILE_ENV, &counts_file);
             let run = run_tests(cmd)?;
             all_ok &= run.ok;
+            deferred += run.deferred;
             r.record(run, &format!("cargo test -p {pkg}"));
         }
         Ok(all_ok)
     });
+    r.phase("VM tests", |r| vm_phase(r, &root, &counts_file, deferred));
     if fuzz {
         fuzz_smoke(&mut r, &root)?;
     }
@@ -158,10 +165,118 @@ pub fn run(fuzz: bool) -> Result<ExitCode> {
 #[derive(Debug, Default)]
 struct TestRun {
     ok: bool,
+    /// Counts of tests run; VM trials deferred to the VM phase are not in `ignored`.
     tally: Tally,
     skipped: Vec<(String, Option<String>)>,
+    /// VM trials reported as deferred (`testbench::VM_DEFERRED_REASON`).
+    deferred: u64,
     failed: Vec<String>,
     failure_output: Vec<(String, Vec<String>)>,
+}
+
+/// Reads a test run's output line by line.
+#[derive(Debug, Default)]
+struct RunReader {
+    run: TestRun,
+    sections: summary::FailureSections,
+}
+
+impl RunReader {
+    fn feed(&mut self, line: &str) {
+        self.sections.feed(line);
+        if let Some(t) = summary::parse_result_line(line) {
+            self.run.tally.add(t);
+        }
+        match summary::parse_test_line(line) {
+            Some(TestLine::Ignored { reason, .. })
+                if reason.as_deref() == Some(testbench::VM_DEFERRED_REASON) =>
+            {
+                self.run.deferred += 1;
+            }
+            Some(TestLine::Ignored { name, reason }) => self.run.skipped.push((name, reason)),
+            Some(TestLine::Failed { name }) => self.run.failed.push(name),
+            None => {}
+        }
+    }
+
+    fn finish(mut self, ok: bool) -> TestRun {
+        self.run.ok = ok;
+        self.run.tally.ignored = self.run.tally.ignored.saturating_sub(self.run.deferred);
+        self.run.failure_output = self.sections.finish(FAILURE_HEAD_LINES, FAILURE_TAIL_LINES);
+        self.run
+    }
+}
+
+/// The VM phase: every `vm_*` test binary, side by side (crate::vm_tests), with the VM trials
+/// for real. Every trial the `cargo test` phase deferred must have run here.
+fn vm_phase(r: &mut Report, root: &Path, counts_file: &Path, deferred: u64) -> Result<bool> {
+    let mut cmd = cargo_cmd(
+        root,
+        &[
+            "test",
+            "--workspace",
+            "--features",
+            UBLK,
+            "--no-run",
+            "--message-format=json-render-diagnostics",
+        ],
+    );
+    println!("+ {}", setup::show(&cmd));
+    let out = cmd.stderr(Stdio::inherit()).output().context("running cargo test --no-run")?;
+    if !out.status.success() {
+        anyhow::bail!("cargo test --no-run failed: the VM test binaries do not build");
+    }
+    let binaries = vm_tests::parse_vm_binaries(&String::from_utf8_lossy(&out.stdout))?;
+    // One more binary than guest slots: a binary doing host-side work between its guests
+    // leaves its slot to the next one.
+    let parallel = testbench::slots::slot_count() + 1;
+    println!(
+        "xtask test: {} VM test binaries, {parallel} at a time, {} guests at a time",
+        binaries.len(),
+        testbench::slots::slot_count()
+    );
+    let env = [
+        (testbench::VM_ENV, std::ffi::OsStr::new("1")),
+        (bow::crashdev::COUNTS_FILE_ENV, counts_file.as_os_str()),
+    ];
+    let log_dir = root.join("target").join("xtask-vm-tests");
+    let mut ran = Tally::default();
+    let mut all_ok = true;
+    let mut runs = Vec::new();
+    vm_tests::run_all(&binaries, &env, parallel, &log_dir, |f| {
+        println!(
+            "\n--- {} ({}): {} in {:.1} s ---",
+            f.binary.name,
+            f.binary.executable.display(),
+            if f.ok { "ok" } else { "FAILED" },
+            f.seconds
+        );
+        let mut reader = RunReader::default();
+        match vm_tests::log_lines(&f.log) {
+            Ok(lines) => {
+                for line in &lines {
+                    println!("{line}");
+                    reader.feed(line);
+                }
+            }
+            Err(e) => println!("xtask test: reading {}: {e:#}", f.log.display()),
+        }
+        runs.push((reader.finish(f.ok), f.binary.name.clone()));
+    })?;
+    for (run, name) in runs {
+        all_ok &= run.ok;
+        ran.add(run.tally);
+        r.record(run, &name);
+    }
+    let trials = ran.passed + ran.failed;
+    if trials != deferred {
+        r.tests.failed += 1;
+        r.failed.push(format!(
+            "[VM tests: the cargo test phase deferred {deferred} VM trials, this phase ran {trials}]"
+        ));
+        return Ok(false);
+    }
+    Ok(all_ok)
 }
 
 impl Report {
@@ -183,24 +298,13 @@ fn run_tests(mut cmd: Command) -> Result<TestRun> {
     println!("+ {}", setup::show(&cmd));
     let mut child = cmd.stdout(Stdio::piped()).spawn().context("starting cargo test")?;
     let stdout = child.stdout.take().context("no stdout")?;
-    let mut run = TestRun::default();
-    let mut sections = summary::FailureSections::default();
+    let mut reader = RunReader::default();
     for line in BufReader::new(stdout).lines() {
         let line = line?;
         println!("{line}");
-        sections.feed(&line);
-        if let Some(t) = summary::parse_result_line(&line) {
-            run.tally.add(t);
-        }
-        match summary::parse_test_line(&line) {
-            Some(TestLine::Ignored { name, reason }) => run.skipped.push((name, reason)),
-            Some(TestLine::Failed { name }) => run.failed.push(name),
-            None => {}
-        }
+        reader.feed(&line);
     }
-    run.ok = child.wait()?.success();
-    run.failure_output = sections.finish(FAILURE_HEAD_LINES, FAILURE_TAIL_LINES);
-    Ok(run)
+    Ok(reader.finish(child.wait()?.success()))
 }
 
 /// `cargo fuzz run <target> -- -max_total_time=15` for each fuzz target, from `fuzz/`.
@@ -262,6 +366,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn deferred_vm_trials_are_counted_apart_from_skipped_tests() {
+        let mut reader = RunReader::default();
+        for line in [
+            "test chain ... ignored, runs in cargo xtask test's VM phase",
+            "test helper ... ignored, helper process",
+            "test unit ... ok",
+            "test result: ok. 1 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out",
+        ] {
+            reader.feed(line);
+        }
+        let run = reader.finish(true);
+        assert_eq!(run.deferred, 1);
+        assert_eq!(run.tally, Tally { passed: 1, failed: 0, ignored: 1 });
+        assert_eq!(run.skipped, [("helper".to_owned(), Some("helper process".to_owned()))]);
+    }
+
+    #[test]
     fn a_failed_run_without_failing_tests_still_counts_as_a_failure() {
         let mut r = Report::default();
         r.record(TestRun { ok: false, ..TestRun::default() }, "cargo test -p x");
@@ -274,6 +395,7 @@ mod tests {
             ok: false,
             tally,
             skipped: vec![("vm".into(), Some("needs the virtual device".into()))],
+            deferred: 0,
             failed: vec!["t".into()],
             failure_output: vec![("t".into(), vec!["assertion failed".into()])],
         };
