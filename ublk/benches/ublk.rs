@@ -5,22 +5,23 @@
 //! stores, `c`: the space part's device):
 //! 1. **Speed**, raw block I/O on disk `a` (O_DIRECT, 4 KiB, random order, every block of a
 //!    region written once, queue depth 1 and 16 as 1 and 16 writer threads, a final
-//!    `fdatasync`, timed in this process): the engine in CHECKPOINT (`bow-ublk serve`) against a ublk pass-through of the
-//!    same disk (`--passthrough`), a kernel dm-linear over it and a snapshot-origin over it with
-//!    an active persistent snapshot (4 KiB chunks, COW on disk `b`). All four live at once over
-//!    the same disk. After an untimed warm-up write through each, every round runs each
-//!    workload on every variant:
+//!    `fdatasync`, timed in this process): the engine in CHECKPOINT (`bow-ublk serve`) against
+//!    a ublk pass-through of the same disk (`--passthrough`), a kernel dm-linear over it and a
+//!    snapshot-origin over it with an active persistent snapshot (4 KiB chunks, COW on disk
+//!    `b`). All four live at once over the same disk. After an untimed warm-up write through
+//!    each, every round runs, per queue depth, on a region of its own:
 //!    * first-touch writes into blocks in use (the engine backs each up; dm-snapshot copies
-//!      it), all four variants, the order rotated per round;
-//!    * rewrites of the blocks the engine just backed up, engine vs pass-through, A B B A (each
-//!      twice per round, so that neither always goes first; a round's time is the sum);
-//!    * writes into free space: regions discarded with `blkdiscard` on the engine's device in
-//!      TRIM state, so the engine recorded them free; B A A B, each variant's second run on a
-//!      second region.
+//!      it), all four variants;
+//!    * rewrites of the blocks the engine just backed up, engine vs pass-through;
+//!    * writes into free space: a region discarded with `blkdiscard` on the engine's device in
+//!      TRIM state, so the engine recorded it free; engine vs pass-through.
 //!
-//!    Each engine run is bracketed by `bow-ublk status`: its backups, batches and flushes per
-//!    write are reported beside the times. Result: the median over rounds of each round's ratio,
-//!    and the smallest and largest.
+//!    A region is written in 8 slices, every variant writing each slice's blocks in the same
+//!    order, the variants alternating (their order rotated) slice by slice, so that a change in
+//!    the host's load hits them alike; a round's time per variant is the sum of its slices.
+//!    Each engine slice is bracketed by `bow-ublk status` (backups, batches, flushes), each
+//!    ublk slice by its server's CPU time (schedstat). Result: the median over rounds of each
+//!    round's ratio, and the smallest and largest.
 //! 2. **Space**: disk `c`, half in use (a known pattern), half free; writer A overwrites random
 //!    blocks in use, writer B fills free blocks as two files (one from the start of the free
 //!    range, one from its middle, the file chosen at random per block); A and B interleaved one
