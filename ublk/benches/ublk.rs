@@ -262,6 +262,19 @@ fn host(quick: bool) -> Result<(), Failed> {
     json["setup"]["qemu_processes"] =
         json!({ "before": before, "max_during": max, "clean": clean });
     json["setup"]["boot_and_run_s"] = json!(seconds);
+    if !clean {
+        // Another guest's load inflates the ublk round trip more than the engine's flushes (a
+        // loaded run once showed first touch at 0.54x where clean runs give 0.12x): a target
+        // judged on such a run would be judged on the load, so it is left unjudged.
+        for c in json["checks"].as_array_mut().into_iter().flatten() {
+            let claim = c["claim"].as_str().unwrap_or_default().to_owned();
+            c["claim"] = json!(format!(
+                "{claim} [not judged: another guest shared the two cores during this run; \
+                 measured value kept]"
+            ));
+            c["holds"] = Value::Null;
+        }
+    }
     let out = testbench::paths::target_dir().join("bench").join("ublk.json");
     std::fs::create_dir_all(out.parent().ok_or("no parent")?)?;
     std::fs::write(&out, serde_json::to_string_pretty(&json)?)?;
