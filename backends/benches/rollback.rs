@@ -49,8 +49,6 @@ mod writes;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blockdev::dm::DeviceMapper;
@@ -177,21 +175,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// QEMU processes on this machine (`/proc/*/comm` starting with `qemu-system`).
-fn qemu_processes() -> usize {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
-    dir.filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
-        .filter(|e| {
-            std::fs::read_to_string(e.path().join("comm"))
-                .is_ok_and(|c| c.starts_with("qemu-system"))
-        })
-        .count()
-}
-
 fn host(quick: bool) -> Result<(), Failed> {
     let cfg = Config::new(quick)?;
-    let before = qemu_processes();
+    let before = common::qemu_processes();
     let disk_a = testbench::vm::scratch_image(if cfg.shm { MIB } else { cfg.disk() })?;
     let disk_b = testbench::vm::scratch_image(if cfg.shm { MIB } else { cfg.disk() })?;
     let mut vm = Vm::new(if quick { "bench_rollback_quick" } else { "bench_rollback" })
@@ -208,50 +194,18 @@ fn host(quick: bool) -> Result<(), Failed> {
             vm = vm.env(*key, v);
         }
     }
-    // Sample the QEMU count while the guest runs: our own guest is one of them.
-    let stop = Arc::new(AtomicBool::new(false));
-    let max_seen = Arc::new(AtomicUsize::new(before));
-    let sampler = {
-        let (stop, max_seen) = (Arc::clone(&stop), Arc::clone(&max_seen));
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                max_seen.fetch_max(qemu_processes(), Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(500));
-            }
-        })
-    };
-    println!(
-        "rollback benchmark ({} mode): QEMU processes on the host before the boot: {before}",
-        if quick { "quick" } else { "full" }
-    );
-    let started = Instant::now();
-    let run = vm.run_self("bench", if quick { &["quick"] } else { &[] });
-    stop.store(true, Ordering::Relaxed);
-    let _ = sampler.join();
-    let run = run?;
+    let alone = common::run_alone(&vm, "rollback", quick, before);
+    let run = alone.run.as_ref().map_err(|e| Failed::from(e.to_string()))?;
     // A guest that failed part way may still have written its results so far: keep them.
     let guest_ok = run.expect_success().map(|_| ()).map_err(Failed::from);
     if guest_ok.is_err() && !run.shared_dir.join(GUEST_JSON).exists() {
         return guest_ok;
     }
-    let max = max_seen.load(Ordering::Relaxed);
-    let seconds = started.elapsed().as_secs_f64();
-    println!(
-        "\nQEMU processes on the host: {before} before the boot, at most {max} during the run \
-         (ours included); boot + run {seconds:.0} s"
-    );
-    let clean = max <= 1 && before == 0;
-    if !clean {
-        println!("WARNING: another guest shared the 2 cores: the ratios above are not clean");
-    }
     let from_guest = run.shared_dir.join(GUEST_JSON);
     let mut json: serde_json::Value = serde_json::from_slice(
         &std::fs::read(&from_guest).map_err(|e| format!("{}: {e}", from_guest.display()))?,
     )?;
-    json["machine"] = common::host_machine();
-    json["setup"]["qemu_processes"] =
-        serde_json::json!({ "before": before, "max_during": max, "clean": clean });
-    json["setup"]["boot_and_run_s"] = serde_json::json!(seconds);
+    alone.record(&mut json);
     let out = testbench::paths::target_dir().join("bench").join("rollback.json");
     std::fs::create_dir_all(out.parent().ok_or("no parent")?)?;
     std::fs::write(&out, serde_json::to_string_pretty(&json)?)?;

@@ -59,8 +59,6 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, ExitCode, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blockcopy::device::FileDevice;
@@ -186,21 +184,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// QEMU processes on this machine (`/proc/*/comm` starting with `qemu-system`).
-fn qemu_processes() -> usize {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
-    dir.filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
-        .filter(|e| {
-            std::fs::read_to_string(e.path().join("comm"))
-                .is_ok_and(|c| c.starts_with("qemu-system"))
-        })
-        .count()
-}
-
 fn host(quick: bool) -> Result<(), Failed> {
     let cfg = Config::new(quick);
-    let before = qemu_processes();
+    let before = common::qemu_processes();
     let disk_a = testbench::vm::scratch_image(cfg.disk_a())?;
     let disk_b = testbench::vm::scratch_image(cfg.disk_b())?;
     let disk_c = testbench::vm::scratch_image(cfg.space_dev)?;
@@ -220,48 +206,18 @@ fn host(quick: bool) -> Result<(), Failed> {
             vm = vm.env(*key, v);
         }
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let max_seen = Arc::new(AtomicUsize::new(before));
-    let sampler = {
-        let (stop, max_seen) = (Arc::clone(&stop), Arc::clone(&max_seen));
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                max_seen.fetch_max(qemu_processes(), Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(500));
-            }
-        })
-    };
-    println!(
-        "ublk benchmark ({} mode): QEMU processes on the host before the boot: {before}",
-        if quick { "quick" } else { "full" }
-    );
-    let started = Instant::now();
-    let run = vm.run_self("bench", if quick { &["quick"] } else { &[] });
-    stop.store(true, Ordering::Relaxed);
-    let _ = sampler.join();
-    let run = run?;
+    let alone = common::run_alone(&vm, "ublk", quick, before);
+    let clean = alone.clean();
+    let run = alone.run.as_ref().map_err(|e| Failed::from(e.to_string()))?;
     let guest_ok = run.expect_success().map(|_| ()).map_err(Failed::from);
     if guest_ok.is_err() && !run.shared_dir.join(GUEST_JSON).exists() {
         return guest_ok;
-    }
-    let max = max_seen.load(Ordering::Relaxed);
-    let seconds = started.elapsed().as_secs_f64();
-    println!(
-        "\nQEMU processes on the host: {before} before the boot, at most {max} during the run \
-         (ours included); boot + run {seconds:.0} s"
-    );
-    let clean = max <= 1 && before == 0;
-    if !clean {
-        println!("WARNING: another guest shared the 2 cores: the ratios above are not clean");
     }
     let from_guest = run.shared_dir.join(GUEST_JSON);
     let mut json: Value = serde_json::from_slice(
         &std::fs::read(&from_guest).map_err(|e| format!("{}: {e}", from_guest.display()))?,
     )?;
-    json["machine"] = common::host_machine();
-    json["setup"]["qemu_processes"] =
-        json!({ "before": before, "max_during": max, "clean": clean });
-    json["setup"]["boot_and_run_s"] = json!(seconds);
+    alone.record(&mut json);
     if !clean {
         // Another guest's load inflates the ublk round trip more than the engine's flushes (a
         // loaded run once showed first touch at 0.54x where clean runs give 0.12x): a target

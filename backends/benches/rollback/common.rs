@@ -389,3 +389,82 @@ pub fn host_machine() -> serde_json::Value {
         "host_kernel": host_kernel.trim(),
     })
 }
+
+/// QEMU processes on this machine (`/proc/*/comm` starting with `qemu-system`).
+pub fn qemu_processes() -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
+    dir.filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("comm"))
+                .is_ok_and(|c| c.starts_with("qemu-system"))
+        })
+        .count()
+}
+
+/// A benchmark boot and whether it had the machine to itself.
+pub struct AloneRun {
+    /// What the guest did (`Vm::run_self`'s answer).
+    pub run: Result<testbench::vm::GuestRun, testbench::vm::VmError>,
+    /// QEMU processes before the boot, and the most seen during it (ours included).
+    pub before: usize,
+    pub max: usize,
+    /// Boot and run, in seconds.
+    pub seconds: f64,
+}
+
+impl AloneRun {
+    /// No other guest before or during the run: its ratios are clean.
+    pub fn clean(&self) -> bool {
+        self.max <= 1 && self.before == 0
+    }
+
+    /// Prints the QEMU counts (and a warning when the run was not clean) and records them in
+    /// the report JSON's `setup`, with the host machine.
+    pub fn record(&self, json: &mut serde_json::Value) {
+        let (before, max, seconds, clean) = (self.before, self.max, self.seconds, self.clean());
+        println!(
+            "\nQEMU processes on the host: {before} before the boot, at most {max} during the run \
+             (ours included); boot + run {seconds:.0} s"
+        );
+        if !clean {
+            println!("WARNING: another guest shared the 2 cores: the ratios above are not clean");
+        }
+        json["machine"] = host_machine();
+        json["setup"]["qemu_processes"] =
+            serde_json::json!({ "before": before, "max_during": max, "clean": clean });
+        json["setup"]["boot_and_run_s"] = serde_json::json!(seconds);
+    }
+}
+
+/// Runs the guest entry `bench` (with `quick` when asked) while sampling how many QEMU
+/// processes the host runs; `before` was counted before the scratch disks were made.
+pub fn run_alone(vm: &testbench::vm::Vm, what: &str, quick: bool, before: usize) -> AloneRun {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let stop = Arc::new(AtomicBool::new(false));
+    let max_seen = Arc::new(AtomicUsize::new(before));
+    let sampler = {
+        let (stop, max_seen) = (Arc::clone(&stop), Arc::clone(&max_seen));
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                max_seen.fetch_max(qemu_processes(), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })
+    };
+    println!(
+        "{what} benchmark ({} mode): QEMU processes on the host before the boot: {before}",
+        if quick { "quick" } else { "full" }
+    );
+    let started = Instant::now();
+    let run = vm.run_self("bench", if quick { &["quick"] } else { &[] });
+    stop.store(true, Ordering::Relaxed);
+    let _ = sampler.join();
+    AloneRun {
+        run,
+        before,
+        max: max_seen.load(Ordering::Relaxed),
+        seconds: started.elapsed().as_secs_f64(),
+    }
+}
