@@ -35,7 +35,8 @@ use blockdev::dm::DeviceMapper;
 use blockdev::loopdev::{LoopDevice, LoopOptions};
 use blockdev::names::{object_name, Role};
 use crash::capture::{
-    dm_create, flush_through_journal, fsx, loop_file, majmin, mark, mkfs_ext4, save_log, workload,
+    dm_create, ensure, failures_dir, flush_through_journal, fsx, long_mode, loop_file, majmin,
+    mark, mkfs_ext4, report, save_log, workload, LONG_ENV,
 };
 use crash::{CaseSpec, Fault, StoreSpec, Tally};
 use policy::{
@@ -58,7 +59,6 @@ fn bow_bytes(long: bool) -> u64 {
     }
 }
 const F2FS_BYTES: u64 = 160 * MIB;
-const LONG_ENV: &str = "CPD_CRASH_LONG";
 /// The floor of kernel-level crash states in the default run (the CI requirement).
 const MIN_STATES: usize = 500;
 /// `startCheckpoint(retry)` of the committed checkpoint (budget 3; one boot attempt used).
@@ -76,22 +76,6 @@ fn main() -> std::process::ExitCode {
     )
 }
 
-fn long_mode() -> bool {
-    std::env::var(LONG_ENV).is_ok_and(|v| v == "1")
-}
-
-fn ensure(cond: bool, msg: impl Into<String>) -> Result<(), Failed> {
-    if cond {
-        Ok(())
-    } else {
-        Err(msg.into().into())
-    }
-}
-
-fn report(line: &str) {
-    blockcopy::crashdev::report_count(line);
-}
-
 fn tally_line(what: &str, t: &Tally, took: Duration) -> String {
     format!(
         "crash suite {what}: {} crash states checked ({} during recovery), {} fsck runs, {} store checks ({} store opens, {:.1} s), {} failures, {:.1} s",
@@ -104,13 +88,6 @@ fn tally_line(what: &str, t: &Tally, took: Duration) -> String {
         t.failures.len(),
         took.as_secs_f64()
     )
-}
-
-fn failures_dir() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    target.join("crash-failures")
 }
 
 fn host_crash() -> Result<(), Failed> {

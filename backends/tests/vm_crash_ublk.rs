@@ -20,11 +20,14 @@
 mod crash;
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crash::capture::{dm_create, loop_file, majmin, mark, mkfs_ext4, save_log, workload};
+use crash::capture::{
+    dm_create, ensure, failures_dir, long_mode, loop_file, majmin, mark, mkfs_ext4, report,
+    save_log, workload, LONG_ENV,
+};
 use crash::ublk::{run_ublk, UblkTally};
 use crash::CaseSpec;
 use testbench::device::{populate_app_data, Rng};
@@ -42,7 +45,6 @@ fn ublk_bytes(long: bool) -> u64 {
     }
 }
 const UBLK: &str = "/dev/ublkb0";
-const LONG_ENV: &str = "CPD_CRASH_LONG";
 /// The broken engines: `bow-ublk serve --fault <name>` (feature `bow-ublk/fault`).
 const FAULTS: [&str; 2] = ["user-write-before-flush", "log-before-data"];
 /// The floor of crash states of the correct engine in the default run.
@@ -53,29 +55,6 @@ fn main() -> std::process::ExitCode {
         vec![vm_trial("crash_states_of_the_ublk_engine_and_its_broken_orders", host_crash_ublk)],
         &[("capture", guest_capture)],
     )
-}
-
-fn long_mode() -> bool {
-    std::env::var(LONG_ENV).is_ok_and(|v| v == "1")
-}
-
-fn ensure(cond: bool, msg: impl Into<String>) -> Result<(), Failed> {
-    if cond {
-        Ok(())
-    } else {
-        Err(msg.into().into())
-    }
-}
-
-fn report(line: &str) {
-    blockcopy::crashdev::report_count(line);
-}
-
-fn failures_dir() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    target.join("crash-failures")
 }
 
 fn tally_line(what: &str, u: &UblkTally, took: Duration) -> String {

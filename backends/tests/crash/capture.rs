@@ -1,6 +1,7 @@
 //! The guest side of a capture, shared by the crash suite's VM tests (`vm_crash.rs`,
 //! `vm_crash_ublk.rs`): loop devices in the guest's tmpfs, dm devices and dm-log-writes marks,
-//! the seeded checkpointed workload, and saving a log into the shared folder.
+//! the seeded checkpointed workload, and saving a log into the shared folder; and the few
+//! host-side helpers both tests use (the long mode, checks, counts, where failures are kept).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -10,6 +11,34 @@ use testbench::device::{update_step, Rng};
 use testbench::{guest, Failed};
 
 const MIB: u64 = 1 << 20;
+
+/// `CPD_CRASH_LONG=1`: the deep run (`cargo xtask test --long`), passed on to the guest.
+pub const LONG_ENV: &str = "CPD_CRASH_LONG";
+
+pub fn long_mode() -> bool {
+    std::env::var(LONG_ENV).is_ok_and(|v| v == "1")
+}
+
+pub fn ensure(cond: bool, msg: impl Into<String>) -> Result<(), Failed> {
+    if cond {
+        Ok(())
+    } else {
+        Err(msg.into().into())
+    }
+}
+
+/// A count for `cargo xtask test`'s summary.
+pub fn report(line: &str) {
+    blockcopy::crashdev::report_count(line);
+}
+
+/// Where a failing crash state's image and log are kept.
+pub fn failures_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("crash-failures")
+}
 
 pub fn loop_file(name: &str, size: u64) -> Result<(fs::File, LoopDevice), Failed> {
     let path = Path::new("/dev/shm").join(name);
