@@ -19,9 +19,8 @@
 
 mod crash;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crash::capture::{
@@ -166,45 +165,24 @@ fn host_crash_ublk() -> Result<(), Failed> {
 // guest
 
 /// A running `bow-ublk serve`, once it has printed that it serves.
-struct Server {
-    child: Child,
-    _stdout: BufReader<ChildStdout>,
-}
-
-impl Drop for Server {
-    /// A capture that fails half-way must not leave a server that keeps the guest up.
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
+type Server = testbench::guest::ReadyProcess;
 
 fn serve(device: &Path, fault: Option<&str>) -> Result<Server, Failed> {
     let mut args = vec!["serve", "--device", device.to_str().ok_or("device path")?, "--id", "0"];
     if let Some(f) = fault {
         args.extend(["--fault", f]);
     }
-    let mut child = Command::new(cargo_bin("bow-ublk"))
-        .args(&args)
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("starting bow-ublk {args:?}: {e}"))?;
-    let mut stdout = BufReader::new(child.stdout.take().ok_or("bow-ublk has no stdout")?);
-    let mut line = String::new();
-    stdout.read_line(&mut line)?;
-    if !line.contains(&format!("serving {UBLK}")) {
-        let status = child.wait()?;
-        let hint = if fault.is_some() {
-            " (the broken engines need bow-ublk built with the `bow-ublk/fault` feature: \
-             cargo build --workspace --bins --features bow-ublk/ublk,bow-ublk/fault)"
-        } else {
-            ""
-        };
-        return Err(format!("bow-ublk {args:?} did not come up ({status}): {line:?}{hint}").into());
+    let ready = format!("serving {UBLK}");
+    match Server::start(&cargo_bin("bow-ublk"), &args, &ready) {
+        Ok((server, _)) => Ok(server),
+        Err(e) if fault.is_some() => Err(format!(
+            "{} (the broken engines need bow-ublk built with the `bow-ublk/fault` feature: \
+             cargo build --workspace --bins --features bow-ublk/ublk,bow-ublk/fault)",
+            e.message().unwrap_or_default()
+        )
+        .into()),
+        Err(e) => Err(e),
     }
-    Ok(Server { child, _stdout: stdout })
 }
 
 fn ctl(command: &str) -> Result<String, Failed> {

@@ -166,3 +166,46 @@ pub fn start_rsb_hub(policy: HubPolicy<'_>, log: File) -> Result<std::process::C
         }
     }
 }
+
+/// A long-running guest process (a server) that says it is ready on its first stdout line.
+/// Killed when dropped, so a test that fails half-way does not keep the guest up until the
+/// harness's timeout.
+#[derive(Debug)]
+pub struct ReadyProcess {
+    pub child: std::process::Child,
+    /// Kept open: a server that writes more must not get EPIPE.
+    _stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl ReadyProcess {
+    /// Starts `program args` and waits for its first line, which must contain `ready`;
+    /// returns the process and that line. Otherwise the process is reaped and the error says
+    /// how it ended and what it printed.
+    pub fn start(program: &Path, args: &[&str], ready: &str) -> Result<(Self, String), Failed> {
+        use std::io::BufRead;
+        let mut child = Command::new(program)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("starting {} {args:?}: {e}", program.display()))?;
+        let stdout = child.stdout.take().ok_or("the child has no stdout")?;
+        let mut stdout = std::io::BufReader::new(stdout);
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        if !line.contains(ready) {
+            let status = child.wait()?;
+            let name = program.display();
+            return Err(format!("{name} {args:?} did not come up ({status}): {line:?}").into());
+        }
+        Ok((ReadyProcess { child, _stdout: stdout }, line))
+    }
+}
+
+impl Drop for ReadyProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

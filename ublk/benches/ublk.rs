@@ -56,9 +56,8 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use blockcopy::device::FileDevice;
@@ -243,8 +242,7 @@ fn host(quick: bool) -> Result<(), Failed> {
 /// A running `bow-ublk serve`, once it has printed that it serves.
 struct Server {
     id: u32,
-    child: Child,
-    _stdout: BufReader<ChildStdout>,
+    process: testbench::guest::ReadyProcess,
 }
 
 impl Server {
@@ -253,26 +251,17 @@ impl Server {
         let mut args = vec!["serve", "--device", device.to_str().ok_or("device path")?];
         args.extend(["--id", &id_arg]);
         args.extend(extra);
-        let mut child = Command::new(cargo_bin("bow-ublk"))
-            .args(&args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("starting bow-ublk {args:?}: {e}"))?;
-        let mut stdout = BufReader::new(child.stdout.take().ok_or("bow-ublk has no stdout")?);
-        let mut line = String::new();
-        stdout.read_line(&mut line)?;
-        if !line.contains(&format!("serving /dev/ublkb{id}")) {
-            let status = child.wait()?;
-            return Err(format!("bow-ublk {args:?} did not come up ({status}): {line:?}").into());
-        }
+        let ready = format!("serving /dev/ublkb{id}");
+        let (process, line) =
+            testbench::guest::ReadyProcess::start(&cargo_bin("bow-ublk"), &args, &ready)?;
         print!("  {line}");
-        Ok(Server { id, child, _stdout: stdout })
+        Ok(Server { id, process })
     }
 
     /// CPU time the server's threads have used, in ns (`/proc/PID/task/*/schedstat`).
     fn cpu_ns(&self) -> Result<u64, Failed> {
         let mut sum = 0;
-        for task in std::fs::read_dir(format!("/proc/{}/task", self.child.id()))? {
+        for task in std::fs::read_dir(format!("/proc/{}/task", self.process.child.id()))? {
             let stat = std::fs::read_to_string(task?.path().join("schedstat"))?;
             sum += stat.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
         }
@@ -309,7 +298,7 @@ impl Server {
 
     fn stop(mut self) -> Result<(), Failed> {
         self.ctl("stop")?;
-        let status = self.child.wait()?;
+        let status = self.process.child.wait()?;
         if !status.success() {
             return Err(format!("bow-ublk exited with {status} after stop").into());
         }
@@ -322,16 +311,6 @@ impl Server {
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(())
-    }
-}
-
-impl Drop for Server {
-    /// A run that fails half-way must not leave a server that keeps the guest up.
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }
 

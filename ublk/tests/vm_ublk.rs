@@ -7,9 +7,8 @@
 //! `bow::restore`; and the throughput of 4 KiB direct overwrites through the engine (backing
 //! up) against the pass-through.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use blockcopy::device::FileDevice;
@@ -64,37 +63,12 @@ fn host_ublk() -> Result<(), Failed> {
 }
 
 /// A running `bow-ublk serve`/`recover`, once it has printed that it serves.
-struct Server {
-    child: Child,
-    _stdout: BufReader<ChildStdout>,
-}
-
-impl Drop for Server {
-    /// A test that fails half-way must not leave a server that keeps the guest up until the
-    /// harness's timeout.
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
+type Server = testbench::guest::ReadyProcess;
 
 fn start(args: &[&str]) -> Result<Server, Failed> {
-    let mut child = Command::new(SERVER)
-        .args(args)
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("starting bow-ublk {args:?}: {e}"))?;
-    let mut stdout = BufReader::new(child.stdout.take().ok_or("bow-ublk has no stdout")?);
-    let mut line = String::new();
-    stdout.read_line(&mut line)?;
-    if !line.contains("serving /dev/ublkb0") {
-        let status = child.wait()?;
-        return Err(format!("bow-ublk {args:?} did not come up ({status}): {line:?}").into());
-    }
+    let (server, line) = Server::start(Path::new(SERVER), args, "serving /dev/ublkb0")?;
     print!("{line}");
-    Ok(Server { child, _stdout: stdout })
+    Ok(server)
 }
 
 fn ctl(command: &str) -> Result<String, Failed> {
