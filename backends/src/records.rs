@@ -121,13 +121,30 @@ impl Records {
         let tmp = self.dir.join(format!(".{backend}-{instance}.json.tmp"));
         let text = serde_json::to_vec_pretty(&Envelope { version: RECORD_VERSION, record })
             .map_err(|e| BackendError::io("encode record", std::io::Error::other(e)))?;
-        let write = || -> std::io::Result<()> {
-            let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
-            f.write_all(&text)?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)
-        };
-        write().map_err(|e| BackendError::io(format!("write {}", path.display()), e))?;
+        write_atomically(&tmp, &path, &text)?;
+        sync_dir(&self.dir)
+    }
+
+    /// Where the bytes of `kind` for `instance` live (`<kind>-<instance>.<ext>`).
+    pub fn bytes_path(&self, kind: &str, instance: &str, ext: &str) -> PathBuf {
+        self.dir.join(format!("{kind}-{instance}.{ext}"))
+    }
+
+    /// Replaces a file of raw bytes (a backend's artefact that is not a JSON record, e.g. a
+    /// write trace) atomically, like [`Records::save`].
+    pub fn save_bytes(
+        &self,
+        kind: &str,
+        instance: &str,
+        ext: &str,
+        bytes: &[u8],
+    ) -> Result<(), BackendError> {
+        check_token("kind", kind)?;
+        check_token("instance", instance)?;
+        check_token("extension", ext)?;
+        let path = self.bytes_path(kind, instance, ext);
+        let tmp = self.dir.join(format!(".{kind}-{instance}.{ext}.tmp"));
+        write_atomically(&tmp, &path, bytes)?;
         sync_dir(&self.dir)
     }
 
@@ -145,6 +162,17 @@ impl Records {
             Err(e) => Err(BackendError::io(format!("remove {}", path.display()), e)),
         }
     }
+}
+
+/// `tmp` written and synced, then renamed over `path` (the caller syncs the folder).
+fn write_atomically(tmp: &Path, path: &Path, bytes: &[u8]) -> Result<(), BackendError> {
+    let write = || -> std::io::Result<()> {
+        let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(tmp, path)
+    };
+    write().map_err(|e| BackendError::io(format!("write {}", path.display()), e))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), BackendError> {

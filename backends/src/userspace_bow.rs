@@ -393,6 +393,9 @@ pub trait EngineServer: Send + Sync + fmt::Debug {
     fn status(&self) -> Result<EngineStatus, BackendError> {
         EngineStatus::parse(&self.send(ControlCommand::Status)?)
     }
+
+    /// The checkpoint's write trace so far, in the estimator's format (docs/estimate.md).
+    fn trace(&self) -> Result<Vec<u8>, BackendError>;
 }
 
 /// The real server of ublk device `id` over `raw`.
@@ -533,6 +536,11 @@ impl EngineServer for UblkServer {
         self.wait_device_gone()?;
         log::info!("bow-ublk server of /dev/ublkb{} stopped, device deleted", self.id);
         Ok(Action::Changed)
+    }
+
+    fn trace(&self) -> Result<Vec<u8>, BackendError> {
+        // No re-attach here: a trace is worth keeping, not worth a recovery of its own.
+        control::fetch_trace(self.id).map_err(control_err)
     }
 }
 
@@ -772,6 +780,7 @@ fn arm(server: &dyn EngineServer, fs: &dyn MountedFs) -> Result<Option<u64>, Bac
 fn commit_steps(
     server: &dyn EngineServer,
     base: &dyn LinearDevice,
+    traces: Option<&TraceStore>,
 ) -> Result<Action, BackendError> {
     let mut action = Action::Identity;
     match base.lower()? {
@@ -796,6 +805,11 @@ fn commit_steps(
                 }
                 BowState::Committed => {}
             }
+            // Committed now, its trace still in the server until the stop. (An engine that was
+            // never armed has none: the last checkpoint's stays.)
+            if let (Some(traces), BowState::Committed) = (traces, server.status()?.state) {
+                traces.keep(server, "commit");
+            }
             base.switch_to_raw()?;
             action = Action::Changed;
         }
@@ -817,6 +831,49 @@ fn commit_steps(
         action = Action::Changed;
     }
     Ok(action)
+}
+
+/// Where the checkpoint's write trace is kept for the estimator: the records folder,
+/// `userspace_bow_trace-<instance>.cpdtrace` (on the metadata partition, never rolled back),
+/// the newest checkpoint's only. `checkpointctl estimate --trace` reads it as it is.
+#[derive(Debug)]
+pub struct TraceStore {
+    records: Records,
+    instance: String,
+}
+
+/// Records kind of the kept trace.
+const TRACE_KIND: &str = "userspace_bow_trace";
+/// Its file extension.
+const TRACE_EXT: &str = "cpdtrace";
+
+impl TraceStore {
+    /// The trace of `spec`'s device in `records`.
+    pub fn new(records: Records, spec: &DeviceSpec) -> TraceStore {
+        TraceStore { records, instance: crate::instance_for(&spec.mount_point) }
+    }
+
+    /// Where the trace is kept.
+    pub fn path(&self) -> PathBuf {
+        self.records.bytes_path(TRACE_KIND, &self.instance, TRACE_EXT)
+    }
+
+    /// Fetches the engine's trace and replaces the kept one. Advisory: a checkpoint's commit
+    /// or abort never fails over its trace, so a failure is logged and the old file stays.
+    fn keep(&self, server: &dyn EngineServer, at: &str) {
+        let kept = server.trace().and_then(|bytes| {
+            self.records.save_bytes(TRACE_KIND, &self.instance, TRACE_EXT, &bytes).map(|()| bytes)
+        });
+        match kept {
+            Ok(bytes) => log::info!(
+                "userspace-bow {at}: the checkpoint's write trace ({} bytes) kept in {} for the \
+                 estimator",
+                bytes.len(),
+                self.path().display()
+            ),
+            Err(e) => log::warn!("userspace-bow {at}: the write trace was not kept: {e}"),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1223,7 +1280,8 @@ impl Backend for UserspaceBowBackend {
             return snapshot.commit();
         }
         let (server, base, _) = self.parts();
-        let action = commit_steps(server.as_ref(), base.as_ref())?;
+        let traces = TraceStore::new(self.records.clone(), &self.spec);
+        let action = commit_steps(server.as_ref(), base.as_ref(), Some(&traces))?;
         if action == Action::Changed && self.parts.is_none() {
             drop_raw_cache(&self.spec.raw);
             log::info!(
@@ -1239,6 +1297,11 @@ impl Backend for UserspaceBowBackend {
             return snapshot.abort();
         }
         // The log stays for the next boot's restore; a reservation not yet handed over goes.
+        // The failed attempt's writes are a trace worth keeping too.
+        let (server, base, _) = self.parts();
+        if base.lower()? == Lower::Ublk && server.status()?.state == BowState::Checkpoint {
+            TraceStore::new(self.records.clone(), &self.spec).keep(server.as_ref(), "abort");
+        }
         let released = self.reservations().release_for(&self.spec, "userspace-bow abort")?;
         Ok(if released.is_some() { Action::Changed } else { Action::Identity })
     }

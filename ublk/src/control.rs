@@ -3,7 +3,7 @@
 //! server's private mount namespace).
 
 use std::fmt;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 
 /// A request to the running server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,9 +16,16 @@ pub enum Command {
     Status,
     /// Stop serving and delete the device (the file system on it must be unmounted).
     Stop,
+    /// The checkpoint's write trace so far, in the estimator's format: the reply line
+    /// `ok trace <bytes>` is followed by exactly that many bytes ([`fetch_trace`]).
+    Trace,
 }
 
 impl Command {
+    /// Every command.
+    pub const ALL: [Command; 5] =
+        [Command::Checkpoint, Command::Commit, Command::Status, Command::Stop, Command::Trace];
+
     /// The word on the wire.
     pub fn word(self) -> &'static str {
         match self {
@@ -26,14 +33,13 @@ impl Command {
             Command::Commit => "commit",
             Command::Status => "status",
             Command::Stop => "stop",
+            Command::Trace => "trace",
         }
     }
 
     /// Parses one line (surrounding white space ignored).
     pub fn parse(line: &str) -> Option<Command> {
-        [Command::Checkpoint, Command::Commit, Command::Status, Command::Stop]
-            .into_iter()
-            .find(|c| c.word() == line.trim())
+        Command::ALL.into_iter().find(|c| c.word() == line.trim())
     }
 }
 
@@ -61,16 +67,55 @@ pub enum ControlError {
 
 /// Sends `command` to device `dev_id`'s server; returns its `ok` line's text.
 pub fn send(dev_id: u32, command: Command) -> Result<String, ControlError> {
+    let mut reader = connect_and_send(dev_id, command)?;
+    read_reply(dev_id, command, &mut reader)
+}
+
+/// The largest trace a client accepts: the format's record limit (2^24) at its widest record.
+pub const TRACE_LIMIT_BYTES: u64 = 512 << 20;
+
+/// Fetches the checkpoint's write trace from device `dev_id`'s server: the bytes of a
+/// `checkpoint_estimate::Trace` (docs/estimate.md, "The trace format"). The caller parses
+/// them; here only the framing is checked.
+pub fn fetch_trace(dev_id: u32) -> Result<Vec<u8>, ControlError> {
+    let command = Command::Trace;
+    let mut reader = connect_and_send(dev_id, command)?;
+    let text = read_reply(dev_id, command, &mut reader)?;
+    let refused = |message: String| ControlError::Refused { dev_id, command, message };
+    let len = text
+        .strip_prefix("trace ")
+        .and_then(|n| n.parse::<u64>().ok())
+        .ok_or_else(|| refused(format!("unexpected reply {text:?}")))?;
+    let len = usize::try_from(len)
+        .ok()
+        .filter(|_| len <= TRACE_LIMIT_BYTES)
+        .ok_or_else(|| refused(format!("a trace of {len} bytes (at most {TRACE_LIMIT_BYTES})")))?;
+    let mut bytes = vec![0; len];
+    reader.read_exact(&mut bytes).map_err(|source| ControlError::Io { dev_id, source })?;
+    Ok(bytes)
+}
+
+fn connect_and_send(
+    dev_id: u32,
+    command: Command,
+) -> Result<BufReader<std::os::unix::net::UnixStream>, ControlError> {
     use std::os::linux::net::SocketAddrExt;
     use std::os::unix::net::{SocketAddr, UnixStream};
     let addr = SocketAddr::from_abstract_name(socket_name(dev_id))
         .map_err(|source| ControlError::Connect { dev_id, source })?;
     let mut stream = UnixStream::connect_addr(&addr)
         .map_err(|source| ControlError::Connect { dev_id, source })?;
-    let io = |source| ControlError::Io { dev_id, source };
-    writeln!(stream, "{command}").map_err(io)?;
+    writeln!(stream, "{command}").map_err(|source| ControlError::Io { dev_id, source })?;
+    Ok(BufReader::new(stream))
+}
+
+fn read_reply(
+    dev_id: u32,
+    command: Command,
+    reader: &mut impl BufRead,
+) -> Result<String, ControlError> {
     let mut line = String::new();
-    BufReader::new(&stream).read_line(&mut line).map_err(io)?;
+    reader.read_line(&mut line).map_err(|source| ControlError::Io { dev_id, source })?;
     parse_reply(&line).map_err(|message| ControlError::Refused { dev_id, command, message })
 }
 
@@ -91,7 +136,7 @@ mod tests {
 
     #[test]
     fn commands_round_trip_and_unknown_words_are_refused() {
-        for c in [Command::Checkpoint, Command::Commit, Command::Status, Command::Stop] {
+        for c in Command::ALL {
             assert_eq!(Command::parse(&format!("{c}\n")), Some(c));
         }
         assert_eq!(Command::parse("rollback"), None);

@@ -75,6 +75,8 @@ pub enum ServeError {
     Control { name: String, source: std::io::Error },
     #[error(transparent)]
     Command(#[from] control::ControlError),
+    #[error("writing {0}: {1}")]
+    Output(PathBuf, std::io::Error),
 }
 
 fn ublk(what: &'static str) -> impl FnOnce(UblkError) -> ServeError {
@@ -191,6 +193,13 @@ enum Cmd {
         #[arg(long)]
         id: u32,
     },
+    /// Write the checkpoint's write trace (the estimator's format) of device ID's server to OUT.
+    Trace {
+        #[arg(long)]
+        id: u32,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// The `bow-ublk` binary.
@@ -203,6 +212,9 @@ pub fn main() -> ExitCode {
         Cmd::Commit { id } => ask(id, Command::Commit),
         Cmd::Status { id } => ask(id, Command::Status),
         Cmd::Stop { id } => ask(id, Command::Stop),
+        Cmd::Trace { id, out } => control::fetch_trace(id)
+            .map_err(ServeError::from)
+            .and_then(|bytes| std::fs::write(&out, &bytes).map_err(|e| ServeError::Output(out, e))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -545,6 +557,20 @@ fn answer(
             Ok(_) => Ok("stopping".to_owned()),
             Err(e) => Err(format!("{e:?}")),
         },
+        Some(Command::Trace) => {
+            let bytes = match target.lock() {
+                Ok(t) => trace_bytes(&t),
+                Err(_) => Err("the target's lock is poisoned".to_owned()),
+            };
+            let mut stream = stream;
+            return match bytes {
+                Ok(bytes) => {
+                    writeln!(stream, "ok trace {}", bytes.len())?;
+                    stream.write_all(&bytes)
+                }
+                Err(text) => writeln!(stream, "error {text}"),
+            };
+        }
         Some(command) => match target.lock() {
             Ok(mut t) => run(&mut t, command),
             Err(_) => Err("the target's lock is poisoned".to_owned()),
@@ -557,6 +583,18 @@ fn answer(
     }
 }
 
+/// The engine's trace, whole: a trace cut at the format's record limit would make the
+/// estimator under-count, so it is refused rather than returned short.
+fn trace_bytes(target: &Target<FileDevice>) -> Result<Vec<u8>, String> {
+    let Target::Engine(engine) = target else {
+        return Err("`trace` needs the engine; this server is a pass-through".to_owned());
+    };
+    if engine.trace_overflowed() {
+        return Err("the trace reached the format's record limit and stopped".to_owned());
+    }
+    engine.trace().map(|t| t.to_bytes()).ok_or_else(|| "the engine keeps no trace".to_owned())
+}
+
 fn run(target: &mut Target<FileDevice>, command: Command) -> Result<String, String> {
     let Target::Engine(engine) = target else {
         return match command {
@@ -567,7 +605,8 @@ fn run(target: &mut Target<FileDevice>, command: Command) -> Result<String, Stri
     match command {
         Command::Checkpoint => engine.set_state(BowState::Checkpoint).map_err(|e| e.to_string())?,
         Command::Commit => engine.set_state(BowState::Committed).map_err(|e| e.to_string())?,
-        Command::Status | Command::Stop => return Ok(status(engine)),
+        // `stop` and `trace` are answered by `answer` itself.
+        Command::Status | Command::Stop | Command::Trace => return Ok(status(engine)),
     };
     Ok(status(engine))
 }

@@ -20,6 +20,8 @@ struct FakeServer {
     state: Mutex<(BowState, bool)>, // (engine state, a server answers)
     free: u64,
     used: u64,
+    /// `trace` fails (a server that cannot give it).
+    trace_fails: Mutex<bool>,
 }
 
 impl FakeServer {
@@ -29,6 +31,7 @@ impl FakeServer {
             state: Mutex::new((state, alive)),
             free: 40 << 20,
             used: 3 << 20,
+            trace_fails: Mutex::new(false),
         })
     }
     fn state(&self) -> (BowState, bool) {
@@ -73,6 +76,15 @@ impl EngineServer for FakeServer {
         s.1 = false;
         self.events.lock().unwrap().push("stop".into());
         Ok(Action::Changed)
+    }
+
+    fn trace(&self) -> Result<Vec<u8>, BackendError> {
+        let s = self.state.lock().unwrap();
+        if !s.1 || *self.trace_fails.lock().unwrap() {
+            return Err(BackendError::NotSetUp { backend: "fake (no trace)".into() });
+        }
+        self.events.lock().unwrap().push("trace".into());
+        Ok(format!("trace in state {}", s.0.value()).into_bytes())
     }
 }
 
@@ -193,12 +205,15 @@ fn prepare_is_refused_off_the_engine_and_after_commit() {
 fn commit_is_engine_commit_then_table_switch_then_stop() {
     let s = setup(BowState::Checkpoint, true, Lower::Ublk);
     assert_eq!(s.backend.commit().unwrap(), Action::Changed);
-    assert_eq!(events(&s.events), ["commit", "switch", "stop"]);
+    assert_eq!(events(&s.events), ["commit", "trace", "switch", "stop"]);
     assert_eq!(s.server.state(), (BowState::Committed, false));
+    // The trace, fetched once the engine committed, kept on the metadata partition.
+    let kept = TraceStore::new(s.backend.records.clone(), &s.backend.spec).path();
+    assert_eq!(std::fs::read(&kept).unwrap(), b"trace in state 2");
     assert_eq!(*s.base.lower.lock().unwrap(), Lower::Raw);
     // A second commit finds it all done.
     assert_eq!(s.backend.commit().unwrap(), Action::Identity);
-    assert_eq!(events(&s.events).len(), 3);
+    assert_eq!(events(&s.events).len(), 4);
     let st = s.backend.status().unwrap();
     assert_eq!((st.state, st.free_bytes), (BackendState::Idle, None));
     assert_eq!(s.backend.space().unwrap(), BackupSpace::default());
@@ -208,7 +223,7 @@ fn commit_is_engine_commit_then_table_switch_then_stop() {
 fn a_commit_cut_after_any_step_is_finished_by_a_rerun_without_repeating_a_step() {
     // (engine state, server alive, table) as a crash of the daemon after each step leaves them.
     let cases = [
-        ((BowState::Committed, true, Lower::Ublk), &["switch", "stop"][..]),
+        ((BowState::Committed, true, Lower::Ublk), &["trace", "switch", "stop"][..]),
         ((BowState::Committed, true, Lower::Raw), &["stop"][..]),
         ((BowState::Committed, false, Lower::Raw), &[][..]),
     ];
@@ -220,6 +235,27 @@ fn a_commit_cut_after_any_step_is_finished_by_a_rerun_without_repeating_a_step()
         assert_eq!(*s.base.lower.lock().unwrap(), Lower::Raw);
         assert!(!s.server.state().1, "no server left");
     }
+}
+
+#[test]
+fn a_trace_that_cannot_be_fetched_fails_nothing_and_keeps_the_last_one() {
+    let s = setup(BowState::Checkpoint, true, Lower::Ublk);
+    let kept = TraceStore::new(s.backend.records.clone(), &s.backend.spec).path();
+    std::fs::write(&kept, b"the last checkpoint's").unwrap();
+    *s.server.trace_fails.lock().unwrap() = true;
+    assert_eq!(s.backend.commit().unwrap(), Action::Changed);
+    assert_eq!(events(&s.events), ["commit", "switch", "stop"]);
+    assert_eq!(std::fs::read(&kept).unwrap(), b"the last checkpoint's");
+}
+
+#[test]
+fn abort_keeps_the_failed_attempts_trace_and_the_log() {
+    let s = setup(BowState::Checkpoint, true, Lower::Ublk);
+    assert_eq!(s.backend.abort().unwrap(), Action::Identity, "no reservation was held");
+    assert_eq!(events(&s.events), ["trace"]);
+    assert_eq!(s.server.state(), (BowState::Checkpoint, true), "the engine keeps its log");
+    let kept = TraceStore::new(s.backend.records.clone(), &s.backend.spec).path();
+    assert_eq!(std::fs::read(&kept).unwrap(), b"trace in state 1");
 }
 
 #[test]
@@ -437,6 +473,7 @@ fn prepare_refuses_an_engine_that_knows_no_free_block_after_fitrim() {
         state: Mutex::new((BowState::Trim, true)),
         free: 0,
         used: 0,
+        trace_fails: Mutex::new(false),
     });
     let backend = UserspaceBowBackend::new(
         spec(meta.path()),
