@@ -32,7 +32,7 @@ use libublk::{BufDesc, UblkError, UblkFlags};
 
 use crate::control::{self, Command};
 use crate::journal;
-use crate::target::{Request, Target};
+use crate::target::{RangeSyncWrites, Request, Target};
 
 /// The default `--state-dir`: a tmpfs on every system with systemd (and Android's /dev is one).
 pub const DEFAULT_STATE_DIR: &str = "/run/bow-ublk";
@@ -67,6 +67,8 @@ pub enum ServeError {
     Resume { dev_id: u32, journal: PathBuf, source: bow_engine::RecoverError },
     #[error("the journal {path}: {source}")]
     Journal { path: PathBuf, source: std::io::Error },
+    #[error("opening {path} for the engine's ordering writes: {source}")]
+    OrderingWrites { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     JournalFile(#[from] journal::JournalFileError),
     #[error("reading block 0 of {path}: {source}")]
@@ -239,7 +241,7 @@ fn enter_own_mount_namespace() -> Result<(), ServeError> {
         .map_err(ServeError::Namespace)?;
     // Our copies of file systems on ublk devices would keep those devices open (crate::mounts).
     let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(ServeError::MountInfo)?;
-    for point in crate::mounts::ublk_mount_points(&info) {
+    for point in crate::mounts::ublk_mount_points(&info, Path::new("/sys/class/block")) {
         nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH)
             .map_err(ServeError::Namespace)?;
     }
@@ -252,6 +254,14 @@ fn open_device(path: &Path) -> Result<FileDevice, ServeError> {
 
 fn engine_config(opts: &EngineArgs) -> EngineConfig {
     EngineConfig { block_size: BlockSize::B4096, allocator: opts.allocator.into() }
+}
+
+/// The engine's ordering points write back only their own blocks ([`RangeSyncWrites`]).
+fn set_ordering_writes(engine: &mut Engine<FileDevice>, path: &Path) -> Result<(), ServeError> {
+    let writes = RangeSyncWrites::open(path)
+        .map_err(|source| ServeError::OrderingWrites { path: path.to_owned(), source })?;
+    engine.set_durable_writes(Box::new(writes));
+    Ok(())
 }
 
 #[cfg_attr(not(feature = "fault"), allow(clippy::needless_pass_by_ref_mut))]
@@ -275,6 +285,7 @@ fn new_target(
     let journal = journal::create(&opts.state_dir, dev_id)?;
     let mut engine = Engine::with_journal(dev, engine_config(opts), Box::new(journal.file))
         .map_err(|source| ServeError::Journal { path: journal.path, source })?;
+    set_ordering_writes(&mut engine, path)?;
     apply_fault(&mut engine, opts);
     Ok(Target::Engine(Box::new(engine)))
 }
@@ -322,6 +333,7 @@ fn recovered_target(
     let file = journal::cut(&old, recovered.journal_len)?;
     let mut engine = recovered.engine;
     engine.resume_journal(Box::new(file));
+    set_ordering_writes(&mut engine, path)?;
     apply_fault(&mut engine, opts);
     Ok(Target::Engine(Box::new(engine)))
 }
