@@ -16,7 +16,7 @@ use bow::units::{BlockSize, Sectors, SECTOR_SIZE};
 use checkpoint_estimate::{Record, Trace};
 
 use crate::journal::{self, Entry, JournalError, JournalIo};
-use crate::order::{append_journal, JournalSink, Staged};
+use crate::order::{append_journal, DurableWrites, JournalSink, Staged};
 
 /// Where backup blocks come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -142,6 +142,7 @@ impl<D: BlockDevice> Batch<'_, D> {
             match append_journal(self.engine.journal.as_mut(), &self.frame) {
                 Ok(journaled) => staged.commit(
                     &self.engine.io.dev,
+                    self.engine.durable.as_deref(),
                     journaled,
                     #[cfg(any(test, feature = "fault"))]
                     self.engine.fault,
@@ -336,6 +337,8 @@ pub struct Engine<D: BlockDevice> {
     poisoned: bool,
     /// The op journal, when kept ([`Engine::with_journal`]).
     journal: Option<JournalSink>,
+    /// How the ordering points make their writes durable ([`Engine::set_durable_writes`]).
+    durable: Option<Box<dyn DurableWrites>>,
     #[cfg(any(test, feature = "fault"))]
     pub(crate) fault: Option<crate::order::Fault>,
 }
@@ -365,6 +368,7 @@ impl<D: BlockDevice> Engine<D> {
             trace_overflowed: false,
             poisoned: false,
             journal: None,
+            durable: None,
             #[cfg(any(test, feature = "fault"))]
             fault: None,
         }
@@ -383,6 +387,14 @@ impl<D: BlockDevice> Engine<D> {
         out.write_all(&header)?;
         out.flush()?;
         Ok(Engine { journal: Some(JournalSink::new(out)), ..engine })
+    }
+
+    /// Makes the batches' two ordering points (the backups, then block 0) durable through
+    /// `durable` instead of the device's writes and a flush of the whole device
+    /// ([`crate::order`]). The server's writes back only the batch's own blocks, so a flush
+    /// no longer carries every user write buffered since the last one.
+    pub fn set_durable_writes(&mut self, durable: Box<dyn DurableWrites>) {
+        self.durable = Some(durable);
     }
 
     /// Goes on journaling to `out`, which holds the first [`Recovered::journal_len`] bytes of
@@ -820,6 +832,7 @@ impl<D: BlockDevice> BowEngine for Engine<D> {
             }
         };
         let (io, flushes, poisoned) = (&mut self.io, &mut self.flushes, &mut self.poisoned);
+        let durable = self.durable.as_deref();
         self.worker.set_state(to, |worker| match to {
             BowState::Checkpoint => {
                 let change = worker.prepare_log(io);
@@ -829,6 +842,7 @@ impl<D: BlockDevice> BowEngine for Engine<D> {
                     None => Ok(staged.replay_commit()),
                     Some(journaled) => staged.commit(
                         &io.dev,
+                        durable,
                         journaled,
                         #[cfg(any(test, feature = "fault"))]
                         None,

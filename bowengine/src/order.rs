@@ -9,6 +9,10 @@
 //! 2. block 0 (the log whose entries point at those backups), then one flush → [`LogDurable`];
 //! 3. the user writes (no flush of ours; the user's own flushes follow as they come).
 //!
+//! Steps 1 and 2 go through the engine's [`DurableWrites`] when it has one (the server's makes
+//! only the step's own blocks durable, not every user write buffered since the last flush),
+//! else through the device's writes and one device flush each.
+//!
 //! So at any crash point either a log entry is absent and its source has not been overwritten,
 //! or the entry is durable and so is the copy it points at (dm-bow-format.md §4.7, with many
 //! backups sharing the two flushes instead of two flushes per backup). Block 0 is one block
@@ -55,6 +59,17 @@ pub(crate) fn append_journal(
         s.0.flush()?;
     }
     Ok(Journaled(()))
+}
+
+/// Writes made durable on their own: when [`DurableWrites::write_durable`] returns, every one
+/// of `writes` is durable, and nothing else had to be written for it. The server's version
+/// (bow-ublk's `RangeSyncWrites`) writes back only these ranges and then flushes the device,
+/// instead of an `fdatasync` that also writes out every user write buffered since the last
+/// flush. Without one, the engine writes through [`BlockDevice::write_at`] and then calls
+/// [`BlockDevice::flush`] (the same guarantee, at the price of flushing everything).
+pub trait DurableWrites: Send + fmt::Debug {
+    /// Writes each `(byte offset, bytes)` and returns once all of them are durable.
+    fn write_durable(&self, writes: &[(u64, &[u8])]) -> Result<(), DeviceError>;
 }
 
 /// Proof that every staged backup write of the batch is durable.
@@ -156,6 +171,7 @@ impl Staged {
     pub(crate) fn commit(
         self,
         dev: &impl BlockDevice,
+        durable: Option<&dyn DurableWrites>,
         journaled: Journaled,
         #[cfg(any(test, feature = "fault"))] fault: Option<Fault>,
     ) -> Result<IssuedCounts, DeviceError> {
@@ -170,9 +186,9 @@ impl Staged {
         } else {
             counts.flushes += 2;
             counts.backup_writes = backups.len();
-            let backups_durable = write_backups(dev, journaled, &backups)?;
+            let backups_durable = write_backups(dev, durable, journaled, &backups)?;
             match log {
-                Some(block0) => write_log(dev, backups_durable, &block0)?,
+                Some(block0) => write_log(dev, durable, backups_durable, &block0)?,
                 // Backups without a log change cannot happen (every copy is logged); the
                 // flush above still makes them durable before the user writes.
                 None => LogDurable(()),
@@ -199,28 +215,48 @@ impl LogDurable {
     }
 }
 
+/// Writes `writes` and makes them durable: through `durable` when the engine has one, else
+/// each through the device and then one flush of the device.
+fn write_and_flush(
+    dev: &impl BlockDevice,
+    durable: Option<&dyn DurableWrites>,
+    writes: &[(u64, &[u8])],
+) -> Result<(), DeviceError> {
+    if let Some(d) = durable {
+        return d.write_durable(writes);
+    }
+    for (offset, data) in writes {
+        dev.write_at(data, *offset)?;
+    }
+    dev.flush()
+}
+
 /// Step 1: the backup data, then one flush. Needs the journal frame appended.
 fn write_backups(
     dev: &impl BlockDevice,
+    durable: Option<&dyn DurableWrites>,
     _journaled: Journaled,
     backups: &[(u64, Vec<u8>)],
 ) -> Result<BackupsDurable, DeviceError> {
-    for (block, data) in backups {
-        let bytes = u64::try_from(data.len()).unwrap_or(u64::MAX);
-        dev.write_at(data, block * bytes)?;
-    }
-    dev.flush()?;
+    let writes: Vec<(u64, &[u8])> = backups
+        .iter()
+        .map(|(block, data)| {
+            let bytes = u64::try_from(data.len()).unwrap_or(u64::MAX);
+            (block * bytes, data.as_slice())
+        })
+        .collect();
+    write_and_flush(dev, durable, &writes)?;
     Ok(BackupsDurable(()))
 }
 
 /// Step 2: block 0, then one flush. Needs the backups durable.
 fn write_log(
     dev: &impl BlockDevice,
+    durable: Option<&dyn DurableWrites>,
     _backups: BackupsDurable,
     block0: &[u8],
 ) -> Result<LogDurable, DeviceError> {
-    dev.write_at(block0, 0)?;
-    dev.flush()?;
+    write_and_flush(dev, durable, &[(0, block0)])?;
     Ok(LogDurable(()))
 }
 

@@ -426,6 +426,60 @@ fn a_batch_issues_backups_flush_log_flush_then_user_writes() {
     assert_eq!(shape, ["backup", "backup", "F", "log", "F", "user", "user", "user"]);
 }
 
+/// Records each `write_durable` call's offsets (and writes nothing).
+#[derive(Debug, Default, Clone)]
+struct RecordedDurable(std::sync::Arc<std::sync::Mutex<Vec<Vec<u64>>>>);
+
+impl crate::order::DurableWrites for RecordedDurable {
+    fn write_durable(&self, writes: &[(u64, &[u8])]) -> Result<(), blockcopy::device::DeviceError> {
+        let offsets = writes.iter().map(|(at, _)| *at).collect();
+        self.0
+            .lock()
+            .map_err(|_| blockcopy::device::DeviceError::Io {
+                offset: 0,
+                source: std::io::Error::other("poisoned"),
+            })?
+            .push(offsets);
+        Ok(())
+    }
+}
+
+#[test]
+fn with_durable_writes_the_two_ordering_points_go_through_them_and_no_device_flush() {
+    let w = crash_workload(BlockSize::B4096, 9);
+    let img = base_image(w.blocks, w.bs);
+    let mut engine = Engine::new(
+        CrashDevice::new(img, 4096),
+        EngineConfig { block_size: w.bs, allocator: Allocator::FarEnd },
+    );
+    start_checkpoint(&mut engine, &w, CrashDevice::current);
+    let durable = RecordedDurable::default();
+    engine.set_durable_writes(Box::new(durable.clone()));
+    let before = engine.device().events_without_reads().len();
+    let ops = vec![
+        UserIo::Write { sector: Sectors(8), data: data(1, w.bs, 1) },
+        UserIo::Write { sector: Sectors(16), data: data(1, w.bs, 2) },
+        UserIo::Write { sector: Sectors(45 * 8), data: data(1, w.bs, 3) },
+    ];
+    let report = engine.submit(ops).unwrap().commit().unwrap();
+    assert_eq!((report.backup_blocks, report.flushes), (2, 2));
+    let calls = durable.0.lock().unwrap().clone();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(calls[0].len(), 2, "the two backups first: {calls:?}");
+    assert!(calls[0].iter().all(|at| *at != 0 && ![4096, 8192].contains(at)), "{calls:?}");
+    assert_eq!(calls[1], [0], "then block 0: {calls:?}");
+    use blockcopy::crashdev::IoEvent::Write;
+    let events = engine.device().events_without_reads()[before..].to_vec();
+    let user: Vec<u64> = events
+        .iter()
+        .map(|e| match e {
+            Write { offset, .. } => *offset,
+            other => panic!("only the user writes reach the device itself: {other:?}"),
+        })
+        .collect();
+    assert_eq!(user, [4096, 8192, 45 * 4096]);
+}
+
 /// The "two writers at once, half into free space" workload of dm-bow-format.md §11: writer A
 /// overwrites blocks in use (each needs a backup), writer B fills free space the way a
 /// filesystem allocates, from the start of a free range and from a goal in its middle, and the
