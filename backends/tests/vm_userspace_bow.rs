@@ -31,7 +31,7 @@ use backends::records::Records;
 use backends::select::{self, AutoOptions, Chosen};
 use backends::snapshot::{SnapshotOptions, SnapshotStack};
 use backends::userspace_bow::{
-    UserspaceBowBackend, UserspaceBowOptions, UserspaceBowStack, UBLK_CONTROL,
+    TraceStore, UserspaceBowBackend, UserspaceBowOptions, UserspaceBowStack, UBLK_CONTROL,
 };
 use backends::{Action, BootStack, DeviceSpec};
 use bow::restore::RestoreOptions;
@@ -387,6 +387,8 @@ fn guest_main(_: &[String]) -> Result<(), Failed> {
     };
     let before = checkpointed_session(&stack, &spec, &backend()?, false)?;
     println!("  abort: {:?}", backend()?.abort()?);
+    // The failed attempt's writes (1 MiB rewritten, 2 MiB new, in 4 KiB blocks) kept as a trace.
+    kept_trace(&spec, &records, &raw, 3 << 20, "after abort")?;
     next_boot(&stack, &spec, &backend()?, &raw)?;
     match backend()?
         .restore(&raw.to_string_lossy(), &RestoreRequest::default(), &|_, _| {})?
@@ -424,9 +426,19 @@ fn guest_main(_: &[String]) -> Result<(), Failed> {
             resumed.used_bytes
         ),
     )?;
+    // Its private mount namespace dropped the copy of /data (on the linear device over ublk).
+    let theirs =
+        std::fs::read_to_string(format!("/proc/{}/mountinfo", server_pids("recover")?[0]))?;
+    ensure(
+        !theirs.lines().any(|l| l.split(' ').nth(4) == Some(MNT)),
+        "the recovered server's namespace holds no copy of /data",
+    )?;
     guest::sh(&format!("head -c 1M /dev/urandom > {MNT}/after-recover && sync -f {MNT}"))?;
+    std::fs::remove_file(TraceStore::new(records.clone(), &spec).path())?;
     ensure(b.commit()? == Action::Changed, "commit")?;
     ensure(mounted(), "/data still mounted after the commit")?;
+    // The whole checkpoint's writes, the ones before the SIGKILL rebuilt from the journal.
+    kept_trace(&spec, &records, &raw, 4 << 20, "after commit")?;
     let ublk: Vec<String> = leftovers()?.into_iter().filter(|l| !l.starts_with("dm:")).collect();
     ensure(ublk.is_empty(), format!("no ublk device and no server after the commit {ublk:?}"))?;
     let deps = guest::sh("dmsetup deps -o devname cpd-data-base")?;
@@ -511,6 +523,33 @@ fn checkpointed_session(
         ),
     )?;
     Ok(before)
+}
+
+/// The write trace the backend kept: the estimator's format, this device's size, at least
+/// `min_written` bytes of writes; `checkpointctl estimate` reads it as it is.
+fn kept_trace(
+    spec: &DeviceSpec,
+    records: &Records,
+    raw: &Path,
+    min_written: u64,
+    when: &str,
+) -> Result<(), Failed> {
+    let path = TraceStore::new(records.clone(), spec).path();
+    let bytes = std::fs::read(&path).map_err(|e| format!("{when}: {}: {e}", path.display()))?;
+    let trace = checkpoint_estimate::Trace::read_from(bytes.as_slice())
+        .map_err(|e| format!("{when}: {} does not parse: {e}", path.display()))?;
+    let size = guest::sh(&format!("blockdev --getsize64 {}", raw.display()))?;
+    trace.check_device(size.trim().parse().map_err(|e| format!("device size {size:?}: {e}"))?)?;
+    ensure(
+        trace.written_bytes() >= min_written,
+        format!(
+            "{when}: trace kept in {} ({} bytes, {} records, {} bytes written)",
+            path.display(),
+            bytes.len(),
+            trace.records().len(),
+            trace.written_bytes()
+        ),
+    )
 }
 
 /// The pids of bow-ublk processes whose command line has `word` (any with "").
