@@ -247,8 +247,8 @@ impl<D: BlockDevice> EngineIo<D> {
         Ok(buf)
     }
 
-    fn stage_user(&mut self, sector: u64, data: &[u8]) {
-        self.staged.stage_user(sector * SECTOR_SIZE, data, self.bs.as_usize());
+    fn stage_user(&mut self, sector: u64, data: Vec<u8>, read_later: bool) {
+        self.staged.stage_user(sector * SECTOR_SIZE, data, self.bs.as_usize(), read_later);
     }
 
     /// FarEnd: the end of the cursor's range while it lasts, else the end of the largest free
@@ -744,7 +744,7 @@ impl<D: BlockDevice> Engine<D> {
         for (io, data) in ios {
             let outcome = match io {
                 JournalIo::Write { sector, len } => {
-                    self.plan_write(sector.0, len, data.as_deref()).map(IoOutcome::Write)
+                    self.plan_write(sector.0, len, data).map(IoOutcome::Write)
                 }
                 JournalIo::Discard { sector, len } => {
                     self.plan_discard(sector.0, len).map(IoOutcome::Discard)
@@ -778,19 +778,29 @@ impl<D: BlockDevice> Engine<D> {
         &mut self,
         sector: u64,
         len: u64,
-        data: Option<&[u8]>,
+        mut data: Option<Vec<u8>>,
     ) -> Result<WriteAction, EngineError> {
         self.worker.check_io(sector, len)?;
         let sectors = len / SECTOR_SIZE;
         if sectors > 0 {
             self.record(Record::write(sector, sectors));
         }
-        if data.is_some_and(|d| u64::try_from(d.len()).ok() != Some(len)) {
+        if data.as_ref().is_some_and(|d| u64::try_from(d.len()).ok() != Some(len)) {
             return Err(EngineError::OutOfRange { sector, len });
         }
         self.worker.write(&mut self.io, sector, len, |io, at, bytes| {
-            if let Some(d) = data {
-                io.stage_user(at, &d[bytes]);
+            if let Some(d) = data.as_mut() {
+                // Written where it was sent: its blocks end up CHANGED. Elsewhere: the
+                // SECTOR0_CURRENT block, which a later write in the batch may copy.
+                let in_place = u64::try_from(bytes.start)
+                    .is_ok_and(|skip| sector * SECTOR_SIZE + skip == at * SECTOR_SIZE);
+                // The whole write is handed over as it is (the usual case), a part copied.
+                let part = if bytes.start == 0 && bytes.end == d.len() {
+                    std::mem::take(d)
+                } else {
+                    d[bytes].to_vec()
+                };
+                io.stage_user(at, part, !in_place);
             }
             Ok(())
         })

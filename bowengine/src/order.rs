@@ -157,13 +157,25 @@ impl Staged {
         self.log = Some(block0.to_vec());
     }
 
-    /// A user write of whole blocks at byte `offset`.
-    pub(crate) fn stage_user(&mut self, offset: u64, data: &[u8], block_bytes: usize) {
-        let bb = u64::try_from(block_bytes).unwrap_or(u64::MAX);
-        for (i, chunk) in (0u64..).zip(data.chunks(block_bytes)) {
-            self.overlay.insert(offset / bb + i, chunk.to_vec());
+    /// A user write of whole blocks at byte `offset`. `read_later`: whether planning may still
+    /// read these blocks in this batch, so reads must see them. Only a write redirected to
+    /// SECTOR0_CURRENT can be: every other user write leaves its blocks CHANGED (or the state
+    /// takes no copies), and a CHANGED block is never a copy's source, so most user writes skip
+    /// the overlay's copy.
+    pub(crate) fn stage_user(
+        &mut self,
+        offset: u64,
+        data: Vec<u8>,
+        block_bytes: usize,
+        read_later: bool,
+    ) {
+        if read_later {
+            let bb = u64::try_from(block_bytes).unwrap_or(u64::MAX);
+            for (i, chunk) in (0u64..).zip(data.chunks(block_bytes)) {
+                self.overlay.insert(offset / bb + i, chunk.to_vec());
+            }
         }
-        self.user.push((offset, data.to_vec()));
+        self.user.push((offset, data));
     }
 
     /// Issues the staged writes in the documented order. `fault` breaks it (tests only).

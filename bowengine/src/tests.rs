@@ -700,3 +700,45 @@ fn far_end_carves_from_the_end_and_moves_when_its_range_is_cut() {
 }
 
 mod resume;
+
+/// Host CPU per request of the engine's write path (not a pass/fail check: run by hand with
+/// `cargo test -p bow-engine --release -- --ignored --nocapture cpu_per_request`).
+#[test]
+#[ignore = "a measurement, printed; run by hand in a release build"]
+fn cpu_per_request() {
+    let bs = BlockSize::B4096;
+    let blocks = 65_536u64;
+    let dev = blockcopy::device::MemDevice::new(usize::try_from(blocks * 4096).unwrap());
+    let mut engine =
+        Engine::with_journal(dev, EngineConfig::new(bs), Box::new(std::io::sink())).unwrap();
+    // The upper half free.
+    let half = blocks / 2;
+    engine
+        .submit(vec![UserIo::Discard { sector: Sectors(half * 8), len: half * 4096 }])
+        .unwrap()
+        .commit()
+        .unwrap();
+    engine.set_state(BowState::Checkpoint).unwrap();
+    let n = 20_000u64;
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = |m: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % m
+    };
+    let free: Vec<u64> = (0..n).map(|_| half + next(half / 2)).collect();
+    let t = std::time::Instant::now();
+    for b in &free {
+        let io = UserIo::Write { sector: Sectors(b * 8), data: vec![7; 4096] };
+        engine.submit(vec![io]).unwrap().commit().unwrap();
+    }
+    let free_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+    let t = std::time::Instant::now();
+    for b in &free {
+        let io = UserIo::Write { sector: Sectors(b * 8), data: vec![8; 4096] };
+        engine.submit(vec![io]).unwrap().commit().unwrap();
+    }
+    let changed_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+    println!("free-space write {free_us:.2} us, rewrite of a CHANGED block {changed_us:.2} us");
+}
