@@ -20,10 +20,23 @@
 //! 5. **actual, bow**: this kernel has no dm-bow, so another copy under dm-log-writes runs the
 //!    `update` part with `SEED=2` exactly as in 2., and its real log is replayed through the
 //!    engine model's space dry run (`bow::dryrun`) from the free map at checkpoint start: the
-//!    model the project checks against the real dm-bow target (dm-bow-format.md §11).
+//!    model the project checks against the real dm-bow target (dm-bow-format.md §11);
+//! 6. **actual, the real engine**: two more copies, each served as `/dev/ublkbN` by the
+//!    userspace backup-on-write engine (`bow-ublk serve`, docs/userspace-bow.md), once with
+//!    `--allocator dm-bow` (dm-bow's own allocation, the engine model's algorithm) and once with
+//!    `--allocator far-end`: mounted, FITRIM from byte 4096 (as the `userspace-bow` backend's
+//!    prepare), `checkpoint`, the `update` part with `SEED=2`, `syncfs`, and the engine's
+//!    `status` (`used=`: backup space consumed; `backups=`, `rebackups=`). The dm-bow allocator's
+//!    run is the `bow (engine, dm-bow allocator)` row, judged like the others; both are reported
+//!    against the snapshot row's COW store (issue 16: the engine's backup space over
+//!    dm-snapshot's). A run in which the engine runs out of backup space is reported as such.
+//!
+//! The guest boots Debian's 6.12 kernel (ublk; dm-log-writes, dm-snapshot, loop and ext4 are
+//! there too). The server is the release `bow-ublk` next to this bench, built by the host
+//! (`cargo build --release -p bow-ublk --features ublk`) before the boot.
 //!
 //! The host prints one table row per workload and backend (predicted, needed, actual, errors,
-//! target met or not) and writes `target/bench/estimate.json`. Target (issue 11): the number the
+//! target met or not), then the engine's space per workload over the snapshot COW, and writes `target/bench/estimate.json`. Target (issue 11): the number the
 //! user is asked to free, `needed_bytes`, is never under the actual by more than 5% and never
 //! over it by more than 20% (docs/benchmarks.md says why this number). It exits non-zero when a
 //! row misses the target. `ESTIMATE_BENCH_SEEDS=T,M` replaces the seeds 1 and 2 of the traced
@@ -31,9 +44,10 @@
 
 #![allow(clippy::cast_precision_loss)] // Benchmark arithmetic on byte counts.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
+use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use backends::records::Records;
@@ -44,7 +58,7 @@ use blockdev::dm::{DevRef, DeviceMapper, DmName, Table, Target};
 use blockdev::logwrites::LogReader;
 use blockdev::loopdev::{LoopDevice, LoopOptions};
 use blockdev::mount::{self, MountOptions};
-use blockdev::Sectors;
+use blockdev::{Bytes, Sectors};
 use bow::dryrun::{dry_run, DryRunConfig, FreeExtent, TraceOp};
 use checkpoint_estimate::logwrites::{from_log_writes, ConvertOptions, LogWritesEntry};
 use checkpoint_estimate::{
@@ -52,8 +66,8 @@ use checkpoint_estimate::{
 };
 use policy::Backend as _;
 use serde::{Deserialize, Serialize};
-use testbench::vm::Vm;
-use testbench::{guest, Failed};
+use testbench::vm::{Kernel, Vm};
+use testbench::{cargo_bin, guest, Failed};
 
 const MIB: u64 = 1 << 20;
 /// The file system every workload runs on.
@@ -69,6 +83,12 @@ const UNDER_LIMIT: f64 = -5.0;
 const OVER_LIMIT: f64 = 20.0;
 /// Where the guest leaves its rows for the host (the shared folder).
 const ROWS_FILE: &str = "estimate-rows.json";
+/// The engine's ublk device id, and the folder of its op journal (fresh for every run).
+const ENGINE_ID: u32 = 7;
+/// Issue 16's goal for the engine's backup space (far-end allocator) over dm-snapshot's COW.
+const ENGINE_SPACE_GOAL: f64 = 0.55;
+/// The row of the real engine with dm-bow's allocator.
+const ENGINE_ROW: &str = "bow (engine, dm-bow allocator)";
 
 /// One workload run: a script and the environment of one of its variants.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -107,6 +127,32 @@ struct Row {
     /// (ext4's preallocations still held count as used there).
     live_map_predicted_bytes: Option<u64>,
     note: Option<String>,
+    /// The real engine's runs of this workload (the same on every row of it; absent in rows
+    /// written before the engine was measured): `used=` of its status after the update, its
+    /// backups and re-backups, per allocator; `None` when that run ran out of backup space.
+    #[serde(default)]
+    engine_dm_bow_used_bytes: Option<u64>,
+    #[serde(default)]
+    engine_dm_bow_backups: Option<u64>,
+    #[serde(default)]
+    engine_dm_bow_rebackups: Option<u64>,
+    #[serde(default)]
+    engine_far_end_used_bytes: Option<u64>,
+    #[serde(default)]
+    engine_far_end_backups: Option<u64>,
+    #[serde(default)]
+    engine_far_end_rebackups: Option<u64>,
+    /// The snapshot row's actual (COW store allocated), the denominator of the two ratios.
+    #[serde(default)]
+    snapshot_cow_bytes: Option<u64>,
+    /// Engine used / snapshot COW allocated, per allocator (issue 16).
+    #[serde(default)]
+    engine_far_end_over_snapshot_cow: Option<f64>,
+    #[serde(default)]
+    engine_dm_bow_over_snapshot_cow: Option<f64>,
+    /// Issue 16's goal: far-end engine used <= 0.55x snapshot COW (`None`: not measurable).
+    #[serde(default)]
+    engine_space_goal_met: Option<bool>,
 }
 
 fn main() -> ExitCode {
@@ -134,6 +180,33 @@ fn main() -> ExitCode {
     }
 }
 
+/// Builds the `bow-ublk` server next to this bench (`cargo bench -p backends` builds no other
+/// package's binary), so the guest runs the engine of this tree, not a stale copy.
+fn build_server() -> Result<(), Failed> {
+    let profile = testbench::paths::profile_dir();
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.args(["build", "-p", "bow-ublk", "--features", "bow-ublk/ublk", "--bin", "bow-ublk"])
+        .current_dir(testbench::paths::workspace_root());
+    match profile.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => {}
+        Some("release") => {
+            cmd.arg("--release");
+        }
+        other => return Err(format!("bench executable in an unknown profile dir {other:?}").into()),
+    }
+    println!("building the engine's server: {cmd:?}");
+    let status = cmd.status().map_err(|e| format!("running cargo build for bow-ublk: {e}"))?;
+    if !status.success() {
+        return Err(format!("cargo build of bow-ublk (--features ublk) failed: {status}").into());
+    }
+    let server = profile.join("bow-ublk");
+    let help = Command::new(&server).args(["serve", "--help"]).output()?;
+    if !String::from_utf8_lossy(&help.stdout).contains("--allocator") {
+        return Err(format!("{}: serve has no --allocator", server.display()).into());
+    }
+    Ok(())
+}
+
 /// `--workloads DIR`, the only option (`cargo bench` adds `--bench`, ignored).
 fn workloads_dir(args: &[String]) -> Result<PathBuf, Failed> {
     let mut dir = testbench::paths::workspace_root().join("workloads");
@@ -145,9 +218,10 @@ fn workloads_dir(args: &[String]) -> Result<PathBuf, Failed> {
             }
             "--bench" => {}
             "--module" => {
-                return Err("--module: this benchmark measures dm-bow with the engine model \
-                            (docs/benchmarks.md, \"Estimator accuracy\"); a real dm-bow module \
-                            is not driven here"
+                return Err("--module: this benchmark measures dm-bow with the engine model and \
+                            the userspace engine with dm-bow's allocator on the 6.12 kernel \
+                            (docs/benchmarks.md, \"Estimator accuracy\"); the out-of-tree dm-bow \
+                            module (6.1 only) is not driven here"
                     .into())
             }
             other => return Err(format!("unknown argument {other:?} (--workloads DIR)").into()),
@@ -274,10 +348,13 @@ fn host(args: &[String]) -> Result<bool, Failed> {
         cases.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "),
         qemu_processes()
     );
+    build_server()?;
     let started = Instant::now();
     let cases_json = serde_json::to_string(&cases)?;
     let run = Vm::new("bench_estimate")
-        .modules(&["loop", "dm-mod", "dm-snapshot", "dm-log-writes"])
+        // 6.12: ublk for the real engine; dm-log-writes and dm-snapshot are there too.
+        .kernel(Kernel::Mainline612)
+        .modules(&["loop", "dm-mod", "dm-snapshot", "dm-log-writes", "ublk_drv"])
         .memory_mib(4096)
         // One guest at a time here: two vCPUs, as the published figures were measured (ext4's
         // allocator keeps per-CPU groups, so placement and dm-bow's backups depend on it).
@@ -295,6 +372,7 @@ fn host(args: &[String]) -> Result<bool, Failed> {
         .unwrap_or("unknown")
         .to_owned();
     let all_met = print_table(&rows);
+    print_engine_space(&rows);
     println!(
         "machine: {}; guest kernel {guest_kernel}; boot + run {:.0} s",
         machine(),
@@ -310,6 +388,8 @@ fn host(args: &[String]) -> Result<bool, Failed> {
             "config": format!("{:?}", EstimateConfig::default()),
             "target": "needed_bytes within -5% .. +20% of the actual",
             "bow_actual": "the real run's dm-log-writes trace replayed through bow::dryrun (no dm-bow in this kernel)",
+            "bow_engine_actual": format!("{ENGINE_ROW}: the userspace engine (bow-ublk serve --allocator dm-bow) over a copy of the before-image, FITRIM from byte 4096, checkpoint, the update, syncfs: status used="),
+            "engine_space": format!("engine_far_end_over_snapshot_cow, engine_dm_bow_over_snapshot_cow: engine status used= (--allocator far-end, dm-bow) over the snapshot row's COW allocated; goal (issue 16): far-end <= {ENGINE_SPACE_GOAL}"),
             "workloads": dir.display().to_string(),
         },
         "rows": rows,
@@ -339,12 +419,12 @@ fn pct(x: Option<f64>) -> String {
 fn print_table(rows: &[Row]) -> bool {
     let size = |b: Option<u64>| b.map_or_else(|| "-".into(), |b| format!("{:.2} MiB", mib(b)));
     println!(
-        "\n{:<34} {:<9} {:>11} {:>11} {:>11} {:>9} {:>9}  target",
+        "\n{:<34} {:<30} {:>11} {:>11} {:>11} {:>9} {:>9}  target",
         "workload", "backend", "predicted", "needed", "actual", "pred err", "need err"
     );
     for r in rows {
         println!(
-            "{:<34} {:<9} {:>11} {:>11} {:>11} {:>9} {:>9}  {}{}",
+            "{:<34} {:<30} {:>11} {:>11} {:>11} {:>9} {:>9}  {}{}",
             r.workload,
             r.backend,
             size(Some(r.predicted_bytes)),
@@ -364,9 +444,59 @@ fn print_table(rows: &[Row]) -> bool {
     );
     println!(
         "actual: snapshot = the real snapshot backend's COW store (status: allocated); bow = the \
-         real run's dm-log-writes trace through the dm-bow engine model (no dm-bow in this kernel)"
+         real run's dm-log-writes trace through the dm-bow engine model (no dm-bow in this \
+         kernel); {ENGINE_ROW} = the userspace engine's status used= after the real update"
     );
     met == rows.len()
+}
+
+/// Issue 16: per workload, the real engine's backup space over the snapshot COW store, far-end
+/// and dm-bow allocators, and the goal judged as it comes out.
+fn print_engine_space(rows: &[Row]) {
+    println!(
+        "\nbackup space of the real engine (status used=) over dm-snapshot's COW (allocated), \
+         issue 16's goal: far-end <= {ENGINE_SPACE_GOAL}x"
+    );
+    println!(
+        "{:<34} {:>11} {:>11} {:>17} {:>8} {:>11} {:>17} {:>8}  goal",
+        "workload",
+        "snap COW",
+        "far-end",
+        "backups/rebackups",
+        "ratio",
+        "dm-bow",
+        "backups/rebackups",
+        "ratio"
+    );
+    let size = |b: Option<u64>| b.map_or_else(|| "-".into(), |b| format!("{:.2} MiB", mib(b)));
+    let ratio = |x: Option<f64>| x.map_or_else(|| "-".into(), |x| format!("{x:.2}x"));
+    let counts = |b: Option<u64>, r: Option<u64>| match (b, r) {
+        (Some(b), Some(r)) => format!("{b}/{r}"),
+        _ => "-".into(),
+    };
+    let mut judged = 0;
+    let mut met = 0;
+    for r in rows.iter().filter(|r| r.backend == ENGINE_ROW) {
+        judged += usize::from(r.engine_space_goal_met.is_some());
+        met += usize::from(r.engine_space_goal_met == Some(true));
+        println!(
+            "{:<34} {:>11} {:>11} {:>17} {:>8} {:>11} {:>17} {:>8}  {}",
+            r.workload,
+            size(r.snapshot_cow_bytes),
+            size(r.engine_far_end_used_bytes),
+            counts(r.engine_far_end_backups, r.engine_far_end_rebackups),
+            ratio(r.engine_far_end_over_snapshot_cow),
+            size(r.engine_dm_bow_used_bytes),
+            counts(r.engine_dm_bow_backups, r.engine_dm_bow_rebackups),
+            ratio(r.engine_dm_bow_over_snapshot_cow),
+            match r.engine_space_goal_met {
+                Some(true) => "met",
+                Some(false) => "NOT met",
+                None => "not measured",
+            }
+        );
+    }
+    println!("issue 16 goal (far-end engine <= {ENGINE_SPACE_GOAL}x the COW): met in {met} of {judged} workloads");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -550,8 +680,15 @@ fn run_case(dm: &DeviceMapper, case: &Case) -> Result<Vec<Row>, Failed> {
         mib(report.relocation_bytes),
         report.log_sectors
     );
+    // 6. The real engine, dm-bow's allocator and the far-end one.
+    let engine_dm_bow = engine_update(case, &before, "dm-bow")?;
+    let engine_far_end = engine_update(case, &before, "far-end")?;
     fs::remove_file(&before)?;
 
+    let over_cow = |used: Option<u64>| match (used, snap_actual) {
+        (Some(u), Some(c)) if c > 0 => Some(u as f64 / c as f64),
+        _ => None,
+    };
     let row = |backend: &str,
                e: &checkpoint_estimate::Estimate,
                actual: Option<u64>,
@@ -583,8 +720,20 @@ fn run_case(dm: &DeviceMapper, case: &Case) -> Result<Vec<Row>, Failed> {
             trace_written_bytes: trace.written_bytes(),
             live_map_predicted_bytes: None,
             note,
+            engine_dm_bow_used_bytes: engine_dm_bow.used_bytes,
+            engine_dm_bow_backups: engine_dm_bow.backups,
+            engine_dm_bow_rebackups: engine_dm_bow.rebackups,
+            engine_far_end_used_bytes: engine_far_end.used_bytes,
+            engine_far_end_backups: engine_far_end.backups,
+            engine_far_end_rebackups: engine_far_end.rebackups,
+            snapshot_cow_bytes: snap_actual,
+            engine_far_end_over_snapshot_cow: over_cow(engine_far_end.used_bytes),
+            engine_dm_bow_over_snapshot_cow: over_cow(engine_dm_bow.used_bytes),
+            engine_space_goal_met: over_cow(engine_far_end.used_bytes)
+                .map(|x| x <= ENGINE_SPACE_GOAL),
         }
     };
+    let engine_note = engine_dm_bow.note.clone();
     Ok(vec![
         row(
             "snapshot",
@@ -597,7 +746,174 @@ fn run_case(dm: &DeviceMapper, case: &Case) -> Result<Vec<Row>, Failed> {
             live_map_predicted_bytes: Some(bow_live.predicted_bytes),
             ..row("bow", &bow_est, bow_actual, "real run's trace through bow::dryrun", bow_note)
         },
+        Row {
+            live_map_predicted_bytes: Some(bow_live.predicted_bytes),
+            ..row(
+                ENGINE_ROW,
+                &bow_est,
+                engine_dm_bow.used_bytes,
+                "bow-ublk serve --allocator dm-bow, status used= after the update",
+                engine_note,
+            )
+        },
     ])
+}
+
+/// What one run of the real engine consumed (`None`s and a note when it ran out of space).
+#[derive(Debug, Default)]
+struct EngineRun {
+    used_bytes: Option<u64>,
+    backups: Option<u64>,
+    rebackups: Option<u64>,
+    note: Option<String>,
+}
+
+/// A running `bow-ublk serve` over a loop device, once it says it serves.
+struct Server {
+    process: guest::ReadyProcess,
+}
+
+impl Server {
+    fn start(device: &Path, allocator: &str, state_dir: &Path) -> Result<Server, Failed> {
+        let id = ENGINE_ID.to_string();
+        let args = [
+            "serve",
+            "--device",
+            device.to_str().ok_or("device path")?,
+            "--id",
+            &id,
+            "--allocator",
+            allocator,
+            "--state-dir",
+            state_dir.to_str().ok_or("state dir")?,
+        ];
+        let ready = format!("serving {}", Server::node().display());
+        let (process, line) = guest::ReadyProcess::start(&cargo_bin("bow-ublk"), &args, &ready)?;
+        print!("  {line}");
+        Ok(Server { process })
+    }
+
+    fn node() -> PathBuf {
+        PathBuf::from(format!("/dev/ublkb{ENGINE_ID}"))
+    }
+
+    fn ctl(command: &str) -> Result<String, Failed> {
+        let out = Command::new(cargo_bin("bow-ublk"))
+            .args([command, "--id", &ENGINE_ID.to_string()])
+            .output()?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            return Err(format!("bow-ublk {command}: {}", err.trim()).into());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// The `key=value` numbers of the engine's status.
+    fn status() -> Result<BTreeMap<String, u64>, Failed> {
+        Ok(Server::ctl("status")?
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
+            .collect())
+    }
+
+    /// `bow-ublk stop`, the server's exit, and its device gone.
+    fn stop(mut self) -> Result<(), Failed> {
+        Server::ctl("stop")?;
+        let status = self.process.child.wait()?;
+        if !status.success() {
+            return Err(format!("bow-ublk exited with {status} after stop").into());
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Server::node().exists() {
+            if Instant::now() > deadline {
+                return Err(
+                    format!("{} still there 10 s after stop", Server::node().display()).into()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+}
+
+/// A copy of `before` served by the real engine with `allocator`: mounted through
+/// `/dev/ublkbN`, FITRIM from the second block (the `userspace-bow` backend's prepare: the
+/// engine learns free space from the discards in TRIM), `checkpoint`, the update part with the
+/// measured seed, `syncfs`, and the engine's status. A run that exhausts the engine's backup
+/// space (the update or syncfs fails and the engine has no free byte left) is a result, not an
+/// error of the bench.
+fn engine_update(case: &Case, before: &Path, allocator: &str) -> Result<EngineRun, Failed> {
+    let work = Path::new(WORK);
+    let mnt = work.join("mnt");
+    let state_dir = work.join("engine-state");
+    let _ = fs::remove_dir_all(&state_dir);
+    fs::create_dir_all(&state_dir)?;
+    let data = copy_loop(before, &work.join("run.img"))?;
+    let server = Server::start(data.path(), allocator, &state_dir)?;
+    let measured = (|| -> Result<EngineRun, Failed> {
+        mount::mount(&Server::node(), &mnt, "ext4", &MountOptions::default())?;
+        let armed = (|| -> Result<EngineRun, Failed> {
+            let trimmed = blockdev::fs::fitrim(
+                File::open(&mnt)?,
+                Bytes::new(4096),
+                Bytes::new(u64::MAX - 4096),
+                Bytes::new(0),
+            )?
+            .get();
+            let at_start = Server::ctl("checkpoint")?;
+            println!(
+                "  engine --allocator {allocator}: FITRIM {:.1} MiB; checkpoint: {at_start}",
+                mib(trimmed)
+            );
+            let took = workload(case, "update", &case.measured_seed, &mnt);
+            let synced = took.as_ref().map_err(|e| format!("{e:?}")).and_then(|_| {
+                syncfs(&mnt).map_err(|e| format!("syncfs: {}", e.message().unwrap_or("?")))
+            });
+            let line = Server::ctl("status")?;
+            let status = Server::status()?;
+            println!("  engine --allocator {allocator} after the update: {line}");
+            let get = |k: &str| status.get(k).copied();
+            match synced {
+                Ok(()) => Ok(EngineRun {
+                    used_bytes: Some(get("used").ok_or("no used= in the engine's status")?),
+                    backups: get("backups"),
+                    rebackups: get("rebackups"),
+                    note: None,
+                }),
+                // Out of backup space: the engine refuses writes it cannot back up (ENOSPC).
+                Err(e) if get("free") == Some(0) => Ok(EngineRun {
+                    note: Some(format!(
+                        "the engine (--allocator {allocator}) ran out of backup space: {}                          used, {} backups, {} re-backups; the update failed: {}",
+                        get("used").unwrap_or(0),
+                        get("backups").unwrap_or(0),
+                        get("rebackups").unwrap_or(0),
+                        e.lines().next().unwrap_or("")
+                    )),
+                    ..EngineRun::default()
+                }),
+                Err(e) => Err(format!(
+                    "the update through the engine (--allocator {allocator}) failed with                      backup space left ({line}): {e}"
+                )
+                .into()),
+            }
+        })();
+        let unmounted = mount::umount(&mnt, Default::default());
+        let run = armed?;
+        unmounted?;
+        Ok(run)
+    })();
+    let stopped = server.stop();
+    let detached = data.detach();
+    fs::remove_file(work.join("run.img"))?;
+    let _ = fs::remove_dir_all(&state_dir);
+    let run = measured?;
+    stopped?;
+    detached?;
+    if let Some(note) = &run.note {
+        println!("  {note}");
+    }
+    Ok(run)
 }
 
 /// A copy of `before` under dm-log-writes: mount, sync, mark `update`, the update part, syncfs,
