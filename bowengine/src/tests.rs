@@ -701,6 +701,62 @@ fn far_end_carves_from_the_end_and_moves_when_its_range_is_cut() {
 
 mod resume;
 
+/// A journal file shared with the test.
+#[derive(Debug, Clone, Default)]
+struct SharedJournal(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for SharedJournal {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn frames_of_rewrites_wait_for_the_next_frame_and_a_replay_without_them_decides_the_same() {
+    let w = crash_workload(BlockSize::B4096, 3);
+    let img = base_image(w.blocks, w.bs);
+    let journal = SharedJournal::default();
+    let config = EngineConfig::new(w.bs);
+    let mut engine =
+        Engine::with_journal(MemDevice::from_bytes(img), config, Box::new(journal.clone()))
+            .unwrap();
+    start_checkpoint(&mut engine, &w, |d: &MemDevice| d.snapshot());
+    let len = || journal.0.lock().unwrap().len();
+    let write = |engine: &mut Engine<MemDevice>, block: u64, seed: u64| {
+        let io = UserIo::Write { sector: Sectors(block * 8), data: data(1, w.bs, seed) };
+        engine.submit(vec![io]).unwrap().commit().unwrap();
+    };
+    // A first touch (a backup) and a write into free space: written at once.
+    let start = len();
+    write(&mut engine, 3, 1);
+    write(&mut engine, 45, 2);
+    let after_changes = len();
+    assert!(after_changes > start);
+    // Rewrites of those now-CHANGED blocks: held.
+    write(&mut engine, 3, 3);
+    write(&mut engine, 45, 4);
+    assert_eq!(len(), after_changes, "rewrites' frames wait");
+    // A replay of what is on file now (the server dying here) decides exactly as the engine.
+    let dev = MemDevice::from_bytes(engine.device().snapshot());
+    let bytes = journal.0.lock().unwrap().clone();
+    let recovered = Engine::recover(dev, config, &bytes).unwrap();
+    assert_eq!(recovered.engine.decision_state(), engine.decision_state());
+    assert!(!recovered.dropped_last);
+    // A user flush writes them, then its own frame; the trace is whole again.
+    engine.flush().unwrap();
+    assert!(len() > after_changes);
+    let dev = MemDevice::from_bytes(engine.device().snapshot());
+    let bytes = journal.0.lock().unwrap().clone();
+    let recovered = Engine::recover(dev, config, &bytes).unwrap();
+    assert_eq!(recovered.engine.decision_state(), engine.decision_state());
+    assert_eq!(recovered.engine.trace(), engine.trace());
+    assert_eq!(recovered.engine.stats(), engine.stats());
+}
+
 /// Host CPU per request of the engine's write path (not a pass/fail check: run by hand with
 /// `cargo test -p bow-engine --release -- --ignored --nocapture cpu_per_request`).
 #[test]
