@@ -57,10 +57,10 @@ fn main() -> std::process::ExitCode {
                 abort_chain("abort", &profile, &Launcher::SelfEntry)
             }),
             vm_trial("snapshot_full_data_monitor_commits_before_the_store_fills", || {
-                fill_chain("fill-commit", Fill::Commit, &Launcher::SelfEntry)
+                fill_chain("fill-commit", "snapshot", Fs::Ext4, Fill::Commit, &Launcher::SelfEntry)
             }),
             vm_trial("snapshot_full_data_monitor_grows_the_store_and_rollback_still_works", || {
-                fill_chain("fill-grow", Fill::Grow, &Launcher::SelfEntry)
+                fill_chain("fill-grow", "snapshot", Fs::Ext4, Fill::Grow, &Launcher::SelfEntry)
             }),
         ],
         &[("step", |_| guest_step())],
