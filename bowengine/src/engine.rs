@@ -656,6 +656,30 @@ impl<D: BlockDevice> Engine<D> {
         self.worker.ranges()
     }
 
+    /// Whether a write of `len` bytes at `sector` would copy anything to back it up now: in
+    /// CHECKPOINT, a write at sector 0 or touching a range that is neither CHANGED nor free.
+    /// A look-up only (the server uses it to decide whether gathering more requests into a
+    /// round can share ordering flushes).
+    pub fn needs_backup(&self, sector: Sectors, len: u64) -> bool {
+        if self.worker.state() != BowState::Checkpoint {
+            return false;
+        }
+        let ranges = self.worker.ranges();
+        let end = sector.0.saturating_add(len / SECTOR_SIZE);
+        let mut cur = sector.0;
+        if cur == 0 {
+            return true;
+        }
+        while cur < end {
+            let Some(id) = ranges.find(cur) else { return false };
+            if !matches!(ranges.kind(id), RangeType::Changed | RangeType::Trimmed) {
+                return true;
+            }
+            cur = ranges.top(id);
+        }
+        false
+    }
+
     /// Counters.
     pub fn stats(&self) -> EngineStats {
         let worker = self.worker.stats();
@@ -758,6 +782,16 @@ impl<D: BlockDevice> Engine<D> {
             // Only a failed commit leaves writes staged, and it poisons the engine first.
             self.poisoned = true;
             self.check_usable()?;
+        }
+        if let Some(durable) = self.durable.as_deref() {
+            // The old contents the batch will copy, asked for together.
+            for (io, _) in &ios {
+                if let JournalIo::Write { sector, len } = io {
+                    if self.needs_backup(*sector, *len) {
+                        durable.will_read(sector.0 * SECTOR_SIZE, *len);
+                    }
+                }
+            }
         }
         let mut results = Vec::with_capacity(ios.len());
         for (io, data) in ios {

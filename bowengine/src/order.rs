@@ -103,6 +103,11 @@ pub(crate) fn append_journal(
 pub trait DurableWrites: Send + fmt::Debug {
     /// Writes each `(byte offset, bytes)` and returns once all of them are durable.
     fn write_durable(&self, writes: &[(u64, &[u8])]) -> Result<(), DeviceError>;
+
+    /// A hint before a batch is planned: it will read `len` bytes at byte `offset` (the old
+    /// contents it backs up), so the device may start reading them now, all of the batch's
+    /// reads at once instead of one after another. Nothing by default.
+    fn will_read(&self, _offset: u64, _len: u64) {}
 }
 
 /// Proof that every staged backup write of the batch is durable.

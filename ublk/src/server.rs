@@ -474,11 +474,13 @@ fn serve_queue(qid: u16, dev: &UblkDev, target: &Arc<Mutex<Target<FileDevice>>>)
         tasks.push(exe.spawn(async move { io_task(&q, tag, &t, &r).await }));
     }
     let target = target.clone();
+    let depth = usize::from(dev.dev_info.queue_depth);
     smol::block_on(exe_rc.run(async move {
         // Every request the kernel has handed over runs until it reads or waits for its
         // round; then the round is one engine batch, and its results wake the waiting tasks.
         let run_ops = || loop {
             while exe.try_tick() {}
+            gather_round(&queue, &exe, &round, &target, depth);
             let pending: Vec<Pending> = round.borrow_mut().drain(..).collect();
             if pending.is_empty() {
                 break;
@@ -502,6 +504,53 @@ fn serve_queue(qid: u16, dev: &UblkDev, target: &Arc<Mutex<Target<FileDevice>>>)
             eprintln!("bow-ublk: queue {qid}: {e:?}");
         }
     }));
+}
+
+/// How long a round that will pay ordering flushes waits for more requests, per try.
+const GATHER_WAIT: std::time::Duration = std::time::Duration::from_micros(150);
+/// Tries, each only after the previous one brought a request.
+const GATHER_TRIES: usize = 4;
+
+/// Lets more requests join a round that will pay the engine's two ordering flushes, so more
+/// backups share them. Only when the round already has two requests or more (the writers
+/// keep several in flight: the previous round's completions, handed to the kernel just before
+/// this round was reaped, bring new ones while this waits; a lone request at queue depth 1
+/// would only wait for nothing) and needs a backup (other rounds flush nothing). Each try
+/// sleeps [`GATHER_WAIT`] (the writers run meanwhile), then reaps what the kernel delivered and
+/// runs those tasks; it stops when a try brings nothing or the round is as deep as the queue.
+fn gather_round(
+    queue: &UblkQueue<'_>,
+    exe: &smol::LocalExecutor<'_>,
+    round: &Round,
+    target: &Mutex<Target<FileDevice>>,
+    depth: usize,
+) {
+    let worth_waiting = {
+        let r = round.borrow();
+        r.len() >= 2
+            && r.len() < depth
+            && target.lock().is_ok_and(|t| t.needs_ordering_flushes(r.iter().map(|p| &p.req)))
+    };
+    if !worth_waiting {
+        return;
+    }
+    for _ in 0..GATHER_TRIES {
+        let had = round.borrow().len();
+        std::thread::sleep(GATHER_WAIT);
+        // The sleep's return ran the ring's task work (COOP_TASKRUN), so the requests the
+        // kernel delivered meanwhile are in the completion queue.
+        let reaped = libublk::uring_async::ublk_reap_io_events_with_update_queue(
+            queue,
+            false,
+            None,
+            |cqe| libublk::uring_async::ublk_wake_task(cqe.user_data(), cqe),
+        );
+        while exe.try_tick() {}
+        let now = round.borrow().len();
+        if !matches!(reaped, Ok(false)) || now == had || now >= depth {
+            break;
+        }
+    }
 }
 
 async fn io_task(
