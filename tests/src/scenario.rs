@@ -267,7 +267,9 @@ const FILL_MONITOR: &str = "[monitor]\ninterval_ms = 100\nwarn_free_bytes = 1258
 /// The /data disk of the userspace-bow fill chain: small, so that the engine's backup space
 /// (what FITRIM, or on f2fs the exposed free space, gave it) runs out after a few dozen MiB.
 /// f2fs needs more: its overprovisioning and the whole free sections a pinned file needs
-/// leave the engine 12 MiB of a 128 MiB /data (measured).
+/// leave the engine 12 MiB of a 128 MiB /data (measured; growing the pinned file in steps
+/// instead of halving one request on ENOSPC gave the same 12 MiB: the free sections are the
+/// limit).
 fn fill_engine_data_bytes(fs: Fs) -> u64 {
     match fs {
         Fs::Ext4 => 128 << 20,
