@@ -37,8 +37,15 @@ pub struct Finished {
 
 /// Binaries known to run longest go first, so the phase does not end on one long binary
 /// running alone; the rest follow by name.
-const LONGEST_FIRST: &[&str] =
-    &["vm_rollback", "vm_crash", "vm_ublk", "vm_crash_ublk", "vm_binder", "vm_backends"];
+const LONGEST_FIRST: &[&str] = &[
+    "vm_rollback",
+    "vm_crash",
+    "vm_ublk",
+    "vm_crash_ublk",
+    "vm_full_userspace_bow",
+    "vm_binder",
+    "vm_backends",
+];
 
 /// The `vm_*` test binaries in `cargo test --no-run --message-format=json` output.
 pub fn parse_vm_binaries(json_lines: &str) -> Result<Vec<VmBinary>> {
