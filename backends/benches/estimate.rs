@@ -803,7 +803,7 @@ impl Server {
             .output()?;
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr);
-            return Err(format!("bow-ublk {command}: {}", err.trim()).into());
+            return Err(format!("bow-ublk {command}: {} ({})", err.trim(), out.status).into());
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }
