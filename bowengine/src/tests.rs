@@ -393,8 +393,8 @@ fn crash_suite_catches_a_log_entry_written_before_its_data() {
     assert!(c.failed > 0, "the broken order went unnoticed over {} states", c.states);
 }
 
-#[test]
-fn a_batch_issues_backups_flush_log_flush_then_user_writes() {
+/// An engine in CHECKPOINT over the crash workload's image (seed 9, 4 KiB blocks, FarEnd).
+fn armed_crash_engine() -> Engine<CrashDevice> {
     let w = crash_workload(BlockSize::B4096, 9);
     let img = base_image(w.blocks, w.bs);
     let mut engine = Engine::new(
@@ -402,15 +402,26 @@ fn a_batch_issues_backups_flush_log_flush_then_user_writes() {
         EngineConfig { block_size: w.bs, allocator: Allocator::FarEnd },
     );
     start_checkpoint(&mut engine, &w, CrashDevice::current);
-    let before = engine.device().events_without_reads().len();
-    // Two writes into in-use blocks (backups) and one into free space.
+    engine
+}
+
+/// One batch: writes into in-use blocks 1 and 2 (two backups) and into free block 45.
+fn two_backups_and_a_free_space_write(engine: &mut Engine<CrashDevice>) {
+    let bs = BlockSize::B4096;
     let ops = vec![
-        UserIo::Write { sector: Sectors(8), data: data(1, w.bs, 1) },
-        UserIo::Write { sector: Sectors(16), data: data(1, w.bs, 2) },
-        UserIo::Write { sector: Sectors(45 * 8), data: data(1, w.bs, 3) },
+        UserIo::Write { sector: Sectors(8), data: data(1, bs, 1) },
+        UserIo::Write { sector: Sectors(16), data: data(1, bs, 2) },
+        UserIo::Write { sector: Sectors(45 * 8), data: data(1, bs, 3) },
     ];
     let report = engine.submit(ops).unwrap().commit().unwrap();
     assert_eq!((report.backup_blocks, report.flushes), (2, 2));
+}
+
+#[test]
+fn a_batch_issues_backups_flush_log_flush_then_user_writes() {
+    let mut engine = armed_crash_engine();
+    let before = engine.device().events_without_reads().len();
+    two_backups_and_a_free_space_write(&mut engine);
     use blockcopy::crashdev::IoEvent::{Flush, Write};
     let events = engine.device().events_without_reads()[before..].to_vec();
     let shape: Vec<String> = events
@@ -446,23 +457,11 @@ impl crate::order::DurableWrites for RecordedDurable {
 
 #[test]
 fn with_durable_writes_the_two_ordering_points_go_through_them_and_no_device_flush() {
-    let w = crash_workload(BlockSize::B4096, 9);
-    let img = base_image(w.blocks, w.bs);
-    let mut engine = Engine::new(
-        CrashDevice::new(img, 4096),
-        EngineConfig { block_size: w.bs, allocator: Allocator::FarEnd },
-    );
-    start_checkpoint(&mut engine, &w, CrashDevice::current);
+    let mut engine = armed_crash_engine();
     let durable = RecordedDurable::default();
     engine.set_durable_writes(Box::new(durable.clone()));
     let before = engine.device().events_without_reads().len();
-    let ops = vec![
-        UserIo::Write { sector: Sectors(8), data: data(1, w.bs, 1) },
-        UserIo::Write { sector: Sectors(16), data: data(1, w.bs, 2) },
-        UserIo::Write { sector: Sectors(45 * 8), data: data(1, w.bs, 3) },
-    ];
-    let report = engine.submit(ops).unwrap().commit().unwrap();
-    assert_eq!((report.backup_blocks, report.flushes), (2, 2));
+    two_backups_and_a_free_space_write(&mut engine);
     let calls = durable.0.lock().unwrap().clone();
     assert_eq!(calls.len(), 2, "{calls:?}");
     assert_eq!(calls[0].len(), 2, "the two backups first: {calls:?}");
