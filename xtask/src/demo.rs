@@ -27,7 +27,9 @@ use crate::setup;
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
     /// The backend: `snapshot` (dm-snapshot, any kernel), `f2fs` (f2fs checkpoint=disable),
-    /// `auto` (dm-bow where the kernel has it, else snapshot) or `bow` (needs a dm-bow module).
+    /// `userspace-bow` (the userspace backup-on-write engine behind ublk; boots the 6.12
+    /// kernel), `auto` (dm-bow where the kernel has it, else snapshot) or `bow` (needs a dm-bow
+    /// module).
     #[arg(long, default_value = "snapshot")]
     backend: String,
     /// The file system on /data: `ext4` or `f2fs` (default: f2fs for the f2fs backend, else
@@ -53,8 +55,8 @@ pub fn host(args: &DemoArgs) -> Result<ExitCode> {
         Some(other) => bail!("--fs {other}: expected ext4 or f2fs"),
     };
     ensure!(
-        ["snapshot", "f2fs", "auto", "bow"].contains(&args.backend.as_str()),
-        "--backend {}: expected snapshot, f2fs, auto or bow",
+        ["snapshot", "f2fs", "userspace-bow", "auto", "bow"].contains(&args.backend.as_str()),
+        "--backend {}: expected snapshot, f2fs, userspace-bow, auto or bow",
         args.backend
     );
     ensure!(
@@ -63,11 +65,11 @@ pub fn host(args: &DemoArgs) -> Result<ExitCode> {
     );
     crate::set_extra_modules(&args.modules)?;
     setup::ensure()?;
-    build_binaries()?;
+    let mut profile = Profile::new(&args.backend, fs);
+    build_binaries(profile.needs_bow_ublk())?;
     if let Some(seed) = args.seed {
         std::env::set_var("CPD_SCENARIO_SEED", seed.to_string());
     }
-    let mut profile = Profile::new(&args.backend, fs);
     profile.transport = Transport::Binder;
     banner(&profile, &args.modules);
     let exe = std::env::current_exe().context("finding the xtask binary")?;
@@ -107,9 +109,9 @@ fn banner(profile: &Profile, modules: &[PathBuf]) {
     );
 }
 
-fn build_binaries() -> Result<()> {
+fn build_binaries(bow_ublk: bool) -> Result<()> {
     // The example updater is the demo's update client.
-    let args = [
+    let mut args = vec![
         "build",
         "--quiet",
         "-p",
@@ -121,6 +123,10 @@ fn build_binaries() -> Result<()> {
         "--bins",
         "--examples",
     ];
+    if bow_ublk {
+        // The userspace engine's server (libublk: its cargo feature).
+        args.extend(["-p", "bow-ublk", "--features", "bow-ublk/ublk"]);
+    }
     println!("demo: cargo {}", args.join(" "));
     let status = Command::new(crate::cargo())
         .args(args)
