@@ -815,19 +815,21 @@ fn commit_steps(
             })
         }
         Lower::Ublk => {
-            match server.status()?.state {
+            let committed = match server.status()?.state {
                 BowState::Checkpoint => {
                     server.send(ControlCommand::Commit)?;
                     log::info!("userspace-bow engine committed (block 0 copied back)");
+                    true
                 }
                 BowState::Trim => {
                     log::info!("userspace-bow commit: the checkpoint was never armed");
+                    false
                 }
-                BowState::Committed => {}
-            }
+                BowState::Committed => true,
+            };
             // Committed now, its trace still in the server until the stop. (An engine that was
             // never armed has none: the last checkpoint's stays.)
-            if let (Some(traces), BowState::Committed) = (traces, server.status()?.state) {
+            if let (Some(traces), true) = (traces, committed) {
                 traces.keep(server, "commit");
             }
             base.switch_to_raw()?;
@@ -1317,9 +1319,12 @@ impl Backend for UserspaceBowBackend {
             return snapshot.abort();
         }
         // The log stays for the next boot's restore; a reservation not yet handed over goes.
-        // The failed attempt's writes are a trace worth keeping too.
+        // The failed attempt's writes are a trace worth keeping too; advisory, like the trace
+        // at commit: a stack or server that cannot say where it is fails no abort.
         let (server, base, _) = self.parts();
-        if base.lower()? == Lower::Ublk && server.status()?.state == BowState::Checkpoint {
+        if matches!(base.lower(), Ok(Lower::Ublk))
+            && server.status().is_ok_and(|s| s.state == BowState::Checkpoint)
+        {
             TraceStore::new(self.records.clone(), &self.spec).keep(server.as_ref(), "abort");
         }
         let released = self.reservations().release_for(&self.spec, "userspace-bow abort")?;

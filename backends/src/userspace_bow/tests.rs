@@ -259,6 +259,14 @@ fn abort_keeps_the_failed_attempts_trace_and_the_log() {
 }
 
 #[test]
+fn abort_with_a_dead_server_still_releases_and_succeeds() {
+    // The trace is advisory: no server to ask is no reason for the abort to fail.
+    let s = setup(BowState::Checkpoint, false, Lower::Ublk);
+    assert_eq!(s.backend.abort().unwrap(), Action::Identity);
+    assert!(events(&s.events).is_empty());
+}
+
+#[test]
 fn commit_in_trim_switches_and_stops_without_an_engine_commit() {
     let s = setup(BowState::Trim, true, Lower::Ublk);
     assert_eq!(s.backend.commit().unwrap(), Action::Changed);
