@@ -11,7 +11,7 @@
 //! is `/dev/mapper/…`, and only sysfs (`/sys/dev/block/M:m/slaves/`) says what is under it.
 //! Missing that made a recovered server hold the linear device open until it stopped.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use blockdev::mountinfo::parse_mountinfo;
@@ -24,12 +24,14 @@ const MAX_DEPTH: usize = 16;
 /// directly or through devices stacked over one (as `sys_block` — `/sys/class/block` — shows
 /// their slaves), deepest (last mounted) first.
 pub fn ublk_mount_points(mountinfo: &str, sys_block: &Path) -> Vec<PathBuf> {
+    let names = device_names(sys_block);
     let mut points: Vec<PathBuf> = parse_mountinfo(mountinfo)
         .into_iter()
         .filter(|m| {
             m.source.starts_with("/dev/ublkb")
-                || device_name(sys_block, &m.dev.to_string())
-                    .is_some_and(|name| stacks_over_ublk(sys_block, &name, 0))
+                || names
+                    .get(&m.dev.to_string())
+                    .is_some_and(|name| stacks_over_ublk(sys_block, name, 0))
         })
         .map(|m| m.mount_point)
         .collect();
@@ -37,13 +39,19 @@ pub fn ublk_mount_points(mountinfo: &str, sys_block: &Path) -> Vec<PathBuf> {
     points
 }
 
-/// The kernel's name of block device `major:minor` (`dm-3`), from the `dev` files of
-/// `sys_block`; `None` for a device that is not a block device (tmpfs, 9p, ...).
-fn device_name(sys_block: &Path, dev: &str) -> Option<String> {
-    std::fs::read_dir(sys_block).ok()?.flatten().find_map(|entry| {
-        let text = std::fs::read_to_string(entry.path().join("dev")).ok()?;
-        (text.trim() == dev).then(|| entry.file_name().to_string_lossy().into_owned())
-    })
+/// `major:minor` → the kernel's name (`dm-3`) of every block device in `sys_block`, read once
+/// (a mount on no block device, tmpfs or 9p, finds none).
+fn device_names(sys_block: &Path) -> HashMap<String, String> {
+    let Ok(entries) = std::fs::read_dir(sys_block) else {
+        return HashMap::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let text = std::fs::read_to_string(entry.path().join("dev")).ok()?;
+            Some((text.trim().to_owned(), entry.file_name().to_string_lossy().into_owned()))
+        })
+        .collect()
 }
 
 /// Whether block device `name` is a ublk device or sits on one.
@@ -57,9 +65,9 @@ fn stacks_over_ublk(sys_block: &Path, name: &str, depth: usize) -> bool {
     let Ok(slaves) = std::fs::read_dir(sys_block.join(name).join("slaves")) else {
         return false;
     };
-    let names: HashSet<String> =
-        slaves.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
-    names.iter().any(|slave| stacks_over_ublk(sys_block, slave, depth + 1))
+    slaves
+        .flatten()
+        .any(|slave| stacks_over_ublk(sys_block, &slave.file_name().to_string_lossy(), depth + 1))
 }
 
 #[cfg(test)]
