@@ -19,6 +19,9 @@ use crate::paths::{self, Bench, NotInstalled};
 pub use crate::status::GuestExit;
 use crate::status::{self, Anomaly, Evidence, ScriptSpec};
 
+/// The guest CPU: vng's `-cpu max` without the fast-string flags (see `vng_command`).
+const GUEST_CPU: &str = "-cpu max,-erms,-fsrm";
+
 /// Default guest memory.
 pub const DEFAULT_MEMORY_MIB: u32 = 1024;
 /// Default guest CPU count: one. Under TCG a guest's vCPUs are host threads, and `cargo test`
@@ -387,7 +390,11 @@ impl Vm {
             .arg(format!("--rwdir={}", shared.display()))
             .arg(format!("--cwd={}", shared.display()));
         // vng joins its arguments into one shell command line; paths were checked to be safe.
-        let mut qemu = Vec::new();
+        // QEMU 7.2's TCG runs `rep movsb` one byte per helper call, and the guest kernel and glibc
+        // pick it for every copy when the CPU advertises ERMS/FSRM, as vng's `-cpu max` does.
+        // Hiding those two flags makes I/O-heavy guests about 1.4x faster and changes nothing
+        // the tests check (the last `-cpu` wins).
+        let mut qemu = vec![GUEST_CPU.to_string()];
         for (i, disk) in disks.iter().enumerate() {
             qemu.push(format!("-drive file={},if=none,id=tbd{i},format=raw", disk.display()));
             qemu.push(format!(
@@ -396,10 +403,8 @@ impl Vm {
             ));
         }
         cmd.arg("--exec").arg(script);
-        if !qemu.is_empty() {
-            // Must come last: vng's --qemu-opts takes the rest of its line.
-            cmd.arg(format!("--qemu-opts={}", qemu.join(" ")));
-        }
+        // Must come last: vng's --qemu-opts takes the rest of its line.
+        cmd.arg(format!("--qemu-opts={}", qemu.join(" ")));
         cmd
     }
 
