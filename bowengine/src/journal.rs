@@ -25,6 +25,11 @@
 //! A frame is appended before its batch issues anything. A process killed inside that `write()`
 //! leaves a short last frame (the page cache keeps a correct prefix): its batch never started,
 //! and the reader drops it. A whole frame that does not check out is damage, refused anywhere.
+//!
+//! A zero payload length (no frame has an empty payload) ends the journal: a journal appended
+//! through a memory mapping (bow-ublk's) is a file grown ahead of its contents, zero after the
+//! last frame, and such a writer stores each frame's length after the rest of it, so a process
+//! killed inside an append leaves a zero length there too. What follows is dropped.
 
 use crate::engine::Allocator;
 use bow::units::{BlockSize, Sectors, SECTOR_SIZE};
@@ -91,7 +96,8 @@ pub struct ReadJournal {
     pub entries: Vec<Entry>,
     /// `ends[i]`: the byte offset just past entry `i`'s frame.
     pub ends: Vec<usize>,
-    /// Bytes of a torn last frame that were dropped (0 if none).
+    /// Bytes after the last whole frame that were dropped (0 if none): a torn last frame, or
+    /// what follows a zero length (a mapped journal's unwritten rest, an append cut short).
     pub torn_tail: usize,
 }
 
@@ -180,6 +186,10 @@ pub fn read(
     let mut out = ReadJournal::default();
     let mut at = HEADER_BYTES;
     while at < bytes.len() {
+        if bytes.get(at..at + 4).is_some_and(|len| len == [0; 4]) {
+            out.torn_tail = bytes.len() - at;
+            break;
+        }
         match read_frame(bytes, at) {
             Ok((entry, end)) => {
                 out.entries.push(entry);
@@ -341,6 +351,27 @@ mod tests {
             let whole = all.ends.iter().filter(|&&e| e <= cut).count();
             assert_eq!(r.entries, entries[..whole], "cut at {cut}");
             assert_eq!(r.torn_tail, cut - all.ends[..whole].last().copied().unwrap_or(32));
+        }
+    }
+
+    /// A mapped journal: zero after the last frame, and an append killed before its length
+    /// store leaves a zero length followed by (part of) its body. Both end the journal there.
+    #[test]
+    fn a_zero_length_ends_the_journal_whatever_follows() {
+        let entries = sample();
+        let bytes = journal(&entries);
+        let all = read(&bytes, BlockSize::B4096, 8 << 20, Allocator::FarEnd).unwrap();
+        for (whole, &end) in all.ends.iter().enumerate() {
+            let next = all.ends.get(whole + 1).copied().unwrap_or(bytes.len());
+            let mut b = bytes[..end].to_vec();
+            // The next frame's body without its length, then the file's zero rest.
+            b.extend_from_slice(&[0; 4]);
+            b.extend_from_slice(bytes.get(end + 4..next).unwrap_or_default());
+            b.resize(b.len() + 4096, 0);
+            let r = read(&b, BlockSize::B4096, 8 << 20, Allocator::FarEnd).unwrap();
+            assert_eq!(r.entries, entries[..=whole]);
+            assert_eq!(r.ends, all.ends[..=whole]);
+            assert_eq!(r.torn_tail, b.len() - end);
         }
     }
 

@@ -282,9 +282,10 @@ fn new_target(
     if opts.passthrough {
         return Ok(Target::Passthrough(dev));
     }
-    let journal = journal::create(&opts.state_dir, dev_id)?;
-    let mut engine = Engine::with_journal(dev, engine_config(opts), Box::new(journal.file))
-        .map_err(|source| ServeError::Journal { path: journal.path, source })?;
+    let journal = journal::MappedJournal::create(&opts.state_dir, dev_id)?;
+    let journal_path = journal.path().to_owned();
+    let mut engine = Engine::with_journal(dev, engine_config(opts), Box::new(journal))
+        .map_err(|source| ServeError::Journal { path: journal_path, source })?;
     set_ordering_writes(&mut engine, path)?;
     apply_fault(&mut engine, opts);
     Ok(Target::Engine(Box::new(engine)))
@@ -327,12 +328,18 @@ fn recovered_target(
         } else {
             ""
         },
-        if recovered.torn_tail > 0 { "; a torn last frame dropped" } else { "" },
+        // A mapped journal's zero rest is dropped every time; other bytes are an append cut short.
+        if old.bytes.get(recovered.journal_len..).is_some_and(|rest| rest.iter().any(|&b| b != 0)) {
+            "; an append cut short dropped"
+        } else {
+            ""
+        },
         recovered.engine.state().value(),
     );
     let file = journal::cut(&old, recovered.journal_len)?;
+    let journal = journal::MappedJournal::new(old.path.clone(), file, recovered.journal_len)?;
     let mut engine = recovered.engine;
-    engine.resume_journal(Box::new(file));
+    engine.resume_journal(Box::new(journal));
     set_ordering_writes(&mut engine, path)?;
     apply_fault(&mut engine, opts);
     Ok(Target::Engine(Box::new(engine)))
