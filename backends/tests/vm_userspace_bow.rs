@@ -20,7 +20,14 @@
 //!
 //! A second trial cuts the power in the commit after the engine's commit and the table switch
 //! (a file already written through the new table), before the server is stopped: the next boot
-//! restores nothing, every file synced before the cut is there, `e2fsck -fn` is clean.
+//! restores nothing, every file synced before the cut is there, `e2fsck -fn` is clean, no
+//! device-mapper or ublk device is left.
+//!
+//! A third does both on **f2fs** (192 MiB, so that the free space the prepare exposes to the
+//! engine is enough), in two boots: the first runs step 2 (abort, then the next "boot"'s restore:
+//! every file of checkpoint start back bit-exact, nothing left to restore, `fsck.f2fs
+//! --dry-run` clean), arms a new checkpoint on the same disk and is cut as the second trial's;
+//! the second boot checks as the second trial's, with `fsck.f2fs`.
 //!
 //! The guest needs `bow-ublk` built with `--features bow-ublk/ublk`.
 
@@ -36,6 +43,7 @@ use backends::userspace_bow::{
 use backends::{Action, BootStack, DeviceSpec};
 use bow::restore::RestoreOptions;
 use policy::{Backend, BackendError, BackendState, RestoreOutcome, RestoreRequest};
+use testbench::device::Fs;
 use testbench::vm::{scratch_image, Kernel, Vm};
 use testbench::{cargo_bin, guest, vm_trial, Failed};
 
@@ -47,9 +55,20 @@ fn main() -> std::process::ExitCode {
     testbench::main(
         vec![
             vm_trial("userspace_bow_early_faults_abort_and_commit_table_switch", host),
-            vm_trial("userspace_bow_power_cut_between_table_switch_and_stop", host_cut),
+            vm_trial("userspace_bow_power_cut_between_table_switch_and_stop", || {
+                host_cut(Fs::Ext4, "cut-after-switch")
+            }),
+            vm_trial(
+                "userspace_bow_on_f2fs_abort_then_power_cut_between_table_switch_and_stop",
+                || host_cut(Fs::F2fs, "abort-then-cut"),
+            ),
         ],
-        &[("ubow", guest_main), ("cut-after-switch", guest_cut), ("after-cut", guest_after_cut)],
+        &[
+            ("ubow", guest_main),
+            ("cut-after-switch", guest_cut),
+            ("abort-then-cut", guest_abort_then_cut),
+            ("after-cut", guest_after_cut),
+        ],
     )
 }
 
@@ -75,49 +94,91 @@ fn host() -> Result<(), Failed> {
     Ok(())
 }
 
-/// Two boots on one disk: the commit cut by a power cut after the engine's commit and the
-/// table switch, before the server is stopped (a write already went through the new table);
-/// the next boot has nothing to restore and every file of both sides of the switch.
-fn host_cut() -> Result<(), Failed> {
-    let disk = scratch_image(128 << 20)?;
-    let out = std::process::Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-b", "4096"])
-        .arg(&disk)
-        .output()?;
-    if !out.status.success() {
-        return Err(format!("mkfs.ext4: {}", String::from_utf8_lossy(&out.stderr)).into());
-    }
+/// Two boots on one disk with `fs`: the first (guest entry `first`) ends in the commit cut by a
+/// power cut after the engine's commit and the table switch, before the server is stopped (a
+/// write already went through the new table); the next boot has nothing to restore and every
+/// file of both sides of the switch.
+fn host_cut(fs: Fs, first: &str) -> Result<(), Failed> {
+    // f2fs leaves the engine only the free space its prepare exposes (whole free sections):
+    // 12 MiB of a 128 MiB /data (docs/userspace-bow.md); 192 MiB leaves room to spare.
+    let disk = scratch_image(match fs {
+        Fs::Ext4 => 128 << 20,
+        Fs::F2fs => 192 << 20,
+    })?;
+    fs.mkfs_host(&disk)?;
+    let modules: &[&str] = match fs {
+        Fs::Ext4 => &["loop", "dm-mod"],
+        Fs::F2fs => &["loop", "dm-mod", "f2fs"],
+    };
     let vm = |name: &str| {
         Vm::new(name)
             .kernel(Kernel::Mainline612)
-            .modules(&["loop", "dm-mod"])
+            .modules(modules)
             .memory_mib(1024)
             .disk(&disk)
             .timeout(Duration::from_secs(300))
     };
-    let first = vm("userspace_bow_cut").run_self("cut-after-switch", &[])?;
+    let suffix = match fs {
+        Fs::Ext4 => "",
+        Fs::F2fs => "_f2fs",
+    };
+    let first = vm(&format!("userspace_bow_cut{suffix}")).run_self(first, &[fs.as_str()])?;
     print!("{}", first.output);
     first.expect_power_cut()?;
     // What the first boot synced, read by the second from the host's tree (the guest's root).
     let hashes = first.shared_dir.join("hashes");
-    let second = vm("userspace_bow_after_cut")
+    let second = vm(&format!("userspace_bow_after_cut{suffix}"))
         .env("UBOW_HASHES", hashes.to_string_lossy())
-        .run_self("after-cut", &[])?;
+        .run_self("after-cut", &[fs.as_str()])?;
     print!("{}", second.output);
     second.expect_success()?;
     println!("VMs {:.0} s + {:.0} s", first.duration.as_secs_f64(), second.duration.as_secs_f64());
     Ok(())
 }
 
-fn guest_cut(_: &[String]) -> Result<(), Failed> {
+/// The file system a guest entry of [`host_cut`] was given.
+fn fs_arg(args: &[String]) -> Result<Fs, Failed> {
+    let arg = args.first().map(String::as_str).unwrap_or_default();
+    [Fs::Ext4, Fs::F2fs]
+        .into_iter()
+        .find(|fs| fs.as_str() == arg)
+        .ok_or_else(|| format!("expected ext4 or f2fs as the guest's argument, got {arg:?}").into())
+}
+
+fn guest_cut(args: &[String]) -> Result<(), Failed> {
+    let fs = fs_arg(args)?;
     let raw = guest::disk(0);
-    let spec = spec(&raw);
     std::fs::create_dir_all(MNT)?;
     std::fs::create_dir_all(META)?;
     let records = Records::open(Path::new(META))?;
     std::fs::copy(cargo_bin("bow-ublk"), SERVER)?;
+    cut_after_switch(fs, &raw, records)
+}
+
+/// f2fs's first boot: step 2 (abort, the next "boot"'s restore), then a new checkpoint on the
+/// same disk whose commit the power cuts.
+fn guest_abort_then_cut(args: &[String]) -> Result<(), Failed> {
+    let fs = fs_arg(args)?;
+    let raw = guest::disk(0);
+    let spec = spec(&raw, fs);
+    std::fs::create_dir_all(MNT)?;
+    std::fs::create_dir_all(META)?;
+    let records = Records::open(Path::new(META))?;
+    std::fs::copy(cargo_bin("bow-ublk"), SERVER)?;
+    println!("kernel {}, /data {}", guest::sh("uname -r")?.trim(), fs.as_str());
+    write_old_files(fs, &raw)?;
+    abort_and_restore(fs, &UserspaceBowStack::new(options(SERVER, 20_000)), &spec, &records, &raw)?;
+    cut_after_switch(fs, &raw, records)
+}
+
+/// A checkpoint armed on `raw` (with `fs`), files changed, then the commit's first two steps by
+/// hand and a file written through the new table; the power goes before the server stops.
+/// The files' hashes, all synced, go to the shared folder's `hashes` for the next boot.
+fn cut_after_switch(fs: Fs, raw: &Path, records: Records) -> Result<(), Failed> {
+    let spec = spec(raw, fs);
     guest::sh(&format!(
-        "mount -t ext4 {} {MNT} && head -c 1M /dev/urandom > {MNT}/old && sync && umount {MNT}",
+        "mount -t {} {} {MNT} && head -c 1M /dev/urandom > {MNT}/old && sync && umount {MNT}",
+        fs.as_str(),
         raw.display()
     ))?;
     let opts = options(SERVER, 20_000);
@@ -152,12 +213,13 @@ fn guest_cut(_: &[String]) -> Result<(), Failed> {
     guest::power_cut()
 }
 
-fn guest_after_cut(_: &[String]) -> Result<(), Failed> {
+fn guest_after_cut(args: &[String]) -> Result<(), Failed> {
+    let fs = fs_arg(args)?;
     let raw = guest::disk(0);
     std::fs::create_dir_all(MNT)?;
     std::fs::create_dir_all(META)?;
     let backend = UserspaceBowBackend::new(
-        spec(&raw),
+        spec(&raw, fs),
         options(SERVER, 20_000),
         RestoreOptions::default(),
         Records::open(Path::new(META))?,
@@ -167,7 +229,7 @@ fn guest_after_cut(_: &[String]) -> Result<(), Failed> {
         report.outcome == RestoreOutcome::NothingToRestore,
         format!("nothing to restore after the cut ({:?})", report.outcome),
     )?;
-    guest::sh(&format!("mount -t ext4 {} {MNT}", raw.display()))?;
+    guest::sh(&format!("mount -t {} {} {MNT}", fs.as_str(), raw.display()))?;
     let want = std::fs::read_to_string(std::env::var("UBOW_HASHES")?)?;
     let got = files_hashes()?;
     ensure(
@@ -175,8 +237,41 @@ fn guest_after_cut(_: &[String]) -> Result<(), Failed> {
         "the files written before and after the switch are there",
     )?;
     ensure(!want.is_empty() && got == want, "every file as synced before the cut")?;
-    guest::sh(&format!("umount {MNT} && e2fsck -fn {} >/dev/null", raw.display()))?;
-    ensure(true, "e2fsck -fn clean")
+    guest::sh(&format!("umount {MNT}"))?;
+    fsck_clean(fs, &raw)?;
+    let left = leftovers()?;
+    ensure(left.is_empty(), format!("no dm/ublk device or server left {left:?}"))
+}
+
+/// `fs`'s read-only check of the unmounted `device` (testbench's: `e2fsck -fn`, or
+/// `fsck.f2fs --dry-run` with its report read, since it exits 0 on problems) passes; on f2fs
+/// its checks must have run (`[Ok..]` lines), and both superblocks must be valid: with the
+/// engine's log still in block 0 fsck.f2fs reads the second superblock, says so, and passes.
+fn fsck_clean(fs: Fs, device: &Path) -> Result<(), Failed> {
+    let report = fs.fsck(device)?;
+    match fs {
+        Fs::Ext4 => ensure(
+            true,
+            format!("e2fsck -fn clean: {}", report.lines().last().unwrap_or_default().trim()),
+        ),
+        Fs::F2fs => {
+            if report.contains("Can't find a valid F2FS superblock") {
+                return Err(format!(
+                    "fsck.f2fs --dry-run {}: a superblock is not valid\n{report}",
+                    device.display()
+                )
+                .into());
+            }
+            let passed = report.lines().filter(|l| l.contains("[Ok..]")).count();
+            ensure(
+                passed > 0,
+                format!(
+                    "fsck.f2fs --dry-run clean: both superblocks valid, {passed} checks [Ok..], \
+                     none failed"
+                ),
+            )
+        }
+    }
 }
 
 fn ensure(cond: bool, msg: impl Into<String>) -> Result<(), Failed> {
@@ -188,11 +283,11 @@ fn ensure(cond: bool, msg: impl Into<String>) -> Result<(), Failed> {
     }
 }
 
-fn spec(raw: &Path) -> DeviceSpec {
+fn spec(raw: &Path, fs: Fs) -> DeviceSpec {
     DeviceSpec {
         raw: raw.to_owned(),
         mount_point: PathBuf::from(MNT),
-        fs_type: Some("ext4".into()),
+        fs_type: Some(fs.as_str().into()),
         mount_options: String::new(),
         instance: "data".into(),
     }
@@ -271,19 +366,14 @@ fn files_hashes() -> Result<String, Failed> {
 
 fn guest_main(_: &[String]) -> Result<(), Failed> {
     let raw = guest::disk(0);
-    let spec = spec(&raw);
+    let spec = spec(&raw, Fs::Ext4);
     std::fs::create_dir_all(MNT)?;
     std::fs::create_dir_all(META)?;
     let records = Records::open(Path::new(META))?;
     std::fs::copy(cargo_bin("bow-ublk"), SERVER)?;
     println!("kernel {}", guest::sh("uname -r")?.trim());
 
-    // Files from before any checkpoint.
-    guest::sh(&format!(
-        "mount -t ext4 {} {MNT} && for i in 1 2 3 4 5 6; do head -c 512K /dev/urandom > {MNT}/old$i; done \
-         && sync && umount {MNT}",
-        raw.display()
-    ))?;
+    write_old_files(Fs::Ext4, &raw)?;
     let hash = raw_hash(&raw)?;
 
     // ---- 1a. no ublk module ----
@@ -385,27 +475,7 @@ fn guest_main(_: &[String]) -> Result<(), Failed> {
             records.clone(),
         )?)
     };
-    let before = checkpointed_session(&stack, &spec, &backend()?, false)?;
-    println!("  abort: {:?}", backend()?.abort()?);
-    // The failed attempt's writes (1 MiB rewritten, 2 MiB new, in 4 KiB blocks) kept as a trace.
-    kept_trace(&spec, &records, &raw, 3 << 20, "after abort")?;
-    next_boot(&stack, &spec, &backend()?, &raw)?;
-    match backend()?
-        .restore(&raw.to_string_lossy(), &RestoreRequest::default(), &|_, _| {})?
-        .outcome
-    {
-        RestoreOutcome::Restored { entries } => {
-            ensure(entries > 0, format!("restored {entries} log entries"))?
-        }
-        other => return Err(format!("restore after abort: {other:?}").into()),
-    }
-    guest::sh(&format!("e2fsck -fn {} >/dev/null", raw.display()))?;
-    guest::sh(&format!("mount -t ext4 {} {MNT}", raw.display()))?;
-    ensure(
-        files_hashes()? == before,
-        "after abort and restore: every file as at checkpoint start",
-    )?;
-    guest::sh(&format!("umount {MNT}"))?;
+    abort_and_restore(Fs::Ext4, &stack, &spec, &records, &raw)?;
 
     // ---- 3. commit: the table switch ----
     checkpointed_session(&stack, &spec, &backend()?, true)?;
@@ -465,6 +535,67 @@ fn guest_main(_: &[String]) -> Result<(), Failed> {
     guest::sh(&format!("umount {MNT}"))?;
     let left = leftovers()?;
     ensure(left.is_empty(), format!("nothing left at the end {left:?}"))?;
+    Ok(())
+}
+
+/// Files from before any checkpoint: `old1`..`old6`, 512 KiB each, on the raw device.
+fn write_old_files(fs: Fs, raw: &Path) -> Result<(), Failed> {
+    guest::sh(&format!(
+        "mount -t {} {} {MNT} && for i in 1 2 3 4 5 6; do head -c 512K /dev/urandom > {MNT}/old$i; done \
+         && sync && umount {MNT}",
+        fs.as_str(),
+        raw.display()
+    ))?;
+    Ok(())
+}
+
+/// Step 2: the real server's stack set up and mounted, the checkpoint armed, files changed,
+/// abort (its write trace kept); then the next "boot": unmount, teardown, restore of the
+/// engine's log. Every file of checkpoint start is back bit-exact, the checkpoint is gone (a
+/// second restore finds nothing), `fs`'s check is clean. Ends with /data unmounted.
+fn abort_and_restore(
+    fs: Fs,
+    stack: &UserspaceBowStack,
+    spec: &DeviceSpec,
+    records: &Records,
+    raw: &Path,
+) -> Result<(), Failed> {
+    let backend = || -> Result<UserspaceBowBackend, Failed> {
+        Ok(UserspaceBowBackend::new(
+            spec.clone(),
+            options(SERVER, 20_000),
+            RestoreOptions::default(),
+            records.clone(),
+        )?)
+    };
+    let before = checkpointed_session(stack, spec, &backend()?, false)?;
+    println!("  abort: {:?}", backend()?.abort()?);
+    // The failed attempt's writes (1 MiB rewritten, 2 MiB new, in 4 KiB blocks) kept as a trace.
+    kept_trace(spec, records, raw, 3 << 20, "after abort")?;
+    next_boot(stack, spec, &backend()?, raw)?;
+    let restore = || {
+        backend()?
+            .restore(&raw.to_string_lossy(), &RestoreRequest::default(), &|_, _| {})
+            .map_err(Failed::from)
+    };
+    match restore()?.outcome {
+        RestoreOutcome::Restored { entries } => {
+            ensure(entries > 0, format!("restored {entries} log entries"))?
+        }
+        other => return Err(format!("restore after abort: {other:?}").into()),
+    }
+    let again = restore()?.outcome;
+    ensure(
+        again == RestoreOutcome::NothingToRestore,
+        format!("the checkpoint is gone: a second restore finds {again:?}"),
+    )?;
+    fsck_clean(fs, raw)?;
+    guest::sh(&format!("mount -t {} {} {MNT}", fs.as_str(), raw.display()))?;
+    ensure(
+        files_hashes()? == before,
+        "after abort and restore: every file as at checkpoint start",
+    )?;
+    guest::sh(&format!("umount {MNT}"))?;
     Ok(())
 }
 
