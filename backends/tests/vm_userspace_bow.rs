@@ -168,6 +168,13 @@ fn guest_abort_then_cut(args: &[String]) -> Result<(), Failed> {
     println!("kernel {}, /data {}", guest::sh("uname -r")?.trim(), fs.as_str());
     write_old_files(fs, &raw)?;
     abort_and_restore(fs, &UserspaceBowStack::new(options(SERVER, 20_000)), &spec, &records, &raw)?;
+    // f2fs discards its free space when it unmounts the armed checkpoint: the engine must take
+    // that without spending backup space (it once emptied the pool, refusing with ENOSPC).
+    let dmesg = guest::sh("dmesg")?;
+    ensure(
+        !dmesg.contains("critical space allocation error"),
+        "no request refused for want of backup space",
+    )?;
     cut_after_switch(fs, &raw, records)
 }
 

@@ -865,6 +865,15 @@ impl<D: BlockDevice> Engine<D> {
         if sectors > 0 {
             self.record(Record::discard(sector, sectors));
         }
+        // A discard in CHECKPOINT changes nothing with the far-end allocator. BlockDevice has no
+        // discard, so the data stays on the device either way; dm-bow's way (back the range up as
+        // a write, for the discard it forwards) would spend backup space on it, and turn the
+        // free blocks in it CHANGED, taking them out of the backup pool, where f2fs discarding
+        // its free space at unmount emptied the pool. The dm-bow allocator keeps dm-bow's
+        // behaviour, which is what it is there to reproduce.
+        if self.io.allocator == Allocator::FarEnd && self.worker.state() == BowState::Checkpoint {
+            return Ok(DiscardAction::Forwarded { pieces: Vec::new() });
+        }
         // BlockDevice has no discard: a forwarded discard leaves the data (as the model's).
         self.worker.discard(&mut self.io, sector, len, true)
     }

@@ -755,3 +755,48 @@ fn frames_of_rewrites_wait_for_the_next_frame_and_a_replay_without_them_decides_
     assert_eq!(recovered.engine.trace(), engine.trace());
     assert_eq!(recovered.engine.stats(), engine.stats());
 }
+
+/// A discard in CHECKPOINT: with the far-end allocator it changes nothing (no copy, no block
+/// taken out of the pool, the copies in the discarded free space kept), and a later write to the
+/// discarded in-use blocks is still backed up, so the log restores exactly. dm-bow's allocator
+/// keeps dm-bow's behaviour: the discard is backed up like a write.
+#[test]
+fn a_discard_in_checkpoint_costs_the_far_end_engine_nothing() {
+    let bs = BlockSize::B4096;
+    let w = Workload {
+        bs,
+        blocks: 512,
+        trim: vec![Op::Discard { block: 256, blocks: 256 }],
+        batches: Vec::new(),
+    };
+    for allocator in [Allocator::FarEnd, Allocator::DmBow] {
+        let img = base_image(w.blocks, bs);
+        let mut engine =
+            Engine::new(MemDevice::from_bytes(img), EngineConfig { block_size: bs, allocator });
+        let pre = start_checkpoint(&mut engine, &w, MemDevice::snapshot);
+        // Two in-use blocks backed up, then a discard over in-use blocks (including those two),
+        // and the whole free half, where the copies went.
+        let write = vec![Op::Write { block: 10, blocks: 2, seed: 1 }];
+        engine.submit(ios(&write, bs)).unwrap().commit().unwrap();
+        let before = (engine.space(), engine.stats().backups);
+        let discard =
+            vec![Op::Discard { block: 8, blocks: 24 }, Op::Discard { block: 256, blocks: 256 }];
+        engine.submit(ios(&discard, bs)).unwrap().commit().unwrap();
+        let after = (engine.space(), engine.stats().backups);
+        match allocator {
+            Allocator::FarEnd => assert_eq!(after, before, "a discard changed the far-end engine"),
+            Allocator::DmBow => assert!(
+                after.0.free_bytes < before.0.free_bytes,
+                "dm-bow's allocator no longer backs a discard up: {before:?} -> {after:?}"
+            ),
+        }
+        // The discarded in-use blocks are written now: backed up first, restored after.
+        let rewrite = vec![Op::Write { block: 8, blocks: 24, seed: 2 }];
+        if let Err(e) = engine.submit(ios(&rewrite, bs)).and_then(|b| b.commit()) {
+            panic!("{allocator:?}: {e}");
+        }
+        engine.flush().unwrap();
+        restored_matches(engine.device().snapshot(), &pre, bs)
+            .unwrap_or_else(|e| panic!("{allocator:?}: {e}"));
+    }
+}
