@@ -9,14 +9,14 @@ use blockcopy::device::{BlockDevice, DeviceError};
 use bow::format::{LogEntry, LogHeader, ENTRY_SIZE, HEADER_SIZE_V1_0};
 use bow::model::worker::{head_of_free_list, read_sources, FreePiece, StepError, Worker, WorkerIo};
 use bow::model::{
-    BlkStatus, BowEngine, BowState, DiscardAction, EngineError, PieceAction, Progress, RangeMap,
-    RangeType, ReadAction, StateChange, WriteAction,
+    BlkStatus, BowEngine, BowState, DiscardAction, EngineError, Progress, RangeMap, RangeType,
+    ReadAction, StateChange, WriteAction,
 };
 use bow::units::{BlockSize, Sectors, SECTOR_SIZE};
 use checkpoint_estimate::{Record, Trace};
 
 use crate::journal::{self, Entry, JournalError, JournalIo};
-use crate::order::{append_journal, Deferral, DurableWrites, JournalSink, Staged};
+use crate::order::{append_journal, DurableWrites, JournalSink, Staged};
 
 /// Where backup blocks come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -139,12 +139,7 @@ impl<D: BlockDevice> Batch<'_, D> {
         let issued = if self.engine.io.replay {
             Ok(staged.replay_commit())
         } else {
-            let deferral = if staged.only_user_writes() && self.changes_no_decision() {
-                Deferral::Deferrable
-            } else {
-                Deferral::Now
-            };
-            match append_journal(self.engine.journal.as_mut(), &self.frame, deferral) {
+            match append_journal(self.engine.journal.as_mut(), &self.frame) {
                 Ok(journaled) => staged.commit(
                     &self.engine.io.dev,
                     self.engine.durable.as_deref(),
@@ -169,20 +164,6 @@ impl<D: BlockDevice> Batch<'_, D> {
             results: std::mem::take(&mut self.results),
             backup_blocks,
             flushes: issued.flushes,
-        })
-    }
-}
-
-impl<D: BlockDevice> Batch<'_, D> {
-    /// Whether every I/O of the batch was a write wholly inside CHANGED ranges: the range map,
-    /// the log and the allocator are as they were, so a replay without the batch decides the
-    /// same (its journal frame may wait, [`Deferral::Deferrable`]).
-    fn changes_no_decision(&self) -> bool {
-        self.results.iter().all(|r| match r {
-            Ok(IoOutcome::Write(WriteAction::Checkpointed { pieces, sector0_to: None })) => {
-                pieces.iter().all(|p| p.action == PieceAction::AlreadyChanged)
-            }
-            _ => false,
         })
     }
 }
@@ -896,7 +877,7 @@ impl<D: BlockDevice> BowEngine for Engine<D> {
             None
         } else {
             let frame = journal::frame(&Entry::State(to.value()));
-            match append_journal(self.journal.as_mut(), &frame, Deferral::Now) {
+            match append_journal(self.journal.as_mut(), &frame) {
                 Ok(j) => Some(j),
                 Err(source) => {
                     return Err(EngineError::Device(DeviceError::Io { offset: 0, source }))
@@ -969,7 +950,7 @@ impl<D: BlockDevice> BowEngine for Engine<D> {
         self.record(Record::Flush);
         if !self.io.replay {
             let frame = journal::frame(&Entry::Flush);
-            append_journal(self.journal.as_mut(), &frame, Deferral::Now)
+            append_journal(self.journal.as_mut(), &frame)
                 .map_err(|source| DeviceError::Io { offset: 0, source })?;
             self.io.dev.flush()?;
         }

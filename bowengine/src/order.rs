@@ -32,64 +32,37 @@ use blockcopy::device::{BlockDevice, DeviceError};
 #[derive(Debug)]
 pub struct Journaled(());
 
-/// Where the engine appends its journal frames: a file on a tmpfs in the server (plain
-/// `write()`s, no sync: it must survive the process, not the machine), a buffer in tests.
-///
-/// Frames of batches that change no decision ([`Deferral::Deferrable`]: writes wholly inside
-/// CHANGED ranges) are held in memory and written with the next frame that does, at the next
-/// user flush, or once [`DEFERRED_LIMIT`] bytes are held: a server that dies loses them, and a
-/// replay without them makes the same decisions (same range map, log and allocator); only the
-/// rebuilt trace and batch count miss those writes. That saves a `write()` per such batch.
+/// Where the engine appends its journal frames: a file on a tmpfs in the server (appended
+/// through a shared mapping, bow-ublk's `MappedJournal`; never synced: it must survive the
+/// process, not the machine), a buffer in tests. Every frame is appended before its batch
+/// touches the device, so a replay rebuilds every decision and the whole write trace. (Until
+/// the journal was mapped, frames of batches that changed no decision were held in memory to
+/// save a `write()` each, and a server that died lost them from its rebuilt trace.)
 pub struct JournalSink {
     out: Box<dyn Write + Send>,
-    deferred: Vec<u8>,
-}
-
-/// Bytes of deferred frames held before they are written anyway (about 8 000 one-write
-/// batches).
-pub const DEFERRED_LIMIT: usize = 64 << 10;
-
-/// Whether a frame must be in the journal before its step touches the device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Deferral {
-    /// The step changes decisions (range map, log, allocator, state) or is a user flush.
-    Now,
-    /// The step changes no decision; its frame may wait for the next one written.
-    Deferrable,
 }
 
 impl JournalSink {
     /// A sink over `out`.
     pub fn new(out: Box<dyn Write + Send>) -> JournalSink {
-        JournalSink { out, deferred: Vec::new() }
+        JournalSink { out }
     }
 }
 
 impl fmt::Debug for JournalSink {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "JournalSink {{ deferred: {} bytes }}", self.deferred.len())
+        f.write_str("JournalSink")
     }
 }
 
-/// Step 0: appends `frame` to the journal, if one is kept: written at once (with any deferred
-/// frames before it, one `write`), or held when `deferral` allows.
+/// Step 0: appends `frame` to the journal, if one is kept.
 pub(crate) fn append_journal(
     sink: Option<&mut JournalSink>,
     frame: &[u8],
-    deferral: Deferral,
 ) -> std::io::Result<Journaled> {
     if let Some(s) = sink {
-        if deferral == Deferral::Deferrable && s.deferred.len() + frame.len() < DEFERRED_LIMIT {
-            s.deferred.extend_from_slice(frame);
-        } else if s.deferred.is_empty() {
-            s.out.write_all(frame)?;
-            s.out.flush()?;
-        } else {
-            s.deferred.extend_from_slice(frame);
-            s.out.write_all(&s.deferred)?;
-            s.out.flush()?;
-            s.deferred.clear();
-        }
+        s.out.write_all(frame)?;
+        s.out.flush()?;
     }
     Ok(Journaled(()))
 }
@@ -146,11 +119,6 @@ pub(crate) struct Staged {
 impl Staged {
     pub(crate) fn is_empty(&self) -> bool {
         self.backups.is_empty() && self.log.is_none() && self.user.is_empty()
-    }
-
-    /// Whether the batch staged no backup and no log change.
-    pub(crate) fn only_user_writes(&self) -> bool {
-        self.backups.is_empty() && self.log.is_none()
     }
 
     pub(crate) fn backup_blocks(&self) -> usize {
