@@ -19,9 +19,12 @@
 //!    the commit: then /data must be exactly the old or exactly the new data).
 //! 6. `after-commit`: the new data is kept; no COW file, no DM or loop device left; fsck clean.
 //!
-//! The chains run with snapshot (ext4, f2fs), f2fs `checkpoint=disable`, and userspace-bow
-//! (ext4 with the commit cut by a power cut, f2fs with a clean commit that must leave /data
-//! writable on the raw partition with no ublk device), on the backend's kernel.
+//! The chains run with snapshot (ext4), f2fs `checkpoint=disable`, and userspace-bow (ext4 and
+//! f2fs, each with the commit cut by a power cut), on the backend's kernel. Snapshot on f2fs
+//! (not what `auto` picks on f2fs) had a chain here too until 2026-12-06; it was dropped to keep
+//! `cargo xtask test` under 30 minutes: its boot flow is the ext4 chain's, and the f2fs side
+//! (the pinned COW file, a rollback after a power cut) is `vm_backends`'
+//! `f2fs_snapshot_and_checkpoint_disable_with_power_cut`.
 
 use testbench::device::{Fs, Profile};
 use testbench::scenario::{abort_chain, chain, fill_chain, guest_step, Commit, Fill, Launcher};
@@ -33,10 +36,6 @@ fn main() -> std::process::ExitCode {
             vm_trial("snapshot_on_ext4_rolls_back_power_cut_boots_and_commits", || {
                 let profile = Profile::new("snapshot", Fs::Ext4);
                 chain("snap-ext4", &profile, Commit::PowerCutDuring, &Launcher::SelfEntry, false)
-            }),
-            vm_trial("snapshot_on_f2fs_rolls_back_power_cut_boots_and_commits", || {
-                let profile = Profile::new("snapshot", Fs::F2fs);
-                chain("snap-f2fs", &profile, Commit::Clean, &Launcher::SelfEntry, false)
             }),
             vm_trial("f2fs_checkpoint_disable_rolls_back_power_cut_boots_and_commits", || {
                 let profile = Profile::new("f2fs", Fs::F2fs);
