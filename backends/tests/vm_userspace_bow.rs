@@ -474,14 +474,7 @@ fn guest_main(_: &[String]) -> Result<(), Failed> {
 
     // ---- 2. the real server: setup, prepare, changes, abort, rollback ----
     let stack = UserspaceBowStack::new(options(SERVER, 20_000));
-    let backend = || -> Result<UserspaceBowBackend, Failed> {
-        Ok(UserspaceBowBackend::new(
-            spec.clone(),
-            options(SERVER, 20_000),
-            RestoreOptions::default(),
-            records.clone(),
-        )?)
-    };
+    let backend = || real_backend(&spec, &records);
     abort_and_restore(Fs::Ext4, &stack, &spec, &records, &raw)?;
 
     // ---- 3. commit: the table switch ----
@@ -556,6 +549,16 @@ fn write_old_files(fs: Fs, raw: &Path) -> Result<(), Failed> {
     Ok(())
 }
 
+/// The backend over the real server at `SERVER`, as the daemon builds it.
+fn real_backend(spec: &DeviceSpec, records: &Records) -> Result<UserspaceBowBackend, Failed> {
+    Ok(UserspaceBowBackend::new(
+        spec.clone(),
+        options(SERVER, 20_000),
+        RestoreOptions::default(),
+        records.clone(),
+    )?)
+}
+
 /// Step 2: the real server's stack set up and mounted, the checkpoint armed, files changed,
 /// abort (its write trace kept); then the next "boot": unmount, teardown, restore of the
 /// engine's log. Every file of checkpoint start is back bit-exact, the checkpoint is gone (a
@@ -567,14 +570,7 @@ fn abort_and_restore(
     records: &Records,
     raw: &Path,
 ) -> Result<(), Failed> {
-    let backend = || -> Result<UserspaceBowBackend, Failed> {
-        Ok(UserspaceBowBackend::new(
-            spec.clone(),
-            options(SERVER, 20_000),
-            RestoreOptions::default(),
-            records.clone(),
-        )?)
-    };
+    let backend = || real_backend(spec, records);
     let before = checkpointed_session(stack, spec, &backend()?, false)?;
     println!("  abort: {:?}", backend()?.abort()?);
     // The failed attempt's writes (1 MiB rewritten, 2 MiB new, in 4 KiB blocks) kept as a trace.
