@@ -392,8 +392,9 @@ impl Vm {
         // vng joins its arguments into one shell command line; paths were checked to be safe.
         // QEMU 7.2's TCG runs `rep movsb` one byte per helper call, and the guest kernel and glibc
         // pick it for every copy when the CPU advertises ERMS/FSRM, as vng's `-cpu max` does.
-        // Hiding those two flags makes I/O-heavy guests about 1.4x faster and changes nothing
-        // the tests check (the last `-cpu` wins).
+        // Hiding those two flags made page-cache copies 2.2x faster and vm_full_userspace_bow's
+        // ext4 chain 1.25x (docs/testing.md), and changes nothing the tests check (the last
+        // `-cpu` wins).
         let mut qemu = vec![GUEST_CPU.to_string()];
         for (i, disk) in disks.iter().enumerate() {
             qemu.push(format!("-drive file={},if=none,id=tbd{i},format=raw", disk.display()));
