@@ -728,6 +728,15 @@ impl SnapshotBackend {
                 reason: other.to_string(),
             },
         })?;
+        if r.skipped_in_cow_file > 0 {
+            // Harmless for the data (docs/snapcow.md, step 4), but something wrote into the
+            // COW file through the origin during the boot: worth knowing.
+            log::warn!(
+                "userspace merge of {}: {} saved chunks of the COW file's own unused blocks left                  out (the file system wrote them during the checkpoint)",
+                self.spec.raw.display(),
+                r.skipped_in_cow_file
+            );
+        }
         // The raw device and a base device over it may cache blocks from before the merge.
         drop_raw_cache(&self.spec)?;
         let base = self.name(Role::Base)?;

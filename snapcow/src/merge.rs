@@ -57,6 +57,9 @@ pub struct MergeReport {
     /// [`MergeOptions::limit`] stopped the merge before the commit point: the store is still
     /// valid (and `bytes_copied` counts only the copies made).
     pub limit_reached: bool,
+    /// Exceptions left out because their origin chunk lies in the COW file past the store
+    /// (see [`merge`]): chunks of checkpointd's own file that no one reads.
+    pub skipped_in_cow_file: u64,
 }
 
 /// Broad classes of [`MergeError`] that callers branch on.
@@ -142,9 +145,10 @@ pub fn merge<D: BlockDevice + ?Sized>(
     store.check_origin(raw.size())?;
     let total = u64::try_from(store.exceptions.len()).unwrap_or(u64::MAX);
     let limited = opts.limit.is_some_and(|n| n < total);
-    // Hazards are judged on the whole store, so a limited run refuses exactly what a whole
-    // one would.
-    let mut plan = plan(raw.size(), &cow, &store)?;
+    // Where the store ends is judged on the whole store, and so are hazards, so a limited
+    // run skips and refuses exactly what a whole one would.
+    let store_end = store_end(&cow, &store);
+    let (mut plan, skipped) = plan(raw.size(), &cow, &store, store_end)?;
     let hazards = plan.hazards(Layout::SameDevice);
     if !hazards.is_empty() {
         return Err(MergeError::Hazard { blocks: hazards.blocks, block_size: plan.block_size() });
@@ -152,7 +156,7 @@ pub fn merge<D: BlockDevice + ?Sized>(
     if let (true, Some(n)) = (limited, opts.limit) {
         let mut part = store.clone();
         part.exceptions.truncate(usize::try_from(n).unwrap_or(usize::MAX));
-        plan = self::plan(raw.size(), &cow, &part)?;
+        plan = self::plan(raw.size(), &cow, &part, store_end)?.0;
     }
     let report = MergeReport {
         had_store: true,
@@ -160,6 +164,7 @@ pub fn merge<D: BlockDevice + ?Sized>(
         bytes_copied: plan.bytes(),
         chunk_bytes: store.chunk_bytes(),
         limit_reached: limited,
+        skipped_in_cow_file: skipped,
     };
     if opts.dry_run {
         return Ok(report);
@@ -216,29 +221,63 @@ fn block_size(raw_size: u64, extents: &[Extent], chunk_bytes: u64) -> Result<u64
     Ok(bits)
 }
 
+/// The end of what the merge reads in the COW file (bytes from its start): the header, the
+/// metadata areas up to the last one and the saved chunks (`CowStore::used_bytes`), capped at
+/// the file's length. The kernel never wrote past it in this store.
+fn store_end<D: BlockDevice + ?Sized>(cow: &ExtentDevice<'_, D>, store: &CowStore) -> u64 {
+    let areas_end = store
+        .chunk()
+        .area_location(store.last_area)
+        .and_then(|c| c.checked_add(1))
+        .and_then(|c| c.checked_mul(store.chunk_bytes()))
+        .unwrap_or(u64::MAX);
+    store.used_bytes().max(areas_end).min(cow.size())
+}
+
 /// The copies: every exception's origin chunk (clipped to the device's end) ← its COW chunk,
-/// translated through the extent map; the whole COW file protected.
+/// translated through the extent map, with the store (the COW file up to `store_end`)
+/// protected; and how many exceptions were left out.
+///
+/// An exception whose origin chunk lies wholly in the COW file *past* `store_end` is left out:
+/// in the image being restored those blocks belong to the COW file (checkpointd's own, removed
+/// after the rollback), so their old content means nothing, and the kernel never stored
+/// anything there, so the file system writing them during the boot damaged nothing the merge
+/// reads. Restoring them would be harmless but would write into the file the merge reads, so
+/// it is not done. One that touches the store itself is kept and refused as a hazard: the boot
+/// may have overwritten the store.
 fn plan<D: BlockDevice + ?Sized>(
     raw_size: u64,
     cow: &ExtentDevice<'_, D>,
     store: &CowStore,
-) -> Result<CopyPlan, MergeError> {
+    store_end: u64,
+) -> Result<(CopyPlan, u64), MergeError> {
     let cb = store.chunk_bytes();
     let bs = block_size(raw_size, cow.extents(), cb)?;
+    let tail = cow.physical_ranges(store_end, cow.size() - store_end)?;
+    let in_tail = |at: u64, len: u64| {
+        tail.iter().any(|&(start, n)| start <= at && at.saturating_add(len) <= start + n)
+    };
     let mut copies = Vec::with_capacity(store.exceptions.len());
+    let mut skipped = 0u64;
     for e in &store.exceptions {
         // `check_origin` and the parser bound both chunk numbers by device sizes.
         let target = e.old_chunk * cb;
         let len = cb.min(raw_size - target);
+        if in_tail(target, len) {
+            skipped += 1;
+            continue;
+        }
         let mut at = target;
         for (physical, n) in cow.physical_ranges(e.new_chunk * cb, len)? {
             copies.push(BlockCopy { target: at / bs, source: physical / bs, blocks: n / bs });
             at += n;
         }
     }
-    let protected =
-        cow.extents().iter().map(|x| BlockRange { start: x.physical / bs, blocks: x.len / bs });
-    Ok(CopyPlan::new(bs, copies)?.protect(protected)?)
+    let protected = cow
+        .physical_ranges(0, store_end)?
+        .into_iter()
+        .map(|(physical, n)| BlockRange { start: physical / bs, blocks: n.div_ceil(bs) });
+    Ok((CopyPlan::new(bs, copies)?.protect(protected)?, skipped))
 }
 
 #[cfg(test)]
@@ -345,6 +384,7 @@ mod tests {
                     bytes_copied: u64::try_from(s.exceptions).unwrap() * cb,
                     chunk_bytes: cb,
                     limit_reached: false,
+                    skipped_in_cow_file: 0,
                 }
             );
             assert_eq!(last, (report.bytes_copied, report.bytes_copied));
@@ -443,6 +483,9 @@ mod tests {
         let store = read_store(&cow).unwrap().unwrap();
         let mut records = store.exceptions.clone();
         let free = store.used_bytes() / 4096;
+        // Chunk 25 is the file's chunk 9 (extent 2 starts at file offset 32 KiB), which the
+        // store uses: the boot may have overwritten the store.
+        assert!(free > 9, "the store reaches the file's chunk 9");
         records.push(crate::format::Exception { old_chunk: 25, new_chunk: free });
         let area = store.chunk().area_location(0).unwrap() * 4096;
         for (i, r) in records.iter().enumerate() {
@@ -455,6 +498,43 @@ mod tests {
         assert_eq!(err.kind(), ErrorKind::Unsupported);
         assert_eq!(crash.write_count(), 0);
         assert!(crash.events().iter().all(|e| !matches!(e, IoEvent::Flush)));
+    }
+
+    #[test]
+    fn a_chunk_of_the_cow_file_past_the_store_is_left_out_and_the_rest_restored() {
+        let s = scenario(8, 10, 5, 256 * KIB);
+        let raw = MemDevice::from_bytes(s.after.clone());
+        let cow = ExtentDevice::new(&raw, &extents()).unwrap();
+        // The file system wrote origin chunk 46 (184..188 KiB) during the boot: the last 4 KiB
+        // of the COW file (file offset 92 KiB in extent 3), which the store never reached.
+        let store = read_store(&cow).unwrap().unwrap();
+        let free = store.used_bytes() / 4096;
+        assert!(free < 23, "the store must end before the file's last chunk");
+        let mut records = store.exceptions.clone();
+        records.push(crate::format::Exception { old_chunk: 46, new_chunk: free });
+        let area = store.chunk().area_location(0).unwrap() * 4096;
+        for (i, r) in records.iter().enumerate() {
+            cow.write_at(&r.encode(), area + u64::try_from(i * 16).unwrap()).unwrap();
+        }
+        // Its saved "old content" and what the boot left there differ.
+        cow.write_at(&[0xAB; 4096], free * 4096).unwrap();
+        let boot_wrote = [0xCD; 4096];
+        raw.write_at(&boot_wrote, 184 * KIB).unwrap();
+        let mut want = s.want.clone();
+        let tail = usize::try_from(184 * KIB).unwrap();
+        want[tail..tail + 4096].copy_from_slice(&boot_wrote);
+        // The saved chunk lies in the COW file, whose bytes a merge leaves as they are.
+        let saved = usize::try_from(144 * KIB + (free - 12) * 4096).unwrap();
+        want[saved..saved + 4096].fill(0xAB);
+        let area_at = usize::try_from(HEADER_AT + area).unwrap();
+        want[area_at..area_at + 4096].copy_from_slice(&raw.snapshot()[area_at..area_at + 4096]);
+
+        let report = run(&raw).unwrap();
+        assert_eq!(report.skipped_in_cow_file, 1);
+        assert_eq!(report.exceptions, u64::try_from(s.exceptions + 1).unwrap());
+        assert_eq!(report.bytes_copied, u64::try_from(s.exceptions).unwrap() * 4096);
+        assert!(raw.snapshot() == want, "everything else restored, the tail chunk untouched");
+        assert_eq!(run(&raw).unwrap(), MergeReport::default(), "committed");
     }
 
     #[test]
