@@ -88,6 +88,8 @@ impl Fs {
     }
 
     /// A read-only check of the unmounted device: `e2fsck -fn` / `fsck.f2fs --dry-run`.
+    ///
+    /// On f2fs both superblocks must be valid and its checks must have run (`[Ok..]` lines).
     pub fn fsck(self, device: &Path) -> Result<String, Failed> {
         let dev = device.display();
         match self {
@@ -97,6 +99,17 @@ impl Fs {
                 // fsck.f2fs exits 0 on a dry run even when it finds problems: read its report.
                 if out.contains("[FAIL]") || out.contains("Fix") && out.contains("[Y]") {
                     return Err(format!("fsck.f2fs --dry-run {dev} found problems:\n{out}").into());
+                }
+                // It also passes with one superblock unreadable (it falls back to the other,
+                // which is how a bow log in block 0 would go unnoticed), or with no f2fs at all.
+                if out.contains("Can't find a valid F2FS superblock") {
+                    return Err(format!(
+                        "fsck.f2fs --dry-run {dev}: a superblock is not valid\n{out}"
+                    )
+                    .into());
+                }
+                if !out.contains("[Ok..]") {
+                    return Err(format!("fsck.f2fs --dry-run {dev} ran no check\n{out}").into());
                 }
                 Ok(out)
             }
