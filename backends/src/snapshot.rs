@@ -179,6 +179,11 @@ pub struct SnapshotRecord {
     pub chunk_sectors: u64,
     /// The file's extents, in file order.
     pub extents: Vec<CowExtent>,
+    /// The file's length when the snapshot was armed; the monitor's `grow` may extend it
+    /// since, with blocks that were free space then (docs/snapcow.md, step 4). `None` in a
+    /// record written before this field: the whole file counts as armed.
+    #[serde(default)]
+    pub armed_bytes: Option<u64>,
 }
 
 impl SnapshotRecord {
@@ -715,7 +720,11 @@ impl SnapshotBackend {
         let r = snapcow::merge::merge(
             &raw,
             &extents,
-            &snapcow::merge::MergeOptions { limit, ..Default::default() },
+            &snapcow::merge::MergeOptions {
+                limit,
+                armed_len: record.armed_bytes,
+                ..Default::default()
+            },
             &mut report,
         )
         .map_err(|e| match e {
@@ -879,11 +888,13 @@ impl Backend for SnapshotBackend {
             .filter(|r| r.cow_file == self.opts.cow_file && r.state == CowState::Preparing);
         let extents = self.cow_file(expected.map(|r| r.extents.as_slice()))?;
         let chunk_sectors = self.opts.chunk().get();
+        let armed_bytes = Some(extents.iter().map(|e| e.length).sum());
         let mut rec = SnapshotRecord {
             state: CowState::Preparing,
             cow_file: self.opts.cow_file.clone(),
             chunk_sectors,
             extents,
+            armed_bytes,
         };
         self.save(&rec)?;
         // The COW file is ours now: a reservation moved into it is forgotten only after the
@@ -994,6 +1005,16 @@ impl Backend for SnapshotBackend {
     fn grow(&self) -> Result<Action, BackendError> {
         let _step = self.lock();
         if self.opts.grow_percent == 0 {
+            return Ok(Action::Identity);
+        }
+        if self.opts.rollback == RollbackMethod::KernelMerge {
+            // The growth takes blocks the file system may have written and freed during the
+            // checkpoint; the kernel's merge would copy their saved chunks back into the store
+            // it reads. Only the offline merge leaves them out (docs/snapcow.md, step 4).
+            log::info!(
+                "COW store of {}: not grown (rollback = \"kernel-merge\")",
+                self.spec.mount_point.display()
+            );
             return Ok(Action::Identity);
         }
         let dm = open_dm(NAME)?;

@@ -35,11 +35,22 @@ pub struct MergeOptions {
     /// point: the store stays valid and a later merge finishes the job. A test hook, as
     /// vold's `restoreCheckpointPart`: an interrupted merge on demand.
     pub limit: Option<u64>,
+    /// The COW file's length when the snapshot was armed, if the file has grown since (a
+    /// backend that extends the store while it is in use): the blocks past it were free space
+    /// then, so saved chunks of them are left out (see [`merge`]). `None`: the whole file was
+    /// the COW file from the start.
+    pub armed_len: Option<u64>,
 }
 
 impl Default for MergeOptions {
     fn default() -> Self {
-        MergeOptions { queue_depth: 8, max_io_bytes: 1 << 20, dry_run: false, limit: None }
+        MergeOptions {
+            queue_depth: 8,
+            max_io_bytes: 1 << 20,
+            dry_run: false,
+            limit: None,
+            armed_len: None,
+        }
     }
 }
 
@@ -148,7 +159,7 @@ pub fn merge<D: BlockDevice + ?Sized>(
     // Where the store ends is judged on the whole store, and so are hazards, so a limited
     // run skips and refuses exactly what a whole one would.
     let store_end = store_end(&cow, &store);
-    let (mut plan, skipped) = plan(raw.size(), &cow, &store, store_end)?;
+    let (mut plan, skipped) = plan(raw.size(), &cow, &store, store_end, opts.armed_len)?;
     let hazards = plan.hazards(Layout::SameDevice);
     if !hazards.is_empty() {
         return Err(MergeError::Hazard { blocks: hazards.blocks, block_size: plan.block_size() });
@@ -156,7 +167,7 @@ pub fn merge<D: BlockDevice + ?Sized>(
     if let (true, Some(n)) = (limited, opts.limit) {
         let mut part = store.clone();
         part.exceptions.truncate(usize::try_from(n).unwrap_or(usize::MAX));
-        plan = self::plan(raw.size(), &cow, &part, store_end)?.0;
+        plan = self::plan(raw.size(), &cow, &part, store_end, opts.armed_len)?.0;
     }
     let report = MergeReport {
         had_store: true,
@@ -238,24 +249,31 @@ fn store_end<D: BlockDevice + ?Sized>(cow: &ExtentDevice<'_, D>, store: &CowStor
 /// translated through the extent map, with the store (the COW file up to `store_end`)
 /// protected; and how many exceptions were left out.
 ///
-/// An exception whose origin chunk lies wholly in the COW file *past* `store_end` is left out:
-/// in the image being restored those blocks belong to the COW file (checkpointd's own, removed
-/// after the rollback), so their old content means nothing, and the kernel never stored
-/// anything there, so the file system writing them during the boot damaged nothing the merge
-/// reads. Restoring them would be harmless but would write into the file the merge reads, so
-/// it is not done. One that touches the store itself is kept and refused as a hazard: the boot
-/// may have overwritten the store.
+/// An exception whose origin chunk lies wholly in a part of the COW file whose old content
+/// means nothing is left out. In the image being restored (the one of arming time), those
+/// blocks were either the COW file's own (checkpointd's, removed after the rollback) or, for a
+/// store grown since (`armed_len`), free space. Two such parts:
+/// - past the store (`store_end`): the kernel never stored anything there, so the file system
+///   writing them during the boot damaged nothing the merge reads;
+/// - the file's growth (past `armed_len`): the file system wrote those blocks while they were
+///   free (a file written and deleted during the boot), before the growth made them the
+///   store's; the kernel stored chunks there only after.
+///
+/// Restoring them would write into the file the merge reads. Any other exception inside the
+/// store is kept and refused as a hazard: the boot may have overwritten the store.
 fn plan<D: BlockDevice + ?Sized>(
     raw_size: u64,
     cow: &ExtentDevice<'_, D>,
     store: &CowStore,
     store_end: u64,
+    armed_len: Option<u64>,
 ) -> Result<(CopyPlan, u64), MergeError> {
     let cb = store.chunk_bytes();
     let bs = block_size(raw_size, cow.extents(), cb)?;
-    let tail = cow.physical_ranges(store_end, cow.size() - store_end)?;
-    let in_tail = |at: u64, len: u64| {
-        tail.iter().any(|&(start, n)| start <= at && at.saturating_add(len) <= start + n)
+    let meaningless = store_end.min(armed_len.unwrap_or(u64::MAX));
+    let left_out = cow.physical_ranges(meaningless, cow.size() - meaningless)?;
+    let is_left_out = |at: u64, len: u64| {
+        left_out.iter().any(|&(start, n)| start <= at && at.saturating_add(len) <= start + n)
     };
     let mut copies = Vec::with_capacity(store.exceptions.len());
     let mut skipped = 0u64;
@@ -263,7 +281,7 @@ fn plan<D: BlockDevice + ?Sized>(
         // `check_origin` and the parser bound both chunk numbers by device sizes.
         let target = e.old_chunk * cb;
         let len = cb.min(raw_size - target);
-        if in_tail(target, len) {
+        if is_left_out(target, len) {
             skipped += 1;
             continue;
         }
@@ -535,6 +553,47 @@ mod tests {
         assert_eq!(report.bytes_copied, u64::try_from(s.exceptions).unwrap() * 4096);
         assert!(raw.snapshot() == want, "everything else restored, the tail chunk untouched");
         assert_eq!(run(&raw).unwrap(), MergeReport::default(), "committed");
+    }
+
+    #[test]
+    fn a_chunk_of_a_grown_store_written_while_it_was_free_is_left_out_even_inside_the_store() {
+        // Armed with the first 48 KiB of the file (extents 1 and 2); extent 3 (physical 144 KiB
+        // on) came with a growth. Origin chunk 36 (144..148 KiB) is the file's chunk 12: the
+        // boot wrote it while it was free space, and the store now holds a saved chunk there.
+        let s = scenario(8, 16, 5, 256 * KIB);
+        let raw = MemDevice::from_bytes(s.after.clone());
+        let cow = ExtentDevice::new(&raw, &extents()).unwrap();
+        let store = read_store(&cow).unwrap().unwrap();
+        let free = store.used_bytes() / 4096;
+        assert!((14..24).contains(&free), "the store reaches past file chunk 12: {free}");
+        let mut records = store.exceptions.clone();
+        records.push(crate::format::Exception { old_chunk: 36, new_chunk: free });
+        let area = store.chunk().area_location(0).unwrap() * 4096;
+        for (i, r) in records.iter().enumerate() {
+            cow.write_at(&r.encode(), area + u64::try_from(i * 16).unwrap()).unwrap();
+        }
+        let image = raw.snapshot();
+        let with = |armed_len| {
+            let dev = MemDevice::from_bytes(image.clone());
+            let opts = MergeOptions { armed_len, ..MergeOptions::default() };
+            merge(&dev, &extents(), &opts, &mut |_, _| {}).map(|r| (r, dev.snapshot()))
+        };
+        // Taken for the file's own from the start, it is inside the store: refused.
+        assert!(matches!(with(None), Err(MergeError::Hazard { .. })));
+        assert!(matches!(with(Some(96 * KIB)), Err(MergeError::Hazard { .. })));
+        let (report, after) = with(Some(48 * KIB)).unwrap();
+        assert_eq!(report.skipped_in_cow_file, 1);
+        assert_eq!(report.bytes_copied, u64::try_from(s.exceptions).unwrap() * 4096);
+        // Everything else restored; the COW file as the merge found it, header zeroed.
+        let mut want = image.clone();
+        for (i, b) in want.iter_mut().enumerate() {
+            if !in_cow(u64::try_from(i).unwrap()) {
+                *b = s.before[i];
+            }
+        }
+        let header = usize::try_from(HEADER_AT).unwrap();
+        want[header..header + 4096].fill(0);
+        assert!(after == want);
     }
 
     #[test]
