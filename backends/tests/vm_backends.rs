@@ -43,6 +43,7 @@ use blockdev::loopdev::{LoopDevice, LoopOptions};
 use blockdev::names::{object_name, Role, UUID_PREFIX};
 use bow::device::{BlockDevice, FileDevice};
 use policy::{Backend, BackendState, RestoreOutcome, RestoreRequest};
+use testbench::device::Fs;
 use testbench::vm::{scratch_image, Vm};
 use testbench::{guest, vm_trial, Failed};
 
@@ -793,7 +794,7 @@ fn snapshot_rollback_f2fs(
     } else {
         spec.raw.clone()
     };
-    guest::sh(&format!("fsck.f2fs {} >/dev/null", dev.display()))?;
+    Fs::F2fs.fsck(&dev)?;
     mount(&stack, spec, false)?;
     files_are_back(&mnt, &files)?;
     ensure(backend.teardown()? == Action::Changed, "teardown")?;
@@ -822,7 +823,7 @@ fn guest_f2fs_second(_: &[String]) -> Result<(), Failed> {
     )?;
     ensure(backend.status()?.state == BackendState::Committed, "mounted without disable")?;
     umount(&spec_f)?;
-    guest::sh(&format!("fsck.f2fs {} >/dev/null", disk.display()))?;
+    Fs::F2fs.fsck(&disk)?;
     println!("f2fs rollback by the kernel after a power cut: ok");
     nothing_left(&dm)?;
 

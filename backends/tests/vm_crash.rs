@@ -43,7 +43,7 @@ use policy::{
     Backend, BackendState, Checkpointer, CommitOutcome, MarkOutcome, NoBootControl, PolicyOptions,
     RestoreOutcome, RestoreRecord, RestoreRequest, Store,
 };
-use testbench::device::{compare_manifests, manifest, populate_app_data, Rng};
+use testbench::device::{compare_manifests, manifest, populate_app_data, Fs, Rng};
 use testbench::vm::Vm;
 use testbench::{guest, vm_trial, Failed};
 
@@ -588,7 +588,7 @@ fn f2fs_capture_and_check(seed: u64, long: bool) -> Result<(), Failed> {
             } else {
                 old.map_err(|e| format!("not the files of checkpoint start: {e:?}"))?;
             }
-            guest::sh(&format!("fsck.f2fs {} >/dev/null", node.display()))?;
+            Fs::F2fs.fsck(&node)?;
             Ok(())
         })();
         guest::sh("dmsetup remove --noudevsync cw-fcheck")?;
