@@ -40,7 +40,8 @@
 //! user is asked to free, `needed_bytes`, is never under the actual by more than 5% and never
 //! over it by more than 20% (docs/benchmarks.md says why this number). It exits non-zero when a
 //! row misses the target. `ESTIMATE_BENCH_SEEDS=T,M` replaces the seeds 1 and 2 of the traced
-//! and the measured update; `--module` (a real dm-bow) is refused with the reason.
+//! and the measured update; `ESTIMATE_BENCH_MOUNT_OPTIONS` (`discard`, say) mounts ext4 with
+//! those options in every run; `--module` (a real dm-bow) is refused with the reason.
 
 #![allow(clippy::cast_precision_loss)] // Benchmark arithmetic on byte counts.
 
@@ -76,6 +77,17 @@ const DEVICE_BYTES: u64 = 512 * MIB;
 const LOG_BYTES: u64 = 1024 * MIB;
 const WORK: &str = "/dev/shm/est";
 const SETUP_SEED: &str = "1000";
+/// ext4's mount options in every run, traced and measured (`discard`, say); default none.
+const MOUNT_OPTIONS_ENV: &str = "ESTIMATE_BENCH_MOUNT_OPTIONS";
+
+/// The mount options of every run in the guest ([`MOUNT_OPTIONS_ENV`]).
+fn mount_options() -> MountOptions {
+    MountOptions {
+        data: std::env::var(MOUNT_OPTIONS_ENV).unwrap_or_default(),
+        ..Default::default()
+    }
+}
+
 /// Seeds of the traced and the measured update (`ESTIMATE_BENCH_SEEDS=T,M` overrides).
 const DEFAULT_SEEDS: (&str, &str) = ("1", "2");
 /// The target of issue 11 on `needed_bytes` against the actual.
@@ -341,6 +353,15 @@ fn host(args: &[String]) -> Result<bool, Failed> {
         Some(_) => return Err("ESTIMATE_BENCH_SEEDS: two seeds, `TRACED,MEASURED`".into()),
     };
     let cases = cases(&dir, seeds)?;
+    let mount_data = std::env::var(MOUNT_OPTIONS_ENV).unwrap_or_default();
+    if !mount_data.bytes().all(|b| b.is_ascii_alphanumeric() || b"_=,".contains(&b)) {
+        return Err(
+            format!("{MOUNT_OPTIONS_ENV}={mount_data:?}: ext4 options, comma separated").into()
+        );
+    }
+    if !mount_data.is_empty() {
+        println!("ext4 mounted with `{mount_data}` in every run ({MOUNT_OPTIONS_ENV})");
+    }
     println!(
         "estimate benchmark: {} runs from {} ({}); QEMU processes before the boot: {}",
         cases.len(),
@@ -362,6 +383,7 @@ fn host(args: &[String]) -> Result<bool, Failed> {
         .timeout(Duration::from_secs(1800))
         .stream_output(true)
         .env("ESTIMATE_BENCH_CASES", cases_json)
+        .env(MOUNT_OPTIONS_ENV, &mount_data)
         .run_self("bench", &[])?;
     run.expect_success()?;
     let rows: Vec<Row> = serde_json::from_slice(&fs::read(run.shared_dir.join(ROWS_FILE))?)?;
@@ -592,7 +614,7 @@ fn run_case(dm: &DeviceMapper, case: &Case) -> Result<Vec<Row>, Failed> {
         "mkfs.ext4 -q -F -b 4096 -m 0 -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 {}",
         dev.path().display()
     ))?;
-    mount::mount(dev.path(), &mnt, "ext4", &MountOptions::default())?;
+    mount::mount(dev.path(), &mnt, "ext4", &mount_options())?;
     let took = workload(case, "setup", SETUP_SEED, &mnt)?;
     // The map of the live file system after setup: ext4's preallocations of files still held
     // count as used here and are released at unmount (reported, not used: see below).
@@ -852,7 +874,7 @@ fn engine_update(case: &Case, before: &Path, allocator: &str) -> Result<EngineRu
     let data = copy_loop(before, &work.join("run.img"))?;
     let server = Server::start(data.path(), allocator, &state_dir)?;
     let measured = (|| -> Result<EngineRun, Failed> {
-        mount::mount(&Server::node(), &mnt, "ext4", &MountOptions::default())?;
+        mount::mount(&Server::node(), &mnt, "ext4", &mount_options())?;
         let armed = (|| -> Result<EngineRun, Failed> {
             let trimmed = blockdev::fs::fitrim(
                 File::open(&mnt)?,
@@ -934,7 +956,7 @@ fn logged_update(
     let table = Table::single(Sectors::new(DEVICE_BYTES / 512), Target::LogWrites(lw))?;
     dm.create_device(&name, None, &table)?;
     let node = dm.node_path(&name);
-    mount::mount(&node, &mnt, "ext4", &MountOptions::default())?;
+    mount::mount(&node, &mnt, "ext4", &mount_options())?;
     let at_start = free_map(&mnt)?;
     dm.message(DevRef::Name(&name), Sectors::new(0), "mark update")?;
     let took = workload(case, "update", seed, &mnt)?;
@@ -989,7 +1011,7 @@ fn snapshot_update(
         raw: data.path().to_owned(),
         mount_point: mnt.clone(),
         fs_type: Some("ext4".into()),
-        mount_options: String::new(),
+        mount_options: mount_options().data,
         instance: backends::instance_for(&mnt),
     };
     let stack = SnapshotStack::new(SnapshotOptions::default());
