@@ -378,6 +378,22 @@ mod tests {
         Scenario { before, after, want, exceptions: store.exceptions().len() }
     }
 
+    /// Appends an exception for `old_chunk` to the store in `raw`'s COW file (4 KiB chunks,
+    /// its records all in area 0), saved in the store's next free chunk: returned, as the
+    /// file's chunk index.
+    fn append_exception(raw: &MemDevice, old_chunk: u64) -> u64 {
+        let cow = ExtentDevice::new(raw, &extents()).unwrap();
+        let store = read_store(&cow).unwrap().unwrap();
+        let free = store.used_bytes() / 4096;
+        let mut records = store.exceptions.clone();
+        records.push(crate::format::Exception { old_chunk, new_chunk: free });
+        let area = store.chunk().area_location(0).unwrap() * 4096;
+        for (i, r) in records.iter().enumerate() {
+            cow.write_at(&r.encode(), area + u64::try_from(i * 16).unwrap()).unwrap();
+        }
+        free
+    }
+
     fn run(raw: &impl BlockDevice) -> Result<MergeReport, MergeError> {
         let opts = MergeOptions { queue_depth: 3, max_io_bytes: 8 * 1024, ..Default::default() };
         merge(raw, &extents(), &opts, &mut |_, _| {})
@@ -495,20 +511,11 @@ mod tests {
     fn a_store_saving_its_own_blocks_is_refused_without_writing() {
         let s = scenario(8, 10, 5, 256 * KIB);
         let raw = MemDevice::from_bytes(s.after);
-        let cow = ExtentDevice::new(&raw, &extents()).unwrap();
-        // Append an exception for origin chunk 25 (100..104 KiB), inside the COW's second
-        // extent: a merge would overwrite the store while reading it.
-        let store = read_store(&cow).unwrap().unwrap();
-        let mut records = store.exceptions.clone();
-        let free = store.used_bytes() / 4096;
-        // Chunk 25 is the file's chunk 9 (extent 2 starts at file offset 32 KiB), which the
-        // store uses: the boot may have overwritten the store.
+        // An exception for origin chunk 25 (100..104 KiB), inside the COW's second extent:
+        // the file's chunk 9 (extent 2 starts at file offset 32 KiB), which the store uses. A
+        // merge would overwrite the store while reading it.
+        let free = append_exception(&raw, 25);
         assert!(free > 9, "the store reaches the file's chunk 9");
-        records.push(crate::format::Exception { old_chunk: 25, new_chunk: free });
-        let area = store.chunk().area_location(0).unwrap() * 4096;
-        for (i, r) in records.iter().enumerate() {
-            cow.write_at(&r.encode(), area + u64::try_from(i * 16).unwrap()).unwrap();
-        }
         let image = raw.snapshot();
         let crash = CrashDevice::new(image, 512);
         let err = run(&crash).unwrap_err();
@@ -525,16 +532,11 @@ mod tests {
         let cow = ExtentDevice::new(&raw, &extents()).unwrap();
         // The file system wrote origin chunk 46 (184..188 KiB) during the boot: the last 4 KiB
         // of the COW file (file offset 92 KiB in extent 3), which the store never reached.
-        let store = read_store(&cow).unwrap().unwrap();
-        let free = store.used_bytes() / 4096;
+        let free = append_exception(&raw, 46);
         assert!(free < 23, "the store must end before the file's last chunk");
-        let mut records = store.exceptions.clone();
-        records.push(crate::format::Exception { old_chunk: 46, new_chunk: free });
-        let area = store.chunk().area_location(0).unwrap() * 4096;
-        for (i, r) in records.iter().enumerate() {
-            cow.write_at(&r.encode(), area + u64::try_from(i * 16).unwrap()).unwrap();
-        }
-        // Its saved "old content" and what the boot left there differ.
+        // Area 0 is the file's chunk 1. The saved "old content" and what the boot left there
+        // differ.
+        let area = 4096;
         cow.write_at(&[0xAB; 4096], free * 4096).unwrap();
         let boot_wrote = [0xCD; 4096];
         raw.write_at(&boot_wrote, 184 * KIB).unwrap();
@@ -562,16 +564,8 @@ mod tests {
         // boot wrote it while it was free space, and the store now holds a saved chunk there.
         let s = scenario(8, 16, 5, 256 * KIB);
         let raw = MemDevice::from_bytes(s.after.clone());
-        let cow = ExtentDevice::new(&raw, &extents()).unwrap();
-        let store = read_store(&cow).unwrap().unwrap();
-        let free = store.used_bytes() / 4096;
+        let free = append_exception(&raw, 36);
         assert!((14..24).contains(&free), "the store reaches past file chunk 12: {free}");
-        let mut records = store.exceptions.clone();
-        records.push(crate::format::Exception { old_chunk: 36, new_chunk: free });
-        let area = store.chunk().area_location(0).unwrap() * 4096;
-        for (i, r) in records.iter().enumerate() {
-            cow.write_at(&r.encode(), area + u64::try_from(i * 16).unwrap()).unwrap();
-        }
         let image = raw.snapshot();
         let with = |armed_len| {
             let dev = MemDevice::from_bytes(image.clone());
