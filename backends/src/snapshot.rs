@@ -78,8 +78,9 @@ pub struct SnapshotOptions {
     pub chunk_kib: u32,
     /// How a rollback merges the COW store back.
     pub rollback: RollbackMethod,
-    /// When the store is this full (percent), grow it by `grow_percent` of its size while the
-    /// filesystem has room; else the health monitor's low-space action applies.
+    /// Meant as: when the store is this full (percent), grow it by `grow_percent` of its size.
+    /// Validated but not used yet: the monitor calls `grow` only below its action threshold
+    /// (docs/configuration.md).
     pub grow_at_percent: u8,
     /// Growth step, percent of the current store size (0 = never grow).
     pub grow_percent: u8,
