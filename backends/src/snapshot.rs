@@ -526,7 +526,8 @@ impl SnapshotBackend {
         let mut target = whole(configured.max(have));
         if target - have > available {
             log::warn!(
-                "COW file {}: the configuration asks for {target} bytes but only {available}                  more are free; using the reservation's {have} bytes",
+                "COW file {}: the configuration asks for {target} bytes but only {available} \
+                 more are free; using the reservation's {have} bytes",
                 path.display()
             );
             target = whole(have).min(have + available);
@@ -739,10 +740,12 @@ impl SnapshotBackend {
             },
         })?;
         if r.skipped_in_cow_file > 0 {
-            // Harmless for the data (docs/snapcow.md, step 4), but something wrote into the
-            // COW file through the origin during the boot: worth knowing.
+            // Harmless for the data (docs/snapcow.md, step 4): blocks the store grew over after
+            // the file system wrote them, or of the file's unused tail (no writer known).
             log::warn!(
-                "userspace merge of {}: {} saved chunks of the COW file's own unused blocks left                  out (the file system wrote them during the checkpoint)",
+                "userspace merge of {}: {} saved chunks of blocks now in the COW file left out \
+                 (written during the checkpoint before the store grew over them, or past the \
+                 store)",
                 self.spec.raw.display(),
                 r.skipped_in_cow_file
             );
@@ -889,14 +892,14 @@ impl Backend for SnapshotBackend {
             .filter(|r| r.cow_file == self.opts.cow_file && r.state == CowState::Preparing);
         let extents = self.cow_file(expected.map(|r| r.extents.as_slice()))?;
         let chunk_sectors = self.opts.chunk().get();
-        let armed_bytes = Some(extents.iter().map(|e| e.length).sum());
         let mut rec = SnapshotRecord {
             state: CowState::Preparing,
             cow_file: self.opts.cow_file.clone(),
             chunk_sectors,
             extents,
-            armed_bytes,
+            armed_bytes: None,
         };
+        rec.armed_bytes = Some(rec.cow_bytes());
         self.save(&rec)?;
         // The COW file is ours now: a reservation moved into it is forgotten only after the
         // map above is durable (a crash before leaves a reservation record without a file,

@@ -68,8 +68,8 @@ pub struct MergeReport {
     /// [`MergeOptions::limit`] stopped the merge before the commit point: the store is still
     /// valid (and `bytes_copied` counts only the copies made).
     pub limit_reached: bool,
-    /// Exceptions left out because their origin chunk lies in the COW file past the store
-    /// (see [`merge`]): chunks of checkpointd's own file that no one reads.
+    /// Exceptions left out because their origin chunk lies in the COW file past the store or
+    /// in its growth since arming (see [`merge`]): blocks whose old content means nothing.
     pub skipped_in_cow_file: u64,
 }
 
