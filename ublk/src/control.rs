@@ -12,8 +12,10 @@ pub enum Command {
     Checkpoint,
     /// Engine: CHECKPOINT → COMMITTED.
     Commit,
-    /// State and space.
+    /// State and space (held writes are given to the engine first).
     Status,
+    /// The writes held now (completed, not yet the engine's), without giving them to it.
+    Pending,
     /// Stop serving and delete the device (the file system on it must be unmounted).
     Stop,
     /// The checkpoint's write trace so far, in the estimator's format: the reply line
@@ -23,8 +25,14 @@ pub enum Command {
 
 impl Command {
     /// Every command.
-    pub const ALL: [Command; 5] =
-        [Command::Checkpoint, Command::Commit, Command::Status, Command::Stop, Command::Trace];
+    pub const ALL: [Command; 6] = [
+        Command::Checkpoint,
+        Command::Commit,
+        Command::Status,
+        Command::Pending,
+        Command::Stop,
+        Command::Trace,
+    ];
 
     /// The word on the wire.
     pub fn word(self) -> &'static str {
@@ -32,6 +40,7 @@ impl Command {
             Command::Checkpoint => "checkpoint",
             Command::Commit => "commit",
             Command::Status => "status",
+            Command::Pending => "pending",
             Command::Stop => "stop",
             Command::Trace => "trace",
         }

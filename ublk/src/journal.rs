@@ -33,7 +33,8 @@ pub enum JournalFileError {
     Io { what: &'static str, path: PathBuf, source: std::io::Error },
 }
 
-fn io<'a>(
+/// The error of `what` on `path` (ELOOP, from `O_NOFOLLOW`, as a refused link).
+pub(crate) fn io_error<'a>(
     what: &'static str,
     path: &'a Path,
 ) -> impl FnOnce(std::io::Error) -> JournalFileError + 'a {
@@ -72,13 +73,13 @@ fn refuse_symlink(path: &Path) -> Result<bool, JournalFileError> {
         }
         Ok(_) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(io("inspecting", path)(e)),
+        Err(e) => Err(io_error("inspecting", path)(e)),
     }
 }
 
-fn create_new(path: &Path) -> Result<File, JournalFileError> {
+pub(crate) fn create_new(path: &Path) -> Result<File, JournalFileError> {
     if refuse_symlink(path)? {
-        std::fs::remove_file(path).map_err(io("removing the old", path))?;
+        std::fs::remove_file(path).map_err(io_error("removing the old", path))?;
     }
     // Read and write: a shared writable mapping needs both.
     OpenOptions::new()
@@ -88,20 +89,25 @@ fn create_new(path: &Path) -> Result<File, JournalFileError> {
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
-        .map_err(io("creating", path))
+        .map_err(io_error("creating", path))
 }
 
 /// Creates device `dev_id`'s journal fresh (an old one is replaced).
 pub fn create(state_dir: &Path, dev_id: u32) -> Result<JournalFile, JournalFileError> {
+    create_state_dir(state_dir)?;
+    let path = path(state_dir, dev_id);
+    let file = create_new(&path)?;
+    Ok(JournalFile { path, file })
+}
+
+/// Creates the state directory (0700) if it is not there; a link in its place is refused.
+pub(crate) fn create_state_dir(state_dir: &Path) -> Result<(), JournalFileError> {
     refuse_symlink(state_dir)?;
     DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(state_dir)
-        .map_err(io("creating the state directory", state_dir))?;
-    let path = path(state_dir, dev_id);
-    let file = create_new(&path)?;
-    Ok(JournalFile { path, file })
+        .map_err(io_error("creating the state directory", state_dir))
 }
 
 /// Reads device `dev_id`'s journal; `None` if there is none.
@@ -112,10 +118,10 @@ pub fn read(state_dir: &Path, dev_id: u32) -> Result<Option<OldJournal>, Journal
     let mut file = match file {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io("opening", &path)(e)),
+        Err(e) => return Err(io_error("opening", &path)(e)),
     };
     let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes).map_err(io("reading", &path))?;
+    file.read_to_end(&mut bytes).map_err(io_error("reading", &path))?;
     Ok(Some(OldJournal { path, bytes }))
 }
 
@@ -127,8 +133,9 @@ pub fn cut(old: &OldJournal, len: usize) -> Result<File, JournalFileError> {
     new_path.push(".new");
     let new_path = PathBuf::from(new_path);
     let mut file = create_new(&new_path)?;
-    file.write_all(&old.bytes[..len.min(old.bytes.len())]).map_err(io("writing", &new_path))?;
-    std::fs::rename(&new_path, &old.path).map_err(io("renaming", &new_path))?;
+    file.write_all(&old.bytes[..len.min(old.bytes.len())])
+        .map_err(io_error("writing", &new_path))?;
+    std::fs::rename(&new_path, &old.path).map_err(io_error("renaming", &new_path))?;
     Ok(file)
 }
 
@@ -159,7 +166,7 @@ impl MappedJournal {
     /// any) zero, for appending after them.
     pub fn new(path: PathBuf, file: File, len: usize) -> Result<MappedJournal, JournalFileError> {
         let mapped = round_up(len.max(1), MAP_STEP);
-        file.set_len(mapped as u64).map_err(io("growing", &path))?;
+        file.set_len(mapped as u64).map_err(io_error("growing", &path))?;
         // SAFETY: a fresh shared mapping of a file this value owns, as long as the file.
         let addr = unsafe {
             libc::mmap(
@@ -172,7 +179,7 @@ impl MappedJournal {
             )
         };
         if addr == libc::MAP_FAILED {
-            return Err(io("mapping", &path)(std::io::Error::last_os_error()));
+            return Err(io_error("mapping", &path)(std::io::Error::last_os_error()));
         }
         let map = NonNull::new(addr.cast::<u8>()).expect("mmap does not return null on success");
         Ok(MappedJournal { path, file, map, mapped, len })

@@ -6,6 +6,8 @@
 //!   either backing, and which errno the kernel gets back. Pure, tested on the host.
 //! * [`control`]: the line protocol on the server's abstract unix socket (checkpoint, commit,
 //!   status, stop).
+//! * [`writeback`]: first-touch writes held (completed at once, stored in [`held`]'s file) and
+//!   given to the engine together at the next flush, so they share its ordering points.
 //! * [`journal`]: the engine's op journal file on a tmpfs, from which a restarted server
 //!   rebuilds the engine of a server that died (`bow_engine::Engine::recover`).
 //! * `server` (feature `ublk`): the libublk server itself, its own mount namespace, and
@@ -15,10 +17,13 @@
 //! feature; without it this crate builds with no C toolchain beyond Rust's.
 
 pub mod control;
+pub mod held;
 pub mod journal;
 pub mod mounts;
 #[cfg(feature = "ublk")]
 pub mod server;
 pub mod target;
+pub mod writeback;
 
 pub use target::{Backing, Request, Target};
+pub use writeback::Served;

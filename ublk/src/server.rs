@@ -31,8 +31,10 @@ use libublk::io::{UblkDev, UblkQueue};
 use libublk::{BufDesc, UblkError, UblkFlags};
 
 use crate::control::{self, Command};
+use crate::held::{self, HeldFile, HeldLog};
 use crate::journal;
 use crate::target::{RangeSyncWrites, Request, Target};
+use crate::writeback::{Served, WriteBackStats, HOLD_LIMIT_BYTES};
 
 /// The default `--state-dir`: a tmpfs on every system with systemd (and Android's /dev is one).
 pub const DEFAULT_STATE_DIR: &str = "/run/bow-ublk";
@@ -65,6 +67,11 @@ pub enum ServeError {
          (the device stays quiesced, nothing was written)"
     )]
     Resume { dev_id: u32, journal: PathBuf, source: bow_engine::RecoverError },
+    #[error(
+        "device {dev_id}: the writes the dead server held (completed, not yet the engine's) \
+         could not be given to the engine (errno {errno}); refusing to recover"
+    )]
+    HeldWrites { dev_id: u32, errno: i32 },
     #[error("the journal {path}: {source}")]
     Journal { path: PathBuf, source: std::io::Error },
     #[error("opening {path} for the engine's ordering writes: {source}")]
@@ -121,14 +128,18 @@ enum FaultArg {
     UserWriteBeforeFlush,
     /// Block 0 (the log) written before the backup data it points at.
     LogBeforeData,
+    /// Held writes kept in memory only, not in the held-writes file: a kill loses them.
+    HeldNotStored,
 }
 
 #[cfg(feature = "fault")]
-impl From<FaultArg> for bow_engine::order::Fault {
-    fn from(f: FaultArg) -> bow_engine::order::Fault {
-        match f {
-            FaultArg::UserWriteBeforeFlush => bow_engine::order::Fault::UserWriteBeforeFlush,
-            FaultArg::LogBeforeData => bow_engine::order::Fault::LogBeforeData,
+impl FaultArg {
+    /// The engine's part of the fault, if it is one of the engine's.
+    fn engine(self) -> Option<bow_engine::order::Fault> {
+        match self {
+            FaultArg::UserWriteBeforeFlush => Some(bow_engine::order::Fault::UserWriteBeforeFlush),
+            FaultArg::LogBeforeData => Some(bow_engine::order::Fault::LogBeforeData),
+            FaultArg::HeldNotStored => None,
         }
     }
 }
@@ -148,6 +159,10 @@ struct EngineArgs {
     /// server, not the machine).
     #[arg(long, default_value = DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
+    /// Give the engine every write as it comes (no write-back: each first touch in CHECKPOINT
+    /// pays its own ordering points; the behaviour before write-back, for comparison).
+    #[arg(long)]
+    write_through: bool,
     /// Break the engine's write order on purpose (crash-suite builds only).
     #[cfg(feature = "fault")]
     #[arg(long, value_enum, hide = true)]
@@ -185,8 +200,13 @@ enum Cmd {
         #[arg(long)]
         id: u32,
     },
-    /// Print the state and space of device ID's server.
+    /// Print the state and space of device ID's server (held writes given to the engine first).
     Status {
+        #[arg(long)]
+        id: u32,
+    },
+    /// Print the writes device ID's server holds now, without giving them to the engine.
+    Pending {
         #[arg(long)]
         id: u32,
     },
@@ -213,6 +233,7 @@ pub fn main() -> ExitCode {
         Cmd::Checkpoint { id } => ask(id, Command::Checkpoint),
         Cmd::Commit { id } => ask(id, Command::Commit),
         Cmd::Status { id } => ask(id, Command::Status),
+        Cmd::Pending { id } => ask(id, Command::Pending),
         Cmd::Stop { id } => ask(id, Command::Stop),
         Cmd::Trace { id, out } => control::fetch_trace(id)
             .map_err(ServeError::from)
@@ -267,8 +288,23 @@ fn set_ordering_writes(engine: &mut Engine<FileDevice>, path: &Path) -> Result<(
 #[cfg_attr(not(feature = "fault"), allow(clippy::needless_pass_by_ref_mut))]
 fn apply_fault(engine: &mut Engine<FileDevice>, opts: &EngineArgs) {
     #[cfg(feature = "fault")]
-    engine.set_fault(opts.fault.map(Into::into));
+    engine.set_fault(opts.fault.and_then(FaultArg::engine));
     let _ = (engine, opts);
+}
+
+/// The held-writes file's size.
+fn held_capacity() -> usize {
+    held::capacity(HOLD_LIMIT_BYTES, IO_BUF_BYTES as usize)
+}
+
+/// Where held writes are stored: the file, or (the `held-not-stored` fault) memory only.
+#[cfg_attr(not(feature = "fault"), allow(unused_variables))]
+fn held_log(file: HeldFile, opts: &EngineArgs) -> Box<dyn HeldLog> {
+    #[cfg(feature = "fault")]
+    if opts.fault == Some(FaultArg::HeldNotStored) {
+        return Box::new(held::MemHeld::default());
+    }
+    Box::new(file)
 }
 
 /// A new server's target: the pass-through, or a fresh engine (TRIM) journaling to a fresh
@@ -277,10 +313,10 @@ fn new_target(
     path: &Path,
     opts: &EngineArgs,
     dev_id: u32,
-) -> Result<Target<FileDevice>, ServeError> {
+) -> Result<Served<FileDevice>, ServeError> {
     let dev = open_device(path)?;
     if opts.passthrough {
-        return Ok(Target::Passthrough(dev));
+        return Ok(Served::write_through(Target::Passthrough(dev)));
     }
     let journal = journal::MappedJournal::create(&opts.state_dir, dev_id)?;
     let journal_path = journal.path().to_owned();
@@ -288,7 +324,13 @@ fn new_target(
         .map_err(|source| ServeError::Journal { path: journal_path, source })?;
     set_ordering_writes(&mut engine, path)?;
     apply_fault(&mut engine, opts);
-    Ok(Target::Engine(Box::new(engine)))
+    let target = Target::Engine(Box::new(engine));
+    if opts.write_through {
+        return Ok(Served::write_through(target));
+    }
+    let file = HeldFile::create(&opts.state_dir, dev_id, held_capacity())?;
+    Served::write_back(target, held_log(file, opts), Vec::new())
+        .map_err(|errno| ServeError::HeldWrites { dev_id, errno })
 }
 
 /// A restarted server's target, before the device is touched: the engine rebuilt from its
@@ -299,10 +341,10 @@ fn recovered_target(
     path: &Path,
     opts: &EngineArgs,
     dev_id: u32,
-) -> Result<Target<FileDevice>, ServeError> {
+) -> Result<Served<FileDevice>, ServeError> {
     let dev = open_device(path)?;
     if opts.passthrough {
-        return Ok(Target::Passthrough(dev));
+        return Ok(Served::write_through(Target::Passthrough(dev)));
     }
     let Some(old) = journal::read(&opts.state_dir, dev_id)? else {
         let mut block0 = vec![0; 1 << BLOCK_SHIFT];
@@ -315,6 +357,7 @@ fn recovered_target(
                 journal: journal::path(&opts.state_dir, dev_id),
             });
         }
+        // A fresh engine, in TRIM: nothing was held (only CHECKPOINT holds writes).
         return new_target(path, opts, dev_id);
     };
     let recovered = Engine::recover(dev, engine_config(opts), &old.bytes)
@@ -342,7 +385,32 @@ fn recovered_target(
     engine.resume_journal(Box::new(journal));
     set_ordering_writes(&mut engine, path)?;
     apply_fault(&mut engine, opts);
-    Ok(Target::Engine(Box::new(engine)))
+    with_held_writes(Target::Engine(Box::new(engine)), opts, dev_id)
+}
+
+/// The recovered engine with the writes the dead server held (completed, never reissued by
+/// the kernel) given to it before anything is served, then write-back (or write-through) as
+/// asked. A server restarted with `--write-through` still drains the file it finds.
+fn with_held_writes(
+    target: Target<FileDevice>,
+    opts: &EngineArgs,
+    dev_id: u32,
+) -> Result<Served<FileDevice>, ServeError> {
+    let (file, held) = HeldFile::reopen(&opts.state_dir, dev_id, held_capacity())?;
+    if !held.is_empty() {
+        let bytes: usize = held.iter().map(|w| w.data.len()).sum();
+        eprintln!(
+            "bow-ublk: device {dev_id}: {} held writes ({bytes} bytes) of the dead server \
+             given to the engine",
+            held.len()
+        );
+    }
+    let served = Served::write_back(target, held_log(file, opts), held)
+        .map_err(|errno| ServeError::HeldWrites { dev_id, errno })?;
+    if opts.write_through {
+        return Ok(Served::write_through(served.into_target()));
+    }
+    Ok(served)
 }
 
 fn serve(path: &Path, id: Option<u32>, opts: &EngineArgs, recover: bool) -> Result<(), ServeError> {
@@ -439,6 +507,7 @@ fn serve(path: &Path, id: Option<u32>, opts: &EngineArgs, recover: bool) -> Resu
     let _ = ctrl.del_dev();
     if !opts.passthrough {
         let _ = std::fs::remove_file(journal::path(&opts.state_dir, dev_id));
+        let _ = std::fs::remove_file(held::path(&opts.state_dir, dev_id));
     }
     Ok(())
 }
@@ -464,7 +533,7 @@ struct Pending {
 
 type Round = Rc<RefCell<Vec<Pending>>>;
 
-fn serve_queue(qid: u16, dev: &UblkDev, target: &Arc<Mutex<Target<FileDevice>>>) {
+fn serve_queue(qid: u16, dev: &UblkDev, target: &Arc<Mutex<Served<FileDevice>>>) {
     let queue = match UblkQueue::new(qid, dev) {
         Ok(q) => Rc::new(q),
         Err(e) => {
@@ -495,7 +564,7 @@ fn serve_queue(qid: u16, dev: &UblkDev, target: &Arc<Mutex<Target<FileDevice>>>)
             let (reqs, replies): (Vec<_>, Vec<_>) =
                 pending.into_iter().map(|p| ((p.req, p.data), p.reply)).unzip();
             let results = match target.lock() {
-                Ok(mut t) => t.handle_batch(reqs),
+                Ok(mut t) => t.handle_round(reqs),
                 Err(_) => vec![Err(libc::EIO); replies.len()],
             };
             for (reply, result) in replies.into_iter().zip(results) {
@@ -529,7 +598,7 @@ fn gather_round(
     queue: &UblkQueue<'_>,
     exe: &smol::LocalExecutor<'_>,
     round: &Round,
-    target: &Mutex<Target<FileDevice>>,
+    target: &Mutex<Served<FileDevice>>,
     depth: usize,
 ) {
     let worth_waiting = {
@@ -563,7 +632,7 @@ fn gather_round(
 async fn io_task(
     q: &UblkQueue<'_>,
     tag: u16,
-    target: &Mutex<Target<FileDevice>>,
+    target: &Mutex<Served<FileDevice>>,
     round: &Round,
 ) -> Result<(), UblkError> {
     let len = usize::try_from(q.dev.dev_info.max_io_buf_bytes).unwrap_or(IO_BUF_BYTES as usize);
@@ -613,7 +682,7 @@ fn request(op: u32, sector: u64, sectors: u32) -> Request {
 
 fn answer(
     stream: UnixStream,
-    target: &Mutex<Target<FileDevice>>,
+    target: &Mutex<Served<FileDevice>>,
     dev_id: i32,
 ) -> std::io::Result<()> {
     let mut line = String::new();
@@ -621,13 +690,29 @@ fn answer(
     let reply = match Command::parse(&line) {
         None => Err(format!("unknown command {:?}", line.trim())),
         // libublk's control ring is per thread: this thread opens its own handle.
-        Some(Command::Stop) => match UblkCtrl::new_simple(dev_id).and_then(|c| c.kill_dev()) {
-            Ok(_) => Ok("stopping".to_owned()),
-            Err(e) => Err(format!("{e:?}")),
+        // Held writes go to the engine first: nothing may be left in the server once its
+        // device is gone.
+        Some(Command::Stop) => match drained(target) {
+            Err(e) => Err(e),
+            Ok(()) => match UblkCtrl::new_simple(dev_id).and_then(|c| c.kill_dev()) {
+                Ok(_) => Ok("stopping".to_owned()),
+                Err(e) => Err(format!("{e:?}")),
+            },
+        },
+        // What is held now, without draining it (the tests look at it before a kill).
+        Some(Command::Pending) => match target.lock() {
+            Ok(t) => {
+                let (writes, bytes) = t.pending();
+                Ok(format!("pending_writes={writes} pending_bytes={bytes}"))
+            }
+            Err(_) => Err("the target's lock is poisoned".to_owned()),
         },
         Some(Command::Trace) => {
             let bytes = match target.lock() {
-                Ok(t) => trace_bytes(&t),
+                Ok(mut t) => match t.drained_target() {
+                    Ok(t) => trace_bytes(t),
+                    Err(errno) => Err(format!("giving the engine the held writes: errno {errno}")),
+                },
                 Err(_) => Err("the target's lock is poisoned".to_owned()),
             };
             let mut stream = stream;
@@ -663,7 +748,22 @@ fn trace_bytes(target: &Target<FileDevice>) -> Result<Vec<u8>, String> {
     engine.trace().map(|t| t.to_bytes()).ok_or_else(|| "the engine keeps no trace".to_owned())
 }
 
-fn run(target: &mut Target<FileDevice>, command: Command) -> Result<String, String> {
+/// Gives the engine the held writes.
+fn drained(target: &Mutex<Served<FileDevice>>) -> Result<(), String> {
+    match target.lock() {
+        Ok(mut t) => {
+            t.drain().map_err(|errno| format!("giving the engine the held writes: errno {errno}"))
+        }
+        Err(_) => Err("the target's lock is poisoned".to_owned()),
+    }
+}
+
+/// A control command on the engine, once it has every completed write.
+fn run(served: &mut Served<FileDevice>, command: Command) -> Result<String, String> {
+    let write_back = served.write_back_stats();
+    let target = served
+        .drained_target()
+        .map_err(|errno| format!("giving the engine the held writes: errno {errno}"))?;
     let Target::Engine(engine) = target else {
         return match command {
             Command::Status => Ok("passthrough".to_owned()),
@@ -673,16 +773,22 @@ fn run(target: &mut Target<FileDevice>, command: Command) -> Result<String, Stri
     match command {
         Command::Checkpoint => engine.set_state(BowState::Checkpoint).map_err(|e| e.to_string())?,
         Command::Commit => engine.set_state(BowState::Committed).map_err(|e| e.to_string())?,
-        // `stop` and `trace` are answered by `answer` itself.
-        Command::Status | Command::Stop | Command::Trace => return Ok(status(engine)),
+        // `stop`, `pending` and `trace` are answered by `answer` itself.
+        Command::Status | Command::Stop | Command::Pending | Command::Trace => {
+            return Ok(status(engine, write_back))
+        }
     };
-    Ok(status(engine))
+    Ok(status(engine, write_back))
 }
 
-fn status(engine: &Engine<FileDevice>) -> String {
+/// `held_writes` and `drains` count the write-back's work (both 0 with `--write-through`); the
+/// space is the engine's after the drain, so it counts every completed write.
+fn status(engine: &Engine<FileDevice>, write_back: Option<WriteBackStats>) -> String {
     let (space, stats) = (engine.space(), engine.stats());
+    let wb = write_back.unwrap_or_default();
     format!(
-        "state={} free={} used={} held={} backups={} rebackups={} batches={} flushes={}",
+        "state={} free={} used={} held={} backups={} rebackups={} batches={} flushes={} \
+         held_writes={} drains={}",
         engine.state().value(),
         space.free_bytes,
         space.used_bytes,
@@ -691,5 +797,7 @@ fn status(engine: &Engine<FileDevice>) -> String {
         stats.rebackups,
         stats.batches,
         stats.flushes,
+        wb.held,
+        wb.drains,
     )
 }

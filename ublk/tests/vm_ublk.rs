@@ -3,7 +3,9 @@
 //! the server is SIGKILLed under a running writer and re-attached with `UBLK_F_USER_RECOVERY`
 //! (the writer sees no error, fsck is clean, every file is as written); the engine in
 //! CHECKPOINT is SIGKILLed twice under a running writer and resumed from its op journal
-//! (the same checks); the engine's log restores the pre-checkpoint file system with
+//! (the same checks); direct writes the engine holds (completed, not yet given to it) read back
+//! after a kill, and a server broken to keep them in memory only (`--fault held-not-stored`,
+//! feature `fault`) loses them, so the check is shown to catch it; the engine's log restores the pre-checkpoint file system with
 //! `bow::restore`; and the throughput of 4 KiB direct overwrites through the engine (backing
 //! up) against the pass-through.
 
@@ -46,6 +48,8 @@ fn host_ublk() -> Result<(), Failed> {
         "kill: writer saw no error, fsck clean, files as written",
         "engine: ext4 clean, files as written",
         "engine kill: writer saw no error, fsck clean, files as written",
+        "held kill: ",
+        "held kill, broken server (held-not-stored): ",
         "restore: pre-checkpoint files back, checkpoint files gone, fsck clean",
     ] {
         if !run.output.contains(want) {
@@ -53,7 +57,10 @@ fn host_ublk() -> Result<(), Failed> {
         }
     }
     let shown = |l: &&str| {
-        l.starts_with("bench:") || l.starts_with("engine") || l.starts_with("bow-ublk: device")
+        l.starts_with("bench:")
+            || l.starts_with("engine")
+            || l.starts_with("held kill")
+            || l.starts_with("bow-ublk: device")
     };
     for line in run.output.lines().filter(shown) {
         println!("{line}");
@@ -314,6 +321,61 @@ fn guest_ublk(_: &[String]) -> Result<(), Failed> {
         "engine kill: writer saw no error, fsck clean, files as written ({})",
         kills.join("; ")
     );
+
+    // ---- held writes (completed, not yet the engine's) across a kill ----
+    // Direct first touches of a1 with no flush after them: the engine holds them. The server
+    // killed, the next one must give them to the engine before it serves the reads. The same
+    // with the server broken on purpose (held writes in memory only): the data must be lost,
+    // or this check could not catch a server that forgets them.
+    make_sources("h", 2, 256)?;
+    let mut server = server;
+    for (src, fault) in [("h1", None), ("h2", Some("held-not-stored"))] {
+        if let Some(fault) = fault {
+            server.child.kill()?;
+            server.child.wait()?;
+            server = start(&["recover", "--id", "0", "--device", &disk, "--fault", fault])?;
+        }
+        guest::sh(&format!(
+            "dd if=/dev/shm/src/{src} of={MNT}/a1 bs=4k conv=notrunc oflag=direct status=none"
+        ))?;
+        let pending = ctl("pending")?;
+        let held: u64 = pending
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("pending_writes="))
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("no pending_writes in {pending:?}"))?;
+        if held == 0 {
+            return Err(format!("the direct writes of {src} were not held: {pending}").into());
+        }
+        server.child.kill()?;
+        server.child.wait()?;
+        server = start(&["recover", "--id", "0", "--device", &disk])?;
+        guest::sh("echo 3 > /proc/sys/vm/drop_caches")?;
+        let same = guest::sh(&format!("cmp -n 262144 /dev/shm/src/{src} {MNT}/a1 && echo same"))
+            .is_ok_and(|out| out.contains("same"));
+        match (fault, same) {
+            (None, true) => println!(
+                "held kill: {held} held writes completed before the kill read back after it"
+            ),
+            (None, false) => {
+                return Err(format!("{held} held writes of {src} were lost across a kill").into())
+            }
+            (Some(fault), false) => {
+                println!("held kill, broken server ({fault}): {held} held writes lost, caught")
+            }
+            (Some(fault), true) => {
+                return Err(format!(
+                    "the server broken with {fault} kept its held writes across a kill: the \
+                     check cannot tell"
+                )
+                .into())
+            }
+        }
+    }
+    let errors = io_errors_in_dmesg()?;
+    if !errors.is_empty() {
+        return Err(format!("the kernel logged I/O errors:\n{errors}").into());
+    }
     umount()?;
     let status = ctl("status")?;
     println!("engine after the checkpoint's writes: {status}");

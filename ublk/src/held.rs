@@ -1,0 +1,359 @@
+//! The held-writes file, `<state dir>/<dev id>.held`: the writes the server has completed to
+//! the kernel but not yet given to the engine ([`crate::writeback`]).
+//!
+//! The kernel reissues only the requests a dead server had taken and not completed
+//! (`UBLK_F_USER_RECOVERY_REISSUE`); a write completed from memory is never issued again. So
+//! every held write is stored here before its completion, and a restarted server drains what
+//! it finds before it serves anything. Like the op journal ([`crate::journal`]) the file lives
+//! on a tmpfs and is never synced: it must outlive the process, not the machine (a power cut
+//! may lose writes no flush covered; that is what the device's volatile write cache declares).
+//!
+//! Layout (little endian), in a file of fixed size [`capacity`] mapped shared:
+//!
+//! ```text
+//! 0   magic "BOWHELD1"
+//! 8   epoch: u64          bumped by every clear
+//! 16  records, back to back:
+//!       0  crc32: u32     over bytes 4.. of the record (length, epoch, sector, data)
+//!       4  length: u32    data bytes (whole 4 KiB blocks, at least one)
+//!       8  epoch: u64     the file's epoch when the record was stored
+//!       16 sector: u64    where the write goes, in 512-byte sectors
+//!       24 data
+//! ```
+//!
+//! The records of the current epoch, up to the first one whose epoch differs or whose checksum
+//! fails, are the held writes in order. A clear stores a new epoch (one aligned store), so the
+//! old records end the list without being erased; a process killed inside an append leaves a
+//! record whose checksum fails (it is stored last), which ends the list too: that write was not
+//! completed, so the kernel reissues it.
+
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::atomic::{compiler_fence, Ordering};
+
+use crate::journal::{self, JournalFileError};
+
+const MAGIC: &[u8; 8] = b"BOWHELD1";
+const HEADER_BYTES: usize = 16;
+const RECORD_HEADER_BYTES: usize = 24;
+const BLOCK: usize = 4096;
+
+/// One held write: where (512-byte sectors) and what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldWrite {
+    pub sector: u64,
+    pub data: Vec<u8>,
+}
+
+/// Where held writes are stored before they complete.
+pub trait HeldLog: Send + std::fmt::Debug {
+    /// Stores one write after those stored since the last clear. An error means it was not
+    /// stored: the caller must not complete the write before the engine has it.
+    fn append(&mut self, sector: u64, data: &[u8]) -> std::io::Result<()>;
+    /// Forgets every stored write (the engine has them all).
+    fn clear(&mut self);
+}
+
+/// The file's size for a hold limit of `limit` bytes and requests of at most `request` bytes:
+/// a full hold (every record one block) plus one more request.
+pub fn capacity(limit: usize, request: usize) -> usize {
+    let records = limit / BLOCK + 1;
+    HEADER_BYTES + limit + request + records * RECORD_HEADER_BYTES
+}
+
+/// Device `dev_id`'s held-writes file.
+pub fn path(state_dir: &Path, dev_id: u32) -> PathBuf {
+    state_dir.join(format!("{dev_id}.held"))
+}
+
+/// Reads the held writes out of a file's bytes (see the module's documentation). Anything that
+/// is not this format holds nothing: the file is only ever written by this module.
+pub fn parse(bytes: &[u8]) -> Vec<HeldWrite> {
+    let mut held = Vec::new();
+    if bytes.get(..8) != Some(&MAGIC[..]) {
+        return held;
+    }
+    let Some(epoch) = le_u64(bytes, 8) else { return held };
+    let mut at = HEADER_BYTES;
+    while let (Some(crc), Some(len), Some(rec_epoch), Some(sector)) =
+        (le_u32(bytes, at), le_u32(bytes, at + 4), le_u64(bytes, at + 8), le_u64(bytes, at + 16))
+    {
+        let Ok(len) = usize::try_from(len) else { break };
+        if rec_epoch != epoch || len == 0 || len % BLOCK != 0 {
+            break;
+        }
+        let end = at + RECORD_HEADER_BYTES + len;
+        let Some(body) = bytes.get(at + 4..end) else { break };
+        if crc32fast::hash(body) != crc {
+            break;
+        }
+        held.push(HeldWrite { sector, data: body[RECORD_HEADER_BYTES - 4..].to_vec() });
+        at = end;
+    }
+    held
+}
+
+fn le_u32(bytes: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(bytes.get(at..at.checked_add(4)?)?.try_into().ok()?))
+}
+
+fn le_u64(bytes: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(bytes.get(at..at.checked_add(8)?)?.try_into().ok()?))
+}
+
+/// The held-writes file, mapped shared (its pages are the tmpfs file's: what was stored
+/// survives the process).
+#[derive(Debug)]
+pub struct HeldFile {
+    path: PathBuf,
+    // Kept open for the mapping's lifetime (not needed by it, but names what it maps).
+    _file: File,
+    map: NonNull<u8>,
+    size: usize,
+    epoch: u64,
+    /// Where the next record goes.
+    end: usize,
+}
+
+// SAFETY: the mapping is owned by this value alone and only touched through `&mut self`.
+unsafe impl Send for HeldFile {}
+
+impl HeldFile {
+    /// Creates device `dev_id`'s file fresh (an old one is replaced), empty, `size` bytes.
+    pub fn create(
+        state_dir: &Path,
+        dev_id: u32,
+        size: usize,
+    ) -> Result<HeldFile, JournalFileError> {
+        journal::create_state_dir(state_dir)?;
+        let path = path(state_dir, dev_id);
+        let file = journal::create_new(&path)?;
+        let mut held = HeldFile::map(path, file, size)?;
+        held.store_header();
+        Ok(held)
+    }
+
+    /// Opens device `dev_id`'s file as a dead server left it: its held writes, and the file
+    /// ready to go on (after them). A missing or foreign file is created fresh (holding none).
+    pub fn reopen(
+        state_dir: &Path,
+        dev_id: u32,
+        size: usize,
+    ) -> Result<(HeldFile, Vec<HeldWrite>), JournalFileError> {
+        let path = path(state_dir, dev_id);
+        let opened = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path);
+        let mut file = match opened {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok((HeldFile::create(state_dir, dev_id, size)?, Vec::new()))
+            }
+            Err(e) => return Err(journal::io_error("opening", &path)(e)),
+        };
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).map_err(journal::io_error("reading", &path))?;
+        let writes = parse(&bytes);
+        if writes.is_empty() && bytes.get(..8) != Some(&MAGIC[..]) {
+            drop(file);
+            return Ok((HeldFile::create(state_dir, dev_id, size)?, Vec::new()));
+        }
+        let epoch = le_u64(&bytes, 8).unwrap_or(0);
+        let end =
+            HEADER_BYTES + writes.iter().map(|w| RECORD_HEADER_BYTES + w.data.len()).sum::<usize>();
+        let mut held = HeldFile::map(path, file, size.max(end))?;
+        held.epoch = epoch;
+        held.end = end;
+        Ok((held, writes))
+    }
+
+    fn map(path: PathBuf, file: File, size: usize) -> Result<HeldFile, JournalFileError> {
+        let size = size.max(HEADER_BYTES);
+        file.set_len(size as u64).map_err(journal::io_error("sizing", &path))?;
+        // SAFETY: a fresh shared mapping of a file this value owns, as long as the file.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(journal::io_error("mapping", &path)(std::io::Error::last_os_error()));
+        }
+        let map = NonNull::new(addr.cast::<u8>()).expect("mmap does not return null on success");
+        Ok(HeldFile { path, _file: file, map, size, epoch: 0, end: HEADER_BYTES })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn store_header(&mut self) {
+        let mut header = [0u8; HEADER_BYTES];
+        header[..8].copy_from_slice(MAGIC);
+        header[8..].copy_from_slice(&self.epoch.to_le_bytes());
+        // SAFETY: the header lies inside the mapping (its size is at least HEADER_BYTES).
+        unsafe {
+            std::ptr::copy_nonoverlapping(header.as_ptr(), self.map.as_ptr(), HEADER_BYTES);
+        }
+    }
+}
+
+impl HeldLog for HeldFile {
+    fn append(&mut self, sector: u64, data: &[u8]) -> std::io::Result<()> {
+        let len = u32::try_from(data.len()).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+        let end = self
+            .end
+            .checked_add(RECORD_HEADER_BYTES + data.len())
+            .filter(|&end| end <= self.size)
+            .ok_or(std::io::ErrorKind::StorageFull)?;
+        let mut head = [0u8; RECORD_HEADER_BYTES];
+        head[4..8].copy_from_slice(&len.to_le_bytes());
+        head[8..16].copy_from_slice(&self.epoch.to_le_bytes());
+        head[16..24].copy_from_slice(&sector.to_le_bytes());
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&head[4..]);
+        crc.update(data);
+        let crc = crc.finalize();
+        // SAFETY: `self.end..end` lies inside the mapping (checked above); `data` is not in it.
+        unsafe {
+            let at = self.map.as_ptr().add(self.end);
+            std::ptr::copy_nonoverlapping(head[4..].as_ptr(), at.add(4), RECORD_HEADER_BYTES - 4);
+            std::ptr::copy_nonoverlapping(data.as_ptr(), at.add(RECORD_HEADER_BYTES), data.len());
+            // The checksum last: a process killed before it leaves a record that fails it.
+            compiler_fence(Ordering::Release);
+            std::ptr::write_unaligned(at.cast::<[u8; 4]>(), crc.to_le_bytes());
+        }
+        self.end = end;
+        Ok(())
+    }
+
+    fn clear(&mut self) {
+        self.epoch = self.epoch.wrapping_add(1);
+        // SAFETY: the epoch's 8 bytes at offset 8 lie inside the mapping, and are 8-aligned
+        // (the mapping is page-aligned): one store, so a kill sees the old epoch or the new.
+        unsafe { self.map.as_ptr().add(8).cast::<u64>().write_volatile(self.epoch.to_le()) };
+        self.end = HEADER_BYTES;
+    }
+}
+
+impl Drop for HeldFile {
+    fn drop(&mut self) {
+        // SAFETY: this value's own mapping, not used after this.
+        unsafe { libc::munmap(self.map.as_ptr().cast(), self.size) };
+    }
+}
+
+/// Held writes kept in memory only: the engine's host tests, and (feature `fault`) the server
+/// broken on purpose, whose held writes a kill loses.
+#[derive(Debug, Default)]
+pub struct MemHeld {
+    pub writes: Vec<HeldWrite>,
+}
+
+impl HeldLog for MemHeld {
+    fn append(&mut self, sector: u64, data: &[u8]) -> std::io::Result<()> {
+        self.writes.push(HeldWrite { sector, data: data.to_vec() });
+        Ok(())
+    }
+
+    fn clear(&mut self) {
+        self.writes.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(seed: u8, blocks: usize) -> Vec<u8> {
+        (0..blocks * BLOCK).map(|i| seed ^ u8::try_from(i % 251).unwrap_or(0)).collect()
+    }
+
+    fn read_back(dir: &Path, id: u32) -> Vec<HeldWrite> {
+        parse(&std::fs::read(path(dir, id)).unwrap())
+    }
+
+    #[test]
+    fn appends_read_back_in_order_and_a_clear_forgets_them_without_erasing() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = capacity(64 << 10, 16 << 10);
+        let mut f = HeldFile::create(dir.path(), 2, size).unwrap();
+        assert_eq!(std::fs::metadata(f.path()).unwrap().len(), size as u64);
+        let writes = [(8u64, block(1, 1)), (800, block(2, 3)), (8, block(3, 1))];
+        for (sector, data) in &writes {
+            f.append(*sector, data).unwrap();
+        }
+        let want: Vec<HeldWrite> =
+            writes.iter().map(|(s, d)| HeldWrite { sector: *s, data: d.clone() }).collect();
+        assert_eq!(read_back(dir.path(), 2), want);
+        // Cleared: nothing, though the old bytes are still there; a shorter record after it.
+        f.clear();
+        assert!(read_back(dir.path(), 2).is_empty());
+        f.append(16, &block(4, 1)).unwrap();
+        assert_eq!(read_back(dir.path(), 2), [HeldWrite { sector: 16, data: block(4, 1) }]);
+        // Reopened as a dead server left it: the write, and the file goes on after it.
+        drop(f);
+        let (mut f, held) = HeldFile::reopen(dir.path(), 2, size).unwrap();
+        assert_eq!(held, [HeldWrite { sector: 16, data: block(4, 1) }]);
+        f.append(24, &block(5, 2)).unwrap();
+        assert_eq!(read_back(dir.path(), 2).len(), 2);
+        // Full: refused, nothing stored.
+        let big = block(6, 16);
+        while f.append(0, &big).is_ok() {}
+        let n = read_back(dir.path(), 2).len();
+        assert!(f.append(0, &big).is_err());
+        assert_eq!(read_back(dir.path(), 2).len(), n);
+        // No file: created fresh, nothing held.
+        let (_, none) = HeldFile::reopen(dir.path(), 9, size).unwrap();
+        assert!(none.is_empty());
+    }
+
+    #[test]
+    fn a_record_cut_short_or_damaged_ends_the_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = capacity(64 << 10, 16 << 10);
+        let mut f = HeldFile::create(dir.path(), 1, size).unwrap();
+        f.append(8, &block(1, 1)).unwrap();
+        f.append(16, &block(2, 1)).unwrap();
+        f.append(24, &block(3, 1)).unwrap();
+        drop(f);
+        let bytes = std::fs::read(path(dir.path(), 1)).unwrap();
+        let second = HEADER_BYTES + RECORD_HEADER_BYTES + BLOCK;
+        // A killed append: every byte of the second record's body stored, its checksum not.
+        let mut torn = bytes.clone();
+        torn[second..second + 4].fill(0);
+        assert_eq!(parse(&torn).len(), 1);
+        // One flipped data bit, or a stale epoch, end the list there too.
+        let mut flipped = bytes.clone();
+        flipped[second + RECORD_HEADER_BYTES + 100] ^= 1;
+        assert_eq!(parse(&flipped).len(), 1);
+        let mut stale = bytes.clone();
+        stale[second + 8] ^= 1;
+        assert_eq!(parse(&stale).len(), 1);
+        assert_eq!(parse(&bytes).len(), 3);
+        assert!(parse(b"not a held file").is_empty());
+    }
+
+    #[test]
+    fn a_symlink_in_place_of_the_file_is_refused_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, b"precious").unwrap();
+        std::os::unix::fs::symlink(&target, path(dir.path(), 5)).unwrap();
+        assert!(HeldFile::create(dir.path(), 5, 4096).is_err());
+        assert!(HeldFile::reopen(dir.path(), 5, 4096).is_err());
+        assert_eq!(std::fs::read(&target).unwrap(), b"precious");
+    }
+}

@@ -1,0 +1,550 @@
+//! Write-back: first-touch writes share the engine's ordering points.
+//!
+//! The device declares a volatile write cache (`UBLK_ATTR_VOLATILE_CACHE`, no FUA: the block
+//! layer turns a FUA write into a write and a flush), so a write may complete before it is
+//! durable as long as a later flush makes every write completed before it durable. In
+//! CHECKPOINT the engine pays two ordering points (backups, then block 0) for every batch that
+//! backs something up; at queue depth 1 each write was a batch of its own. Here a write in
+//! CHECKPOINT is instead *held*: stored in the held-writes file ([`crate::held`]), kept in
+//! memory, and completed at once. The held writes go to the engine as one batch, in the order
+//! they completed, with the round that *drains* them:
+//!
+//! * a flush (after the batch: it covers them, as the flush contract asks);
+//! * a discard, and any request that is not a plain write of whole blocks inside the device;
+//! * a read of a held block (before the read, so it sees them);
+//! * a write that would take the held bytes past the hold budget: [`HOLD_LIMIT_BYTES`], and in
+//!   CHECKPOINT never more than half the engine's free backup space less four blocks, so the
+//!   batch cannot run out of backup space (a written block takes at most one copy, and the log
+//!   sectors and block 0's copies fit in the four): a write the engine cannot take still fails
+//!   with ENOSPC itself, never after it was completed;
+//! * every control command (checkpoint, commit, status, trace, stop), before it acts.
+//!
+//! The engine's order on the device is unchanged (backups, block 0, then the user's data), and
+//! so are its journal and its recovery: held writes are not the engine's until they are
+//! drained. What changes is where a completed write lives until then: the held-writes file
+//! outlives a killed server, and a restarted one drains it before it serves anything (the
+//! kernel reissues only the requests that were not completed). Writing a drained write a
+//! second time (killed after the batch, before the file was cleared) writes the same data to
+//! the same place. Outside CHECKPOINT nothing is held: in TRIM and COMMITTED the engine adds no
+//! ordering points, and the commit's table switch must find nothing left in the server.
+//!
+//! A held write that fails when it is drained (a device error) was already completed: the
+//! error is reported by the next flush, as a disk reports a failed write-back.
+
+use blockcopy::device::BlockDevice;
+use bow::model::{BowEngine, BowState};
+
+use crate::held::{HeldLog, HeldWrite};
+use crate::target::{Request, Target};
+
+/// The most bytes held at once.
+pub const HOLD_LIMIT_BYTES: usize = 4 << 20;
+/// The engine's block.
+const BLOCK: u64 = 4096;
+
+/// The held writes and where they are stored.
+#[derive(Debug)]
+struct WriteBack {
+    log: Box<dyn HeldLog>,
+    held: Vec<HeldWrite>,
+    held_bytes: u64,
+    /// Held sectors span `[lo, hi)`: most reads fall outside and skip the search.
+    lo: u64,
+    hi: u64,
+    /// What may be held until the next drain, worked out at the first hold after a drain.
+    budget: Option<u64>,
+    /// Held writes whose drain failed since the last flush (that flush fails with EIO).
+    failed: u64,
+    stats: WriteBackStats,
+}
+
+/// Counters since the server started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteBackStats {
+    /// Writes held (completed before the engine had them).
+    pub held: u64,
+    /// Drains that gave the engine held writes.
+    pub drains: u64,
+    /// Held writes that failed when drained.
+    pub failed: u64,
+}
+
+/// The served device: a [`Target`], and in front of the engine the held writes.
+#[derive(Debug)]
+pub struct Served<D: BlockDevice> {
+    target: Target<D>,
+    write_back: Option<WriteBack>,
+}
+
+impl<D: BlockDevice> Served<D> {
+    /// Every request straight to `target` (the pass-through, or the engine write-through).
+    pub fn write_through(target: Target<D>) -> Served<D> {
+        Served { target, write_back: None }
+    }
+
+    /// The engine with write-back, its held writes stored through `log`. `held` are the writes
+    /// a dead server held (read back from its file, which `log` goes on after): they are
+    /// drained now, before anything is served. A pass-through gets no write-back.
+    pub fn write_back(
+        target: Target<D>,
+        log: Box<dyn HeldLog>,
+        held: Vec<HeldWrite>,
+    ) -> Result<Served<D>, i32> {
+        if matches!(target, Target::Passthrough(_)) {
+            return Ok(Served::write_through(target));
+        }
+        let mut served = Served {
+            target,
+            write_back: Some(WriteBack {
+                log,
+                held: Vec::new(),
+                held_bytes: 0,
+                lo: u64::MAX,
+                hi: 0,
+                budget: None,
+                failed: 0,
+                stats: WriteBackStats::default(),
+            }),
+        };
+        if !held.is_empty() {
+            if let Some(wb) = served.write_back.as_mut() {
+                for w in held {
+                    wb.keep(w);
+                }
+            }
+            served.drain()?;
+        }
+        Ok(served)
+    }
+
+    /// The target, without the held writes (a server restarted `--write-through` drained
+    /// them first).
+    pub fn into_target(self) -> Target<D> {
+        self.target
+    }
+
+    /// The target (what the control commands look at, once [`Served::drain`] ran).
+    pub fn target(&self) -> &Target<D> {
+        &self.target
+    }
+
+    /// The target, mutably: drained first, so it has every completed write.
+    pub fn drained_target(&mut self) -> Result<&mut Target<D>, i32> {
+        self.drain()?;
+        Ok(&mut self.target)
+    }
+
+    /// Size in bytes the ublk device shows.
+    pub fn size(&self) -> u64 {
+        self.target.size()
+    }
+
+    /// Writes held now, and their bytes.
+    pub fn pending(&self) -> (usize, u64) {
+        self.write_back.as_ref().map_or((0, 0), |wb| (wb.held.len(), wb.held_bytes))
+    }
+
+    /// The write-back counters (`None`: write-through).
+    pub fn write_back_stats(&self) -> Option<WriteBackStats> {
+        self.write_back.as_ref().map(|wb| wb.stats)
+    }
+
+    /// Gives the engine every held write, as one batch; the held-writes file is cleared once
+    /// the batch was issued. Fails (and holds on to them) only when the batch could not be
+    /// planned at all; a held write the engine fails counts towards the next flush's error.
+    pub fn drain(&mut self) -> Result<(), i32> {
+        self.drain_with(Vec::new()).map(|_| ())
+    }
+
+    /// Drains the held writes and carries out `reqs` in the same batch, after them.
+    fn drain_with(&mut self, reqs: Vec<(Request, Vec<u8>)>) -> Result<Vec<Result<u32, i32>>, i32> {
+        let Some(wb) = self.write_back.as_mut() else {
+            return Ok(self.target.handle_batch(reqs));
+        };
+        if wb.held.is_empty() {
+            return Ok(self.target.handle_batch(reqs));
+        }
+        let held = std::mem::take(&mut wb.held);
+        let n = held.len();
+        let mut batch: Vec<(Request, Vec<u8>)> = held
+            .into_iter()
+            .map(|w| {
+                let sectors = u32::try_from(w.data.len() / 512).unwrap_or(u32::MAX);
+                (Request::Write { sector: w.sector, sectors }, w.data)
+            })
+            .collect();
+        batch.extend(reqs);
+        let mut results = self.target.handle_batch(batch);
+        let rest = results.split_off(n);
+        let failed = results.iter().filter(|r| r.is_err()).count() as u64;
+        if failed > 0 {
+            eprintln!(
+                "bow-ublk: {failed} of {n} held writes failed when drained ({:?}); the next \
+                 flush reports it",
+                results.iter().find(|r| r.is_err())
+            );
+        }
+        wb.failed += failed;
+        wb.stats.failed += failed;
+        wb.stats.drains += 1;
+        wb.held_bytes = 0;
+        wb.lo = u64::MAX;
+        wb.hi = 0;
+        wb.budget = None;
+        wb.log.clear();
+        Ok(rest)
+    }
+
+    /// Whether a round of `reqs` will pay the engine's two ordering flushes, which more
+    /// requests gathered into it would share (the server's round gathering). Never while
+    /// writes are held instead: in CHECKPOINT with write-back, a round of writes pays nothing,
+    /// and a flush round drains what was held before it, which is all the flush covers.
+    pub fn needs_ordering_flushes<'r>(&self, reqs: impl IntoIterator<Item = &'r Request>) -> bool {
+        if let (Some(_), Target::Engine(e)) = (&self.write_back, &self.target) {
+            if e.state() == BowState::Checkpoint {
+                return false;
+            }
+        }
+        self.target.needs_ordering_flushes(reqs)
+    }
+
+    /// A read (or a request no round carries): a read of a held block drains first.
+    pub fn handle(&mut self, req: Request, buf: &mut [u8]) -> Result<u32, i32> {
+        if let (Request::Read { sector, sectors }, Some(wb)) = (req, self.write_back.as_ref()) {
+            if wb.overlaps(sector, u64::from(sectors)) {
+                self.drain()?;
+            }
+        }
+        self.target.handle(req, buf)
+    }
+
+    /// The writes, discards and flushes of one queue round. Writes are held while they may
+    /// be (see the module's documentation); the first request that may not drains the held
+    /// writes with the rest of the round as one batch. One result per request, in order.
+    pub fn handle_round(&mut self, reqs: Vec<(Request, Vec<u8>)>) -> Vec<Result<u32, i32>> {
+        let mut results = Vec::with_capacity(reqs.len());
+        let mut reqs = reqs.into_iter();
+        let mut rest = Vec::new();
+        for (req, data) in reqs.by_ref() {
+            match self.try_hold(req, data) {
+                Ok(done) => results.push(Ok(done)),
+                Err(back) => {
+                    rest.push(back);
+                    break;
+                }
+            }
+        }
+        rest.extend(reqs);
+        if rest.is_empty() {
+            return results;
+        }
+        let flushes: Vec<usize> = rest
+            .iter()
+            .enumerate()
+            .filter(|(_, (r, _))| *r == Request::Flush)
+            .map(|(i, _)| i)
+            .collect();
+        let n = rest.len();
+        let mut done = match self.drain_with(rest) {
+            Ok(done) => done,
+            Err(errno) => vec![Err(errno); n],
+        };
+        // A flush after held writes that failed reports them (once).
+        if let (Some(wb), Some(&first)) = (self.write_back.as_mut(), flushes.first()) {
+            if wb.failed > 0 {
+                done[first] = Err(libc::EIO);
+                wb.failed = 0;
+            }
+        }
+        results.extend(done);
+        results
+    }
+
+    /// Holds `req` if it may be held (completed now); else gives it back.
+    fn try_hold(&mut self, req: Request, data: Vec<u8>) -> Result<u32, (Request, Vec<u8>)> {
+        let Request::Write { sector, sectors } = req else { return Err((req, data)) };
+        let (Some(wb), Target::Engine(engine)) = (self.write_back.as_mut(), &self.target) else {
+            return Err((req, data));
+        };
+        let len = u64::from(sectors) * 512;
+        let whole = sector % (BLOCK / 512) == 0 && len > 0 && len % BLOCK == 0;
+        let inside = sector.checked_mul(512).and_then(|s| s.checked_add(len));
+        if engine.state() != BowState::Checkpoint
+            || !whole
+            || inside.is_none_or(|end| end > self.target.size())
+            || usize::try_from(len).map_or(true, |l| l > data.len())
+        {
+            return Err((req, data));
+        }
+        let budget = *wb.budget.get_or_insert_with(|| {
+            let free = engine.space().free_bytes.saturating_sub(4 * BLOCK);
+            (free / 2).min(HOLD_LIMIT_BYTES as u64)
+        });
+        if wb.held_bytes + len > budget {
+            return Err((req, data));
+        }
+        let mut data = data;
+        data.truncate(usize::try_from(len).unwrap_or(usize::MAX));
+        if wb.log.append(sector, &data).is_err() {
+            return Err((req, data));
+        }
+        wb.stats.held += 1;
+        wb.keep(HeldWrite { sector, data });
+        Ok(u32::try_from(len).unwrap_or(u32::MAX))
+    }
+}
+
+impl WriteBack {
+    fn keep(&mut self, w: HeldWrite) {
+        let sectors = w.data.len() as u64 / 512;
+        self.lo = self.lo.min(w.sector);
+        self.hi = self.hi.max(w.sector + sectors);
+        self.held_bytes += w.data.len() as u64;
+        self.held.push(w);
+    }
+
+    fn overlaps(&self, sector: u64, sectors: u64) -> bool {
+        let end = sector.saturating_add(sectors);
+        if end <= self.lo || sector >= self.hi {
+            return false;
+        }
+        self.held.iter().any(|w| sector < w.sector + w.data.len() as u64 / 512 && w.sector < end)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use blockcopy::device::MemDevice;
+    use bow::restore::{restore, RestoreOptions};
+    use bow::units::BlockSize;
+    use bow_engine::{Engine, EngineConfig};
+
+    use super::*;
+    use crate::held::MemHeld;
+
+    const BLOCKS: usize = 256;
+    const B: usize = 4096;
+
+    fn pattern(seed: u8, len: usize) -> Vec<u8> {
+        (0..len).map(|i| seed ^ u8::try_from(i % 253).unwrap_or(0)).collect()
+    }
+
+    fn image() -> Vec<u8> {
+        (0..BLOCKS).flat_map(|b| pattern(u8::try_from(b % 200).unwrap_or(0), B)).collect()
+    }
+
+    fn w(block: u64, seed: u8) -> (Request, Vec<u8>) {
+        (Request::Write { sector: block * 8, sectors: 8 }, pattern(seed, B))
+    }
+
+    /// An engine over `before` in CHECKPOINT, the second half of the device free.
+    fn armed(before: &[u8]) -> Target<MemDevice> {
+        let engine = Engine::new(
+            MemDevice::from_bytes(before.to_vec()),
+            EngineConfig::new(BlockSize::B4096),
+        );
+        let mut t = Target::Engine(Box::new(engine));
+        let half = u32::try_from(BLOCKS / 2 * B / 512).unwrap();
+        t.handle(Request::Discard { sector: u64::from(half), sectors: half }, &mut []).unwrap();
+        let Target::Engine(e) = &mut t else { unreachable!() };
+        e.set_state(BowState::Checkpoint).unwrap();
+        t
+    }
+
+    /// A log shared with the test, which looks at what was stored as a file would keep it.
+    #[derive(Debug, Clone, Default)]
+    struct SharedLog(std::sync::Arc<std::sync::Mutex<Vec<HeldWrite>>>);
+
+    impl HeldLog for SharedLog {
+        fn append(&mut self, sector: u64, data: &[u8]) -> std::io::Result<()> {
+            self.0.lock().unwrap().push(HeldWrite { sector, data: data.to_vec() });
+            Ok(())
+        }
+        fn clear(&mut self) {
+            self.0.lock().unwrap().clear();
+        }
+    }
+
+    fn read_block(s: &mut Served<MemDevice>, block: u64) -> Vec<u8> {
+        let mut back = vec![0; B];
+        assert_eq!(s.handle(Request::Read { sector: block * 8, sectors: 8 }, &mut back), Ok(4096));
+        back
+    }
+
+    fn into_device(s: Served<MemDevice>) -> MemDevice {
+        let Target::Engine(e) = s.target else { unreachable!() };
+        (*e).into_device()
+    }
+
+    fn restores_used_half(dev: &MemDevice, before: &[u8]) {
+        restore(dev, &RestoreOptions::default(), &mut |_| {}).unwrap();
+        let mut after = vec![0; before.len()];
+        dev.read_at(&mut after, 0).unwrap();
+        let used = before.len() / 2;
+        assert!(after[..used] == before[..used], "the blocks in use at checkpoint start differ");
+    }
+
+    #[test]
+    fn first_touches_are_held_until_a_flush_and_then_share_two_ordering_flushes() {
+        let before = image();
+        let log = SharedLog::default();
+        let mut s = Served::write_back(armed(&before), Box::new(log.clone()), Vec::new()).unwrap();
+        let flushes = |s: &Served<MemDevice>| match &s.target {
+            Target::Engine(e) => e.stats().flushes,
+            Target::Passthrough(_) => unreachable!(),
+        };
+        let at_start = flushes(&s);
+        // Thirty-two rounds of one first touch each (queue depth 1), block 0 among them.
+        for b in 0..32u64 {
+            assert_eq!(s.handle_round(vec![w(b, 100 + u8::try_from(b).unwrap())]), [Ok(4096)]);
+        }
+        assert_eq!(s.pending(), (32, 32 * 4096));
+        assert_eq!(log.0.lock().unwrap().len(), 32, "every held write is stored first");
+        assert_eq!(flushes(&s), at_start, "nothing reached the engine yet");
+        // The device still has the old data; a read of a held block drains first and sees it.
+        assert_eq!(into_device_peek(&s, 5), pattern(5, B));
+        assert_eq!(read_block(&mut s, 5), pattern(105, B));
+        assert_eq!(s.pending(), (0, 0));
+        assert!(log.0.lock().unwrap().is_empty(), "cleared once the engine has them");
+        // Two ordering flushes for all thirty-two backups.
+        assert_eq!(flushes(&s) - at_start, 2);
+        // More, then a flush round: held, then drained before the flush.
+        for b in 40..48u64 {
+            assert_eq!(s.handle_round(vec![w(b, 1)]), [Ok(4096)]);
+        }
+        let r = s.handle_round(vec![w(48, 1), (Request::Flush, Vec::new()), w(49, 1)]);
+        assert_eq!(r, [Ok(4096), Ok(0), Ok(4096)]);
+        assert_eq!(s.pending(), (0, 0));
+        assert_eq!(s.write_back_stats().unwrap().drains, 2);
+        let dev = into_device(s);
+        for b in 40..50u64 {
+            let mut back = vec![0; B];
+            dev.read_at(&mut back, b * 4096).unwrap();
+            assert_eq!(back, pattern(1, B), "block {b}");
+        }
+        restores_used_half(&dev, &before);
+    }
+
+    fn into_device_peek(s: &Served<MemDevice>, block: u64) -> Vec<u8> {
+        let Target::Engine(e) = &s.target else { unreachable!() };
+        let mut back = vec![0; B];
+        e.device().read_at(&mut back, block * 4096).unwrap();
+        back
+    }
+
+    /// A server killed while it held writes: a new one over the same engine state (here the
+    /// same engine: nothing of the held writes reached it) drains what the file kept, and the
+    /// device has every completed write; without the file's copy they are lost.
+    #[test]
+    fn held_writes_outlive_a_killed_server_only_through_the_held_file() {
+        for stored in [true, false] {
+            let before = image();
+            let log = SharedLog::default();
+            let held_log: Box<dyn HeldLog> =
+                if stored { Box::new(log.clone()) } else { Box::new(MemHeld::default()) };
+            let mut s = Served::write_back(armed(&before), held_log, Vec::new()).unwrap();
+            for b in [3u64, 7, 9, 3] {
+                assert_eq!(s.handle_round(vec![w(b, u8::try_from(b).unwrap() + 50)]), [Ok(4096)]);
+            }
+            // The kill: the held writes in memory are gone; the engine is as it was.
+            let Served { target, .. } = s;
+            let kept = log.0.lock().unwrap().clone();
+            let s = Served::write_back(target, Box::new(log.clone()), kept).unwrap();
+            assert_eq!(s.pending(), (0, 0));
+            let dev = into_device(s);
+            let mut back = vec![0; B];
+            dev.read_at(&mut back, 3 * 4096).unwrap();
+            if stored {
+                assert_eq!(back, pattern(53, B), "the later write to block 3 wins");
+                dev.read_at(&mut back, 9 * 4096).unwrap();
+                assert_eq!(back, pattern(59, B));
+            } else {
+                assert_eq!(back, pattern(3, B), "without the file the completed writes are lost");
+            }
+            restores_used_half(&dev, &before);
+        }
+    }
+
+    #[test]
+    fn what_may_not_be_held_is_not() {
+        let before = image();
+        let log = SharedLog::default();
+        let mut s = Served::write_back(armed(&before), Box::new(log.clone()), Vec::new()).unwrap();
+        // Half a block, past the end, a discard: not held, answered as the engine answers.
+        let half = (Request::Write { sector: 0, sectors: 4 }, vec![0; 2048]);
+        assert_eq!(s.handle_round(vec![half]), [Err(libc::EINVAL)]);
+        let past = (Request::Write { sector: BLOCKS as u64 * 8, sectors: 8 }, vec![0; B]);
+        assert_eq!(s.handle_round(vec![past]), [Err(libc::EINVAL)]);
+        assert_eq!(s.pending(), (0, 0));
+        // The budget: half the free backup space less four blocks.
+        let Target::Engine(e) = s.target() else { unreachable!() };
+        let want = usize::try_from((e.space().free_bytes - 4 * BLOCK) / 2 / BLOCK).unwrap();
+        assert!(want > 50, "{want}");
+        let mut held = 0;
+        for b in 0..100u64 {
+            s.handle_round(vec![w(b, 9)]);
+            held = held.max(s.pending().0);
+        }
+        assert_eq!(held, want, "held at most half the free space less four blocks");
+        assert!(s.write_back_stats().unwrap().drains >= 1);
+        // A pass-through never holds.
+        let mut p = Served::write_back(
+            Target::Passthrough(MemDevice::new(16 * B)),
+            Box::new(MemHeld::default()),
+            Vec::new(),
+        )
+        .unwrap();
+        assert_eq!(p.handle_round(vec![w(1, 1)]), [Ok(4096)]);
+        assert_eq!(p.pending(), (0, 0));
+        // Outside CHECKPOINT nothing is held either.
+        let Target::Engine(e) = s.drained_target().unwrap() else { unreachable!() };
+        e.set_state(BowState::Committed).unwrap();
+        assert_eq!(s.handle_round(vec![w(120, 1)]), [Ok(4096)]);
+        assert_eq!(s.pending(), (0, 0));
+    }
+
+    /// A device that fails every write after a point: a held write that fails when drained
+    /// was already completed, so the next flush fails.
+    #[test]
+    fn a_held_write_that_fails_when_drained_fails_the_next_flush() {
+        use blockcopy::device::DeviceError;
+        #[derive(Debug)]
+        struct Failing {
+            inner: MemDevice,
+            fail: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        }
+        impl BlockDevice for Failing {
+            fn size(&self) -> u64 {
+                self.inner.size()
+            }
+            fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DeviceError> {
+                self.inner.read_at(buf, offset)
+            }
+            fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
+                if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Err(DeviceError::Io {
+                        offset,
+                        source: std::io::ErrorKind::Other.into(),
+                    });
+                }
+                self.inner.write_at(buf, offset)
+            }
+            fn flush(&self) -> Result<(), DeviceError> {
+                self.inner.flush()
+            }
+        }
+        let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let dev = Failing { inner: MemDevice::from_bytes(image()), fail: fail.clone() };
+        let mut t = Target::Engine(Box::new(Engine::new(dev, EngineConfig::new(BlockSize::B4096))));
+        let half = u32::try_from(BLOCKS / 2 * B / 512).unwrap();
+        t.handle(Request::Discard { sector: u64::from(half), sectors: half }, &mut []).unwrap();
+        let Target::Engine(e) = &mut t else { unreachable!() };
+        e.set_state(BowState::Checkpoint).unwrap();
+        let mut s = Served::write_back(t, Box::new(MemHeld::default()), Vec::new()).unwrap();
+        assert_eq!(s.handle_round(vec![w(3, 1)]), [Ok(4096)]);
+        fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        let r = s.handle_round(vec![(Request::Flush, Vec::new())]);
+        assert_eq!(r, [Err(libc::EIO)]);
+        assert_eq!(s.write_back_stats().unwrap().failed, 1);
+    }
+}
