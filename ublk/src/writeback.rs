@@ -53,6 +53,14 @@ struct WriteBack {
     hi: u64,
     /// What may be held until the next drain, worked out at the first hold after a drain.
     budget: Option<u64>,
+    /// A lower bound of the engine's free backup space, so that the budget needs no walk
+    /// over the range map (thousands of ranges after random writes) at every drain. A
+    /// written block takes at most one block of free space (its copy, or itself when it was
+    /// free) and a batch at most a few more (a saved log sector, block 0's copies), so each
+    /// batch given to the engine lowers it by twice its written bytes and four blocks.
+    /// `None`: walk the map at the next hold (at start, and after a control command, which
+    /// may change the engine in any way).
+    free_floor: Option<u64>,
     /// Held writes whose drain failed since the last flush (that flush fails with EIO).
     failed: u64,
     stats: WriteBackStats,
@@ -102,6 +110,7 @@ impl<D: BlockDevice> Served<D> {
                 lo: u64::MAX,
                 hi: 0,
                 budget: None,
+                free_floor: None,
                 failed: 0,
                 stats: WriteBackStats::default(),
             }),
@@ -131,6 +140,10 @@ impl<D: BlockDevice> Served<D> {
     /// The target, mutably: drained first, so it has every completed write.
     pub fn drained_target(&mut self) -> Result<&mut Target<D>, i32> {
         self.drain()?;
+        if let Some(wb) = self.write_back.as_mut() {
+            wb.free_floor = None;
+            wb.budget = None;
+        }
         Ok(&mut self.target)
     }
 
@@ -161,6 +174,17 @@ impl<D: BlockDevice> Served<D> {
         let Some(wb) = self.write_back.as_mut() else {
             return Ok(self.target.handle_batch(reqs));
         };
+        let written: u64 = wb.held_bytes
+            + reqs
+                .iter()
+                .map(|(r, _)| match r {
+                    Request::Write { sectors, .. } => u64::from(*sectors) * 512,
+                    _ => 0,
+                })
+                .sum::<u64>();
+        if written > 0 {
+            wb.free_floor = wb.free_floor.map(|f| f.saturating_sub(2 * written + 4 * BLOCK));
+        }
         if wb.held.is_empty() {
             return Ok(self.target.handle_batch(reqs));
         }
@@ -276,9 +300,18 @@ impl<D: BlockDevice> Served<D> {
         {
             return Err((req, data));
         }
+        let limit = HOLD_LIMIT_BYTES as u64;
         let budget = *wb.budget.get_or_insert_with(|| {
-            let free = engine.space().free_bytes.saturating_sub(4 * BLOCK);
-            (free / 2).min(HOLD_LIMIT_BYTES as u64)
+            // The bound while it allows the whole limit; else the map's exact free space.
+            let free = match wb.free_floor {
+                Some(f) if f >= 2 * limit + 4 * BLOCK => f,
+                _ => {
+                    let f = engine.space().free_bytes;
+                    wb.free_floor = Some(f);
+                    f
+                }
+            };
+            (free.saturating_sub(4 * BLOCK) / 2).min(limit)
         });
         if wb.held_bytes + len > budget {
             return Err((req, data));
@@ -542,6 +575,47 @@ mod tests {
         e.set_state(BowState::Committed).unwrap();
         assert_eq!(s.handle_round(vec![w(120, 1)]), [Ok(4096)]);
         assert_eq!(s.pending(), (0, 0));
+    }
+
+    /// First touches until the backup space runs out, on a device large enough that the
+    /// budget starts from the free-space bound: no held write ever fails at its drain (the
+    /// bound and the walks below it keep the held bytes within what the engine can back
+    /// up); the writes that do not fit fail with ENOSPC themselves, before they complete.
+    #[test]
+    fn held_writes_never_run_out_of_backup_space() {
+        let blocks = 8192u64;
+        let engine = Engine::new(
+            MemDevice::new(usize::try_from(blocks).unwrap() * B),
+            EngineConfig::new(BlockSize::B4096),
+        );
+        let mut t = Target::Engine(Box::new(engine));
+        let half = u32::try_from(blocks / 2 * 8).unwrap();
+        t.handle(Request::Discard { sector: u64::from(half), sectors: half }, &mut []).unwrap();
+        let Target::Engine(e) = &mut t else { unreachable!() };
+        e.set_state(BowState::Checkpoint).unwrap();
+        let mut s = Served::write_back(t, Box::new(MemHeld::default()), Vec::new()).unwrap();
+        let (mut held_most, mut nospc) = (0, 0);
+        for b in 1..blocks / 2 {
+            match s.handle_round(vec![w(b, 3)])[..] {
+                [Ok(4096)] => {}
+                [Err(libc::ENOSPC)] => nospc += 1,
+                ref other => panic!("block {b}: {other:?}"),
+            }
+            held_most = held_most.max(s.pending().1);
+            if b % 1100 == 0 {
+                assert_eq!(s.handle_round(vec![(Request::Flush, Vec::new())]), [Ok(0)], "{b}");
+            }
+        }
+        assert_eq!(s.handle_round(vec![(Request::Flush, Vec::new())]), [Ok(0)]);
+        let stats = s.write_back_stats().unwrap();
+        assert_eq!(stats.failed, 0, "{stats:?}");
+        assert_eq!(
+            held_most, HOLD_LIMIT_BYTES as u64,
+            "the whole limit was held while space lasted"
+        );
+        assert!(nospc > 0, "the backup space must run out in this test");
+        let Target::Engine(e) = s.target() else { unreachable!() };
+        assert!(e.space().free_bytes < 64 * BLOCK, "{:?}", e.space());
     }
 
     /// A device that fails every write after a point: a held write that fails when drained
