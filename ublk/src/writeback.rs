@@ -188,7 +188,7 @@ impl<D: BlockDevice> Served<D> {
         if wb.held.is_empty() {
             return Ok(self.target.handle_batch(reqs));
         }
-        let held = std::mem::take(&mut wb.held);
+        let held = in_device_order(std::mem::take(&mut wb.held));
         let n = held.len();
         let mut batch: Vec<(Request, Vec<u8>)> = held
             .into_iter()
@@ -325,6 +325,26 @@ impl<D: BlockDevice> Served<D> {
         wb.keep(HeldWrite { sector, data });
         Ok(u32::try_from(len).unwrap_or(u32::MAX))
     }
+}
+
+/// The held writes sorted by position when no two of them overlap (else as they came: then
+/// their order decides what the overlapped blocks hold). None of them was flushed, so any
+/// order of disjoint writes is one the volatile cache allows; in device order the engine's
+/// range map splits one free or in-use range from its start instead of fragmenting it (each
+/// write joins the CHANGED range its predecessor left), its backups' sources are read in
+/// order, and the user writes go out in order.
+fn in_device_order(held: Vec<HeldWrite>) -> Vec<HeldWrite> {
+    let mut order: Vec<(u64, u64, usize)> = held
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.sector, w.sector + w.data.len() as u64 / 512, i))
+        .collect();
+    order.sort_unstable();
+    if !order.windows(2).all(|p| p[0].1 <= p[1].0) {
+        return held;
+    }
+    let mut slots: Vec<Option<HeldWrite>> = held.into_iter().map(Some).collect();
+    order.iter().filter_map(|&(_, _, i)| slots.get_mut(i).and_then(Option::take)).collect()
 }
 
 impl WriteBack {
@@ -616,6 +636,32 @@ mod tests {
         assert!(nospc > 0, "the backup space must run out in this test");
         let Target::Engine(e) = s.target() else { unreachable!() };
         assert!(e.space().free_bytes < 64 * BLOCK, "{:?}", e.space());
+    }
+
+    #[test]
+    fn disjoint_held_writes_drain_in_device_order_overlapping_ones_as_they_came() {
+        let hw = |block: u64, blocks: usize, seed: u8| HeldWrite {
+            sector: block * 8,
+            data: pattern(seed, blocks * B),
+        };
+        let sectors = |v: &[HeldWrite]| v.iter().map(|w| w.sector / 8).collect::<Vec<_>>();
+        let disjoint = vec![hw(9, 1, 1), hw(2, 2, 2), hw(4, 1, 3), hw(0, 1, 4)];
+        assert_eq!(sectors(&in_device_order(disjoint)), [0, 2, 4, 9]);
+        // Block 3 written twice (inside the second write, then alone): the order stays.
+        let overlapping = vec![hw(9, 1, 1), hw(2, 2, 2), hw(3, 1, 3), hw(0, 1, 4)];
+        assert_eq!(sectors(&in_device_order(overlapping)), [9, 2, 3, 0]);
+        // And the data that lands is the last write's, either way.
+        let before = image();
+        let mut s =
+            Served::write_back(armed(&before), Box::new(MemHeld::default()), Vec::new()).unwrap();
+        for (block, seed) in [(9u64, 1u8), (2, 2), (3, 3), (0, 4), (3, 5), (40, 6)] {
+            assert_eq!(s.handle_round(vec![w(block, seed)]), [Ok(4096)]);
+        }
+        assert_eq!(s.handle_round(vec![(Request::Flush, Vec::new())]), [Ok(0)]);
+        for (block, seed) in [(9u64, 1u8), (2, 2), (3, 5), (0, 4), (40, 6)] {
+            assert!(read_block(&mut s, block) == pattern(seed, B), "block {block}");
+        }
+        restores_used_half(&into_device(s), &before);
     }
 
     /// A device that fails every write after a point: a held write that fails when drained
