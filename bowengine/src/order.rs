@@ -81,6 +81,14 @@ pub trait DurableWrites: Send + fmt::Debug {
     /// contents it backs up), so the device may start reading them now, all of the batch's
     /// reads at once instead of one after another. Nothing by default.
     fn will_read(&self, _offset: u64, _len: u64) {}
+
+    /// Writes the batch's user writes (plainly: not durable), in order, if this writer offers
+    /// it: `None` leaves them to the engine, one [`BlockDevice::write_at`] each. The server's
+    /// writes each run of contiguous ones with one vectored write (a drain of held writes in
+    /// device order is mostly such runs).
+    fn write_plain(&self, _writes: &[(u64, &[u8])]) -> Option<Result<(), DeviceError>> {
+        None
+    }
 }
 
 /// Proof that every staged backup write of the batch is durable.
@@ -218,7 +226,7 @@ impl Staged {
             }
         };
         counts.user_writes = user.len();
-        release_user_writes(dev, log_durable, &user)?;
+        release_user_writes(dev, durable, log_durable, &user)?;
         Ok(counts)
     }
 }
@@ -286,9 +294,16 @@ fn write_log(
 /// Step 3: the user writes. Needs the log durable.
 fn release_user_writes(
     dev: &impl BlockDevice,
+    durable: Option<&dyn DurableWrites>,
     _log: LogDurable,
     user: &[(u64, Vec<u8>)],
 ) -> Result<(), DeviceError> {
+    if let Some(d) = durable {
+        let writes: Vec<(u64, &[u8])> = user.iter().map(|(o, d)| (*o, d.as_slice())).collect();
+        if let Some(done) = d.write_plain(&writes) {
+            return done;
+        }
+    }
     for (offset, data) in user {
         dev.write_at(data, *offset)?;
     }
