@@ -34,7 +34,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
@@ -190,21 +189,7 @@ impl HeldFile {
     fn map(path: PathBuf, file: File, size: usize) -> Result<HeldFile, JournalFileError> {
         let size = size.max(HEADER_BYTES);
         file.set_len(size as u64).map_err(journal::io_error("sizing", &path))?;
-        // SAFETY: a fresh shared mapping of a file this value owns, as long as the file.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(journal::io_error("mapping", &path)(std::io::Error::last_os_error()));
-        }
-        let map = NonNull::new(addr.cast::<u8>()).expect("mmap does not return null on success");
+        let map = journal::map_shared(&file, size, &path)?;
         Ok(HeldFile { path, _file: file, map, size, epoch: 0, end: HEADER_BYTES })
     }
 
@@ -393,25 +378,10 @@ mod tests {
         let mut seed = 0x2545_f491_4f6c_dd1du64;
         for trial in 0..40u32 {
             let mut f = HeldFile::create(dir.path(), trial, size).unwrap();
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            let delay = std::time::Duration::from_micros(seed % spread);
-            // SAFETY: the child only stores into the mapping; it allocates only the records'
-            // buffers and never returns into the harness.
-            let pid = unsafe { libc::fork() };
-            assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
-            if pid == 0 {
+            crate::journal::kill_at_random(&mut seed, spread, || {
                 run(&mut f);
-                // SAFETY: ends the forked child without unwinding into the harness.
-                unsafe { libc::_exit(0) };
-            }
-            std::thread::sleep(delay);
-            // SAFETY: our own child.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            let mut status = 0;
-            // SAFETY: reaps our own child into a local.
-            assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+                true
+            });
             drop(f);
             let bytes = std::fs::read(path(dir.path(), trial)).unwrap();
             let round = le_u64(&bytes, 8).unwrap();

@@ -167,21 +167,7 @@ impl MappedJournal {
     pub fn new(path: PathBuf, file: File, len: usize) -> Result<MappedJournal, JournalFileError> {
         let mapped = round_up(len.max(1), MAP_STEP);
         file.set_len(mapped as u64).map_err(io_error("growing", &path))?;
-        // SAFETY: a fresh shared mapping of a file this value owns, as long as the file.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                mapped,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(io_error("mapping", &path)(std::io::Error::last_os_error()));
-        }
-        let map = NonNull::new(addr.cast::<u8>()).expect("mmap does not return null on success");
+        let map = map_shared(&file, mapped, &path)?;
         Ok(MappedJournal { path, file, map, mapped, len })
     }
 
@@ -214,6 +200,60 @@ impl MappedJournal {
         self.mapped = new;
         Ok(())
     }
+}
+
+/// Maps the first `len` bytes of `file` (at `path`) shared, readable and writable. The caller
+/// owns the mapping: it unmaps it (`munmap`) before `file` goes.
+pub(crate) fn map_shared(
+    file: &File,
+    len: usize,
+    path: &Path,
+) -> Result<NonNull<u8>, JournalFileError> {
+    // SAFETY: a fresh shared mapping of an open file; no memory of ours is passed.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    if addr == libc::MAP_FAILED {
+        return Err(io_error("mapping", path)(std::io::Error::last_os_error()));
+    }
+    Ok(NonNull::new(addr.cast::<u8>()).expect("mmap does not return null on success"))
+}
+
+/// Runs `child` in a forked child and SIGKILLs it after a random delay below `spread_us`
+/// microseconds (the next of `seed`'s xorshift steps), for the tests that show a writer killed
+/// at any moment leaves a readable file. `child` returns whether it succeeded; a child that
+/// finished before the kill must have. The child must only store into memory and make system
+/// calls (it may not return into the test harness, which it never does: it exits).
+#[cfg(test)]
+pub(crate) fn kill_at_random(seed: &mut u64, spread_us: u64, child: impl FnOnce() -> bool) {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    let delay = std::time::Duration::from_micros(*seed % spread_us.max(1));
+    // SAFETY: the child runs `child` (stores and system calls only) and exits without
+    // unwinding into the harness.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        let code = if child() { 0 } else { 1 };
+        // SAFETY: ends the forked child without unwinding into the harness.
+        unsafe { libc::_exit(code) };
+    }
+    std::thread::sleep(delay);
+    // SAFETY: our own child.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let mut status = 0;
+    // SAFETY: reaps our own child into a local.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    let killed = libc::WIFSIGNALED(status);
+    assert!(killed || libc::WEXITSTATUS(status) == 0, "writer failed: {status}");
 }
 
 fn round_up(n: usize, step: usize) -> usize {
@@ -363,33 +403,14 @@ mod tests {
         for trial in 0..40u32 {
             let mut j = MappedJournal::create(dir.path(), trial).unwrap();
             j.write_all(&header).unwrap();
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            let delay = std::time::Duration::from_micros(seed % spread);
-            // SAFETY: the child only stores into the mapping and makes system calls (ftruncate,
-            // mremap); it allocates nothing (the frames are built) and never returns.
-            let pid = unsafe { libc::fork() };
-            assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
-            if pid == 0 {
+            kill_at_random(&mut seed, spread, || {
                 for f in &frames {
                     if j.write_all(f).is_err() {
-                        // SAFETY: ends the forked child without unwinding into the harness.
-                        unsafe { libc::_exit(1) };
+                        return false;
                     }
                 }
-                // SAFETY: as above.
-                unsafe { libc::_exit(0) };
-            }
-            std::thread::sleep(delay);
-            // SAFETY: our own child.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            let mut status = 0;
-            // SAFETY: reaps our own child into a local.
-            let reaped = unsafe { libc::waitpid(pid, &mut status, 0) };
-            assert_eq!(reaped, pid);
-            let killed = libc::WIFSIGNALED(status);
-            assert!(killed || libc::WEXITSTATUS(status) == 0, "writer failed: {status}");
+                true
+            });
             drop(j);
             let bytes = read(dir.path(), trial).unwrap().unwrap().bytes;
             let r = parse(&bytes);

@@ -364,7 +364,7 @@ pub fn errno(err: &EngineError) -> i32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use blockcopy::device::MemDevice;
     use bow::model::BowState;
     use bow::restore::{restore, RestoreOptions};
@@ -444,7 +444,7 @@ mod tests {
 
     /// Restores `dev` and checks the blocks in use at checkpoint start (the first half of
     /// `before`; the second half was discarded before the checkpoint) came back.
-    fn restores_used_half(dev: &impl BlockDevice, before: &[u8]) {
+    pub(crate) fn restores_used_half(dev: &impl BlockDevice, before: &[u8]) {
         restore(dev, &RestoreOptions::default(), &mut |_| {}).unwrap();
         let mut after = vec![0; before.len()];
         dev.read_at(&mut after, 0).unwrap();

@@ -368,12 +368,12 @@ impl WriteBack {
 #[cfg(test)]
 mod tests {
     use blockcopy::device::MemDevice;
-    use bow::restore::{restore, RestoreOptions};
     use bow::units::BlockSize;
     use bow_engine::{Engine, EngineConfig};
 
     use super::*;
     use crate::held::MemHeld;
+    use crate::target::tests::restores_used_half;
 
     const BLOCKS: usize = 256;
     const B: usize = 4096;
@@ -427,14 +427,6 @@ mod tests {
     fn into_device(s: Served<MemDevice>) -> MemDevice {
         let Target::Engine(e) = s.target else { unreachable!() };
         (*e).into_device()
-    }
-
-    fn restores_used_half(dev: &MemDevice, before: &[u8]) {
-        restore(dev, &RestoreOptions::default(), &mut |_| {}).unwrap();
-        let mut after = vec![0; before.len()];
-        dev.read_at(&mut after, 0).unwrap();
-        let used = before.len() / 2;
-        assert!(after[..used] == before[..used], "the blocks in use at checkpoint start differ");
     }
 
     #[test]
