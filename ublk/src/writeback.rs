@@ -19,6 +19,10 @@
 //!   with ENOSPC itself, never after it was completed;
 //! * every control command (checkpoint, commit, status, trace, stop), before it acts.
 //!
+//! Disjoint held writes go to the engine in device order (any order of unflushed disjoint
+//! writes is one the cache allows; the range map then splits ranges from their start instead
+//! of fragmenting them); overlapping ones keep the order they came in.
+//!
 //! The engine's order on the device is unchanged (backups, block 0, then the user's data), and
 //! so are its journal and its recovery: held writes are not the engine's until they are
 //! drained. What changes is where a completed write lives until then: the held-writes file
@@ -92,7 +96,8 @@ impl<D: BlockDevice> Served<D> {
 
     /// The engine with write-back, its held writes stored through `log`. `held` are the writes
     /// a dead server held (read back from its file, which `log` goes on after): they are
-    /// drained now, before anything is served. A pass-through gets no write-back.
+    /// drained now, before anything is served, and an error (EIO) if the engine failed any of
+    /// them (the server then refuses to serve). A pass-through gets no write-back.
     pub fn write_back(
         target: Target<D>,
         log: Box<dyn HeldLog>,
@@ -163,10 +168,16 @@ impl<D: BlockDevice> Served<D> {
     }
 
     /// Gives the engine every held write, as one batch; the held-writes file is cleared once
-    /// the batch was issued. Fails (and holds on to them) only when the batch could not be
-    /// planned at all; a held write the engine fails counts towards the next flush's error.
+    /// the batch was issued. EIO when the engine failed one of them (a device error, after
+    /// which the engine fails everything); the next flush fails too, as for a held write
+    /// drained by a round.
     pub fn drain(&mut self) -> Result<(), i32> {
-        self.drain_with(Vec::new()).map(|_| ())
+        let failed_before = self.write_back_stats().map_or(0, |s| s.failed);
+        self.drain_with(Vec::new())?;
+        match self.write_back_stats() {
+            Some(s) if s.failed > failed_before => Err(libc::EIO),
+            _ => Ok(()),
+        }
     }
 
     /// Drains the held writes and carries out `reqs` in the same batch, after them.
@@ -699,5 +710,8 @@ mod tests {
         let r = s.handle_round(vec![(Request::Flush, Vec::new())]);
         assert_eq!(r, [Err(libc::EIO)]);
         assert_eq!(s.write_back_stats().unwrap().failed, 1);
+        // A control command's drain says so too.
+        assert_eq!(s.handle_round(vec![w(4, 1)]), [Ok(4096)]);
+        assert_eq!(s.drain(), Err(libc::EIO));
     }
 }
