@@ -172,11 +172,11 @@ impl HeldFile {
         };
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).map_err(journal::io_error("reading", &path))?;
-        let writes = parse(&bytes);
-        if writes.is_empty() && bytes.get(..8) != Some(&MAGIC[..]) {
+        if bytes.get(..8) != Some(&MAGIC[..]) {
             drop(file);
             return Ok((HeldFile::create(state_dir, dev_id, size)?, Vec::new()));
         }
+        let writes = parse(&bytes);
         let epoch = le_u64(&bytes, 8).unwrap_or(0);
         let end =
             HEADER_BYTES + writes.iter().map(|w| RECORD_HEADER_BYTES + w.data.len()).sum::<usize>();

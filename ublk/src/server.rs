@@ -760,10 +760,11 @@ fn drained(target: &Mutex<Served<FileDevice>>) -> Result<(), String> {
 
 /// A control command on the engine, once it has every completed write.
 fn run(served: &mut Served<FileDevice>, command: Command) -> Result<String, String> {
+    let drain_error = |errno| format!("giving the engine the held writes: errno {errno}");
+    served.drain().map_err(drain_error)?;
+    // Read after the drain, so `status` counts it.
     let write_back = served.write_back_stats();
-    let target = served
-        .drained_target()
-        .map_err(|errno| format!("giving the engine the held writes: errno {errno}"))?;
+    let target = served.drained_target().map_err(drain_error)?;
     let Target::Engine(engine) = target else {
         return match command {
             Command::Status => Ok("passthrough".to_owned()),

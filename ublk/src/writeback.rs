@@ -173,7 +173,7 @@ impl<D: BlockDevice> Served<D> {
     /// drained by a round.
     pub fn drain(&mut self) -> Result<(), i32> {
         let failed_before = self.write_back_stats().map_or(0, |s| s.failed);
-        self.drain_with(Vec::new())?;
+        self.drain_with(Vec::new());
         match self.write_back_stats() {
             Some(s) if s.failed > failed_before => Err(libc::EIO),
             _ => Ok(()),
@@ -181,9 +181,9 @@ impl<D: BlockDevice> Served<D> {
     }
 
     /// Drains the held writes and carries out `reqs` in the same batch, after them.
-    fn drain_with(&mut self, reqs: Vec<(Request, Vec<u8>)>) -> Result<Vec<Result<u32, i32>>, i32> {
+    fn drain_with(&mut self, reqs: Vec<(Request, Vec<u8>)>) -> Vec<Result<u32, i32>> {
         let Some(wb) = self.write_back.as_mut() else {
-            return Ok(self.target.handle_batch(reqs));
+            return self.target.handle_batch(reqs);
         };
         let written: u64 = wb.held_bytes
             + reqs
@@ -197,7 +197,7 @@ impl<D: BlockDevice> Served<D> {
             wb.free_floor = wb.free_floor.map(|f| f.saturating_sub(2 * written + 4 * BLOCK));
         }
         if wb.held.is_empty() {
-            return Ok(self.target.handle_batch(reqs));
+            return self.target.handle_batch(reqs);
         }
         let held = in_device_order(std::mem::take(&mut wb.held));
         let n = held.len();
@@ -227,7 +227,7 @@ impl<D: BlockDevice> Served<D> {
         wb.hi = 0;
         wb.budget = None;
         wb.log.clear();
-        Ok(rest)
+        rest
     }
 
     /// Whether a round of `reqs` will pay the engine's two ordering flushes, which more
@@ -279,11 +279,7 @@ impl<D: BlockDevice> Served<D> {
             .filter(|(_, (r, _))| *r == Request::Flush)
             .map(|(i, _)| i)
             .collect();
-        let n = rest.len();
-        let mut done = match self.drain_with(rest) {
-            Ok(done) => done,
-            Err(errno) => vec![Err(errno); n],
-        };
+        let mut done = self.drain_with(rest);
         // A flush after held writes that failed reports them (once).
         if let (Some(wb), Some(&first)) = (self.write_back.as_mut(), flushes.first()) {
             if wb.failed > 0 {
