@@ -38,7 +38,7 @@ fn main() {
     let mut per_write = |fill: u8| {
         let t = std::time::Instant::now();
         for b in &free {
-            let io = UserIo::Write { sector: Sectors(b * 8), data: vec![fill; 4096] };
+            let io = UserIo::Write { sector: Sectors(b * 8), data: vec![fill; 4096].into() };
             engine.submit(vec![io]).and_then(|batch| batch.commit()).expect("write");
         }
         t.elapsed().as_secs_f64() * 1e6 / WRITES as f64

@@ -13,6 +13,7 @@ use bow::model::{
     ReadAction, StateChange, WriteAction,
 };
 use bow::units::{BlockSize, Sectors, SECTOR_SIZE};
+use bytes::Bytes;
 use checkpoint_estimate::{Record, Trace};
 
 use crate::journal::{self, Entry, JournalError, JournalIo};
@@ -53,8 +54,10 @@ impl EngineConfig {
 /// One user I/O of a batch. Positions are 512-byte sectors, lengths whole blocks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UserIo {
-    /// A write.
-    Write { sector: Sectors, data: Vec<u8> },
+    /// A write. Its data is shared, not copied: the batch writes it from where the caller
+    /// keeps it (a `Vec` converts for free; the ublk server's held writes are slices of its
+    /// held-writes file).
+    Write { sector: Sectors, data: Bytes },
     /// A discard of `len` bytes.
     Discard { sector: Sectors, len: u64 },
 }
@@ -247,7 +250,7 @@ impl<D: BlockDevice> EngineIo<D> {
         Ok(buf)
     }
 
-    fn stage_user(&mut self, sector: u64, data: Vec<u8>, read_later: bool) {
+    fn stage_user(&mut self, sector: u64, data: Bytes, read_later: bool) {
         self.staged.stage_user(sector * SECTOR_SIZE, data, self.bs.as_usize(), read_later);
     }
 
@@ -755,7 +758,7 @@ impl<D: BlockDevice> Engine<D> {
     /// Plans a batch: `data` is `None` only in a replay (and for discards).
     fn plan(
         &mut self,
-        ios: Vec<(JournalIo, Option<Vec<u8>>)>,
+        ios: Vec<(JournalIo, Option<Bytes>)>,
         frame: Vec<u8>,
     ) -> Result<Batch<'_, D>, EngineError> {
         self.check_usable()?;
@@ -812,7 +815,7 @@ impl<D: BlockDevice> Engine<D> {
         &mut self,
         sector: u64,
         len: u64,
-        mut data: Option<Vec<u8>>,
+        mut data: Option<Bytes>,
     ) -> Result<WriteAction, EngineError> {
         self.worker.check_io(sector, len)?;
         let sectors = len / SECTOR_SIZE;
@@ -828,11 +831,11 @@ impl<D: BlockDevice> Engine<D> {
                 // SECTOR0_CURRENT block, which a later write in the batch may copy.
                 let in_place = u64::try_from(bytes.start)
                     .is_ok_and(|skip| sector * SECTOR_SIZE + skip == at * SECTOR_SIZE);
-                // The whole write is handed over as it is (the usual case), a part copied.
+                // The whole write is handed over as it is (the usual case), a part shared.
                 let part = if bytes.start == 0 && bytes.end == d.len() {
                     std::mem::take(d)
                 } else {
-                    d[bytes].to_vec()
+                    d.slice(bytes)
                 };
                 io.stage_user(at, part, !in_place);
             }
@@ -928,7 +931,7 @@ impl<D: BlockDevice> BowEngine for Engine<D> {
     }
 
     fn write(&mut self, sector: Sectors, data: &[u8]) -> Result<WriteAction, EngineError> {
-        match self.one(UserIo::Write { sector, data: data.to_vec() })? {
+        match self.one(UserIo::Write { sector, data: Bytes::copy_from_slice(data) })? {
             IoOutcome::Write(w) => Ok(w),
             IoOutcome::Discard(_) => Err(EngineError::OutOfRange { sector: sector.0, len: 0 }),
         }

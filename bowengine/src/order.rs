@@ -26,6 +26,7 @@ use std::fmt;
 use std::io::Write;
 
 use blockcopy::device::{BlockDevice, DeviceError};
+use bytes::Bytes;
 
 /// Proof that the batch's journal frame is in the journal (so a restarted server replays it
 /// before looking at what the batch left on the device), or that the engine keeps no journal.
@@ -119,7 +120,7 @@ pub(crate) struct Staged {
     /// The newest block 0, if the log changed.
     log: Option<Vec<u8>>,
     /// User writes (byte offset, bytes), in submission order.
-    user: Vec<(u64, Vec<u8>)>,
+    user: Vec<(u64, Bytes)>,
     /// The newest staged contents of each block (any kind), for reads during planning.
     overlay: HashMap<u64, Vec<u8>>,
 }
@@ -184,7 +185,7 @@ impl Staged {
     pub(crate) fn stage_user(
         &mut self,
         offset: u64,
-        data: Vec<u8>,
+        data: Bytes,
         block_bytes: usize,
         read_later: bool,
     ) {
@@ -296,10 +297,10 @@ fn release_user_writes(
     dev: &impl BlockDevice,
     durable: Option<&dyn DurableWrites>,
     _log: LogDurable,
-    user: &[(u64, Vec<u8>)],
+    user: &[(u64, Bytes)],
 ) -> Result<(), DeviceError> {
     if let Some(d) = durable {
-        let writes: Vec<(u64, &[u8])> = user.iter().map(|(o, d)| (*o, d.as_slice())).collect();
+        let writes: Vec<(u64, &[u8])> = user.iter().map(|(o, d)| (*o, d.as_ref())).collect();
         if let Some(done) = d.write_plain(&writes) {
             return done;
         }
@@ -317,9 +318,10 @@ fn commit_broken(
     fault: Fault,
     backups: Vec<(u64, Vec<u8>)>,
     log: Option<Vec<u8>>,
-    user: Vec<(u64, Vec<u8>)>,
+    user: Vec<(u64, Bytes)>,
 ) -> Result<IssuedCounts, DeviceError> {
     let counts = IssuedCounts { backup_writes: backups.len(), user_writes: user.len(), flushes: 2 };
+    let user: Vec<(u64, Vec<u8>)> = user.into_iter().map(|(at, d)| (at, d.to_vec())).collect();
     let write_all = |list: &[(u64, Vec<u8>)], block: bool| -> Result<(), DeviceError> {
         for (at, data) in list {
             let bytes = u64::try_from(data.len()).unwrap_or(u64::MAX);

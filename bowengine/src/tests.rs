@@ -210,9 +210,10 @@ fn ios(ops: &[Op], bs: BlockSize) -> Vec<UserIo> {
                 sector: Sectors(block * bss),
                 len: blocks * u64::from(bs.bytes()),
             }),
-            Op::Write { block, blocks, seed } => {
-                Some(UserIo::Write { sector: Sectors(block * bss), data: data(blocks, bs, seed) })
-            }
+            Op::Write { block, blocks, seed } => Some(UserIo::Write {
+                sector: Sectors(block * bss),
+                data: data(blocks, bs, seed).into(),
+            }),
             Op::Next => None,
         })
         .collect()
@@ -409,9 +410,9 @@ fn armed_crash_engine() -> Engine<CrashDevice> {
 fn two_backups_and_a_free_space_write(engine: &mut Engine<CrashDevice>) {
     let bs = BlockSize::B4096;
     let ops = vec![
-        UserIo::Write { sector: Sectors(8), data: data(1, bs, 1) },
-        UserIo::Write { sector: Sectors(16), data: data(1, bs, 2) },
-        UserIo::Write { sector: Sectors(45 * 8), data: data(1, bs, 3) },
+        UserIo::Write { sector: Sectors(8), data: data(1, bs, 1).into() },
+        UserIo::Write { sector: Sectors(16), data: data(1, bs, 2).into() },
+        UserIo::Write { sector: Sectors(45 * 8), data: data(1, bs, 3).into() },
     ];
     let report = engine.submit(ops).unwrap().commit().unwrap();
     assert_eq!((report.backup_blocks, report.flushes), (2, 2));
@@ -622,7 +623,11 @@ fn a_dropped_batch_poisons_the_engine() {
     let mut engine = Engine::new(MemDevice::new(16 * 4096), EngineConfig::new(BlockSize::B4096));
     engine.discard(Sectors(64), 8 * 4096).unwrap();
     engine.set_state(BowState::Checkpoint).unwrap();
-    drop(engine.submit(vec![UserIo::Write { sector: Sectors(8), data: vec![1; 4096] }]).unwrap());
+    drop(
+        engine
+            .submit(vec![UserIo::Write { sector: Sectors(8), data: vec![1; 4096].into() }])
+            .unwrap(),
+    );
     let e = engine.write(Sectors(16), &[2; 4096]).unwrap_err();
     assert_eq!(e.kind(), bow::model::EngineErrorKind::Io);
 }
@@ -730,7 +735,7 @@ fn a_recovery_after_any_batch_rebuilds_the_engine_and_its_whole_trace() {
     // A first touch (a backup), a write into free space, then rewrites of both.
     for (block, seed) in [(3, 1), (45, 2), (3, 3), (45, 4), (3, 5)] {
         let before = journal.0.lock().unwrap().len();
-        let io = UserIo::Write { sector: Sectors(block * 8), data: data(1, w.bs, seed) };
+        let io = UserIo::Write { sector: Sectors(block * 8), data: data(1, w.bs, seed).into() };
         engine.submit(vec![io]).unwrap().commit().unwrap();
         assert!(journal.0.lock().unwrap().len() > before, "block {block}: no frame appended");
         let dev = MemDevice::from_bytes(engine.device().snapshot());

@@ -31,6 +31,13 @@
 //! then the file is gone with the tmpfs), so a seal stored last, after a compiler fence, is
 //! enough; the data carries no checksum (a CRC-32 of each 4 KiB cost a measurable part of a
 //! held write under emulation).
+//!
+//! An append returns the stored data as shared [`Bytes`], a view of the mapping: the engine
+//! writes the held write to the device from there, so a held write is copied once on its way
+//! in (from the ublk buffer into the file) and once on its way out (into the device's page
+//! cache), as many times as a pass-through's write. A view is never written under: appends go
+//! past every record handed out, and a clear, after which appends reuse the space, finds no
+//! view alive (the engine has dropped its batch) or retires the file (see [`HeldFile::clear`]).
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
@@ -38,6 +45,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{compiler_fence, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
 
 use crate::journal::{self, JournalFileError};
 
@@ -50,14 +60,15 @@ const BLOCK: usize = 4096;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeldWrite {
     pub sector: u64,
-    pub data: Vec<u8>,
+    pub data: Bytes,
 }
 
 /// Where held writes are stored before they complete.
 pub trait HeldLog: Send + std::fmt::Debug {
-    /// Stores one write after those stored since the last clear. An error means it was not
-    /// stored: the caller must not complete the write before the engine has it.
-    fn append(&mut self, sector: u64, data: &[u8]) -> std::io::Result<()>;
+    /// Stores one write after those stored since the last clear, and returns the stored data
+    /// (shared, not copied again). An error means it was not stored: the caller must not
+    /// complete the write before the engine has it.
+    fn append(&mut self, sector: u64, data: &[u8]) -> std::io::Result<Bytes>;
     /// Forgets every stored write (the engine has them all).
     fn clear(&mut self);
 }
@@ -95,7 +106,7 @@ pub fn parse(bytes: &[u8]) -> Vec<HeldWrite> {
         }
         let end = at + RECORD_HEADER_BYTES + len;
         let Some(data) = bytes.get(at + RECORD_HEADER_BYTES..end) else { break };
-        held.push(HeldWrite { sector, data: data.to_vec() });
+        held.push(HeldWrite { sector, data: Bytes::copy_from_slice(data) });
         at = end;
     }
     held
@@ -125,15 +136,54 @@ pub struct HeldFile {
     path: PathBuf,
     // Kept open for the mapping's lifetime (not needed by it, but names what it maps).
     _file: File,
-    map: NonNull<u8>,
-    size: usize,
+    /// Shared with the views handed out ([`HeldView`]): the last one unmaps it.
+    map: Arc<Mapping>,
     epoch: u64,
-    /// Where the next record goes.
+    /// Where the next record goes. Every view handed out lies before it.
     end: usize,
+    /// A clear found views still alive: their bytes must not be written again, so the file
+    /// takes no more writes (they are then not held; see [`HeldFile::clear`]).
+    retired: bool,
 }
 
-// SAFETY: the mapping is owned by this value alone and only touched through `&mut self`.
-unsafe impl Send for HeldFile {}
+/// A shared mapping of the held-writes file.
+#[derive(Debug)]
+struct Mapping {
+    ptr: NonNull<u8>,
+    size: usize,
+}
+
+// SAFETY: the mapping is plain memory. Its writer ([`HeldFile`], through `&mut self`) only
+// stores bytes no [`HeldView`] covers (past `end`, or after a clear that found no view alive);
+// views only read.
+unsafe impl Send for Mapping {}
+// SAFETY: as for Send: shared access is read-only, to bytes no one writes.
+unsafe impl Sync for Mapping {}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: this value's own mapping; no view is left (each holds an Arc of it).
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.size) };
+    }
+}
+
+/// One stored write's data inside the mapping, the owner behind the [`Bytes`] an append
+/// returns.
+#[derive(Debug)]
+struct HeldView {
+    map: Arc<Mapping>,
+    start: usize,
+    len: usize,
+}
+
+impl AsRef<[u8]> for HeldView {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `start..start + len` lies inside the mapping (checked by the append that
+        // made the view), which lives as long as this Arc; nothing writes it while the view
+        // lives (see Mapping's Send).
+        unsafe { std::slice::from_raw_parts(self.map.ptr.as_ptr().add(self.start), self.len) }
+    }
+}
 
 impl HeldFile {
     /// Creates device `dev_id`'s file fresh (an old one is replaced), empty, `size` bytes.
@@ -189,8 +239,15 @@ impl HeldFile {
     fn map(path: PathBuf, file: File, size: usize) -> Result<HeldFile, JournalFileError> {
         let size = size.max(HEADER_BYTES);
         file.set_len(size as u64).map_err(journal::io_error("sizing", &path))?;
-        let map = journal::map_shared(&file, size, &path)?;
-        Ok(HeldFile { path, _file: file, map, size, epoch: 0, end: HEADER_BYTES })
+        let ptr = journal::map_shared(&file, size, &path)?;
+        Ok(HeldFile {
+            path,
+            _file: file,
+            map: Arc::new(Mapping { ptr, size }),
+            epoch: 0,
+            end: HEADER_BYTES,
+            retired: false,
+        })
     }
 
     /// The file's path.
@@ -202,28 +259,33 @@ impl HeldFile {
         let mut header = [0u8; HEADER_BYTES];
         header[..8].copy_from_slice(MAGIC);
         header[8..].copy_from_slice(&self.epoch.to_le_bytes());
-        // SAFETY: the header lies inside the mapping (its size is at least HEADER_BYTES).
+        // SAFETY: the header lies inside the mapping (its size is at least HEADER_BYTES), and
+        // no view covers it.
         unsafe {
-            std::ptr::copy_nonoverlapping(header.as_ptr(), self.map.as_ptr(), HEADER_BYTES);
+            std::ptr::copy_nonoverlapping(header.as_ptr(), self.map.ptr.as_ptr(), HEADER_BYTES);
         }
     }
 }
 
 impl HeldLog for HeldFile {
-    fn append(&mut self, sector: u64, data: &[u8]) -> std::io::Result<()> {
+    fn append(&mut self, sector: u64, data: &[u8]) -> std::io::Result<Bytes> {
+        if self.retired {
+            return Err(std::io::Error::other("held-writes file retired: a view outlived a clear"));
+        }
         let len = u32::try_from(data.len()).map_err(|_| std::io::ErrorKind::InvalidInput)?;
         let end = self
             .end
             .checked_add(RECORD_HEADER_BYTES + data.len())
-            .filter(|&end| end <= self.size)
+            .filter(|&end| end <= self.map.size)
             .ok_or(std::io::ErrorKind::StorageFull)?;
         let mut head = [0u8; RECORD_HEADER_BYTES];
         head[8..12].copy_from_slice(&len.to_le_bytes());
         head[16..24].copy_from_slice(&self.epoch.to_le_bytes());
         head[24..32].copy_from_slice(&sector.to_le_bytes());
-        // SAFETY: `self.end..end` lies inside the mapping (checked above); `data` is not in it.
+        // SAFETY: `self.end..end` lies inside the mapping (checked above) and past every view
+        // handed out; `data` is not in it.
         unsafe {
-            let at = self.map.as_ptr().add(self.end);
+            let at = self.map.ptr.as_ptr().add(self.end);
             std::ptr::copy_nonoverlapping(head[8..].as_ptr(), at.add(8), RECORD_HEADER_BYTES - 8);
             std::ptr::copy_nonoverlapping(data.as_ptr(), at.add(RECORD_HEADER_BYTES), data.len());
             // The seal last: a process killed before it leaves a record that does not match.
@@ -231,23 +293,30 @@ impl HeldLog for HeldFile {
             let sealed = seal(self.epoch, sector, len).to_le_bytes();
             std::ptr::write_unaligned(at.cast::<[u8; 8]>(), sealed);
         }
+        let view = HeldView {
+            map: Arc::clone(&self.map),
+            start: self.end + RECORD_HEADER_BYTES,
+            len: data.len(),
+        };
         self.end = end;
-        Ok(())
+        Ok(Bytes::from_owner(view))
     }
 
+    /// Forgets the stored writes; their space is reused. Every view of them must be gone by
+    /// now (the engine drops a batch's data once it is written). If one is not (a batch the
+    /// engine planned and never committed, after which it fails everything anyway), its bytes
+    /// must never change: the file is retired, and later writes are not held.
     fn clear(&mut self) {
         self.epoch = self.epoch.wrapping_add(1);
         // SAFETY: the epoch's 8 bytes at offset 8 lie inside the mapping, and are 8-aligned
         // (the mapping is page-aligned): one store, so a kill sees the old epoch or the new.
-        unsafe { self.map.as_ptr().add(8).cast::<u64>().write_volatile(self.epoch.to_le()) };
+        // No view covers the header.
+        unsafe { self.map.ptr.as_ptr().add(8).cast::<u64>().write_volatile(self.epoch.to_le()) };
+        if Arc::strong_count(&self.map) > 1 {
+            self.retired = true;
+            eprintln!("bow-ublk: held writes outlived their drain; no more writes are held");
+        }
         self.end = HEADER_BYTES;
-    }
-}
-
-impl Drop for HeldFile {
-    fn drop(&mut self) {
-        // SAFETY: this value's own mapping, not used after this.
-        unsafe { libc::munmap(self.map.as_ptr().cast(), self.size) };
     }
 }
 
@@ -259,9 +328,10 @@ pub struct MemHeld {
 }
 
 impl HeldLog for MemHeld {
-    fn append(&mut self, sector: u64, data: &[u8]) -> std::io::Result<()> {
-        self.writes.push(HeldWrite { sector, data: data.to_vec() });
-        Ok(())
+    fn append(&mut self, sector: u64, data: &[u8]) -> std::io::Result<Bytes> {
+        let data = Bytes::copy_from_slice(data);
+        self.writes.push(HeldWrite { sector, data: data.clone() });
+        Ok(data)
     }
 
     fn clear(&mut self) {
@@ -292,17 +362,17 @@ mod tests {
             f.append(*sector, data).unwrap();
         }
         let want: Vec<HeldWrite> =
-            writes.iter().map(|(s, d)| HeldWrite { sector: *s, data: d.clone() }).collect();
+            writes.iter().map(|(s, d)| HeldWrite { sector: *s, data: d.clone().into() }).collect();
         assert_eq!(read_back(dir.path(), 2), want);
         // Cleared: nothing, though the old bytes are still there; a shorter record after it.
         f.clear();
         assert!(read_back(dir.path(), 2).is_empty());
         f.append(16, &block(4, 1)).unwrap();
-        assert_eq!(read_back(dir.path(), 2), [HeldWrite { sector: 16, data: block(4, 1) }]);
+        assert_eq!(read_back(dir.path(), 2), [HeldWrite { sector: 16, data: block(4, 1).into() }]);
         // Reopened as a dead server left it: the write, and the file goes on after it.
         drop(f);
         let (mut f, held) = HeldFile::reopen(dir.path(), 2, size).unwrap();
-        assert_eq!(held, [HeldWrite { sector: 16, data: block(4, 1) }]);
+        assert_eq!(held, [HeldWrite { sector: 16, data: block(4, 1).into() }]);
         f.append(24, &block(5, 2)).unwrap();
         assert_eq!(read_back(dir.path(), 2).len(), 2);
         // Full: refused, nothing stored.
@@ -314,6 +384,29 @@ mod tests {
         // No file: created fresh, nothing held.
         let (_, none) = HeldFile::reopen(dir.path(), 9, size).unwrap();
         assert!(none.is_empty());
+    }
+
+    /// An append hands back the stored bytes themselves (a view of the mapping, no copy). A
+    /// clear while a view is alive retires the file: the view's bytes never change, and the
+    /// file stores nothing more; a clear after the views are gone does not.
+    #[test]
+    fn an_append_returns_a_view_of_the_file_and_a_clear_under_a_live_view_retires_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = capacity(64 << 10, 16 << 10);
+        let mut f = HeldFile::create(dir.path(), 4, size).unwrap();
+        let view = f.append(8, &block(1, 2)).unwrap();
+        assert!(view == block(1, 2));
+        let base = f.map.ptr.as_ptr() as usize;
+        let at = view.as_ptr() as usize;
+        assert_eq!(at, base + HEADER_BYTES + RECORD_HEADER_BYTES, "a view into the mapping");
+        drop(view);
+        f.clear();
+        let view = f.append(16, &block(2, 1)).unwrap();
+        assert!(view == block(2, 1), "the space is reused once the views are gone");
+        f.clear();
+        assert!(f.append(24, &block(3, 1)).is_err(), "retired: a view outlived the clear");
+        assert!(view == block(2, 1), "and its bytes are as they were");
+        assert!(read_back(dir.path(), 4).is_empty());
     }
 
     #[test]

@@ -653,8 +653,18 @@ async fn io_task(
             },
             Request::Write { sectors, .. } => {
                 let bytes = usize::try_from(u64::from(sectors) * 512).unwrap_or(usize::MAX);
-                let data = buf.as_slice().get(..bytes).map(<[u8]>::to_vec).unwrap_or_default();
-                wait_for_round(round, req, data).await
+                let data = buf.as_slice().get(..bytes).unwrap_or_default();
+                // Held straight from the buffer when no round is waiting (one waiting came
+                // first: this write joins it, so the round's requests keep their order).
+                let held = if round.borrow().is_empty() {
+                    target.lock().ok().and_then(|mut t| t.hold(req, data))
+                } else {
+                    None
+                };
+                match held {
+                    Some(done) => i32::try_from(done).unwrap_or(-libc::EIO),
+                    None => wait_for_round(round, req, data.to_vec()).await,
+                }
             }
             Request::Discard { .. } | Request::Flush => {
                 wait_for_round(round, req, Vec::new()).await
@@ -709,8 +719,8 @@ fn answer(
         },
         Some(Command::Trace) => {
             let bytes = match target.lock() {
-                Ok(mut t) => match t.drained_target() {
-                    Ok(t) => trace_bytes(t),
+                Ok(mut t) => match t.drain() {
+                    Ok(()) => trace_bytes(t.target()),
                     Err(errno) => Err(format!("giving the engine the held writes: errno {errno}")),
                 },
                 Err(_) => Err("the target's lock is poisoned".to_owned()),
@@ -764,22 +774,26 @@ fn run(served: &mut Served<FileDevice>, command: Command) -> Result<String, Stri
     served.drain().map_err(drain_error)?;
     // Read after the drain, so `status` counts it.
     let write_back = served.write_back_stats();
-    let target = served.drained_target().map_err(drain_error)?;
-    let Target::Engine(engine) = target else {
-        return match command {
-            Command::Status => Ok("passthrough".to_owned()),
-            _ => Err(format!("`{command}` needs the engine; this server is a pass-through")),
-        };
-    };
-    match command {
-        Command::Checkpoint => engine.set_state(BowState::Checkpoint).map_err(|e| e.to_string())?,
-        Command::Commit => engine.set_state(BowState::Committed).map_err(|e| e.to_string())?,
+    let to = match command {
+        Command::Checkpoint => Some(BowState::Checkpoint),
+        Command::Commit => Some(BowState::Committed),
         // `stop`, `pending` and `trace` are answered by `answer` itself.
-        Command::Status | Command::Stop | Command::Pending | Command::Trace => {
-            return Ok(status(engine, write_back))
-        }
+        Command::Status | Command::Stop | Command::Pending | Command::Trace => None,
     };
-    Ok(status(engine, write_back))
+    if let Some(to) = to {
+        // A state change: the write-back forgets what it knew of the engine's free space.
+        let Target::Engine(engine) = served.drained_target().map_err(drain_error)? else {
+            return Err(format!("`{command}` needs the engine; this server is a pass-through"));
+        };
+        engine.set_state(to).map_err(|e| e.to_string())?;
+        return Ok(status(engine, write_back));
+    }
+    // `status` (the monitor polls it) changes nothing: the write-back keeps its free-space
+    // bound, so the next hold needs no walk of the range map.
+    match served.target() {
+        Target::Engine(engine) => Ok(status(engine, write_back)),
+        Target::Passthrough(_) => Ok("passthrough".to_owned()),
+    }
 }
 
 /// `held_writes` and `drains` count the write-back's work (both 0 with `--write-through`); the

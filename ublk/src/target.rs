@@ -10,6 +10,7 @@ use bow::model::{BowEngine, EngineErrorKind};
 use bow::units::Sectors;
 use bow_engine::order::DurableWrites;
 use bow_engine::{Engine, EngineError, IoOutcome, UserIo};
+use bytes::Bytes;
 
 /// The engine's ordering writes (backups, then block 0) made durable without writing out the
 /// user writes buffered in the page cache since the last flush: each contiguous run of blocks is
@@ -247,8 +248,7 @@ impl<D: BlockDevice> Target<D> {
             }
             (Target::Passthrough(d), Request::Write { sector, sectors }) => {
                 let len = data(sectors)?;
-                d.write_at(&buf[..len], sector * 512).map_err(|_| libc::EIO)?;
-                Ok(sectors * 512)
+                passthrough_write(d, sector, &buf[..len])
             }
             (Target::Passthrough(d), Request::Flush) => {
                 d.flush().map_err(|_| libc::EIO)?;
@@ -263,7 +263,10 @@ impl<D: BlockDevice> Target<D> {
             }
             (Target::Engine(e), Request::Write { sector, sectors }) => {
                 let len = data(sectors)?;
-                let io = UserIo::Write { sector: Sectors(sector), data: buf[..len].to_vec() };
+                let io = UserIo::Write {
+                    sector: Sectors(sector),
+                    data: Bytes::copy_from_slice(&buf[..len]),
+                };
                 one(e, io)?;
                 Ok(sectors * 512)
             }
@@ -287,9 +290,20 @@ impl<D: BlockDevice> Target<D> {
     /// the writes completed before it was issued; these were not, so flushing after them is
     /// more than enough). Reads are not batched ([`Target::handle`]). One result per request,
     /// in order.
-    pub fn handle_batch(&mut self, reqs: Vec<(Request, Vec<u8>)>) -> Vec<Result<u32, i32>> {
+    pub fn handle_batch(&mut self, reqs: Vec<(Request, Bytes)>) -> Vec<Result<u32, i32>> {
         let Target::Engine(e) = self else {
-            return reqs.into_iter().map(|(req, mut data)| self.handle(req, &mut data)).collect();
+            return reqs
+                .into_iter()
+                .map(|(req, data)| match (&*self, req) {
+                    (Target::Passthrough(d), Request::Write { sector, sectors }) => {
+                        let len = usize::try_from(u64::from(sectors) * 512).unwrap_or(usize::MAX);
+                        let data = data.get(..len).ok_or(libc::EINVAL)?;
+                        passthrough_write(d, sector, data)
+                    }
+                    (_, Request::Read { .. }) => Err(libc::EINVAL),
+                    _ => self.handle(req, &mut []),
+                })
+                .collect();
         };
         let mut results = vec![Err(libc::EIO); reqs.len()];
         let mut ios = Vec::new();
@@ -341,6 +355,12 @@ impl<D: BlockDevice> Target<D> {
         }
         results
     }
+}
+
+/// A pass-through write of `data` at `sector`.
+fn passthrough_write<D: BlockDevice>(d: &D, sector: u64, data: &[u8]) -> Result<u32, i32> {
+    d.write_at(data, sector * 512).map_err(|_| libc::EIO)?;
+    u32::try_from(data.len()).map_err(|_| libc::EINVAL)
 }
 
 /// One I/O as a batch of its own: planned, then committed in the crash-safe order.
@@ -442,6 +462,11 @@ pub(crate) mod tests {
         restores_used_half(&dev, &before);
     }
 
+    /// A round's requests with their data shared, as [`Target::handle_batch`] takes them.
+    pub(crate) fn shared(reqs: Vec<(Request, Vec<u8>)>) -> Vec<(Request, Bytes)> {
+        reqs.into_iter().map(|(req, data)| (req, data.into())).collect()
+    }
+
     /// Restores `dev` and checks the blocks in use at checkpoint start (the first half of
     /// `before`; the second half was discarded before the checkpoint) came back.
     pub(crate) fn restores_used_half(dev: &impl BlockDevice, before: &[u8]) {
@@ -471,7 +496,7 @@ pub(crate) mod tests {
         reqs.push((Request::Flush, Vec::new()));
         reqs.push((Request::Write { sector: 0, sectors: 16 }, vec![0; BLOCK]));
         reqs.push((Request::Discard { sector: 40 * 8, sectors: 8 }, Vec::new()));
-        let results = t.handle_batch(reqs);
+        let results = t.handle_batch(shared(reqs));
         assert!(results[..16].iter().all(|r| *r == Ok(4096)), "{results:?}");
         assert_eq!(results[16..], [Ok(0), Err(libc::EINVAL), Ok(0)]);
         let Target::Engine(e) = t else { unreachable!() };
@@ -526,7 +551,7 @@ pub(crate) mod tests {
                     (Request::Write { sector: b * 8, sectors: 8 }, pattern(seed, BLOCK))
                 })
                 .collect();
-            let results = t.handle_batch(reqs);
+            let results = t.handle_batch(shared(reqs));
             assert!(results.iter().all(|r| *r == Ok(4096)), "{results:?}");
         }
         let mut back = vec![0; BLOCK];

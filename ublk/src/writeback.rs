@@ -5,9 +5,12 @@
 //! durable as long as a later flush makes every write completed before it durable. In
 //! CHECKPOINT the engine pays two ordering points (backups, then block 0) for every batch that
 //! backs something up; at queue depth 1 each write was a batch of its own. Here a write in
-//! CHECKPOINT is instead *held*: stored in the held-writes file ([`crate::held`]), kept in
-//! memory, and completed at once. The held writes go to the engine as one batch, in the order
-//! they completed, with the round that *drains* them:
+//! CHECKPOINT is instead *held*: stored in the held-writes file ([`crate::held`]) and
+//! completed at once. The server holds a write straight from its request's buffer when no
+//! round is waiting ([`Served::hold`]), and the engine later writes it to the device from the
+//! file (a shared view, not a second copy): a held write is copied as often as a
+//! pass-through's, and needs no round. The held writes go to the engine as one batch, in the
+//! order they completed, with the round that *drains* them:
 //!
 //! * a flush (after the batch: it covers them, as the flush contract asks);
 //! * a discard, and any request that is not a plain write of whole blocks inside the device;
@@ -37,6 +40,7 @@
 
 use blockcopy::device::BlockDevice;
 use bow::model::{BowEngine, BowState};
+use bytes::Bytes;
 
 use crate::held::{HeldLog, HeldWrite};
 use crate::target::{Request, Target};
@@ -181,7 +185,7 @@ impl<D: BlockDevice> Served<D> {
     }
 
     /// Drains the held writes and carries out `reqs` in the same batch, after them.
-    fn drain_with(&mut self, reqs: Vec<(Request, Vec<u8>)>) -> Vec<Result<u32, i32>> {
+    fn drain_with(&mut self, reqs: Vec<(Request, Bytes)>) -> Vec<Result<u32, i32>> {
         let Some(wb) = self.write_back.as_mut() else {
             return self.target.handle_batch(reqs);
         };
@@ -201,7 +205,7 @@ impl<D: BlockDevice> Served<D> {
         }
         let held = in_device_order(std::mem::take(&mut wb.held));
         let n = held.len();
-        let mut batch: Vec<(Request, Vec<u8>)> = held
+        let mut batch: Vec<(Request, Bytes)> = held
             .into_iter()
             .map(|w| {
                 let sectors = u32::try_from(w.data.len() / 512).unwrap_or(u32::MAX);
@@ -259,17 +263,17 @@ impl<D: BlockDevice> Served<D> {
     pub fn handle_round(&mut self, reqs: Vec<(Request, Vec<u8>)>) -> Vec<Result<u32, i32>> {
         let mut results = Vec::with_capacity(reqs.len());
         let mut reqs = reqs.into_iter();
-        let mut rest = Vec::new();
+        let mut rest: Vec<(Request, Bytes)> = Vec::new();
         for (req, data) in reqs.by_ref() {
-            match self.try_hold(req, data) {
-                Ok(done) => results.push(Ok(done)),
-                Err(back) => {
-                    rest.push(back);
+            match self.hold(req, &data) {
+                Some(done) => results.push(Ok(done)),
+                None => {
+                    rest.push((req, data.into()));
                     break;
                 }
             }
         }
-        rest.extend(reqs);
+        rest.extend(reqs.map(|(req, data)| (req, Bytes::from(data))));
         if rest.is_empty() {
             return results;
         }
@@ -291,11 +295,15 @@ impl<D: BlockDevice> Served<D> {
         results
     }
 
-    /// Holds `req` if it may be held (completed now); else gives it back.
-    fn try_hold(&mut self, req: Request, data: Vec<u8>) -> Result<u32, (Request, Vec<u8>)> {
-        let Request::Write { sector, sectors } = req else { return Err((req, data)) };
+    /// Holds the write `req` if it may be held: its data (`data`, the request's buffer) is
+    /// stored, and the write is done (`Some`: the bytes to complete it with). `None`: not
+    /// held, nothing done; the request goes to a round ([`Served::handle_round`]). The server
+    /// calls this straight from the request's buffer when no round is waiting, so a held
+    /// write is copied once, into the held-writes file, and needs no round.
+    pub fn hold(&mut self, req: Request, data: &[u8]) -> Option<u32> {
+        let Request::Write { sector, sectors } = req else { return None };
         let (Some(wb), Target::Engine(engine)) = (self.write_back.as_mut(), &self.target) else {
-            return Err((req, data));
+            return None;
         };
         let len = u64::from(sectors) * 512;
         let whole = sector % (BLOCK / 512) == 0 && len > 0 && len % BLOCK == 0;
@@ -305,7 +313,7 @@ impl<D: BlockDevice> Served<D> {
             || inside.is_none_or(|end| end > self.target.size())
             || usize::try_from(len).map_or(true, |l| l > data.len())
         {
-            return Err((req, data));
+            return None;
         }
         let limit = HOLD_LIMIT_BYTES as u64;
         let budget = *wb.budget.get_or_insert_with(|| {
@@ -321,16 +329,13 @@ impl<D: BlockDevice> Served<D> {
             (free.saturating_sub(4 * BLOCK) / 2).min(limit)
         });
         if wb.held_bytes + len > budget {
-            return Err((req, data));
+            return None;
         }
-        let mut data = data;
-        data.truncate(usize::try_from(len).unwrap_or(usize::MAX));
-        if wb.log.append(sector, &data).is_err() {
-            return Err((req, data));
-        }
+        let data = data.get(..usize::try_from(len).ok()?)?;
+        let stored = wb.log.append(sector, data).ok()?;
         wb.stats.held += 1;
-        wb.keep(HeldWrite { sector, data });
-        Ok(u32::try_from(len).unwrap_or(u32::MAX))
+        wb.keep(HeldWrite { sector, data: stored });
+        u32::try_from(len).ok()
     }
 }
 
@@ -416,9 +421,10 @@ mod tests {
     struct SharedLog(std::sync::Arc<std::sync::Mutex<Vec<HeldWrite>>>);
 
     impl HeldLog for SharedLog {
-        fn append(&mut self, sector: u64, data: &[u8]) -> std::io::Result<()> {
-            self.0.lock().unwrap().push(HeldWrite { sector, data: data.to_vec() });
-            Ok(())
+        fn append(&mut self, sector: u64, data: &[u8]) -> std::io::Result<Bytes> {
+            let data = Bytes::copy_from_slice(data);
+            self.0.lock().unwrap().push(HeldWrite { sector, data: data.clone() });
+            Ok(data)
         }
         fn clear(&mut self) {
             self.0.lock().unwrap().clear();
@@ -484,6 +490,49 @@ mod tests {
         back
     }
 
+    /// A write held straight from its request's buffer (the server's way, no round): the
+    /// buffer may change at once (the kernel reuses it), the held data is what was written;
+    /// the drain gives back the file's space (the engine keeps no view of it), so writes go
+    /// on being held. Only writes are held, only by the engine, only in CHECKPOINT.
+    #[test]
+    fn a_write_held_from_its_buffer_is_stored_once_and_released_by_its_drain() {
+        let before = image();
+        let dir = tempfile::tempdir().unwrap();
+        let size = crate::held::capacity(HOLD_LIMIT_BYTES, 1 << 20);
+        let file = crate::held::HeldFile::create(dir.path(), 0, size).unwrap();
+        let mut s = Served::write_back(armed(&before), Box::new(file), Vec::new()).unwrap();
+        let write = |block: u64| Request::Write { sector: block * 8, sectors: 8 };
+        for round in 0..3u8 {
+            let mut buf = pattern(round, B);
+            for b in [2u64, 60, 150] {
+                assert_eq!(s.hold(write(b), &buf), Some(4096), "round {round}, block {b}");
+                buf.fill(0xee);
+            }
+            assert_eq!(s.pending(), (3, 3 * 4096));
+            assert!(read_block(&mut s, 2) == pattern(round, B), "round {round}");
+            assert_eq!(s.pending(), (0, 0));
+        }
+        assert_eq!(s.write_back_stats().unwrap().drains, 3);
+        assert_eq!(s.hold(Request::Read { sector: 8, sectors: 8 }, &[0; B]), None);
+        assert_eq!(s.hold(Request::Flush, &[]), None);
+        let Target::Engine(e) = s.drained_target().unwrap() else { unreachable!() };
+        e.set_state(BowState::Committed).unwrap();
+        assert_eq!(s.hold(write(9), &pattern(9, B)), None, "COMMITTED");
+        let dev = into_device(s);
+        let mut back = vec![0; B];
+        for b in [60u64, 150] {
+            dev.read_at(&mut back, b * 4096).unwrap();
+            assert!(back == vec![0xee; B], "block {b}: the last round's second buffer");
+        }
+        let mut p = Served::write_back(
+            Target::Passthrough(MemDevice::new(16 * B)),
+            Box::new(MemHeld::default()),
+            Vec::new(),
+        )
+        .unwrap();
+        assert_eq!(p.hold(write(1), &pattern(1, B)), None, "a pass-through");
+    }
+
     /// A server killed while it held writes: a new one over the same engine state (here the
     /// same engine: nothing of the held writes reached it) drains what the file kept, and the
     /// device has every completed write; without the file's copy they are lost.
@@ -523,7 +572,7 @@ mod tests {
     struct NeverCleared(SharedLog);
 
     impl HeldLog for NeverCleared {
-        fn append(&mut self, sector: u64, data: &[u8]) -> std::io::Result<()> {
+        fn append(&mut self, sector: u64, data: &[u8]) -> std::io::Result<Bytes> {
             self.0.append(sector, data)
         }
         fn clear(&mut self) {}
@@ -641,7 +690,7 @@ mod tests {
     fn disjoint_held_writes_drain_in_device_order_overlapping_ones_as_they_came() {
         let hw = |block: u64, blocks: usize, seed: u8| HeldWrite {
             sector: block * 8,
-            data: pattern(seed, blocks * B),
+            data: pattern(seed, blocks * B).into(),
         };
         let sectors = |v: &[HeldWrite]| v.iter().map(|w| w.sector / 8).collect::<Vec<_>>();
         let disjoint = vec![hw(9, 1, 1), hw(2, 2, 2), hw(4, 1, 3), hw(0, 1, 4)];

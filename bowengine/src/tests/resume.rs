@@ -163,7 +163,10 @@ fn workload(bs: BlockSize, seed: u64, batches: usize) -> Workload {
             UserIo::Discard { sector: Sectors(100 * bss), len: 120 * bytes },
             UserIo::Discard { sector: Sectors(230 * bss), len: 20 * bytes },
         ]),
-        Step::Batch(vec![UserIo::Write { sector: Sectors(150 * bss), data: data(2, bs, 1) }]),
+        Step::Batch(vec![UserIo::Write {
+            sector: Sectors(150 * bss),
+            data: data(2, bs, 1).into(),
+        }]),
         Step::Flush,
         Step::Checkpoint,
     ];
@@ -182,7 +185,7 @@ fn workload(bs: BlockSize, seed: u64, batches: usize) -> Workload {
                 } else {
                     UserIo::Write {
                         sector: Sectors(block * bss),
-                        data: data(count, bs, rng.next()),
+                        data: data(count, bs, rng.next()).into(),
                     }
                 }
             })
