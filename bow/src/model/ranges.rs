@@ -367,17 +367,6 @@ impl RangeMap {
         }
     }
 
-    fn move_node(&mut self, id: NodeId, to: u64) {
-        let from = self.sector(id);
-        if self.index.get(&from) == Some(&id) {
-            self.index.remove(&from);
-        }
-        if let Some(n) = self.node_mut(id) {
-            n.sector = to;
-        }
-        self.index.insert(to, id);
-    }
-
     /// `split_range(br, [start, start + len))`. Returns the node that now covers the carved
     /// piece and the piece's length, truncated to the range end. `None` when `start` is before
     /// the node (the kernel's WARN + `BLK_STS_IOERR`).
@@ -386,23 +375,28 @@ impl RangeMap {
         if start < node_start {
             return None;
         }
+        // The range's end, which no step below moves (the nodes it makes lie inside it).
+        let top = self.top(id);
         if start > node_start {
-            // The leading part is a copy of the original; the original moves forward.
+            // The leading part is a copy of the original, at the original's key; the original
+            // moves forward.
             let kind = self.kind(id);
             let leading = self.alloc(node_start, kind);
-            self.index.remove(&node_start);
-            self.index.insert(node_start, leading);
+            if let Some(slot) = self.index.get_mut(&node_start) {
+                *slot = leading;
+            }
             if let Some(n) = self.node_mut(id) {
                 n.sector = start;
             }
-            self.index.insert(start, id);
             if kind == RangeType::Trimmed {
                 self.list_add(leading);
             }
         }
-        let top = self.top(id);
         let end = start.saturating_add(len);
         if end >= top {
+            if start > node_start {
+                self.index.insert(start, id);
+            }
             return Some((id, top - start));
         }
         // New zeroed node becomes the piece; the original becomes the trailing part.
@@ -410,8 +404,11 @@ impl RangeMap {
             self.unsubtracted = self.unsubtracted.wrapping_add(len * SECTOR_SIZE);
         }
         let piece = self.alloc(start, RangeType::Invalid);
-        self.move_node(id, end);
+        if let Some(n) = self.node_mut(id) {
+            n.sector = end;
+        }
         self.index.insert(start, piece);
+        self.index.insert(end, id);
         Some((piece, len))
     }
 
