@@ -676,7 +676,12 @@ impl Backend for BowBackend {
         let record = self.record()?;
         let free = corrected_free(kernel, target.block_size(), record.as_ref(), fs.free_bytes()?);
         let used = record.map(|r| r.kernel_free_at_start.saturating_sub(kernel));
-        Ok(BackupSpace { free_bytes: Some(free), used_bytes: used, total_bytes: None })
+        Ok(BackupSpace {
+            free_bytes: Some(free),
+            used_bytes: used,
+            total_bytes: None,
+            grow_below_free_bytes: None,
+        })
     }
 
     fn status(&self) -> Result<BackendStatus, BackendError> {

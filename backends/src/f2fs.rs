@@ -289,6 +289,7 @@ impl Backend for F2fsBackend {
             free_bytes: Some(s.available.get()),
             used_bytes: None,
             total_bytes: Some(s.total.get()),
+            grow_below_free_bytes: None,
         })
     }
 

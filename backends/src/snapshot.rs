@@ -78,9 +78,8 @@ pub struct SnapshotOptions {
     pub chunk_kib: u32,
     /// How a rollback merges the COW store back.
     pub rollback: RollbackMethod,
-    /// Meant as: when the store is this full (percent), grow it by `grow_percent` of its size.
-    /// Validated but not used yet: the monitor calls `grow` only below its action threshold
-    /// (docs/configuration.md).
+    /// When the store is this full (percent), the monitor grows it by `grow_percent` of its
+    /// size ([`SnapshotOptions::grow_below_free_bytes`]), once per size.
     pub grow_at_percent: u8,
     /// Growth step, percent of the current store size (0 = never grow).
     pub grow_percent: u8,
@@ -133,6 +132,17 @@ impl SnapshotOptions {
 
     fn chunk(&self) -> Sectors {
         Sectors::new(u64::from(self.chunk_kib) * 2)
+    }
+
+    /// The free space below which a store of `total` bytes asks to be grown: `grow_at_percent`
+    /// full. `None` when it never grows (`grow_percent = 0`, or `rollback = "kernel-merge"`,
+    /// whose merge cannot leave a growth's reused blocks out; [`Backend::grow`]).
+    pub fn grow_below_free_bytes(&self, total: u64) -> Option<u64> {
+        if self.grow_percent == 0 || self.rollback == RollbackMethod::KernelMerge {
+            return None;
+        }
+        let free_share = u128::from(100 - self.grow_at_percent.min(99));
+        u64::try_from(u128::from(total) * free_share / 100).ok()
     }
 
     fn chunk_bytes(&self) -> u64 {
@@ -1110,6 +1120,7 @@ impl Backend for SnapshotBackend {
                     free_bytes: Some(total.saturating_sub(used)),
                     used_bytes: Some(used),
                     total_bytes: Some(total),
+                    grow_below_free_bytes: self.opts.grow_below_free_bytes(total),
                 })
             }
             Some(SnapshotStatus::Invalid | SnapshotStatus::Overflow) => {
@@ -1175,6 +1186,21 @@ mod tests {
         assert!(bad(|o| o.cow_free_percent = 0).starts_with("cow_free_percent"));
         assert!(bad(|o| o.grow_at_percent = 100).starts_with("grow_at_percent"));
         assert!(bad(|o| o.grow_percent = 101).starts_with("grow_percent"));
+    }
+
+    /// `grow_at_percent` full: the free space below which the monitor grows the store.
+    #[test]
+    fn the_growth_threshold_follows_grow_at_percent_and_is_absent_when_it_cannot_grow() {
+        let mib = 1u64 << 20;
+        let o = SnapshotOptions::default();
+        assert_eq!(o.grow_below_free_bytes(100 * mib), Some(25 * mib), "75% full by default");
+        let o = SnapshotOptions { grow_at_percent: 50, ..SnapshotOptions::default() };
+        assert_eq!(o.grow_below_free_bytes(32 * mib), Some(16 * mib));
+        let o = SnapshotOptions { grow_percent: 0, ..SnapshotOptions::default() };
+        assert_eq!(o.grow_below_free_bytes(100 * mib), None, "never grows");
+        let o =
+            SnapshotOptions { rollback: RollbackMethod::KernelMerge, ..SnapshotOptions::default() };
+        assert_eq!(o.grow_below_free_bytes(100 * mib), None, "the kernel's merge: never grown");
     }
 
     #[test]

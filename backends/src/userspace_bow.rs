@@ -1364,6 +1364,7 @@ impl Backend for UserspaceBowBackend {
             free_bytes: Some(status.free),
             used_bytes: Some(status.used),
             total_bytes: None,
+            grow_below_free_bytes: None,
         })
     }
 
@@ -1386,6 +1387,7 @@ impl Backend for UserspaceBowBackend {
                             free_bytes: Some(status.free),
                             used_bytes: Some(status.used),
                             total_bytes: None,
+                            grow_below_free_bytes: None,
                         },
                     ),
                     BowState::Committed => (BackendState::Committed, BackupSpace::default()),

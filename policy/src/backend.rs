@@ -192,6 +192,10 @@ pub struct BackupSpace {
     pub used_bytes: Option<u64>,
     /// The whole backup area (free + used), where it is bounded (a COW store's size).
     pub total_bytes: Option<u64>,
+    /// The backend asks to be grown once its free space falls below this, before the health
+    /// monitor's thresholds (the snapshot backend's `grow_at_percent` of `total_bytes`; the
+    /// monitor asks once per size). `None`: grown only at the monitor's action threshold.
+    pub grow_below_free_bytes: Option<u64>,
 }
 
 /// How a restore (`restoreCheckpoint` / `restoreCheckpointPart`) is asked for.

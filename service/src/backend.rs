@@ -263,7 +263,11 @@ impl Backend for TestNullBackend {
 
     fn space(&self) -> Result<BackupSpace, BackendError> {
         // It backs nothing up, so it uses nothing (as its status says): learning records 0.
-        Ok(BackupSpace { free_bytes: self.free_bytes, used_bytes: Some(0), total_bytes: None })
+        Ok(BackupSpace {
+            free_bytes: self.free_bytes,
+            used_bytes: Some(0),
+            ..BackupSpace::default()
+        })
     }
 
     fn status(&self) -> Result<BackendStatus, BackendError> {

@@ -1,9 +1,10 @@
 //! The health monitor (vold's `cp_healthDaemon`, vold-checkpoint.md §4.8), out of daemon
 //! startup and without its flood: while the boot is checkpointing, poll every backend's
-//! corrected free backup space; below the warning threshold record one warning; below the
-//! action threshold first ask the backend to grow its backup area, and if it cannot (or it is
-//! still low at the next poll) run the configured action once: commit (vold's
-//! `commit_on_full`) or abort and reboot. A failed action is retried after an exponential
+//! corrected free backup space; below the backend's own growth threshold (the snapshot
+//! backend's `grow_at_percent`) ask it to grow, once per size of its backup area; below the
+//! warning threshold record one warning; below the action threshold first ask the backend to
+//! grow its backup area, and if it cannot (or it is still low at the next poll) run the
+//! configured action once: commit (vold's `commit_on_full`) or abort and reboot. A failed action is retried after an exponential
 //! backoff, so a commit that keeps failing writes a handful of history rows, not two a second.
 //!
 //! Every decision goes to the history (`low_space` rows) and to the listeners (`onLowSpace`).
@@ -52,6 +53,10 @@ struct Watch {
     grow_tried: bool,
     /// Its space could not be read (logged once until it can again).
     unreadable: bool,
+    /// The size of the backup area when it was last asked to grow at its own threshold: asked
+    /// once per size (a grown area has a new size and a new threshold; one that could not
+    /// grow is not asked again every poll). Kept when the space recovers.
+    grown_at_total: Option<u64>,
 }
 
 /// The low-space action's attempts.
@@ -96,10 +101,15 @@ impl Monitor {
         let mut act_for: Option<LowSpace> = None;
         for (name, space) in target.space() {
             let watch = self.watches.entry(name.clone()).or_default();
-            let free = match space {
-                Ok(BackupSpace { free_bytes: Some(free), .. }) => {
+            let (free, grow_below, total) = match space {
+                Ok(BackupSpace {
+                    free_bytes: Some(free),
+                    grow_below_free_bytes,
+                    total_bytes,
+                    ..
+                }) => {
                     watch.unreadable = false;
-                    free
+                    (free, grow_below_free_bytes, total_bytes)
                 }
                 Ok(_) => continue, // the backend cannot tell
                 Err(e) => {
@@ -110,8 +120,31 @@ impl Monitor {
                     continue;
                 }
             };
+            if let (Some(below), Some(total)) = (grow_below, total) {
+                if free < below && watch.grown_at_total != Some(total) {
+                    watch.grown_at_total = Some(total);
+                    let low =
+                        LowSpace { backend: name.clone(), free_bytes: free, min_free_bytes: below };
+                    match target.grow(&name) {
+                        Ok(Action::Changed) => {
+                            log::info!(
+                                "health monitor: grew the backup area of {name} at its growth \
+                                 threshold ({free} of {total} bytes free)"
+                            );
+                            target.record(&low, "grown", "backup area grown at its threshold");
+                            continue; // the next poll sees the new space
+                        }
+                        Ok(Action::Identity) => {} // cannot grow: the thresholds below apply
+                        Err(e) => {
+                            log::error!("health monitor: growing {name} failed: {e}");
+                            target.record(&low, "grow_failed", &e);
+                        }
+                    }
+                }
+            }
             if free >= self.config.warn_free_bytes {
-                *watch = Watch::default();
+                watch.warned = false;
+                watch.grow_tried = false;
                 continue;
             }
             if !watch.warned {
@@ -246,7 +279,11 @@ mod tests {
         checkpointing: Cell<bool>,
         free: RefCell<BTreeMap<String, Option<u64>>>,
         unreadable: RefCell<Vec<String>>,
-        /// What grow answers (absent: Identity); a successful grow adds `grow_by`.
+        /// Backends with a bounded area: its size; they ask to grow when a quarter of it is
+        /// free (`grow_at_percent = 75`).
+        total: RefCell<BTreeMap<String, u64>>,
+        /// What grow answers (absent: Identity); a successful grow adds `grow_by` (to the free
+        /// space and the size).
         grow_ok: Cell<bool>,
         grow_by: Cell<u64>,
         /// Action results, consumed in order (absent: Ok).
@@ -283,7 +320,13 @@ mod tests {
                     let r = if self.unreadable.borrow().contains(name) {
                         Err(BackendError::NotSetUp { backend: name.clone() })
                     } else {
-                        Ok(BackupSpace { free_bytes: *free, ..BackupSpace::default() })
+                        let total = self.total.borrow().get(name).copied();
+                        Ok(BackupSpace {
+                            free_bytes: *free,
+                            total_bytes: total,
+                            grow_below_free_bytes: total.map(|t| t / 4),
+                            ..BackupSpace::default()
+                        })
                     };
                     (name.clone(), r)
                 })
@@ -297,6 +340,9 @@ mod tests {
             let mut free = self.free.borrow_mut();
             let f = free.get_mut(backend).expect("known backend");
             *f = f.map(|v| v + self.grow_by.get());
+            if let Some(t) = self.total.borrow_mut().get_mut(backend) {
+                *t += self.grow_by.get();
+            }
             Ok(Action::Changed)
         }
         fn act(&self, action: LowSpaceActionConfig) -> Result<(), String> {
@@ -347,6 +393,49 @@ mod tests {
         fake.set_free("snap", 199 * MIB);
         m.poll(at(6500), &fake);
         assert_eq!(fake.take_log().len(), 1);
+    }
+
+    /// The snapshot backend's `grow_at_percent`: grown at its own threshold, before the
+    /// monitor's, once per size of its area; one that cannot grow is asked once, and the
+    /// monitor's thresholds still apply to it.
+    #[test]
+    fn a_backend_below_its_growth_threshold_is_grown_once_per_size_before_any_warning() {
+        let fake = Fake::with(&[("snap", 600 * MIB)]);
+        fake.total.borrow_mut().insert("snap".into(), 1000 * MIB);
+        fake.grow_ok.set(true);
+        fake.grow_by.set(400 * MIB);
+        let mut m = Monitor::new(config());
+        m.poll(at(0), &fake);
+        assert!(fake.take_log().is_empty(), "600 of 1000 MiB free: above its threshold");
+        fake.set_free("snap", 240 * MIB);
+        m.poll(at(100), &fake);
+        assert_eq!(
+            fake.take_log(),
+            ["grow snap".to_owned(), format!("record snap grown {} < {}", 240 * MIB, 250 * MIB)]
+        );
+        m.poll(at(200), &fake);
+        assert!(fake.take_log().is_empty(), "640 of 1400 MiB free");
+        fake.set_free("snap", 340 * MIB);
+        m.poll(at(300), &fake);
+        assert_eq!(fake.take_log()[0], "grow snap", "the new size's threshold, 350 MiB");
+        // One that cannot grow: asked once at its threshold, then the monitor's thresholds.
+        fake.grow_ok.set(false);
+        fake.set_free("snap", 400 * MIB); // of 1800 MiB: below 450
+        m.poll(at(400), &fake);
+        assert_eq!(fake.take_log(), ["grow snap"]);
+        m.poll(at(500), &fake);
+        assert!(fake.take_log().is_empty(), "not asked again at the same size");
+        fake.set_free("snap", 50 * MIB);
+        m.poll(at(600), &fake);
+        assert_eq!(
+            fake.take_log(),
+            [
+                format!("record snap warning {} < {}", 50 * MIB, 200 * MIB),
+                "grow snap".to_owned(),
+                format!("record snap commit {} < {}", 50 * MIB, 100 * MIB),
+                "act Commit".to_owned(),
+            ]
+        );
     }
 
     #[test]

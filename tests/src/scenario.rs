@@ -290,7 +290,9 @@ const FILL_NEW: &str = "fill.bin";
 /// filesystem must never see an error from the backup layer (a full dm-snapshot store is
 /// invalidated by the kernel and fails every later I/O; a full engine fails writes with
 /// ENOSPC): the monitor acts first.
-/// - snapshot: 48 MiB written through a 16 MiB COW store ([`Fill::Commit`] or [`Fill::Grow`]);
+/// - snapshot, [`Fill::Commit`]: 48 MiB written through a 16 MiB COW store that never grows;
+/// - snapshot, [`Fill::Grow`]: 48 MiB through a 32 MiB store that grows by its size when it is
+///   half full (`grow_at_percent = 50`): the monitor grows it before the warning threshold;
 /// - userspace-bow ([`Fill::Commit`]): a small /data with 32 MiB of in-use data to rewrite;
 ///   the boot rewrites it in place and writes a new file until the monitor commits (the table
 ///   switch: /data on the raw partition, no ublk device), then a power cut; the next boot has
@@ -311,7 +313,7 @@ pub fn fill_chain(
         }
         ("snapshot", Fill::Grow) => {
             profile.backend_options =
-                "cow_bytes = 16777216\ngrow_percent = 100\ngrow_at_percent = 25\n".into();
+                "cow_bytes = 33554432\ngrow_percent = 100\ngrow_at_percent = 50\n".into();
             DATA_BYTES
         }
         ("userspace-bow", Fill::Commit) => fill_engine_data_bytes(fs),
@@ -958,10 +960,18 @@ fn fill_boot(dev: Device, fill: Fill) -> Result<(), Failed> {
     // what happened in their messages.
     let (acted, grown) =
         (history.contains("Low space for checkpointing"), history.contains("backup area grown"));
-    check(history.contains("backup space low"), "the monitor warned of low backup space")?;
+    let warned = history.contains("backup space low");
     match fill {
-        Fill::Commit => check(acted && !grown, "the monitor acted (commit), it did not grow")?,
-        Fill::Grow => check(grown && !acted, "the monitor grew the store, no commit needed")?,
+        Fill::Commit => check(
+            warned && acted && !grown,
+            "the monitor warned and acted (commit), it did not grow",
+        )?,
+        // Half full, the store is grown at its own threshold (16 MiB free of 32), above the
+        // warning's 12 MiB: without `grow_at_percent` the monitor would warn first.
+        Fill::Grow => check(
+            grown && !acted && !warned,
+            "the monitor grew the store at its growth threshold, before any warning; no commit",
+        )?,
     }
     if fill == Fill::Grow {
         check(dev.status()?["is_checkpointing"] == true, "still checkpointing: the store grew")?;

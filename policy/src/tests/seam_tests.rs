@@ -118,7 +118,7 @@ impl Backend for Probe {
     }
     fn space(&self) -> Result<BackupSpace, BackendError> {
         self.call_back("space");
-        Ok(BackupSpace { free_bytes: Some(1 << 20), used_bytes: Some(0), total_bytes: None })
+        Ok(BackupSpace { free_bytes: Some(1 << 20), used_bytes: Some(0), ..BackupSpace::default() })
     }
     fn status(&self) -> Result<BackendStatus, BackendError> {
         Ok(BackendStatus {
