@@ -4,8 +4,9 @@
 //! backend's `grow_at_percent`) ask it to grow, once per size of its backup area; below the
 //! warning threshold record one warning; below the action threshold first ask the backend to
 //! grow its backup area, and if it cannot (or it is still low at the next poll) run the
-//! configured action once: commit (vold's `commit_on_full`) or abort and reboot. A failed action is retried after an exponential
-//! backoff, so a commit that keeps failing writes a handful of history rows, not two a second.
+//! configured action once: commit (vold's `commit_on_full`) or abort and reboot. A failed
+//! action is retried after an exponential backoff, so a commit that keeps failing writes a
+//! handful of history rows, not two a second.
 //!
 //! Every decision goes to the history (`low_space` rows) and to the listeners (`onLowSpace`).
 //!
@@ -125,21 +126,10 @@ impl Monitor {
                     watch.grown_at_total = Some(total);
                     let low =
                         LowSpace { backend: name.clone(), free_bytes: free, min_free_bytes: below };
-                    match target.grow(&name) {
-                        Ok(Action::Changed) => {
-                            log::info!(
-                                "health monitor: grew the backup area of {name} at its growth \
-                                 threshold ({free} of {total} bytes free)"
-                            );
-                            target.record(&low, "grown", "backup area grown at its threshold");
-                            continue; // the next poll sees the new space
-                        }
-                        Ok(Action::Identity) => {} // cannot grow: the thresholds below apply
-                        Err(e) => {
-                            log::error!("health monitor: growing {name} failed: {e}");
-                            target.record(&low, "grow_failed", &e);
-                        }
+                    if grow(target, &low, "backup area grown at its threshold") {
+                        continue; // the next poll sees the new space
                     }
+                    // It cannot grow: the thresholds below apply.
                 }
             }
             if free >= self.config.warn_free_bytes {
@@ -168,18 +158,10 @@ impl Monitor {
             };
             if !watch.grow_tried {
                 watch.grow_tried = true;
-                match target.grow(&name) {
-                    Ok(Action::Changed) => {
-                        log::info!("health monitor: grew the backup area of {name}");
-                        target.record(&low, "grown", "backup area grown");
-                        continue; // the next poll sees the new space
-                    }
-                    Ok(Action::Identity) => {} // cannot grow: the action applies now
-                    Err(e) => {
-                        log::error!("health monitor: growing {name} failed: {e}");
-                        target.record(&low, "grow_failed", &e);
-                    }
+                if grow(target, &low, "backup area grown") {
+                    continue; // the next poll sees the new space
                 }
+                // It cannot grow: the action applies now.
             }
             act_for.get_or_insert(low);
         }
@@ -215,6 +197,29 @@ impl Monitor {
                 );
                 target.record(low, &format!("{word}_failed"), &e);
             }
+        }
+    }
+}
+
+/// Asks `low.backend` to grow; records a growth (`grown`, with `message`) or a failure
+/// (`grow_failed`). Whether it grew.
+fn grow(target: &dyn Target, low: &LowSpace, message: &str) -> bool {
+    let name = &low.backend;
+    match target.grow(name) {
+        Ok(Action::Changed) => {
+            log::info!(
+                "health monitor: grew the backup area of {name} ({} bytes free, threshold {})",
+                low.free_bytes,
+                low.min_free_bytes
+            );
+            target.record(low, "grown", message);
+            true
+        }
+        Ok(Action::Identity) => false,
+        Err(e) => {
+            log::error!("health monitor: growing {name} failed: {e}");
+            target.record(low, "grow_failed", &e);
+            false
         }
     }
 }

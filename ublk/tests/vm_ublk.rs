@@ -6,8 +6,8 @@
 //! (the same checks); direct writes the engine holds (completed, not yet given to it) read back
 //! after a kill, and a server broken to keep them in memory only (`--fault held-not-stored`,
 //! feature `fault`) loses them, so the check is shown to catch it; the engine's log restores
-//! the pre-checkpoint file system with `bow::restore`; and the throughput of 4 KiB direct overwrites through the engine (backing
-//! up) against the pass-through.
+//! the pre-checkpoint file system with `bow::restore`; and the throughput of 4 KiB direct
+//! overwrites through the engine (backing up) against the pass-through.
 
 use std::path::Path;
 use std::process::Command;
