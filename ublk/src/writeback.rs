@@ -331,11 +331,13 @@ impl<D: BlockDevice> Served<D> {
         if wb.held_bytes + len > budget {
             return None;
         }
+        // Everything that can refuse goes before the append: `None` means nothing was done.
+        let done = u32::try_from(len).ok()?;
         let data = data.get(..usize::try_from(len).ok()?)?;
         let stored = wb.log.append(sector, data).ok()?;
         wb.stats.held += 1;
         wb.keep(HeldWrite { sector, data: stored });
-        u32::try_from(len).ok()
+        Some(done)
     }
 }
 
