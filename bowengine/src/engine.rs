@@ -312,6 +312,8 @@ impl<D: BlockDevice> WorkerIo for EngineIo<D> {
             return Ok(0);
         }
         let (copies, checksum) = read_sources(src, blocks, seed, |b| self.read_block(b))?;
+        let bytes = u64::from(self.bs.bytes());
+        self.staged.note_read(src * bytes, blocks * bytes);
         for (i, data) in (0u64..).zip(copies) {
             self.staged.stage_backup(dst + i, data);
         }
@@ -398,6 +400,13 @@ impl<D: BlockDevice> Engine<D> {
     /// no longer carries every user write buffered since the last one.
     pub fn set_durable_writes(&mut self, durable: Box<dyn DurableWrites>) {
         self.durable = Some(durable);
+    }
+
+    /// The bytes of user writes written to the device directly so far, bypassing its page
+    /// cache, or `None` if they are not ([`DurableWrites::direct_writes`]); the server reports
+    /// it in `status`.
+    pub fn direct_writes(&self) -> Option<u64> {
+        self.durable.as_deref().and_then(DurableWrites::direct_writes)
     }
 
     /// Goes on journaling to `out`, which holds the first [`Recovered::journal_len`] bytes of

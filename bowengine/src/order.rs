@@ -86,8 +86,21 @@ pub trait DurableWrites: Send + fmt::Debug {
     /// Writes the batch's user writes (plainly: not durable), in order, if this writer offers
     /// it: `None` leaves them to the engine, one [`BlockDevice::write_at`] each. The server's
     /// writes each run of contiguous ones with one vectored write (a drain of held writes in
-    /// device order is mostly such runs).
-    fn write_plain(&self, _writes: &[(u64, &[u8])]) -> Option<Result<(), DeviceError>> {
+    /// device order is mostly such runs). `read`: the byte ranges (offset, length) the batch
+    /// read to copy them, whose old contents now sit in the device's page cache (a writer
+    /// that bypasses the cache must drop them first).
+    fn write_plain(
+        &self,
+        _writes: &[(u64, &[u8])],
+        _read: &[(u64, u64)],
+    ) -> Option<Result<(), DeviceError>> {
+        None
+    }
+
+    /// `Some(bytes written so far)` while [`DurableWrites::write_plain`] writes to the device
+    /// directly, bypassing its page cache; `None` when it does not (what the server reports;
+    /// the guarantees are the same either way).
+    fn direct_writes(&self) -> Option<u64> {
         None
     }
 }
@@ -123,6 +136,9 @@ pub(crate) struct Staged {
     user: Vec<(u64, Bytes)>,
     /// The newest staged contents of each block (any kind), for reads during planning.
     overlay: HashMap<u64, Vec<u8>>,
+    /// Byte ranges (offset, length) whose old contents the batch read to copy them: they now
+    /// sit in the device's page cache ([`DurableWrites::write_plain`]).
+    read: Vec<(u64, u64)>,
 }
 
 impl Staged {
@@ -167,6 +183,11 @@ impl Staged {
         }
     }
 
+    /// The batch read `len` bytes at byte `offset` to copy them.
+    pub(crate) fn note_read(&mut self, offset: u64, len: u64) {
+        self.read.push((offset, len));
+    }
+
     pub(crate) fn stage_backup(&mut self, block: u64, data: Vec<u8>) {
         self.overlay.insert(block, data.clone());
         self.backups.push((block, data));
@@ -207,7 +228,7 @@ impl Staged {
         journaled: Journaled,
         #[cfg(any(test, feature = "fault"))] fault: Option<Fault>,
     ) -> Result<IssuedCounts, DeviceError> {
-        let Staged { backups, log, user, .. } = self;
+        let Staged { backups, log, user, read, .. } = self;
         let mut counts = IssuedCounts::default();
         #[cfg(any(test, feature = "fault"))]
         if let Some(f) = fault {
@@ -227,7 +248,7 @@ impl Staged {
             }
         };
         counts.user_writes = user.len();
-        release_user_writes(dev, durable, log_durable, &user)?;
+        release_user_writes(dev, durable, log_durable, &user, &read)?;
         Ok(counts)
     }
 }
@@ -298,10 +319,11 @@ fn release_user_writes(
     durable: Option<&dyn DurableWrites>,
     _log: LogDurable,
     user: &[(u64, Bytes)],
+    read: &[(u64, u64)],
 ) -> Result<(), DeviceError> {
     if let Some(d) = durable {
         let writes: Vec<(u64, &[u8])> = user.iter().map(|(o, d)| (*o, d.as_ref())).collect();
-        if let Some(done) = d.write_plain(&writes) {
+        if let Some(done) = d.write_plain(&writes, read) {
             return done;
         }
     }

@@ -8,21 +8,25 @@
 //! on a tmpfs and is never synced: it must outlive the process, not the machine (a power cut
 //! may lose writes no flush covered; that is what the device's volatile write cache declares).
 //!
-//! Layout (little endian), in a file of fixed size [`capacity`] mapped shared:
+//! Layout (little endian), in a file of fixed size mapped shared:
 //!
 //! ```text
-//! 0   magic "BOWHELD1"
+//! 0   magic "BOWHELD2"
 //! 8   epoch: u64          bumped by every clear
-//! 16  records, back to back:
+//! 16  data: u64           where the records' data begins (a multiple of 4 KiB)
+//! 24  zero: u64
+//! 32  record headers, back to back:
 //!       0  seal: u64      a mix of the record's epoch, sector and length, stored last
 //!       8  length: u32    data bytes (whole 4 KiB blocks, at least one)
 //!       12 zero: u32
 //!       16 epoch: u64     the file's epoch when the record was stored
 //!       24 sector: u64    where the write goes, in 512-byte sectors
-//!       32 data
+//! data  the records' data, back to back in record order
 //! ```
 //!
-//! The records of the current epoch, up to the first one whose epoch differs or whose seal
+//! The data lies apart from the headers so that every record's data is 4 KiB-aligned: the
+//! engine writes it to the device straight from the mapping with `O_DIRECT`
+//! ([`crate::direct`]). The records of the current epoch, up to the first one whose epoch differs or whose seal
 //! does not match, are the held writes in order. A clear stores a new epoch (one aligned
 //! store), so the old records end the list without being erased. A process killed inside an
 //! append leaves the seal slot as it was (zero, an older epoch's seal, or older data), which
@@ -31,6 +35,10 @@
 //! then the file is gone with the tmpfs), so a seal stored last, after a compiler fence, is
 //! enough; the data carries no checksum (a CRC-32 of each 4 KiB cost a measurable part of a
 //! held write under emulation).
+//!
+//! The first layout (magic "BOWHELD1", headers and data interleaved, data at 16 + 32) is still
+//! read, so a server restarted from a newer binary drains what an older one held; such a file
+//! then takes no more writes ([`HeldFile::reopen`]).
 //!
 //! An append returns the stored data as shared [`Bytes`], a view of the mapping: the engine
 //! writes the held write to the device from there, so a held write is copied once on its way
@@ -51,8 +59,12 @@ use bytes::Bytes;
 
 use crate::journal::{self, JournalFileError};
 
-const MAGIC: &[u8; 8] = b"BOWHELD1";
-const HEADER_BYTES: usize = 16;
+const MAGIC: &[u8; 8] = b"BOWHELD2";
+/// The first layout's magic: read, never written.
+const MAGIC_V1: &[u8; 8] = b"BOWHELD1";
+const HEADER_BYTES: usize = 32;
+/// The first layout's header.
+const HEADER_BYTES_V1: usize = 16;
 const RECORD_HEADER_BYTES: usize = 32;
 const BLOCK: usize = 4096;
 
@@ -73,11 +85,16 @@ pub trait HeldLog: Send + std::fmt::Debug {
     fn clear(&mut self);
 }
 
-/// The file's size for a hold limit of `limit` bytes and requests of at most `request` bytes:
-/// a full hold (every record one block) plus one more request.
+/// The data bytes a file needs for a hold limit of `limit` bytes and requests of at most
+/// `request` bytes: a full hold plus one more request.
 pub fn capacity(limit: usize, request: usize) -> usize {
-    let records = limit / BLOCK + 1;
-    HEADER_BYTES + limit + request + records * RECORD_HEADER_BYTES
+    limit + request
+}
+
+/// Where the data of a file holding `data` bytes begins: after room for one header per block
+/// (each record holds at least one), on a 4 KiB boundary.
+fn data_start(data: usize) -> usize {
+    (HEADER_BYTES + (data / BLOCK + 1) * RECORD_HEADER_BYTES).next_multiple_of(BLOCK)
 }
 
 /// Device `dev_id`'s held-writes file.
@@ -85,18 +102,44 @@ pub fn path(state_dir: &Path, dev_id: u32) -> PathBuf {
     state_dir.join(format!("{dev_id}.held"))
 }
 
-/// Reads the held writes out of a file's bytes (see the module's documentation). Anything that
-/// is not this format holds nothing: the file is only ever written by this module.
+/// Reads the held writes out of a file's bytes (see the module's documentation), in either
+/// layout. Anything that is not this format holds nothing: the file is only ever written by
+/// this module.
 pub fn parse(bytes: &[u8]) -> Vec<HeldWrite> {
-    let mut held = Vec::new();
-    if bytes.get(..8) != Some(&MAGIC[..]) {
-        return held;
+    records(bytes).map(|(writes, _)| writes).unwrap_or_default()
+}
+
+/// Where the next record's header and its data go, in a file of the current layout.
+type Next = (usize, usize);
+
+/// The held writes and where the next record's header and data go (`None` for the first
+/// layout, whose file takes no more records); `None` for a file of neither layout.
+fn records(bytes: &[u8]) -> Option<(Vec<HeldWrite>, Option<Next>)> {
+    let magic = bytes.get(..8)?;
+    let epoch = le_u64(bytes, 8)?;
+    let v1 = magic == MAGIC_V1;
+    if !v1 && magic != MAGIC {
+        return None;
     }
-    let Some(epoch) = le_u64(bytes, 8) else { return held };
-    let mut at = HEADER_BYTES;
-    while let (Some(sealed), Some(len), Some(rec_epoch), Some(sector)) =
-        (le_u64(bytes, at), le_u32(bytes, at + 8), le_u64(bytes, at + 16), le_u64(bytes, at + 24))
-    {
+    // Record i's header at `at`, its data at `data` (v1: right after the header).
+    let (mut at, mut data) = if v1 {
+        (HEADER_BYTES_V1, HEADER_BYTES_V1 + RECORD_HEADER_BYTES)
+    } else {
+        let start = usize::try_from(le_u64(bytes, 16)?).ok()?;
+        if start % BLOCK != 0 || start < HEADER_BYTES {
+            return None;
+        }
+        (HEADER_BYTES, start)
+    };
+    let index_end = if v1 { usize::MAX } else { data };
+    let mut held = Vec::new();
+    while let (true, Some(sealed), Some(len), Some(rec_epoch), Some(sector)) = (
+        at + RECORD_HEADER_BYTES <= index_end,
+        le_u64(bytes, at),
+        le_u32(bytes, at + 8),
+        le_u64(bytes, at + 16),
+        le_u64(bytes, at + 24),
+    ) {
         if rec_epoch != epoch || sealed != seal(epoch, sector, len) {
             break;
         }
@@ -104,12 +147,19 @@ pub fn parse(bytes: &[u8]) -> Vec<HeldWrite> {
         if len == 0 || len % BLOCK != 0 {
             break;
         }
-        let end = at + RECORD_HEADER_BYTES + len;
-        let Some(data) = bytes.get(at + RECORD_HEADER_BYTES..end) else { break };
-        held.push(HeldWrite { sector, data: Bytes::copy_from_slice(data) });
-        at = end;
+        let Some(body) = data.checked_add(len).and_then(|end| bytes.get(data..end)) else {
+            break;
+        };
+        held.push(HeldWrite { sector, data: Bytes::copy_from_slice(body) });
+        if v1 {
+            at = data + len;
+            data = at + RECORD_HEADER_BYTES;
+        } else {
+            at += RECORD_HEADER_BYTES;
+            data += len;
+        }
     }
-    held
+    Some((held, (!v1).then_some((at, data))))
 }
 
 /// The seal of a record: a value no record of another epoch, sector or length has, and that
@@ -139,8 +189,12 @@ pub struct HeldFile {
     /// Shared with the views handed out ([`HeldView`]): the last one unmaps it.
     map: Arc<Mapping>,
     epoch: u64,
-    /// Where the next record goes. Every view handed out lies before it.
-    end: usize,
+    /// Where the records' data begins (4 KiB-aligned), and the headers end.
+    data_start: usize,
+    /// Where the next record's header goes.
+    next_header: usize,
+    /// Where the next record's data goes. Every view handed out lies before it.
+    next_data: usize,
     /// A clear found views still alive: their bytes must not be written again, so the file
     /// takes no more writes (they are then not held; see [`HeldFile::clear`]).
     retired: bool,
@@ -186,26 +240,30 @@ impl AsRef<[u8]> for HeldView {
 }
 
 impl HeldFile {
-    /// Creates device `dev_id`'s file fresh (an old one is replaced), empty, `size` bytes.
+    /// Creates device `dev_id`'s file fresh (an old one is replaced), empty, with room for
+    /// `data` bytes of data ([`capacity`]).
     pub fn create(
         state_dir: &Path,
         dev_id: u32,
-        size: usize,
+        data: usize,
     ) -> Result<HeldFile, JournalFileError> {
         journal::create_state_dir(state_dir)?;
         let path = path(state_dir, dev_id);
         let file = journal::create_new(&path)?;
-        let mut held = HeldFile::map(path, file, size)?;
+        let start = data_start(data);
+        let mut held = HeldFile::map(path, file, start + data, start)?;
         held.store_header();
         Ok(held)
     }
 
     /// Opens device `dev_id`'s file as a dead server left it: its held writes, and the file
-    /// ready to go on (after them). A missing or foreign file is created fresh (holding none).
+    /// ready to go on (after them, in its own layout). A missing or foreign file is created
+    /// fresh (holding none); so is a file of the first layout that holds none. One of the
+    /// first layout that holds writes is kept until they are drained, but takes no more.
     pub fn reopen(
         state_dir: &Path,
         dev_id: u32,
-        size: usize,
+        data: usize,
     ) -> Result<(HeldFile, Vec<HeldWrite>), JournalFileError> {
         let path = path(state_dir, dev_id);
         let opened = OpenOptions::new()
@@ -216,27 +274,42 @@ impl HeldFile {
         let mut file = match opened {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok((HeldFile::create(state_dir, dev_id, size)?, Vec::new()))
+                return Ok((HeldFile::create(state_dir, dev_id, data)?, Vec::new()))
             }
             Err(e) => return Err(journal::io_error("opening", &path)(e)),
         };
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).map_err(journal::io_error("reading", &path))?;
-        if bytes.get(..8) != Some(&MAGIC[..]) {
+        let Some((writes, next)) = records(&bytes) else {
             drop(file);
-            return Ok((HeldFile::create(state_dir, dev_id, size)?, Vec::new()));
-        }
-        let writes = parse(&bytes);
+            return Ok((HeldFile::create(state_dir, dev_id, data)?, Vec::new()));
+        };
         let epoch = le_u64(&bytes, 8).unwrap_or(0);
-        let end =
-            HEADER_BYTES + writes.iter().map(|w| RECORD_HEADER_BYTES + w.data.len()).sum::<usize>();
-        let mut held = HeldFile::map(path, file, size.max(end))?;
+        let Some((next_header, next_data)) = next else {
+            if writes.is_empty() {
+                drop(file);
+                return Ok((HeldFile::create(state_dir, dev_id, data)?, Vec::new()));
+            }
+            // The first layout: mapped as it is (its epoch lies where a clear stores it), retired.
+            let mut held = HeldFile::map(path, file, bytes.len(), HEADER_BYTES_V1)?;
+            held.epoch = epoch;
+            held.retired = true;
+            return Ok((held, writes));
+        };
+        let start = usize::try_from(le_u64(&bytes, 16).unwrap_or(0)).unwrap_or(0);
+        let mut held = HeldFile::map(path, file, bytes.len().max(next_data), start)?;
         held.epoch = epoch;
-        held.end = end;
+        held.next_header = next_header;
+        held.next_data = next_data;
         Ok((held, writes))
     }
 
-    fn map(path: PathBuf, file: File, size: usize) -> Result<HeldFile, JournalFileError> {
+    fn map(
+        path: PathBuf,
+        file: File,
+        size: usize,
+        data_start: usize,
+    ) -> Result<HeldFile, JournalFileError> {
         let size = size.max(HEADER_BYTES);
         file.set_len(size as u64).map_err(journal::io_error("sizing", &path))?;
         let ptr = journal::map_shared(&file, size, &path)?;
@@ -245,7 +318,9 @@ impl HeldFile {
             _file: file,
             map: Arc::new(Mapping { ptr, size }),
             epoch: 0,
-            end: HEADER_BYTES,
+            data_start,
+            next_header: HEADER_BYTES,
+            next_data: data_start,
             retired: false,
         })
     }
@@ -258,7 +333,8 @@ impl HeldFile {
     fn store_header(&mut self) {
         let mut header = [0u8; HEADER_BYTES];
         header[..8].copy_from_slice(MAGIC);
-        header[8..].copy_from_slice(&self.epoch.to_le_bytes());
+        header[8..16].copy_from_slice(&self.epoch.to_le_bytes());
+        header[16..24].copy_from_slice(&(self.data_start as u64).to_le_bytes());
         // SAFETY: the header lies inside the mapping (its size is at least HEADER_BYTES), and
         // no view covers it.
         unsafe {
@@ -273,32 +349,32 @@ impl HeldLog for HeldFile {
             return Err(std::io::Error::other("held-writes file retired: a view outlived a clear"));
         }
         let len = u32::try_from(data.len()).map_err(|_| std::io::ErrorKind::InvalidInput)?;
-        let end = self
-            .end
-            .checked_add(RECORD_HEADER_BYTES + data.len())
-            .filter(|&end| end <= self.map.size)
+        let header_end = self.next_header + RECORD_HEADER_BYTES;
+        let data_end = self
+            .next_data
+            .checked_add(data.len())
+            .filter(|&end| end <= self.map.size && header_end <= self.data_start)
             .ok_or(std::io::ErrorKind::StorageFull)?;
         let mut head = [0u8; RECORD_HEADER_BYTES];
         head[8..12].copy_from_slice(&len.to_le_bytes());
         head[16..24].copy_from_slice(&self.epoch.to_le_bytes());
         head[24..32].copy_from_slice(&sector.to_le_bytes());
-        // SAFETY: `self.end..end` lies inside the mapping (checked above) and past every view
-        // handed out; `data` is not in it.
+        // SAFETY: the header's and the data's places lie inside the mapping (checked above),
+        // the data's past every view handed out, the header's where no view reaches (views
+        // cover data only); `data` is not in the mapping.
         unsafe {
-            let at = self.map.ptr.as_ptr().add(self.end);
+            let base = self.map.ptr.as_ptr();
+            let at = base.add(self.next_header);
             std::ptr::copy_nonoverlapping(head[8..].as_ptr(), at.add(8), RECORD_HEADER_BYTES - 8);
-            std::ptr::copy_nonoverlapping(data.as_ptr(), at.add(RECORD_HEADER_BYTES), data.len());
+            std::ptr::copy_nonoverlapping(data.as_ptr(), base.add(self.next_data), data.len());
             // The seal last: a process killed before it leaves a record that does not match.
             compiler_fence(Ordering::Release);
             let sealed = seal(self.epoch, sector, len).to_le_bytes();
             std::ptr::write_unaligned(at.cast::<[u8; 8]>(), sealed);
         }
-        let view = HeldView {
-            map: Arc::clone(&self.map),
-            start: self.end + RECORD_HEADER_BYTES,
-            len: data.len(),
-        };
-        self.end = end;
+        let view = HeldView { map: Arc::clone(&self.map), start: self.next_data, len: data.len() };
+        self.next_header = header_end;
+        self.next_data = data_end;
         Ok(Bytes::from_owner(view))
     }
 
@@ -316,7 +392,8 @@ impl HeldLog for HeldFile {
             self.retired = true;
             eprintln!("bow-ublk: held writes outlived their drain; no more writes are held");
         }
-        self.end = HEADER_BYTES;
+        self.next_header = HEADER_BYTES;
+        self.next_data = self.data_start;
     }
 }
 
@@ -356,7 +433,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let size = capacity(64 << 10, 16 << 10);
         let mut f = HeldFile::create(dir.path(), 2, size).unwrap();
-        assert_eq!(std::fs::metadata(f.path()).unwrap().len(), size as u64);
+        let file_len = (data_start(size) + size) as u64;
+        assert_eq!(std::fs::metadata(f.path()).unwrap().len(), file_len);
         let writes = [(8u64, block(1, 1)), (800, block(2, 3)), (8, block(3, 1))];
         for (sector, data) in &writes {
             f.append(*sector, data).unwrap();
@@ -398,7 +476,12 @@ mod tests {
         assert!(view == block(1, 2));
         let base = f.map.ptr.as_ptr() as usize;
         let at = view.as_ptr() as usize;
-        assert_eq!(at, base + HEADER_BYTES + RECORD_HEADER_BYTES, "a view into the mapping");
+        assert_eq!(at, base + data_start(size), "a view into the mapping");
+        // Every record's data 4 KiB-aligned in memory (direct writes take it as it is).
+        let next = f.append(64, &block(7, 3)).unwrap();
+        assert_eq!(next.as_ptr() as usize, at + 2 * BLOCK);
+        assert_eq!(at % BLOCK, 0);
+        drop(next);
         drop(view);
         f.clear();
         let view = f.append(16, &block(2, 1)).unwrap();
@@ -419,7 +502,7 @@ mod tests {
         f.append(24, &block(3, 1)).unwrap();
         drop(f);
         let bytes = std::fs::read(path(dir.path(), 1)).unwrap();
-        let second = HEADER_BYTES + RECORD_HEADER_BYTES + BLOCK;
+        let second = HEADER_BYTES + RECORD_HEADER_BYTES;
         // A killed append: every byte of the second record's body stored, its seal not (zero,
         // or the seal of an older epoch's record at the same place).
         let mut torn = bytes.clone();
@@ -494,6 +577,46 @@ mod tests {
         }
         println!("killed writers: {inside} inside a round, {empty} between rounds or at its start");
         assert!(inside >= 10, "too few kills landed inside a round: {inside}");
+    }
+
+    /// A file of the first layout (headers and data interleaved), as an older server left it:
+    /// its writes are read back, the file takes no more, and once cleared (drained) the next
+    /// reopen replaces it with a file of the current layout.
+    #[test]
+    fn a_file_of_the_first_layout_is_drained_and_then_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let epoch = 5u64;
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(MAGIC_V1);
+        bytes.extend_from_slice(&epoch.to_le_bytes());
+        let writes = [(8u64, block(1, 1)), (800, block(2, 2))];
+        for (sector, data) in &writes {
+            let len = u32::try_from(data.len()).unwrap();
+            bytes.extend_from_slice(&seal(epoch, *sector, len).to_le_bytes());
+            bytes.extend_from_slice(&len.to_le_bytes());
+            bytes.extend_from_slice(&[0; 4]);
+            bytes.extend_from_slice(&epoch.to_le_bytes());
+            bytes.extend_from_slice(&sector.to_le_bytes());
+            bytes.extend_from_slice(data);
+        }
+        bytes.resize(bytes.len() + 4 * BLOCK, 0);
+        std::fs::write(path(dir.path(), 3), &bytes).unwrap();
+        let size = capacity(64 << 10, 16 << 10);
+        let (mut f, held) = HeldFile::reopen(dir.path(), 3, size).unwrap();
+        let want: Vec<HeldWrite> =
+            writes.iter().map(|(s, d)| HeldWrite { sector: *s, data: d.clone().into() }).collect();
+        assert_eq!(held, want);
+        assert!(f.append(16, &block(3, 1)).is_err(), "the old layout takes no more writes");
+        assert_eq!(read_back(dir.path(), 3), want, "and keeps what it held");
+        f.clear();
+        assert!(read_back(dir.path(), 3).is_empty(), "cleared: nothing held");
+        drop(f);
+        let (mut f, held) = HeldFile::reopen(dir.path(), 3, size).unwrap();
+        assert!(held.is_empty());
+        f.append(16, &block(4, 1)).unwrap();
+        let now = std::fs::read(path(dir.path(), 3)).unwrap();
+        assert_eq!(&now[..8], MAGIC, "replaced by the current layout");
+        assert_eq!(parse(&now), [HeldWrite { sector: 16, data: block(4, 1).into() }]);
     }
 
     #[test]

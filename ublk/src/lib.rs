@@ -8,6 +8,8 @@
 //!   status, stop).
 //! * [`writeback`]: first-touch writes held (completed at once, stored in [`held`]'s file) and
 //!   given to the engine together at the next flush, so they share its ordering points.
+//! * `direct` (Linux): a drain's user writes straight to the device, `O_DIRECT` through one
+//!   io_uring, instead of through the page cache.
 //! * [`journal`]: the engine's op journal file on a tmpfs, from which a restarted server
 //!   rebuilds the engine of a server that died (`bow_engine::Engine::recover`).
 //! * `server` (feature `ublk`): the libublk server itself, its own mount namespace, and
@@ -17,6 +19,8 @@
 //! feature; without it this crate builds with no C toolchain beyond Rust's.
 
 pub mod control;
+#[cfg(target_os = "linux")]
+pub mod direct;
 pub mod held;
 pub mod journal;
 pub mod mounts;

@@ -292,7 +292,7 @@ fn apply_fault(engine: &mut Engine<FileDevice>, opts: &EngineArgs) {
     let _ = (engine, opts);
 }
 
-/// The held-writes file's size.
+/// The data bytes of the held-writes file.
 fn held_capacity() -> usize {
     held::capacity(HOLD_LIMIT_BYTES, IO_BUF_BYTES as usize)
 }
@@ -797,13 +797,16 @@ fn run(served: &mut Served<FileDevice>, command: Command) -> Result<String, Stri
 }
 
 /// `held_writes` and `drains` count the write-back's work (both 0 with `--write-through`); the
-/// space is the engine's after the drain, so it counts every completed write.
+/// space is the engine's after the drain, so it counts every completed write. `direct` is the
+/// bytes of user writes written to the device with `O_DIRECT` so far (`crate::direct`: the
+/// batches that copied nothing), `off` once the device refused them or where there is no
+/// io_uring.
 fn status(engine: &Engine<FileDevice>, write_back: Option<WriteBackStats>) -> String {
     let (space, stats) = (engine.space(), engine.stats());
     let wb = write_back.unwrap_or_default();
     format!(
         "state={} free={} used={} held={} backups={} rebackups={} batches={} flushes={} \
-         held_writes={} drains={}",
+         held_writes={} drains={} direct={}",
         engine.state().value(),
         space.free_bytes,
         space.used_bytes,
@@ -814,5 +817,6 @@ fn status(engine: &Engine<FileDevice>, write_back: Option<WriteBackStats>) -> St
         stats.flushes,
         wb.held,
         wb.drains,
+        engine.direct_writes().map_or_else(|| "off".to_owned(), |b| b.to_string()),
     )
 }

@@ -269,6 +269,18 @@ fn guest_ublk(_: &[String]) -> Result<(), Failed> {
     // Blocks this checkpoint already backed up: nothing to copy again.
     let engine_rewrite_s = overwrite_seconds(&format!("{MNT}/bench"))?;
     let engine_fresh_s = new_file_seconds(&format!("{MNT}/fresh"))?;
+    // The user writes of batches that copied nothing (the rewrites, the new file: at least
+    // twice BENCH_BLOCKS blocks) went to the raw device with O_DIRECT (src/direct.rs); the
+    // checks below (hashes, fsck, kills, the restore) hold with them.
+    let status = ctl("status")?;
+    let direct = status
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("direct="))
+        .and_then(|v| v.parse::<u64>().ok());
+    if direct.is_none_or(|bytes| bytes < 2 * u64::from(BENCH_BLOCKS) * 4096) {
+        return Err(format!("the engine wrote too little directly: {status}").into());
+    }
+    println!("engine after rewrites and a new file: {status}");
     make_sources("c", 8, 256)?;
     guest::sh(&format!("cp /dev/shm/src/c* {MNT}/ && cp /dev/shm/src/c1 {MNT}/a1.new && mv {MNT}/a1.new {MNT}/a2 && rm {MNT}/a3 && sync"))?;
     umount()?;
