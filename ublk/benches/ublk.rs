@@ -45,7 +45,8 @@
 //! pinned).
 //!
 //! `--quick` (or `UBLK_BENCH_QUICK=1`): small sizes, one round. Environment:
-//! `UBLK_BENCH_BLOCKS` (4 KiB writes per timed run), `UBLK_BENCH_ROUNDS`, `UBLK_BENCH_PIN`.
+//! `UBLK_BENCH_BLOCKS` (4 KiB writes per timed run), `UBLK_BENCH_ROUNDS`, `UBLK_BENCH_PIN`,
+//! `UBLK_BENCH_ENGINE_ARGS` (extra `serve` options for the speed part's engine, for A/B runs).
 
 #![allow(clippy::cast_precision_loss, clippy::cast_possible_truncation)] // Benchmark arithmetic.
 
@@ -71,7 +72,8 @@ use testbench::{cargo_bin, guest, Failed};
 
 use common::{mib, Rng, BLOCK, MIB};
 
-const ENV_KEYS: &[&str] = &["UBLK_BENCH_BLOCKS", "UBLK_BENCH_ROUNDS", "UBLK_BENCH_PIN"];
+const ENV_KEYS: &[&str] =
+    &["UBLK_BENCH_BLOCKS", "UBLK_BENCH_ROUNDS", "UBLK_BENCH_PIN", "UBLK_BENCH_ENGINE_ARGS"];
 /// The guest's results, in the shared folder (the guest's working directory).
 const GUEST_JSON: &str = "ublk.json";
 const QDS: [u32; 2] = [1, 16];
@@ -509,7 +511,10 @@ struct Run {
 fn speed(cfg: &Config, dm: &DeviceMapper, a: &Path, b: &Path) -> Result<Vec<Run>, Failed> {
     let (a_id, b_id) = (DevId::of_path(a)?, DevId::of_path(b)?);
     let passthrough = Server::start(a, 0, &["--passthrough"])?;
-    let engine = Server::start(a, 1, &[])?;
+    // Extra `serve` options for the speed part's engine (A/B runs, e.g. --direct-writes).
+    let engine_args = std::env::var("UBLK_BENCH_ENGINE_ARGS").unwrap_or_default();
+    let engine_args: Vec<&str> = engine_args.split_whitespace().collect();
+    let engine = Server::start(a, 1, &engine_args)?;
     // TRIM state: the free-space regions and the backup pool are recorded free.
     let free_len = 2 * cfg.regions() * cfg.region();
     blkdiscard(&engine.node(), cfg.free_at(0), free_len)?;

@@ -48,15 +48,15 @@ impl RangeSyncWrites {
     }
 
     /// Opens `path` as [`RangeSyncWrites::open`] does, but writes user writes through the page
-    /// cache (the direct writer's comparison in tests).
-    #[cfg(test)]
-    fn open_buffered(path: &Path) -> std::io::Result<RangeSyncWrites> {
-        let mut w = RangeSyncWrites::open(path)?;
-        #[cfg(target_os = "linux")]
-        {
-            w.direct = None;
-        }
-        Ok(w)
+    /// cache (`bow-ublk serve` without `--direct-writes`).
+    pub fn open_buffered(path: &Path) -> std::io::Result<RangeSyncWrites> {
+        let open = |flags| std::fs::OpenOptions::new().write(true).custom_flags(flags).open(path);
+        Ok(RangeSyncWrites {
+            file: open(0)?,
+            dsync: open(libc::O_DSYNC)?,
+            #[cfg(target_os = "linux")]
+            direct: None,
+        })
     }
 
     /// Starts (`wait` false) or waits for (`wait` true) the write-back of one range.

@@ -257,7 +257,9 @@ fn guest_ublk(_: &[String]) -> Result<(), Failed> {
     stop(server)?;
 
     // ---- the engine: TRIM (FITRIM records free space) → CHECKPOINT ----
-    let server = start(&["serve", "--device", &disk, "--id", "0"])?;
+    // The engine with direct writes (not the default: the crash suite and the backend's
+    // tests run the page-cache path), so kills, fsck, hashes and the restore check it too.
+    let server = start(&["serve", "--device", &disk, "--id", "0", "--direct-writes"])?;
     mount(UBLK)?;
     guest::sh(&format!("fstrim {MNT}"))?;
     umount()?;
@@ -303,7 +305,7 @@ fn guest_ublk(_: &[String]) -> Result<(), Failed> {
         let running = writer.try_wait()?.is_none();
         std::thread::sleep(Duration::from_millis(500));
         let t = Instant::now();
-        server = start(&["recover", "--id", "0", "--device", &disk])?;
+        server = start(&["recover", "--id", "0", "--device", &disk, "--direct-writes"])?;
         kills.push(format!(
             "writer {}, recover {:.2} s",
             if running { "running" } else { "finished" },
@@ -345,7 +347,16 @@ fn guest_ublk(_: &[String]) -> Result<(), Failed> {
         if let Some(fault) = fault {
             server.child.kill()?;
             server.child.wait()?;
-            server = start(&["recover", "--id", "0", "--device", &disk, "--fault", fault])?;
+            server = start(&[
+                "recover",
+                "--id",
+                "0",
+                "--device",
+                &disk,
+                "--direct-writes",
+                "--fault",
+                fault,
+            ])?;
         }
         guest::sh(&format!(
             "dd if=/dev/shm/src/{src} of={MNT}/a1 bs=4k conv=notrunc oflag=direct status=none"
@@ -361,7 +372,7 @@ fn guest_ublk(_: &[String]) -> Result<(), Failed> {
         }
         server.child.kill()?;
         server.child.wait()?;
-        server = start(&["recover", "--id", "0", "--device", &disk])?;
+        server = start(&["recover", "--id", "0", "--device", &disk, "--direct-writes"])?;
         guest::sh("echo 3 > /proc/sys/vm/drop_caches")?;
         let same = guest::sh(&format!("cmp -n 262144 /dev/shm/src/{src} {MNT}/a1 && echo same"))
             .is_ok_and(|out| out.contains("same"));
