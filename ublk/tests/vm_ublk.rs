@@ -200,6 +200,37 @@ fn guest_ublk(_: &[String]) -> Result<(), Failed> {
     std::fs::copy(cargo_bin("bow-ublk"), SERVER)?;
     let disk = guest::disk(0);
     let disk = disk.to_str().ok_or("disk path")?.to_owned();
+    let checked = ublk_checks(&disk);
+    if checked.is_err() {
+        clean_up_after_failure(&disk);
+    }
+    checked
+}
+
+/// After a failed check: the failing step's server was killed when it went out of scope,
+/// leaving /dev/ublkb0 waiting for a new one with ext4 mounted on it, and the guest's
+/// power-off would wait on that I/O until the VM's timeout. A recovered server (an engine
+/// in TRIM state passes everything through, so it serves a pass-through's device too) lets
+/// the unmount finish, and `stop` deletes the device. Best effort: the failure is reported
+/// either way.
+fn clean_up_after_failure(disk: &str) {
+    if Path::new(UBLK).exists() && ctl("status").is_err() {
+        let recovered = start(&["recover", "--id", "0", "--device", disk]);
+        if let Err(e) = &recovered {
+            eprintln!("clean-up: no server re-attached: {e:?}");
+        }
+        // Kept alive until the device is gone.
+        let _server = recovered.ok();
+        let _ = guest::sh(&format!("umount {MNT}"));
+        let _ = ctl("stop");
+        return;
+    }
+    let _ = guest::sh(&format!("umount {MNT}"));
+    let _ = ctl("stop");
+}
+
+fn ublk_checks(disk: &str) -> Result<(), Failed> {
+    let disk = disk.to_owned();
 
     // ---- pass-through: mkfs, files, fsck, remount ----
     let server = start(&["serve", "--device", &disk, "--passthrough", "--id", "0"])?;
