@@ -290,7 +290,7 @@ fn set_ordering_writes(
     opts: &EngineArgs,
 ) -> Result<(), ServeError> {
     let open =
-        if opts.direct_writes { RangeSyncWrites::open } else { RangeSyncWrites::open_buffered };
+        if opts.direct_writes { RangeSyncWrites::open_direct } else { RangeSyncWrites::open };
     let writes = open(path)
         .map_err(|source| ServeError::OrderingWrites { path: path.to_owned(), source })?;
     engine.set_durable_writes(Box::new(writes));
