@@ -1,12 +1,15 @@
-//! A drain's user writes straight to the device: `O_DIRECT`, all of them submitted through one
-//! io_uring and waited for together.
+//! A batch's user writes straight to the device (`bow-ublk serve --direct-writes`; not the
+//! default, docs/userspace-bow.md "Direct writes"): `O_DIRECT`, all of them submitted through
+//! one io_uring and waited for together.
 //!
-//! Written through the page cache, a drain costs one `pwritev` per run of contiguous blocks
-//! (under emulation a system call is tens of µs), a copy of every block into the page cache,
-//! and later the flush's write-back of those pages. Here the blocks go from where they are held
-//! (the held-writes file's pages: [`crate::held`] keeps each record's data 4 KiB-aligned) to the
+//! Written through the page cache, a batch costs one `pwritev` per run of contiguous blocks
+//! (6–14 µs each under emulation), a copy of every block into the page cache, and later the
+//! flush's write-back of those pages. Here the blocks go from where they are held (the
+//! held-writes file's pages: [`crate::held`] keeps each record's data 4 KiB-aligned) to the
 //! device, with one `io_uring_enter` per [`RING_ENTRIES`] runs. Data that is not aligned (a
-//! write the engine took without holding it) is copied once into an aligned buffer.
+//! write the engine took without holding it) is copied once into an aligned buffer. Writes
+//! over blocks the batch read to copy them go through the page cache: those pages are cached,
+//! and a direct write over cached pages is punted to an io_uring worker that drops them first.
 //!
 //! What stays the same: the writes are *plain* (not durable; the flush that follows makes them
 //! so, as before), they land in the order given (two writes to the same block are never in
@@ -20,7 +23,6 @@
 //! otherwise: a device that really failed it fails the flush after it, as a failed write-back
 //! does, and a passing error (which no caller could act on) costs nothing.
 
-use std::alloc::Layout;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -68,29 +70,19 @@ struct Run {
     len: usize,
 }
 
-/// A 4 KiB-aligned copy of data whose memory is not aligned.
-struct Bounce {
-    ptr: std::ptr::NonNull<u8>,
-    layout: Layout,
-}
+/// One 4 KiB block at a 4 KiB-aligned address: a bounce buffer's unit.
+#[derive(Clone, Copy)]
+#[repr(C, align(4096))]
+struct AlignedBlock([u8; ALIGN]);
 
-impl Bounce {
-    fn copy_of(data: &[u8]) -> Bounce {
-        let layout = Layout::from_size_align(data.len().max(1), ALIGN).expect("4 KiB alignment");
-        // SAFETY: a non-zero size; the allocation is checked for failure below.
-        let ptr = unsafe { std::alloc::alloc(layout) };
-        let Some(ptr) = std::ptr::NonNull::new(ptr) else { std::alloc::handle_alloc_error(layout) };
-        // SAFETY: `ptr` holds `data.len()` bytes and does not overlap `data`.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr.as_ptr(), data.len()) };
-        Bounce { ptr, layout }
+/// A 4 KiB-aligned copy of whole blocks whose memory is not aligned (contiguous: an aligned
+/// block's size is its alignment).
+fn bounce_copy(data: &[u8]) -> Vec<AlignedBlock> {
+    let mut blocks = vec![AlignedBlock([0; ALIGN]); data.len() / ALIGN];
+    for (block, chunk) in blocks.iter_mut().zip(data.chunks_exact(ALIGN)) {
+        block.0.copy_from_slice(chunk);
     }
-}
-
-impl Drop for Bounce {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `copy_of` with this layout.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
-    }
+    blocks
 }
 
 impl DirectWriter {
@@ -123,21 +115,25 @@ impl DirectWriter {
 
     /// Writes each `(byte offset, bytes)` in order: contiguous ones as one run, runs
     /// submitted together and waited for. `buffered` is the caller's page-cache file (the
-    /// same device): writes that are not whole aligned blocks, those `cached(offset, len)` says
-    /// are over cached pages, and everything once the device refused direct I/O go through
-    /// it, after any direct write in flight that they overlap.
+    /// same device): writes that are not whole aligned blocks, those over `read` (the byte
+    /// ranges, offset and length, the batch read to copy them: cached pages), and everything
+    /// once the device refused direct I/O go through it, after any direct write in flight that
+    /// they overlap.
     pub fn write(
         &self,
         buffered: &File,
         writes: &[(u64, &[u8])],
-        cached: impl Fn(u64, u64) -> bool,
+        read: &[(u64, u64)],
     ) -> Result<(), DeviceError> {
+        // A batch's copies are disjoint, so the nearest start decides an overlap.
+        let read: BTreeMap<u64, u64> =
+            read.iter().map(|&(offset, len)| (offset, offset.saturating_add(len))).collect();
         let mut ring = self.ring.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut pending = Pending::default();
         for &(offset, data) in writes {
             let end = offset + data.len() as u64;
             let aligned = offset % ALIGN as u64 == 0 && data.len() % ALIGN == 0 && !data.is_empty();
-            if !aligned || !self.in_use() || cached(offset, data.len() as u64) {
+            if !aligned || !self.in_use() || overlaps(&read, offset, end) {
                 // In order: a direct write in flight to the same bytes lands first. (A later
                 // direct write over this one is ordered by the kernel: it writes back the
                 // cached pages of its range before it writes.)
@@ -264,22 +260,30 @@ struct Pending {
     runs: Vec<Run>,
     /// Covered byte ranges, start to end (merged runs share one entry).
     covered: BTreeMap<u64, u64>,
-    bounce: Vec<Bounce>,
+    /// Aligned copies the iovecs point into (a Vec's heap buffer does not move with it).
+    bounce: Vec<Vec<AlignedBlock>>,
+}
+
+/// Whether `[start, end)` overlaps a range of `ranges` (start to end, disjoint).
+fn overlaps(ranges: &BTreeMap<u64, u64>, start: u64, end: u64) -> bool {
+    ranges.range(..end).next_back().is_some_and(|(_, &e)| e > start)
 }
 
 impl Pending {
     fn overlaps(&self, start: u64, end: u64) -> bool {
-        self.covered.range(..end).next_back().is_some_and(|(_, &e)| e > start)
+        overlaps(&self.covered, start, end)
     }
 
-    /// Adds a write: to the last run if it follows it on the device, else as a run of its own.
+    /// Adds a write of whole aligned blocks (the caller checked): to the last run if it
+    /// follows it on the device, else as a run of its own.
     fn add(&mut self, offset: u64, data: &[u8]) {
+        debug_assert!(offset % ALIGN as u64 == 0 && data.len() % ALIGN == 0);
         let base = if data.as_ptr() as usize % ALIGN == 0 {
             data.as_ptr()
         } else {
-            let b = Bounce::copy_of(data);
-            let p = b.ptr.as_ptr().cast_const();
-            self.bounce.push(b);
+            let copy = bounce_copy(data);
+            let p = copy.as_ptr().cast::<u8>();
+            self.bounce.push(copy);
             p
         };
         let iov = libc::iovec { iov_base: base.cast_mut().cast(), iov_len: data.len() };
@@ -359,7 +363,7 @@ mod tests {
             let o = usize::try_from(*o).unwrap();
             want[o..o + d.len()].copy_from_slice(d);
         }
-        direct.write(&buffered, &list, |_, _| false).unwrap();
+        direct.write(&buffered, &list, &[]).unwrap();
         assert!(direct.in_use(), "the test file system took direct writes");
         let got = std::fs::read(tmp.path()).unwrap();
         assert!(got == want, "direct: the bytes differ from the writes in order");
@@ -374,9 +378,7 @@ mod tests {
         let buffered = std::fs::OpenOptions::new().write(true).open(tmp.path()).unwrap();
         let a = pattern(1, 4096);
         let b = pattern(2, 8192);
-        direct
-            .write(&buffered, &[(4096, &a), (8 * 4096, &b), (4096, &b[..4096])], |_, _| false)
-            .unwrap();
+        direct.write(&buffered, &[(4096, &a), (8 * 4096, &b), (4096, &b[..4096])], &[]).unwrap();
         let got = std::fs::read(tmp.path()).unwrap();
         assert!(got[4096..8192] == b[..4096]);
         assert!(got[8 * 4096..10 * 4096] == b[..]);

@@ -24,10 +24,10 @@
 //! data  the records' data, back to back in record order
 //! ```
 //!
-//! The data lies apart from the headers so that every record's data is 4 KiB-aligned: the
-//! engine writes it to the device straight from the mapping with `O_DIRECT`
-//! ([`crate::direct`]). The records of the current epoch, up to the first one whose epoch differs or whose seal
-//! does not match, are the held writes in order. A clear stores a new epoch (one aligned
+//! The data lies apart from the headers so that every record's data is 4 KiB-aligned: with
+//! `serve --direct-writes` the engine writes it to the device straight from the mapping with
+//! `O_DIRECT` (`crate::direct`). The records of the current epoch, up to the first one whose
+//! epoch differs or whose seal does not match, are the held writes in order. A clear stores a new epoch (one aligned
 //! store), so the old records end the list without being erased. A process killed inside an
 //! append leaves the seal slot as it was (zero, an older epoch's seal, or older data), which
 //! does not match the new record: that write was not completed, so the kernel reissues it. A
@@ -109,12 +109,18 @@ pub fn parse(bytes: &[u8]) -> Vec<HeldWrite> {
     records(bytes).map(|(writes, _)| writes).unwrap_or_default()
 }
 
-/// Where the next record's header and its data go, in a file of the current layout.
-type Next = (usize, usize);
+/// Where a file of the current layout goes on: its data's start (from its header), and the
+/// places of the next record's header and data.
+#[derive(Debug, Clone, Copy)]
+struct Tail {
+    data_start: usize,
+    next_header: usize,
+    next_data: usize,
+}
 
-/// The held writes and where the next record's header and data go (`None` for the first
-/// layout, whose file takes no more records); `None` for a file of neither layout.
-fn records(bytes: &[u8]) -> Option<(Vec<HeldWrite>, Option<Next>)> {
+/// The held writes and where the file goes on (`None` for the first layout, whose file takes
+/// no more records); `None` for a file of neither layout.
+fn records(bytes: &[u8]) -> Option<(Vec<HeldWrite>, Option<Tail>)> {
     let magic = bytes.get(..8)?;
     let epoch = le_u64(bytes, 8)?;
     let v1 = magic == MAGIC_V1;
@@ -131,7 +137,8 @@ fn records(bytes: &[u8]) -> Option<(Vec<HeldWrite>, Option<Next>)> {
         }
         (HEADER_BYTES, start)
     };
-    let index_end = if v1 { usize::MAX } else { data };
+    let data_start = data;
+    let index_end = if v1 { usize::MAX } else { data_start };
     let mut held = Vec::new();
     while let (true, Some(sealed), Some(len), Some(rec_epoch), Some(sector)) = (
         at + RECORD_HEADER_BYTES <= index_end,
@@ -159,7 +166,7 @@ fn records(bytes: &[u8]) -> Option<(Vec<HeldWrite>, Option<Next>)> {
             data += len;
         }
     }
-    Some((held, (!v1).then_some((at, data))))
+    Some((held, (!v1).then_some(Tail { data_start, next_header: at, next_data: data })))
 }
 
 /// The seal of a record: a value no record of another epoch, sector or length has, and that
@@ -285,7 +292,7 @@ impl HeldFile {
             return Ok((HeldFile::create(state_dir, dev_id, data)?, Vec::new()));
         };
         let epoch = le_u64(&bytes, 8).unwrap_or(0);
-        let Some((next_header, next_data)) = next else {
+        let Some(tail) = next else {
             if writes.is_empty() {
                 drop(file);
                 return Ok((HeldFile::create(state_dir, dev_id, data)?, Vec::new()));
@@ -296,11 +303,11 @@ impl HeldFile {
             held.retired = true;
             return Ok((held, writes));
         };
-        let start = usize::try_from(le_u64(&bytes, 16).unwrap_or(0)).unwrap_or(0);
-        let mut held = HeldFile::map(path, file, bytes.len().max(next_data), start)?;
+        let size = bytes.len().max(tail.next_data);
+        let mut held = HeldFile::map(path, file, size, tail.data_start)?;
         held.epoch = epoch;
-        held.next_header = next_header;
-        held.next_data = next_data;
+        held.next_header = tail.next_header;
+        held.next_data = tail.next_data;
         Ok((held, writes))
     }
 

@@ -8,8 +8,8 @@
 //!   status, stop).
 //! * [`writeback`]: first-touch writes held (completed at once, stored in [`held`]'s file) and
 //!   given to the engine together at the next flush, so they share its ordering points.
-//! * `direct` (Linux): a drain's user writes straight to the device, `O_DIRECT` through one
-//!   io_uring, instead of through the page cache.
+//! * `direct` (Linux, `serve --direct-writes`): a batch's user writes straight to the device,
+//!   `O_DIRECT` through one io_uring, instead of through the page cache.
 //! * [`journal`]: the engine's op journal file on a tmpfs, from which a restarted server
 //!   rebuilds the engine of a server that died (`bow_engine::Engine::recover`).
 //! * `server` (feature `ublk`): the libublk server itself, its own mount namespace, and

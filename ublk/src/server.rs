@@ -810,9 +810,9 @@ fn run(served: &mut Served<FileDevice>, command: Command) -> Result<String, Stri
 
 /// `held_writes` and `drains` count the write-back's work (both 0 with `--write-through`); the
 /// space is the engine's after the drain, so it counts every completed write. `direct` is the
-/// bytes of user writes written to the device with `O_DIRECT` so far (`crate::direct`: the
-/// batches that copied nothing), `off` once the device refused them or where there is no
-/// io_uring.
+/// bytes of user writes written to the device with `O_DIRECT` so far (`--direct-writes`,
+/// `crate::direct`: the writes over blocks their batch did not copy), `off` without the option,
+/// once the device refused them, or where there is no io_uring.
 fn status(engine: &Engine<FileDevice>, write_back: Option<WriteBackStats>) -> String {
     let (space, stats) = (engine.space(), engine.stats());
     let wb = write_back.unwrap_or_default();

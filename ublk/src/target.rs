@@ -21,8 +21,9 @@ use bytes::Bytes;
 /// it. An `fdatasync` would instead write out the whole device's dirty pages first (every user
 /// write since the last flush) and then flush.
 ///
-/// The user writes of a batch (plain, not durable) go to the device directly on Linux
-/// ([`crate::direct`]), else through the page cache, contiguous ones in one `pwritev`.
+/// The user writes of a batch (plain, not durable) go through the page cache, contiguous ones
+/// in one `pwritev`; opened with [`RangeSyncWrites::open_direct`] on Linux, directly
+/// ([`crate::direct`]).
 ///
 /// Open it on the device the engine serves (the same page cache: one inode per block device).
 #[derive(Debug)]
@@ -129,8 +130,8 @@ impl DurableWrites for RangeSyncWrites {
             .map_err(|source| DeviceError::Io { offset: last.0, source })
     }
 
-    /// Directly ([`crate::direct`]), except the writes over blocks the batch read to copy
-    /// them; else through the page cache: each run of writes that follow one another on the
+    /// Directly when opened so ([`crate::direct`]), except the writes over blocks the batch
+    /// read to copy them; else through the page cache: each run of writes that follow one another on the
     /// device (in the order given) as one `pwritev` of up to `IOV_MAX` parts; a short write
     /// finishes part by part. The blocks a batch copied sit in the page cache, and a direct
     /// write over cached pages must drop them first, which io_uring does in a worker thread,
@@ -143,15 +144,7 @@ impl DurableWrites for RangeSyncWrites {
     ) -> Option<Result<(), DeviceError>> {
         #[cfg(target_os = "linux")]
         if let Some(direct) = self.direct.as_ref().filter(|d| d.in_use()) {
-            let read: std::collections::BTreeMap<u64, u64> =
-                read.iter().map(|&(offset, len)| (offset, offset.saturating_add(len))).collect();
-            // Read ranges are a batch's copies: disjoint, so the nearest start decides.
-            let cached = |offset: u64, len: u64| {
-                read.range(..offset.saturating_add(len))
-                    .next_back()
-                    .is_some_and(|(_, &e)| e > offset)
-            };
-            return Some(direct.write(&self.file, writes, cached));
+            return Some(direct.write(&self.file, writes, read));
         }
         #[cfg(not(target_os = "linux"))]
         let _ = read;

@@ -214,17 +214,14 @@ fn guest_ublk(_: &[String]) -> Result<(), Failed> {
 /// the unmount finish, and `stop` deletes the device. Best effort: the failure is reported
 /// either way.
 fn clean_up_after_failure(disk: &str) {
-    if Path::new(UBLK).exists() && ctl("status").is_err() {
-        let recovered = start(&["recover", "--id", "0", "--device", disk]);
-        if let Err(e) = &recovered {
-            eprintln!("clean-up: no server re-attached: {e:?}");
-        }
-        // Kept alive until the device is gone.
-        let _server = recovered.ok();
-        let _ = guest::sh(&format!("umount {MNT}"));
-        let _ = ctl("stop");
-        return;
-    }
+    // Kept alive until the device is gone.
+    let _recovered = if Path::new(UBLK).exists() && ctl("status").is_err() {
+        start(&["recover", "--id", "0", "--device", disk])
+            .inspect_err(|e| eprintln!("clean-up: no server re-attached: {e:?}"))
+            .ok()
+    } else {
+        None
+    };
     let _ = guest::sh(&format!("umount {MNT}"));
     let _ = ctl("stop");
 }
