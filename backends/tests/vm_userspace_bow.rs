@@ -49,7 +49,8 @@ use testbench::{cargo_bin, guest, vm_trial, Failed};
 
 const MNT: &str = "/dev/shm/data";
 const META: &str = "/dev/shm/meta";
-const SERVER: &str = "/dev/shm/bow-ublk";
+/// The server, on the binaries' image the guest mounts at /dev/shm/bin (testbench::binimage).
+const SERVER: &str = "/dev/shm/bin/bow-ublk";
 
 fn main() -> std::process::ExitCode {
     testbench::main(
@@ -86,6 +87,7 @@ fn host() -> Result<(), Failed> {
         .modules(&["loop", "dm-mod", "dm-snapshot"])
         .memory_mib(1024)
         .disk(&disk)
+        .binaries([("bow-ublk".to_owned(), cargo_bin("bow-ublk"))])
         .timeout(Duration::from_secs(400))
         .run_self("ubow", &[])?;
     run.expect_success()?;
@@ -116,6 +118,7 @@ fn host_cut(fs: Fs, first: &str) -> Result<(), Failed> {
             .modules(modules)
             .memory_mib(1024)
             .disk(&disk)
+            .binaries([("bow-ublk".to_owned(), cargo_bin("bow-ublk"))])
             .timeout(Duration::from_secs(300))
     };
     let suffix = match fs {
@@ -151,7 +154,7 @@ fn guest_cut(args: &[String]) -> Result<(), Failed> {
     std::fs::create_dir_all(MNT)?;
     std::fs::create_dir_all(META)?;
     let records = Records::open(Path::new(META))?;
-    std::fs::copy(cargo_bin("bow-ublk"), SERVER)?;
+    testbench::binimage::mount()?;
     cut_after_switch(fs, &raw, records)
 }
 
@@ -164,7 +167,7 @@ fn guest_abort_then_cut(args: &[String]) -> Result<(), Failed> {
     std::fs::create_dir_all(MNT)?;
     std::fs::create_dir_all(META)?;
     let records = Records::open(Path::new(META))?;
-    std::fs::copy(cargo_bin("bow-ublk"), SERVER)?;
+    testbench::binimage::mount()?;
     println!("kernel {}, /data {}", guest::sh("uname -r")?.trim(), fs.as_str());
     write_old_files(fs, &raw)?;
     abort_and_restore(fs, &UserspaceBowStack::new(options(SERVER, 20_000)), &spec, &records, &raw)?;
@@ -362,7 +365,7 @@ fn guest_main(_: &[String]) -> Result<(), Failed> {
     std::fs::create_dir_all(MNT)?;
     std::fs::create_dir_all(META)?;
     let records = Records::open(Path::new(META))?;
-    std::fs::copy(cargo_bin("bow-ublk"), SERVER)?;
+    testbench::binimage::mount()?;
     println!("kernel {}", guest::sh("uname -r")?.trim());
 
     write_old_files(Fs::Ext4, &raw)?;

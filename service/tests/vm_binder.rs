@@ -58,7 +58,10 @@ fn disk_image(name: &str) -> Result<(tempfile::TempDir, PathBuf), Failed> {
 }
 
 fn host_unprivileged() -> Result<(), Failed> {
-    let run = Vm::new("binder_unprivileged").modules(MODULES).run_self("unprivileged", &[])?;
+    let run = Vm::new("binder_unprivileged")
+        .modules(MODULES)
+        .binaries(binaries())
+        .run_self("unprivileged", &[])?;
     run.expect_success()?;
     Ok(())
 }
@@ -73,6 +76,7 @@ fn host_reboots() -> Result<(), Failed> {
     let boot = |step: &str| -> Result<String, Failed> {
         let run = Vm::new(format!("binder_reboots_{step}"))
             .modules(MODULES)
+            .binaries(binaries())
             .disk(&image)
             .run_self("boot", &[step])?;
         run.expect_success()?;
@@ -111,6 +115,7 @@ fn host_power_cut() -> Result<(), Failed> {
     let (_dir, image) = disk_image("meta.img")?;
     let run = Vm::new("binder_power_cut_burst")
         .modules(MODULES)
+        .binaries(binaries())
         .disk(&image)
         .timeout(Duration::from_secs(240))
         .run_self("burst", &[])?;
@@ -130,6 +135,7 @@ fn host_power_cut() -> Result<(), Failed> {
     }
     let after = Vm::new("binder_power_cut_after")
         .modules(MODULES)
+        .binaries(binaries())
         .disk(&image)
         .run_self("after_cut", &[])?;
     after.expect_success()?;
@@ -209,7 +215,7 @@ fn start_stack(config: &str) -> Result<Stack, Failed> {
     }
     let config_path = Path::new("/dev/shm/checkpointd.toml");
     fs::write(config_path, config)?;
-    let daemon = Command::new(testbench::cargo_bin("checkpointd"))
+    let daemon = Command::new(bin("checkpointd"))
         .arg("--config")
         .arg(config_path)
         .env("RUST_LOG", "info")
@@ -233,8 +239,25 @@ fn config(metadata_dir: &str, extra: &str) -> String {
     )
 }
 
+/// Host: the daemon and checkpointctl, on the read-only disk the guest runs them from
+/// (`testbench::binimage`: far faster than from the 9p root).
+fn binaries() -> Vec<(String, PathBuf)> {
+    ["checkpointd", "checkpointctl"]
+        .into_iter()
+        .map(|n| (n.to_owned(), testbench::cargo_bin(n)))
+        .collect()
+}
+
+/// Guest: `name` on the binaries' disk, mounted on first use.
+fn bin(name: &str) -> PathBuf {
+    match testbench::binimage::mount() {
+        Ok(dir) => dir.join(name),
+        Err(e) => panic!("mounting the binaries' disk: {e:?}"),
+    }
+}
+
 fn ctl_command(args: &[&str]) -> Command {
-    let mut cmd = Command::new(testbench::cargo_bin("checkpointctl"));
+    let mut cmd = Command::new(bin("checkpointctl"));
     cmd.args(args).stdin(Stdio::null());
     cmd
 }

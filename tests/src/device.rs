@@ -27,12 +27,35 @@ pub const META_MOUNT: &str = "/dev/shm/metadata";
 pub const DATA_MOUNT: &str = "/dev/shm/data";
 /// The daemon's socket.
 pub const SOCKET: &str = "/dev/shm/checkpointd.sock";
-/// Binaries copied to tmpfs at each boot: exec from the 9p host root costs ~2 s under TCG.
-const CTL: &str = "/dev/shm/checkpointctl";
-const DAEMON: &str = "/dev/shm/checkpointd";
-const CONFIG: &str = "/dev/shm/checkpointd.toml";
+/// The device's binaries, on the read-only image of [`binaries`] that [`crate::binimage`]
+/// mounts at `/dev/shm/bin` (copying them from the 9p root to tmpfs took 16 s of every boot;
+/// running them from 9p, about 1 s per start).
+const CTL: &str = "/dev/shm/bin/checkpointctl";
+const DAEMON: &str = "/dev/shm/bin/checkpointd";
 /// The userspace-bow server, next to the daemon and checkpointctl (where they look for it).
-const BOW_UBLK: &str = "/dev/shm/bow-ublk";
+const BOW_UBLK: &str = "/dev/shm/bin/bow-ublk";
+const CONFIG: &str = "/dev/shm/checkpointd.toml";
+
+/// Host: the binaries a boot of the device with `profile` runs, for
+/// [`crate::vm::Vm::binaries`]: the daemon, `checkpointctl`, `bow-ublk` when the backend needs
+/// it, and the example update client when it is built (the scenario's updater steps say how to
+/// build it when it is not).
+///
+/// # Panics
+/// When a workspace binary is not built ([`crate::cargo_bin`]).
+pub fn binaries(profile: &Profile) -> Vec<(String, PathBuf)> {
+    let mut names = vec!["checkpointctl", "checkpointd"];
+    if profile.needs_bow_ublk() {
+        names.push("bow-ublk");
+    }
+    let mut files: Vec<(String, PathBuf)> =
+        names.into_iter().map(|n| (n.to_owned(), crate::cargo_bin(n))).collect();
+    let updater = crate::paths::profile_dir().join("examples").join("updater");
+    if updater.is_file() {
+        files.push(("updater".to_owned(), updater));
+    }
+    files
+}
 
 /// The filesystem on /data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -290,11 +313,10 @@ impl Device {
         let bootctl = policy::FileBootControl::open_or_create(&meta_dir.join("bootctl"), 2)
             .map_err(|e| format!("boot record: {e}"))?;
         let slot = bootctl.bootloader_select().map_err(|e| format!("bootloader: {e}"))?;
-        fs::copy(crate::cargo_bin("checkpointctl"), CTL)?;
-        fs::copy(crate::cargo_bin("checkpointd"), DAEMON)?;
-        if profile.needs_bow_ublk() {
-            // Built with `--features bow-ublk/ublk`; found next to the daemon's executable.
-            fs::copy(crate::cargo_bin("bow-ublk"), BOW_UBLK)?;
+        crate::binimage::mount()?;
+        // Built with `--features bow-ublk/ublk`; found next to the daemon's executable.
+        if profile.needs_bow_ublk() && !Path::new(BOW_UBLK).is_file() {
+            return Err(format!("{BOW_UBLK} is missing: the host did not attach it").into());
         }
         fs::write(CONFIG, profile.config(&meta_dir, &data_dev))?;
         let hub = match profile.transport {
@@ -361,8 +383,13 @@ impl Device {
 
     /// Runs checkpointctl, prints the call, and fails unless it exits with `want`.
     pub fn ctl_expect(&self, args: &[&str], want: i32) -> Result<String, Failed> {
+        let started = std::time::Instant::now();
         let (code, out, err) = self.ctl(args)?;
-        println!("  $ checkpointctl {}  -> exit {code}", args.join(" "));
+        println!(
+            "  $ checkpointctl {}  -> exit {code} ({:.1} s)",
+            args.join(" "),
+            started.elapsed().as_secs_f64()
+        );
         if code != want {
             return Err(format!(
                 "checkpointctl {args:?}: exit {code}, expected {want}\n--- stdout ---\n{out}\

@@ -32,15 +32,21 @@ pub fn shared_dir() -> PathBuf {
 /// When no such disk shows up.
 pub fn disk(i: usize) -> PathBuf {
     let serial = format!("{}{i}", status::DISK_SERIAL_PREFIX);
+    disk_by_serial(&serial).unwrap_or_else(|| {
+        panic!("guest::disk({i}): no block device with serial {serial} (was it attached with .disk()?)")
+    })
+}
+
+/// The block device whose serial number is `serial`, waiting up to 10 s for it to appear.
+pub fn disk_by_serial(serial: &str) -> Option<PathBuf> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let Some(dev) = find_disk_by_serial(&serial) {
-            return dev;
+        if let Some(dev) = find_disk_by_serial(serial) {
+            return Some(dev);
         }
-        assert!(
-            Instant::now() < deadline,
-            "guest::disk({i}): no block device with serial {serial} (was it attached with .disk()?)"
-        );
+        if Instant::now() >= deadline {
+            return None;
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
 }

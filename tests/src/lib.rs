@@ -5,6 +5,7 @@
 //! binary is started as `<exe> --guest <entry> [args]` by [`vm::Vm::run_self`] and [`main`]
 //! dispatches to the entry. See docs/testing.md for how to write a scenario.
 
+pub mod binimage;
 pub mod daemon;
 pub mod device;
 pub mod guest;

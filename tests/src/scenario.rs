@@ -119,6 +119,7 @@ impl<'a> Chain<'a> {
             .timeout(Duration::from_secs(300))
             .disk(&self.meta)
             .disk(&self.data)
+            .binaries(device::binaries(self.profile))
             .env(STEP_ENV, step)
             .env(SEED_ENV, self.seed.to_string());
         for (k, v) in self.profile.env() {
@@ -342,13 +343,28 @@ pub fn fill_chain(
     Ok(())
 }
 
+/// The guest's uptime, for the step's log (where a slow boot spends its time).
+fn uptime() -> String {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(|t| format!("{t} s")))
+        .unwrap_or_else(|| "?".to_owned())
+}
+
 /// The guest half: one boot of the device, the step named by the host.
 pub fn guest_step() -> Result<(), Failed> {
     let step = std::env::var(STEP_ENV)?;
     let seed: u64 = std::env::var(SEED_ENV)?.parse()?;
     let profile = Profile::from_env()?;
+    let entered = uptime();
     let dev = Device::power_on(profile)?;
-    println!("boot: slot {} ({}), backend {}", dev.slot, step, dev.profile.backend);
+    println!(
+        "boot: slot {} ({}), backend {} (step entered at {entered}, device up at {} of uptime)",
+        dev.slot,
+        step,
+        dev.profile.backend,
+        uptime()
+    );
     match step.as_str() {
         "install" => install(dev, seed, 0),
         "fill-install" => install(dev, seed, FILL_BALLAST_BYTES),
@@ -403,8 +419,8 @@ fn data_equals(name: &str) -> Result<usize, Failed> {
     device::compare_manifests(&want, &device::manifest(Path::new(DATA_MOUNT))?)
 }
 
-/// The example updater, copied to tmpfs at each boot as the device's binaries are.
-const UPDATER: &str = "/dev/shm/updater";
+/// The example updater, on the binaries' image when it is built ([`device::binaries`]).
+const UPDATER: &str = "/dev/shm/bin/updater";
 
 /// `updater [--socket …] args` in the guest: the example of the update-client library
 /// (client/examples/updater.rs), built by `cargo build -p checkpoint-client --examples` (the
@@ -412,15 +428,12 @@ const UPDATER: &str = "/dev/shm/updater";
 fn updater_command(dev: &Device, args: &[&str]) -> Result<Command, Failed> {
     if !Path::new(UPDATER).exists() {
         let built = crate::paths::profile_dir().join("examples").join("updater");
-        if !built.is_file() {
-            return Err(format!(
-                "the example updater {} is not built: run `cargo build -p checkpoint-client \
-                 --examples`",
-                built.display()
-            )
-            .into());
-        }
-        std::fs::copy(built, UPDATER)?;
+        return Err(format!(
+            "the example updater {} was not built when this boot started: run `cargo build -p \
+             checkpoint-client --examples`",
+            built.display()
+        )
+        .into());
     }
     let mut cmd = Command::new(UPDATER);
     if dev.profile.transport == Transport::Socket {

@@ -21,7 +21,8 @@ use testbench::{cargo_bin, guest, vm_trial, Failed};
 const MNT: &str = "/dev/shm/mnt-ublk";
 /// The server binary, copied to tmpfs at boot: the host's target/ is shared with other
 /// builds, and a binary rebuilt under a running guest crashed its loader once.
-const SERVER: &str = "/dev/shm/bow-ublk";
+/// The server, on the binaries' image the guest mounts at /dev/shm/bin (testbench::binimage).
+const SERVER: &str = "/dev/shm/bin/bow-ublk";
 const UBLK: &str = "/dev/ublkb0";
 /// Size of the measured overwrite, in 4 KiB direct writes.
 const BENCH_BLOCKS: u32 = 2048;
@@ -39,6 +40,7 @@ fn host_ublk() -> Result<(), Failed> {
         .kernel(Kernel::Mainline612)
         .modules(&["ublk_drv"])
         .disk(&disk)
+        .binaries([("bow-ublk".to_owned(), cargo_bin("bow-ublk"))])
         .timeout(Duration::from_secs(300))
         .run_self("ublk", &[])?;
     run.expect_success()?;
@@ -197,7 +199,7 @@ fn guest_ublk(_: &[String]) -> Result<(), Failed> {
         return Err("ublk_drv loaded but /dev/ublk-control is missing".into());
     }
     println!("ublk-control present ({})", guest::sh("uname -r")?.trim());
-    std::fs::copy(cargo_bin("bow-ublk"), SERVER)?;
+    testbench::binimage::mount()?;
     let disk = guest::disk(0);
     let disk = disk.to_str().ok_or("disk path")?.to_owned();
     let checked = ublk_checks(&disk);
