@@ -385,6 +385,13 @@ fn spread(v: &[f64]) -> (f64, f64, f64) {
     (s[s.len() / 2], s[0], s[s.len() - 1])
 }
 
+/// The first quartile, the median and the third quartile of `v` (not empty).
+fn quartiles(v: &[f64]) -> (f64, f64, f64) {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    (s[s.len() / 4], s[s.len() / 2], s[(3 * s.len()) / 4])
+}
+
 /// Whether this `bow-ublk` has `serve --allocator` (being added alongside this bench).
 fn server_has_allocator_flag() -> Result<bool, Failed> {
     let out = Command::new(cargo_bin("bow-ublk")).args(["serve", "--help"]).output()?;
@@ -870,12 +877,30 @@ fn report_json(cfg: &Config, runs: &[Run], space: &[SpaceRun], allocator_flag: b
             continue;
         }
         let (med, lo, hi) = spread(&ratios);
+        // The same slice's two runs, back to back on the same blocks: base time / variant
+        // time per slice, over every round.
+        let slices = |variant: Variant| -> Vec<&Run> {
+            runs.iter().filter(|r| r.workload == w && r.qd == qd && r.variant == variant).collect()
+        };
+        let slice_ratios: Vec<f64> = slices(base)
+            .iter()
+            .zip(slices(v))
+            .filter(|(b, x)| b.round == x.round)
+            .map(|(b, x)| b.took.as_secs_f64() / x.took.as_secs_f64())
+            .collect();
         let med_ms = |variant| {
             let t: Vec<f64> = (0..cfg.rounds).filter_map(|r| time(w, qd, r, variant)).collect();
             spread(&t).0 * 1e3
         };
         let mut inputs = json!({"rounds": ratios.len(), "round_min": lo, "round_max": hi,
             "writes_per_run": cfg.blocks});
+        if !slice_ratios.is_empty() {
+            let (q1, q2, q3) = quartiles(&slice_ratios);
+            inputs["slice_pairs"] = json!(slice_ratios.len());
+            inputs["slice_pair_median"] = json!(q2);
+            inputs["slice_pair_q1"] = json!(q1);
+            inputs["slice_pair_q3"] = json!(q3);
+        }
         inputs[format!("{}_median_ms", v.key())] = json!(med_ms(v));
         inputs[format!("{}_median_ms", base.key())] = json!(med_ms(base));
         for variant in [base, v] {
@@ -1002,6 +1027,15 @@ fn summary(json: &Value) {
             (Some(lo), Some(hi)) => format!(" (rounds {lo:.2}–{hi:.2})"),
             _ => String::new(),
         };
+        let pairs = match (i["slice_pair_median"].as_f64(), i["slice_pairs"].as_u64()) {
+            (Some(m), Some(n)) => format!(
+                "; slice pairs {m:.2} (quartiles {:.2}–{:.2}, {n} pairs)",
+                i["slice_pair_q1"].as_f64().unwrap_or(f64::NAN),
+                i["slice_pair_q3"].as_f64().unwrap_or(f64::NAN)
+            ),
+            _ => String::new(),
+        };
+        let range = format!("{range}{pairs}");
         println!(
             "  {}: {}: {:.2}x{range}",
             f["group"].as_str().unwrap_or(""),
