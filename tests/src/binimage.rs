@@ -15,7 +15,6 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, SystemTime};
 
 use crate::{guest, paths, Failed};
 
@@ -23,15 +22,17 @@ use crate::{guest, paths, Failed};
 pub const SERIAL: &str = "tbbin";
 /// Where the guest mounts the image.
 pub const MOUNT: &str = "/dev/shm/bin";
-/// Images of other builds older than this are deleted when a new one is made (a running QEMU
-/// keeps reading an unlinked image; the age only spares one another process is about to use).
-const STALE: Duration = Duration::from_secs(600);
 
 /// Host: the image holding `files` (name in the image, host path). Built once per set of
-/// files, by name, size and modification time, under `<target>/testbench/bin-images/`;
-/// concurrent test processes each build into a file of their own and rename it into place.
+/// files, by name, size and modification time, under [`images_dir`]; concurrent test
+/// processes each build into a file of their own and rename it into place.
+///
+/// Nothing here deletes an image: a test process may hold an image's path for many minutes
+/// while it waits for a guest slot, and another process deleting "old" images took one away
+/// from under a waiting boot (a failed CI run). `cargo xtask test` empties the folder before
+/// its VM phase, when no test process runs ([`remove_images`]).
 pub fn image(files: &[(String, PathBuf)]) -> io::Result<PathBuf> {
-    let dir = paths::target_dir().join("testbench").join("bin-images");
+    let dir = images_dir();
     fs::create_dir_all(&dir)?;
     let mut hasher = DefaultHasher::new();
     let mut bytes = 0u64;
@@ -72,29 +73,25 @@ pub fn image(files: &[(String, PathBuf)]) -> io::Result<PathBuf> {
         )));
     }
     partial.persist(&image).map_err(|e| e.error)?;
-    remove_stale(&dir, &image);
     Ok(image)
+}
+
+/// Where the images are kept: `<target>/testbench/bin-images/`.
+pub fn images_dir() -> PathBuf {
+    paths::target_dir().join("testbench").join("bin-images")
+}
+
+/// Deletes every image (and any left-over of an interrupted build). Only while no test
+/// process can be using one: `cargo xtask test` calls it before its VM phase.
+pub fn remove_images() -> io::Result<()> {
+    match fs::remove_dir_all(images_dir()) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 fn annotate(e: io::Error, path: &Path) -> io::Error {
     io::Error::new(e.kind(), format!("{}: {e}", path.display()))
-}
-
-/// Deletes the images of earlier builds (and left-overs of interrupted ones) that are older
-/// than [`STALE`].
-fn remove_stale(dir: &Path, keep: &Path) {
-    let Ok(entries) = fs::read_dir(dir) else { return };
-    let now = SystemTime::now();
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let old = entry
-            .metadata()
-            .and_then(|m| m.modified())
-            .is_ok_and(|t| now.duration_since(t).unwrap_or_default() > STALE);
-        if path != keep && old {
-            let _ = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
-        }
-    }
 }
 
 /// Guest: mounts the image read-only at [`MOUNT`] (once per boot) and returns [`MOUNT`].

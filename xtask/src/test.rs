@@ -227,6 +227,9 @@ fn vm_phase(r: &mut Report, root: &Path, counts_file: &Path, deferred: u64) -> R
         anyhow::bail!("cargo test --no-run failed: the VM test binaries do not build");
     }
     let binaries = vm_tests::parse_vm_binaries(&String::from_utf8_lossy(&out.stdout))?;
+    // The binaries' disk images of earlier builds go now, while no test process can be
+    // waiting to boot one (testbench::binimage).
+    testbench::binimage::remove_images().context("removing the binaries' disk images")?;
     // One more binary than guest slots: a binary doing host-side work between its guests
     // leaves its slot to the next one.
     let parallel = testbench::slots::slot_count() + 1;
