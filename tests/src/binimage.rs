@@ -15,6 +15,7 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 
 use crate::{guest, paths, Failed};
 
@@ -42,6 +43,10 @@ pub fn image(files: &[(String, PathBuf)]) -> io::Result<PathBuf> {
         bytes += meta.len();
     }
     let image = dir.join(format!("bin-{:016x}.img", hasher.finish()));
+    // A test binary boots its trials from several threads at once: one builds, the others
+    // find its image (other processes may still build the same image; the rename settles it).
+    static BUILDING: Mutex<()> = Mutex::new(());
+    let _building = BUILDING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if image.is_file() {
         return Ok(image);
     }
