@@ -365,7 +365,7 @@ pub fn guest_step() -> Result<(), Failed> {
         dev.profile.backend,
         uptime()
     );
-    match step.as_str() {
+    let done = match step.as_str() {
         "install" => install(dev, seed, 0),
         "fill-install" => install(dev, seed, FILL_BALLAST_BYTES),
         "failed-boot-1" => failed_boot(dev, seed, 1, false),
@@ -385,12 +385,15 @@ pub fn guest_step() -> Result<(), Failed> {
         "after-fill-grow" => after_fill_grow(dev),
         "after-fill-commit" => after_fill_commit(dev),
         other => Err(format!("unknown step {other}").into()),
-    }
+    };
+    // With the boot's start above, this splits a boot's time into kernel, device and step.
+    println!("step {step} ended at {} of uptime", uptime());
+    done
 }
 
 fn check(ok: bool, what: &str) -> Result<(), Failed> {
     if ok {
-        println!("  check: {what}");
+        println!("  check: {what} (at {})", uptime());
         Ok(())
     } else {
         Err(format!("check failed: {what}").into())
