@@ -9,6 +9,7 @@ pub mod binimage;
 pub mod daemon;
 pub mod device;
 pub mod guest;
+pub mod guest_time;
 pub mod paths;
 pub mod scenario;
 pub mod slots;

@@ -347,6 +347,15 @@ impl Vm {
             }
         };
         let duration = start.elapsed();
+        // Bookkeeping only: a failure to record must not fail the trial.
+        if let Err(e) = crate::guest_time::record(
+            &crate::guest_time::log_path(),
+            &binary_name(),
+            &self.name,
+            duration,
+        ) {
+            eprintln!("testbench: recording the guest time of `{}`: {e}", self.name);
+        }
 
         let read = |name: &str| fs::read_to_string(tb.join(name)).ok();
         let console_text = fs::read(&console).map(|b| String::from_utf8_lossy(&b).into_owned());

@@ -31,6 +31,8 @@ struct Report {
     checks: Tally,
     skipped: Vec<(String, Option<String>)>,
     failed: Vec<String>,
+    /// The VM phase's guest time per test binary (testbench::guest_time), one line each.
+    guest_time: Vec<String>,
     /// What each failed test printed (its last lines), shown again at the end.
     failure_output: Vec<(String, Vec<String>)>,
 }
@@ -133,6 +135,12 @@ pub fn run(fuzz: bool) -> Result<ExitCode> {
     for p in &r.phases {
         println!("  {:<30} {:>8.1} s  {}", p.name, p.seconds, if p.ok { "ok" } else { "FAILED" });
     }
+    if !r.guest_time.is_empty() {
+        println!("guest time of the VM phase, per test binary (boots, seconds):");
+        for line in &r.guest_time {
+            println!("  {line}");
+        }
+    }
     if let Ok(counts) = std::fs::read_to_string(&counts_file) {
         println!("counted by the crash tests:");
         for line in counts.lines() {
@@ -230,6 +238,13 @@ fn vm_phase(r: &mut Report, root: &Path, counts_file: &Path, deferred: u64) -> R
     // The binaries' disk images of earlier builds go now, while no test process can be
     // waiting to boot one (testbench::binimage).
     testbench::binimage::remove_images().context("removing the binaries' disk images")?;
+    let guest_log = testbench::guest_time::log_path();
+    match std::fs::remove_file(&guest_log) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing {}", guest_log.display()));
+        }
+        _ => {}
+    }
     // One more binary than guest slots: a binary doing host-side work between its guests
     // leaves its slot to the next one.
     let parallel = testbench::slots::slot_count() + 1;
@@ -266,6 +281,7 @@ fn vm_phase(r: &mut Report, root: &Path, counts_file: &Path, deferred: u64) -> R
         }
         runs.push((reader.finish(f.ok), f.binary.name.clone()));
     })?;
+    r.guest_time = guest_time_lines(&guest_log);
     for (run, name) in runs {
         all_ok &= run.ok;
         ran.add(run.tally);
@@ -294,6 +310,28 @@ impl Report {
             self.failed.push(format!("[{what}: exited with an error outside any test, see above]"));
         }
     }
+}
+
+/// The guest time lines of the summary, longest first, and their total; a line saying why
+/// when the log cannot be read.
+fn guest_time_lines(log: &Path) -> Vec<String> {
+    let sums = std::fs::read_to_string(log)
+        .map_err(|e| format!("reading {}: {e}", log.display()))
+        .and_then(|text| testbench::guest_time::by_binary(&text));
+    let sums = match sums {
+        Ok(sums) => sums,
+        Err(e) => return vec![format!("(no guest times: {e})")],
+    };
+    let mut rows: Vec<_> = sums.into_iter().collect();
+    rows.sort_by(|a, b| b.1.seconds.total_cmp(&a.1.seconds));
+    let (boots, seconds) =
+        rows.iter().fold((0, 0.0), |(b, s), (_, t)| (b + t.boots, s + t.seconds));
+    let mut lines: Vec<String> = rows
+        .iter()
+        .map(|(name, t)| format!("{name:<24} {:>4} {:>8.1}", t.boots, t.seconds))
+        .collect();
+    lines.push(format!("{:<24} {boots:>4} {seconds:>8.1}", "all"));
+    lines
 }
 
 /// Runs `cargo test`, echoing its stdout and reading its results.
@@ -383,6 +421,20 @@ mod tests {
         assert_eq!(run.deferred, 1);
         assert_eq!(run.tally, Tally { passed: 1, failed: 0, ignored: 1 });
         assert_eq!(run.skipped, [("helper".to_owned(), Some("helper process".to_owned()))]);
+    }
+
+    #[test]
+    fn guest_time_is_listed_longest_first_with_a_total() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("guest-seconds.tsv");
+        std::fs::write(&log, "vm_a\tx-1\t10.0\nvm_b\ty-1\t30.5\nvm_a\tx-2\t12.0\n").unwrap();
+        let lines = guest_time_lines(&log);
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].starts_with("vm_b ") && lines[0].ends_with("   1     30.5"), "{lines:?}");
+        assert!(lines[1].starts_with("vm_a ") && lines[1].ends_with("   2     22.0"), "{lines:?}");
+        assert!(lines[2].starts_with("all ") && lines[2].ends_with("   3     52.5"), "{lines:?}");
+        let missing = guest_time_lines(&dir.path().join("none.tsv"));
+        assert!(missing.len() == 1 && missing[0].starts_with("(no guest times: reading"));
     }
 
     #[test]
