@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod device;
 pub mod guest;
 pub mod guest_time;
+pub mod kernel_image;
 pub mod paths;
 pub mod scenario;
 pub mod slots;

@@ -70,6 +70,9 @@ pub struct Bench {
     pub kernel_version: String,
     /// `<cache>/kernel/<version>/boot/vmlinuz-<version>`; its modules sit beside it.
     pub kernel_image: PathBuf,
+    /// The same kernel uncompressed, `boot/vmlinux-<version>`, which QEMU boots through its
+    /// PVH entry (crate::kernel_image: the decompressor is slow under TCG).
+    pub pvh_image: PathBuf,
     /// The venv's bin dir (holds `vng` and `virtme-run`, which vng calls through PATH).
     pub venv_bin: PathBuf,
 }
@@ -121,10 +124,11 @@ impl Bench {
         }
         let root = cache.join("kernel").join(&kernel_version);
         let kernel_image = must(root.join("boot").join(format!("vmlinuz-{kernel_version}")))?;
+        let pvh_image = must(crate::kernel_image::pvh_image_path(&kernel_image))?;
         must(root.join("lib").join("modules").join(&kernel_version).join("modules.dep"))?;
         let venv_bin = cache.join("venv").join("bin");
         must(venv_bin.join("vng"))?;
-        Ok(Self { kernel_version, kernel_image, venv_bin })
+        Ok(Self { kernel_version, kernel_image, pvh_image, venv_bin })
     }
 }
 
@@ -144,6 +148,10 @@ mod tests {
         std::fs::write(kdir.join("VERSION"), "6.1.0-9-amd64\n").unwrap();
         std::fs::write(kdir.join("6.1.0-9-amd64/boot/vmlinuz-6.1.0-9-amd64"), "").unwrap();
         let err = Bench::locate_in(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("boot/vmlinux-6.1.0-9-amd64"), "{err}");
+
+        std::fs::write(kdir.join("6.1.0-9-amd64/boot/vmlinux-6.1.0-9-amd64"), "").unwrap();
+        let err = Bench::locate_in(dir.path()).unwrap_err();
         assert!(err.to_string().contains("modules.dep"), "{err}");
 
         std::fs::create_dir_all(kdir.join("6.1.0-9-amd64/lib/modules/6.1.0-9-amd64")).unwrap();
@@ -157,6 +165,7 @@ mod tests {
         let bench = Bench::locate_in(dir.path()).unwrap();
         assert_eq!(bench.kernel_version, "6.1.0-9-amd64");
         assert!(bench.kernel_image.ends_with("boot/vmlinuz-6.1.0-9-amd64"));
+        assert!(bench.pvh_image.ends_with("boot/vmlinux-6.1.0-9-amd64"));
     }
 
     #[test]
@@ -170,7 +179,10 @@ mod tests {
             std::fs::create_dir_all(&modules).unwrap();
             std::fs::write(modules.join("modules.dep"), "").unwrap();
             std::fs::create_dir_all(kdir.join(version).join("boot")).unwrap();
-            std::fs::write(kdir.join(version).join(format!("boot/vmlinuz-{version}")), "").unwrap();
+            for image in ["vmlinuz", "vmlinux"] {
+                std::fs::write(kdir.join(version).join(format!("boot/{image}-{version}")), "")
+                    .unwrap();
+            }
             std::fs::write(kdir.join(file), format!("{version}\n")).unwrap();
         }
         std::fs::create_dir_all(dir.path().join("venv/bin")).unwrap();

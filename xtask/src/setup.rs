@@ -36,6 +36,10 @@ pub const APT_PACKAGES: &[&str] = &[
     // bindgen (the `libublk` crate, behind bow-ublk's `ublk` feature) loads libclang.so at
     // build time; Debian 12 ships it in libclang-dev (clang 14).
     "libclang-dev",
+    // Unpack the kernels' vmlinux for QEMU's PVH boot (testbench::kernel_image): 6.1 is
+    // xz-compressed, 6.12 zstd.
+    "xz-utils",
+    "zstd",
 ];
 /// virtme-ng version installed into the venv (the one checked on these machines).
 pub const VIRTME_NG: &str = "virtme-ng==1.42";
@@ -59,6 +63,9 @@ pub struct Missing {
     pub venv: bool,
     /// Kernels not (fully) unpacked in the cache.
     pub kernels: Vec<Kernel>,
+    /// Kernels unpacked without their PVH image (`boot/vmlinux-<release>`), as setups before
+    /// 2026-12-07 left them: only the image is made.
+    pub pvh_images: Vec<Kernel>,
     pub tools: Vec<(&'static str, &'static str)>,
     /// rustup components (`rustfmt`, `clippy`) whose cargo subcommand does not run.
     pub components: Vec<&'static str>,
@@ -69,6 +76,7 @@ impl Missing {
         self.packages.is_empty()
             && !self.venv
             && self.kernels.is_empty()
+            && self.pvh_images.is_empty()
             && self.tools.is_empty()
             && self.components.is_empty()
     }
@@ -86,6 +94,10 @@ pub fn missing() -> Result<Missing> {
             .collect(),
         venv: !cache.join("venv/bin/vng").is_file(),
         kernels: Kernel::ALL.into_iter().filter(|k| kernel_missing(&cache, *k)).collect(),
+        pvh_images: Kernel::ALL
+            .into_iter()
+            .filter(|k| !kernel_missing(&cache, *k) && pvh_image_missing(&cache, *k))
+            .collect(),
         tools: TOOLS
             .iter()
             .copied()
@@ -112,6 +124,25 @@ fn kernel_missing(cache: &Path, kernel: Kernel) -> bool {
     let root = cache.join("kernel").join(version);
     !(root.join(format!("boot/vmlinuz-{version}")).is_file()
         && root.join(format!("lib/modules/{version}/modules.dep")).is_file())
+}
+
+/// The bzImage of an unpacked kernel (`kernel_missing` is false).
+fn vmlinuz(cache: &Path, kernel: Kernel) -> Option<PathBuf> {
+    let version = fs::read_to_string(cache.join("kernel").join(kernel.version_file())).ok()?;
+    let version = version.trim();
+    Some(cache.join("kernel").join(version).join(format!("boot/vmlinuz-{version}")))
+}
+
+fn pvh_image_missing(cache: &Path, kernel: Kernel) -> bool {
+    vmlinuz(cache, kernel).is_none_or(|z| !testbench::kernel_image::pvh_image_path(&z).is_file())
+}
+
+fn unpack_pvh_image(cache: &Path, kernel: Kernel) -> Result<()> {
+    let vmlinuz = vmlinuz(cache, kernel).context("the kernel's VERSION file is unreadable")?;
+    let image = testbench::kernel_image::unpack_pvh_image(&vmlinuz)
+        .with_context(|| format!("unpacking the PVH image of {}", vmlinuz.display()))?;
+    println!("setup: {} unpacked for QEMU's PVH boot", image.display());
+    Ok(())
 }
 
 /// Runs setup when something is missing.
@@ -149,6 +180,9 @@ pub fn run() -> Result<bool> {
         }
         for kernel in &todo.kernels {
             install_kernel(&cache, *kernel, apt_updated)?;
+        }
+        for kernel in &todo.pvh_images {
+            unpack_pvh_image(&cache, *kernel)?;
         }
         Ok(())
     };
@@ -236,6 +270,10 @@ fn install_kernel(cache: &Path, kernel: Kernel, apt_updated: bool) -> Result<()>
     run_cmd(Command::new("dpkg").arg("-x").arg(&deb).arg(&partial))?;
     fs::rename(&partial, &dest)?;
     run_cmd(Command::new(sbin("depmod")).arg("-b").arg(&dest).arg(&version))?;
+    let vmlinuz = dest.join(format!("boot/vmlinuz-{version}"));
+    let image = testbench::kernel_image::unpack_pvh_image(&vmlinuz)
+        .with_context(|| format!("unpacking the PVH image of {}", vmlinuz.display()))?;
+    println!("setup: {} unpacked for QEMU's PVH boot", image.display());
     let version_file = kernels.join(kernel.version_file());
     let tmp = version_file.with_extension("tmp");
     fs::write(&tmp, format!("{version}\n"))?;
