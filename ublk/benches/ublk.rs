@@ -12,9 +12,11 @@
 //!    each, every round runs, per queue depth, on a region of its own:
 //!    * first-touch writes into blocks in use (the engine backs each up; dm-snapshot copies
 //!      it), all four variants;
-//!    * rewrites of the blocks the engine just backed up, engine vs pass-through;
-//!    * writes into free space: a region discarded with `blkdiscard` on the engine's device in
-//!      TRIM state, so the engine recorded it free; engine vs pass-through.
+//!    * rewrites of the blocks the engine just backed up, engine vs pass-through, three
+//!      passes over the region (`passes`);
+//!    * writes into free space: regions discarded with `blkdiscard` on the engine's device in
+//!      TRIM state, so the engine recorded them free; engine vs pass-through, three fresh
+//!      regions (`passes`).
 //!
 //!    A region is written in 8 slices, every variant writing each slice's blocks in the same
 //!    order, the variants alternating (their order rotated) slice by slice, so that a change in
@@ -45,7 +47,8 @@
 //! pinned).
 //!
 //! `--quick` (or `UBLK_BENCH_QUICK=1`): small sizes, one round. Environment:
-//! `UBLK_BENCH_BLOCKS` (4 KiB writes per timed run), `UBLK_BENCH_ROUNDS`, `UBLK_BENCH_PIN`,
+//! `UBLK_BENCH_BLOCKS` (4 KiB writes per timed run), `UBLK_BENCH_ROUNDS`, `UBLK_BENCH_PASSES`
+//! (rewrite passes and free-space regions per round and queue depth), `UBLK_BENCH_PIN`,
 //! `UBLK_BENCH_ENGINE_ARGS` (extra `serve` options for the speed part's engine, for A/B runs).
 
 #![allow(clippy::cast_precision_loss, clippy::cast_possible_truncation)] // Benchmark arithmetic.
@@ -72,8 +75,13 @@ use testbench::{cargo_bin, guest, Failed};
 
 use common::{mib, Rng, BLOCK, MIB};
 
-const ENV_KEYS: &[&str] =
-    &["UBLK_BENCH_BLOCKS", "UBLK_BENCH_ROUNDS", "UBLK_BENCH_PIN", "UBLK_BENCH_ENGINE_ARGS"];
+const ENV_KEYS: &[&str] = &[
+    "UBLK_BENCH_BLOCKS",
+    "UBLK_BENCH_ROUNDS",
+    "UBLK_BENCH_PASSES",
+    "UBLK_BENCH_PIN",
+    "UBLK_BENCH_ENGINE_ARGS",
+];
 /// The guest's results, in the shared folder (the guest's working directory).
 const GUEST_JSON: &str = "ublk.json";
 const QDS: [u32; 2] = [1, 16];
@@ -90,6 +98,11 @@ struct Config {
     /// 4 KiB writes per timed run.
     blocks: u64,
     rounds: usize,
+    /// Passes per round and queue depth of the engine-vs-pass-through workloads: the rewrites
+    /// go over the round's region this many times, the free-space writes fill this many fresh
+    /// regions. Each pass is 8 more slice pairs: at depth 16 one pair scatters about ±15 %, so
+    /// one pass per round left a run's ratio uncertain by about ±0.04 around the goal of 0.95.
+    passes: usize,
     /// Disk `c`: half in use, half free.
     space_dev: u64,
     /// Blocks each writer of part 2 writes.
@@ -103,15 +116,32 @@ fn env_u64(key: &str) -> Option<u64> {
 impl Config {
     fn new(quick: bool) -> Config {
         let mut c = if quick {
-            Config { quick, blocks: 256, rounds: 1, space_dev: 32 * MIB, space_writes: 512 }
+            Config {
+                quick,
+                blocks: 256,
+                rounds: 1,
+                passes: 1,
+                space_dev: 32 * MIB,
+                space_writes: 512,
+            }
         } else {
-            Config { quick, blocks: 2048, rounds: 5, space_dev: 64 * MIB, space_writes: 2048 }
+            Config {
+                quick,
+                blocks: 2048,
+                rounds: 5,
+                passes: 3,
+                space_dev: 64 * MIB,
+                space_writes: 2048,
+            }
         };
         if let Some(v) = env_u64("UBLK_BENCH_BLOCKS") {
             c.blocks = v.max(16);
         }
         if let Some(v) = env_u64("UBLK_BENCH_ROUNDS") {
             c.rounds = usize::try_from(v).unwrap_or(1).max(1);
+        }
+        if let Some(v) = env_u64("UBLK_BENCH_PASSES") {
+            c.passes = usize::try_from(v).unwrap_or(1).max(1);
         }
         c
     }
@@ -133,23 +163,26 @@ impl Config {
     }
 
     /// Disk `a`: 1 MiB head (block 0), the warm-up region (in use), the regions in use, 1 MiB
-    /// in use, the free-space regions (two per round and queue depth: each variant writes
-    /// free space twice per round, A B B A), 1 MiB in use, then the backup pool, free and
-    /// larger than the free-space regions together (so the far-end allocator takes its backups
-    /// there, not from the regions the free-space writes go to).
+    /// in use, the free-space regions (`passes` per round and queue depth), 1 MiB in use, then
+    /// the backup pool, free and larger than the free-space regions together (one free range:
+    /// so the far-end allocator takes its backups in the pool, not from the regions the
+    /// free-space writes go to).
     fn used_at(&self, i: u64) -> u64 {
         MIB + WARM_UP + i * self.region()
     }
     fn free_at(&self, i: u64) -> u64 {
         self.used_at(self.regions()) + MIB + i * self.region()
     }
+    fn free_regions(&self) -> u64 {
+        self.passes as u64 * self.regions()
+    }
     fn pool_at(&self) -> u64 {
-        self.free_at(2 * self.regions()) + MIB
+        self.free_at(self.free_regions()) + MIB
     }
     fn pool_len(&self) -> u64 {
         // Larger than the free-space regions; that holds every first-touch write's backup and
         // the log sectors (about one per 169 entries) too.
-        2 * self.regions() * self.region() + 8 * MIB
+        self.free_regions() * self.region() + 8 * MIB
     }
     fn disk_a(&self) -> u64 {
         self.pool_at() + self.pool_len()
@@ -405,7 +438,7 @@ fn guest_bench(args: &[String]) -> Result<(), Failed> {
     let allocator_flag = server_has_allocator_flag()?;
     println!(
         "disks: a {} ({:.0} MiB), b {} ({:.0} MiB), c {} ({:.0} MiB), virtio-blk; {} x 4 KiB per \
-         timed run, {} rounds; kernel {}; guest CPUs: {}; serve --allocator: {}",
+         timed run, {} rounds, {} passes; kernel {}; guest CPUs: {}; serve --allocator: {}",
         a.display(),
         mib(cfg.disk_a()),
         b.display(),
@@ -414,6 +447,7 @@ fn guest_bench(args: &[String]) -> Result<(), Failed> {
         mib(cfg.space_dev),
         cfg.blocks,
         cfg.rounds,
+        cfg.passes,
         guest::sh("uname -r")?.trim(),
         std::thread::available_parallelism().map_or(0, usize::from),
         if allocator_flag { "yes" } else { "no (far-end only)" }
@@ -523,7 +557,7 @@ fn speed(cfg: &Config, dm: &DeviceMapper, a: &Path, b: &Path) -> Result<Vec<Run>
     let engine_args: Vec<&str> = engine_args.split_whitespace().collect();
     let engine = Server::start(a, 1, &engine_args)?;
     // TRIM state: the free-space regions and the backup pool are recorded free.
-    let free_len = 2 * cfg.regions() * cfg.region();
+    let free_len = cfg.free_regions() * cfg.region();
     blkdiscard(&engine.node(), cfg.free_at(0), free_len)?;
     blkdiscard(&engine.node(), cfg.pool_at(), cfg.pool_len())?;
     println!("  engine in TRIM: {}", engine.ctl("status")?);
@@ -537,7 +571,7 @@ fn speed(cfg: &Config, dm: &DeviceMapper, a: &Path, b: &Path) -> Result<Vec<Run>
          pool {:.1} MiB from {:.1} MiB",
         cfg.regions(),
         mib(cfg.region()),
-        cfg.regions(),
+        cfg.free_regions(),
         mib(cfg.free_at(0)),
         mib(cfg.pool_len()),
         mib(cfg.pool_at())
@@ -617,28 +651,33 @@ fn speed(cfg: &Config, dm: &DeviceMapper, a: &Path, b: &Path) -> Result<Vec<Run>
                     timed(&mut runs, Workload::FirstTouch, qd, round, v, ops)?;
                 }
             }
-            // The engine has now backed the region up: rewrites, engine and pass-through
-            // alternating which goes first per slice.
-            for (k, ops) in used.chunks(slice).enumerate() {
-                let pair = if k % 2 == 0 {
-                    [Variant::Passthrough, Variant::Engine]
-                } else {
-                    [Variant::Engine, Variant::Passthrough]
-                };
-                for v in pair {
-                    timed(&mut runs, Workload::Rewrite, qd, round, v, ops)?;
+            // The engine has now backed the region up: rewrites, `passes` times over it,
+            // engine and pass-through alternating which goes first per slice.
+            for pass in 0..cfg.passes {
+                for (k, ops) in used.chunks(slice).enumerate() {
+                    let pair = if (k + pass) % 2 == 0 {
+                        [Variant::Passthrough, Variant::Engine]
+                    } else {
+                        [Variant::Engine, Variant::Passthrough]
+                    };
+                    for v in pair {
+                        timed(&mut runs, Workload::Rewrite, qd, round, v, ops)?;
+                    }
                 }
             }
-            // Free space (recorded free in TRIM), the same way.
-            let free = random_order(cfg.free_at(2 * region), cfg.region(), region ^ 0xF4EE);
-            for (k, ops) in free.chunks(slice).enumerate() {
-                let pair = if k % 2 == 0 {
-                    [Variant::Engine, Variant::Passthrough]
-                } else {
-                    [Variant::Passthrough, Variant::Engine]
-                };
-                for v in pair {
-                    timed(&mut runs, Workload::FreeSpace, qd, round, v, ops)?;
+            // Free space (recorded free in TRIM), the same way, a fresh region per pass.
+            for pass in 0..cfg.passes {
+                let at = cfg.free_at(region * cfg.passes as u64 + pass as u64);
+                let free = random_order(at, cfg.region(), region ^ 0xF4EE ^ ((pass as u64) << 8));
+                for (k, ops) in free.chunks(slice).enumerate() {
+                    let pair = if (k + pass) % 2 == 0 {
+                        [Variant::Engine, Variant::Passthrough]
+                    } else {
+                        [Variant::Passthrough, Variant::Engine]
+                    };
+                    for v in pair {
+                        timed(&mut runs, Workload::FreeSpace, qd, round, v, ops)?;
+                    }
                 }
             }
             print_round(&runs, round, qd);
@@ -1009,7 +1048,7 @@ fn report_json(cfg: &Config, runs: &[Run], space: &[SpaceRun], allocator_flag: b
             "backing": "virtio-blk disk a for every variant of part 1; disk c for parts 2-3; \
                 dm-snapshot COW on disk b",
             "guest_cpus": std::thread::available_parallelism().map_or(0, usize::from),
-            "writes_per_run": cfg.blocks, "rounds": cfg.rounds,
+            "writes_per_run": cfg.blocks, "rounds": cfg.rounds, "passes": cfg.passes,
             "space_device_mib": mib(cfg.space_dev), "space_writes_per_writer": cfg.space_writes,
             "timing": "in-process O_DIRECT pwrite from 1 or 16 threads, the final fdatasync included"},
         "figures": figures,
