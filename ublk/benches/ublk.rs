@@ -651,34 +651,26 @@ fn speed(cfg: &Config, dm: &DeviceMapper, a: &Path, b: &Path) -> Result<Vec<Run>
                     timed(&mut runs, Workload::FirstTouch, qd, round, v, ops)?;
                 }
             }
-            // The engine has now backed the region up: rewrites, `passes` times over it,
-            // engine and pass-through alternating which goes first per slice.
-            for pass in 0..cfg.passes {
-                for (k, ops) in used.chunks(slice).enumerate() {
-                    let pair = if (k + pass) % 2 == 0 {
-                        [Variant::Passthrough, Variant::Engine]
-                    } else {
-                        [Variant::Engine, Variant::Passthrough]
-                    };
-                    for v in pair {
-                        timed(&mut runs, Workload::Rewrite, qd, round, v, ops)?;
+            // The engine and the pass-through on the same blocks, slice by slice, alternating
+            // which goes first (`first` is the first slice's).
+            let pairs = |runs: &mut Vec<Run>, w, blocks: &[(u64, u64)], first: usize| {
+                let order = [Variant::Passthrough, Variant::Engine];
+                for (k, ops) in blocks.chunks(slice).enumerate() {
+                    for i in 0..2 {
+                        timed(runs, w, qd, round, order[(first + k + i) % 2], ops)?;
                     }
                 }
+                Ok::<(), Failed>(())
+            };
+            // The engine has now backed the region up: rewrites, `passes` times over it.
+            for pass in 0..cfg.passes {
+                pairs(&mut runs, Workload::Rewrite, &used, pass)?;
             }
-            // Free space (recorded free in TRIM), the same way, a fresh region per pass.
+            // Free space (recorded free in TRIM), a fresh region per pass.
             for pass in 0..cfg.passes {
                 let at = cfg.free_at(region * cfg.passes as u64 + pass as u64);
                 let free = random_order(at, cfg.region(), region ^ 0xF4EE ^ ((pass as u64) << 8));
-                for (k, ops) in free.chunks(slice).enumerate() {
-                    let pair = if (k + pass) % 2 == 0 {
-                        [Variant::Engine, Variant::Passthrough]
-                    } else {
-                        [Variant::Passthrough, Variant::Engine]
-                    };
-                    for v in pair {
-                        timed(&mut runs, Workload::FreeSpace, qd, round, v, ops)?;
-                    }
-                }
+                pairs(&mut runs, Workload::FreeSpace, &free, pass + 1)?;
             }
             print_round(&runs, round, qd);
         }
