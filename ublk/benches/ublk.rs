@@ -377,6 +377,7 @@ fn print_round(runs: &[Run], round: usize, qd: u32) {
         let sum = |key: &str| -> u64 {
             mine.iter().filter_map(|x| x.engine.as_ref()?.get(key).copied()).sum()
         };
+        let writes: u64 = mine.iter().map(|x| x.writes).sum();
         println!(
             "    round {} qd {qd:>2} {:<44} {:<20} {:>8.0} ms in {} slices{}{}",
             round + 1,
@@ -386,14 +387,15 @@ fn print_round(runs: &[Run], round: usize, qd: u32) {
             mine.len(),
             cpu.map_or(String::new(), |c| format!(
                 ", server CPU {:.0} us per write",
-                c.as_secs_f64() * 1e6 / mine.iter().map(|x| x.writes).sum::<u64>().max(1) as f64
+                c.as_secs_f64() * 1e6 / writes.max(1) as f64
             )),
             if r.variant == Variant::Engine {
                 format!(
-                    "  (backups {} batches {} flushes {})",
+                    "  (backups {} batches {} flushes {}, drains {} us per write)",
                     sum("backups"),
                     sum("batches"),
-                    sum("flushes")
+                    sum("flushes"),
+                    sum("drain_us") / writes.max(1)
                 )
             } else {
                 String::new()

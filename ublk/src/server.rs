@@ -808,7 +808,8 @@ fn run(served: &mut Served<FileDevice>, command: Command) -> Result<String, Stri
     }
 }
 
-/// `held_writes` and `drains` count the write-back's work (both 0 with `--write-through`); the
+/// `held_writes` and `drains` count the write-back's work (both 0 with `--write-through`), and
+/// `drain_us` the time the drains took (with the round each drained with); the
 /// space is the engine's after the drain, so it counts every completed write. `direct` is the
 /// bytes of user writes written to the device with `O_DIRECT` so far (`--direct-writes`,
 /// `crate::direct`: the writes over blocks their batch did not copy), `off` without the option,
@@ -818,7 +819,7 @@ fn status(engine: &Engine<FileDevice>, write_back: Option<WriteBackStats>) -> St
     let wb = write_back.unwrap_or_default();
     format!(
         "state={} free={} used={} held={} backups={} rebackups={} batches={} flushes={} \
-         held_writes={} drains={} direct={}",
+         held_writes={} drains={} drain_us={} direct={}",
         engine.state().value(),
         space.free_bytes,
         space.used_bytes,
@@ -829,6 +830,7 @@ fn status(engine: &Engine<FileDevice>, write_back: Option<WriteBackStats>) -> St
         stats.flushes,
         wb.held,
         wb.drains,
+        wb.drain_ns / 1000,
         engine.direct_writes().map_or_else(|| "off".to_owned(), |b| b.to_string()),
     )
 }
