@@ -139,7 +139,11 @@ fn pvh_image_missing(cache: &Path, kernel: Kernel) -> bool {
 
 fn unpack_pvh_image(cache: &Path, kernel: Kernel) -> Result<()> {
     let vmlinuz = vmlinuz(cache, kernel).context("the kernel's VERSION file is unreadable")?;
-    let image = testbench::kernel_image::unpack_pvh_image(&vmlinuz)
+    unpack_pvh(&vmlinuz)
+}
+
+fn unpack_pvh(vmlinuz: &Path) -> Result<()> {
+    let image = testbench::kernel_image::unpack_pvh_image(vmlinuz)
         .with_context(|| format!("unpacking the PVH image of {}", vmlinuz.display()))?;
     println!("setup: {} unpacked for QEMU's PVH boot", image.display());
     Ok(())
@@ -270,10 +274,7 @@ fn install_kernel(cache: &Path, kernel: Kernel, apt_updated: bool) -> Result<()>
     run_cmd(Command::new("dpkg").arg("-x").arg(&deb).arg(&partial))?;
     fs::rename(&partial, &dest)?;
     run_cmd(Command::new(sbin("depmod")).arg("-b").arg(&dest).arg(&version))?;
-    let vmlinuz = dest.join(format!("boot/vmlinuz-{version}"));
-    let image = testbench::kernel_image::unpack_pvh_image(&vmlinuz)
-        .with_context(|| format!("unpacking the PVH image of {}", vmlinuz.display()))?;
-    println!("setup: {} unpacked for QEMU's PVH boot", image.display());
+    unpack_pvh(&dest.join(format!("boot/vmlinuz-{version}")))?;
     let version_file = kernels.join(kernel.version_file());
     let tmp = version_file.with_extension("tmp");
     fs::write(&tmp, format!("{version}\n"))?;
