@@ -378,6 +378,7 @@ fn print_round(runs: &[Run], round: usize, qd: u32) {
             mine.iter().filter_map(|x| x.engine.as_ref()?.get(key).copied()).sum()
         };
         let writes: u64 = mine.iter().map(|x| x.writes).sum();
+        let per_write = |key: &str| sum(key) as f64 / writes.max(1) as f64;
         println!(
             "    round {} qd {qd:>2} {:<44} {:<20} {:>8.0} ms in {} slices{}{}",
             round + 1,
@@ -391,11 +392,15 @@ fn print_round(runs: &[Run], round: usize, qd: u32) {
             )),
             if r.variant == Variant::Engine {
                 format!(
-                    "  (backups {} batches {} flushes {}, drains {} us per write)",
+                    "  (backups {} batches {} flushes {}, drains {:.1} us per write: plan \
+                     {:.1}, write {:.1}, flush {:.1})",
                     sum("backups"),
                     sum("batches"),
                     sum("flushes"),
-                    sum("drain_us") / writes.max(1)
+                    per_write("drain_us"),
+                    per_write("drain_plan_us"),
+                    per_write("drain_write_us"),
+                    per_write("drain_flush_us")
                 )
             } else {
                 String::new()

@@ -808,8 +808,10 @@ fn run(served: &mut Served<FileDevice>, command: Command) -> Result<String, Stri
     }
 }
 
-/// `held_writes` and `drains` count the write-back's work (both 0 with `--write-through`), and
-/// `drain_us` the time the drains took (with the round each drained with); the
+/// `held_writes` and `drains` count the write-back's work (both 0 with `--write-through`),
+/// `drain_us` the time the drains took (with the round each drained with), and of it
+/// `drain_plan_us`, `drain_write_us` and `drain_flush_us` the engine's planning (range map,
+/// log, reads), its ordered writes and the flushes of the rounds; the
 /// space is the engine's after the drain, so it counts every completed write. `direct` is the
 /// bytes of user writes written to the device with `O_DIRECT` so far (`--direct-writes`,
 /// `crate::direct`: the writes over blocks their batch did not copy), `off` without the option,
@@ -819,7 +821,8 @@ fn status(engine: &Engine<FileDevice>, write_back: Option<WriteBackStats>) -> St
     let wb = write_back.unwrap_or_default();
     format!(
         "state={} free={} used={} held={} backups={} rebackups={} batches={} flushes={} \
-         held_writes={} drains={} drain_us={} direct={}",
+         held_writes={} drains={} drain_us={} drain_plan_us={} drain_write_us={} \
+         drain_flush_us={} direct={}",
         engine.state().value(),
         space.free_bytes,
         space.used_bytes,
@@ -831,6 +834,9 @@ fn status(engine: &Engine<FileDevice>, write_back: Option<WriteBackStats>) -> St
         wb.held,
         wb.drains,
         wb.drain_ns / 1000,
+        wb.drain_times.plan_ns / 1000,
+        wb.drain_times.write_ns / 1000,
+        wb.drain_times.flush_ns / 1000,
         engine.direct_writes().map_or_else(|| "off".to_owned(), |b| b.to_string()),
     )
 }

@@ -4,6 +4,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use blockcopy::device::{BlockDevice, DeviceError};
 use bow::model::{BowEngine, EngineErrorKind};
@@ -338,6 +339,15 @@ impl<D: BlockDevice> Target<D> {
     /// more than enough). Reads are not batched ([`Target::handle`]). One result per request,
     /// in order.
     pub fn handle_batch(&mut self, reqs: Vec<(Request, Bytes)>) -> Vec<Result<u32, i32>> {
+        self.handle_batch_timed(reqs, &mut BatchTimes::default())
+    }
+
+    /// [`Target::handle_batch`], adding to `times` where the engine's time went.
+    pub fn handle_batch_timed(
+        &mut self,
+        reqs: Vec<(Request, Bytes)>,
+        times: &mut BatchTimes,
+    ) -> Vec<Result<u32, i32>> {
         let Target::Engine(e) = self else {
             return reqs
                 .into_iter()
@@ -380,7 +390,15 @@ impl<D: BlockDevice> Target<D> {
             }
         }
         if !ios.is_empty() {
-            let report = e.submit(ios).and_then(|batch| batch.commit());
+            let started = Instant::now();
+            let planned = e.submit(ios);
+            let committing = Instant::now();
+            let report = planned.and_then(|batch| batch.commit());
+            *times += BatchTimes {
+                plan_ns: nanos(committing - started),
+                write_ns: nanos(committing.elapsed()),
+                flush_ns: 0,
+            };
             match report {
                 Ok(report) => {
                     for ((i, done), r) in slots.into_iter().zip(report.results) {
@@ -395,13 +413,38 @@ impl<D: BlockDevice> Target<D> {
             }
         }
         if !flushes.is_empty() {
+            let started = Instant::now();
             let flushed = e.flush().map(|()| 0).map_err(|err| errno(&err));
+            *times += BatchTimes { flush_ns: nanos(started.elapsed()), ..BatchTimes::default() };
             for i in flushes {
                 results[i] = flushed;
             }
         }
         results
     }
+}
+
+/// Where the engine's batches spent their time, in nanoseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchTimes {
+    /// Planning: the range map, the log, the backups' reads.
+    pub plan_ns: u64,
+    /// Committing: the journal frame, the ordered backup, log and user writes.
+    pub write_ns: u64,
+    /// The user's flushes.
+    pub flush_ns: u64,
+}
+
+impl std::ops::AddAssign for BatchTimes {
+    fn add_assign(&mut self, other: BatchTimes) {
+        self.plan_ns = self.plan_ns.saturating_add(other.plan_ns);
+        self.write_ns = self.write_ns.saturating_add(other.write_ns);
+        self.flush_ns = self.flush_ns.saturating_add(other.flush_ns);
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// A pass-through write of `data` at `sector`.

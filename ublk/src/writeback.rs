@@ -43,7 +43,7 @@ use bow::model::{BowEngine, BowState};
 use bytes::Bytes;
 
 use crate::held::{HeldLog, HeldWrite};
-use crate::target::{Request, Target};
+use crate::target::{BatchTimes, Request, Target};
 
 /// The most bytes held at once.
 pub const HOLD_LIMIT_BYTES: usize = 4 << 20;
@@ -86,6 +86,8 @@ pub struct WriteBackStats {
     /// Nanoseconds spent in drains (the engine planning and writing the held writes with the
     /// round that drained them): where a flush after held writes waits.
     pub drain_ns: u64,
+    /// Of `drain_ns`, the engine's planning, writing and flushing.
+    pub drain_times: BatchTimes,
 }
 
 /// The served device: a [`Target`], and in front of the engine the held writes.
@@ -217,7 +219,7 @@ impl<D: BlockDevice> Served<D> {
             .collect();
         batch.extend(reqs);
         let started = std::time::Instant::now();
-        let mut results = self.target.handle_batch(batch);
+        let mut results = self.target.handle_batch_timed(batch, &mut wb.stats.drain_times);
         let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         wb.stats.drain_ns = wb.stats.drain_ns.saturating_add(took);
         let rest = results.split_off(n);
@@ -482,7 +484,11 @@ mod tests {
         assert_eq!(r, [Ok(4096), Ok(0), Ok(4096)]);
         assert_eq!(s.pending(), (0, 0));
         assert_eq!(s.write_back_stats().unwrap().drains, 2);
-        assert!(s.write_back_stats().unwrap().drain_ns > 0, "the drains' time is counted");
+        let stats = s.write_back_stats().unwrap();
+        assert!(stats.drain_ns > 0, "the drains' time is counted");
+        let t = stats.drain_times;
+        assert!(t.plan_ns > 0 && t.write_ns > 0 && t.flush_ns > 0, "each part is timed: {t:?}");
+        assert!(t.plan_ns + t.write_ns + t.flush_ns <= stats.drain_ns, "parts of it: {t:?}");
         let dev = into_device(s);
         for b in 40..50u64 {
             let mut back = vec![0; B];
