@@ -57,4 +57,57 @@ fn main() {
         "engine CPU per 4 KiB write ({WRITES} each, memory device): into free space \
          {free_us:.2} us, rewrite of a CHANGED block {changed_us:.2} us"
     );
+    drain_shaped(&mut engine, half + half / 2, &mut rng);
+}
+
+/// Blocks of one region of the drain-shaped part (the ublk bench's region: 8 MiB).
+const REGION: u64 = 2048;
+/// Writes per batch: the ublk bench's slice, which one flush drains.
+const SLICE: usize = 256;
+
+/// The batches a ublk server's drain gives the engine in the ublk bench: each region's blocks
+/// in a random order, cut into slices, each slice sorted (a drain goes in device order) and
+/// planned and committed as one batch. Planning (the range map) and committing are timed
+/// apart, into free space first and then over the same blocks again.
+fn drain_shaped(engine: &mut Engine<MemDevice>, from: u64, rng: &mut u64) {
+    let regions = (BLOCKS - from) / REGION;
+    let mut slices: Vec<Vec<u64>> = Vec::new();
+    for r in 0..regions {
+        let mut blocks: Vec<u64> = (from + r * REGION..from + (r + 1) * REGION).collect();
+        for i in (1..blocks.len()).rev() {
+            *rng ^= *rng << 13;
+            *rng ^= *rng >> 7;
+            *rng ^= *rng << 17;
+            blocks.swap(i, usize::try_from(*rng % (i as u64 + 1)).expect("fits"));
+        }
+        for chunk in blocks.chunks(SLICE) {
+            let mut slice = chunk.to_vec();
+            slice.sort_unstable();
+            slices.push(slice);
+        }
+    }
+    let writes = slices.iter().map(Vec::len).sum::<usize>() as f64;
+    let mut run = |fill: u8| {
+        let (mut plan, mut commit) = (0.0, 0.0);
+        for slice in &slices {
+            let ios = slice
+                .iter()
+                .map(|b| UserIo::Write { sector: Sectors(b * 8), data: vec![fill; 4096].into() })
+                .collect();
+            let t = std::time::Instant::now();
+            let batch = engine.submit(ios).expect("plan");
+            let planned = t.elapsed();
+            batch.commit().expect("commit");
+            plan += planned.as_secs_f64();
+            commit += t.elapsed().as_secs_f64() - planned.as_secs_f64();
+        }
+        (plan * 1e6 / writes, commit * 1e6 / writes)
+    };
+    let (free_plan, free_commit) = run(9);
+    let (changed_plan, changed_commit) = run(10);
+    println!(
+        "drain-shaped batches ({SLICE} sorted writes, one slice of a {REGION}-block region in \
+         random order; {writes} writes each): plan / commit per write into free space \
+         {free_plan:.2} / {free_commit:.2} us, rewrites {changed_plan:.2} / {changed_commit:.2} us"
+    );
 }
