@@ -293,14 +293,24 @@ impl Server {
         Ok(Server { id, process })
     }
 
-    /// CPU time the server's threads have used, in ns (`/proc/PID/task/*/schedstat`).
-    fn cpu_ns(&self) -> Result<u64, Failed> {
+    /// CPU time the server's threads have used, in ns (`/proc/PID/task/*/schedstat`), and
+    /// the minor page faults they took (`/proc/PID/stat`, the whole process): under emulation
+    /// a fault costs tens of microseconds.
+    fn usage(&self) -> Result<(u64, u64), Failed> {
+        let pid = self.process.child.id();
         let mut sum = 0;
-        for task in std::fs::read_dir(format!("/proc/{}/task", self.process.child.id()))? {
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
             let stat = std::fs::read_to_string(task?.path().join("schedstat"))?;
             sum += stat.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
         }
-        Ok(sum)
+        // After the command name in parentheses: state is field 3, minflt field 10.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        let minflt = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(7))
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| format!("no minflt in /proc/{pid}/stat: {stat}"))?;
+        Ok((sum, minflt))
     }
 
     fn node(&self) -> PathBuf {
@@ -374,6 +384,7 @@ fn print_round(runs: &[Run], round: usize, qd: u32) {
             .collect();
         let took: Duration = mine.iter().map(|x| x.took).sum();
         let cpu: Option<Duration> = mine.iter().map(|x| x.server_cpu).sum();
+        let faults: Option<u64> = mine.iter().map(|x| x.server_faults).sum();
         let sum = |key: &str| -> u64 {
             mine.iter().filter_map(|x| x.engine.as_ref()?.get(key).copied()).sum()
         };
@@ -386,9 +397,10 @@ fn print_round(runs: &[Run], round: usize, qd: u32) {
             r.variant.name(),
             ms(took),
             mine.len(),
-            cpu.map_or(String::new(), |c| format!(
-                ", server CPU {:.0} us per write",
-                c.as_secs_f64() * 1e6 / writes.max(1) as f64
+            cpu.zip(faults).map_or(String::new(), |(c, f)| format!(
+                ", server CPU {:.0} us and {:.2} page faults per write",
+                c.as_secs_f64() * 1e6 / writes.max(1) as f64,
+                f as f64 / writes.max(1) as f64
             )),
             if r.variant == Variant::Engine {
                 format!(
@@ -552,6 +564,8 @@ struct Run {
     writes: u64,
     /// For the ublk variants: CPU time the server used during the run.
     server_cpu: Option<Duration>,
+    /// For the ublk variants: the server's minor page faults during the run.
+    server_faults: Option<u64>,
     /// For the engine: the status counters' change over the run.
     engine: Option<BTreeMap<String, u64>>,
 }
@@ -603,13 +617,17 @@ fn speed(cfg: &Config, dm: &DeviceMapper, a: &Path, b: &Path) -> Result<Vec<Run>
             Variant::Engine => Some(&engine),
             _ => None,
         };
-        let cpu_before = server.map(Server::cpu_ns).transpose()?;
+        let usage_before = server.map(Server::usage).transpose()?;
         let took = common::write_ranges(&device(variant), ops, None, qd as usize)?;
-        let server_cpu = match (server, cpu_before) {
-            (Some(server), Some(b)) => {
-                Some(Duration::from_nanos(server.cpu_ns()?.saturating_sub(b)))
+        let (server_cpu, server_faults) = match (server, usage_before) {
+            (Some(server), Some((cpu, faults))) => {
+                let (cpu_after, faults_after) = server.usage()?;
+                (
+                    Some(Duration::from_nanos(cpu_after.saturating_sub(cpu))),
+                    Some(faults_after.saturating_sub(faults)),
+                )
             }
-            _ => None,
+            _ => (None, None),
         };
         let engine_delta = match before {
             Some(before) => {
@@ -633,6 +651,7 @@ fn speed(cfg: &Config, dm: &DeviceMapper, a: &Path, b: &Path) -> Result<Vec<Run>
             took,
             writes,
             server_cpu,
+            server_faults,
             engine: engine_delta,
         });
         Ok(())
@@ -875,6 +894,9 @@ fn report_json(cfg: &Config, runs: &[Run], space: &[SpaceRun], allocator_flag: b
         if let Some(c) = mine.iter().map(|r| r.server_cpu).sum::<Option<Duration>>() {
             row["server_cpu_ms"] = json!(ms(c));
         }
+        if let Some(f) = mine.iter().map(|r| r.server_faults).sum::<Option<u64>>() {
+            row["server_page_faults"] = json!(f);
+        }
         if variant == Variant::Engine {
             for key in ["backups", "rebackups", "batches", "flushes"] {
                 let n: u64 = mine.iter().filter_map(|r| r.engine.as_ref()?.get(key).copied()).sum();
@@ -951,6 +973,10 @@ fn report_json(cfg: &Config, runs: &[Run], space: &[SpaceRun], allocator_flag: b
             if let Some(cpu) = cpu {
                 inputs[format!("{}_server_cpu_us_per_write", variant.key())] =
                     json!(cpu.as_secs_f64() * 1e6 / writes.max(1) as f64);
+            }
+            if let Some(f) = mine.iter().map(|r| r.server_faults).sum::<Option<u64>>() {
+                inputs[format!("{}_server_page_faults_per_write", variant.key())] =
+                    json!(f as f64 / writes.max(1) as f64);
             }
         }
         if v == Variant::Engine {
