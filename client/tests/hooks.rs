@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -48,8 +47,7 @@ impl Hooks {
                 "#!/bin/sh\necho \"{stub} $*\" >> {}\n",
                 dir.path().join("calls").display()
             );
-            std::fs::write(&path, script).expect("stub");
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+            testbench::write_script(&path, &script).expect("stub");
         }
         Hooks { dir }
     }

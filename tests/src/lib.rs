@@ -17,7 +17,7 @@ pub mod slots;
 pub mod status;
 pub mod vm;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 pub use libtest_mimic::{Failed, Trial};
@@ -126,6 +126,35 @@ pub fn cargo_bin(name: &str) -> PathBuf {
     path
 }
 
+/// Writes an executable script (mode 0755) that a test then runs, without ever holding it open
+/// for writing in this process. Linux refuses to execute a file that any process has open for
+/// writing (ETXTBSY), and a test harness runs tests on many threads: another test's fork,
+/// between this thread's `open` and `close`, gives its child a copy of the write descriptor
+/// until that child's `exec`, and the script's own `exec` then fails at random (seen in
+/// `backends`' unit tests). So the bytes are written by a child process (`sh`, from its
+/// standard input), whose descriptor no other fork of this process can inherit.
+///
+/// # Errors
+/// When the child cannot be started or fails to write the file.
+pub fn write_script(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("/bin/sh")
+        .args(["-c", "cat > \"$1\" && chmod 0755 \"$1\"", "sh"])
+        .arg(path)
+        .stdin(std::process::Stdio::piped())
+        .spawn()?;
+    let written = child.stdin.take().map_or(Ok(()), |mut stdin| stdin.write_all(text.as_bytes()));
+    let status = child.wait()?;
+    written?;
+    if !status.success() {
+        return Err(std::io::Error::other(format!(
+            "writing the script {}: sh exited with {status}",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 /// A tool installed by `cargo xtask setup` under `<cache>/tools/bin` (e.g. `rsb_hub`).
 ///
 /// # Panics
@@ -134,4 +163,21 @@ pub fn tool(name: &str) -> PathBuf {
     let path = paths::cache_dir().join("tools").join("bin").join(name);
     assert!(path.is_file(), "tool {} not found: run `cargo xtask setup`", path.display());
     path
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_written_script_runs_and_a_bad_path_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hello");
+        write_script(&path, "#!/bin/sh\necho \"hello $1\"\n").unwrap();
+        let out = std::process::Command::new(&path).arg("there").output().unwrap();
+        assert!(out.status.success());
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "hello there\n");
+        let err = write_script(&dir.path().join("no-such-dir").join("x"), "#!/bin/sh\n");
+        assert!(err.unwrap_err().to_string().contains("sh exited"));
+    }
 }

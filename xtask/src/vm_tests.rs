@@ -177,9 +177,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let bin = |name: &str, script: &str| {
             let path = dir.path().join(name);
-            std::fs::write(&path, format!("#!/bin/sh\n{script}\n")).unwrap();
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+            testbench::write_script(&path, &format!("#!/bin/sh\n{script}\n")).unwrap();
             VmBinary { name: name.into(), executable: path, package_dir: dir.path().into() }
         };
         // Each waits for the other's file: they finish only if both run at once.

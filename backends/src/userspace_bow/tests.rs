@@ -3,7 +3,6 @@
 //! every call, so the order of each step and its rerun after a crash at every point are
 //! checked; the process handling runs real scripts standing in for `bow-ublk`.
 
-use std::os::unix::fs::PermissionsExt;
 use std::sync::Mutex;
 
 use super::*;
@@ -338,21 +337,23 @@ fn the_server_binary_is_the_configured_one_or_missing() {
     assert_eq!(find_server(Some(&bin)).unwrap(), bin);
 }
 
-/// A script standing in for `bow-ublk`: `body` runs after it records its pid and session id.
-fn script(dir: &Path, body: &str) -> PathBuf {
+/// A script standing in for `bow-ublk serve`: `body` runs after it records its pid and session
+/// id. The server to start is `/bin/sh` ([`SH`]) with these arguments, not the script itself:
+/// Linux refuses to execute a file open for writing anywhere (ETXTBSY), and another test's
+/// fork can briefly hold a copy of this thread's write descriptor (seen failing at random).
+fn script(dir: &Path, body: &str) -> Vec<String> {
     let path = dir.join("fake-bow-ublk");
     let ids = dir.join("ids");
     std::fs::write(
         &path,
-        format!(
-            "#!/bin/sh\necho \"$$ $(cut -d' ' -f6 /proc/$$/stat)\" > {}\n{body}\n",
-            ids.display()
-        ),
+        format!("echo \"$$ $(cut -d' ' -f6 /proc/$$/stat)\" > {}\n{body}\n", ids.display()),
     )
     .unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path
+    vec![path.to_string_lossy().into_owned(), "serve".into()]
 }
+
+/// What runs a [`script`].
+const SH: &str = "/bin/sh";
 
 /// (pid, session id) the script recorded.
 fn ids(dir: &Path) -> (i32, i32) {
@@ -370,9 +371,9 @@ fn alive(pid: i32) -> bool {
 #[test]
 fn a_server_that_serves_keeps_running_in_a_session_of_its_own() {
     let dir = tempfile::tempdir().unwrap();
-    let bin = script(dir.path(), "echo 'bow-ublk: serving /dev/ublkb7 (4096 bytes)'\nsleep 30");
+    let args = script(dir.path(), "echo 'bow-ublk: serving /dev/ublkb7 (4096 bytes)'\nsleep 30");
     let log = dir.path().join("log");
-    let line = start_server(&bin, &["serve".into()], &log, Duration::from_secs(10)).unwrap();
+    let line = start_server(Path::new(SH), &args, &log, Duration::from_secs(10)).unwrap();
     assert!(line.contains("serving /dev/ublkb7"), "{line}");
     let (pid, sid) = ids(dir.path());
     assert_eq!(pid, sid, "the server leads its own session");
@@ -384,10 +385,10 @@ fn a_server_that_serves_keeps_running_in_a_session_of_its_own() {
 #[test]
 fn a_server_that_never_serves_is_killed_after_the_timeout() {
     let dir = tempfile::tempdir().unwrap();
-    let bin = script(dir.path(), "echo 'starting' >&2\nsleep 30");
+    let args = script(dir.path(), "echo 'starting' >&2\nsleep 30");
     let log = dir.path().join("log");
     let started = Instant::now();
-    let e = start_server(&bin, &["serve".into()], &log, Duration::from_millis(700)).unwrap_err();
+    let e = start_server(Path::new(SH), &args, &log, Duration::from_millis(700)).unwrap_err();
     let took = started.elapsed();
     assert!(took >= Duration::from_millis(700) && took < Duration::from_secs(10), "{took:?}");
     let msg = e.to_string();
@@ -403,11 +404,11 @@ fn a_server_that_never_serves_is_killed_after_the_timeout() {
 #[test]
 fn a_server_that_exits_is_reported_with_its_messages() {
     let dir = tempfile::tempdir().unwrap();
-    let bin =
+    let args =
         script(dir.path(), "echo 'bow-ublk: ublk: adding the device: Permission' >&2\nexit 1");
     let log = dir.path().join("log");
     std::fs::write(&log, "an earlier run's line\n").unwrap();
-    let e = start_server(&bin, &["serve".into()], &log, Duration::from_secs(10)).unwrap_err();
+    let e = start_server(Path::new(SH), &args, &log, Duration::from_secs(10)).unwrap_err();
     let msg = e.to_string();
     assert!(msg.contains("exited") && msg.contains("adding the device"), "{msg}");
     assert!(!msg.contains("earlier run"), "only this run's messages: {msg}");
