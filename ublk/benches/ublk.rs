@@ -369,6 +369,43 @@ fn random_order(offset: u64, len: u64, seed: u64) -> Vec<(u64, u64)> {
     rng.distinct(blocks, blocks).into_iter().map(|b| (offset + b * BLOCK, BLOCK)).collect()
 }
 
+/// Time a vCPU spent busy (user, system, interrupts) and idle (idle, I/O wait), in clock ticks
+/// (`/proc/stat`: 10 ms each, so only sums over many slices mean much).
+#[derive(Debug, Clone, Copy, Default)]
+struct VcpuTicks {
+    busy: u64,
+    idle: u64,
+}
+
+impl VcpuTicks {
+    fn since(self, before: VcpuTicks) -> VcpuTicks {
+        VcpuTicks {
+            busy: self.busy.saturating_sub(before.busy),
+            idle: self.idle.saturating_sub(before.idle),
+        }
+    }
+}
+
+/// `cpu0` and `cpu1` of `/proc/stat` (the guest has two vCPUs; the bench runs on vCPU 0).
+fn vcpu_ticks() -> Result<[VcpuTicks; 2], Failed> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let mut out = [VcpuTicks::default(); 2];
+    for (i, slot) in out.iter_mut().enumerate() {
+        let line = stat
+            .lines()
+            .find(|l| l.starts_with(&format!("cpu{i} ")))
+            .ok_or_else(|| format!("no cpu{i} in /proc/stat"))?;
+        let n: Vec<u64> = line.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+        // user nice system idle iowait irq softirq steal
+        let field = |k: usize| n.get(k).copied().unwrap_or(0);
+        *slot = VcpuTicks {
+            busy: field(0) + field(1) + field(2) + field(5) + field(6) + field(7),
+            idle: field(3) + field(4),
+        };
+    }
+    Ok(out)
+}
+
 /// One line per workload and variant of `round` at `qd`: the time summed over its slices.
 fn print_round(runs: &[Run], round: usize, qd: u32) {
     let mut seen = Vec::new();
@@ -386,10 +423,20 @@ fn print_round(runs: &[Run], round: usize, qd: u32) {
         let cpu: Option<Duration> = mine.iter().map(|x| x.server_cpu).sum();
         let faults: Option<u64> = mine.iter().map(|x| x.server_faults).sum();
         let sum = |key: &str| -> u64 {
-            mine.iter().filter_map(|x| x.engine.as_ref()?.get(key).copied()).sum()
+            mine.iter().filter_map(|x| x.status.as_ref()?.get(key).copied()).sum()
         };
         let writes: u64 = mine.iter().map(|x| x.writes).sum();
         let per_write = |key: &str| sum(key) as f64 / writes.max(1) as f64;
+        // Clock ticks are 10 ms (USER_HZ is 100 on x86).
+        let tick_us = |f: fn(&Run) -> u64| {
+            mine.iter().map(|x| f(x)).sum::<u64>() as f64 * 1e4 / writes.max(1) as f64
+        };
+        let vcpus = format!(
+            "; vCPU 0 busy {:.0} idle {:.0}, vCPU 1 busy {:.0} us per write",
+            tick_us(|x| x.vcpus[0].busy),
+            tick_us(|x| x.vcpus[0].idle),
+            tick_us(|x| x.vcpus[1].busy)
+        );
         println!(
             "    round {} qd {qd:>2} {:<44} {:<20} {:>8.0} ms in {} slices{}{}",
             round + 1,
@@ -401,8 +448,14 @@ fn print_round(runs: &[Run], round: usize, qd: u32) {
                 ", server CPU {:.0} us and {:.2} page faults per write",
                 c.as_secs_f64() * 1e6 / writes.max(1) as f64,
                 f as f64 / writes.max(1) as f64
-            )),
-            if r.variant == Variant::Engine {
+            )) + &vcpus,
+            if r.variant == Variant::Passthrough {
+                format!(
+                    "  (rounds: write {:.1}, flush {:.1} us per write)",
+                    per_write("write_us"),
+                    per_write("flush_us")
+                )
+            } else if r.variant == Variant::Engine {
                 format!(
                     "  (backups {} batches {} flushes {}, drains {:.1} us per write: plan \
                      {:.1}, write {:.1}, flush {:.1})",
@@ -566,8 +619,10 @@ struct Run {
     server_cpu: Option<Duration>,
     /// For the ublk variants: the server's minor page faults during the run.
     server_faults: Option<u64>,
-    /// For the engine: the status counters' change over the run.
-    engine: Option<BTreeMap<String, u64>>,
+    /// Busy and idle time of each vCPU during the run (`/proc/stat`, in clock ticks).
+    vcpus: [VcpuTicks; 2],
+    /// For the ublk variants: the server's status counters' change over the run.
+    status: Option<BTreeMap<String, u64>>,
 }
 
 fn speed(cfg: &Config, dm: &DeviceMapper, a: &Path, b: &Path) -> Result<Vec<Run>, Failed> {
@@ -611,14 +666,17 @@ fn speed(cfg: &Config, dm: &DeviceMapper, a: &Path, b: &Path) -> Result<Vec<Run>
                  variant: Variant,
                  ops: &[(u64, u64)]|
      -> Result<(), Failed> {
-        let before = if variant == Variant::Engine { Some(engine.status()?) } else { None };
         let server = match variant {
             Variant::Passthrough => Some(&passthrough),
             Variant::Engine => Some(&engine),
             _ => None,
         };
+        let before = server.map(Server::status).transpose()?;
         let usage_before = server.map(Server::usage).transpose()?;
+        let vcpus_before = vcpu_ticks()?;
         let took = common::write_ranges(&device(variant), ops, None, qd as usize)?;
+        let vcpus_after = vcpu_ticks()?;
+        let vcpus = [0, 1].map(|i| vcpus_after[i].since(vcpus_before[i]));
         let (server_cpu, server_faults) = match (server, usage_before) {
             (Some(server), Some((cpu, faults))) => {
                 let (cpu_after, faults_after) = server.usage()?;
@@ -629,9 +687,9 @@ fn speed(cfg: &Config, dm: &DeviceMapper, a: &Path, b: &Path) -> Result<Vec<Run>
             }
             _ => (None, None),
         };
-        let engine_delta = match before {
-            Some(before) => {
-                let after = engine.status()?;
+        let status_delta = match (before, server) {
+            (Some(before), Some(server)) => {
+                let after = server.status()?;
                 Some(
                     after
                         .iter()
@@ -640,7 +698,7 @@ fn speed(cfg: &Config, dm: &DeviceMapper, a: &Path, b: &Path) -> Result<Vec<Run>
                         .collect::<BTreeMap<_, _>>(),
                 )
             }
-            None => None,
+            _ => None,
         };
         let writes = ops.len() as u64;
         runs.push(Run {
@@ -652,7 +710,8 @@ fn speed(cfg: &Config, dm: &DeviceMapper, a: &Path, b: &Path) -> Result<Vec<Run>
             writes,
             server_cpu,
             server_faults,
-            engine: engine_delta,
+            vcpus,
+            status: status_delta,
         });
         Ok(())
     };
@@ -899,7 +958,7 @@ fn report_json(cfg: &Config, runs: &[Run], space: &[SpaceRun], allocator_flag: b
         }
         if variant == Variant::Engine {
             for key in ["backups", "rebackups", "batches", "flushes"] {
-                let n: u64 = mine.iter().filter_map(|r| r.engine.as_ref()?.get(key).copied()).sum();
+                let n: u64 = mine.iter().filter_map(|r| r.status.as_ref()?.get(key).copied()).sum();
                 row[format!("engine_{key}")] = json!(n);
             }
         }
@@ -984,7 +1043,7 @@ fn report_json(cfg: &Config, runs: &[Run], space: &[SpaceRun], allocator_flag: b
                 let n: u64 = runs
                     .iter()
                     .filter(|r| r.workload == w && r.qd == qd && r.variant == v)
-                    .filter_map(|r| r.engine.as_ref()?.get(key).copied())
+                    .filter_map(|r| r.status.as_ref()?.get(key).copied())
                     .sum();
                 let writes: u64 = runs
                     .iter()

@@ -804,7 +804,10 @@ fn run(served: &mut Served<FileDevice>, command: Command) -> Result<String, Stri
     // bound, so the next hold needs no walk of the range map.
     match served.target() {
         Target::Engine(engine) => Ok(status(engine, write_back)),
-        Target::Passthrough(_) => Ok("passthrough".to_owned()),
+        Target::Passthrough(_) => {
+            let t = served.round_times();
+            Ok(format!("passthrough write_us={} flush_us={}", t.write_ns / 1000, t.flush_ns / 1000))
+        }
     }
 }
 

@@ -342,7 +342,8 @@ impl<D: BlockDevice> Target<D> {
         self.handle_batch_timed(reqs, &mut BatchTimes::default())
     }
 
-    /// [`Target::handle_batch`], adding to `times` where the engine's time went.
+    /// [`Target::handle_batch`], adding to `times` where the time went (the pass-through
+    /// has no planning).
     pub fn handle_batch_timed(
         &mut self,
         reqs: Vec<(Request, Bytes)>,
@@ -351,14 +352,24 @@ impl<D: BlockDevice> Target<D> {
         let Target::Engine(e) = self else {
             return reqs
                 .into_iter()
-                .map(|(req, data)| match (&*self, req) {
-                    (Target::Passthrough(d), Request::Write { sector, sectors }) => {
-                        let len = usize::try_from(u64::from(sectors) * 512).unwrap_or(usize::MAX);
-                        let data = data.get(..len).ok_or(libc::EINVAL)?;
-                        passthrough_write(d, sector, data)
-                    }
-                    (_, Request::Read { .. }) => Err(libc::EINVAL),
-                    _ => self.handle(req, &mut []),
+                .map(|(req, data)| {
+                    let started = Instant::now();
+                    let done = match (&*self, req) {
+                        (Target::Passthrough(d), Request::Write { sector, sectors }) => {
+                            let len =
+                                usize::try_from(u64::from(sectors) * 512).unwrap_or(usize::MAX);
+                            let data = data.get(..len).ok_or(libc::EINVAL)?;
+                            passthrough_write(d, sector, data)
+                        }
+                        (_, Request::Read { .. }) => Err(libc::EINVAL),
+                        _ => self.handle(req, &mut []),
+                    };
+                    let took = nanos(started.elapsed());
+                    *times += match req {
+                        Request::Flush => BatchTimes { flush_ns: took, ..BatchTimes::default() },
+                        _ => BatchTimes { write_ns: took, ..BatchTimes::default() },
+                    };
+                    done
                 })
                 .collect();
         };

@@ -95,12 +95,15 @@ pub struct WriteBackStats {
 pub struct Served<D: BlockDevice> {
     target: Target<D>,
     write_back: Option<WriteBack>,
+    /// Without write-back: where the rounds' time went (the pass-through's writes and flushes,
+    /// for comparison with the engine's drains).
+    rounds: BatchTimes,
 }
 
 impl<D: BlockDevice> Served<D> {
     /// Every request straight to `target` (the pass-through, or the engine write-through).
     pub fn write_through(target: Target<D>) -> Served<D> {
-        Served { target, write_back: None }
+        Served { target, write_back: None, rounds: BatchTimes::default() }
     }
 
     /// The engine with write-back, its held writes stored through `log`. `held` are the writes
@@ -116,6 +119,7 @@ impl<D: BlockDevice> Served<D> {
             return Ok(Served::write_through(target));
         }
         let mut served = Served {
+            rounds: BatchTimes::default(),
             target,
             write_back: Some(WriteBack {
                 log,
@@ -171,6 +175,12 @@ impl<D: BlockDevice> Served<D> {
         self.write_back.as_ref().map_or((0, 0), |wb| (wb.held.len(), wb.held_bytes))
     }
 
+    /// Without write-back, where the rounds' time went (zero with write-back: see
+    /// [`WriteBackStats::drain_times`]).
+    pub fn round_times(&self) -> BatchTimes {
+        self.rounds
+    }
+
     /// The write-back counters (`None`: write-through).
     pub fn write_back_stats(&self) -> Option<WriteBackStats> {
         self.write_back.as_ref().map(|wb| wb.stats)
@@ -192,7 +202,7 @@ impl<D: BlockDevice> Served<D> {
     /// Drains the held writes and carries out `reqs` in the same batch, after them.
     fn drain_with(&mut self, reqs: Vec<(Request, Bytes)>) -> Vec<Result<u32, i32>> {
         let Some(wb) = self.write_back.as_mut() else {
-            return self.target.handle_batch(reqs);
+            return self.target.handle_batch_timed(reqs, &mut self.rounds);
         };
         let written: u64 = wb.held_bytes
             + reqs
@@ -620,6 +630,17 @@ mod tests {
             assert!(read_block(&mut s, b) == pattern(seed, B), "block {b}");
         }
         restores_used_half(&into_device(s), &before);
+    }
+
+    /// A pass-through's rounds are timed too (its status compares them with the drains).
+    #[test]
+    fn a_pass_through_times_its_round_writes_and_flushes() {
+        let mut s = Served::write_through(Target::Passthrough(MemDevice::from_bytes(image())));
+        let r = s.handle_round(vec![w(3, 1), w(4, 2), (Request::Flush, Vec::new())]);
+        assert_eq!(r, [Ok(4096), Ok(4096), Ok(0)]);
+        let t = s.round_times();
+        assert!(t.write_ns > 0 && t.flush_ns > 0 && t.plan_ns == 0, "{t:?}");
+        assert_eq!(s.write_back_stats(), None);
     }
 
     #[test]
