@@ -44,7 +44,9 @@
 //! The guest pins itself (so its writer threads and the servers it starts) to vCPU 0: a ublk
 //! round trip across vCPUs is an inter-processor wake-up, which under TCG cost milliseconds and
 //! varied with the host's load far more than anything measured here (`UBLK_BENCH_PIN=0`: not
-//! pinned).
+//! pinned). The servers' queue threads do not stay there: libublk gives each the CPUs the
+//! kernel maps to its queue (with one queue, both vCPUs), and the list of the busiest threads
+//! printed after part 1 shows them on vCPU 1, beside the writers.
 //!
 //! `--quick` (or `UBLK_BENCH_QUICK=1`): small sizes, one round. Environment:
 //! `UBLK_BENCH_BLOCKS` (4 KiB writes per timed run), `UBLK_BENCH_ROUNDS`, `UBLK_BENCH_PASSES`
@@ -386,6 +388,51 @@ impl VcpuTicks {
     }
 }
 
+/// CPU time (user + system, clock ticks) of every thread in the guest, by `pid/tid`, with its
+/// name and the vCPU it last ran on.
+fn thread_cpu_ticks() -> Result<BTreeMap<String, (String, u64, u32)>, Failed> {
+    let mut out = BTreeMap::new();
+    for proc_entry in std::fs::read_dir("/proc")? {
+        let proc_entry = proc_entry?;
+        let name = proc_entry.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        // A process may end while it is read: skip what is gone.
+        let Ok(tasks) = std::fs::read_dir(proc_entry.path().join("task")) else { continue };
+        for task in tasks.flatten() {
+            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
+            let Some((head, rest)) = stat.rsplit_once(')') else { continue };
+            let comm = head.split_once('(').map_or("", |(_, c)| c).to_owned();
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            // After the name: state is field 3, utime 14, stime 15, processor 39.
+            let num = |k: usize| f.get(k - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            let key = format!("{name}/{}", task.file_name().to_string_lossy());
+            out.insert(key, (comm, num(14) + num(15), u32::try_from(num(39)).unwrap_or(0)));
+        }
+    }
+    Ok(out)
+}
+
+/// The threads that used the most CPU since `before` (the speed part's runs): what besides the
+/// writers and the servers kept the vCPUs busy.
+fn print_busiest_threads(before: &BTreeMap<String, (String, u64, u32)>) -> Result<(), Failed> {
+    let after = thread_cpu_ticks()?;
+    let mut used: Vec<(u64, &str, &str, u32)> = after
+        .iter()
+        .map(|(k, (comm, t, cpu))| {
+            (t.saturating_sub(before.get(k).map_or(0, |b| b.1)), k.as_str(), comm.as_str(), *cpu)
+        })
+        .filter(|(t, ..)| *t > 0)
+        .collect();
+    used.sort_unstable_by(|a, b| b.cmp(a));
+    println!("  busiest threads during the speed part (CPU ms, pid/tid, name, last vCPU):");
+    for (t, key, comm, cpu) in used.iter().take(12) {
+        println!("    {:>7} {key:<12} {comm:<20} {cpu}", t * 10);
+    }
+    Ok(())
+}
+
 /// `cpu0` and `cpu1` of `/proc/stat` (the guest has two vCPUs; the bench runs on vCPU 0).
 fn vcpu_ticks() -> Result<[VcpuTicks; 2], Failed> {
     let stat = std::fs::read_to_string("/proc/stat")?;
@@ -457,11 +504,12 @@ fn print_round(runs: &[Run], round: usize, qd: u32) {
                 )
             } else if r.variant == Variant::Engine {
                 format!(
-                    "  (backups {} batches {} flushes {}, drains {:.1} us per write: plan \
-                     {:.1}, write {:.1}, flush {:.1})",
+                    "  (backups {} batches {} flushes {} early drains {}, drains {:.1} us per \
+                     write: plan {:.1}, write {:.1}, flush {:.1})",
                     sum("backups"),
                     sum("batches"),
                     sum("flushes"),
+                    sum("early_drains"),
                     per_write("drain_us"),
                     per_write("drain_plan_us"),
                     per_write("drain_write_us"),
@@ -658,6 +706,7 @@ fn speed(cfg: &Config, dm: &DeviceMapper, a: &Path, b: &Path) -> Result<Vec<Run>
         Variant::Linear => lin.clone(),
         Variant::Snapshot => snap.origin_node.clone(),
     };
+    let busiest_before = thread_cpu_ticks()?;
     let mut runs = Vec::new();
     let timed = |runs: &mut Vec<Run>,
                  workload: Workload,
@@ -761,6 +810,7 @@ fn speed(cfg: &Config, dm: &DeviceMapper, a: &Path, b: &Path) -> Result<Vec<Run>
         }
     }
     println!("  engine after the runs: {}", engine.ctl("status")?);
+    print_busiest_threads(&busiest_before)?;
     // dm-snapshot must have copied exactly what was written through it (else not first touch).
     let st = snap.status(dm)?;
     let SnapshotStatus::Active { allocated, metadata, .. } = st else {

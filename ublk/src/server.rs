@@ -811,7 +811,8 @@ fn run(served: &mut Served<FileDevice>, command: Command) -> Result<String, Stri
     }
 }
 
-/// `held_writes` and `drains` count the write-back's work (both 0 with `--write-through`),
+/// `held_writes`, `drains` and `early_drains` (drains no flush asked for) count the
+/// write-back's work (all 0 with `--write-through`),
 /// `drain_us` the time the drains took (with the round each drained with), and of it
 /// `drain_plan_us`, `drain_write_us` and `drain_flush_us` the engine's planning (range map,
 /// log, reads), its ordered writes and the flushes of the rounds; the
@@ -824,8 +825,8 @@ fn status(engine: &Engine<FileDevice>, write_back: Option<WriteBackStats>) -> St
     let wb = write_back.unwrap_or_default();
     format!(
         "state={} free={} used={} held={} backups={} rebackups={} batches={} flushes={} \
-         held_writes={} drains={} drain_us={} drain_plan_us={} drain_write_us={} \
-         drain_flush_us={} direct={}",
+         held_writes={} drains={} early_drains={} drain_us={} drain_plan_us={} \
+         drain_write_us={} drain_flush_us={} direct={}",
         engine.state().value(),
         space.free_bytes,
         space.used_bytes,
@@ -836,6 +837,7 @@ fn status(engine: &Engine<FileDevice>, write_back: Option<WriteBackStats>) -> St
         stats.flushes,
         wb.held,
         wb.drains,
+        wb.early_drains,
         wb.drain_ns / 1000,
         wb.drain_times.plan_ns / 1000,
         wb.drain_times.write_ns / 1000,

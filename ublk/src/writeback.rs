@@ -20,7 +20,13 @@
 //!   batch cannot run out of backup space (a written block takes at most one copy, and the log
 //!   sectors and block 0's copies fit in the four): a write the engine cannot take still fails
 //!   with ENOSPC itself, never after it was completed;
-//! * every control command (checkpoint, commit, status, trace, stop), before it acts.
+//! * every control command (checkpoint, commit, status, trace, stop), before it acts;
+//! * [`EARLY_DRAIN_WRITES`] held writes none of which needed a backup when it was held
+//!   (rewrites, writes into free space): they have no ordering points to share, so waiting for
+//!   the flush gains nothing, and the flush would wait for all of them at once. Drained as they
+//!   come, their writes run while the writers go on (the server's thread runs on a CPU of the
+//!   queue's, beside them), as a pass-through's do. A batch holding a backup waits for the
+//!   flush, as before.
 //!
 //! Disjoint held writes go to the engine in device order (any order of unflushed disjoint
 //! writes is one the cache allows; the range map then splits ranges from their start instead
@@ -40,6 +46,7 @@
 
 use blockcopy::device::BlockDevice;
 use bow::model::{BowEngine, BowState};
+use bow::units::Sectors;
 use bytes::Bytes;
 
 use crate::held::{HeldLog, HeldWrite};
@@ -47,6 +54,9 @@ use crate::target::{BatchTimes, Request, Target};
 
 /// The most bytes held at once.
 pub const HOLD_LIMIT_BYTES: usize = 4 << 20;
+/// Held writes that need no backup are drained once this many are held, without waiting for
+/// a flush (see [`Served::hold`]).
+pub const EARLY_DRAIN_WRITES: usize = 32;
 /// The engine's block.
 const BLOCK: u64 = 4096;
 
@@ -71,6 +81,9 @@ struct WriteBack {
     free_floor: Option<u64>,
     /// Held writes whose drain failed since the last flush (that flush fails with EIO).
     failed: u64,
+    /// A held write needed a backup when it was held: the batch waits for a flush, so that
+    /// its backups share the engine's two ordering points with as many others as possible.
+    backups_held: bool,
     stats: WriteBackStats,
 }
 
@@ -81,6 +94,9 @@ pub struct WriteBackStats {
     pub held: u64,
     /// Drains that gave the engine held writes.
     pub drains: u64,
+    /// Of them, drains of writes that needed no backup, before a flush asked
+    /// ([`EARLY_DRAIN_WRITES`]).
+    pub early_drains: u64,
     /// Held writes that failed when drained.
     pub failed: u64,
     /// Nanoseconds spent in drains (the engine planning and writing the held writes with the
@@ -130,6 +146,7 @@ impl<D: BlockDevice> Served<D> {
                 budget: None,
                 free_floor: None,
                 failed: 0,
+                backups_held: false,
                 stats: WriteBackStats::default(),
             }),
         };
@@ -248,6 +265,7 @@ impl<D: BlockDevice> Served<D> {
         wb.lo = u64::MAX;
         wb.hi = 0;
         wb.budget = None;
+        wb.backups_held = false;
         wb.log.clear();
         rest
     }
@@ -354,7 +372,19 @@ impl<D: BlockDevice> Served<D> {
         let data = data.get(..usize::try_from(len).ok()?)?;
         let stored = wb.log.append(sector, data).ok()?;
         wb.stats.held += 1;
+        wb.backups_held |= engine.needs_backup(Sectors(sector), len);
         wb.keep(HeldWrite { sector, data: stored });
+        let early = !wb.backups_held && wb.held.len() >= EARLY_DRAIN_WRITES;
+        if early {
+            // Writes that need no backup gain nothing by waiting for the flush (no ordering
+            // points to share), and a server whose thread runs beside the writers' (another
+            // CPU) writes them out while the writers go on, instead of all at the flush, which
+            // waits for them. A failure is the next flush's, as for any drained write.
+            self.drain_with(Vec::new());
+            if let Some(wb) = self.write_back.as_mut() {
+                wb.stats.early_drains += 1;
+            }
+        }
         Some(done)
     }
 }
@@ -630,6 +660,43 @@ mod tests {
             assert!(read_block(&mut s, b) == pattern(seed, B), "block {b}");
         }
         restores_used_half(&into_device(s), &before);
+    }
+
+    /// Rewrites and writes into free space are drained every [`EARLY_DRAIN_WRITES`] held
+    /// writes; once one held write needs a backup, the batch waits for the flush.
+    #[test]
+    fn writes_that_need_no_backup_are_drained_early_in_batches() {
+        let before = image();
+        let mut s =
+            Served::write_back(armed(&before), Box::new(MemHeld::default()), Vec::new()).unwrap();
+        let free = u64::try_from(BLOCKS / 2).unwrap();
+        let n = u64::try_from(EARLY_DRAIN_WRITES).unwrap();
+        // Writes into the free half: drained after each EARLY_DRAIN_WRITES, with no flush.
+        for i in 0..n - 1 {
+            assert_eq!(s.handle_round(vec![w(free + i, 7)]), [Ok(4096)]);
+        }
+        assert_eq!(s.pending().0, EARLY_DRAIN_WRITES - 1);
+        assert_eq!(s.handle_round(vec![w(free + n - 1, 7)]), [Ok(4096)]);
+        assert_eq!(s.pending(), (0, 0), "drained without a flush");
+        let stats = s.write_back_stats().unwrap();
+        assert_eq!((stats.drains, stats.early_drains), (1, 1));
+        // One first touch among them: held until the flush, however many follow.
+        assert_eq!(s.handle_round(vec![w(5, 9)]), [Ok(4096)]);
+        for i in 0..n {
+            assert_eq!(s.handle_round(vec![w(free + n + i, 7)]), [Ok(4096)]);
+        }
+        assert_eq!(s.pending().0, EARLY_DRAIN_WRITES + 1);
+        assert_eq!(s.handle_round(vec![(Request::Flush, Vec::new())]), [Ok(0)]);
+        assert_eq!(s.pending(), (0, 0));
+        let stats = s.write_back_stats().unwrap();
+        assert_eq!((stats.drains, stats.early_drains), (2, 1));
+        let dev = into_device(s);
+        let mut back = vec![0; B];
+        for b in (free..free + 2 * n).chain([5]) {
+            dev.read_at(&mut back, b * 4096).unwrap();
+            assert!(back == pattern(if b == 5 { 9 } else { 7 }, B), "block {b}");
+        }
+        restores_used_half(&dev, &before);
     }
 
     /// A pass-through's rounds are timed too (its status compares them with the drains).
