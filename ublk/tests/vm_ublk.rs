@@ -370,7 +370,9 @@ fn ublk_checks(disk: &str) -> Result<(), Failed> {
     // Direct first touches of a1 with no flush after them: the engine holds them. The server
     // killed, the next one must give them to the engine before it serves the reads. The same
     // with the server broken on purpose (held writes in memory only): the data must be lost,
-    // or this check could not catch a server that forgets them.
+    // or this check could not catch a server that forgets them. That second round writes a4,
+    // untouched since the checkpoint: first touches again, held until a flush (rewrites of
+    // a1's blocks, backed up by then, would be drained every EARLY_DRAIN_WRITES).
     make_sources("h", 2, 256)?;
     // ext4 commits its journal every 5 s, and the commit's flush drains held writes: a commit
     // between a source's writes and the `pending` query emptied it (a CI run failed so, with
@@ -378,7 +380,7 @@ fn ublk_checks(disk: &str) -> Result<(), Failed> {
     // for the rest of the test (its unmounts still write everything out).
     guest::sh(&format!("mount -o remount,commit=600 {MNT}"))?;
     let mut server = server;
-    for (src, fault) in [("h1", None), ("h2", Some("held-not-stored"))] {
+    for (src, fault, file) in [("h1", None, "a1"), ("h2", Some("held-not-stored"), "a4")] {
         if let Some(fault) = fault {
             server.child.kill()?;
             server.child.wait()?;
@@ -394,7 +396,7 @@ fn ublk_checks(disk: &str) -> Result<(), Failed> {
             ])?;
         }
         guest::sh(&format!(
-            "dd if=/dev/shm/src/{src} of={MNT}/a1 bs=4k conv=notrunc oflag=direct status=none"
+            "dd if=/dev/shm/src/{src} of={MNT}/{file} bs=4k conv=notrunc oflag=direct status=none"
         ))?;
         let pending = ctl("pending")?;
         let held: u64 = pending
@@ -409,8 +411,9 @@ fn ublk_checks(disk: &str) -> Result<(), Failed> {
         server.child.wait()?;
         server = start(&["recover", "--id", "0", "--device", &disk, "--direct-writes"])?;
         guest::sh("echo 3 > /proc/sys/vm/drop_caches")?;
-        let same = guest::sh(&format!("cmp -n 262144 /dev/shm/src/{src} {MNT}/a1 && echo same"))
-            .is_ok_and(|out| out.contains("same"));
+        let same =
+            guest::sh(&format!("cmp -n 262144 /dev/shm/src/{src} {MNT}/{file} && echo same"))
+                .is_ok_and(|out| out.contains("same"));
         match (fault, same) {
             (None, true) => println!(
                 "held kill: {held} held writes completed before the kill read back after it"
