@@ -305,12 +305,8 @@ impl Server {
             let stat = std::fs::read_to_string(task?.path().join("schedstat"))?;
             sum += stat.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
         }
-        // After the command name in parentheses: state is field 3, minflt field 10.
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        let minflt = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(7))
-            .and_then(|v| v.parse::<u64>().ok())
+        let minflt = stat_field(&stat, 10)
             .ok_or_else(|| format!("no minflt in /proc/{pid}/stat: {stat}"))?;
         Ok((sum, minflt))
     }
@@ -388,6 +384,12 @@ impl VcpuTicks {
     }
 }
 
+/// Field `k` (numbered from 1, as in proc(5)) of a `/proc/PID/stat` line, counted after the
+/// command name in parentheses (field 2, which may hold spaces and parentheses).
+fn stat_field(stat: &str, k: usize) -> Option<u64> {
+    stat.rsplit_once(')')?.1.split_whitespace().nth(k.checked_sub(3)?)?.parse().ok()
+}
+
 /// CPU time (user + system, clock ticks) of every thread in the guest, by `pid/tid`, with its
 /// name and the vCPU it last ran on.
 fn thread_cpu_ticks() -> Result<BTreeMap<String, (String, u64, u32)>, Failed> {
@@ -402,13 +404,13 @@ fn thread_cpu_ticks() -> Result<BTreeMap<String, (String, u64, u32)>, Failed> {
         let Ok(tasks) = std::fs::read_dir(proc_entry.path().join("task")) else { continue };
         for task in tasks.flatten() {
             let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
-            let Some((head, rest)) = stat.rsplit_once(')') else { continue };
-            let comm = head.split_once('(').map_or("", |(_, c)| c).to_owned();
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            // After the name: state is field 3, utime 14, stime 15, processor 39.
-            let num = |k: usize| f.get(k - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            let comm =
+                stat.split_once('(').and_then(|(_, r)| r.rsplit_once(')')).map_or("", |c| c.0);
+            // utime 14, stime 15, processor 39.
+            let num = |k| stat_field(&stat, k).unwrap_or(0);
             let key = format!("{name}/{}", task.file_name().to_string_lossy());
-            out.insert(key, (comm, num(14) + num(15), u32::try_from(num(39)).unwrap_or(0)));
+            let cpu = u32::try_from(num(39)).unwrap_or(0);
+            out.insert(key, (comm.to_owned(), num(14) + num(15), cpu));
         }
     }
     Ok(out)

@@ -435,12 +435,13 @@ impl<D: BlockDevice> Target<D> {
     }
 }
 
-/// Where the engine's batches spent their time, in nanoseconds.
+/// Where a target's batches spent their time, in nanoseconds (a pass-through plans nothing).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BatchTimes {
-    /// Planning: the range map, the log, the backups' reads.
+    /// The engine's planning: the range map, the log, the backups' reads.
     pub plan_ns: u64,
-    /// Committing: the journal frame, the ordered backup, log and user writes.
+    /// Writing: the engine's commit (journal frame, ordered backup, log and user writes), or a
+    /// pass-through's writes.
     pub write_ns: u64,
     /// The user's flushes.
     pub flush_ns: u64,
@@ -454,7 +455,8 @@ impl std::ops::AddAssign for BatchTimes {
     }
 }
 
-fn nanos(d: Duration) -> u64 {
+/// `d` in whole nanoseconds, saturating.
+pub(crate) fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 

@@ -50,7 +50,7 @@ use bow::units::Sectors;
 use bytes::Bytes;
 
 use crate::held::{HeldLog, HeldWrite};
-use crate::target::{BatchTimes, Request, Target};
+use crate::target::{nanos, BatchTimes, Request, Target};
 
 /// The most bytes held at once.
 pub const HOLD_LIMIT_BYTES: usize = 4 << 20;
@@ -247,8 +247,7 @@ impl<D: BlockDevice> Served<D> {
         batch.extend(reqs);
         let started = std::time::Instant::now();
         let mut results = self.target.handle_batch_timed(batch, &mut wb.stats.drain_times);
-        let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        wb.stats.drain_ns = wb.stats.drain_ns.saturating_add(took);
+        wb.stats.drain_ns = wb.stats.drain_ns.saturating_add(nanos(started.elapsed()));
         let rest = results.split_off(n);
         let failed = results.iter().filter(|r| r.is_err()).count() as u64;
         if failed > 0 {
@@ -372,7 +371,8 @@ impl<D: BlockDevice> Served<D> {
         let data = data.get(..usize::try_from(len).ok()?)?;
         let stored = wb.log.append(sector, data).ok()?;
         wb.stats.held += 1;
-        wb.backups_held |= engine.needs_backup(Sectors(sector), len);
+        // One look-up per held write until a backup is held; none after.
+        wb.backups_held = wb.backups_held || engine.needs_backup(Sectors(sector), len);
         wb.keep(HeldWrite { sector, data: stored });
         let early = !wb.backups_held && wb.held.len() >= EARLY_DRAIN_WRITES;
         if early {
