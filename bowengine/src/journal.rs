@@ -123,33 +123,40 @@ fn allocator_code(a: Allocator) -> u8 {
 
 /// The frame of `entry`, ready to append.
 pub fn frame(entry: &Entry) -> Vec<u8> {
-    let mut p = Vec::new();
+    // Length, payload, CRC in one buffer sized up front (a batch's record is at most a kind
+    // byte and two 10-byte LEB128 numbers per I/O): the frame is built for every batch.
+    let ios = match entry {
+        Entry::Batch(ios) => ios.len(),
+        Entry::State(_) | Entry::Flush => 0,
+    };
+    let mut f = Vec::with_capacity(4 + 1 + 10 + 21 * ios + 4);
+    f.extend_from_slice(&[0; 4]);
     match entry {
         Entry::Batch(ios) => {
-            p.push(OP_BATCH);
-            put_leb(&mut p, ios.len() as u64);
+            f.push(OP_BATCH);
+            put_leb(&mut f, ios.len() as u64);
             let mut cursor = 0u64;
             for io in ios {
                 let (kind, sector, len) = match *io {
                     JournalIo::Write { sector, len } => (KIND_WRITE, sector.0, len),
                     JournalIo::Discard { sector, len } => (KIND_DISCARD, sector.0, len),
                 };
-                p.push(kind);
-                put_leb(&mut p, zigzag(sector.wrapping_sub(cursor)));
-                put_leb(&mut p, len);
+                f.push(kind);
+                put_leb(&mut f, zigzag(sector.wrapping_sub(cursor)));
+                put_leb(&mut f, len);
                 cursor = sector.wrapping_add(len / SECTOR_SIZE);
             }
         }
         Entry::State(to) => {
-            p.push(OP_STATE);
-            put_leb(&mut p, u64::from(*to));
+            f.push(OP_STATE);
+            put_leb(&mut f, u64::from(*to));
         }
-        Entry::Flush => p.push(OP_FLUSH),
+        Entry::Flush => f.push(OP_FLUSH),
     }
-    let mut f = Vec::with_capacity(p.len() + 8);
-    f.extend_from_slice(&u32::try_from(p.len()).unwrap_or(u32::MAX).to_le_bytes());
-    f.extend_from_slice(&p);
-    f.extend_from_slice(&crc32fast::hash(&p).to_le_bytes());
+    let payload = f.len() - 4;
+    f[..4].copy_from_slice(&u32::try_from(payload).unwrap_or(u32::MAX).to_le_bytes());
+    let crc = crc32fast::hash(&f[4..]);
+    f.extend_from_slice(&crc.to_le_bytes());
     f
 }
 

@@ -571,6 +571,7 @@ fn serve_queue(qid: u16, dev: &UblkDev, target: &Arc<Mutex<Served<FileDevice>>>)
             gather_round(&queue, &exe, &round, &target, depth);
             let pending: Vec<Pending> = round.borrow_mut().drain(..).collect();
             if pending.is_empty() {
+                drain_early(qid, &target);
                 break;
             }
             let (reqs, replies): (Vec<_>, Vec<_>) =
@@ -592,6 +593,21 @@ fn serve_queue(qid: u16, dev: &UblkDev, target: &Arc<Mutex<Served<FileDevice>>>)
             eprintln!("bow-ublk: queue {qid}: {e:?}");
         }
     }));
+}
+
+/// The queue has nothing more for now: held writes that need no backup are drained if enough
+/// are held ([`Served::drain_early`]), after the completions of what was served went to the
+/// kernel, so that the writers run on while the drain writes.
+fn drain_early(qid: u16, target: &Mutex<Served<FileDevice>>) {
+    let Ok(mut t) = target.lock() else { return };
+    if !t.early_drain_due() {
+        return;
+    }
+    // The queue's thread's ring (libublk keeps it per thread).
+    if let Err(e) = libublk::io::with_task_io_ring_mut(|r| r.submit()) {
+        eprintln!("bow-ublk: queue {qid}: submitting completions: {e}");
+    }
+    t.drain_early();
 }
 
 /// How long a round that will pay ordering flushes waits for more requests, per try.

@@ -21,12 +21,13 @@
 //!   sectors and block 0's copies fit in the four): a write the engine cannot take still fails
 //!   with ENOSPC itself, never after it was completed;
 //! * every control command (checkpoint, commit, status, trace, stop), before it acts;
-//! * [`EARLY_DRAIN_WRITES`] held writes none of which needed a backup when it was held
+//! * the server running out of requests ([`Served::drain_early`]), once at least
+//!   [`EARLY_DRAIN_WRITES`] writes are held none of which needed a backup when it was held
 //!   (rewrites, writes into free space): they have no ordering points to share, so waiting for
-//!   the flush gains nothing, and the flush would wait for all of them at once. Drained as they
-//!   come, their writes run while the writers go on (the server's thread runs on a CPU of the
-//!   queue's, beside them), as a pass-through's do. A batch holding a backup waits for the
-//!   flush, as before.
+//!   the flush gains nothing, and the flush would wait for all of them at once. The server
+//!   hands the kernel its completions first, so these writes run while the writers go on (the
+//!   server's thread runs on a CPU of the queue's, beside them), as a pass-through's do. A
+//!   batch holding a backup waits for the flush, as before.
 //!
 //! Disjoint held writes go to the engine in device order (any order of unflushed disjoint
 //! writes is one the cache allows; the range map then splits ranges from their start instead
@@ -55,8 +56,11 @@ use crate::target::{nanos, BatchTimes, Request, Target};
 /// The most bytes held at once.
 pub const HOLD_LIMIT_BYTES: usize = 4 << 20;
 /// Held writes that need no backup are drained once this many are held, without waiting for
-/// a flush (see [`Served::hold`]).
-pub const EARLY_DRAIN_WRITES: usize = 32;
+/// a flush, when the server runs out of requests ([`Served::drain_early`]). Few: the server's
+/// queue thread finds several requests per wake-up at depth 16, and each drain runs while the
+/// writers go on. Measured against 1 and 32: docs/benchmarks.md, "Runs of 2026-12-07,
+/// 23:20–".
+pub const EARLY_DRAIN_WRITES: usize = 4;
 /// The engine's block.
 const BLOCK: u64 = 4096;
 
@@ -374,18 +378,33 @@ impl<D: BlockDevice> Served<D> {
         // One look-up per held write until a backup is held; none after.
         wb.backups_held = wb.backups_held || engine.needs_backup(Sectors(sector), len);
         wb.keep(HeldWrite { sector, data: stored });
-        let early = !wb.backups_held && wb.held.len() >= EARLY_DRAIN_WRITES;
-        if early {
-            // Writes that need no backup gain nothing by waiting for the flush (no ordering
-            // points to share), and a server whose thread runs beside the writers' (another
-            // CPU) writes them out while the writers go on, instead of all at the flush, which
-            // waits for them. A failure is the next flush's, as for any drained write.
-            self.drain_with(Vec::new());
-            if let Some(wb) = self.write_back.as_mut() {
-                wb.stats.early_drains += 1;
-            }
-        }
         Some(done)
+    }
+
+    /// Whether [`Served::drain_early`] would drain now.
+    pub fn early_drain_due(&self) -> bool {
+        self.write_back
+            .as_ref()
+            .is_some_and(|wb| !wb.backups_held && wb.held.len() >= EARLY_DRAIN_WRITES)
+    }
+
+    /// Drains the held writes early, with no flush, when at least [`EARLY_DRAIN_WRITES`] are
+    /// held and none of them needed a backup when it was held; true if it did. The server
+    /// calls this when it has nothing else to do, after it handed the kernel the completions
+    /// of what it served: writes that need no backup gain nothing by waiting for the flush
+    /// (no ordering points to share), and drained here they are written while the writers go
+    /// on (the server's thread runs on a CPU of the queue's, beside them), not all at the
+    /// flush, which would wait for them. A failure is the next flush's, as for any drained
+    /// write.
+    pub fn drain_early(&mut self) -> bool {
+        if !self.early_drain_due() {
+            return false;
+        }
+        self.drain_with(Vec::new());
+        if let Some(wb) = self.write_back.as_mut() {
+            wb.stats.early_drains += 1;
+        }
+        true
     }
 }
 
@@ -662,8 +681,8 @@ mod tests {
         restores_used_half(&into_device(s), &before);
     }
 
-    /// Rewrites and writes into free space are drained every [`EARLY_DRAIN_WRITES`] held
-    /// writes; once one held write needs a backup, the batch waits for the flush.
+    /// Rewrites and writes into free space are drained early once [`EARLY_DRAIN_WRITES`] are
+    /// held; once one held write needs a backup, the batch waits for the flush.
     #[test]
     fn writes_that_need_no_backup_are_drained_early_in_batches() {
         let before = image();
@@ -671,12 +690,16 @@ mod tests {
             Served::write_back(armed(&before), Box::new(MemHeld::default()), Vec::new()).unwrap();
         let free = u64::try_from(BLOCKS / 2).unwrap();
         let n = u64::try_from(EARLY_DRAIN_WRITES).unwrap();
-        // Writes into the free half: drained after each EARLY_DRAIN_WRITES, with no flush.
+        // Writes into the free half: each time the server is idle (as it calls it), drained
+        // once EARLY_DRAIN_WRITES are held, with no flush.
         for i in 0..n - 1 {
             assert_eq!(s.handle_round(vec![w(free + i, 7)]), [Ok(4096)]);
+            assert!(!s.drain_early());
         }
         assert_eq!(s.pending().0, EARLY_DRAIN_WRITES - 1);
         assert_eq!(s.handle_round(vec![w(free + n - 1, 7)]), [Ok(4096)]);
+        assert_eq!(s.pending().0, EARLY_DRAIN_WRITES, "held: drained only when asked");
+        assert!(s.drain_early());
         assert_eq!(s.pending(), (0, 0), "drained without a flush");
         let stats = s.write_back_stats().unwrap();
         assert_eq!((stats.drains, stats.early_drains), (1, 1));
@@ -684,6 +707,7 @@ mod tests {
         assert_eq!(s.handle_round(vec![w(5, 9)]), [Ok(4096)]);
         for i in 0..n {
             assert_eq!(s.handle_round(vec![w(free + n + i, 7)]), [Ok(4096)]);
+            assert!(!s.drain_early());
         }
         assert_eq!(s.pending().0, EARLY_DRAIN_WRITES + 1);
         assert_eq!(s.handle_round(vec![(Request::Flush, Vec::new())]), [Ok(0)]);

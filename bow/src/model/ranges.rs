@@ -23,6 +23,7 @@
 //! those searches, measured with callgrind).
 
 use std::cell::Cell;
+use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -415,9 +416,11 @@ impl RangeMap {
 
     fn erase(&mut self, id: NodeId) {
         self.list_del(id);
-        let s = self.sector(id);
-        if self.index.get(&s) == Some(&id) {
-            self.index.remove(&s);
+        // One search of the index, not a look-up and a removal.
+        if let Entry::Occupied(e) = self.index.entry(self.sector(id)) {
+            if *e.get() == id {
+                e.remove();
+            }
         }
         self.unlink(id);
         if let Some(slot) = self.slab.get_mut(id) {
