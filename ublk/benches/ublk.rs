@@ -507,7 +507,8 @@ fn print_round(runs: &[Run], round: usize, qd: u32) {
             } else if r.variant == Variant::Engine {
                 format!(
                     "  (backups {} batches {} flushes {} early drains {}, drains {:.1} us per \
-                     write: plan {:.1}, write {:.1}, flush {:.1})",
+                     write: plan {:.1}, write {:.1}, flush {:.1}; rounds with nothing held: \
+                     write {:.1}, flush {:.1})",
                     sum("backups"),
                     sum("batches"),
                     sum("flushes"),
@@ -515,7 +516,9 @@ fn print_round(runs: &[Run], round: usize, qd: u32) {
                     per_write("drain_us"),
                     per_write("drain_plan_us"),
                     per_write("drain_write_us"),
-                    per_write("drain_flush_us")
+                    per_write("drain_flush_us"),
+                    per_write("round_write_us"),
+                    per_write("round_flush_us")
                 )
             } else {
                 String::new()

@@ -33,7 +33,7 @@ use libublk::{BufDesc, UblkError, UblkFlags};
 use crate::control::{self, Command};
 use crate::held::{self, HeldFile, HeldLog};
 use crate::journal;
-use crate::target::{RangeSyncWrites, Request, Target};
+use crate::target::{BatchTimes, RangeSyncWrites, Request, Target};
 use crate::writeback::{Served, WriteBackStats, HOLD_LIMIT_BYTES};
 
 /// The default `--state-dir`: a tmpfs on every system with systemd (and Android's /dev is one).
@@ -814,12 +814,12 @@ fn run(served: &mut Served<FileDevice>, command: Command) -> Result<String, Stri
             return Err(format!("`{command}` needs the engine; this server is a pass-through"));
         };
         engine.set_state(to).map_err(|e| e.to_string())?;
-        return Ok(status(engine, write_back));
+        return Ok(status(engine, write_back, BatchTimes::default()));
     }
     // `status` (the monitor polls it) changes nothing: the write-back keeps its free-space
     // bound, so the next hold needs no walk of the range map.
     match served.target() {
-        Target::Engine(engine) => Ok(status(engine, write_back)),
+        Target::Engine(engine) => Ok(status(engine, write_back, served.round_times())),
         Target::Passthrough(_) => {
             let t = served.round_times();
             Ok(format!("passthrough write_us={} flush_us={}", t.write_ns / 1000, t.flush_ns / 1000))
@@ -832,17 +832,23 @@ fn run(served: &mut Served<FileDevice>, command: Command) -> Result<String, Stri
 /// `drain_us` the time the drains took (with the round each drained with), and of it
 /// `drain_plan_us`, `drain_write_us` and `drain_flush_us` the engine's planning (range map,
 /// log, reads), its ordered writes and the flushes of the rounds; the
-/// space is the engine's after the drain, so it counts every completed write. `direct` is the
+/// space is the engine's after the drain, so it counts every completed write. `round_write_us`
+/// and `round_flush_us`: the engine's writes and flushes in rounds that drained nothing (a
+/// flush after early drains, say; 0 after a state change, which this answer does not read). `direct` is the
 /// bytes of user writes written to the device with `O_DIRECT` so far (`--direct-writes`,
 /// `crate::direct`: the writes over blocks their batch did not copy), `off` without the option,
 /// once the device refused them, or where there is no io_uring.
-fn status(engine: &Engine<FileDevice>, write_back: Option<WriteBackStats>) -> String {
+fn status(
+    engine: &Engine<FileDevice>,
+    write_back: Option<WriteBackStats>,
+    rounds: BatchTimes,
+) -> String {
     let (space, stats) = (engine.space(), engine.stats());
     let wb = write_back.unwrap_or_default();
     format!(
         "state={} free={} used={} held={} backups={} rebackups={} batches={} flushes={} \
          held_writes={} drains={} early_drains={} drain_us={} drain_plan_us={} \
-         drain_write_us={} drain_flush_us={} direct={}",
+         drain_write_us={} drain_flush_us={} round_write_us={} round_flush_us={} direct={}",
         engine.state().value(),
         space.free_bytes,
         space.used_bytes,
@@ -858,6 +864,8 @@ fn status(engine: &Engine<FileDevice>, write_back: Option<WriteBackStats>) -> St
         wb.drain_times.plan_ns / 1000,
         wb.drain_times.write_ns / 1000,
         wb.drain_times.flush_ns / 1000,
+        (rounds.write_ns + rounds.plan_ns) / 1000,
+        rounds.flush_ns / 1000,
         engine.direct_writes().map_or_else(|| "off".to_owned(), |b| b.to_string()),
     )
 }

@@ -115,8 +115,8 @@ pub struct WriteBackStats {
 pub struct Served<D: BlockDevice> {
     target: Target<D>,
     write_back: Option<WriteBack>,
-    /// Without write-back: where the rounds' time went (the pass-through's writes and flushes,
-    /// for comparison with the engine's drains).
+    /// Where the time of the rounds that drained nothing went (all of a pass-through's: its
+    /// writes and flushes, for comparison with the engine's).
     rounds: BatchTimes,
 }
 
@@ -196,7 +196,8 @@ impl<D: BlockDevice> Served<D> {
         self.write_back.as_ref().map_or((0, 0), |wb| (wb.held.len(), wb.held_bytes))
     }
 
-    /// Without write-back, where the rounds' time went (zero with write-back: see
+    /// Where the time of the rounds that drained nothing went: every round without
+    /// write-back; with it, the rounds that found nothing held (the drains' time is
     /// [`WriteBackStats::drain_times`]).
     pub fn round_times(&self) -> BatchTimes {
         self.rounds
@@ -237,7 +238,8 @@ impl<D: BlockDevice> Served<D> {
             wb.free_floor = wb.free_floor.map(|f| f.saturating_sub(2 * written + 4 * BLOCK));
         }
         if wb.held.is_empty() {
-            return self.target.handle_batch(reqs);
+            // A round with nothing held (a flush after early drains, say): timed apart.
+            return self.target.handle_batch_timed(reqs, &mut self.rounds);
         }
         let held = in_device_order(std::mem::take(&mut wb.held));
         let n = held.len();
@@ -703,6 +705,11 @@ mod tests {
         assert_eq!(s.pending(), (0, 0), "drained without a flush");
         let stats = s.write_back_stats().unwrap();
         assert_eq!((stats.drains, stats.early_drains), (1, 1));
+        // A flush that finds nothing held drains nothing, and is timed with such rounds.
+        assert_eq!(s.round_times(), BatchTimes::default());
+        assert_eq!(s.handle_round(vec![(Request::Flush, Vec::new())]), [Ok(0)]);
+        assert_eq!(s.write_back_stats().unwrap().drains, 1);
+        assert!(s.round_times().flush_ns > 0, "{:?}", s.round_times());
         // One first touch among them: held until the flush, however many follow.
         assert_eq!(s.handle_round(vec![w(5, 9)]), [Ok(4096)]);
         for i in 0..n {
