@@ -59,7 +59,7 @@ pub const HOLD_LIMIT_BYTES: usize = 4 << 20;
 /// a flush, when the server runs out of requests ([`Served::drain_early`]). Few: the server's
 /// queue thread finds several requests per wake-up at depth 16, and each drain runs while the
 /// writers go on. Measured against 1 and 32: docs/benchmarks.md, "Runs of 2026-12-07, 23:20 –
-/// 2026-12-08, 00:43".
+/// 2026-12-08, 01:15".
 pub const EARLY_DRAIN_WRITES: usize = 4;
 /// The engine's block.
 const BLOCK: u64 = 4096;
