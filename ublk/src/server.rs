@@ -833,12 +833,12 @@ fn run(served: &mut Served<FileDevice>, command: Command) -> Result<String, Stri
 /// `drain_plan_us`, `drain_write_us` and `drain_flush_us` the engine's planning (range map,
 /// log, reads), its ordered writes and the flushes of the rounds; the
 /// space is the engine's after the drain, so it counts every completed write.
-/// `round_write_us` and `round_flush_us`: the engine's writes and flushes in rounds that
-/// drained nothing (a flush after early drains, say; 0 after a state change, which this answer
-/// does not read). `direct` is the bytes of user writes written to the device with `O_DIRECT`
-/// so far (`--direct-writes`, `crate::direct`: the writes over blocks their batch did not
-/// copy), `off` without the option, once the device refused them, or where there is no
-/// io_uring.
+/// `round_write_us` and `round_flush_us`: the engine's writes (their planning included) and
+/// flushes in rounds that drained nothing (a flush after early drains, say, or any write
+/// outside CHECKPOINT; 0 after a state change, which this answer does not read). `direct` is
+/// the bytes of user writes written to the device with `O_DIRECT` so far (`--direct-writes`,
+/// `crate::direct`: the writes over blocks their batch did not copy), `off` without the
+/// option, once the device refused them, or where there is no io_uring.
 fn status(
     engine: &Engine<FileDevice>,
     write_back: Option<WriteBackStats>,

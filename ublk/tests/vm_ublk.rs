@@ -372,7 +372,8 @@ fn ublk_checks(disk: &str) -> Result<(), Failed> {
     // with the server broken on purpose (held writes in memory only): the data must be lost,
     // or this check could not catch a server that forgets them. That second round writes a4,
     // untouched since the checkpoint: first touches again, held until a flush (rewrites of
-    // a1's blocks, backed up by then, would be drained every EARLY_DRAIN_WRITES).
+    // a1's blocks, backed up by then, need no backup and are drained early, without a flush,
+    // whenever the server runs out of requests: `Served::drain_early`).
     make_sources("h", 2, 256)?;
     // ext4 commits its journal every 5 s, and the commit's flush drains held writes: a commit
     // between a source's writes and the `pending` query emptied it (a CI run failed so, with
