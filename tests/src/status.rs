@@ -24,6 +24,9 @@ pub const SETUP_ERROR: &str = "setup-error";
 pub const POWER_CUT: &str = "power-cut";
 /// Kernel console line printed by sysrq 'b' (the reset that `guest::power_cut` triggers).
 pub const SYSRQ_RESET_LINE: &str = "sysrq: Resetting";
+/// Written by the wrapper's watchdog when the program still runs shortly before the host's
+/// timeout: what every thread of the guest was doing (the host shows it with the timeout).
+pub const WATCHDOG: &str = "watchdog";
 /// Serial number prefix of extra disks: disk `i` has serial `tbdisk<i>`.
 pub const DISK_SERIAL_PREFIX: &str = "tbdisk";
 
@@ -119,7 +122,21 @@ pub struct ScriptSpec<'a> {
     pub program: &'a Path,
     /// Arguments for the program.
     pub args: &'a [String],
+    /// Seconds after which a program still running is reported on ([`WATCHDOG`]).
+    pub watchdog_after: Option<u64>,
 }
+
+/// The watchdog's report: every thread's state, where it sleeps and its CPU time, twice, five
+/// seconds apart (a thread whose time grows and that stays runnable is spinning; one in `D`
+/// waits for I/O), the kernel stacks of the threads in `R` or `D`, and the kernel's list of
+/// blocked tasks (sysrq `w`, on the console).
+const WATCHDOG_REPORT: &str = "ps -eLo pid,tid,stat,wchan:32,time,comm; sleep 5; \
+echo '--- five seconds later:'; ps -eLo pid,tid,stat,wchan:32,time,comm; \
+for t in /proc/[0-9]*/task/[0-9]*; do \
+st=$(sed 's/.*) //' \"$t/stat\" 2>/dev/null | cut -d' ' -f1); \
+case \"$st\" in R|D) echo \"--- $t ($(cat \"$t/comm\" 2>/dev/null)) $st:\"; \
+cat \"$t/stack\" 2>/dev/null;; esac; done; \
+echo w > /proc/sysrq-trigger; echo '--- blocked tasks: sysrq w on the console'";
 
 /// Writes the guest wrapper script.
 pub fn guest_script(spec: &ScriptSpec<'_>) -> String {
@@ -153,6 +170,15 @@ pub fn guest_script(spec: &ScriptSpec<'_>) -> String {
         let _ = writeln!(s, "export {k}={}", sh_quote(v));
     }
     let _ = writeln!(s, "cd {} || exit 0", q(spec.shared));
+    if let Some(secs) = spec.watchdog_after {
+        let _ = writeln!(
+            s,
+            "( sleep {secs}; {{ echo \"testbench watchdog: the program still runs after {secs} \
+             s\"; {WATCHDOG_REPORT}; }} > \"$TB/{WATCHDOG}.tmp\" 2>&1; \
+             mv \"$TB/{WATCHDOG}.tmp\" \"$TB/{WATCHDOG}\" ) &"
+        );
+        let _ = writeln!(s, "watchdog=$!");
+    }
     let mut cmd = q(spec.program);
     for a in spec.args {
         cmd.push(' ');
@@ -160,6 +186,9 @@ pub fn guest_script(spec: &ScriptSpec<'_>) -> String {
     }
     let _ = writeln!(s, "{cmd} > \"$TB/{OUTPUT}\" 2>&1 < /dev/null");
     let _ = writeln!(s, "code=$?");
+    if spec.watchdog_after.is_some() {
+        let _ = writeln!(s, "kill \"$watchdog\" 2>/dev/null");
+    }
     let _ = writeln!(
         s,
         "echo \"$code\" > \"$TB/{STATUS}.tmp\" && mv \"$TB/{STATUS}.tmp\" \"$TB/{STATUS}\""
@@ -247,6 +276,7 @@ mod tests {
             env: &env,
             program: Path::new("/bin/prog"),
             args: &args,
+            watchdog_after: None,
         });
         let load_loop = script.find("modprobe loop 2>&1").unwrap();
         let load_binder = script.find("modprobe binder_linux devices=binder,hwbinder").unwrap();
@@ -266,11 +296,49 @@ mod tests {
             env: &[],
             program: Path::new("/bin/prog"),
             args: &[],
+            watchdog_after: None,
         });
         let core = script.find("modprobe dm-mod 2>&1").unwrap();
         let bow = script.find("insmod '/opt/mods/dm-bow.ko' 2>&1").unwrap();
         assert!(core < bow);
         assert!(script[bow..].lines().next().unwrap().contains("|| setup_failed"));
         assert!(!script.contains("modprobe /opt"));
+    }
+
+    /// The wrapper run on the host (it needs only a shell): a program that outlives the
+    /// watchdog is reported on, sleeping, with the second sample; one that ends first is not.
+    #[test]
+    fn the_watchdog_reports_a_program_that_outlives_it_and_no_other() {
+        // `linger`: how long to wait after the wrapper ended before reading the report.
+        let run = |secs: &str, watchdog: u64, linger: u64| {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::create_dir_all(dir.path().join(TB_DIR)).unwrap();
+            let args = vec![secs.to_owned()];
+            let script = guest_script(&ScriptSpec {
+                shared: dir.path(),
+                modules: &[],
+                env: &[],
+                program: Path::new("/bin/sleep"),
+                args: &args,
+                watchdog_after: Some(watchdog),
+            });
+            let out = std::process::Command::new("sh").arg("-c").arg(&script).output().unwrap();
+            assert!(out.status.success(), "{out:?}");
+            let status = std::fs::read_to_string(dir.path().join(TB_DIR).join(STATUS));
+            assert_eq!(status.unwrap(), "0\n");
+            std::thread::sleep(std::time::Duration::from_secs(linger));
+            std::fs::read_to_string(dir.path().join(TB_DIR).join(WATCHDOG)).ok()
+        };
+        let report = run("8", 1, 0).expect("a program running past the watchdog is reported");
+        assert!(report.starts_with("testbench watchdog: the program still runs after 1 s"));
+        let sleeping = |l: &str| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() >= 6 && f[2].starts_with('S') && f[5] == "sleep"
+        };
+        let (first, second) = report.split_once("five seconds later").unwrap();
+        assert!(first.lines().any(sleeping) && second.lines().any(sleeping), "{report}");
+        assert!(report.contains("blocked tasks"), "{report}");
+        // Killed with the program's end: nothing written, not even after its sleep.
+        assert_eq!(run("0", 1, 2), None);
     }
 }

@@ -37,6 +37,10 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(150);
 /// Boots tried when the guest hangs in boot.
 const BOOT_ATTEMPTS: u32 = 3;
+/// How long before the host's timeout the guest's watchdog reports what every thread is doing
+/// (status::WATCHDOG): enough for the report (about 6 s under emulation) and for a boot slower
+/// than the guest's clock assumed.
+const WATCHDOG_MARGIN: Duration = Duration::from_secs(30);
 /// Lines of console shown in errors.
 const CONSOLE_TAIL_LINES: usize = 40;
 
@@ -48,6 +52,8 @@ pub struct Vm {
     cpus: u32,
     timeout: Duration,
     boot_timeout: Duration,
+    /// `None`: [`WATCHDOG_MARGIN`] before the timeout.
+    watchdog_after: Option<Duration>,
     modules: Vec<String>,
     disks: Vec<PathBuf>,
     binaries: Vec<(String, PathBuf)>,
@@ -129,8 +135,7 @@ pub enum VmError {
     /// The run ended differently from what the test expected.
     #[error(
         "VM `{name}`: expected {expected}, got {exit:?}\n--- guest program output ---\n{output}\
-         --- last lines of the console log {} ---\n{console_tail}",
-        console.display()
+         {evidence}"
     )]
     Unexpected {
         /// Scenario name.
@@ -143,8 +148,9 @@ pub enum VmError {
         output: String,
         /// Console log path.
         console: PathBuf,
-        /// The end of the console log.
-        console_tail: String,
+        /// The guest watchdog's report on what every thread was doing (if it fired), then the
+        /// end of the console log, each under a heading.
+        evidence: String,
     },
 }
 
@@ -157,6 +163,7 @@ impl Vm {
             cpus: DEFAULT_CPUS,
             timeout: DEFAULT_TIMEOUT,
             boot_timeout: BOOT_TIMEOUT,
+            watchdog_after: None,
             modules: Vec::new(),
             disks: Vec::new(),
             binaries: Vec::new(),
@@ -188,6 +195,14 @@ impl Vm {
     /// Time the whole run may take, boot included (default 300 s). QEMU is killed after it.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// How long after its start a program still running has the guest report what every thread
+    /// is doing ([`GuestRun::watchdog_report`]; shown with a timeout). Default: 30 s before the
+    /// timeout, and none for timeouts under a minute.
+    pub fn watchdog_after(mut self, after: Duration) -> Self {
+        self.watchdog_after = Some(after);
         self
     }
 
@@ -309,6 +324,14 @@ impl Vm {
             env: &env,
             program: &program,
             args: &args,
+            // Counted from the program's start, so it fires before the host's timeout (which
+            // counts the boot too) as long as the boot takes less than the margin.
+            watchdog_after: self
+                .watchdog_after
+                .or_else(|| {
+                    self.timeout.checked_sub(WATCHDOG_MARGIN).filter(|d| *d >= WATCHDOG_MARGIN)
+                })
+                .map(|d| d.as_secs().max(1)),
         });
         let script_path = tb.join(status::SCRIPT);
         fs::write(&script_path, script)
@@ -581,8 +604,22 @@ impl GuestRun {
             exit: self.exit,
             output: self.output.clone(),
             console: self.console.clone(),
-            console_tail: self.console_tail(CONSOLE_TAIL_LINES),
+            evidence: format!(
+                "{}--- last lines of the console log {} ---\n{}",
+                self.watchdog_report().map_or_else(String::new, |r| {
+                    format!("--- the guest's watchdog report ---\n{r}")
+                }),
+                self.console.display(),
+                self.console_tail(CONSOLE_TAIL_LINES)
+            ),
         })
+    }
+
+    /// What the guest's watchdog reported, if it fired (the program ran until shortly before
+    /// the timeout).
+    pub fn watchdog_report(&self) -> Option<String> {
+        let path = self.shared_dir.join(status::TB_DIR).join(status::WATCHDOG);
+        fs::read(path).ok().map(|b| String::from_utf8_lossy(&b).into_owned())
     }
 
     /// The last `lines` lines of the console log.

@@ -226,11 +226,16 @@ fn host_boot_hang_retry() -> Result<(), Failed> {
 }
 
 fn host_timeout() -> Result<(), Failed> {
-    let run = Vm::new("timeout").timeout(Duration::from_secs(4)).run_shell("sleep 600")?;
+    // The guest's watchdog reports (2 s into the program) before the host kills it (the boot
+    // takes 10-20 s of the 45).
+    let run = Vm::new("timeout")
+        .timeout(Duration::from_secs(45))
+        .watchdog_after(Duration::from_secs(2))
+        .run_shell("sleep 600")?;
     if run.exit != GuestExit::TimedOut {
         return Err(format!("expected a timeout, got {:?}", run.exit).into());
     }
-    if run.duration > Duration::from_secs(30) {
+    if run.duration > Duration::from_secs(75) {
         return Err(format!("the timeout took {:?} to act", run.duration).into());
     }
     // Neither vng nor QEMU may survive: their command lines name the run's shared folder.
@@ -240,6 +245,19 @@ fn host_timeout() -> Result<(), Failed> {
         if String::from_utf8_lossy(&cmdline).contains(&needle) {
             return Err(format!("process {:?} outlived the timeout", entry.file_name()).into());
         }
+    }
+    // The report names the hung program's thread, sleeping, and was shown with the timeout.
+    let report = run.watchdog_report().ok_or("the guest's watchdog did not report")?;
+    let sleeping = report.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() >= 6 && f[2].starts_with('S') && f[5] == "sleep"
+    });
+    if !report.contains("five seconds later") || !report.contains("blocked tasks") || !sleeping {
+        return Err(format!("the watchdog's report lacks the sleeping program:\n{report}").into());
+    }
+    let shown = run.expect_success().err().map(|e| e.to_string()).unwrap_or_default();
+    if !shown.contains("the guest's watchdog report") {
+        return Err(format!("the timeout's error does not show the report:\n{shown}").into());
     }
     Ok(())
 }
