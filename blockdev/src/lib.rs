@@ -8,6 +8,7 @@
 //! * [`loopdev`]: loop devices; [`blk`]: block-device ioctls; [`fs`]: FITRIM, FIEMAP,
 //!   GETFSMAP, f2fs pinning, statvfs; [`mount`]: mount/umount/remount;
 //! * [`logwrites`]: a reader (and replayer) for dm-log-writes logs;
+//! * [`process`]: `PR_SET_IO_FLUSHER`, for the process that serves a block device;
 //! * [`units`]: `Sectors`, `Bytes`, `DevId`; [`ErrorKind`]: the classification every error
 //!   enum's `kind()` returns.
 //!
@@ -17,7 +18,7 @@
 //! header struct, a few record layouts and thirteen commands, all here in [`dm`].
 //!
 //! Every `unsafe` block is an ioctl call (declared once with a `nix` macro) or the byte view of
-//! an aligned ioctl buffer, each with a `// SAFETY:` note. Public functions take `&File`,
+//! an aligned ioctl buffer (and one `prctl`), each with a `// SAFETY:` note. Public functions take `&File`,
 //! `impl AsFd` or paths, never raw descriptors.
 
 pub mod blk;
@@ -31,6 +32,7 @@ pub mod loopdev;
 pub mod mount;
 pub mod mountinfo;
 pub mod names;
+pub mod process;
 pub mod units;
 
 pub use error::ErrorKind;

@@ -432,6 +432,13 @@ fn serve(path: &Path, id: Option<u32>, opts: &EngineArgs, recover: bool) -> Resu
         None => -1,
         Some(i) => i32::try_from(i).map_err(|_| ServeError::BadId(i))?,
     };
+    // Before any thread starts: the queue threads inherit the mark (blockdev::process).
+    if let Err(e) = blockdev::process::set_io_flusher() {
+        eprintln!(
+            "bow-ublk: PR_SET_IO_FLUSHER refused ({e}): under memory pressure this server could \
+             wait for the write-back of its own device; run it with CAP_SYS_RESOURCE"
+        );
+    }
     enter_own_mount_namespace()?;
     // A restarted server rebuilds its engine before it touches the device: a refusal leaves
     // the device quiesced, its requests held, nothing written.

@@ -46,6 +46,7 @@ fn host_ublk() -> Result<(), Failed> {
     run.expect_success()?;
     for want in [
         "ublk-control present",
+        "io flusher: all ",
         "passthrough: ext4 clean, files as written",
         "kill: writer saw no error, fsck clean, files as written",
         "engine: ext4 clean, files as written",
@@ -183,6 +184,33 @@ fn random_qd16_seconds(file: &str) -> Result<f64, Failed> {
     Ok(t.elapsed().as_secs_f64())
 }
 
+/// Every thread of the server is marked as serving I/O (`PR_SET_IO_FLUSHER`: its allocations
+/// do no I/O, and dirty-page throttling waits only for the device it writes to), so it never
+/// waits for the write-back of the device it serves.
+fn check_io_flusher(server: &Server) -> Result<(), Failed> {
+    use blockdev::process::{stat_flags, PF_LOCAL_THROTTLE, PF_MEMALLOC_NOIO};
+    let tasks = format!("/proc/{}/task", server.child.id());
+    let mut threads = 0;
+    for task in std::fs::read_dir(&tasks)? {
+        let stat = std::fs::read_to_string(task?.path().join("stat"))?;
+        let flags = stat_flags(&stat).ok_or_else(|| format!("unreadable stat {stat:?}"))?;
+        let mark = PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE;
+        if flags & mark != mark {
+            return Err(format!(
+                "a server thread is not an I/O flusher (flags {flags:#x}): {stat}"
+            )
+            .into());
+        }
+        threads += 1;
+    }
+    // The main thread, the control thread and a queue thread at least.
+    if threads < 3 {
+        return Err(format!("only {threads} server threads in {tasks}").into());
+    }
+    println!("io flusher: all {threads} server threads");
+    Ok(())
+}
+
 fn io_errors_in_dmesg() -> Result<String, Failed> {
     let log = guest::sh("dmesg")?;
     Ok(log
@@ -233,6 +261,7 @@ fn ublk_checks(disk: &str) -> Result<(), Failed> {
 
     // ---- pass-through: mkfs, files, fsck, remount ----
     let server = start(&["serve", "--device", &disk, "--passthrough", "--id", "0"])?;
+    check_io_flusher(&server)?;
     guest::sh(&format!("mkfs.ext4 -q -F {UBLK}"))?;
     mount(UBLK)?;
     make_sources("a", 8, 512)?;
