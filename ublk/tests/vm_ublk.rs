@@ -1,4 +1,5 @@
-//! The ublk front end in the virtual device (6.12 kernel), one boot: ublk_drv loads; a
+//! The ublk front end in the virtual device (6.12 kernel), one boot: ublk_drv loads; every
+//! thread of the server is an I/O flusher (`PR_SET_IO_FLUSHER`); a
 //! pass-through server and then the engine carry ext4 through mkfs, writes, fsck and remount;
 //! the server is SIGKILLed under a running writer and re-attached with `UBLK_F_USER_RECOVERY`
 //! (the writer sees no error, fsck is clean, every file is as written); the engine in
