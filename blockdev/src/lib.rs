@@ -17,9 +17,9 @@
 //! build for Android. What checkpointd needs of it is the raw ioctl layer, which is small: a
 //! header struct, a few record layouts and thirteen commands, all here in [`dm`].
 //!
-//! Every `unsafe` block is an ioctl call (declared once with a `nix` macro) or the byte view of
-//! an aligned ioctl buffer (and one `prctl`), each with a `// SAFETY:` note. Public functions take `&File`,
-//! `impl AsFd` or paths, never raw descriptors.
+//! Every `unsafe` block is an ioctl call (declared once with a `nix` macro), the byte view of
+//! an aligned ioctl buffer, or the one `prctl` of [`process`], each with a `// SAFETY:` note.
+//! Public functions take `&File`, `impl AsFd` or paths, never raw descriptors.
 
 pub mod blk;
 pub mod bowctl;
