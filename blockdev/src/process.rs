@@ -30,13 +30,6 @@ pub fn set_io_flusher() -> io::Result<()> {
     }
 }
 
-/// The kernel flags (`PF_*`) of the calling thread (`PR_GET_IO_FLUSHER` would need
-/// `CAP_SYS_RESOURCE` too; its `stat` line needs nothing).
-pub fn thread_flags() -> io::Result<u64> {
-    let stat = std::fs::read_to_string("/proc/thread-self/stat")?;
-    stat_flags(&stat).ok_or_else(|| io::Error::other(format!("unreadable stat line {stat:?}")))
-}
-
 /// The kernel flags (`PF_*`) of a thread, from its `stat` line (`/proc/<pid>/task/<tid>/stat`):
 /// the ninth field, counted after the command name, which may hold spaces and parentheses.
 pub fn stat_flags(stat: &str) -> Option<u64> {
@@ -48,6 +41,13 @@ pub fn stat_flags(stat: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The kernel flags of the calling thread (`PR_GET_IO_FLUSHER` would need
+    /// `CAP_SYS_RESOURCE` too; the `stat` line needs nothing).
+    fn thread_flags() -> io::Result<u64> {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat")?;
+        stat_flags(&stat).ok_or_else(|| io::Error::other(format!("unreadable stat {stat:?}")))
+    }
 
     #[test]
     fn stat_flags_are_the_ninth_field_whatever_the_name() {

@@ -190,12 +190,12 @@ fn random_qd16_seconds(file: &str) -> Result<f64, Failed> {
 /// waits for the write-back of the device it serves.
 fn check_io_flusher(server: &Server) -> Result<(), Failed> {
     use blockdev::process::{stat_flags, PF_LOCAL_THROTTLE, PF_MEMALLOC_NOIO};
+    let mark = PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE;
     let tasks = format!("/proc/{}/task", server.child.id());
     let mut threads = 0;
     for task in std::fs::read_dir(&tasks)? {
         let stat = std::fs::read_to_string(task?.path().join("stat"))?;
         let flags = stat_flags(&stat).ok_or_else(|| format!("unreadable stat {stat:?}"))?;
-        let mark = PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE;
         if flags & mark != mark {
             return Err(format!(
                 "a server thread is not an I/O flusher (flags {flags:#x}): {stat}"

@@ -22,6 +22,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "g++",             // cargo-fuzz builds libFuzzer
     "strace",          // the binder benchmark counts fsyncs with it
     "sqlite3",         // the estimate benchmark's workloads (package and app databases)
+    "procps",          // ps: the VM watchdog's report of every guest thread (testbench)
     // Platform-artifact checkers (../shared/reference/integration-tools.md): the tools each
     // ecosystem itself uses, so a pass means to integrators what it means to us.
     "blueprint-tools",  // bpfmt: Soong's Blueprint parser, checks every Android.bp
